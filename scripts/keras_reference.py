@@ -1,0 +1,607 @@
+#!/usr/bin/env python3
+"""Keras reference data for the candle-functional test suite.
+
+The Rust crate clones the Keras functional API on candle.  This script is the
+"other side" of its parity tests: it builds networks in real Keras and writes
+fixtures the Rust tests compare against.
+
+Pinned versions (the fixtures were produced with exactly these):
+
+    python3 -m venv <somewhere outside the repo>
+    <venv>/bin/pip install tensorflow-cpu==2.21.0 safetensors numpy
+    # Keras 3 (3.15.x) comes with tensorflow-cpu 2.21.0.
+
+Run from the repository root:
+
+    <venv>/bin/python scripts/keras_reference.py counts
+        Builds the article's ("Building a ResNet in Keras") create_res_net()
+        and create_plain_net() exactly as the article's code does, prints
+        parameter and layer counts as JSON and writes them to
+        tests/fixtures/keras_seed_models.json.
+
+    <venv>/bin/python scripts/keras_reference.py parity
+        Builds a small multi-branch network that uses every layer kind the
+        crate supports, fills it with deterministic random weights, runs it in
+        inference and in training mode, and writes
+        tests/fixtures/keras_parity.safetensors (weights already converted to
+        the Rust side's NCHW / OIHW layouts).  It then re-reads the file and
+        checks it against an independent NumPy NCHW reimplementation, including
+        TensorFlow's asymmetric 'same' padding.
+
+Both subcommands are deterministic: re-running them rewrites identical files.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+# Quiet TensorFlow's start-up banner and pin it to deterministic CPU kernels.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
+COUNTS_PATH = os.path.join(FIXTURES, "keras_seed_models.json")
+PARITY_PATH = os.path.join(FIXTURES, "keras_parity.safetensors")
+
+# Keras BatchNormalization defaults (the parity net uses them unchanged).
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+
+
+# ---------------------------------------------------------------------------
+# `counts`: the article's two networks, written as the article writes them.
+# ---------------------------------------------------------------------------
+
+def relu_bn(inputs):
+    # The article applies ReLU *before* BatchNormalization.
+    relu = layers.ReLU()(inputs)
+    bn = layers.BatchNormalization()(relu)
+    return bn
+
+
+def residual_block(x, downsample, filters, kernel_size=3):
+    y = layers.Conv2D(kernel_size=kernel_size,
+                      strides=(1 if not downsample else 2),
+                      filters=filters,
+                      padding="same")(x)
+    y = relu_bn(y)
+    y = layers.Conv2D(kernel_size=kernel_size,
+                      strides=1,
+                      filters=filters,
+                      padding="same")(y)
+    # The shortcut projection is created after the two block convolutions,
+    # which decides the auto-generated layer names (conv2d_N) below.
+    if downsample:
+        x = layers.Conv2D(kernel_size=1,
+                          strides=2,
+                          filters=filters,
+                          padding="same")(x)
+    out = layers.Add()([x, y])
+    out = relu_bn(out)
+    return out
+
+
+def plain_block(x, downsample, filters, kernel_size=3):
+    y = layers.Conv2D(kernel_size=kernel_size,
+                      strides=(1 if not downsample else 2),
+                      filters=filters,
+                      padding="same")(x)
+    y = relu_bn(y)
+    y = layers.Conv2D(kernel_size=kernel_size,
+                      strides=1,
+                      filters=filters,
+                      padding="same")(y)
+    y = relu_bn(y)
+    return y
+
+
+def _create_net(block):
+    inputs = layers.Input(shape=(32, 32, 3))
+    num_filters = 64
+
+    # BatchNormalization on the raw 0-255 pixels does the input scaling.
+    t = layers.BatchNormalization()(inputs)
+    t = layers.Conv2D(kernel_size=3,
+                      strides=1,
+                      filters=num_filters,
+                      padding="same")(t)
+    t = relu_bn(t)
+
+    num_blocks_list = [2, 5, 5, 2]
+    for i in range(len(num_blocks_list)):
+        num_blocks = num_blocks_list[i]
+        for j in range(num_blocks):
+            t = block(t, downsample=(j == 0 and i != 0), filters=num_filters)
+        num_filters *= 2
+
+    t = layers.AveragePooling2D(4)(t)
+    t = layers.Flatten()(t)
+    outputs = layers.Dense(10, activation="softmax")(t)
+
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam",
+                  loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def create_res_net():
+    return _create_net(residual_block)
+
+
+def create_plain_net():
+    return _create_net(plain_block)
+
+
+def _param_count(weights):
+    return int(sum(int(np.prod(w.shape)) for w in weights))
+
+
+def describe_model(model):
+    layer_rows = []
+    for layer in model.layers:
+        shape = [None if d is None else int(d) for d in layer.output.shape]
+        layer_rows.append([layer.name, type(layer).__name__, shape,
+                           int(layer.count_params())])
+    class_counts = collections.Counter(type(l).__name__ for l in model.layers)
+    return {
+        "total_params": int(model.count_params()),
+        "trainable_params": _param_count(model.trainable_weights),
+        "non_trainable_params": _param_count(model.non_trainable_weights),
+        "num_layers": len(model.layers),
+        "layer_class_counts": dict(sorted(class_counts.items())),
+        # [name, class, output shape (None = batch), parameter count]
+        "layers": layer_rows,
+    }
+
+
+def cmd_counts(_args):
+    result = {
+        "generator": "scripts/keras_reference.py counts",
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+    }
+    # clear_session() resets Keras's name counters, so each model gets the
+    # names it would get as the first model built in a fresh process.
+    keras.backend.clear_session()
+    result["res_net"] = describe_model(create_res_net())
+    keras.backend.clear_session()
+    result["plain_net"] = describe_model(create_plain_net())
+
+    text = json.dumps(result, indent=1)
+    # One layer row per line keeps the fixture readable and diffable.
+    text = _compact_layer_rows(text)
+    print(text)
+    os.makedirs(FIXTURES, exist_ok=True)
+    with open(COUNTS_PATH, "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {os.path.relpath(COUNTS_PATH, REPO_ROOT)}", file=sys.stderr)
+
+
+def _compact_layer_rows(text):
+    data = json.loads(text)
+    out = ["{"]
+    keys = list(data)
+    for i, key in enumerate(keys):
+        comma = "," if i + 1 < len(keys) else ""
+        value = data[key]
+        if not isinstance(value, dict):
+            out.append(f" {json.dumps(key)}: {json.dumps(value)}{comma}")
+            continue
+        out.append(f" {json.dumps(key)}: {{")
+        sub = list(value)
+        for j, sk in enumerate(sub):
+            scomma = "," if j + 1 < len(sub) else ""
+            sv = value[sk]
+            if sk == "layers":
+                out.append(f"  {json.dumps(sk)}: [")
+                for r, row in enumerate(sv):
+                    rcomma = "," if r + 1 < len(sv) else ""
+                    out.append(f"   {json.dumps(row)}{rcomma}")
+                out.append(f"  ]{scomma}")
+            else:
+                out.append(f"  {json.dumps(sk)}: {json.dumps(sv)}{scomma}")
+        out.append(f" }}{comma}")
+    out.append("}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# `parity`: a small network exercising every supported layer kind.
+# ---------------------------------------------------------------------------
+
+# Per-sample input shape in NCHW terms.  H = 9 is odd and W = 8 even, so a
+# Keras 'same' stride-2 3x3 convolution pads 1/1 on H but 0/1 on W: a
+# symmetric padding of 1 gives the same output shape but a different result.
+IN_C, IN_H, IN_W = 3, 9, 8
+BATCH = 4
+
+BN_LAYERS = ["bn_in", "bn_a", "bn_b"]
+CONV_LAYERS = ["conv_a", "conv_b", "conv_c", "proj", "conv_d"]
+DENSE_LAYERS = ["dense", "dense_2"]
+
+
+def build_parity_model():
+    inp = keras.Input(shape=(IN_H, IN_W, IN_C), name="input")
+    x = layers.BatchNormalization(name="bn_in")(inp)
+    x = layers.Conv2D(8, 3, padding="same", name="conv_a")(x)
+    x = layers.ReLU(name="relu_a")(x)
+    x = layers.BatchNormalization(name="bn_a")(x)
+    y = layers.Conv2D(8, 3, strides=2, padding="same", name="conv_b")(x)
+    y = layers.ReLU(name="relu_b")(y)
+    y = layers.BatchNormalization(name="bn_b")(y)
+    y = layers.Conv2D(8, 3, padding="same", name="conv_c")(y)
+    s = layers.Conv2D(8, 1, strides=2, padding="same", name="proj")(x)
+    add = layers.Add(name="add")([s, y])
+    sub = layers.Subtract(name="sub")([s, y])
+    mul = layers.Multiply(name="mul")([add, sub])
+    avg = layers.Average(name="avg")([add, sub, mul])
+    mx = layers.Maximum(name="max")([add, avg])
+    mn = layers.Minimum(name="min")([sub, avg])
+    cat = layers.Concatenate(axis=-1, name="concat")([mx, mn])
+    z = layers.Conv2D(6, 3, strides=2, padding="same", use_bias=False,
+                      name="conv_d")(cat)
+    z = layers.Activation("tanh", name="tanh")(z)
+    p = layers.ZeroPadding2D(((1, 0), (0, 1)), name="zpad")(z)
+    p = layers.MaxPooling2D(2, name="maxpool")(p)
+    f = layers.Flatten(name="flatten")(p)
+    out0 = layers.Dense(10, activation="softmax", name="dense")(f)
+    g = layers.GlobalAveragePooling2D(name="gap")(cat)
+    g2 = layers.AveragePooling2D(2, name="avgpool")(cat)
+    f2 = layers.Flatten(name="flatten_2")(g2)
+    h = layers.Concatenate(axis=-1, name="concat_2")([g, f2])
+    out1 = layers.Dense(4, name="dense_2")(h)
+    return keras.Model(inp, [out0, out1], name="parity")
+
+
+def random_weights(model):
+    """Deterministic weights for every variable, in Keras layout.
+
+    Returns {layer name: {variable name: array}}.  The draws happen in a fixed
+    order (layer order, then the order written below), so the values only
+    depend on the seed.
+    """
+    rng = np.random.default_rng(0)
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, (layers.Conv2D, layers.Dense)):
+            # conv_d sums 3*3*16 inputs of the wide-ranging merge outputs;
+            # with a 0.3 scale ~85% of its tanh outputs would be saturated
+            # (|tanh| > 0.99), which would hide errors upstream of it.
+            scale = 0.03 if layer.name == "conv_d" else 0.3
+            w = {"kernel": rng.normal(size=layer.kernel.shape) * scale}
+            if layer.use_bias:
+                w["bias"] = rng.normal(size=layer.bias.shape) * 0.1
+        elif isinstance(layer, layers.BatchNormalization):
+            n = layer.gamma.shape
+            w = {
+                "gamma": rng.uniform(0.5, 1.5, size=n),
+                "beta": rng.normal(size=n) * 0.1,
+            }
+            if layer.name == "bn_in":
+                # bn_in sees raw 0-255 pixels: statistics of that scale.
+                w["moving_mean"] = rng.uniform(80.0, 150.0, size=n)
+                w["moving_variance"] = rng.uniform(2000.0, 5000.0, size=n)
+            else:
+                # bn_a / bn_b follow a ReLU of an O(1) activation: a small
+                # non-negative mean, a variance of order one.
+                w["moving_mean"] = np.abs(rng.normal(size=n)) * 0.5
+                w["moving_variance"] = rng.uniform(0.5, 2.0, size=n)
+        else:
+            assert not layer.weights, f"unexpected weights in {layer.name}"
+            continue
+        out[layer.name] = {k: v.astype(np.float32) for k, v in w.items()}
+    return out
+
+
+def load_weights(model, weights):
+    for name, ws in weights.items():
+        layer = model.get_layer(name)
+        for var in layer.weights:
+            var.assign(ws[var.path.split("/")[-1]])
+
+
+def nhwc_to_nchw(a):
+    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
+
+
+def keras_flatten_rows_to_nchw(kernel, h, w, c):
+    """Reorder a Dense kernel's input rows from NHWC- to NCHW-flatten order.
+
+    Keras flattens an NHWC tensor in (h, w, c) order, so row (i*w + j)*c + k
+    of the following Dense kernel multiplies feature (i, j, k).  The Rust
+    Flatten flattens NCHW in (c, h, w) order: the same feature sits at index
+    k*h*w + i*w + j.  Putting each row at its NCHW index makes the Rust net
+    compute exactly the Keras function with channel-first activations.
+    """
+    out_features = kernel.shape[1]
+    assert kernel.shape[0] == h * w * c
+    k = kernel.reshape(h, w, c, out_features)
+    return np.ascontiguousarray(
+        np.transpose(k, (2, 0, 1, 3)).reshape(h * w * c, out_features))
+
+
+def to_fixture_layout(weights):
+    """Keras-layout weights -> the tensors the Rust side loads."""
+    t = {}
+    for name, ws in weights.items():
+        for var, value in ws.items():
+            if var == "kernel" and name in CONV_LAYERS:
+                # Keras HWIO -> candle OIHW.
+                value = np.transpose(value, (3, 2, 0, 1))
+            elif var == "kernel" and name == "dense":
+                # Input is flatten(maxpool): NHWC (2, 1, 6).
+                value = keras_flatten_rows_to_nchw(value, 2, 1, 6)
+            elif var == "kernel" and name == "dense_2":
+                # Input is concat(gap [16], flatten_2(avgpool) [2x2x16]):
+                # only the flattened part's 64 rows are reordered.
+                flat = keras_flatten_rows_to_nchw(value[16:], 2, 2, 16)
+                value = np.concatenate([value[:16], flat])
+            t[f"{name}.{var}"] = np.ascontiguousarray(value, dtype=np.float32)
+    return t
+
+
+def write_safetensors(tensors, path, metadata):
+    """Write float32 tensors in the safetensors format, byte-reproducibly.
+
+    safetensors.numpy.save_file serialises the metadata through a hash map,
+    so its key order (and thus the file's bytes) changes from run to run.
+    This writer sorts everything: header = 8-byte little-endian length, then
+    JSON padded with spaces to a multiple of 8, then the raw data.
+    """
+    header = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        data = np.ascontiguousarray(tensors[key], dtype="<f4").tobytes()
+        header[key] = {"dtype": "F32", "shape": list(tensors[key].shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for data in chunks:
+            f.write(data)
+
+
+def cmd_parity(_args):
+    keras.utils.set_random_seed(0)
+    tf.config.experimental.enable_op_determinism()
+
+    rng = np.random.default_rng(1)
+    x_nchw = rng.uniform(0.0, 255.0,
+                         size=(BATCH, IN_C, IN_H, IN_W)).astype(np.float32)
+    x_nhwc = np.ascontiguousarray(np.transpose(x_nchw, (0, 2, 3, 1)))
+
+    keras.backend.clear_session()
+    model = build_parity_model()
+    weights = random_weights(model)
+    load_weights(model, weights)
+
+    tensors = to_fixture_layout(weights)
+    tensors["input"] = x_nchw
+
+    # Inference mode: the moving statistics normalise.
+    out0, out1 = model(x_nhwc, training=False)
+    tensors["eval.out0"] = np.asarray(out0, dtype=np.float32)
+    tensors["eval.out1"] = np.asarray(out1, dtype=np.float32)
+    concat_model = keras.Model(model.input, model.get_layer("concat").output)
+    tensors["eval.concat"] = nhwc_to_nchw(
+        np.asarray(concat_model(x_nhwc, training=False), dtype=np.float32))
+    conv_b_model = keras.Model(model.input, model.get_layer("conv_b").output)
+    conv_b_keras = nhwc_to_nchw(
+        np.asarray(conv_b_model(x_nhwc, training=False)))
+
+    # Training mode on a fresh copy of the weights: batch statistics
+    # normalise, and each BN's moving statistics take one momentum step.
+    keras.backend.clear_session()
+    train_model = build_parity_model()
+    load_weights(train_model, weights)
+    out0, out1 = train_model(x_nhwc, training=True)
+    tensors["train.out0"] = np.asarray(out0, dtype=np.float32)
+    tensors["train.out1"] = np.asarray(out1, dtype=np.float32)
+    for name in BN_LAYERS:
+        bn = train_model.get_layer(name)
+        tensors[f"train_state.{name}.moving_mean"] = np.asarray(
+            bn.moving_mean, dtype=np.float32)
+        tensors[f"train_state.{name}.moving_variance"] = np.asarray(
+            bn.moving_variance, dtype=np.float32)
+
+    metadata = {
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "script": "scripts/keras_reference.py parity",
+    }
+    os.makedirs(FIXTURES, exist_ok=True)
+    write_safetensors(tensors, PARITY_PATH, metadata)
+
+    print(f"wrote {os.path.relpath(PARITY_PATH, REPO_ROOT)} "
+          f"({os.path.getsize(PARITY_PATH)} bytes)")
+    for key in sorted(tensors):
+        print(f"  {key:40s} {list(tensors[key].shape)}")
+
+    verify_fixture(conv_b_keras)
+
+
+# ---------------------------------------------------------------------------
+# Independent NumPy (NCHW, float64) reimplementation used as a self-check.
+# It reads only the written fixture, in the Rust side's layouts, so it also
+# checks the layout conversions (OIHW kernels, permuted Dense rows).
+# ---------------------------------------------------------------------------
+
+def tf_same_pads(size, k, s):
+    """TensorFlow 'same' padding (before, after) of one spatial axis.
+
+    Total max((ceil(n/s)-1)*s + k - n, 0); the smaller half goes first.
+    """
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def np_conv2d(x, w, b, stride, pads):
+    """x: NCHW, w: OIHW, pads: ((top, bottom), (left, right))."""
+    x = np.pad(x, ((0, 0), (0, 0), pads[0], pads[1]))
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh = (h - kh) // stride + 1
+    ow = (wd - kw) // stride + 1
+    y = np.zeros((n, o, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, :, i:i + stride * (oh - 1) + 1:stride,
+                      j:j + stride * (ow - 1) + 1:stride]
+            y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    if b is not None:
+        y += b[None, :, None, None]
+    return y
+
+
+def np_conv_same(x, w, b, stride):
+    k = w.shape[2]
+    pads = (tf_same_pads(x.shape[2], k, stride),
+            tf_same_pads(x.shape[3], k, stride))
+    return np_conv2d(x, w, b, stride, pads)
+
+
+def np_bn(x, p, name, training, state):
+    shape = (1, -1, 1, 1) if x.ndim == 4 else (1, -1)
+    axes = (0, 2, 3) if x.ndim == 4 else (0,)
+    if training:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)  # biased, as Keras uses
+        state[f"{name}.moving_mean"] = (
+            p[f"{name}.moving_mean"] * BN_MOMENTUM + mean * (1 - BN_MOMENTUM))
+        state[f"{name}.moving_variance"] = (
+            p[f"{name}.moving_variance"] * BN_MOMENTUM
+            + var * (1 - BN_MOMENTUM))
+    else:
+        mean = p[f"{name}.moving_mean"]
+        var = p[f"{name}.moving_variance"]
+    std = np.sqrt(var.reshape(shape) + BN_EPSILON)
+    x_hat = (x - mean.reshape(shape)) / std
+    return (x_hat * p[f"{name}.gamma"].reshape(shape)
+            + p[f"{name}.beta"].reshape(shape))
+
+
+def np_pool(x, k, reduce):
+    n, c, h, w = x.shape
+    oh, ow = h // k, w // k  # 'valid', stride == pool size
+    x = x[:, :, :oh * k, :ow * k].reshape(n, c, oh, k, ow, k)
+    return reduce(x, axis=(3, 5))
+
+
+def np_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def np_forward(p, x, training):
+    p = {k: v.astype(np.float64) for k, v in p.items()}
+    x = x.astype(np.float64)
+    state = {}
+    x = np_bn(x, p, "bn_in", training, state)
+    x = np_conv_same(x, p["conv_a.kernel"], p["conv_a.bias"], 1)
+    x = np_bn(np.maximum(x, 0), p, "bn_a", training, state)
+    y = np_conv_same(x, p["conv_b.kernel"], p["conv_b.bias"], 2)
+    y = np_bn(np.maximum(y, 0), p, "bn_b", training, state)
+    y = np_conv_same(y, p["conv_c.kernel"], p["conv_c.bias"], 1)
+    s = np_conv_same(x, p["proj.kernel"], p["proj.bias"], 2)
+    add, sub = s + y, s - y
+    mul = add * sub
+    avg = (add + sub + mul) / 3
+    cat = np.concatenate([np.maximum(add, avg), np.minimum(sub, avg)], axis=1)
+    z = np.tanh(np_conv_same(cat, p["conv_d.kernel"], None, 2))
+    z = np.pad(z, ((0, 0), (0, 0), (1, 0), (0, 1)))
+    f = np_pool(z, 2, np.max).reshape(z.shape[0], -1)  # (c, h, w) order
+    out0 = np_softmax(f @ p["dense.kernel"] + p["dense.bias"])
+    g = cat.mean(axis=(2, 3))
+    f2 = np_pool(cat, 2, np.mean).reshape(cat.shape[0], -1)
+    h = np.concatenate([g, f2], axis=1)
+    out1 = h @ p["dense_2.kernel"] + p["dense_2.bias"]
+    return {"out0": out0, "out1": out1, "concat": cat}, state
+
+
+def _check(label, got, want, rtol=1e-4, atol=1e-4):
+    err = float(np.max(np.abs(got - want)))
+    ok = np.allclose(got, want, rtol=rtol, atol=atol)
+    print(f"  {'ok ' if ok else 'BAD'} {label:42s} max|diff| = {err:.3e}")
+    return ok
+
+
+def verify_fixture(conv_b_keras):
+    print("numpy NCHW self-check against the written fixture:")
+    t = load_file(PARITY_PATH)
+    params = {k: v for k, v in t.items()
+              if "." in k and k.split(".")[0] in
+              BN_LAYERS + CONV_LAYERS + DENSE_LAYERS}
+    x = t["input"]
+    ok = True
+
+    # TensorFlow 'same' padding: conv_b (3x3, stride 2) on a 9x8 map must pad
+    # 1/1 on H and 0/1 on W.  Recompute its input with NumPy and compare the
+    # Keras conv_b output against both explicit paddings.
+    assert tf_same_pads(IN_H, 3, 2) == (1, 1)
+    assert tf_same_pads(IN_W, 3, 2) == (0, 1)
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    a = np_bn(x.astype(np.float64), p64, "bn_in", False, {})
+    a = np_conv_same(a, p64["conv_a.kernel"], p64["conv_a.bias"], 1)
+    a = np_bn(np.maximum(a, 0), p64, "bn_a", False, {})
+    tf_pad = np_conv2d(a, p64["conv_b.kernel"], p64["conv_b.bias"], 2,
+                       ((1, 1), (0, 1)))
+    sym_pad = np_conv2d(a, p64["conv_b.kernel"], p64["conv_b.bias"], 2,
+                        ((1, 1), (1, 1)))
+    assert conv_b_keras.shape == tf_pad.shape == sym_pad.shape == (4, 8, 5, 4)
+    ok &= _check("conv_b == pad H 1/1, W 0/1", conv_b_keras, tf_pad)
+    sym_err = float(np.max(np.abs(conv_b_keras - sym_pad)))
+    print(f"  {'ok ' if sym_err > 0.1 else 'BAD'} "
+          f"{'conv_b != symmetric pad 1 (as expected)':42s} "
+          f"max|diff| = {sym_err:.3e}")
+    ok &= sym_err > 0.1
+
+    for mode, training in (("eval", False), ("train", True)):
+        got, state = np_forward(params, x, training)
+        ok &= _check(f"{mode}.out0", got["out0"], t[f"{mode}.out0"])
+        ok &= _check(f"{mode}.out1", got["out1"], t[f"{mode}.out1"])
+        if mode == "eval":
+            ok &= _check("eval.concat", got["concat"], t["eval.concat"])
+        for key, value in sorted(state.items()):
+            ok &= _check(f"train_state.{key}", value, t[f"train_state.{key}"])
+
+    # Make sure the outputs are informative (no saturated softmax / tanh).
+    print(f"  eval.out0 max prob {t['eval.out0'].max():.3f}, "
+          f"train.out0 max prob {t['train.out0'].max():.3f}")
+    pre = np_conv_same(got["concat"], p64["conv_d.kernel"], None, 2)
+    print(f"  conv_d (train mode): {np.mean(np.abs(np.tanh(pre)) > 0.99):.0%} "
+          f"of tanh outputs saturated (|tanh| > 0.99)")
+    if not ok:
+        sys.exit("self-check FAILED")
+    print("self-check passed")
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("counts", help="article model parameter/layer counts")
+    sub.add_parser("parity",
+                   help="write tests/fixtures/keras_parity.safetensors")
+    args = parser.parse_args()
+    {"counts": cmd_counts, "parity": cmd_parity}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

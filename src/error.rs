@@ -1,0 +1,208 @@
+//! The crate's one error type.
+//!
+//! Every fallible function of the crate returns [`Result`], whose error is [`Error`]. Graph
+//! errors are raised while a graph is being built (when a layer is called on symbolic tensors,
+//! or when a [`Model`](crate::Model) is made from them), never later in the middle of training,
+//! and they name the layer and the shapes involved.
+
+use std::path::PathBuf;
+
+/// Shorthand for `std::result::Result<T, candle_functional::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in this crate.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+///
+/// let a = Input::new([8, 4, 4]);
+/// let b = Input::new([16, 4, 4]);
+/// let err = Add::new().call_many(&[a, b]).unwrap_err();
+/// assert!(matches!(err, Error::ShapeMismatch { .. }));
+/// assert!(err.to_string().contains("[8, 4, 4]"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Two shapes that must agree do not. Shapes are per sample (the batch dimension left out).
+    #[error("layer `{layer}`: {what}: expected {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        /// The layer being called.
+        layer: String,
+        /// What was being compared.
+        what: String,
+        /// The shape the layer expected.
+        expected: Vec<usize>,
+        /// The shape it was given.
+        got: Vec<usize>,
+    },
+
+    /// A layer was called on inputs it cannot take (wrong count, wrong rank, bad axis, ...).
+    #[error("layer `{layer}`: {message}")]
+    InvalidInput {
+        /// The layer being called.
+        layer: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A layer's configuration is invalid (zero filters, a stride of 0, ...).
+    #[error("layer `{layer}`: invalid configuration: {message}")]
+    InvalidConfig {
+        /// The layer being configured.
+        layer: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// An output of the model depends on an `Input` that was not given to [`Model::new`](crate::Model::new).
+    #[error("graph disconnected: layer `{layer}` needs input `{input}`, which is not among the model's inputs")]
+    GraphDisconnected {
+        /// The layer whose input cannot be computed.
+        layer: String,
+        /// The input that is missing.
+        input: String,
+    },
+
+    /// An input given to [`Model::new`](crate::Model::new) does not reach any output.
+    #[error("input `{input}` is not used by any output of the model")]
+    UnusedInput {
+        /// The unused input.
+        input: String,
+    },
+
+    /// The same tensor was given twice as a model input.
+    #[error("input `{input}` is given more than once")]
+    DuplicateInput {
+        /// The repeated input.
+        input: String,
+    },
+
+    /// Two different layers of one model have the same name.
+    #[error("two different layers of the model are named `{name}`")]
+    DuplicateLayerName {
+        /// The name used twice.
+        name: String,
+    },
+
+    /// A model was given the wrong number of tensors.
+    #[error("model `{model}` expects {expected} input tensor(s), got {got}")]
+    InputCount {
+        /// The model.
+        model: String,
+        /// How many inputs the graph has.
+        expected: usize,
+        /// How many were given.
+        got: usize,
+    },
+
+    /// A tensor given to a model does not have the shape of the graph's input.
+    #[error("model `{model}`, input `{input}`: expected shape (batch, {expected:?}), got {got:?}")]
+    InputShape {
+        /// The model.
+        model: String,
+        /// The input's name.
+        input: String,
+        /// Per-sample shape of the input.
+        expected: Vec<usize>,
+        /// Full shape of the tensor given.
+        got: Vec<usize>,
+    },
+
+    /// The model has no weights yet: call [`Model::build`](crate::Model::build) first.
+    #[error("model `{model}` is not built: call `build` first")]
+    NotBuilt {
+        /// The model.
+        model: String,
+    },
+
+    /// A layer already holds weights on another device or dtype than the one asked for.
+    #[error("layer `{layer}` already holds weights on {existing}, cannot build it on {requested}")]
+    DeviceMismatch {
+        /// The layer.
+        layer: String,
+        /// Where its weights are.
+        existing: String,
+        /// Where they were asked for.
+        requested: String,
+    },
+
+    /// A set of weights does not match the model: every problem is listed.
+    #[error("weights {source_name} do not match the model:{}", weights_report(missing, unexpected, mis_shaped))]
+    WeightsMismatch {
+        /// Where the weights came from (a file name, or "map").
+        source_name: String,
+        /// Tensors the model needs that were not given.
+        missing: Vec<String>,
+        /// Tensors given that the model does not have.
+        unexpected: Vec<String>,
+        /// Tensors whose shape is wrong: (name, expected, got).
+        mis_shaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+    },
+
+    /// A data file is malformed; the record index is given when one record is at fault.
+    #[error("{}: {}{message}", path.display(), record.map(|r| format!("record {r}: ")).unwrap_or_default())]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// The faulty record, if one.
+        record: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A safetensors file could not be parsed or written.
+    #[error("{}: safetensors: {message}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// A training or data argument is out of range (learning rate, batch size, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// An error from candle itself.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+fn weights_report(
+    missing: &[String],
+    unexpected: &[String],
+    mis_shaped: &[(String, Vec<usize>, Vec<usize>)],
+) -> String {
+    let mut out = String::new();
+    if !missing.is_empty() {
+        out.push_str(&format!(" missing: [{}];", missing.join(", ")));
+    }
+    if !unexpected.is_empty() {
+        out.push_str(&format!(" unexpected: [{}];", unexpected.join(", ")));
+    }
+    for (name, expected, got) in mis_shaped {
+        out.push_str(&format!(" `{name}` has shape {got:?}, expected {expected:?};"));
+    }
+    out.pop();
+    out
+}

@@ -1,0 +1,726 @@
+//! What a layer is to the graph: a behaviour ([`LayerOp`]), an identity that owns the weights
+//! ([`LayerRef`]), and the call that records a node ([`Layer::call`]).
+//!
+//! A layer value such as `Conv2D::new(64, 3)` is a [`Configured`] config. The first time it is
+//! called it gets an identity (a [`LayerRef`]); every later call of the same value, or of a
+//! clone of it, records another node over the same identity, so the calls share weights, as
+//! Keras's shared layers do. Changing the configuration with a builder method makes a new layer.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::graph::symbolic::{record_call, SymbolicTensor};
+use crate::layers::Initializer;
+use crate::{Error, Result};
+
+/// Whether a forward pass trains (batch statistics, dropout on) or infers.
+///
+/// # Examples
+/// ```
+/// use candle_functional::Mode;
+/// assert!(Mode::Train.is_train());
+/// assert!(!Mode::Eval.is_train());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Training: BatchNorm uses and updates batch statistics, Dropout drops; gradients flow
+    /// to the weights.
+    Train,
+    /// Inference: BatchNorm uses its moving statistics, Dropout is the identity, and the
+    /// weights are detached so no autograd graph is kept for them.
+    #[default]
+    Eval,
+}
+
+impl Mode {
+    /// `true` for [`Mode::Train`].
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(candle_functional::Mode::Train.is_train());
+    /// ```
+    pub fn is_train(self) -> bool {
+        self == Mode::Train
+    }
+}
+
+/// One weight tensor a layer needs, described before it exists.
+///
+/// # Examples
+/// ```
+/// use candle_functional::{layers::Initializer, ParamSpec};
+/// let spec = ParamSpec::new("bias", vec![10], Initializer::Zeros);
+/// assert!(spec.trainable());
+/// assert_eq!(spec.numel(), 10);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    name: String,
+    shape: Vec<usize>,
+    init: Initializer,
+    trainable: bool,
+    fans: (usize, usize),
+}
+
+impl ParamSpec {
+    /// A trainable parameter whose fans (for Glorot/He initializers) are taken from a
+    /// `[fan_in, fan_out]`-like shape; use [`ParamSpec::fans`] to set them explicitly.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// let k = ParamSpec::new("kernel", vec![4, 3], Initializer::GlorotUniform);
+    /// assert_eq!(k.fan_in_out(), (4, 3));
+    /// ```
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, init: Initializer) -> Self {
+        let fans = match shape.as_slice() {
+            [] => (1, 1),
+            [n] => (*n, *n),
+            [a, b, ..] => (*a, *b),
+        };
+        Self {
+            name: name.into(),
+            shape,
+            init,
+            trainable: true,
+            fans,
+        }
+    }
+
+    /// Marks the tensor as non-trainable state (BatchNorm's moving statistics): it is saved
+    /// and loaded with the weights, but never handed to an optimizer.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// let s = ParamSpec::new("moving_mean", vec![8], Initializer::Zeros).non_trainable();
+    /// assert!(!s.trainable());
+    /// ```
+    pub fn non_trainable(mut self) -> Self {
+        self.trainable = false;
+        self
+    }
+
+    /// Sets the fan-in and fan-out used by variance-scaling initializers.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// let k = ParamSpec::new("kernel", vec![8, 3, 3, 3], Initializer::GlorotUniform).fans(27, 72);
+    /// assert_eq!(k.fan_in_out(), (27, 72));
+    /// ```
+    pub fn fans(mut self, fan_in: usize, fan_out: usize) -> Self {
+        self.fans = (fan_in, fan_out);
+        self
+    }
+
+    /// The parameter's short name (`kernel`, `bias`, `gamma`, ...).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("bias", vec![2], Initializer::Zeros).name(), "bias");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tensor's shape.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("bias", vec![2], Initializer::Zeros).shape(), &[2]);
+    /// ```
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// How the tensor is filled when the model is built.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// let s = ParamSpec::new("bias", vec![2], Initializer::Zeros);
+    /// assert_eq!(s.initializer(), &Initializer::Zeros);
+    /// ```
+    pub fn initializer(&self) -> &Initializer {
+        &self.init
+    }
+
+    /// Whether an optimizer updates it.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// assert!(ParamSpec::new("bias", vec![2], Initializer::Zeros).trainable());
+    /// ```
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// `(fan_in, fan_out)` for variance-scaling initializers.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).fan_in_out(), (5, 7));
+    /// ```
+    pub fn fan_in_out(&self) -> (usize, usize) {
+        self.fans
+    }
+
+    /// Number of scalars.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).numel(), 35);
+    /// ```
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// What a layer's forward pass is given besides its inputs: its weights (in the order of its
+/// [`LayerOp::param_specs`]), the mode, and a seed for random layers.
+///
+/// In [`Mode::Eval`], [`Params::get`] hands out detached tensors, so inference keeps no
+/// autograd graph.
+#[derive(Debug)]
+pub struct Params<'a> {
+    vars: &'a [Var],
+    mode: Mode,
+    seed: u64,
+}
+
+impl<'a> Params<'a> {
+    /// Wraps weights for one forward call.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// let p = Params::new(&[], Mode::Eval, 0);
+    /// assert_eq!(p.len(), 0);
+    /// ```
+    pub fn new(vars: &'a [Var], mode: Mode, seed: u64) -> Self {
+        Self { vars, mode, seed }
+    }
+
+    /// The `i`-th weight as a tensor: tracked for autograd in training, detached in eval.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Var};
+    /// use candle_functional::{Mode, Params};
+    /// let v = Var::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+    /// let vars = [v];
+    /// let p = Params::new(&vars, Mode::Eval, 0);
+    /// assert_eq!(p.get(0).unwrap().dims(), &[3]);
+    /// ```
+    pub fn get(&self, i: usize) -> Result<Tensor> {
+        let var = self.var(i)?;
+        Ok(if self.mode.is_train() {
+            var.as_tensor().clone()
+        } else {
+            var.as_tensor().detach()
+        })
+    }
+
+    /// The `i`-th weight as a variable, for in-place state updates (moving statistics).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(Params::new(&[], Mode::Eval, 0).var(0).is_err());
+    /// ```
+    pub fn var(&self, i: usize) -> Result<&'a Var> {
+        self.vars.get(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("layer asked for weight {i} of {}", self.vars.len()))
+        })
+    }
+
+    /// The forward mode.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert_eq!(Params::new(&[], Mode::Train, 0).mode(), Mode::Train);
+    /// ```
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// A seed unique to this node and this forward call, for random layers (Dropout). Derived
+    /// from the model's seed and a call counter, so runs are reproducible and resumable.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert_eq!(Params::new(&[], Mode::Train, 42).seed(), 42);
+    /// ```
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Number of weights.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(Params::new(&[], Mode::Train, 0).is_empty());
+    /// ```
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// `true` when the layer has no weights.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(Params::new(&[], Mode::Train, 0).is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+}
+
+/// The behaviour of a kind of layer: its shape rule, its weights and its forward pass.
+///
+/// Every built-in layer's config implements it; implement it for your own config struct and
+/// wrap it in [`Configured`] to get a custom layer that takes part in graphs, summaries and
+/// weight files like the built-in ones. Shapes are per sample: the batch dimension is left out.
+///
+/// # Examples
+/// ```
+/// use candle_core::Tensor;
+/// use candle_functional::prelude::*;
+/// use candle_functional::{Configured, LayerOp, Params};
+///
+/// /// Multiplies its input by two.
+/// #[derive(Clone, Debug, Default)]
+/// struct Double;
+/// impl LayerOp for Double {
+///     fn type_name(&self) -> &'static str { "Double" }
+///     fn output_shapes(&self, _layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+///         Ok(vec![inputs[0].clone()])
+///     }
+///     fn forward(&self, inputs: &[Tensor], _p: &Params) -> Result<Vec<Tensor>> {
+///         Ok(vec![(&inputs[0] * 2.0)?])
+///     }
+/// }
+/// let x = Input::new([4]);
+/// let y = Configured::from_config(Double).call(&x)?;
+/// assert_eq!(y.shape(), &[4]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
+    /// The class name shown in summaries (`Conv2D`).
+    fn type_name(&self) -> &'static str;
+
+    /// The prefix of generated layer names (`conv2d`, `conv2d_1`, ...). Defaults to the type
+    /// name in snake case, as Keras does.
+    fn base_name(&self) -> String {
+        snake_case(self.type_name())
+    }
+
+    /// Checks the inputs' per-sample shapes and returns the outputs'. `layer` is the name to
+    /// put in errors.
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>>;
+
+    /// The weights the layer needs for these input shapes, in the order `forward` reads them.
+    fn param_specs(&self, _inputs: &[Vec<usize>]) -> Vec<ParamSpec> {
+        Vec::new()
+    }
+
+    /// Computes the outputs from concrete inputs (batch dimension first).
+    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>>;
+
+    /// For a model used as a layer: the inner model. Its weights live in its own layers.
+    fn as_model(&self) -> Option<&crate::Model> {
+        None
+    }
+}
+
+/// `Conv2D` -> `conv2d`, `GlobalAveragePooling2D` -> `global_average_pooling2d`,
+/// `ReLU` -> `re_lu` (Keras's own rule, kept so names match Keras's).
+pub(crate) fn snake_case(name: &str) -> String {
+    let chars: Vec<char> = name.chars().collect();
+    let mut out = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_uppercase() {
+            // Keras: "(.)([A-Z][a-z]+)" -> "\1_\2", then "([a-z])([A-Z])" -> "\1_\2".
+            let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+            let prev_lower = i > 0 && chars[i - 1].is_lowercase();
+            if i > 0 && (next_lower || prev_lower) {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Weights of a built layer, in `param_specs` order.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerWeights {
+    pub(crate) vars: Vec<Var>,
+    pub(crate) specs: Vec<ParamSpec>,
+}
+
+#[derive(Debug)]
+pub(crate) struct LayerCell {
+    id: u64,
+    op: Arc<dyn LayerOp>,
+    name: OnceLock<String>,
+    /// Input shapes of the first call: they fix the weights' shapes.
+    first_inputs: OnceLock<Vec<Vec<usize>>>,
+    weights: RwLock<Option<LayerWeights>>,
+}
+
+/// The identity of one layer in a graph: its behaviour, its name and its weights. Nodes that
+/// share a `LayerRef` share weights.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let dense = Dense::new(3);
+/// let a = Input::new([4]);
+/// let b = Input::new([4]);
+/// let ya = dense.call(&a)?;
+/// let yb = dense.call(&b)?;
+/// assert!(ya.layer().same_layer(&yb.layer()));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LayerRef(Arc<LayerCell>);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A process-wide increasing counter: layer identities and node creation order.
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+impl LayerRef {
+    pub(crate) fn new(op: Arc<dyn LayerOp>, name: Option<String>) -> Self {
+        let cell = LayerCell {
+            id: next_id(),
+            op,
+            name: OnceLock::new(),
+            first_inputs: OnceLock::new(),
+            weights: RwLock::new(None),
+        };
+        if let Some(name) = name {
+            let _ = cell.name.set(name);
+        }
+        Self(Arc::new(cell))
+    }
+
+    /// `true` when both refer to the same layer (and so to the same weights).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// let a = ReLU::new().call(&x)?;
+    /// let b = ReLU::new().call(&x)?;
+    /// assert!(!a.layer().same_layer(&b.layer()));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn same_layer(&self, other: &LayerRef) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// The layer's behaviour.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Dense::new(3).call(&Input::new([4]))?;
+    /// assert_eq!(y.layer().op().type_name(), "Dense");
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn op(&self) -> &dyn LayerOp {
+        self.0.op.as_ref()
+    }
+
+    /// The layer's name once it has one: given by the user, or assigned by the first
+    /// [`Model`](crate::Model) that contains it.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Dense::new(3).name("head").call(&Input::new([4]))?;
+    /// assert_eq!(y.layer().name(), Some("head"));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn name(&self) -> Option<&str> {
+        self.0.name.get().map(String::as_str)
+    }
+
+    /// The name, or the base name (`conv2d`) while it has none yet: for error messages.
+    pub(crate) fn display_name(&self) -> String {
+        self.name()
+            .map(str::to_string)
+            .unwrap_or_else(|| self.0.op.base_name())
+    }
+
+    /// Gives the layer its name if it has none yet; returns the name it ends up with.
+    pub(crate) fn assign_name(&self, name: String) -> &str {
+        self.0.name.get_or_init(|| name)
+    }
+
+    /// The weights' specs for the shapes of the first call (empty before any call).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Dense::new(3).call(&Input::new([4]))?;
+    /// let specs = y.layer().param_specs();
+    /// assert_eq!(specs[0].shape(), &[4, 3]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        match self.0.first_inputs.get() {
+            Some(shapes) => self.0.op.param_specs(shapes),
+            None => Vec::new(),
+        }
+    }
+
+    /// Checks a new call's input shapes against the first call's, since the weights are
+    /// shared; records them on the first call.
+    pub(crate) fn check_call_shapes(&self, shapes: &[Vec<usize>]) -> Result<()> {
+        let first = self.0.first_inputs.get_or_init(|| shapes.to_vec());
+        if first == shapes {
+            return Ok(());
+        }
+        let before = self.0.op.param_specs(first);
+        let now = self.0.op.param_specs(shapes);
+        for (b, n) in before.iter().zip(&now) {
+            if b.shape() != n.shape() {
+                return Err(Error::ShapeMismatch {
+                    layer: self.display_name(),
+                    what: format!(
+                        "shared layer called on inputs {shapes:?} that change its `{}` (first call had {first:?})",
+                        b.name()
+                    ),
+                    expected: b.shape().to_vec(),
+                    got: n.shape().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A snapshot of the weights (cheap: `Var`s share storage), `None` before `build`.
+    pub(crate) fn weights(&self) -> Option<LayerWeights> {
+        self.0
+            .weights
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Creates the weights if the layer has none; checks device and dtype otherwise.
+    pub(crate) fn build(&self, device: &Device, dtype: DType, seed: u64, rng_key: &str) -> Result<()> {
+        let mut guard = self.0.weights.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = guard.as_ref() {
+            if let Some(v) = existing.vars.first() {
+                if !v.device().same_device(device) || v.dtype() != dtype {
+                    return Err(Error::DeviceMismatch {
+                        layer: self.display_name(),
+                        existing: format!("{:?}/{:?}", v.device().location(), v.dtype()),
+                        requested: format!("{:?}/{dtype:?}", device.location()),
+                    });
+                }
+            }
+            return Ok(());
+        }
+        let specs = self.param_specs();
+        let mut rng = crate::layers::init::layer_rng(seed, rng_key);
+        let vars = specs
+            .iter()
+            .map(|spec| {
+                let t = spec.initializer().sample(spec, &mut rng, device)?;
+                Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        *guard = Some(LayerWeights { vars, specs });
+        Ok(())
+    }
+
+    /// Runs the layer on concrete tensors.
+    pub(crate) fn forward(&self, inputs: &[Tensor], mode: Mode, seed: u64) -> Result<Vec<Tensor>> {
+        let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
+        let vars: &[Var] = match guard.as_ref() {
+            Some(w) => &w.vars,
+            None if self.param_specs().is_empty() => &[],
+            None => {
+                return Err(Error::NotBuilt {
+                    model: self.display_name(),
+                })
+            }
+        };
+        self.0.op.forward(inputs, &Params::new(vars, mode, seed))
+    }
+}
+
+/// A layer value: a config that implements [`LayerOp`], an optional name, and the identity it
+/// takes on its first call. The built-in layers are aliases of it (`Conv2D` is
+/// `Configured<Conv2DConfig>`), and a custom [`LayerOp`] becomes a layer the same way.
+///
+/// Clones share the identity (and so the weights); builder methods make a new layer.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let shared = Dense::new(8).name("shared");
+/// let a = shared.call(&Input::new([4]))?;
+/// let b = shared.clone().call(&Input::new([4]))?;
+/// assert!(a.layer().same_layer(&b.layer()));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Configured<C> {
+    config: C,
+    name: Option<String>,
+    identity: Arc<OnceLock<LayerRef>>,
+}
+
+impl<C: LayerOp + Clone> Configured<C> {
+    /// A layer from a config.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{layers::DenseConfig, Configured};
+    /// let dense = Configured::from_config(DenseConfig { units: 4, ..Default::default() });
+    /// assert_eq!(dense.config().units, 4);
+    /// ```
+    pub fn from_config(config: C) -> Self {
+        Self {
+            config,
+            name: None,
+            identity: Arc::default(),
+        }
+    }
+
+    /// The layer's config.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Conv2D::new(16, 3).config().filters, 16);
+    /// ```
+    pub fn config(&self) -> &C {
+        &self.config
+    }
+
+    /// Gives the layer a name (unique within a model). Without one, the model names it
+    /// Keras's way: `conv2d`, `conv2d_1`, ... in creation order.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = ReLU::new().name("act").call(&Input::new([3]))?;
+    /// assert_eq!(y.layer().name(), Some("act"));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self.identity = Arc::default();
+        self
+    }
+
+    /// Changes the config; the result is a new layer (new weights).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let conv = Conv2D::new(8, 3).with_config(|c| c.use_bias = false);
+    /// assert!(!conv.config().use_bias);
+    /// ```
+    pub fn with_config(mut self, change: impl FnOnce(&mut C)) -> Self {
+        change(&mut self.config);
+        self.identity = Arc::default();
+        self
+    }
+}
+
+impl<C: LayerOp + Clone> Layer for Configured<C> {
+    fn layer_ref(&self) -> LayerRef {
+        self.identity
+            .get_or_init(|| LayerRef::new(Arc::new(self.config.clone()), self.name.clone()))
+            .clone()
+    }
+}
+
+/// Something that can be called on symbolic tensors: every layer, and a [`Model`](crate::Model).
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let x = Input::new([3, 8, 8]);
+/// let y = Conv2D::new(4, 3).padding(Padding::Same).call(&x)?;
+/// let z = Add::new().call_many(&[y.clone(), y])?;
+/// assert_eq!(z.shape(), &[4, 8, 8]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub trait Layer {
+    /// The identity the calls record (created on first use).
+    fn layer_ref(&self) -> LayerRef;
+
+    /// Calls the layer on one symbolic tensor.
+    fn call(&self, input: &SymbolicTensor) -> Result<SymbolicTensor> {
+        self.call_many(std::slice::from_ref(input))
+    }
+
+    /// Calls the layer on several symbolic tensors (merge layers), returning its one output.
+    fn call_many(&self, inputs: &[SymbolicTensor]) -> Result<SymbolicTensor> {
+        let layer = self.layer_ref();
+        let mut outputs = record_call(&layer, inputs)?;
+        if outputs.len() != 1 {
+            return Err(Error::InvalidInput {
+                layer: layer.display_name(),
+                message: format!(
+                    "has {} outputs: use `call_multi` to get all of them",
+                    outputs.len()
+                ),
+            });
+        }
+        Ok(outputs.remove(0))
+    }
+
+    /// Calls the layer and returns all its outputs (a nested model with several outputs).
+    fn call_multi(&self, inputs: &[SymbolicTensor]) -> Result<Vec<SymbolicTensor>> {
+        record_call(&self.layer_ref(), inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snake_case;
+
+    #[test]
+    fn snake_case_follows_keras() {
+        assert_eq!(snake_case("Conv2D"), "conv2d");
+        assert_eq!(snake_case("ReLU"), "re_lu");
+        assert_eq!(snake_case("BatchNormalization"), "batch_normalization");
+        assert_eq!(
+            snake_case("GlobalAveragePooling2D"),
+            "global_average_pooling2d"
+        );
+        assert_eq!(snake_case("ZeroPadding2D"), "zero_padding2d");
+        assert_eq!(snake_case("Dense"), "dense");
+    }
+}

@@ -1,0 +1,203 @@
+//! The execution plan of a graph, computed once when a [`Model`](crate::Model) is made.
+//!
+//! Following Keras's `functional.py`: walk back from the outputs to the inputs, collecting the
+//! nodes that are needed, check that every needed value is computable from the given inputs
+//! ("graph disconnected" otherwise), order the nodes topologically, give the layers unique
+//! names, and number every intermediate tensor with an integer slot. Each step also lists the
+//! slots it is the last reader of, so the executor frees activations as early as possible.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::graph::layer::LayerRef;
+use crate::graph::symbolic::{Node, SymbolicTensor};
+use crate::{Error, Result};
+
+/// One node to run: where its inputs are, where its outputs go, what to free afterwards.
+#[derive(Debug)]
+pub(crate) struct Step {
+    pub(crate) node: Arc<Node>,
+    pub(crate) input_slots: Vec<usize>,
+    pub(crate) output_slots: Vec<usize>,
+    pub(crate) free_after: Vec<usize>,
+}
+
+/// A graph ready to run.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) inputs: Vec<SymbolicTensor>,
+    pub(crate) outputs: Vec<SymbolicTensor>,
+    pub(crate) steps: Vec<Step>,
+    /// Distinct layers in creation order, `Input` layers included.
+    pub(crate) layers: Vec<LayerRef>,
+    /// Nodes of each layer in `layers` that belong to this graph, in creation order.
+    pub(crate) layer_nodes: Vec<Vec<Arc<Node>>>,
+    pub(crate) input_slots: Vec<usize>,
+    pub(crate) output_slots: Vec<usize>,
+    pub(crate) slot_count: usize,
+}
+
+impl Plan {
+    pub(crate) fn new(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> Result<Self> {
+        let mut input_keys = HashMap::new();
+        for (i, t) in inputs.iter().enumerate() {
+            if input_keys.insert(t.key(), i).is_some() {
+                return Err(Error::DuplicateInput {
+                    input: t.layer().display_name(),
+                });
+            }
+        }
+
+        // Walk back from the outputs; stop at the given inputs.
+        let mut needed: HashMap<u64, Arc<Node>> = HashMap::new();
+        let mut reached_inputs = HashSet::new();
+        let mut stack: Vec<(SymbolicTensor, String)> = outputs
+            .iter()
+            .map(|t| (t.clone(), "<model output>".to_string()))
+            .collect();
+        while let Some((tensor, consumer)) = stack.pop() {
+            if let Some(&i) = input_keys.get(&tensor.key()) {
+                reached_inputs.insert(i);
+                continue;
+            }
+            let node = tensor.node();
+            if node.is_input() {
+                return Err(Error::GraphDisconnected {
+                    layer: consumer,
+                    input: node.layer().display_name(),
+                });
+            }
+            if needed.insert(node.id(), node.clone()).is_none() {
+                let name = node.layer().display_name();
+                stack.extend(node.inputs().iter().map(|t| (t.clone(), name.clone())));
+            }
+        }
+        if let Some(unused) = (0..inputs.len()).find(|i| !reached_inputs.contains(i)) {
+            return Err(Error::UnusedInput {
+                input: inputs[unused].layer().display_name(),
+            });
+        }
+
+        let mut nodes: Vec<Arc<Node>> = needed.into_values().collect();
+        nodes.sort_by_key(|n| n.id());
+
+        let (layers, layer_nodes) = collect_layers(inputs, &nodes);
+        assign_names(&layers)?;
+
+        // Slots: inputs first, then every output of every node, in plan order.
+        let mut slot_of: HashMap<(u64, usize), usize> = HashMap::new();
+        for t in inputs {
+            let next = slot_of.len();
+            slot_of.insert(t.key(), next);
+        }
+        let mut steps = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            let input_slots = node.inputs().iter().map(|t| slot_of[&t.key()]).collect();
+            let output_slots = (0..node.output_shapes().len())
+                .map(|i| {
+                    let next = slot_of.len();
+                    slot_of.insert((node.id(), i), next);
+                    next
+                })
+                .collect();
+            steps.push(Step {
+                node: node.clone(),
+                input_slots,
+                output_slots,
+                free_after: Vec::new(),
+            });
+        }
+        let output_slots: Vec<usize> = outputs.iter().map(|t| slot_of[&t.key()]).collect();
+
+        // The last reader of a slot frees it, unless it is a model output.
+        let mut last_reader: HashMap<usize, usize> = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            for &s in &step.input_slots {
+                last_reader.insert(s, i);
+            }
+        }
+        let kept: HashSet<usize> = output_slots.iter().copied().collect();
+        for (slot, step) in last_reader {
+            if !kept.contains(&slot) {
+                steps[step].free_after.push(slot);
+            }
+        }
+        for step in &mut steps {
+            step.free_after.sort_unstable();
+            step.free_after.dedup();
+        }
+
+        Ok(Self {
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+            steps,
+            layers,
+            layer_nodes,
+            input_slots: (0..inputs.len()).collect(),
+            output_slots,
+            slot_count: slot_of.len(),
+        })
+    }
+}
+
+/// Distinct layers in order of first appearance (inputs' layers first), with their nodes.
+fn collect_layers(
+    inputs: &[SymbolicTensor],
+    nodes: &[Arc<Node>],
+) -> (Vec<LayerRef>, Vec<Vec<Arc<Node>>>) {
+    let mut layers: Vec<LayerRef> = Vec::new();
+    let mut layer_nodes: Vec<Vec<Arc<Node>>> = Vec::new();
+    let mut index_of: HashMap<u64, usize> = HashMap::new();
+    let all = inputs
+        .iter()
+        .filter(|t| t.node().is_input())
+        .map(|t| t.node().clone())
+        .chain(nodes.iter().cloned());
+    for node in all {
+        let layer = node.layer().clone();
+        let i = *index_of.entry(layer.id()).or_insert_with(|| {
+            layers.push(layer);
+            layer_nodes.push(Vec::new());
+            layers.len() - 1
+        });
+        layer_nodes[i].push(node);
+    }
+    (layers, layer_nodes)
+}
+
+/// Keras's naming: a layer keeps a name it already has (given by the user or by an earlier
+/// model); the others get `base`, `base_1`, `base_2`, ... in creation order, skipping names
+/// already taken. Two layers with one name are an error.
+fn assign_names(layers: &[LayerRef]) -> Result<()> {
+    let mut taken: HashSet<String> = HashSet::new();
+    for layer in layers {
+        if let Some(name) = layer.name() {
+            if !taken.insert(name.to_string()) {
+                return Err(Error::DuplicateLayerName {
+                    name: name.to_string(),
+                });
+            }
+        }
+    }
+    let mut counters: HashMap<String, usize> = HashMap::new();
+    for layer in layers.iter().filter(|l| l.name().is_none()) {
+        let base = match layer.op().type_name() {
+            "InputLayer" => "input_layer".to_string(),
+            _ => layer.op().base_name(),
+        };
+        let counter = counters.entry(base.clone()).or_insert(0);
+        let name = loop {
+            let candidate = match *counter {
+                0 => base.clone(),
+                n => format!("{base}_{n}"),
+            };
+            *counter += 1;
+            if !taken.contains(&candidate) {
+                break candidate;
+            }
+        };
+        taken.insert(name.clone());
+        layer.assign_name(name);
+    }
+    Ok(())
+}

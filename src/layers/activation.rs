@@ -1,0 +1,259 @@
+//! Activations: the [`ActivationFn`] functions, the [`Activation`] layer that applies one, and
+//! the [`ReLU`] layer.
+//!
+//! Softmax normalizes over the channel axis (axis 1 of an NCHW or `(batch, features)`
+//! tensor), which is Keras's last axis in its channels-last layout.
+
+use candle_core::Tensor;
+
+use crate::graph::{Configured, LayerOp, Params};
+use crate::{Error, Result};
+
+/// An element-wise (or, for softmax, channel-wise) activation function.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::layers::ActivationFn;
+/// let x = Tensor::new(&[[-1f32, 2.0]], &Device::Cpu)?;
+/// assert_eq!(ActivationFn::Relu.apply(&x)?.to_vec2::<f32>()?, [[0.0, 2.0]]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ActivationFn {
+    /// The identity.
+    #[default]
+    Linear,
+    /// `max(x, 0)`.
+    Relu,
+    /// `1 / (1 + exp(-x))`.
+    Sigmoid,
+    /// Hyperbolic tangent.
+    Tanh,
+    /// Softmax over the channel axis (axis 1).
+    Softmax,
+    /// Exact GELU, `x * Φ(x)` with the error function (Keras's `Activation("gelu")` default).
+    Gelu,
+    /// `x * sigmoid(x)` (also called swish).
+    Silu,
+}
+
+impl ActivationFn {
+    /// Keras's name for it (`"relu"`, `"softmax"`, ...).
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(candle_functional::layers::ActivationFn::Silu.name(), "silu");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationFn::Linear => "linear",
+            ActivationFn::Relu => "relu",
+            ActivationFn::Sigmoid => "sigmoid",
+            ActivationFn::Tanh => "tanh",
+            ActivationFn::Softmax => "softmax",
+            ActivationFn::Gelu => "gelu",
+            ActivationFn::Silu => "silu",
+        }
+    }
+
+    /// Applies the function.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::layers::ActivationFn;
+    /// let x = Tensor::new(&[[0f32, 0.0]], &Device::Cpu)?;
+    /// assert_eq!(ActivationFn::Softmax.apply(&x)?.to_vec2::<f32>()?, [[0.5, 0.5]]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            ActivationFn::Linear => x.clone(),
+            ActivationFn::Relu => x.relu()?,
+            ActivationFn::Sigmoid => candle_nn::ops::sigmoid(x)?,
+            ActivationFn::Tanh => x.tanh()?,
+            ActivationFn::Softmax => candle_nn::ops::softmax(x, 1)?,
+            ActivationFn::Gelu => x.gelu_erf()?,
+            ActivationFn::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Parses Keras's activation names.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::ActivationFn;
+/// assert_eq!("softmax".parse::<ActivationFn>()?, ActivationFn::Softmax);
+/// assert!("nope".parse::<ActivationFn>().is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+impl std::str::FromStr for ActivationFn {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "linear" | "identity" => ActivationFn::Linear,
+            "relu" => ActivationFn::Relu,
+            "sigmoid" => ActivationFn::Sigmoid,
+            "tanh" => ActivationFn::Tanh,
+            "softmax" => ActivationFn::Softmax,
+            "gelu" => ActivationFn::Gelu,
+            "silu" | "swish" => ActivationFn::Silu,
+            other => return Err(Error::InvalidArgument(format!("unknown activation `{other}`"))),
+        })
+    }
+}
+
+fn same_shape_as_input(layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+    match inputs {
+        [x] => Ok(vec![x.clone()]),
+        _ => Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!("takes one input, got {}", inputs.len()),
+        }),
+    }
+}
+
+/// Config of an [`Activation`] layer: the function it applies.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{ActivationConfig, ActivationFn};
+/// assert_eq!(ActivationConfig::default().function, ActivationFn::Linear);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ActivationConfig {
+    /// The function.
+    pub function: ActivationFn,
+}
+
+/// A layer that applies an [`ActivationFn`].
+///
+/// # Shapes
+/// Output shape = input shape.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = Activation::new(ActivationFn::Tanh).call(&Input::new([4, 2, 2]))?;
+/// assert_eq!(y.shape(), &[4, 2, 2]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Activation = Configured<ActivationConfig>;
+
+impl Activation {
+    /// An activation layer applying `function`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Activation::new(ActivationFn::Gelu).config().function, ActivationFn::Gelu);
+    /// ```
+    pub fn new(function: ActivationFn) -> Self {
+        Self::from_config(ActivationConfig { function })
+    }
+}
+
+impl LayerOp for ActivationConfig {
+    fn type_name(&self) -> &'static str {
+        "Activation"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        same_shape_as_input(layer, inputs)
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        Ok(vec![self.function.apply(&inputs[0])?])
+    }
+}
+
+/// Config of a [`ReLU`] layer, with Keras's options.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::ReLUConfig;
+/// let c = ReLUConfig::default();
+/// assert_eq!((c.max_value, c.negative_slope), (None, 0.0));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct ReLUConfig {
+    /// Upper clip (`Some(6.0)` gives ReLU6).
+    pub max_value: Option<f64>,
+    /// Slope below zero (leaky ReLU when positive).
+    pub negative_slope: f64,
+}
+
+/// Rectified linear unit layer: `max(x, 0)`, optionally leaky or clipped.
+///
+/// # Shapes
+/// Output shape = input shape.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = ReLU::new().call(&Input::new([4]))?;
+/// assert_eq!(y.layer().op().type_name(), "ReLU");
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type ReLU = Configured<ReLUConfig>;
+
+impl ReLU {
+    /// A plain ReLU.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(ReLU::new().config().max_value, None);
+    /// ```
+    pub fn new() -> Self {
+        Self::from_config(ReLUConfig::default())
+    }
+
+    /// Clips the output at `max_value`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(ReLU::new().max_value(6.0).config().max_value, Some(6.0));
+    /// ```
+    pub fn max_value(self, max_value: f64) -> Self {
+        self.with_config(|c| c.max_value = Some(max_value))
+    }
+
+    /// Leaky slope for negative inputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(ReLU::new().negative_slope(0.1).config().negative_slope, 0.1);
+    /// ```
+    pub fn negative_slope(self, slope: f64) -> Self {
+        self.with_config(|c| c.negative_slope = slope)
+    }
+}
+
+impl LayerOp for ReLUConfig {
+    fn type_name(&self) -> &'static str {
+        "ReLU"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        same_shape_as_input(layer, inputs)
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let mut y = x.relu()?;
+        if self.negative_slope != 0.0 {
+            // x - relu(x) is the negative part.
+            y = (&y + ((x - &y)? * self.negative_slope)?)?;
+        }
+        if let Some(max) = self.max_value {
+            y = y.minimum(max)?;
+        }
+        Ok(vec![y])
+    }
+}

@@ -1,0 +1,241 @@
+//! `BatchNorm`: Keras's `BatchNormalization`, with its defaults and its update rule.
+//!
+//! In training mode it normalizes with the batch's mean and *biased* variance and moves the
+//! running statistics towards them (`moving = momentum * moving + (1 - momentum) * batch`,
+//! Keras's convention: momentum 0.99 keeps 99% of the old value; candle-nn's `BatchNorm` uses
+//! the opposite convention and the unbiased variance). In eval mode it uses the running
+//! statistics. The running statistics are non-trainable state: saved with the weights,
+//! never handed to an optimizer.
+
+use candle_core::Tensor;
+
+use crate::graph::{Configured, LayerOp, ParamSpec, Params};
+use crate::layers::Initializer;
+use crate::{Error, Result};
+
+/// Configuration of a [`BatchNorm`] layer; defaults are Keras's.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::BatchNormConfig;
+/// let c = BatchNormConfig::default();
+/// assert_eq!((c.axis, c.momentum, c.epsilon), (1, 0.99, 1e-3));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// The channel axis of the full tensor (batch is axis 0): 1 for NCHW; negative counts
+    /// from the end.
+    pub axis: isize,
+    /// Weight of the old value in the running-statistics update.
+    pub momentum: f64,
+    /// Added to the variance before the square root.
+    pub epsilon: f64,
+    /// Learn a shift `beta` (default `true`).
+    pub center: bool,
+    /// Learn a scale `gamma` (default `true`).
+    pub scale: bool,
+    /// Default ones.
+    pub gamma_initializer: Initializer,
+    /// Default zeros.
+    pub beta_initializer: Initializer,
+    /// Default zeros.
+    pub moving_mean_initializer: Initializer,
+    /// Default ones.
+    pub moving_variance_initializer: Initializer,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        Self {
+            axis: 1,
+            momentum: 0.99,
+            epsilon: 1e-3,
+            center: true,
+            scale: true,
+            gamma_initializer: Initializer::Ones,
+            beta_initializer: Initializer::Zeros,
+            moving_mean_initializer: Initializer::Zeros,
+            moving_variance_initializer: Initializer::Ones,
+        }
+    }
+}
+
+/// Batch normalization over the channel axis (Keras's `BatchNormalization`).
+///
+/// Weights, in order: `gamma`, `beta` (trainable), `moving_mean`, `moving_variance` (state).
+///
+/// # Shapes
+/// Output shape = input shape.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = BatchNorm::new().call(&Input::new([64, 32, 32]))?;
+/// let specs = y.layer().param_specs();
+/// assert_eq!(specs.iter().filter(|s| s.trainable()).count(), 2);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type BatchNorm = Configured<BatchNormConfig>;
+
+impl BatchNorm {
+    /// Batch normalization with Keras's defaults.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(BatchNorm::new().config().momentum, 0.99);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Momentum of the running statistics (Keras's convention).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(BatchNorm::new().momentum(0.9).config().momentum, 0.9);
+    /// ```
+    pub fn momentum(self, momentum: f64) -> Self {
+        self.with_config(|c| c.momentum = momentum)
+    }
+
+    /// Epsilon added to the variance.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(BatchNorm::new().epsilon(1e-5).config().epsilon, 1e-5);
+    /// ```
+    pub fn epsilon(self, epsilon: f64) -> Self {
+        self.with_config(|c| c.epsilon = epsilon)
+    }
+
+    /// The channel axis (1 for NCHW).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(BatchNorm::new().axis(-1).config().axis, -1);
+    /// ```
+    pub fn axis(self, axis: isize) -> Self {
+        self.with_config(|c| c.axis = axis)
+    }
+}
+
+impl BatchNormConfig {
+    /// The channel axis in the full tensor (rank = per-sample rank + 1).
+    fn full_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
+        let rank = sample_rank as isize + 1;
+        let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
+        if axis < 1 || axis >= rank {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "axis {} is not a non-batch axis of a rank-{rank} tensor",
+                    self.axis
+                ),
+            });
+        }
+        Ok(axis as usize)
+    }
+
+    /// Index of each weight in `param_specs` order.
+    fn indices(&self) -> (Option<usize>, Option<usize>, usize, usize) {
+        let gamma = self.scale.then_some(0);
+        let beta = self.center.then_some(self.scale as usize);
+        let mean = self.scale as usize + self.center as usize;
+        (gamma, beta, mean, mean + 1)
+    }
+}
+
+impl LayerOp for BatchNormConfig {
+    fn type_name(&self) -> &'static str {
+        "BatchNormalization"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let [x] = inputs else {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            });
+        };
+        self.full_axis(layer, x.len())?;
+        if !(0.0..=1.0).contains(&self.momentum) || self.epsilon <= 0.0 {
+            return Err(Error::InvalidConfig {
+                layer: layer.to_string(),
+                message: format!(
+                    "momentum must be in [0, 1] and epsilon positive, got {} and {}",
+                    self.momentum, self.epsilon
+                ),
+            });
+        }
+        Ok(vec![x.clone()])
+    }
+
+    fn param_specs(&self, inputs: &[Vec<usize>]) -> Vec<ParamSpec> {
+        let Some(shape) = inputs.first() else {
+            return Vec::new();
+        };
+        let Ok(axis) = self.full_axis("", shape.len()) else {
+            return Vec::new();
+        };
+        let c = vec![shape[axis - 1]];
+        let mut specs = Vec::new();
+        if self.scale {
+            specs.push(ParamSpec::new("gamma", c.clone(), self.gamma_initializer.clone()));
+        }
+        if self.center {
+            specs.push(ParamSpec::new("beta", c.clone(), self.beta_initializer.clone()));
+        }
+        specs.push(
+            ParamSpec::new("moving_mean", c.clone(), self.moving_mean_initializer.clone())
+                .non_trainable(),
+        );
+        specs.push(
+            ParamSpec::new("moving_variance", c, self.moving_variance_initializer.clone())
+                .non_trainable(),
+        );
+        specs
+    }
+
+    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let axis = self.full_axis("", x.rank() - 1)?;
+        let channels = x.dim(axis)?;
+        // Shape that broadcasts a per-channel vector against x: [1, C, 1, 1] for NCHW.
+        let mut bshape = vec![1; x.rank()];
+        bshape[axis] = channels;
+        let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != axis).collect();
+        let (gamma_i, beta_i, mean_i, var_i) = self.indices();
+
+        let (centered, variance) = if params.mode().is_train() {
+            let mean = x.mean_keepdim(reduce.as_slice())?;
+            let centered = x.broadcast_sub(&mean)?;
+            let variance = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
+            let keep = self.momentum;
+            for (index, batch) in [(mean_i, &mean), (var_i, &variance)] {
+                let var = params.var(index)?;
+                let batch = batch.detach().reshape(channels)?.to_dtype(var.dtype())?;
+                let updated = ((var.as_tensor().detach() * keep)? + (batch * (1.0 - keep))?)?;
+                var.set(&updated)?;
+            }
+            (centered, variance)
+        } else {
+            let mean = params.get(mean_i)?.reshape(bshape.as_slice())?;
+            let variance = params.get(var_i)?.reshape(bshape.as_slice())?;
+            (x.broadcast_sub(&mean)?, variance)
+        };
+        // One per-channel factor, then one broadcast multiply over the activation.
+        let mut factor = (variance + self.epsilon)?.sqrt()?.recip()?;
+        if let Some(i) = gamma_i {
+            factor = factor.broadcast_mul(&params.get(i)?.reshape(bshape.as_slice())?)?;
+        }
+        let mut y = centered.broadcast_mul(&factor)?;
+        if let Some(i) = beta_i {
+            y = y.broadcast_add(&params.get(i)?.reshape(bshape.as_slice())?)?;
+        }
+        Ok(vec![y])
+    }
+}

@@ -1,0 +1,117 @@
+//! `Concatenate`: joins tensors along one axis (DenseNet's skips, U-Net's decoder joins).
+
+use candle_core::Tensor;
+
+use crate::graph::{Configured, LayerOp, Params};
+use crate::{Error, Result};
+
+/// Configuration of a [`Concatenate`] layer.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::ConcatenateConfig;
+/// assert_eq!(ConcatenateConfig::default().axis, 1);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConcatenateConfig {
+    /// Axis of the full tensor (batch is axis 0, so 1 is the channel axis of NCHW); negative
+    /// counts from the end.
+    pub axis: isize,
+}
+
+impl Default for ConcatenateConfig {
+    fn default() -> Self {
+        Self { axis: 1 }
+    }
+}
+
+/// Concatenates its inputs along `axis`; all other axes must agree.
+///
+/// # Shapes
+/// Inputs `(batch, c_i, h, w)`; output `(batch, sum(c_i), h, w)` for axis 1.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let x = Input::new([16, 8, 8]);
+/// let y = Conv2D::new(12, 3).padding(Padding::Same).call(&x)?;
+/// let dense_skip = Concatenate::new(1).call_many(&[x, y])?;
+/// assert_eq!(dense_skip.shape(), &[28, 8, 8]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Concatenate = Configured<ConcatenateConfig>;
+
+impl Concatenate {
+    /// Concatenation along `axis` of the full tensor (1 = channels for NCHW).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Concatenate::new(-1).config().axis, -1);
+    /// ```
+    pub fn new(axis: isize) -> Self {
+        Self::from_config(ConcatenateConfig { axis })
+    }
+}
+
+impl ConcatenateConfig {
+    /// The axis as an index into per-sample shapes of rank `sample_rank`.
+    fn sample_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
+        let rank = sample_rank as isize + 1;
+        let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
+        if axis < 1 || axis >= rank {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "cannot concatenate along axis {} of rank-{rank} tensors (axis 0 is the batch)",
+                    self.axis
+                ),
+            });
+        }
+        Ok(axis as usize - 1)
+    }
+}
+
+impl LayerOp for ConcatenateConfig {
+    fn type_name(&self) -> &'static str {
+        "Concatenate"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        if inputs.len() < 2 {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes at least 2 inputs, got {}", inputs.len()),
+            });
+        }
+        let first = &inputs[0];
+        let axis = self.sample_axis(layer, first.len())?;
+        let mut out = first.clone();
+        for (i, other) in inputs.iter().enumerate().skip(1) {
+            let agrees = other.len() == first.len()
+                && other
+                    .iter()
+                    .zip(first)
+                    .enumerate()
+                    .all(|(d, (a, b))| d == axis || a == b);
+            if !agrees {
+                return Err(Error::ShapeMismatch {
+                    layer: layer.to_string(),
+                    what: format!(
+                        "input {i} must match input 0 on every axis but the concatenation axis {}",
+                        self.axis
+                    ),
+                    expected: first.clone(),
+                    got: other.clone(),
+                });
+            }
+            out[axis] += other[axis];
+        }
+        Ok(vec![out])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let axis = self.sample_axis("", inputs[0].rank() - 1)? + 1;
+        Ok(vec![Tensor::cat(inputs, axis)?])
+    }
+}

@@ -1,0 +1,305 @@
+//! `Conv2D`: 2-D convolution over NCHW tensors, with TensorFlow's exact 'same' padding.
+//!
+//! The kernel is stored in candle's layout `(filters, in_channels / groups, kh, kw)`, so it is
+//! used without a transpose; Keras's `(kh, kw, in, filters)` kernels convert with
+//! `permute((3, 2, 0, 1))`.
+
+use candle_core::Tensor;
+
+use crate::graph::{Configured, LayerOp, ParamSpec, Params};
+use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
+use crate::layers::{ActivationFn, Initializer, Padding};
+use crate::{Error, Result};
+
+/// Configuration of a [`Conv2D`] layer; defaults are Keras's.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{Conv2DConfig, Initializer, Padding};
+/// let c = Conv2DConfig::default();
+/// assert_eq!((c.kernel_size, c.strides, c.padding), ((3, 3), 1, Padding::Valid));
+/// assert_eq!(c.kernel_initializer, Initializer::GlorotUniform);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv2DConfig {
+    /// Number of output channels.
+    pub filters: usize,
+    /// Window height and width.
+    pub kernel_size: (usize, usize),
+    /// Step of the window, the same along both axes (candle's convolution takes one stride).
+    pub strides: usize,
+    /// `Valid` (default) or TensorFlow's `Same`.
+    pub padding: Padding,
+    /// Spacing of the window's taps, the same along both axes.
+    pub dilation: usize,
+    /// Channel groups: `in_channels` and `filters` must both be multiples of it.
+    pub groups: usize,
+    /// Adds a bias per filter (default `true`).
+    pub use_bias: bool,
+    /// Applied to the output (default `Linear`).
+    pub activation: ActivationFn,
+    /// Default Glorot uniform, with Keras's fans: `kh * kw * in / groups` and `kh * kw * filters`.
+    pub kernel_initializer: Initializer,
+    /// Default zeros.
+    pub bias_initializer: Initializer,
+}
+
+impl Default for Conv2DConfig {
+    fn default() -> Self {
+        Self {
+            filters: 1,
+            kernel_size: (3, 3),
+            strides: 1,
+            padding: Padding::Valid,
+            dilation: 1,
+            groups: 1,
+            use_bias: true,
+            activation: ActivationFn::Linear,
+            kernel_initializer: Initializer::GlorotUniform,
+            bias_initializer: Initializer::Zeros,
+        }
+    }
+}
+
+/// 2-D convolution layer.
+///
+/// # Shapes
+/// Input `(batch, in_channels, h, w)`; output `(batch, filters, h', w')` with
+/// `h' = ceil(h / strides)` for `Same` and `(h - span) / strides + 1` for `Valid`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let x = Input::new([3, 32, 32]);
+/// let y = Conv2D::new(64, 3).strides(2).padding(Padding::Same).call(&x)?;
+/// assert_eq!(y.shape(), &[64, 16, 16]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Conv2D = Configured<Conv2DConfig>;
+
+impl Conv2D {
+    /// A convolution with `filters` outputs and a square `kernel_size` window; Keras's defaults
+    /// otherwise (stride 1, 'valid', bias, Glorot uniform).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Conv2D::new(8, 5).config().kernel_size, (5, 5));
+    /// ```
+    pub fn new(filters: usize, kernel_size: usize) -> Self {
+        Self::from_config(Conv2DConfig {
+            filters,
+            kernel_size: (kernel_size, kernel_size),
+            ..Default::default()
+        })
+    }
+
+    /// A rectangular window `(height, width)`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Conv2D::new(2, 1).kernel_size(1, 3).call(&Input::new([1, 5, 5]))?;
+    /// assert_eq!(y.shape(), &[2, 5, 3]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn kernel_size(self, height: usize, width: usize) -> Self {
+        self.with_config(|c| c.kernel_size = (height, width))
+    }
+
+    /// Window step along both axes.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Conv2D::new(8, 3).strides(2).config().strides, 2);
+    /// ```
+    pub fn strides(self, strides: usize) -> Self {
+        self.with_config(|c| c.strides = strides)
+    }
+
+    /// `Padding::Same` or `Padding::Valid`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Conv2D::new(8, 3).padding(Padding::Same).config().padding, Padding::Same);
+    /// ```
+    pub fn padding(self, padding: Padding) -> Self {
+        self.with_config(|c| c.padding = padding)
+    }
+
+    /// Dilation rate along both axes.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Conv2D::new(1, 3).dilation(2).call(&Input::new([1, 9, 9]))?;
+    /// assert_eq!(y.shape(), &[1, 5, 5]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn dilation(self, dilation: usize) -> Self {
+        self.with_config(|c| c.dilation = dilation)
+    }
+
+    /// Grouped convolution.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Conv2D::new(4, 3).groups(2).call(&Input::new([4, 5, 5]))?;
+    /// assert_eq!(y.layer().param_specs()[0].shape(), &[4, 2, 3, 3]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn groups(self, groups: usize) -> Self {
+        self.with_config(|c| c.groups = groups)
+    }
+
+    /// With or without a bias.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert!(!Conv2D::new(8, 3).use_bias(false).config().use_bias);
+    /// ```
+    pub fn use_bias(self, use_bias: bool) -> Self {
+        self.with_config(|c| c.use_bias = use_bias)
+    }
+
+    /// Activation applied to the output.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let conv = Conv2D::new(8, 3).activation(ActivationFn::Relu);
+    /// assert_eq!(conv.config().activation, ActivationFn::Relu);
+    /// ```
+    pub fn activation(self, activation: ActivationFn) -> Self {
+        self.with_config(|c| c.activation = activation)
+    }
+
+    /// Kernel initializer (`Initializer::HeNormal` for ReLU networks, say).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let conv = Conv2D::new(8, 3).kernel_initializer(Initializer::HeNormal);
+    /// assert_eq!(conv.config().kernel_initializer, Initializer::HeNormal);
+    /// ```
+    pub fn kernel_initializer(self, init: Initializer) -> Self {
+        self.with_config(|c| c.kernel_initializer = init)
+    }
+
+    /// Bias initializer.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let conv = Conv2D::new(8, 3).bias_initializer(Initializer::Ones);
+    /// assert_eq!(conv.config().bias_initializer, Initializer::Ones);
+    /// ```
+    pub fn bias_initializer(self, init: Initializer) -> Self {
+        self.with_config(|c| c.bias_initializer = init)
+    }
+}
+
+impl Conv2DConfig {
+    fn check(&self, layer: &str, in_channels: usize) -> Result<()> {
+        let (kh, kw) = self.kernel_size;
+        expect_positive(layer, "filters, kernel size, strides, dilation and groups", &[
+            self.filters,
+            kh,
+            kw,
+            self.strides,
+            self.dilation,
+            self.groups,
+        ])?;
+        if in_channels % self.groups != 0 || self.filters % self.groups != 0 {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "{in_channels} input channels and {} filters must both be multiples of groups = {}",
+                    self.filters, self.groups
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `(top, bottom, left, right)` zero padding for an `h x w` input.
+    pub(crate) fn pads(&self, h: usize, w: usize) -> (usize, usize, usize, usize) {
+        match self.padding {
+            Padding::Valid => (0, 0, 0, 0),
+            Padding::Same => {
+                let (t, b) = same_padding(h, self.kernel_size.0, self.strides, self.dilation);
+                let (l, r) = same_padding(w, self.kernel_size.1, self.strides, self.dilation);
+                (t, b, l, r)
+            }
+        }
+    }
+}
+
+impl LayerOp for Conv2DConfig {
+    fn type_name(&self) -> &'static str {
+        "Conv2D"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let [input] = inputs else {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            });
+        };
+        let (c, h, w) = expect_chw(layer, input)?;
+        self.check(layer, c)?;
+        let (kh, kw) = self.kernel_size;
+        let oh = window_output_len(layer, h, kh, self.strides, self.dilation, self.padding)?;
+        let ow = window_output_len(layer, w, kw, self.strides, self.dilation, self.padding)?;
+        Ok(vec![vec![self.filters, oh, ow]])
+    }
+
+    fn param_specs(&self, inputs: &[Vec<usize>]) -> Vec<ParamSpec> {
+        let in_channels = inputs.first().and_then(|s| s.first()).copied().unwrap_or(1);
+        let per_group = in_channels / self.groups.max(1);
+        let (kh, kw) = self.kernel_size;
+        let receptive = kh * kw;
+        let mut specs = vec![ParamSpec::new(
+            "kernel",
+            vec![self.filters, per_group, kh, kw],
+            self.kernel_initializer.clone(),
+        )
+        .fans(receptive * per_group, receptive * self.filters)];
+        if self.use_bias {
+            specs.push(ParamSpec::new(
+                "bias",
+                vec![self.filters],
+                self.bias_initializer.clone(),
+            ));
+        }
+        specs
+    }
+
+    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let kernel = params.get(0)?;
+        let (_, _, h, w) = x.dims4()?;
+        let (top, bottom, left, right) = self.pads(h, w);
+        // candle pads symmetrically inside the convolution; TensorFlow's 'same' can be
+        // asymmetric (one more row/column at the bottom/right), which needs an explicit pad.
+        let y = if top == bottom && left == right && top == left {
+            x.conv2d(&kernel, top, self.strides, self.dilation, self.groups)?
+        } else {
+            x.pad_with_zeros(2, top, bottom)?
+                .pad_with_zeros(3, left, right)?
+                .conv2d(&kernel, 0, self.strides, self.dilation, self.groups)?
+        };
+        let y = if self.use_bias {
+            let bias = params.get(1)?;
+            y.broadcast_add(&bias.reshape((1, self.filters, 1, 1))?)?
+        } else {
+            y
+        };
+        Ok(vec![self.activation.apply(&y)?])
+    }
+}

@@ -1,0 +1,172 @@
+//! `Dense`: a fully connected layer on the last axis.
+//!
+//! The kernel is stored in Keras's layout `(in_features, units)`, so `x.matmul(kernel)` needs
+//! no transpose and Keras's Dense weights load unchanged.
+
+use candle_core::Tensor;
+
+use crate::graph::{Configured, LayerOp, ParamSpec, Params};
+use crate::layers::{ActivationFn, Initializer};
+use crate::{Error, Result};
+
+/// Configuration of a [`Dense`] layer; defaults are Keras's.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{DenseConfig, Initializer};
+/// let c = DenseConfig::default();
+/// assert!(c.use_bias);
+/// assert_eq!(c.kernel_initializer, Initializer::GlorotUniform);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseConfig {
+    /// Number of outputs.
+    pub units: usize,
+    /// Adds a bias (default `true`).
+    pub use_bias: bool,
+    /// Applied to the output (default `Linear`).
+    pub activation: ActivationFn,
+    /// Default Glorot uniform.
+    pub kernel_initializer: Initializer,
+    /// Default zeros.
+    pub bias_initializer: Initializer,
+}
+
+impl Default for DenseConfig {
+    fn default() -> Self {
+        Self {
+            units: 1,
+            use_bias: true,
+            activation: ActivationFn::Linear,
+            kernel_initializer: Initializer::GlorotUniform,
+            bias_initializer: Initializer::Zeros,
+        }
+    }
+}
+
+/// Fully connected layer: `activation(x · kernel + bias)` over the last axis.
+///
+/// # Shapes
+/// Input `(batch, ..., in_features)`; output `(batch, ..., units)`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = Dense::new(10).activation(ActivationFn::Softmax).call(&Input::new([512]))?;
+/// assert_eq!(y.shape(), &[10]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Dense = Configured<DenseConfig>;
+
+impl Dense {
+    /// A dense layer with `units` outputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Dense::new(3).config().units, 3);
+    /// ```
+    pub fn new(units: usize) -> Self {
+        Self::from_config(DenseConfig {
+            units,
+            ..Default::default()
+        })
+    }
+
+    /// Activation applied to the output.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Dense::new(3).activation(ActivationFn::Relu).config().activation, ActivationFn::Relu);
+    /// ```
+    pub fn activation(self, activation: ActivationFn) -> Self {
+        self.with_config(|c| c.activation = activation)
+    }
+
+    /// With or without a bias.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert!(!Dense::new(3).use_bias(false).config().use_bias);
+    /// ```
+    pub fn use_bias(self, use_bias: bool) -> Self {
+        self.with_config(|c| c.use_bias = use_bias)
+    }
+
+    /// Kernel initializer.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let d = Dense::new(3).kernel_initializer(Initializer::HeNormal);
+    /// assert_eq!(d.config().kernel_initializer, Initializer::HeNormal);
+    /// ```
+    pub fn kernel_initializer(self, init: Initializer) -> Self {
+        self.with_config(|c| c.kernel_initializer = init)
+    }
+}
+
+impl LayerOp for DenseConfig {
+    fn type_name(&self) -> &'static str {
+        "Dense"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        if self.units == 0 {
+            return Err(Error::InvalidConfig {
+                layer: layer.to_string(),
+                message: "units must be positive".into(),
+            });
+        }
+        match inputs {
+            [x] if !x.is_empty() => {
+                let mut out = x.clone();
+                *out.last_mut().expect("non-empty") = self.units;
+                Ok(vec![out])
+            }
+            _ => Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input with at least one axis, got {inputs:?}"),
+            }),
+        }
+    }
+
+    fn param_specs(&self, inputs: &[Vec<usize>]) -> Vec<ParamSpec> {
+        let in_features = inputs
+            .first()
+            .and_then(|s| s.last())
+            .copied()
+            .unwrap_or(1);
+        let mut specs = vec![ParamSpec::new(
+            "kernel",
+            vec![in_features, self.units],
+            self.kernel_initializer.clone(),
+        )];
+        if self.use_bias {
+            specs.push(ParamSpec::new(
+                "bias",
+                vec![self.units],
+                self.bias_initializer.clone(),
+            ));
+        }
+        specs
+    }
+
+    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let kernel = params.get(0)?;
+        let y = if x.rank() == 2 {
+            x.matmul(&kernel)?
+        } else {
+            x.broadcast_matmul(&kernel)?
+        };
+        let y = if self.use_bias {
+            y.broadcast_add(&params.get(1)?)?
+        } else {
+            y
+        };
+        Ok(vec![self.activation.apply(&y)?])
+    }
+}

@@ -1,0 +1,97 @@
+//! `Dropout`: zeroes a random fraction of activations in training, scaling the rest up.
+//!
+//! The mask is drawn on the host from the seed the model gives each node and each forward
+//! call, so training runs are reproducible and resumable, on every device.
+
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::graph::{Configured, LayerOp, Params};
+use crate::{Error, Result};
+
+/// Config of a [`Dropout`] layer.
+///
+/// # Examples
+/// ```
+/// assert_eq!(candle_functional::layers::DropoutConfig::default().rate, 0.5);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutConfig {
+    /// Fraction of activations zeroed, in `[0, 1)`.
+    pub rate: f64,
+}
+
+impl Default for DropoutConfig {
+    fn default() -> Self {
+        Self { rate: 0.5 }
+    }
+}
+
+/// Inverted dropout: in training, each element is kept with probability `1 - rate` and
+/// scaled by `1 / (1 - rate)`; in eval it is the identity.
+///
+/// # Shapes
+/// Output shape = input shape.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = Dropout::new(0.25).call(&Input::new([128]))?;
+/// assert_eq!(y.shape(), &[128]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Dropout = Configured<DropoutConfig>;
+
+impl Dropout {
+    /// Dropout with this rate.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Dropout::new(0.1).config().rate, 0.1);
+    /// ```
+    pub fn new(rate: f64) -> Self {
+        Self::from_config(DropoutConfig { rate })
+    }
+}
+
+impl LayerOp for DropoutConfig {
+    fn type_name(&self) -> &'static str {
+        "Dropout"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        if !(0.0..1.0).contains(&self.rate) {
+            return Err(Error::InvalidConfig {
+                layer: layer.to_string(),
+                message: format!("rate must be in [0, 1), got {}", self.rate),
+            });
+        }
+        match inputs {
+            [x] => Ok(vec![x.clone()]),
+            _ => Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            }),
+        }
+    }
+
+    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        if !params.mode().is_train() || self.rate == 0.0 {
+            return Ok(vec![x.clone()]);
+        }
+        let mut rng = StdRng::seed_from_u64(params.seed());
+        let keep = 1.0 - self.rate;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(match x.dtype() {
+            DType::F64 => DType::F64,
+            other => other,
+        })?;
+        Ok(vec![(x * mask)?])
+    }
+}

@@ -1,0 +1,175 @@
+//! Weight initializers, with Keras's definitions and defaults.
+//!
+//! Values are drawn on the host from a generator seeded per layer, then copied to the device
+//! once at build time, so a seed gives the same weights on every device.
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal, StandardNormal};
+
+use crate::graph::ParamSpec;
+use crate::Result;
+
+/// How a weight is filled when a model is built.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::Initializer;
+/// assert_eq!(Initializer::default(), Initializer::GlorotUniform);
+/// ```
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum Initializer {
+    /// Keras's default kernel initializer: uniform in `±sqrt(6 / (fan_in + fan_out))`.
+    #[default]
+    GlorotUniform,
+    /// Truncated normal (at two standard deviations) with variance `2 / (fan_in + fan_out)`.
+    GlorotNormal,
+    /// Keras's `he_normal`: truncated normal with variance `2 / fan_in`.
+    HeNormal,
+    /// Uniform in `±sqrt(6 / fan_in)`.
+    HeUniform,
+    /// All zeros (Keras's default bias).
+    Zeros,
+    /// All ones.
+    Ones,
+    /// Every element the same value.
+    Constant(f64),
+    /// Normal with this mean and standard deviation.
+    RandomNormal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        stddev: f64,
+    },
+    /// Uniform in `[min, max)`.
+    RandomUniform {
+        /// Lower bound.
+        min: f64,
+        /// Upper bound.
+        max: f64,
+    },
+}
+
+/// Keras's truncated normal is cut at two standard deviations, which shrinks its variance:
+/// it divides the wanted standard deviation by this factor to compensate.
+const TRUNCATED_NORMAL_STDDEV_FACTOR: f64 = 0.879_625_661_034_239_8;
+
+impl Initializer {
+    /// Draws a tensor for `spec` on `device` (as f32; the caller converts the dtype).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::Device;
+    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// use rand::SeedableRng;
+    /// let spec = ParamSpec::new("b", vec![3], Initializer::Ones);
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let t = Initializer::Ones.sample(&spec, &mut rng, &Device::Cpu)?;
+    /// assert_eq!(t.to_vec1::<f32>()?, [1.0, 1.0, 1.0]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn sample(&self, spec: &ParamSpec, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+        let n = spec.numel();
+        let (fan_in, fan_out) = spec.fan_in_out();
+        let (fan_in, fan_out) = (fan_in.max(1) as f64, fan_out.max(1) as f64);
+        let values: Vec<f32> = match self {
+            Initializer::GlorotUniform => uniform(rng, n, (6.0 / (fan_in + fan_out)).sqrt()),
+            Initializer::HeUniform => uniform(rng, n, (6.0 / fan_in).sqrt()),
+            Initializer::GlorotNormal => truncated_normal(rng, n, (2.0 / (fan_in + fan_out)).sqrt()),
+            Initializer::HeNormal => truncated_normal(rng, n, (2.0 / fan_in).sqrt()),
+            Initializer::Zeros => vec![0.0; n],
+            Initializer::Ones => vec![1.0; n],
+            Initializer::Constant(c) => vec![*c as f32; n],
+            Initializer::RandomNormal { mean, stddev } => {
+                let normal = Normal::new(*mean, *stddev).unwrap_or(Normal::new(0.0, 1.0).expect("valid"));
+                (0..n).map(|_| normal.sample(rng) as f32).collect()
+            }
+            Initializer::RandomUniform { min, max } => (0..n)
+                .map(|_| (min + (max - min) * rng.random::<f64>()) as f32)
+                .collect(),
+        };
+        Ok(Tensor::from_vec(values, spec.shape(), device)?)
+    }
+}
+
+fn uniform(rng: &mut StdRng, n: usize, limit: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| (limit * (2.0 * rng.random::<f64>() - 1.0)) as f32)
+        .collect()
+}
+
+/// Normal samples redrawn until within two standard deviations, scaled so the result has the
+/// requested standard deviation (Keras's `VarianceScaling(distribution="truncated_normal")`).
+fn truncated_normal(rng: &mut StdRng, n: usize, stddev: f64) -> Vec<f32> {
+    let scale = stddev / TRUNCATED_NORMAL_STDDEV_FACTOR;
+    (0..n)
+        .map(|_| loop {
+            let z: f64 = StandardNormal.sample(rng);
+            if z.abs() <= 2.0 {
+                break (z * scale) as f32;
+            }
+        })
+        .collect()
+}
+
+/// A generator for one layer: keyed by the model seed and the layer's name, so a layer's
+/// initial weights do not change when other layers are added to the model.
+pub(crate) fn layer_rng(seed: u64, layer_name: &str) -> StdRng {
+    // FNV-1a of the name, then mixed with the seed.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in layer_name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    StdRng::seed_from_u64(crate::models::model::mix(seed, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glorot_uniform_stays_in_its_limit_and_has_its_variance() {
+        let spec = ParamSpec::new("k", vec![200, 300], Initializer::GlorotUniform);
+        let mut rng = StdRng::seed_from_u64(1);
+        let t = Initializer::GlorotUniform
+            .sample(&spec, &mut rng, &Device::Cpu)
+            .unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let limit = (6.0f32 / 500.0).sqrt();
+        assert!(v.iter().all(|x| x.abs() <= limit));
+        let var: f32 = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+        // Uniform(-l, l) has variance l^2 / 3 = 2 / (fan_in + fan_out).
+        approx::assert_relative_eq!(var, 2.0 / 500.0, max_relative = 0.02);
+    }
+
+    #[test]
+    fn he_normal_is_truncated_with_the_right_variance() {
+        let spec = ParamSpec::new("k", vec![100, 400], Initializer::HeNormal);
+        let mut rng = StdRng::seed_from_u64(2);
+        let t = Initializer::HeNormal
+            .sample(&spec, &mut rng, &Device::Cpu)
+            .unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let std = (2.0f64 / 100.0).sqrt();
+        let cut = (2.0 * std / TRUNCATED_NORMAL_STDDEV_FACTOR) as f32 + 1e-6;
+        assert!(v.iter().all(|x| x.abs() <= cut));
+        let var: f64 = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / v.len() as f64;
+        approx::assert_relative_eq!(var, std * std, max_relative = 0.03);
+    }
+
+    #[test]
+    fn same_seed_and_name_give_the_same_values() {
+        let spec = ParamSpec::new("k", vec![10], Initializer::GlorotUniform);
+        let draw = |name: &str| {
+            Initializer::GlorotUniform
+                .sample(&spec, &mut layer_rng(3, name), &Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(draw("conv2d"), draw("conv2d"));
+        assert_ne!(draw("conv2d"), draw("conv2d_1"));
+    }
+}

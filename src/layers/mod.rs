@@ -1,0 +1,33 @@
+//! The built-in layers, one file per layer or family, each a config struct (with Keras's
+//! defaults in `Default`) that implements [`LayerOp`](crate::LayerOp), exposed as a
+//! [`Configured`](crate::Configured) alias with a small constructor and builder methods.
+
+pub(crate) mod activation;
+pub(crate) mod batch_norm;
+pub(crate) mod concatenate;
+pub(crate) mod conv;
+pub(crate) mod dense;
+pub(crate) mod dropout;
+pub(crate) mod init;
+pub(crate) mod merge;
+pub(crate) mod padding;
+pub(crate) mod pooling;
+pub(crate) mod reshape;
+
+pub use activation::{Activation, ActivationConfig, ActivationFn, ReLU, ReLUConfig};
+pub use batch_norm::{BatchNorm, BatchNormConfig};
+pub use concatenate::{Concatenate, ConcatenateConfig};
+pub use conv::{Conv2D, Conv2DConfig};
+pub use dense::{Dense, DenseConfig};
+pub use dropout::{Dropout, DropoutConfig};
+pub use init::Initializer;
+pub use merge::{
+    Add, AddConfig, Average, AverageConfig, Maximum, MaximumConfig, Minimum, MinimumConfig,
+    Multiply, MultiplyConfig, Subtract, SubtractConfig,
+};
+pub use padding::{same_padding, Padding};
+pub use pooling::{
+    AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D,
+    GlobalAveragePooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
+};
+pub use reshape::{Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig};

@@ -1,0 +1,86 @@
+//! Padding modes and the arithmetic of sliding windows (convolutions and pooling).
+
+use crate::{Error, Result};
+
+/// How a sliding window treats the borders, as in Keras.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{same_padding, Padding};
+/// assert_eq!(Padding::default(), Padding::Valid);
+/// // TensorFlow's 'same': a 3x3 stride-2 window on 32 pixels pads 0 before and 1 after.
+/// assert_eq!(same_padding(32, 3, 2, 1), (0, 1));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Padding {
+    /// No padding: the window stays inside the input.
+    #[default]
+    Valid,
+    /// TensorFlow's `"same"`: the output has `ceil(input / stride)` positions; the padding
+    /// needed for that is split with the smaller half before (top/left) and the larger after
+    /// (bottom/right). With stride 2 on an even input this pads only bottom/right, which is
+    /// not PyTorch's symmetric `padding=1`.
+    Same,
+}
+
+/// TensorFlow's 'same' padding along one axis: `(before, after)` for an input of `len`
+/// positions, a window of `kernel` taps spaced `dilation` apart, moving by `stride`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::same_padding;
+/// assert_eq!(same_padding(9, 3, 2, 1), (1, 1));
+/// assert_eq!(same_padding(8, 3, 1, 1), (1, 1));
+/// assert_eq!(same_padding(8, 1, 2, 1), (0, 0));
+/// ```
+pub fn same_padding(len: usize, kernel: usize, stride: usize, dilation: usize) -> (usize, usize) {
+    let span = (kernel - 1) * dilation + 1;
+    let out = len.div_ceil(stride);
+    let total = ((out - 1) * stride + span).saturating_sub(len);
+    (total / 2, total - total / 2)
+}
+
+/// Output length of a window along one axis, or an error naming the layer when the window
+/// does not fit.
+pub(crate) fn window_output_len(
+    layer: &str,
+    len: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    padding: Padding,
+) -> Result<usize> {
+    let span = (kernel - 1) * dilation + 1;
+    match padding {
+        Padding::Same => Ok(len.div_ceil(stride)),
+        Padding::Valid if len >= span => Ok((len - span) / stride + 1),
+        Padding::Valid => Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!(
+                "a window spanning {span} positions does not fit in an input of {len} with padding 'valid'"
+            ),
+        }),
+    }
+}
+
+/// Checks that an input is `(C, H, W)` and returns it as such.
+pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
+    match shape {
+        [c, h, w] => Ok((*c, *h, *w)),
+        _ => Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!("expects a (channels, height, width) input, got shape {shape:?}"),
+        }),
+    }
+}
+
+/// Checks that a window parameter is positive.
+pub(crate) fn expect_positive(layer: &str, what: &str, values: &[usize]) -> Result<()> {
+    if values.contains(&0) {
+        return Err(Error::InvalidConfig {
+            layer: layer.to_string(),
+            message: format!("{what} must be positive, got {values:?}"),
+        });
+    }
+    Ok(())
+}

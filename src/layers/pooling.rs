@@ -1,0 +1,341 @@
+//! Pooling layers: [`MaxPooling2D`], [`AveragePooling2D`] and [`GlobalAveragePooling2D`].
+//!
+//! When the window equals the stride and there is no padding (the article's
+//! `AveragePooling2D(4)`), candle's native pooling runs; its backward pass exists only in that
+//! case, and it assumes the input divides evenly, so the input is first cropped to what the
+//! windows cover. Every other case (overlapping windows, `Same` padding) is computed from
+//! strided slices of the input, which candle can differentiate. As in TensorFlow, 'same'
+//! average pooling divides by the number of real (unpadded) elements in each window.
+
+use candle_core::{DType, Tensor};
+
+use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
+use crate::layers::Padding;
+use crate::{Error, Result};
+
+/// Window, stride and padding of a 2-D pooling layer.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{Padding, Pool2DConfig};
+/// let c = Pool2DConfig::default();
+/// assert_eq!((c.pool_size, c.strides, c.padding), ((2, 2), None, Padding::Valid));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2DConfig {
+    /// Window height and width.
+    pub pool_size: (usize, usize),
+    /// Step (height, width); `None` means the window size, as in Keras.
+    pub strides: Option<(usize, usize)>,
+    /// `Valid` (default) or TensorFlow's `Same`.
+    pub padding: Padding,
+}
+
+impl Default for Pool2DConfig {
+    fn default() -> Self {
+        Self {
+            pool_size: (2, 2),
+            strides: None,
+            padding: Padding::Valid,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reduce {
+    Max,
+    Mean,
+}
+
+impl Pool2DConfig {
+    fn strides(&self) -> (usize, usize) {
+        self.strides.unwrap_or(self.pool_size)
+    }
+
+    fn output_shape(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let [x] = inputs else {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            });
+        };
+        let (c, h, w) = expect_chw(layer, x)?;
+        let (ph, pw) = self.pool_size;
+        let (sh, sw) = self.strides();
+        expect_positive(layer, "pool size and strides", &[ph, pw, sh, sw])?;
+        let oh = window_output_len(layer, h, ph, sh, 1, self.padding)?;
+        let ow = window_output_len(layer, w, pw, sw, 1, self.padding)?;
+        Ok(vec![vec![c, oh, ow]])
+    }
+
+    fn pool(&self, x: &Tensor, reduce: Reduce) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (ph, pw) = self.pool_size;
+        let (sh, sw) = self.strides();
+        let oh = window_output_len("", h, ph, sh, 1, self.padding)?;
+        let ow = window_output_len("", w, pw, sw, 1, self.padding)?;
+        let (top, bottom) = match self.padding {
+            Padding::Same => same_padding(h, ph, sh, 1),
+            Padding::Valid => (0, 0),
+        };
+        let (left, right) = match self.padding {
+            Padding::Same => same_padding(w, pw, sw, 1),
+            Padding::Valid => (0, 0),
+        };
+        if (ph, pw) == (sh, sw) && top + bottom + left + right == 0 {
+            let covered = x.narrow(2, 0, oh * sh)?.narrow(3, 0, ow * sw)?;
+            return Ok(match reduce {
+                Reduce::Max => covered.max_pool2d((ph, pw))?,
+                Reduce::Mean => covered.avg_pool2d((ph, pw))?,
+            });
+        }
+        let padded = x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
+        let inside = x
+            .ones_like()?
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
+        let window = |t: &Tensor, di: usize, dj: usize| -> Result<Tensor> {
+            let rows = strided(t, 2, di, oh, sh)?;
+            strided(&rows, 3, dj, ow, sw)
+        };
+        let mut acc: Option<(Tensor, Tensor)> = None;
+        for di in 0..ph {
+            for dj in 0..pw {
+                let values = window(&padded, di, dj)?;
+                let mask = window(&inside, di, dj)?;
+                acc = Some(match (acc, reduce) {
+                    (None, Reduce::Max) => (masked_for_max(&values, &mask)?, mask),
+                    (None, Reduce::Mean) => (values, mask),
+                    (Some((a, n)), Reduce::Max) => {
+                        (a.maximum(&masked_for_max(&values, &mask)?)?, (n + mask)?)
+                    }
+                    (Some((a, n)), Reduce::Mean) => ((a + values)?, (n + mask)?),
+                });
+            }
+        }
+        let (acc, count) = acc.ok_or_else(|| Error::InvalidArgument("empty pool window".into()))?;
+        Ok(match reduce {
+            Reduce::Max => acc,
+            Reduce::Mean => (acc / count)?,
+        })
+    }
+}
+
+/// Moves padded positions (mask 0) far below any real value, so the max ignores them.
+fn masked_for_max(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let lowest = match values.dtype() {
+        DType::F16 => -65504.0,
+        _ => -3.0e38,
+    };
+    Ok((values + ((mask - 1.0)? * -lowest)?)?)
+}
+
+/// Elements `offset, offset + stride, ...` (`count` of them) along `dim`, by reshaping a
+/// contiguous run into `(count, stride)` and keeping the first column: differentiable.
+fn strided(x: &Tensor, dim: usize, offset: usize, count: usize, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.narrow(dim, offset, count)?);
+    }
+    let len = x.dim(dim)?;
+    let needed = offset + count * stride;
+    let x = if needed > len {
+        x.pad_with_zeros(dim, 0, needed - len)?
+    } else {
+        x.clone()
+    };
+    let run = x.narrow(dim, offset, count * stride)?;
+    let mut shape = run.dims().to_vec();
+    shape[dim] = count;
+    shape.insert(dim + 1, stride);
+    Ok(run
+        .contiguous()?
+        .reshape(shape)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)?)
+}
+
+macro_rules! pool_layer {
+    ($(#[$doc:meta])* $alias:ident, $config:ident, $type_name:literal, $reduce:expr) => {
+        #[doc = concat!("Config of a [`", stringify!($alias), "`] layer.")]
+        ///
+        /// # Examples
+        /// ```
+        #[doc = concat!("let c = candle_functional::layers::", stringify!($config), "::default();")]
+        /// assert_eq!(c.0.pool_size, (2, 2));
+        /// ```
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+        pub struct $config(pub Pool2DConfig);
+
+        $(#[$doc])*
+        pub type $alias = Configured<$config>;
+
+        impl $alias {
+            /// Square windows of `pool_size`, moving by `pool_size`, 'valid' padding.
+            ///
+            /// # Examples
+            /// ```
+            /// use candle_functional::prelude::*;
+            #[doc = concat!("let y = ", stringify!($alias), "::new(2).call(&Input::new([3, 8, 8]))?;")]
+            /// assert_eq!(y.shape(), &[3, 4, 4]);
+            /// # Ok::<(), candle_functional::Error>(())
+            /// ```
+            pub fn new(pool_size: usize) -> Self {
+                Self::from_config($config(Pool2DConfig {
+                    pool_size: (pool_size, pool_size),
+                    ..Default::default()
+                }))
+            }
+
+            /// Step of the window (height and width).
+            ///
+            /// # Examples
+            /// ```
+            /// use candle_functional::prelude::*;
+            #[doc = concat!("let y = ", stringify!($alias), "::new(3).strides(2).call(&Input::new([1, 7, 7]))?;")]
+            /// assert_eq!(y.shape(), &[1, 3, 3]);
+            /// # Ok::<(), candle_functional::Error>(())
+            /// ```
+            pub fn strides(self, strides: usize) -> Self {
+                self.with_config(|c| c.0.strides = Some((strides, strides)))
+            }
+
+            /// `Padding::Same` or `Padding::Valid`.
+            ///
+            /// # Examples
+            /// ```
+            /// use candle_functional::prelude::*;
+            #[doc = concat!("let y = ", stringify!($alias), "::new(2).padding(Padding::Same).call(&Input::new([1, 5, 5]))?;")]
+            /// assert_eq!(y.shape(), &[1, 3, 3]);
+            /// # Ok::<(), candle_functional::Error>(())
+            /// ```
+            pub fn padding(self, padding: Padding) -> Self {
+                self.with_config(|c| c.0.padding = padding)
+            }
+        }
+
+        impl LayerOp for $config {
+            fn type_name(&self) -> &'static str {
+                $type_name
+            }
+
+            fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+                self.0.output_shape(layer, inputs)
+            }
+
+            fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+                Ok(vec![self.0.pool(&inputs[0], $reduce)?])
+            }
+        }
+    };
+}
+
+pool_layer!(
+    /// Max pooling over 2-D windows.
+    ///
+    /// # Shapes
+    /// Input `(batch, c, h, w)`; output `(batch, c, h', w')`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = MaxPooling2D::new(2).call(&Input::new([16, 32, 32]))?;
+    /// assert_eq!(y.shape(), &[16, 16, 16]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    MaxPooling2D, MaxPooling2DConfig, "MaxPooling2D", Reduce::Max
+);
+
+pool_layer!(
+    /// Average pooling over 2-D windows (the article's `AveragePooling2D(4)` head).
+    ///
+    /// # Shapes
+    /// Input `(batch, c, h, w)`; output `(batch, c, h', w')`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = AveragePooling2D::new(4).call(&Input::new([512, 4, 4]))?;
+    /// assert_eq!(y.shape(), &[512, 1, 1]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    AveragePooling2D, AveragePooling2DConfig, "AveragePooling2D", Reduce::Mean
+);
+
+/// Config of a [`GlobalAveragePooling2D`] layer.
+///
+/// # Examples
+/// ```
+/// assert!(!candle_functional::layers::GlobalAveragePooling2DConfig::default().keepdims);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalAveragePooling2DConfig {
+    /// Keep the spatial axes as size 1 (`(c, 1, 1)` instead of `(c,)`).
+    pub keepdims: bool,
+}
+
+/// Mean over the spatial axes.
+///
+/// # Shapes
+/// Input `(batch, c, h, w)`; output `(batch, c)` (or `(batch, c, 1, 1)` with `keepdims`).
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = GlobalAveragePooling2D::new().call(&Input::new([64, 8, 8]))?;
+/// assert_eq!(y.shape(), &[64]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type GlobalAveragePooling2D = Configured<GlobalAveragePooling2DConfig>;
+
+impl GlobalAveragePooling2D {
+    /// Global average pooling to `(batch, c)`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert!(!GlobalAveragePooling2D::new().config().keepdims);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the spatial axes as size 1.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = GlobalAveragePooling2D::new().keepdims(true).call(&Input::new([4, 3, 3]))?;
+    /// assert_eq!(y.shape(), &[4, 1, 1]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn keepdims(self, keepdims: bool) -> Self {
+        self.with_config(|c| c.keepdims = keepdims)
+    }
+}
+
+impl LayerOp for GlobalAveragePooling2DConfig {
+    fn type_name(&self) -> &'static str {
+        "GlobalAveragePooling2D"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let [x] = inputs else {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            });
+        };
+        let (c, _, _) = expect_chw(layer, x)?;
+        Ok(vec![if self.keepdims { vec![c, 1, 1] } else { vec![c] }])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        Ok(vec![if self.keepdims {
+            x.mean_keepdim((2, 3))?
+        } else {
+            x.mean((2, 3))?
+        }])
+    }
+}

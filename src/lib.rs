@@ -1,0 +1,51 @@
+//! # candle-functional
+//!
+//! Keras's functional API on Hugging Face's [candle](https://github.com/huggingface/candle):
+//! symbolic [`Input`]s, layers called as functions on them, a [`Model`] made from the
+//! resulting graph, and the ResNet helpers of "Building a ResNet in Keras".
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_functional::prelude::*;
+//!
+//! fn relu_bn(x: &SymbolicTensor) -> Result<SymbolicTensor> {
+//!     BatchNorm::default().call(&ReLU::new().call(x)?)
+//! }
+//!
+//! let inputs = Input::new([3, 32, 32]); // NCHW, batch left open
+//! let t = Conv2D::new(64, 3).padding(Padding::Same).call(&inputs)?;
+//! let out = Add::new().call_many(&[t.clone(), relu_bn(&t)?])?;
+//! let model = Model::new(&[inputs], &[out])?.build(&Device::Cpu, DType::F32, 42)?;
+//! assert!(model.summary().contains("Total params"));
+//!
+//! let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu)?;
+//! let y = model.forward(&[x], Mode::Train)?;
+//! assert_eq!(y[0].dims(), &[2, 64, 32, 32]);
+//! # Ok::<(), candle_functional::Error>(())
+//! ```
+//!
+//! Tensors are NCHW. Shapes are checked when the graph is built: a wrong graph fails on the
+//! line that calls the layer, with an [`Error`] naming the layer and both shapes.
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod graph;
+pub mod layers;
+pub mod models;
+
+pub use error::{Error, Result};
+pub use graph::{Configured, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, SymbolicTensor};
+pub use models::{Model, NamedWeight, ParamCounts};
+
+/// Everything needed to write a model: `use candle_functional::prelude::*;`.
+pub mod prelude {
+    pub use crate::graph::{Input, Layer, Mode, SymbolicTensor};
+    pub use crate::layers::{
+        Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate,
+        Conv2D, Dense, Dropout, Flatten, GlobalAveragePooling2D, Initializer, Maximum,
+        MaxPooling2D, Minimum, Multiply, Padding, ReLU, Subtract, ZeroPadding2D,
+    };
+    pub use crate::models::{Model, ResNetConfig};
+    pub use crate::{Error, Result};
+}

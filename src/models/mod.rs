@@ -1,0 +1,11 @@
+//! Models: [`Model`] (graph, build, forward, summary, weights) and the article's networks.
+
+pub(crate) mod model;
+pub(crate) mod resnet;
+pub(crate) mod summary;
+pub(crate) mod weights;
+
+pub use model::{Model, NamedWeight, ParamCounts};
+pub use resnet::{
+    create_plain_net, create_res_net, plain_block, relu_bn, residual_block, ResNetConfig,
+};

@@ -1,0 +1,626 @@
+//! [`Model`]: a graph of layers made from input and output symbolic tensors, built once on a
+//! device, then run forward (and backward through candle's autograd).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::graph::layer::LayerRef;
+use crate::graph::plan::Plan;
+use crate::graph::{Layer, LayerOp, Mode, Params, SymbolicTensor};
+use crate::{Error, Result};
+
+/// A functional model: the layers between some [`Input`](crate::Input)s (or any symbolic
+/// tensors) and some outputs, run in a topological plan computed once.
+///
+/// `Model::new` checks the graph (disconnected or unused inputs, duplicate names) and names
+/// the layers; [`Model::build`] creates the weights on a device; [`Model::forward`] runs it.
+/// A model is itself a [`Layer`]: call it on symbolic tensors to nest it in another graph,
+/// sharing its weights. Clones share everything.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::prelude::*;
+///
+/// let inputs = Input::new([3, 8, 8]);
+/// let t = Conv2D::new(4, 3).padding(Padding::Same).call(&inputs)?;
+/// let y = ReLU::new().call(&t)?;
+/// let out = Add::new().call_many(&[t, y])?;
+/// let model = Model::new(&[inputs], &[out])?.build(&Device::Cpu, DType::F32, 0)?;
+/// let x = Tensor::zeros((2, 3, 8, 8), DType::F32, &Device::Cpu)?;
+/// let y = model.forward(&[x], Mode::Eval)?;
+/// assert_eq!(y[0].dims(), &[2, 4, 8, 8]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Model {
+    plan: Arc<Plan>,
+    name: Option<String>,
+    identity: Arc<OnceLock<LayerRef>>,
+    rng: Arc<ForwardRng>,
+}
+
+/// Seeds for random layers: a base seed (set by `build`) and a count of forward calls, so
+/// every call draws fresh masks yet a run is reproducible and can be resumed.
+#[derive(Debug, Default)]
+struct ForwardRng {
+    seed: AtomicU64,
+    calls: AtomicU64,
+}
+
+/// Counts of scalars in a model's weights.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let x = Input::new([4]);
+/// let y = Dense::new(2).call(&BatchNorm::new().call(&x)?)?;
+/// let counts = Model::new(&[x], &[y])?.count_params();
+/// assert_eq!(counts.trainable, 8 + 10);
+/// assert_eq!(counts.non_trainable, 8);
+/// assert_eq!(counts.total, 26);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ParamCounts {
+    /// All scalars.
+    pub total: usize,
+    /// Scalars an optimizer updates.
+    pub trainable: usize,
+    /// State saved with the weights but not trained (BatchNorm moving statistics).
+    pub non_trainable: usize,
+}
+
+/// One weight tensor of a built model, under its stable name (`conv2d.kernel`).
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_functional::prelude::*;
+/// let x = Input::new([4]);
+/// let y = Dense::new(2).call(&x)?;
+/// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+/// let names: Vec<_> = model.weights()?.iter().map(|w| w.name().to_string()).collect();
+/// assert_eq!(names, ["dense.kernel", "dense.bias"]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct NamedWeight {
+    name: String,
+    var: Var,
+    trainable: bool,
+}
+
+impl NamedWeight {
+    /// `<layer>.<param>`, with `<model>.` in front for the layers of a nested model.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # let x = Input::new([4]);
+    /// # let y = Dense::new(2).name("head").call(&x)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert_eq!(model.weights()?[0].name(), "head.kernel");
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The variable (shares storage with the model).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # let x = Input::new([4]);
+    /// # let y = Dense::new(2).call(&x)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert_eq!(model.weights()?[0].var().dims(), &[4, 2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn var(&self) -> &Var {
+        &self.var
+    }
+
+    /// Whether an optimizer updates it.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # let x = Input::new([4]);
+    /// # let y = Dense::new(2).call(&x)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert!(model.weights()?[0].trainable());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+}
+
+impl Model {
+    /// Makes a model from the graph between `inputs` and `outputs`.
+    ///
+    /// Fails with [`Error::GraphDisconnected`] when an output needs an `Input` that is not in
+    /// `inputs`, [`Error::UnusedInput`] when an input reaches no output,
+    /// [`Error::DuplicateInput`] and [`Error::DuplicateLayerName`]. Inputs may be inner tensors
+    /// of a bigger graph: the model then starts there (a sub-model sharing weights).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let a = Input::new([4]);
+    /// let b = Input::new([4]);
+    /// let y = Dense::new(2).call(&b)?;
+    /// let err = Model::new(&[a], &[y]).unwrap_err();
+    /// assert!(matches!(err, Error::GraphDisconnected { .. }));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn new(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> Result<Self> {
+        if outputs.is_empty() {
+            return Err(Error::InvalidArgument("a model needs at least one output".into()));
+        }
+        let plan = Plan::new(inputs, outputs)?;
+        Ok(Self {
+            plan: Arc::new(plan),
+            name: None,
+            identity: Arc::default(),
+            rng: Arc::default(),
+        })
+    }
+
+    /// Names the model (its name in summaries, and its layer name when nested).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// let m = Model::new(&[x.clone()], &[x])?.named("identity");
+    /// assert_eq!(m.name(), "identity");
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self.identity = Arc::default();
+        self
+    }
+
+    /// The model's name (`functional` unless named).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// assert_eq!(Model::new(&[x.clone()], &[x])?.name(), "functional");
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn name(&self) -> &str {
+        match (&self.name, self.identity.get().and_then(|l| l.name())) {
+            (Some(name), _) => name,
+            (None, Some(assigned)) => assigned,
+            (None, None) => "functional",
+        }
+    }
+
+    /// Creates every layer's weights on `device` with `dtype` (Keras's initializers, seeded:
+    /// each layer draws from a generator keyed by `seed` and its name). Layers that already
+    /// have weights (shared with another model) keep them.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 7)?;
+    /// assert!(model.is_built());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn build(self, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        self.build_layers(device, dtype, seed, "")?;
+        self.rng.seed.store(seed, Ordering::Relaxed);
+        Ok(self)
+    }
+
+    fn build_layers(&self, device: &Device, dtype: DType, seed: u64, prefix: &str) -> Result<()> {
+        for layer in &self.plan.layers {
+            let name = format!("{prefix}{}", layer.display_name());
+            match layer.op().as_model() {
+                Some(inner) => inner.build_layers(device, dtype, seed, &format!("{name}."))?,
+                None => layer.build(device, dtype, seed, &name)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `true` when every layer has its weights.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// assert!(!Model::new(&[x], &[y])?.is_built());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn is_built(&self) -> bool {
+        self.plan.layers.iter().all(|layer| match layer.op().as_model() {
+            Some(inner) => inner.is_built(),
+            None => layer.param_specs().is_empty() || layer.weights().is_some(),
+        })
+    }
+
+    /// Runs the model on concrete tensors (batch first), one per input, in the order given
+    /// to [`Model::new`]. Checks their count and shapes first. Intermediate activations are
+    /// dropped after their last use.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let bad = Tensor::zeros((5, 4), DType::F32, &Device::Cpu)?;
+    /// assert!(matches!(model.forward(&[bad], Mode::Eval), Err(Error::InputShape { .. })));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Vec<Tensor>> {
+        let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
+        let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
+        self.forward_with_seed(inputs, mode, seed)
+    }
+
+    pub(crate) fn forward_with_seed(&self, inputs: &[Tensor], mode: Mode, seed: u64) -> Result<Vec<Tensor>> {
+        self.check_inputs(inputs)?;
+        let plan = &self.plan;
+        let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
+        for (&slot, t) in plan.input_slots.iter().zip(inputs) {
+            slots[slot] = Some(t.clone());
+        }
+        for (index, step) in plan.steps.iter().enumerate() {
+            let args = step
+                .input_slots
+                .iter()
+                .map(|&s| slots[s].clone().ok_or_else(|| self.internal(s)))
+                .collect::<Result<Vec<_>>>()?;
+            let outputs = step
+                .node
+                .layer()
+                .forward(&args, mode, mix(seed, index as u64))?;
+            for (&slot, t) in step.output_slots.iter().zip(outputs) {
+                slots[slot] = Some(t);
+            }
+            for &slot in &step.free_after {
+                slots[slot] = None;
+            }
+        }
+        plan.output_slots
+            .iter()
+            .map(|&s| slots[s].clone().ok_or_else(|| self.internal(s)))
+            .collect()
+    }
+
+    fn internal(&self, slot: usize) -> Error {
+        Error::InvalidArgument(format!(
+            "model `{}`: slot {slot} read before it was computed (a bug in the plan)",
+            self.name()
+        ))
+    }
+
+    fn check_inputs(&self, inputs: &[Tensor]) -> Result<()> {
+        if inputs.len() != self.plan.inputs.len() {
+            return Err(Error::InputCount {
+                model: self.name().to_string(),
+                expected: self.plan.inputs.len(),
+                got: inputs.len(),
+            });
+        }
+        for (t, sym) in inputs.iter().zip(&self.plan.inputs) {
+            if t.rank() != sym.shape().len() + 1 || &t.dims()[1..] != sym.shape() {
+                return Err(Error::InputShape {
+                    model: self.name().to_string(),
+                    input: sym.layer().display_name(),
+                    expected: sym.shape().to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The symbolic inputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// assert_eq!(Model::new(&[x.clone()], &[x])?.inputs().len(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn inputs(&self) -> &[SymbolicTensor] {
+        &self.plan.inputs
+    }
+
+    /// The symbolic outputs (use them, or any inner tensor, to cut a sub-model that shares
+    /// weights: `Model::new(model.inputs(), &[inner])`).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// let m = Model::new(&[x.clone()], &[x])?;
+    /// assert_eq!(m.outputs()[0].shape(), &[2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn outputs(&self) -> &[SymbolicTensor] {
+        &self.plan.outputs
+    }
+
+    /// The distinct layers, `Input`s included, in creation order.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// let y = ReLU::new().call(&x)?;
+    /// let names: Vec<_> = Model::new(&[x], &[y])?
+    ///     .layers()
+    ///     .iter()
+    ///     .map(|l| l.name().unwrap().to_string())
+    ///     .collect();
+    /// assert_eq!(names, ["input_layer", "re_lu"]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn layers(&self) -> &[LayerRef] {
+        &self.plan.layers
+    }
+
+    /// The layer with this name.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([2]);
+    /// let y = ReLU::new().name("act").call(&x)?;
+    /// let m = Model::new(&[x], &[y])?;
+    /// assert!(m.layer("act").is_some());
+    /// assert!(m.layer("nope").is_none());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn layer(&self, name: &str) -> Option<&LayerRef> {
+        self.plan.layers.iter().find(|l| l.name() == Some(name))
+    }
+
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Every weight with its stable name, trainable and state alike, each once (a layer
+    /// shared with a nested model is listed under its first name).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3, 4, 4]);
+    /// let y = BatchNorm::new().call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let names: Vec<_> = model.weights()?.iter().map(|w| w.name().to_string()).collect();
+    /// assert_eq!(
+    ///     names,
+    ///     ["batch_normalization.gamma", "batch_normalization.beta",
+    ///      "batch_normalization.moving_mean", "batch_normalization.moving_variance"]
+    /// );
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn weights(&self) -> Result<Vec<NamedWeight>> {
+        let mut out = Vec::new();
+        self.collect_weights("", &mut out, &mut HashSet::new())?;
+        Ok(out)
+    }
+
+    fn collect_weights(
+        &self,
+        prefix: &str,
+        out: &mut Vec<NamedWeight>,
+        seen: &mut HashSet<u64>,
+    ) -> Result<()> {
+        for layer in &self.plan.layers {
+            let name = format!("{prefix}{}", layer.display_name());
+            if let Some(inner) = layer.op().as_model() {
+                inner.collect_weights(&format!("{name}."), out, seen)?;
+                continue;
+            }
+            if layer.param_specs().is_empty() || !seen.insert(layer.id()) {
+                continue;
+            }
+            let weights = layer.weights().ok_or_else(|| Error::NotBuilt {
+                model: self.name().to_string(),
+            })?;
+            for (spec, var) in weights.specs.iter().zip(weights.vars) {
+                out.push(NamedWeight {
+                    name: format!("{name}.{}", spec.name()),
+                    var,
+                    trainable: spec.trainable(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The variables an optimizer should update: the trainable weights only (BatchNorm's
+    /// moving statistics are left out).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3, 4, 4]);
+    /// let y = BatchNorm::new().call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert_eq!(model.trainable_vars()?.len(), 2);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn trainable_vars(&self) -> Result<Vec<Var>> {
+        Ok(self
+            .weights()?
+            .into_iter()
+            .filter(|w| w.trainable)
+            .map(|w| w.var)
+            .collect())
+    }
+
+    /// Scalar counts, as Keras's `summary()` reports them; works before `build`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3, 8, 8]);
+    /// let y = Conv2D::new(4, 3).call(&x)?;
+    /// assert_eq!(Model::new(&[x], &[y])?.count_params().total, 4 * 3 * 9 + 4);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn count_params(&self) -> ParamCounts {
+        let mut counts = ParamCounts::default();
+        let mut seen = HashSet::new();
+        self.add_counts(&mut counts, &mut seen);
+        counts
+    }
+
+    fn add_counts(&self, counts: &mut ParamCounts, seen: &mut HashSet<u64>) {
+        for layer in &self.plan.layers {
+            if let Some(inner) = layer.op().as_model() {
+                inner.add_counts(counts, seen);
+            } else if seen.insert(layer.id()) {
+                for spec in layer.param_specs() {
+                    counts.total += spec.numel();
+                    if spec.trainable() {
+                        counts.trainable += spec.numel();
+                    } else {
+                        counts.non_trainable += spec.numel();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The device of the weights (`None` before `build` or without weights).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert!(model.device().unwrap().is_cpu());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn device(&self) -> Option<Device> {
+        self.weights()
+            .ok()?
+            .first()
+            .map(|w| w.var.device().clone())
+    }
+
+    /// The number of forward calls made so far: with the seed given to `build`, it fixes the
+    /// random masks of the next call (save it to resume a run exactly).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let m = Model::new(&[x.clone()], &[x])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// m.forward(&[Tensor::zeros((1, 3), DType::F32, &Device::Cpu)?], Mode::Eval)?;
+    /// assert_eq!(m.forward_calls(), 1);
+    /// m.set_forward_calls(0);
+    /// assert_eq!(m.forward_calls(), 0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn forward_calls(&self) -> u64 {
+        self.rng.calls.load(Ordering::Relaxed)
+    }
+
+    /// Sets the forward-call counter (see [`Model::forward_calls`]).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::prelude::*;
+    /// # let x = Input::new([3]);
+    /// # let m = Model::new(&[x.clone()], &[x])?;
+    /// m.set_forward_calls(5);
+    /// assert_eq!(m.forward_calls(), 5);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_forward_calls(&self, calls: u64) {
+        self.rng.calls.store(calls, Ordering::Relaxed);
+    }
+}
+
+/// SplitMix64 of two words: independent seeds for each call and each step.
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl LayerOp for Model {
+    fn type_name(&self) -> &'static str {
+        "Functional"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        if inputs.len() != self.plan.inputs.len() {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "model expects {} input(s), got {}",
+                    self.plan.inputs.len(),
+                    inputs.len()
+                ),
+            });
+        }
+        for (shape, sym) in inputs.iter().zip(&self.plan.inputs) {
+            if shape.as_slice() != sym.shape() {
+                return Err(Error::ShapeMismatch {
+                    layer: layer.to_string(),
+                    what: format!("input `{}`", sym.layer().display_name()),
+                    expected: sym.shape().to_vec(),
+                    got: shape.clone(),
+                });
+            }
+        }
+        Ok(self.plan.outputs.iter().map(|t| t.shape().to_vec()).collect())
+    }
+
+    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
+        self.forward_with_seed(inputs, params.mode(), params.seed())
+    }
+
+    fn as_model(&self) -> Option<&Model> {
+        Some(self)
+    }
+}
+
+impl Layer for Model {
+    fn layer_ref(&self) -> LayerRef {
+        self.identity
+            .get_or_init(|| {
+                // The copy inside the layer gets its own identity cell, so that it does not
+                // hold the cell that holds it.
+                let mut inner = self.clone();
+                inner.identity = Arc::default();
+                LayerRef::new(Arc::new(inner), self.name.clone())
+            })
+            .clone()
+    }
+}

@@ -1,0 +1,190 @@
+//! Saving and loading a model's weights in safetensors files, under stable names
+//! (`<layer>.kernel`, `<layer>.bias`, `<layer>.gamma`, `<layer>.moving_mean`, ...).
+//!
+//! Loading is strict: every missing, unexpected or mis-shaped tensor is named in one error
+//! and nothing is changed unless everything matches. Files are written to a temporary file
+//! beside the target and renamed, so a crash never leaves a half-written file.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::models::Model;
+use crate::{Error, Result};
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp: PathBuf = path.with_file_name(tmp_name);
+    let result = (|| {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Serializes named tensors to safetensors bytes (with optional metadata).
+pub(crate) fn to_safetensors_bytes(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    // Contiguous copies: safetensors writes raw buffers.
+    let contiguous = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(contiguous.iter().map(|(k, v)| (k.as_str(), v)), metadata).map_err(|e| {
+        Error::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl Model {
+    /// The weights as a map from stable names to tensors (sharing storage with the model).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert_eq!(model.weight_map()?["head.kernel"].dims(), &[4, 2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn weight_map(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(self
+            .weights()?
+            .into_iter()
+            .map(|w| (w.name().to_string(), w.var().as_tensor().clone()))
+            .collect())
+    }
+
+    /// Writes the weights (trainable and state) to a safetensors file, atomically.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let path = std::env::temp_dir().join("candle_functional_doc_save.safetensors");
+    /// model.save_weights(&path)?;
+    /// model.load_weights(&path)?;
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn save_weights(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = to_safetensors_bytes(&self.weight_map()?, None, path)?;
+        write_atomically(path, &bytes)
+    }
+
+    /// Loads weights saved by [`Model::save_weights`] (or written by any tool under the same
+    /// names). Strict: see [`Model::set_weights`].
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let err = model.load_weights("no/such/file.safetensors").unwrap_err();
+    /// assert!(matches!(err, Error::Io { .. }));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn load_weights(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let device = self.device().unwrap_or(Device::Cpu);
+        let tensors = read_safetensors(path, &device)?;
+        self.set_weights_from(&tensors, &path.display().to_string())
+    }
+
+    /// Sets every weight from a map of named tensors. Strict: if any weight is missing, any
+    /// name is unknown, or any shape differs, nothing changes and the error lists them all.
+    /// Values are converted to each weight's device and dtype.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::collections::HashMap;
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let mut map = HashMap::new();
+    /// map.insert("dense.kernel".to_string(), Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?);
+    /// let err = model.set_weights(&map).unwrap_err().to_string();
+    /// assert!(err.contains("dense.bias") && err.contains("[4, 3]"));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_weights(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.set_weights_from(tensors, "map")
+    }
+
+    fn set_weights_from(&self, tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
+        let weights = self.weights()?;
+        let mut missing = Vec::new();
+        let mut mis_shaped = Vec::new();
+        for w in &weights {
+            match tensors.get(w.name()) {
+                None => missing.push(w.name().to_string()),
+                Some(t) if t.dims() != w.var().dims() => mis_shaped.push((
+                    w.name().to_string(),
+                    w.var().dims().to_vec(),
+                    t.dims().to_vec(),
+                )),
+                Some(_) => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> = weights.iter().map(|w| w.name()).collect();
+        let mut unexpected: Vec<String> = tensors
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .cloned()
+            .collect();
+        unexpected.sort();
+        if !(missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty()) {
+            return Err(Error::WeightsMismatch {
+                source_name: source.to_string(),
+                missing,
+                unexpected,
+                mis_shaped,
+            });
+        }
+        for w in &weights {
+            let value = &tensors[w.name()];
+            w.var()
+                .set(&value.to_device(w.var().device())?.to_dtype(w.var().dtype())?)?;
+        }
+        Ok(())
+    }
+}

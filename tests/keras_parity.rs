@@ -1,0 +1,168 @@
+//! The same network, with the same weights, gives Keras's outputs.
+//!
+//! `tests/fixtures/keras_parity.safetensors` is written by `scripts/keras_reference.py parity`
+//! (Keras 3.15.1, TensorFlow 2.21.0): a small residual network over a 9x8 input (so 'same'
+//! stride-2 convolutions pad 1/1 rows and 0/1 columns) that uses every merge layer,
+//! Concatenate, ZeroPadding2D, both poolings, global pooling, Flatten and Dense, with its
+//! weights, an input batch, and Keras's outputs in inference and training mode, plus the
+//! moving statistics after the training call.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use candle_functional::prelude::*;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture() -> HashMap<String, Tensor> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_parity.safetensors");
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// The network of `keras_reference.py parity`, layer for layer.
+fn parity_model() -> Model {
+    let same = Padding::Same;
+    let input = Input::named("input", [3, 9, 8]);
+    let x = BatchNorm::new().name("bn_in").call(&input).unwrap();
+    let x = Conv2D::new(8, 3).padding(same).name("conv_a").call(&x).unwrap();
+    let x = ReLU::new().name("relu_a").call(&x).unwrap();
+    let x = BatchNorm::new().name("bn_a").call(&x).unwrap();
+    let y = Conv2D::new(8, 3).strides(2).padding(same).name("conv_b").call(&x).unwrap();
+    let y = ReLU::new().name("relu_b").call(&y).unwrap();
+    let y = BatchNorm::new().name("bn_b").call(&y).unwrap();
+    let y = Conv2D::new(8, 3).padding(same).name("conv_c").call(&y).unwrap();
+    let s = Conv2D::new(8, 1).strides(2).padding(same).name("proj").call(&x).unwrap();
+    let add = Add::new().name("add").call_many(&[s.clone(), y.clone()]).unwrap();
+    let sub = Subtract::new().name("sub").call_many(&[s, y]).unwrap();
+    let mul = Multiply::new().name("mul").call_many(&[add.clone(), sub.clone()]).unwrap();
+    let avg = Average::new()
+        .name("avg")
+        .call_many(&[add.clone(), sub.clone(), mul])
+        .unwrap();
+    let mx = Maximum::new().name("max").call_many(&[add, avg.clone()]).unwrap();
+    let mn = Minimum::new().name("min").call_many(&[sub, avg]).unwrap();
+    let cat = Concatenate::new(1).name("concat").call_many(&[mx, mn]).unwrap();
+    let z = Conv2D::new(6, 3)
+        .strides(2)
+        .padding(same)
+        .use_bias(false)
+        .name("conv_d")
+        .call(&cat)
+        .unwrap();
+    let z = Activation::new(ActivationFn::Tanh).name("tanh").call(&z).unwrap();
+    let p = ZeroPadding2D::asymmetric((1, 0), (0, 1)).name("zpad").call(&z).unwrap();
+    let p = MaxPooling2D::new(2).name("maxpool").call(&p).unwrap();
+    let f = Flatten::new().name("flatten").call(&p).unwrap();
+    let out0 = Dense::new(10)
+        .activation(ActivationFn::Softmax)
+        .name("dense")
+        .call(&f)
+        .unwrap();
+    let g = GlobalAveragePooling2D::new().name("gap").call(&cat).unwrap();
+    let g2 = AveragePooling2D::new(2).name("avgpool").call(&cat).unwrap();
+    let f2 = Flatten::new().name("flatten_2").call(&g2).unwrap();
+    let h = Concatenate::new(1).name("concat_2").call_many(&[g, f2]).unwrap();
+    let out1 = Dense::new(4).name("dense_2").call(&h).unwrap();
+    Model::new(&[input], &[out0, out1]).unwrap().named("parity")
+}
+
+/// A model built with the fixture's weights (a fresh copy each time).
+fn loaded_model(fx: &HashMap<String, Tensor>) -> Model {
+    let model = parity_model()
+        .build(&Device::Cpu, candle_core::DType::F32, 0)
+        .unwrap();
+    let names: Vec<String> = model
+        .weights()
+        .unwrap()
+        .iter()
+        .map(|w| w.name().to_string())
+        .collect();
+    let weights: HashMap<String, Tensor> = names
+        .into_iter()
+        .map(|n| {
+            let t = fx.get(&n).unwrap_or_else(|| panic!("fixture lacks {n}")).clone();
+            (n, t)
+        })
+        .collect();
+    model.set_weights(&weights).unwrap();
+    model
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn inference_matches_keras() {
+    let fx = fixture();
+    let model = loaded_model(&fx);
+    let out = model.forward(&[fx["input"].clone()], Mode::Eval).unwrap();
+    let d0 = max_abs_diff(&out[0], &fx["eval.out0"]);
+    let d1 = max_abs_diff(&out[1], &fx["eval.out1"]);
+    println!("max abs diff vs Keras, inference: out0 {d0:.3e}, out1 {d1:.3e}");
+    assert!(d0 <= TOLERANCE && d1 <= TOLERANCE, "{d0} {d1}");
+}
+
+#[test]
+fn inner_tensor_matches_keras_through_a_sub_model() {
+    let fx = fixture();
+    let model = loaded_model(&fx);
+    let concat = model.layer("concat").unwrap().clone();
+    let sub_out = sub_model_output(&model, "concat");
+    assert!(sub_out.layer().same_layer(&concat));
+    let sub = Model::new(model.inputs(), &[sub_out]).unwrap();
+    let out = sub.forward(&[fx["input"].clone()], Mode::Eval).unwrap();
+    let d = max_abs_diff(&out[0], &fx["eval.concat"]);
+    assert!(d <= TOLERANCE, "{d}");
+}
+
+/// Walks the graph from the outputs to the tensor produced by `layer`.
+fn sub_model_output(model: &Model, layer: &str) -> SymbolicTensor {
+    let mut stack: Vec<SymbolicTensor> = model.outputs().to_vec();
+    while let Some(t) = stack.pop() {
+        if t.layer().name() == Some(layer) {
+            return t;
+        }
+        stack.extend(t.inputs());
+    }
+    panic!("no tensor from {layer}");
+}
+
+#[test]
+fn training_mode_matches_keras_outputs_and_moving_statistics() {
+    let fx = fixture();
+    let model = loaded_model(&fx);
+    let out = model.forward(&[fx["input"].clone()], Mode::Train).unwrap();
+    let d0 = max_abs_diff(&out[0], &fx["train.out0"]);
+    let d1 = max_abs_diff(&out[1], &fx["train.out1"]);
+    println!("max abs diff vs Keras, training: out0 {d0:.3e}, out1 {d1:.3e}");
+    assert!(d0 <= TOLERANCE && d1 <= TOLERANCE, "{d0} {d1}");
+    let weights = model.weight_map().unwrap();
+    for bn in ["bn_in", "bn_a", "bn_b"] {
+        for stat in ["moving_mean", "moving_variance"] {
+            let got = &weights[&format!("{bn}.{stat}")];
+            let want = &fx[&format!("train_state.{bn}.{stat}")];
+            // Relative: bn_in's variance is in the thousands.
+            let scale = want.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let d = max_abs_diff(got, want) / scale;
+            assert!(d <= TOLERANCE, "{bn}.{stat}: relative diff {d}");
+        }
+    }
+}
+
+#[test]
+fn stride_two_same_padding_is_asymmetric_like_tensorflow() {
+    // 9 rows pad 1/1, 8 columns pad 0/1 for a 3x3 stride-2 window.
+    assert_eq!(candle_functional::layers::same_padding(9, 3, 2, 1), (1, 1));
+    assert_eq!(candle_functional::layers::same_padding(8, 3, 2, 1), (0, 1));
+}
