@@ -56,7 +56,9 @@ pub enum Error {
     },
 
     /// An output of the model depends on an `Input` that was not given to [`Model::new`](crate::Model::new).
-    #[error("graph disconnected: layer `{layer}` needs input `{input}`, which is not among the model's inputs")]
+    #[error(
+        "graph disconnected: layer `{layer}` needs input `{input}`, which is not among the model's inputs"
+    )]
     GraphDisconnected {
         /// The layer whose input cannot be computed.
         layer: String,
@@ -128,7 +130,10 @@ pub enum Error {
     },
 
     /// A set of weights does not match the model: every problem is listed.
-    #[error("weights {source_name} do not match the model:{}", weights_report(missing, unexpected, mis_shaped))]
+    #[error(
+        "weights {source_name} do not match the model:{}",
+        weights_report(missing, unexpected, mis_shaped)
+    )]
     WeightsMismatch {
         /// Where the weights came from (a file name, or "map").
         source_name: String,
@@ -201,7 +206,9 @@ fn weights_report(
         out.push_str(&format!(" unexpected: [{}];", unexpected.join(", ")));
     }
     for (name, expected, got) in mis_shaped {
-        out.push_str(&format!(" `{name}` has shape {got:?}, expected {expected:?};"));
+        out.push_str(&format!(
+            " `{name}` has shape {got:?}, expected {expected:?};"
+        ));
     }
     out.pop();
     out

@@ -35,16 +35,18 @@ pub mod layers;
 pub mod models;
 
 pub use error::{Error, Result};
-pub use graph::{Configured, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, SymbolicTensor};
+pub use graph::{
+    Configured, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, SymbolicTensor,
+};
 pub use models::{Model, NamedWeight, ParamCounts};
 
 /// Everything needed to write a model: `use candle_functional::prelude::*;`.
 pub mod prelude {
     pub use crate::graph::{Input, Layer, Mode, SymbolicTensor};
     pub use crate::layers::{
-        Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate,
-        Conv2D, Dense, Dropout, Flatten, GlobalAveragePooling2D, Initializer, Maximum,
-        MaxPooling2D, Minimum, Multiply, Padding, ReLU, Subtract, ZeroPadding2D,
+        Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
+        Dense, Dropout, Flatten, GlobalAveragePooling2D, Initializer, MaxPooling2D, Maximum,
+        Minimum, Multiply, Padding, ReLU, Subtract, ZeroPadding2D,
     };
     pub use crate::models::{Model, ResNetConfig};
     pub use crate::{Error, Result};

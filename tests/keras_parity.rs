@@ -7,6 +7,9 @@
 //! weights, an input batch, and Keras's outputs in inference and training mode, plus the
 //! moving statistics after the training call.
 
+// `&[x.clone()]` reads better than `std::slice::from_ref(&x)` in tests.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
@@ -15,7 +18,10 @@ use candle_functional::prelude::*;
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture() -> HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_parity.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/keras_parity.safetensors"
+    );
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
@@ -24,24 +30,54 @@ fn parity_model() -> Model {
     let same = Padding::Same;
     let input = Input::named("input", [3, 9, 8]);
     let x = BatchNorm::new().name("bn_in").call(&input).unwrap();
-    let x = Conv2D::new(8, 3).padding(same).name("conv_a").call(&x).unwrap();
+    let x = Conv2D::new(8, 3)
+        .padding(same)
+        .name("conv_a")
+        .call(&x)
+        .unwrap();
     let x = ReLU::new().name("relu_a").call(&x).unwrap();
     let x = BatchNorm::new().name("bn_a").call(&x).unwrap();
-    let y = Conv2D::new(8, 3).strides(2).padding(same).name("conv_b").call(&x).unwrap();
+    let y = Conv2D::new(8, 3)
+        .strides(2)
+        .padding(same)
+        .name("conv_b")
+        .call(&x)
+        .unwrap();
     let y = ReLU::new().name("relu_b").call(&y).unwrap();
     let y = BatchNorm::new().name("bn_b").call(&y).unwrap();
-    let y = Conv2D::new(8, 3).padding(same).name("conv_c").call(&y).unwrap();
-    let s = Conv2D::new(8, 1).strides(2).padding(same).name("proj").call(&x).unwrap();
-    let add = Add::new().name("add").call_many(&[s.clone(), y.clone()]).unwrap();
+    let y = Conv2D::new(8, 3)
+        .padding(same)
+        .name("conv_c")
+        .call(&y)
+        .unwrap();
+    let s = Conv2D::new(8, 1)
+        .strides(2)
+        .padding(same)
+        .name("proj")
+        .call(&x)
+        .unwrap();
+    let add = Add::new()
+        .name("add")
+        .call_many(&[s.clone(), y.clone()])
+        .unwrap();
     let sub = Subtract::new().name("sub").call_many(&[s, y]).unwrap();
-    let mul = Multiply::new().name("mul").call_many(&[add.clone(), sub.clone()]).unwrap();
+    let mul = Multiply::new()
+        .name("mul")
+        .call_many(&[add.clone(), sub.clone()])
+        .unwrap();
     let avg = Average::new()
         .name("avg")
         .call_many(&[add.clone(), sub.clone(), mul])
         .unwrap();
-    let mx = Maximum::new().name("max").call_many(&[add, avg.clone()]).unwrap();
+    let mx = Maximum::new()
+        .name("max")
+        .call_many(&[add, avg.clone()])
+        .unwrap();
     let mn = Minimum::new().name("min").call_many(&[sub, avg]).unwrap();
-    let cat = Concatenate::new(1).name("concat").call_many(&[mx, mn]).unwrap();
+    let cat = Concatenate::new(1)
+        .name("concat")
+        .call_many(&[mx, mn])
+        .unwrap();
     let z = Conv2D::new(6, 3)
         .strides(2)
         .padding(same)
@@ -49,8 +85,14 @@ fn parity_model() -> Model {
         .name("conv_d")
         .call(&cat)
         .unwrap();
-    let z = Activation::new(ActivationFn::Tanh).name("tanh").call(&z).unwrap();
-    let p = ZeroPadding2D::asymmetric((1, 0), (0, 1)).name("zpad").call(&z).unwrap();
+    let z = Activation::new(ActivationFn::Tanh)
+        .name("tanh")
+        .call(&z)
+        .unwrap();
+    let p = ZeroPadding2D::asymmetric((1, 0), (0, 1))
+        .name("zpad")
+        .call(&z)
+        .unwrap();
     let p = MaxPooling2D::new(2).name("maxpool").call(&p).unwrap();
     let f = Flatten::new().name("flatten").call(&p).unwrap();
     let out0 = Dense::new(10)
@@ -58,10 +100,16 @@ fn parity_model() -> Model {
         .name("dense")
         .call(&f)
         .unwrap();
-    let g = GlobalAveragePooling2D::new().name("gap").call(&cat).unwrap();
+    let g = GlobalAveragePooling2D::new()
+        .name("gap")
+        .call(&cat)
+        .unwrap();
     let g2 = AveragePooling2D::new(2).name("avgpool").call(&cat).unwrap();
     let f2 = Flatten::new().name("flatten_2").call(&g2).unwrap();
-    let h = Concatenate::new(1).name("concat_2").call_many(&[g, f2]).unwrap();
+    let h = Concatenate::new(1)
+        .name("concat_2")
+        .call_many(&[g, f2])
+        .unwrap();
     let out1 = Dense::new(4).name("dense_2").call(&h).unwrap();
     Model::new(&[input], &[out0, out1]).unwrap().named("parity")
 }
@@ -80,7 +128,10 @@ fn loaded_model(fx: &HashMap<String, Tensor>) -> Model {
     let weights: HashMap<String, Tensor> = names
         .into_iter()
         .map(|n| {
-            let t = fx.get(&n).unwrap_or_else(|| panic!("fixture lacks {n}")).clone();
+            let t = fx
+                .get(&n)
+                .unwrap_or_else(|| panic!("fixture lacks {n}"))
+                .clone();
             (n, t)
         })
         .collect();
@@ -153,7 +204,14 @@ fn training_mode_matches_keras_outputs_and_moving_statistics() {
             let got = &weights[&format!("{bn}.{stat}")];
             let want = &fx[&format!("train_state.{bn}.{stat}")];
             // Relative: bn_in's variance is in the thousands.
-            let scale = want.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
             let d = max_abs_diff(got, want) / scale;
             assert!(d <= TOLERANCE, "{bn}.{stat}: relative diff {d}");
         }

@@ -3,11 +3,14 @@
 //! (Keras 3.15.1, TensorFlow 2.21.0), written to `tests/fixtures/keras_seed_models.json`;
 //! the totals are pinned here too.
 
+// `&[x.clone()]` reads better than `std::slice::from_ref(&x)` in tests.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use std::collections::BTreeMap;
 
-use candle_functional::models::{create_plain_net, create_res_net, ResNetConfig};
-use candle_functional::prelude::*;
 use candle_functional::ParamCounts;
+use candle_functional::models::{ResNetConfig, create_plain_net, create_res_net};
+use candle_functional::prelude::*;
 
 fn keras_table(model: &str) -> serde_json::Value {
     let text = include_str!("fixtures/keras_seed_models.json");
@@ -18,7 +21,9 @@ fn keras_table(model: &str) -> serde_json::Value {
 fn class_counts(model: &Model) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for layer in model.layers() {
-        *counts.entry(layer.op().type_name().to_string()).or_insert(0) += 1;
+        *counts
+            .entry(layer.op().type_name().to_string())
+            .or_insert(0) += 1;
     }
     counts
 }
@@ -49,7 +54,10 @@ fn assert_matches_keras(model: &Model, keras: &serde_json::Value) {
         let summary = model.summary();
         let shape = format!(
             "(None, {})",
-            nchw.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            nchw.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let line = summary
             .lines()

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::graph::symbolic::{record_call, SymbolicTensor};
+use crate::graph::symbolic::{SymbolicTensor, record_call};
 use crate::layers::Initializer;
 use crate::{Error, Result};
 
@@ -533,7 +533,13 @@ impl LayerRef {
     }
 
     /// Creates the weights if the layer has none; checks device and dtype otherwise.
-    pub(crate) fn build(&self, device: &Device, dtype: DType, seed: u64, rng_key: &str) -> Result<()> {
+    pub(crate) fn build(
+        &self,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+        rng_key: &str,
+    ) -> Result<()> {
         let mut guard = self.0.weights.write().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = guard.as_ref() {
             if let Some(v) = existing.vars.first() {
@@ -569,7 +575,7 @@ impl LayerRef {
             None => {
                 return Err(Error::NotBuilt {
                     model: self.display_name(),
-                })
+                });
             }
         };
         self.0.op.forward(inputs, &Params::new(vars, mode, seed))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::graph::layer::{next_id, LayerOp, LayerRef, Params};
+use crate::graph::layer::{LayerOp, LayerRef, Params, next_id};
 use crate::{Error, Result};
 
 /// One call of a layer: its inputs and the shapes of its outputs.
@@ -160,7 +160,10 @@ pub(crate) fn format_batch_shape(shape: &[usize]) -> String {
 
 /// Records a call of `layer` on `inputs`: infers the output shapes and returns the new
 /// symbolic outputs.
-pub(crate) fn record_call(layer: &LayerRef, inputs: &[SymbolicTensor]) -> Result<Vec<SymbolicTensor>> {
+pub(crate) fn record_call(
+    layer: &LayerRef,
+    inputs: &[SymbolicTensor],
+) -> Result<Vec<SymbolicTensor>> {
     let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
     let output_shapes = layer.op().output_shapes(&layer.display_name(), &shapes)?;
     layer.check_call_shapes(&shapes)?;

@@ -101,7 +101,11 @@ impl std::str::FromStr for ActivationFn {
             "softmax" => ActivationFn::Softmax,
             "gelu" => ActivationFn::Gelu,
             "silu" | "swish" => ActivationFn::Silu,
-            other => return Err(Error::InvalidArgument(format!("unknown activation `{other}`"))),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown activation `{other}`"
+                )));
+            }
         })
     }
 }

@@ -127,7 +127,11 @@ impl BatchNormConfig {
     /// The channel axis in the full tensor (rank = per-sample rank + 1).
     fn full_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
         let rank = sample_rank as isize + 1;
-        let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
+        let axis = if self.axis < 0 {
+            self.axis + rank
+        } else {
+            self.axis
+        };
         if axis < 1 || axis >= rank {
             return Err(Error::InvalidInput {
                 layer: layer.to_string(),
@@ -184,18 +188,34 @@ impl LayerOp for BatchNormConfig {
         let c = vec![shape[axis - 1]];
         let mut specs = Vec::new();
         if self.scale {
-            specs.push(ParamSpec::new("gamma", c.clone(), self.gamma_initializer.clone()));
+            specs.push(ParamSpec::new(
+                "gamma",
+                c.clone(),
+                self.gamma_initializer.clone(),
+            ));
         }
         if self.center {
-            specs.push(ParamSpec::new("beta", c.clone(), self.beta_initializer.clone()));
+            specs.push(ParamSpec::new(
+                "beta",
+                c.clone(),
+                self.beta_initializer.clone(),
+            ));
         }
         specs.push(
-            ParamSpec::new("moving_mean", c.clone(), self.moving_mean_initializer.clone())
-                .non_trainable(),
+            ParamSpec::new(
+                "moving_mean",
+                c.clone(),
+                self.moving_mean_initializer.clone(),
+            )
+            .non_trainable(),
         );
         specs.push(
-            ParamSpec::new("moving_variance", c, self.moving_variance_initializer.clone())
-                .non_trainable(),
+            ParamSpec::new(
+                "moving_variance",
+                c,
+                self.moving_variance_initializer.clone(),
+            )
+            .non_trainable(),
         );
         specs
     }

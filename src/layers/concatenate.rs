@@ -58,7 +58,11 @@ impl ConcatenateConfig {
     /// The axis as an index into per-sample shapes of rank `sample_rank`.
     fn sample_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
         let rank = sample_rank as isize + 1;
-        let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
+        let axis = if self.axis < 0 {
+            self.axis + rank
+        } else {
+            self.axis
+        };
         if axis < 1 || axis >= rank {
             return Err(Error::InvalidInput {
                 layer: layer.to_string(),

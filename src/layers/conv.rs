@@ -206,15 +206,19 @@ impl Conv2D {
 impl Conv2DConfig {
     fn check(&self, layer: &str, in_channels: usize) -> Result<()> {
         let (kh, kw) = self.kernel_size;
-        expect_positive(layer, "filters, kernel size, strides, dilation and groups", &[
-            self.filters,
-            kh,
-            kw,
-            self.strides,
-            self.dilation,
-            self.groups,
-        ])?;
-        if in_channels % self.groups != 0 || self.filters % self.groups != 0 {
+        expect_positive(
+            layer,
+            "filters, kernel size, strides, dilation and groups",
+            &[
+                self.filters,
+                kh,
+                kw,
+                self.strides,
+                self.dilation,
+                self.groups,
+            ],
+        )?;
+        if !in_channels.is_multiple_of(self.groups) || !self.filters.is_multiple_of(self.groups) {
             return Err(Error::InvalidInput {
                 layer: layer.to_string(),
                 message: format!(
@@ -264,12 +268,14 @@ impl LayerOp for Conv2DConfig {
         let per_group = in_channels / self.groups.max(1);
         let (kh, kw) = self.kernel_size;
         let receptive = kh * kw;
-        let mut specs = vec![ParamSpec::new(
-            "kernel",
-            vec![self.filters, per_group, kh, kw],
-            self.kernel_initializer.clone(),
-        )
-        .fans(receptive * per_group, receptive * self.filters)];
+        let mut specs = vec![
+            ParamSpec::new(
+                "kernel",
+                vec![self.filters, per_group, kh, kw],
+                self.kernel_initializer.clone(),
+            )
+            .fans(receptive * per_group, receptive * self.filters),
+        ];
         if self.use_bias {
             specs.push(ParamSpec::new(
                 "bias",

@@ -134,11 +134,7 @@ impl LayerOp for DenseConfig {
     }
 
     fn param_specs(&self, inputs: &[Vec<usize>]) -> Vec<ParamSpec> {
-        let in_features = inputs
-            .first()
-            .and_then(|s| s.last())
-            .copied()
-            .unwrap_or(1);
+        let in_features = inputs.first().and_then(|s| s.last()).copied().unwrap_or(1);
         let mut specs = vec![ParamSpec::new(
             "kernel",
             vec![in_features, self.units],

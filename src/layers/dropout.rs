@@ -86,7 +86,13 @@ impl LayerOp for DropoutConfig {
         let keep = 1.0 - self.rate;
         let scale = (1.0 / keep) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(match x.dtype() {
             DType::F64 => DType::F64,

@@ -8,8 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal, StandardNormal};
 
-use crate::graph::ParamSpec;
 use crate::Result;
+use crate::graph::ParamSpec;
 
 /// How a weight is filled when a model is built.
 ///
@@ -76,13 +76,16 @@ impl Initializer {
         let values: Vec<f32> = match self {
             Initializer::GlorotUniform => uniform(rng, n, (6.0 / (fan_in + fan_out)).sqrt()),
             Initializer::HeUniform => uniform(rng, n, (6.0 / fan_in).sqrt()),
-            Initializer::GlorotNormal => truncated_normal(rng, n, (2.0 / (fan_in + fan_out)).sqrt()),
+            Initializer::GlorotNormal => {
+                truncated_normal(rng, n, (2.0 / (fan_in + fan_out)).sqrt())
+            }
             Initializer::HeNormal => truncated_normal(rng, n, (2.0 / fan_in).sqrt()),
             Initializer::Zeros => vec![0.0; n],
             Initializer::Ones => vec![1.0; n],
             Initializer::Constant(c) => vec![*c as f32; n],
             Initializer::RandomNormal { mean, stddev } => {
-                let normal = Normal::new(*mean, *stddev).unwrap_or(Normal::new(0.0, 1.0).expect("valid"));
+                let normal =
+                    Normal::new(*mean, *stddev).unwrap_or(Normal::new(0.0, 1.0).expect("valid"));
                 (0..n).map(|_| normal.sample(rng) as f32).collect()
             }
             Initializer::RandomUniform { min, max } => (0..n)
@@ -104,10 +107,12 @@ fn uniform(rng: &mut StdRng, n: usize, limit: f64) -> Vec<f32> {
 fn truncated_normal(rng: &mut StdRng, n: usize, stddev: f64) -> Vec<f32> {
     let scale = stddev / TRUNCATED_NORMAL_STDDEV_FACTOR;
     (0..n)
-        .map(|_| loop {
-            let z: f64 = StandardNormal.sample(rng);
-            if z.abs() <= 2.0 {
-                break (z * scale) as f32;
+        .map(|_| {
+            loop {
+                let z: f64 = StandardNormal.sample(rng);
+                if z.abs() <= 2.0 {
+                    break (z * scale) as f32;
+                }
             }
         })
         .collect()

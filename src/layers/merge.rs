@@ -43,7 +43,10 @@ fn merge_shapes(
 }
 
 /// Folds the inputs pairwise with `op`.
-fn fold(inputs: &[Tensor], op: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> Result<Tensor> {
+fn fold(
+    inputs: &[Tensor],
+    op: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let mut acc = inputs[0].clone();
     for x in &inputs[1..] {
         acc = op(&acc, x)?;

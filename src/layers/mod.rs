@@ -25,9 +25,9 @@ pub use merge::{
     Add, AddConfig, Average, AverageConfig, Maximum, MaximumConfig, Minimum, MinimumConfig,
     Multiply, MultiplyConfig, Subtract, SubtractConfig,
 };
-pub use padding::{same_padding, Padding};
+pub use padding::{Padding, same_padding};
 pub use pooling::{
-    AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D,
-    GlobalAveragePooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
+    AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
+    MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
 pub use reshape::{Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig};

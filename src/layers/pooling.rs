@@ -1,17 +1,17 @@
 //! Pooling layers: [`MaxPooling2D`], [`AveragePooling2D`] and [`GlobalAveragePooling2D`].
 //!
 //! When the window equals the stride and there is no padding (the article's
-//! `AveragePooling2D(4)`), candle's native pooling runs; its backward pass exists only in that
-//! case, and it assumes the input divides evenly, so the input is first cropped to what the
-//! windows cover. Every other case (overlapping windows, `Same` padding) is computed from
+//! `AveragePooling2D(4)`), the input is cropped to what the windows cover (candle's backward
+//! assumes it divides evenly), then average pooling runs candle's native kernel and max
+//! pooling a max over a reshaped view. Every other case (overlapping windows, `Same` padding) is computed from
 //! strided slices of the input, which candle can differentiate. As in TensorFlow, 'same'
 //! average pooling divides by the number of real (unpadded) elements in each window.
 
 use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
 use crate::layers::Padding;
+use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
 use crate::{Error, Result};
 
 /// Window, stride and padding of a 2-D pooling layer.
@@ -86,11 +86,23 @@ impl Pool2DConfig {
         if (ph, pw) == (sh, sw) && top + bottom + left + right == 0 {
             let covered = x.narrow(2, 0, oh * sh)?.narrow(3, 0, ow * sw)?;
             return Ok(match reduce {
-                Reduce::Max => covered.max_pool2d((ph, pw))?,
+                // candle 0.11's max_pool2d backward scales the gradient by the share of the
+                // window's maxima (1/4 for a 2x2 window) instead of dividing by their count,
+                // so max pooling is a reduction over a reshaped view, whose backward is exact.
+                Reduce::Max => {
+                    let (n, c, _, _) = covered.dims4()?;
+                    covered
+                        .contiguous()?
+                        .reshape((n, c, oh, ph, ow, pw))?
+                        .max(5)?
+                        .max(3)?
+                }
                 Reduce::Mean => covered.avg_pool2d((ph, pw))?,
             });
         }
-        let padded = x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
+        let padded = x
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
         let inside = x
             .ones_like()?
             .pad_with_zeros(2, top, bottom)?
@@ -327,7 +339,11 @@ impl LayerOp for GlobalAveragePooling2DConfig {
             });
         };
         let (c, _, _) = expect_chw(layer, x)?;
-        Ok(vec![if self.keepdims { vec![c, 1, 1] } else { vec![c] }])
+        Ok(vec![if self.keepdims {
+            vec![c, 1, 1]
+        } else {
+            vec![c]
+        }])
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {

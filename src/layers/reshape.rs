@@ -147,6 +147,8 @@ impl LayerOp for ZeroPadding2DConfig {
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
         let ((t, b), (l, r)) = self.padding;
-        Ok(vec![inputs[0].pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?])
+        Ok(vec![
+            inputs[0].pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?,
+        ])
     }
 }

@@ -7,5 +7,5 @@ pub(crate) mod weights;
 
 pub use model::{Model, NamedWeight, ParamCounts};
 pub use resnet::{
-    create_plain_net, create_res_net, plain_block, relu_bn, residual_block, ResNetConfig,
+    ResNetConfig, create_plain_net, create_res_net, plain_block, relu_bn, residual_block,
 };

@@ -164,7 +164,9 @@ impl Model {
     /// ```
     pub fn new(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> Result<Self> {
         if outputs.is_empty() {
-            return Err(Error::InvalidArgument("a model needs at least one output".into()));
+            return Err(Error::InvalidArgument(
+                "a model needs at least one output".into(),
+            ));
         }
         let plan = Plan::new(inputs, outputs)?;
         Ok(Self {
@@ -250,10 +252,13 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn is_built(&self) -> bool {
-        self.plan.layers.iter().all(|layer| match layer.op().as_model() {
-            Some(inner) => inner.is_built(),
-            None => layer.param_specs().is_empty() || layer.weights().is_some(),
-        })
+        self.plan
+            .layers
+            .iter()
+            .all(|layer| match layer.op().as_model() {
+                Some(inner) => inner.is_built(),
+                None => layer.param_specs().is_empty() || layer.weights().is_some(),
+            })
     }
 
     /// Runs the model on concrete tensors (batch first), one per input, in the order given
@@ -277,7 +282,12 @@ impl Model {
         self.forward_with_seed(inputs, mode, seed)
     }
 
-    pub(crate) fn forward_with_seed(&self, inputs: &[Tensor], mode: Mode, seed: u64) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward_with_seed(
+        &self,
+        inputs: &[Tensor],
+        mode: Mode,
+        seed: u64,
+    ) -> Result<Vec<Tensor>> {
         self.check_inputs(inputs)?;
         let plan = &self.plan;
         let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
@@ -524,10 +534,7 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn device(&self) -> Option<Device> {
-        self.weights()
-            .ok()?
-            .first()
-            .map(|w| w.var.device().clone())
+        self.weights().ok()?.first().map(|w| w.var.device().clone())
     }
 
     /// The number of forward calls made so far: with the seed given to `build`, it fixes the
@@ -567,7 +574,9 @@ impl Model {
 
 /// SplitMix64 of two words: independent seeds for each call and each step.
 pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = a ^ b
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -599,7 +608,12 @@ impl LayerOp for Model {
                 });
             }
         }
-        Ok(self.plan.outputs.iter().map(|t| t.shape().to_vec()).collect())
+        Ok(self
+            .plan
+            .outputs
+            .iter()
+            .map(|t| t.shape().to_vec())
+            .collect())
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {

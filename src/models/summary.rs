@@ -12,7 +12,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -94,7 +94,11 @@ impl Model {
                         String::new()
                     },
                     shape: shapes.join(", "),
-                    params: if i == 0 { thousands(params) } else { String::new() },
+                    params: if i == 0 {
+                        thousands(params)
+                    } else {
+                        String::new()
+                    },
                     connected: connected.join(", "),
                 });
             }
@@ -106,9 +110,17 @@ impl Model {
             connected: "Connected to".into(),
         };
         let width = |f: fn(&Row) -> &str| {
-            rows.iter().chain([&header]).map(|r| f(r).chars().count()).max().unwrap_or(0)
+            rows.iter()
+                .chain([&header])
+                .map(|r| f(r).chars().count())
+                .max()
+                .unwrap_or(0)
         };
-        let (w1, w2, w3) = (width(|r| &r.layer), width(|r| &r.shape), width(|r| &r.params));
+        let (w1, w2, w3) = (
+            width(|r| &r.layer),
+            width(|r| &r.shape),
+            width(|r| &r.params),
+        );
         let w4 = width(|r| &r.connected);
         let total_width = w1 + w2 + w3 + w4 + 9;
         let line = |c: char| c.to_string().repeat(total_width);

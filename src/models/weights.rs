@@ -181,9 +181,12 @@ impl Model {
             });
         }
         for w in &weights {
-            let value = &tensors[w.name()];
-            w.var()
-                .set(&value.to_device(w.var().device())?.to_dtype(w.var().dtype())?)?;
+            let value = tensors[w.name()]
+                .to_device(w.var().device())?
+                .to_dtype(w.var().dtype())?;
+            // A value taken from this model (`weight_map`) shares the variable's storage,
+            // which `Var::set` refuses: give it its own copy.
+            w.var().set(&value.copy()?)?;
         }
         Ok(())
     }

@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""PyTorch twin of the article's networks, for training and speed references.
+
+The crate reimplements the Keras functional API on candle and ships the
+ResNet (and its plain twin) of "Building a ResNet in Keras".  This script
+builds the *same functions* in PyTorch, NCHW, the way Keras builds them, so
+that the Rust side's training curves and step times have a second, fast
+reference besides Keras itself (scripts/keras_reference.py,
+scripts/keras_bench.py):
+
+  * TensorFlow 'same' padding, asymmetric where TensorFlow is (a 3x3
+    stride-2 conv on an even input pads 0 top/left and 1 bottom/right;
+    PyTorch's symmetric padding=1 would compute a different function);
+  * Keras initialisers (glorot_uniform kernels, zero biases) and Keras
+    BatchNormalization (momentum 0.99, epsilon 1e-3);
+  * Adam with Keras's defaults (lr 1e-3, betas 0.9/0.999, epsilon 1e-7);
+  * raw 0-255 pixels by default: the input BatchNorm does the scaling.
+
+Pinned versions (what the commands below were run with):
+
+    python3 -m venv <somewhere outside the repo>
+    <venv>/bin/pip install torch numpy
+    # torch 2.15.0 (PyPI wheel, +cu132 build, run on CPU), numpy 2.4.6,
+    # Python 3.11.  The bench also runs on torch 2.11 + CUDA, Python 3.12.
+
+Commands (run from the repository root; DATA = the folder holding
+data_batch_1.bin ... data_batch_5.bin and test_batch.bin):
+
+    # The article's recipe: both nets, 20 epochs, batch 128, raw pixels.
+    <venv>/bin/python scripts/torch_reference.py train --data-dir DATA \\
+        --model both --epochs 20 --batch-size 128 --threads 2 --out runs/torch
+
+    # Smoke test (a few seconds): tiny nets on a few hundred images.
+    <venv>/bin/python scripts/torch_reference.py train --data-dir DATA \\
+        --model both --epochs 1 --subset 256 --width-divisor 8 \\
+        --stages 1,1 --threads 1 --out /tmp/torch_smoke
+
+    # Step time of the full ResNet (one JSON line on stdout).
+    <venv>/bin/python scripts/torch_reference.py bench --model resnet \\
+        --mode train --batch-size 128 --steps 5 --warmup 2 --threads 2
+    <venv>/bin/python scripts/torch_reference.py bench --model resnet \\
+        --mode train --device cuda --batch-size 128 --steps 20 --warmup 5
+
+The parameter count is printed to stderr at start, counted as Keras counts it
+(BatchNorm moving mean/variance included): 15,619,990 for the default ResNet,
+15,447,062 for the plain net.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Keras defaults (see the module docstring).
+BN_MOMENTUM_KERAS = 0.99
+BN_EPSILON = 1e-3
+ADAM_EPSILON = 1e-7
+NUM_CLASSES = 10
+IMAGE_SHAPE = (3, 32, 32)  # CHW: the CIFAR-10 binary records are planar.
+BASE_FILTERS = 64
+
+
+# ---------------------------------------------------------------------------
+# Layers, as Keras defines them.
+# ---------------------------------------------------------------------------
+
+def tf_same_pads(size, k, s):
+    """TensorFlow 'same' padding (before, after) of one spatial axis.
+
+    total = max((ceil(size/s) - 1)*s + k - size, 0); the smaller half goes
+    before (top/left), the rest after (bottom/right).
+    """
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2D(padding='same') with TensorFlow's padding rule.
+
+    The symmetric part of the padding goes to the convolution itself (no
+    copy); only the asymmetric remainder, when there is one, is added with an
+    explicit F.pad on the bottom/right.  The padding is computed from the
+    actual input size at each call, as TensorFlow does.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1):
+        super().__init__(in_channels, out_channels, kernel_size,
+                         stride=stride, padding=0, bias=True)
+        # Keras Conv2D defaults: glorot_uniform kernel, zero bias.
+        # xavier_uniform_ uses fan_in = in*k*k, fan_out = out*k*k: the same
+        # fans as Keras's glorot_uniform on an HWIO kernel.
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        k, s = self.kernel_size[0], self.stride[0]
+        top, bottom = tf_same_pads(x.shape[-2], k, s)
+        left, right = tf_same_pads(x.shape[-1], k, s)
+        if bottom != top or right != left:
+            # The "before" pad is never larger than the "after" pad.
+            x = F.pad(x, (0, right - left, 0, bottom - top))
+        return F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
+
+
+def keras_batch_norm(channels):
+    # Keras momentum is the weight of the *old* running statistic; PyTorch's
+    # is the weight of the new batch statistic: 0.99 <-> 0.01.
+    #
+    # One known difference: PyTorch updates running_var with the unbiased
+    # batch variance (n/(n-1) correction), Keras with the biased one.  With
+    # n = batch*H*W >= 128 values per channel the factor is <= 1.008 and it
+    # only enters the running statistic with weight 0.01: negligible.
+    # Training-mode normalisation itself uses the biased variance in both.
+    return nn.BatchNorm2d(channels, eps=BN_EPSILON,
+                          momentum=1.0 - BN_MOMENTUM_KERAS)
+
+
+class ReluBn(nn.Module):
+    """The article's relu_bn(): ReLU *then* BatchNormalization."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bn = keras_batch_norm(channels)
+
+    def forward(self, x):
+        return self.bn(F.relu(x))
+
+
+class ResidualBlock(nn.Module):
+    """Conv(k, s) -> relu_bn -> Conv(k) ; [1x1 stride-2 conv shortcut] ; Add ;
+    relu_bn.  No BatchNorm on the shortcut, as in the article."""
+
+    def __init__(self, in_ch, filters, downsample, kernel_size):
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.conv1 = SameConv2d(in_ch, filters, kernel_size, stride)
+        self.relu_bn1 = ReluBn(filters)
+        self.conv2 = SameConv2d(filters, filters, kernel_size, 1)
+        # Keras creates the shortcut conv after the two block convs; with a
+        # global seed the draw order decides the initial weights, so keep the
+        # same creation order (it does not make the weights equal to Keras's,
+        # only the order of the draws analogous).
+        self.shortcut = (SameConv2d(in_ch, filters, 1, 2) if downsample
+                         else None)
+        self.relu_bn2 = ReluBn(filters)
+
+    def forward(self, x):
+        y = self.conv2(self.relu_bn1(self.conv1(x)))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return self.relu_bn2(x + y)
+
+
+class PlainBlock(nn.Module):
+    """Conv(k, s) -> relu_bn -> Conv(k) -> relu_bn, no shortcut."""
+
+    def __init__(self, in_ch, filters, downsample, kernel_size):
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.conv1 = SameConv2d(in_ch, filters, kernel_size, stride)
+        self.relu_bn1 = ReluBn(filters)
+        self.conv2 = SameConv2d(filters, filters, kernel_size, 1)
+        self.relu_bn2 = ReluBn(filters)
+
+    def forward(self, x):
+        return self.relu_bn2(self.conv2(self.relu_bn1(self.conv1(x))))
+
+
+class ArticleNet(nn.Module):
+    """create_res_net() / create_plain_net() of the article, NCHW.
+
+    Returns logits: the article's Dense(10, softmax) + sparse categorical
+    cross-entropy is the same loss as logits + F.cross_entropy (Keras 3's
+    TensorFlow backend even reuses the softmax's logits for the loss).
+    """
+
+    def __init__(self, block, stages=(2, 5, 5, 2), width_divisor=1,
+                 kernel_size=3):
+        super().__init__()
+        if len(stages) < 1:
+            raise ValueError("need at least one stage")
+        filters = BASE_FILTERS // width_divisor
+        if filters < 1:
+            raise ValueError("--width-divisor leaves no filters")
+        # BatchNormalization on the raw input: it does the pixel scaling.
+        self.input_bn = keras_batch_norm(IMAGE_SHAPE[0])
+        # The stem conv is 3x3 whatever --kernel-size says (as the article).
+        self.stem = SameConv2d(IMAGE_SHAPE[0], filters, 3, 1)
+        self.stem_relu_bn = ReluBn(filters)
+        blocks, in_ch, size = [], filters, IMAGE_SHAPE[1]
+        for i, n in enumerate(stages):
+            for j in range(n):
+                downsample = j == 0 and i != 0
+                blocks.append(block(in_ch, filters, downsample, kernel_size))
+                in_ch = filters
+                if downsample:
+                    size = -(-size // 2)
+            filters *= 2
+        self.blocks = nn.Sequential(*blocks)
+        # AveragePooling2D(4): pool 4, stride 4, 'valid'.
+        pooled = size // 4
+        if pooled < 1:
+            raise ValueError(
+                f"{len(stages)} stages leave a {size}x{size} map: "
+                "AveragePooling2D(4) would be empty (Keras fails too)")
+        # Flatten order: Keras flattens NHWC as (h, w, c), this net NCHW as
+        # (c, h, w).  With 4 stages the map is 1x1 and the orders agree;
+        # otherwise the Dense rows are a permutation of Keras's, the same
+        # model up to relabelling (and the same glorot fans).
+        self.fc = nn.Linear(in_ch * pooled * pooled, NUM_CLASSES)
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        x = self.stem_relu_bn(self.stem(self.input_bn(x)))
+        x = self.blocks(x)
+        x = F.avg_pool2d(x, 4)
+        return self.fc(torch.flatten(x, 1))
+
+
+BLOCKS = {"resnet": ResidualBlock, "plain": PlainBlock}
+
+
+def build_model(name, args):
+    return ArticleNet(BLOCKS[name], stages=args.stages,
+                      width_divisor=args.width_divisor,
+                      kernel_size=args.kernel_size)
+
+
+def keras_param_counts(model):
+    """(total, trainable, non_trainable) as Keras's model.summary() counts.
+
+    Keras counts BatchNorm's moving mean and variance as (non-trainable)
+    parameters; PyTorch keeps them as buffers.  num_batches_tracked has no
+    Keras counterpart.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    non_trainable = sum(b.numel() for name, b in model.named_buffers()
+                        if name.endswith(("running_mean", "running_var")))
+    return trainable + non_trainable, trainable, non_trainable
+
+
+def report_params(name, model):
+    total, trainable, non_trainable = keras_param_counts(model)
+    print(f"{name}: {total:,} parameters (Keras count; trainable "
+          f"{trainable:,}, non-trainable {non_trainable:,})", file=sys.stderr)
+    return total
+
+
+def keras_adam(params, lr):
+    # Keras's Adam: epsilon 1e-7 (PyTorch's default is 1e-8), no weight
+    # decay, no amsgrad.  Both add epsilon to sqrt(v_hat) after bias
+    # correction, so the updates match.
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999),
+                            eps=ADAM_EPSILON, weight_decay=0.0)
+
+
+def setup_threads(threads):
+    # Intra-op threads as asked; a single inter-op thread, as the Keras bench
+    # does.  set_num_interop_threads must run before any parallel work.
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already started (only when imported into another program)
+
+
+def parse_stages(text):
+    stages = tuple(int(s) for s in text.split(",") if s.strip())
+    if not stages or any(n < 1 for n in stages):
+        raise argparse.ArgumentTypeError("stages: comma-separated counts >= 1")
+    return stages
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10 binary files.
+# ---------------------------------------------------------------------------
+
+RECORD_BYTES = 1 + 3 * 32 * 32
+TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
+TEST_FILE = "test_batch.bin"
+
+
+def read_cifar_bin(paths, limit=0):
+    """Read CIFAR-10 binary records: (uint8 images N x 3 x 32 x 32, int64
+    labels).  Each 3073-byte record is a label byte then the R, G and B
+    planes of the 32x32 image, row-major: already CHW, so a reshape is the
+    whole decode.  limit > 0 keeps the first `limit` records, in file order.
+    """
+    chunks, have = [], 0
+    for path in paths:
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size % RECORD_BYTES:
+            sys.exit(f"{path}: size {raw.size} is not a multiple of "
+                     f"{RECORD_BYTES}")
+        chunks.append(raw.reshape(-1, RECORD_BYTES))
+        have += chunks[-1].shape[0]
+        if limit and have >= limit:
+            break
+    records = np.concatenate(chunks)
+    if limit:
+        records = records[:limit]
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= NUM_CLASSES:
+        sys.exit("label byte out of range: not a CIFAR-10 binary file?")
+    images = records[:, 1:].reshape(-1, *IMAGE_SHAPE)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+
+
+def augment(x, gen):
+    """Random crop with 4-pixel zero padding + random horizontal flip, per
+    image.  Applied to raw pixels (before any standardisation), so the
+    padding is black in both --normalize modes."""
+    n, _, h, w = x.shape
+    p = 4
+    padded = F.pad(x, (p, p, p, p))
+    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    chans = torch.arange(x.shape[1])[None, :, None, None]
+    out = padded[torch.arange(n)[:, None, None, None], chans, rows, cols]
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+# ---------------------------------------------------------------------------
+# `train`
+# ---------------------------------------------------------------------------
+
+def evaluate(model, images, labels, batch_size, prep, device):
+    """Loss and accuracy over a whole set in eval mode (moving statistics),
+    as Keras's validation does."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, images.shape[0], batch_size):
+            x = prep(images[i:i + batch_size]).to(device)
+            y = labels[i:i + batch_size].to(device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    n = images.shape[0]
+    return loss_sum / n, correct / n
+
+
+def train_one(name, args, data, device):
+    train_x, train_y, test_x, test_y, prep = data
+    torch.manual_seed(args.seed)
+    model = build_model(name, args).to(device)
+    n_params = report_params(name, model)
+    opt = keras_adam(model.parameters(), args.lr)
+    # A generator of its own: the shuffle (and augmentation) order depends
+    # only on --seed, not on how many draws the initialisation made.
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["stages"] = list(args.stages)
+    history = {"framework": "pytorch", "torch": torch.__version__,
+               "model": name, "parameters": n_params, "config": config,
+               "epochs": []}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}_history.json")
+
+    n = train_x.shape[0]
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        # Keras's fit(shuffle=True) reshuffles every epoch and keeps the last
+        # partial batch.
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, correct = 0.0, 0
+        start = time.perf_counter()
+        for i in range(0, n, args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            x = train_x[idx]
+            if args.augment:
+                x = augment(x, gen)
+            x, y = prep(x).to(device), train_y[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            # Keras's "loss"/"accuracy" are running means over the epoch's
+            # samples, with the weights changing underneath: same here.
+            loss_sum += loss.item() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum().item()
+        seconds = time.perf_counter() - start
+        val_loss, val_acc = evaluate(model, test_x, test_y, args.batch_size,
+                                     prep, device)
+        eval_seconds = time.perf_counter() - start - seconds
+        row = {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n,
+               "val_loss": val_loss, "val_accuracy": val_acc,
+               # Training pass only; the evaluation is timed separately.
+               "seconds": seconds, "images_per_sec": n / seconds,
+               "eval_seconds": eval_seconds}
+        history["epochs"].append(row)
+        print(f"{name} epoch {epoch}/{args.epochs}: loss {row['loss']:.4f} "
+              f"accuracy {row['accuracy']:.4f} val_loss {val_loss:.4f} "
+              f"val_accuracy {val_acc:.4f} ({seconds:.1f} s, "
+              f"{row['images_per_sec']:.1f} img/s; eval {eval_seconds:.1f} s)",
+              flush=True)
+        # Rewritten every epoch, so an interrupted run keeps its history.
+        with open(path, "w") as f:
+            json.dump(history, f, indent=1)
+            f.write("\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_train(args):
+    setup_threads(args.threads)
+    device = torch.device(args.device)
+    d = args.data_dir
+    train_x, train_y = read_cifar_bin([os.path.join(d, f) for f in TRAIN_FILES],
+                                      args.subset)
+    test_x, test_y = read_cifar_bin([os.path.join(d, TEST_FILE)])
+    print(f"data: {train_x.shape[0]} training, {test_x.shape[0]} test images",
+          file=sys.stderr)
+
+    if args.normalize == "raw":
+        # The article's recipe: float pixels 0..255, the input BN scales.
+        def prep(x):
+            return x.float()
+    else:
+        # Per-channel standardisation with the training images' statistics.
+        xf = train_x.double()
+        mean = xf.mean(dim=(0, 2, 3)).float()[None, :, None, None]
+        std = xf.std(dim=(0, 2, 3)).float()[None, :, None, None]
+
+        def prep(x):
+            return (x.float() - mean) / std
+
+    data = (train_x, train_y, test_x, test_y, prep)
+    names = ["resnet", "plain"] if args.model == "both" else [args.model]
+    for name in names:
+        train_one(name, args, data, device)
+
+
+# ---------------------------------------------------------------------------
+# `bench`
+# ---------------------------------------------------------------------------
+
+def cmd_bench(args):
+    setup_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device visible to PyTorch")
+        # Plain f32 unless --tf32: PyTorch enables TF32 for cuDNN
+        # convolutions by default (not for matmuls), which would compare a
+        # 10-bit-mantissa conv against candle's f32 one.
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args).to(device)
+    report_params(args.model, model)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+
+    # Synthetic CIFAR-shaped data in the raw 0..255 pixel range (the input
+    # BN sees what it sees in training), random labels.  One batch, reused:
+    # the bench times the network, not the input pipeline.
+    g = torch.Generator().manual_seed(args.seed)
+    x = (torch.randint(0, 256, (args.batch_size, *IMAGE_SHAPE), generator=g)
+         .float().to(device).contiguous(memory_format=fmt))
+    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
+
+    amp = args.amp == "bf16"
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=amp)
+
+    if args.mode == "train":
+        model.train()
+        opt = keras_adam(model.parameters(), 1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                model(x)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()  # CUDA kernels run asynchronously: wait before reading time
+        times.append(time.perf_counter() - t0)
+
+    median = statistics.median(times)
+    result = {
+        "framework": "pytorch", "torch": torch.__version__,
+        "device": (torch.cuda.get_device_name(device) if cuda else "cpu"),
+        "model": args.model, "mode": args.mode,
+        "batch_size": args.batch_size, "steps": args.steps,
+        "median_ms": median * 1e3, "min_ms": min(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "images_per_sec": args.batch_size / median,
+        "threads": args.threads, "amp": args.amp,
+        "channels_last": args.channels_last,
+        "tf32": args.tf32 if cuda else None,
+        "cudnn_benchmark": args.cudnn_benchmark if cuda else None,
+        "stages": list(args.stages), "width_divisor": args.width_divisor,
+    }
+    print(json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------
+
+def add_model_args(p):
+    p.add_argument("--stages", type=parse_stages, default=(2, 5, 5, 2),
+                   help="blocks per stage, comma-separated (default 2,5,5,2)")
+    p.add_argument("--width-divisor", type=int, default=1,
+                   help="divide every filter count by D (default 1)")
+    p.add_argument("--kernel-size", type=int, default=3,
+                   help="kernel size of the block convs (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2,
+                   help="PyTorch intra-op threads (inter-op: 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train on CIFAR-10 binary files, write "
+                       "<out>/<model>_history.json")
+    t.add_argument("--data-dir", required=True,
+                   help="folder with data_batch_{1..5}.bin and test_batch.bin")
+    t.add_argument("--model", choices=["resnet", "plain", "both"],
+                   default="both")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--subset", type=int, default=0,
+                   help="use the first N training records (0 = all)")
+    t.add_argument("--normalize", choices=["raw", "standard"], default="raw",
+                   help="raw 0..255 pixels (the article) or per-channel "
+                   "standardised")
+    t.add_argument("--augment", action="store_true",
+                   help="random 4-pixel-padded crop + horizontal flip")
+    t.add_argument("--out", required=True, help="folder for the histories")
+    add_model_args(t)
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="time train or inference steps on "
+                       "synthetic data; prints one JSON line")
+    b.add_argument("--model", choices=["resnet", "plain"], default="resnet")
+    b.add_argument("--mode", choices=["train", "infer"], default="train")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--steps", type=int, default=5, help="timed steps")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps")
+    b.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bf16 autocast (weights and optimizer stay f32)")
+    b.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the model and input")
+    b.add_argument("--tf32", action="store_true",
+                   help="CUDA only: allow TF32 in cuDNN convs and matmuls "
+                   "(off by default: plain f32)")
+    b.add_argument("--cudnn-benchmark", action="store_true",
+                   help="CUDA only: let cuDNN autotune conv algorithms")
+    add_model_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args()
+    if args.width_divisor < 1:
+        parser.error("--width-divisor must be >= 1")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

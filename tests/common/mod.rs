@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use candle_functional::prelude::*;
+
+/// Builds a one-input, one-output model on CPU in f32 and returns it.
+pub fn build(input: &SymbolicTensor, output: &SymbolicTensor) -> Model {
+    Model::new(std::slice::from_ref(input), std::slice::from_ref(output))
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, 0)
+        .unwrap()
+}
+
+/// Sets a model's weights from `(name, values)` pairs (all other weights must be given too).
+pub fn set(model: &Model, weights: &[(&str, Tensor)]) {
+    let map = weights
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    model.set_weights(&map).unwrap();
+}
+
+/// A float tensor on CPU from values and a shape.
+pub fn t(values: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+}
+
+/// Flattened f32 values.
+pub fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Asserts two float slices agree within `eps`.
+pub fn assert_close(got: &[f32], want: &[f32], eps: f32) {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        approx::assert_abs_diff_eq!(g, w, epsilon = eps);
+    }
+}
+
+/// Runs a single-output model in eval mode.
+pub fn run(model: &Model, x: &Tensor) -> Tensor {
+    model
+        .forward(std::slice::from_ref(x), Mode::Eval)
+        .unwrap()
+        .remove(0)
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
