@@ -35,6 +35,9 @@ data_batch_1.bin ... data_batch_5.bin and test_batch.bin):
         --model both --epochs 1 --subset 256 --width-divisor 8 \\
         --stages 1,1 --threads 1 --out /tmp/torch_smoke
 
+    # --device cuda trains on a GPU instead (the data stays on the host
+    # and is copied per batch).
+
     # Step time of the full ResNet (one JSON line on stdout).
     <venv>/bin/python scripts/torch_reference.py bench --model resnet \\
         --mode train --batch-size 128 --steps 5 --warmup 2 --threads 2
@@ -48,7 +51,6 @@ The parameter count is printed to stderr at start, counted as Keras counts it
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -145,10 +147,10 @@ class ResidualBlock(nn.Module):
         self.conv1 = SameConv2d(in_ch, filters, kernel_size, stride)
         self.relu_bn1 = ReluBn(filters)
         self.conv2 = SameConv2d(filters, filters, kernel_size, 1)
-        # Keras creates the shortcut conv after the two block convs; with a
-        # global seed the draw order decides the initial weights, so keep the
-        # same creation order (it does not make the weights equal to Keras's,
-        # only the order of the draws analogous).
+        # Created after the two block convs, as the article's code creates
+        # its Keras layers: the modules then enumerate in the order of
+        # Keras's auto-generated names (conv2d, conv2d_1, ...), which makes
+        # copying weights between the two frameworks a zip of two lists.
         self.shortcut = (SameConv2d(in_ch, filters, 1, 2) if downsample
                          else None)
         self.relu_bn2 = ReluBn(filters)

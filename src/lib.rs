@@ -29,11 +29,15 @@
 
 #![warn(missing_docs)]
 
+pub mod data;
+mod device;
 mod error;
 pub mod graph;
 pub mod layers;
 pub mod models;
+pub mod train;
 
+pub use device::select_device;
 pub use error::{Error, Result};
 pub use graph::{
     Configured, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, SymbolicTensor,

@@ -1,0 +1,125 @@
+//! The official CIFAR-10 archive: checksum check, extraction, and (with the `download`
+//! feature) fetching it. Extraction goes to a temporary folder that is renamed into place,
+//! so an interrupted run never leaves a half-unpacked data set.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::data::Cifar10;
+use crate::{Error, Result};
+
+/// Where the official binary archive lives.
+pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+/// Its SHA-256.
+pub const CIFAR10_SHA256: &str = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd";
+/// The folder the archive unpacks to.
+pub const CIFAR10_FOLDER: &str = "cifar-10-batches-bin";
+
+/// Hex SHA-256 of a file, read in chunks.
+///
+/// # Examples
+/// ```
+/// let path = std::env::temp_dir().join("cf_doc_sha.txt");
+/// std::fs::write(&path, b"abc")?;
+/// assert_eq!(
+///     candle_functional::data::sha256_file(&path)?,
+///     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks `archive` against `expected_sha256` (when given), unpacks it into `dest` and
+/// returns the `cifar-10-batches-bin` folder, after checking that its files read as CIFAR-10.
+///
+/// # Examples
+/// ```
+/// use candle_functional::data::extract_cifar10_archive;
+/// let err = extract_cifar10_archive("missing.tar.gz".as_ref(), None, "out".as_ref()).unwrap_err();
+/// assert!(err.to_string().contains("missing.tar.gz"));
+/// ```
+pub fn extract_cifar10_archive(archive: &Path, expected_sha256: Option<&str>, dest: &Path) -> Result<PathBuf> {
+    if let Some(expected) = expected_sha256 {
+        let actual = sha256_file(archive)?;
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(Error::Data {
+                path: archive.to_path_buf(),
+                record: None,
+                message: format!("SHA-256 is {actual}, expected {expected}: the download is corrupt"),
+            });
+        }
+    }
+    fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    let staging = dest.join(format!(".{CIFAR10_FOLDER}.partial{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let unpack = || -> std::io::Result<()> {
+        let file = fs::File::open(archive)?;
+        tar::Archive::new(flate2::read::GzDecoder::new(file)).unpack(&staging)
+    };
+    if let Err(e) = unpack() {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(Error::Data {
+            path: archive.to_path_buf(),
+            record: None,
+            message: format!("cannot unpack the archive: {e}"),
+        });
+    }
+    let unpacked = staging.join(CIFAR10_FOLDER);
+    if !Cifar10::is_present(&unpacked) {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(Error::Data {
+            path: archive.to_path_buf(),
+            record: None,
+            message: format!("the archive has no complete {CIFAR10_FOLDER}/ folder"),
+        });
+    }
+    // Check every file before it is put in place.
+    if let Err(e) = Cifar10::load(&unpacked) {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    let target = dest.join(CIFAR10_FOLDER);
+    let _ = fs::remove_dir_all(&target);
+    fs::rename(&unpacked, &target).map_err(|e| Error::io(&target, e))?;
+    let _ = fs::remove_dir_all(&staging);
+    Ok(target)
+}
+
+/// Downloads the official archive into `dest` (unless a verified copy is there), checks its
+/// SHA-256, unpacks it, and returns the data folder.
+#[cfg(feature = "download")]
+pub fn download_cifar10(dest: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    let archive = dest.join("cifar-10-binary.tar.gz");
+    let verified = archive.is_file() && sha256_file(&archive)? == CIFAR10_SHA256;
+    if !verified {
+        let partial = dest.join("cifar-10-binary.tar.gz.partial");
+        let response = ureq::get(CIFAR10_URL)
+            .call()
+            .map_err(|e| Error::InvalidArgument(format!("downloading {CIFAR10_URL}: {e}")))?;
+        let mut reader = response.into_body().into_reader();
+        let mut file = fs::File::create(&partial).map_err(|e| Error::io(&partial, e))?;
+        std::io::copy(&mut reader, &mut file).map_err(|e| Error::io(&partial, e))?;
+        fs::rename(&partial, &archive).map_err(|e| Error::io(&archive, e))?;
+    }
+    extract_cifar10_archive(&archive, Some(CIFAR10_SHA256), dest)
+}

@@ -1,0 +1,528 @@
+//! In-memory image datasets and the loader that turns them into batches on a device.
+//!
+//! A dataset keeps each sample as one record of bytes: its label, then its `u8` pixels (the
+//! CIFAR-10 layout). A batch is assembled on the host (shuffled, cropped and flipped there,
+//! which is only copying bytes) and sent to the device in **one** copy of `u8` records; the
+//! device splits labels from pixels and converts and normalizes the pixels.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::models::model::mix;
+use crate::{Error, Result};
+
+/// Images with one `u8` label each, held as records `[label, pixels…]`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::data::ImageDataset;
+/// let ds = ImageDataset::from_parts(&[0u8; 2 * 12], &[3, 7], [3, 2, 2])?;
+/// assert_eq!(ds.len(), 2);
+/// assert_eq!(ds.label(1), 7);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ImageDataset {
+    records: Arc<Vec<u8>>,
+    image_shape: [usize; 3],
+    len: usize,
+}
+
+impl ImageDataset {
+    /// From records laid out as `[label, c·h·w pixels]` one after the other (CIFAR-10's).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::data::ImageDataset;
+    /// assert!(ImageDataset::from_records(vec![0u8; 5], [1, 2, 2]).is_ok());
+    /// assert!(ImageDataset::from_records(vec![0u8; 6], [1, 2, 2]).is_err());
+    /// ```
+    pub fn from_records(records: Vec<u8>, image_shape: [usize; 3]) -> Result<Self> {
+        let record = 1 + image_shape.iter().product::<usize>();
+        if records.len() % record != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes are not a whole number of {record}-byte records",
+                records.len()
+            )));
+        }
+        Ok(Self {
+            len: records.len() / record,
+            records: Arc::new(records),
+            image_shape,
+        })
+    }
+
+    /// From separate images (`n · c · h · w` bytes, NCHW) and labels.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::data::ImageDataset;
+    /// assert!(ImageDataset::from_parts(&[0u8; 4], &[1, 2], [1, 2, 2]).is_err());
+    /// ```
+    pub fn from_parts(images: &[u8], labels: &[u8], image_shape: [usize; 3]) -> Result<Self> {
+        let size: usize = image_shape.iter().product();
+        if images.len() != labels.len() * size {
+            return Err(Error::InvalidArgument(format!(
+                "{} image bytes for {} labels of {size}-byte images",
+                images.len(),
+                labels.len()
+            )));
+        }
+        let mut records = Vec::with_capacity(labels.len() * (size + 1));
+        for (label, image) in labels.iter().zip(images.chunks_exact(size)) {
+            records.push(*label);
+            records.extend_from_slice(image);
+        }
+        Self::from_records(records, image_shape)
+    }
+
+    /// The first `n` samples (all of them if `n` is larger or 0).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::data::ImageDataset;
+    /// let ds = ImageDataset::from_parts(&[0u8; 3 * 4], &[0, 1, 2], [1, 2, 2])?;
+    /// assert_eq!(ds.subset(2).len(), 2);
+    /// assert_eq!(ds.subset(0).len(), 3);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn subset(&self, n: usize) -> Self {
+        if n == 0 || n >= self.len {
+            return self.clone();
+        }
+        let record = self.record_bytes();
+        Self {
+            records: Arc::new(self.records[..n * record].to_vec()),
+            image_shape: self.image_shape,
+            len: n,
+        }
+    }
+
+    /// Number of samples.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::data::ImageDataset;
+    /// assert_eq!(ImageDataset::from_records(vec![], [1, 1, 1])?.len(), 0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` without samples.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::data::ImageDataset;
+    /// assert!(ImageDataset::from_records(vec![], [1, 1, 1])?.is_empty());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `(channels, height, width)`.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::data::ImageDataset;
+    /// assert_eq!(ImageDataset::from_records(vec![], [3, 32, 32])?.image_shape(), [3, 32, 32]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn image_shape(&self) -> [usize; 3] {
+        self.image_shape
+    }
+
+    /// The label of sample `i`.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::data::ImageDataset;
+    /// let ds = ImageDataset::from_parts(&[9u8; 4], &[5], [1, 2, 2])?;
+    /// assert_eq!(ds.label(0), 5);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn label(&self, i: usize) -> u8 {
+        self.records[i * self.record_bytes()]
+    }
+
+    /// The pixels of sample `i` (NCHW order within the image).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::data::ImageDataset;
+    /// let ds = ImageDataset::from_parts(&[1, 2, 3, 4], &[0], [1, 2, 2])?;
+    /// assert_eq!(ds.image(0), &[1, 2, 3, 4]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn image(&self, i: usize) -> &[u8] {
+        let r = self.record_bytes();
+        &self.records[i * r + 1..(i + 1) * r]
+    }
+
+    fn record_bytes(&self) -> usize {
+        1 + self.image_shape.iter().product::<usize>()
+    }
+}
+
+/// How pixels are scaled before the model sees them.
+///
+/// # Examples
+/// ```
+/// use candle_functional::data::Normalization;
+/// assert_eq!(Normalization::default(), Normalization::Raw);
+/// let cifar = Normalization::cifar10();
+/// assert!(matches!(cifar, Normalization::MeanStd { .. }));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum Normalization {
+    /// Raw 0–255 values (the article's recipe: its first BatchNorm does the scaling).
+    #[default]
+    Raw,
+    /// Divided by 255.
+    UnitRange,
+    /// `(x / 255 - mean) / std` per channel.
+    MeanStd {
+        /// Per-channel means of `x / 255`.
+        mean: [f32; 3],
+        /// Per-channel standard deviations of `x / 255`.
+        std: [f32; 3],
+    },
+}
+
+impl Normalization {
+    /// The usual CIFAR-10 training-set statistics.
+    ///
+    /// # Examples
+    /// ```
+    /// let _ = candle_functional::data::Normalization::cifar10();
+    /// ```
+    pub fn cifar10() -> Self {
+        Normalization::MeanStd {
+            mean: [0.4914, 0.4822, 0.4465],
+            std: [0.2470, 0.2435, 0.2616],
+        }
+    }
+
+    /// Per-channel `(scale, shift)` with `y = x · scale + shift`.
+    fn affine(&self, channels: usize) -> (Vec<f32>, Vec<f32>) {
+        match *self {
+            Normalization::Raw => (vec![1.0; channels], vec![0.0; channels]),
+            Normalization::UnitRange => (vec![1.0 / 255.0; channels], vec![0.0; channels]),
+            Normalization::MeanStd { mean, std } => (0..channels)
+                .map(|c| {
+                    let (m, s) = (mean[c % 3], std[c % 3]);
+                    (1.0 / (255.0 * s), -m / s)
+                })
+                .unzip(),
+        }
+    }
+}
+
+/// Random augmentation applied to training batches.
+///
+/// # Examples
+/// ```
+/// use candle_functional::data::Augmentation;
+/// assert_eq!(Augmentation::standard(), Augmentation { crop_padding: 4, horizontal_flip: true });
+/// assert_eq!(Augmentation::default(), Augmentation { crop_padding: 0, horizontal_flip: false });
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Augmentation {
+    /// Random crop of the original size from the image padded with this many zero pixels on
+    /// each side (0 = no crop).
+    pub crop_padding: usize,
+    /// Mirror half of the images left-right.
+    pub horizontal_flip: bool,
+}
+
+impl Augmentation {
+    /// The usual CIFAR-10 augmentation: 4-pixel padded random crops and horizontal flips.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(candle_functional::data::Augmentation::standard().horizontal_flip);
+    /// ```
+    pub fn standard() -> Self {
+        Self {
+            crop_padding: 4,
+            horizontal_flip: true,
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.crop_padding > 0 || self.horizontal_flip
+    }
+}
+
+/// One batch on the device: `inputs` `(n, c, h, w)` in `f32`, `labels` `(n,)` in `u32`.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Normalized images.
+    pub inputs: Tensor,
+    /// Class labels.
+    pub labels: Tensor,
+}
+
+/// Turns an [`ImageDataset`] into batches on a device, shuffled and augmented per epoch from
+/// a seed (so a run can be repeated and resumed exactly).
+///
+/// # Examples
+/// ```
+/// use candle_core::Device;
+/// use candle_functional::data::{DataLoader, ImageDataset};
+/// let ds = ImageDataset::from_parts(&[7u8; 5 * 12], &[0, 1, 2, 3, 4], [3, 2, 2])?;
+/// let loader = DataLoader::new(ds, 2, &Device::Cpu);
+/// let batches: Vec<_> = loader.batches(0).collect::<Result<_, _>>()?;
+/// assert_eq!(batches.len(), 3);
+/// assert_eq!(batches[2].inputs.dims(), &[1, 3, 2, 2]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct DataLoader {
+    dataset: ImageDataset,
+    batch_size: usize,
+    device: Device,
+    shuffle: bool,
+    augmentation: Augmentation,
+    normalization: Normalization,
+    seed: u64,
+}
+
+impl DataLoader {
+    /// A loader that keeps the dataset's order, without augmentation, raw pixels.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// assert_eq!(DataLoader::new(ds, 32, &Device::Cpu).len(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn new(dataset: ImageDataset, batch_size: usize, device: &Device) -> Self {
+        Self {
+            dataset,
+            batch_size: batch_size.max(1),
+            device: device.clone(),
+            shuffle: false,
+            augmentation: Augmentation::default(),
+            normalization: Normalization::default(),
+            seed: 0,
+        }
+    }
+
+    /// Shuffles every epoch (a permutation drawn from the seed and the epoch).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).shuffle(true).seed(7);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+
+    /// Random augmentation of every batch.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{Augmentation, DataLoader, ImageDataset};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).augmentation(Augmentation::standard());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn augmentation(mut self, augmentation: Augmentation) -> Self {
+        self.augmentation = augmentation;
+        self
+    }
+
+    /// Pixel scaling.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset, Normalization};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).normalization(Normalization::UnitRange);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn normalization(mut self, normalization: Normalization) -> Self {
+        self.normalization = normalization;
+        self
+    }
+
+    /// Seed of the shuffling and augmentation.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).seed(1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Batches per epoch (the last one may be smaller).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// let ds = ImageDataset::from_records(vec![0u8; 5 * 10], [1, 2, 2])?;
+    /// assert_eq!(DataLoader::new(ds, 4, &Device::Cpu).len(), 3);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn len(&self) -> usize {
+        self.dataset.len().div_ceil(self.batch_size)
+    }
+
+    /// `true` when there is no batch.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// let ds = ImageDataset::from_records(vec![], [1, 2, 2])?;
+    /// assert!(DataLoader::new(ds, 4, &Device::Cpu).is_empty());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.dataset.is_empty()
+    }
+
+    /// The dataset.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// let ds = ImageDataset::from_records(vec![0u8; 10], [1, 2, 2])?;
+    /// assert_eq!(DataLoader::new(ds, 4, &Device::Cpu).dataset().len(), 2);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn dataset(&self) -> &ImageDataset {
+        &self.dataset
+    }
+
+    /// The device batches are made on.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 10], [1, 2, 2])?;
+    /// assert!(DataLoader::new(ds, 4, &Device::Cpu).device().is_cpu());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The batches of one epoch.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// let ds = ImageDataset::from_parts(&[1u8, 2, 3, 4], &[6], [1, 2, 2])?;
+    /// let batch = DataLoader::new(ds, 4, &Device::Cpu).batches(0).next().unwrap()?;
+    /// assert_eq!(batch.labels.to_vec1::<u32>()?, [6]);
+    /// assert_eq!(batch.inputs.flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0, 3.0, 4.0]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn batches(&self, epoch: u64) -> impl Iterator<Item = Result<Batch>> + '_ {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.shuffle {
+            order.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, epoch)));
+        }
+        let mut rng = StdRng::seed_from_u64(mix(self.seed ^ 0xA5A5_A5A5, epoch));
+        let (scale, shift) = self.normalization.affine(self.dataset.image_shape[0]);
+        let affine = self.affine_tensors(&scale, &shift);
+        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        chunks
+            .into_iter()
+            .map(move |indices| self.make_batch(&indices, &mut rng, affine.as_ref().map_err(clone_err)?))
+    }
+
+    fn affine_tensors(&self, scale: &[f32], shift: &[f32]) -> Result<(Tensor, Tensor)> {
+        let c = scale.len();
+        Ok((
+            Tensor::from_slice(scale, (1, c, 1, 1), &self.device)?,
+            Tensor::from_slice(shift, (1, c, 1, 1), &self.device)?,
+        ))
+    }
+
+    fn make_batch(&self, indices: &[usize], rng: &mut StdRng, affine: &(Tensor, Tensor)) -> Result<Batch> {
+        let [c, h, w] = self.dataset.image_shape;
+        let record = self.dataset.record_bytes();
+        let mut bytes = vec![0u8; indices.len() * record];
+        for (dst, &i) in bytes.chunks_exact_mut(record).zip(indices) {
+            dst[0] = self.dataset.label(i);
+            let src = self.dataset.image(i);
+            if self.augmentation.is_active() {
+                augment_into(&mut dst[1..], src, [c, h, w], &self.augmentation, rng);
+            } else {
+                dst[1..].copy_from_slice(src);
+            }
+        }
+        // The one host-to-device copy of the batch: labels and pixels together.
+        let records = Tensor::from_vec(bytes, (indices.len(), record), &self.device)?;
+        let labels = records.narrow(1, 0, 1)?.squeeze(1)?.to_dtype(DType::U32)?;
+        let pixels = records
+            .narrow(1, 1, record - 1)?
+            .to_dtype(DType::F32)?
+            .reshape((indices.len(), c, h, w))?;
+        let inputs = match self.normalization {
+            Normalization::Raw => pixels,
+            _ => pixels.broadcast_mul(&affine.0)?.broadcast_add(&affine.1)?,
+        };
+        Ok(Batch { inputs, labels })
+    }
+}
+
+fn clone_err(e: &Error) -> Error {
+    Error::InvalidArgument(e.to_string())
+}
+
+/// Copies `src` into `dst` through a random padded crop and an optional mirror.
+fn augment_into(dst: &mut [u8], src: &[u8], [c, h, w]: [usize; 3], aug: &Augmentation, rng: &mut StdRng) {
+    let pad = aug.crop_padding as i64;
+    let (dy, dx) = if pad > 0 {
+        (
+            rng.random_range(-pad..=pad) as isize,
+            rng.random_range(-pad..=pad) as isize,
+        )
+    } else {
+        (0, 0)
+    };
+    let flip = aug.horizontal_flip && rng.random::<bool>();
+    for ch in 0..c {
+        for y in 0..h {
+            let sy = y as isize + dy;
+            for x in 0..w {
+                let xx = if flip { w - 1 - x } else { x };
+                let sx = xx as isize + dx;
+                dst[(ch * h + y) * w + x] = if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
+                    src[(ch * h + sy as usize) * w + sx as usize]
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}

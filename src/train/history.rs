@@ -1,0 +1,188 @@
+//! The record of a training run: one [`EpochLog`] per epoch, written as JSON or CSV.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::weights::write_atomically;
+use crate::{Error, Result};
+
+/// What one epoch measured.
+///
+/// # Examples
+/// ```
+/// use candle_functional::train::EpochLog;
+/// let log = EpochLog { epoch: 1, loss: 2.0, accuracy: 0.3, ..Default::default() };
+/// assert_eq!(log.metric("accuracy"), Some(0.3));
+/// assert_eq!(log.metric("val_accuracy"), None);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub loss: f64,
+    /// Training accuracy over the epoch.
+    pub accuracy: f64,
+    /// Validation loss (when validation data was given).
+    pub val_loss: Option<f64>,
+    /// Validation accuracy.
+    pub val_accuracy: Option<f64>,
+    /// Learning rate at the epoch's last step.
+    pub learning_rate: f64,
+    /// Seconds of training (validation excluded).
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_sec: f64,
+    /// Seconds of validation.
+    pub val_seconds: f64,
+}
+
+impl EpochLog {
+    /// A metric by Keras's name: `loss`, `accuracy`, `val_loss`, `val_accuracy`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::EpochLog;
+    /// let log = EpochLog { val_loss: Some(1.5), ..Default::default() };
+    /// assert_eq!(log.metric("val_loss"), Some(1.5));
+    /// ```
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        match name {
+            "loss" => Some(self.loss),
+            "accuracy" => Some(self.accuracy),
+            "val_loss" => self.val_loss,
+            "val_accuracy" => self.val_accuracy,
+            _ => None,
+        }
+    }
+}
+
+/// Every epoch of a run, in order.
+///
+/// # Examples
+/// ```
+/// use candle_functional::train::{EpochLog, History};
+/// let mut h = History::default();
+/// h.push(EpochLog { epoch: 1, loss: 1.0, ..Default::default() });
+/// assert!(h.to_csv().starts_with("epoch,loss,accuracy"));
+/// assert_eq!(History::from_json(&h.to_json()?)?, h);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    epochs: Vec<EpochLog>,
+}
+
+impl History {
+    /// Appends an epoch.
+    ///
+    /// # Examples
+    /// ```
+    /// let mut h = candle_functional::train::History::default();
+    /// h.push(Default::default());
+    /// assert_eq!(h.epochs().len(), 1);
+    /// ```
+    pub fn push(&mut self, log: EpochLog) {
+        self.epochs.push(log);
+    }
+
+    /// The epochs so far.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(candle_functional::train::History::default().epochs().is_empty());
+    /// ```
+    pub fn epochs(&self) -> &[EpochLog] {
+        &self.epochs
+    }
+
+    /// The last epoch.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(candle_functional::train::History::default().last().is_none());
+    /// ```
+    pub fn last(&self) -> Option<&EpochLog> {
+        self.epochs.last()
+    }
+
+    /// Pretty JSON: `{"epochs": [{"epoch": 1, "loss": …}, …]}`.
+    ///
+    /// # Examples
+    /// ```
+    /// let json = candle_functional::train::History::default().to_json()?;
+    /// assert!(json.contains("epochs"));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+
+    /// Parses [`History::to_json`]'s output.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::History;
+    /// assert!(History::from_json("{\"epochs\": []}")?.epochs().is_empty());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn from_json(json: &str) -> Result<Self> {
+        serde_json::from_str(json).map_err(|e| Error::InvalidArgument(format!("history JSON: {e}")))
+    }
+
+    /// CSV with a header; empty cells for missing validation metrics.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::{EpochLog, History};
+    /// let mut h = History::default();
+    /// h.push(EpochLog { epoch: 1, ..Default::default() });
+    /// assert_eq!(h.to_csv().lines().count(), 2);
+    /// ```
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from(
+            "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds,images_per_sec,val_seconds\n",
+        );
+        let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        for e in &self.epochs {
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{}\n",
+                e.epoch,
+                e.loss,
+                e.accuracy,
+                opt(e.val_loss),
+                opt(e.val_accuracy),
+                e.learning_rate,
+                e.seconds,
+                e.images_per_sec,
+                e.val_seconds
+            ));
+        }
+        out
+    }
+
+    /// Writes the JSON (atomically).
+    ///
+    /// # Examples
+    /// ```
+    /// let path = std::env::temp_dir().join("cf_doc_history.json");
+    /// candle_functional::train::History::default().write_json(&path)?;
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn write_json(&self, path: impl AsRef<Path>) -> Result<()> {
+        write_atomically(path.as_ref(), self.to_json()?.as_bytes())
+    }
+
+    /// Writes the CSV (atomically).
+    ///
+    /// # Examples
+    /// ```
+    /// let path = std::env::temp_dir().join("cf_doc_history.csv");
+    /// candle_functional::train::History::default().write_csv(&path)?;
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn write_csv(&self, path: impl AsRef<Path>) -> Result<()> {
+        write_atomically(path.as_ref(), self.to_csv().as_bytes())
+    }
+}
