@@ -1,0 +1,265 @@
+//! Reproduces the experiment of "Building a ResNet in Keras": the article's ResNet and its
+//! plain twin trained on CIFAR-10 (Adam, sparse categorical cross-entropy, batch 128, 20
+//! epochs, raw pixels, the test set as validation), compared side by side.
+//!
+//! ```text
+//! cargo run --release --example train_cifar10 -- --data-dir path/to/cifar-10-batches-bin
+//! # a quick CPU run: narrower, shallower networks on part of the data
+//! cargo run --release --example train_cifar10 -- --data-dir DIR --width-divisor 4 \
+//!     --stages 1,1,1,1 --epochs 3 --subset 10000
+//! ```
+//!
+//! For each model it writes `OUT/<model>/`: `history.json`, `history.csv`,
+//! `weights.safetensors`, `summary.txt`, `curves.png` and checkpoints (`last.ckpt`,
+//! `best.ckpt`); with `--model both` also `OUT/comparison.png` (both models on the same axes)
+//! and `OUT/comparison.md`, and prints the final comparison table.
+
+mod plot;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use candle_functional::data::{Augmentation, Cifar10, DataLoader, Normalization};
+use candle_functional::models::ResNetConfig;
+use candle_functional::train::{
+    AdamConfig, Callback, HistoryLogger, Loss, LrSchedule, ModelCheckpoint, OptimizerConfig,
+    Progress, SgdConfig, Trainer,
+};
+use candle_functional::{Model, select_device};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Resnet,
+    Plain,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OptimizerName {
+    Adam,
+    Adamw,
+    Sgd,
+    Momentum,
+    Nesterov,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Normalize {
+    /// Raw 0-255 pixels (the article's; its first BatchNorm scales them).
+    Raw,
+    /// Pixels / 255.
+    Unit,
+    /// Per-channel mean/std of CIFAR-10.
+    Standard,
+}
+
+/// Train the article's ResNet and/or PlainNet on CIFAR-10.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Which network(s) to train.
+    #[arg(long, value_enum, default_value_t = Which::Both)]
+    model: Which,
+    /// Epochs.
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Optimizer (Keras's rules and defaults).
+    #[arg(long, value_enum, default_value_t = OptimizerName::Adam)]
+    optimizer: OptimizerName,
+    /// Learning rate (default: the optimizer's, 1e-3 for Adam, 0.01 for SGD).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Decoupled weight decay (default 0; 0.004 for adamw).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Learning-rate schedule: constant, step[:EVERY:GAMMA], cosine[:WARMUP_STEPS], one-cycle.
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    /// Random 4-pixel crops and horizontal flips.
+    #[arg(long)]
+    augment: bool,
+    /// Pixel scaling.
+    #[arg(long, value_enum, default_value_t = Normalize::Raw)]
+    normalize: Normalize,
+    /// Folder with data_batch_1..5.bin and test_batch.bin.
+    #[arg(long, default_value = "data/cifar-10-batches-bin")]
+    data_dir: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Train on the first N training records only (0 = all 50,000).
+    #[arg(long, default_value_t = 0)]
+    subset: usize,
+    /// Validate on the first N test records only (0 = all 10,000).
+    #[arg(long, default_value_t = 0)]
+    test_subset: usize,
+    /// Divide every stage's filters by this (4 gives 16-32-64-128).
+    #[arg(long, default_value_t = 1)]
+    width_divisor: usize,
+    /// Blocks per stage, comma-separated.
+    #[arg(long, default_value = "2,5,5,2", value_delimiter = ',')]
+    stages: Vec<usize>,
+    /// Output folder.
+    #[arg(long, default_value = "runs/cifar10")]
+    out: PathBuf,
+    /// Seed of the weights, the shuffling and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from OUT/<model>/last.ckpt when it exists.
+    #[arg(long)]
+    resume: bool,
+    /// One line per epoch instead of live progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn optimizer(args: &Args) -> OptimizerConfig {
+    let wd = args.weight_decay;
+    match args.optimizer {
+        OptimizerName::Adam | OptimizerName::Adamw => {
+            let mut c = if args.optimizer == OptimizerName::Adamw { AdamConfig::adamw(0.004) } else { AdamConfig::default() };
+            c.learning_rate = args.lr.unwrap_or(c.learning_rate);
+            c.weight_decay = wd.unwrap_or(c.weight_decay);
+            c.into()
+        }
+        OptimizerName::Sgd | OptimizerName::Momentum | OptimizerName::Nesterov => {
+            let momentum = if args.optimizer == OptimizerName::Sgd { 0.0 } else { 0.9 };
+            SgdConfig::momentum(args.lr.unwrap_or(0.01), momentum)
+                .nesterov(args.optimizer == OptimizerName::Nesterov)
+                .weight_decay(wd.unwrap_or(0.0))
+                .into()
+        }
+    }
+}
+
+fn load_data(dir: &Path) -> Result<Cifar10, Box<dyn std::error::Error>> {
+    if !Cifar10::is_present(dir) {
+        #[cfg(feature = "download")]
+        {
+            let root = dir.parent().unwrap_or(Path::new("."));
+            eprintln!("CIFAR-10 not found in {}: downloading the official archive", dir.display());
+            let folder = candle_functional::data::download_cifar10(root)?;
+            return Ok(Cifar10::load(folder)?);
+        }
+        #[cfg(not(feature = "download"))]
+        return Err(Cifar10::missing_help(dir).into());
+    }
+    Ok(Cifar10::load(dir)?)
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let device = select_device(&args.device)?;
+    let data = load_data(&args.data_dir)?;
+    let train_set = data.train().subset(args.subset);
+    let test_set = data.test().subset(args.test_subset);
+    eprintln!(
+        "device {:?}; {} training and {} test images",
+        device.location(),
+        train_set.len(),
+        test_set.len()
+    );
+    let normalization = match args.normalize {
+        Normalize::Raw => Normalization::Raw,
+        Normalize::Unit => Normalization::UnitRange,
+        Normalize::Standard => Normalization::cifar10(),
+    };
+    let train = DataLoader::new(train_set, args.batch_size, &device)
+        .shuffle(true)
+        .seed(args.seed)
+        .normalization(normalization)
+        .augmentation(if args.augment { Augmentation::standard() } else { Augmentation::default() });
+    let test = DataLoader::new(test_set, args.batch_size.max(256), &device).normalization(normalization);
+
+    let config = ResNetConfig::default()
+        .stages(args.stages.clone())
+        .width_divisor(args.width_divisor);
+    let models: Vec<Model> = match args.model {
+        Which::Resnet => vec![config.res_net()?],
+        Which::Plain => vec![config.plain_net()?],
+        Which::Both => vec![config.res_net()?, config.plain_net()?],
+    };
+    let schedule: LrSchedule = args.schedule.parse()?;
+    let mut results = Vec::new();
+    for model in models {
+        let name = model.name().to_string();
+        let dir = args.out.join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let model = model.build(&device, DType::F32, args.seed)?;
+        std::fs::write(dir.join("summary.txt"), model.summary())?;
+        let counts = model.count_params();
+        eprintln!("{name}: {} parameters ({} trainable)", counts.total, counts.trainable);
+
+        let loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
+        let progress = if args.quiet { Progress::Lines } else { Progress::Bar };
+        let mut trainer = Trainer::new(model, optimizer(&args), loss)?
+            .schedule(schedule)
+            .progress(progress);
+        let checkpoint = ModelCheckpoint::new(&dir);
+        if args.resume && checkpoint.last_path().is_file() {
+            trainer.load_checkpoint(checkpoint.last_path())?;
+            eprintln!("{name}: resumed after epoch {}", trainer.epochs_done());
+        }
+        let mut callbacks: Vec<Box<dyn Callback>> = vec![
+            Box::new(checkpoint),
+            Box::new(HistoryLogger::new().json(dir.join("history.json")).csv(dir.join("history.csv"))),
+        ];
+        trainer.fit(&train, Some(&test), args.epochs, &mut callbacks)?;
+        trainer.model().save_weights(dir.join("weights.safetensors"))?;
+        let history = trainer.history().clone();
+        plot::draw_curves(&dir.join("curves.png"), &name, &[(name.clone(), history.clone())])?;
+        eprintln!("{name}: wrote {}", dir.display());
+        results.push((name, history));
+    }
+
+    if results.len() > 1 {
+        plot::draw_curves(&args.out.join("comparison.png"), "ResNet vs PlainNet on CIFAR-10", &results)?;
+        let table = comparison_table(&results);
+        std::fs::write(args.out.join("comparison.md"), &table)?;
+        println!("{table}");
+    } else if let Some((name, h)) = results.first() {
+        if let Some(last) = h.last() {
+            println!("{name}: final val_accuracy {:.4}", last.val_accuracy.unwrap_or(f64::NAN));
+        }
+    }
+    Ok(())
+}
+
+/// The article's comparison: final and best validation accuracy, and the gap in points.
+fn comparison_table(results: &[(String, candle_functional::train::History)]) -> String {
+    let mut out = String::from(
+        "| model | epochs | final train acc | final val acc | best val acc | mean epoch s |\n|---|---|---|---|---|---|\n",
+    );
+    let mut finals = Vec::new();
+    for (name, h) in results {
+        let last = h.last();
+        let val = last.and_then(|e| e.val_accuracy).unwrap_or(f64::NAN);
+        let best = h.epochs().iter().filter_map(|e| e.val_accuracy).fold(f64::NAN, f64::max);
+        let secs = h.epochs().iter().map(|e| e.seconds).sum::<f64>() / h.epochs().len().max(1) as f64;
+        out.push_str(&format!(
+            "| {name} | {} | {:.4} | {val:.4} | {best:.4} | {secs:.1} |\n",
+            h.epochs().len(),
+            last.map(|e| e.accuracy).unwrap_or(f64::NAN),
+        ));
+        finals.push(val);
+    }
+    if finals.len() == 2 {
+        out.push_str(&format!(
+            "\n{} - {}: {:+.2} points of final validation accuracy\n",
+            results[0].0,
+            results[1].0,
+            100.0 * (finals[0] - finals[1])
+        ));
+    }
+    out
+}
