@@ -43,9 +43,8 @@ fn cuda(ordinal: usize) -> Result<Device> {
              rebuild with `--features cuda` (or `cudnn`), or use --device cpu"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
-        Error::InvalidArgument(format!("cannot open CUDA device {ordinal}: {e}"))
-    })
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::InvalidArgument(format!("cannot open CUDA device {ordinal}: {e}")))
 }
 
 #[cfg(test)]

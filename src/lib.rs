@@ -35,6 +35,7 @@ mod error;
 pub mod graph;
 pub mod layers;
 pub mod models;
+pub mod ops;
 pub mod train;
 
 pub use device::select_device;

@@ -46,7 +46,9 @@ fn truncated_file_names_file_and_record() {
     fs::write(&path, bytes).unwrap();
     let err = Cifar10::load(dir.path()).unwrap_err();
     match &err {
-        Error::Data { path: p, record, .. } => {
+        Error::Data {
+            path: p, record, ..
+        } => {
             assert!(p.ends_with("data_batch_3.bin"));
             assert_eq!(*record, Some(3));
         }
@@ -64,7 +66,10 @@ fn bad_label_names_file_and_record() {
     bytes[2 * RECORD_BYTES] = 12;
     fs::write(&path, bytes).unwrap();
     let err = Cifar10::load(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("test_batch.bin") && err.contains("record 2") && err.contains("12"), "{err}");
+    assert!(
+        err.contains("test_batch.bin") && err.contains("record 2") && err.contains("12"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -79,8 +84,13 @@ fn make_tarball(dir: &Path) -> std::path::PathBuf {
     write_fake_cifar(&src.join(CIFAR10_FOLDER), 3);
     let tarball = dir.join("cifar-10-binary.tar.gz");
     let file = fs::File::create(&tarball).unwrap();
-    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast()));
-    builder.append_dir_all(CIFAR10_FOLDER, src.join(CIFAR10_FOLDER)).unwrap();
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    builder
+        .append_dir_all(CIFAR10_FOLDER, src.join(CIFAR10_FOLDER))
+        .unwrap();
     builder.into_inner().unwrap().finish().unwrap();
     tarball
 }
@@ -112,11 +122,17 @@ fn wrong_checksum_is_refused_before_unpacking() {
 fn loader_batches_keep_order_and_normalize() {
     let images: Vec<u8> = (0..5u8).flat_map(|i| [i * 10; 4]).collect();
     let ds = ImageDataset::from_parts(&images, &[0, 1, 2, 3, 4], [1, 2, 2]).unwrap();
-    let loader = DataLoader::new(ds.clone(), 2, &Device::Cpu).normalization(Normalization::UnitRange);
+    let loader =
+        DataLoader::new(ds.clone(), 2, &Device::Cpu).normalization(Normalization::UnitRange);
     let batches: Vec<Batch> = loader.batches(0).collect::<Result<_, _>>().unwrap();
     assert_eq!(batches.len(), 3);
     assert_eq!(batches[1].labels.to_vec1::<u32>().unwrap(), [2, 3]);
-    let px = batches[1].inputs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let px = batches[1]
+        .inputs
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     approx::assert_abs_diff_eq!(px[0], 20.0 / 255.0, epsilon = 1e-6);
     approx::assert_abs_diff_eq!(px[4], 30.0 / 255.0, epsilon = 1e-6);
 
@@ -125,15 +141,30 @@ fn loader_batches_keep_order_and_normalize() {
         std: [0.25; 3],
     });
     let batch = std.batches(0).next().unwrap().unwrap();
-    let px = batch.inputs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let px = batch
+        .inputs
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     approx::assert_abs_diff_eq!(px[4], (10.0 / 255.0 - 0.5) / 0.25, epsilon = 1e-5);
 }
 
 #[test]
 fn shuffling_is_a_seeded_permutation_per_epoch() {
-    let ds = ImageDataset::from_parts(&[0u8; 20 * 4], &(0..20).collect::<Vec<u8>>(), [1, 2, 2]).unwrap();
+    let ds =
+        ImageDataset::from_parts(&[0u8; 20 * 4], &(0..20).collect::<Vec<u8>>(), [1, 2, 2]).unwrap();
     let loader = DataLoader::new(ds, 20, &Device::Cpu).shuffle(true).seed(1);
-    let order = |epoch| loader.batches(epoch).next().unwrap().unwrap().labels.to_vec1::<u32>().unwrap();
+    let order = |epoch| {
+        loader
+            .batches(epoch)
+            .next()
+            .unwrap()
+            .unwrap()
+            .labels
+            .to_vec1::<u32>()
+            .unwrap()
+    };
     let (e0, e1) = (order(0), order(1));
     assert_ne!(e0, (0..20).collect::<Vec<u32>>());
     assert_ne!(e0, e1);
@@ -149,12 +180,24 @@ fn augmentation_crops_and_flips() {
     let image: Vec<u8> = (1..=16).collect();
     let ds = ImageDataset::from_parts(&image, &[0], [1, 4, 4]).unwrap();
     let loader = DataLoader::new(ds, 1, &Device::Cpu)
-        .augmentation(Augmentation { crop_padding: 1, horizontal_flip: true })
+        .augmentation(Augmentation {
+            crop_padding: 1,
+            horizontal_flip: true,
+        })
         .seed(5);
     let original: Vec<f32> = image.iter().map(|&v| v as f32).collect();
     let mut seen_changed = false;
     for epoch in 0..20 {
-        let out = loader.batches(epoch).next().unwrap().unwrap().inputs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let out = loader
+            .batches(epoch)
+            .next()
+            .unwrap()
+            .unwrap()
+            .inputs
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Every output is the image shifted by at most one pixel (zeros shifted in),
         // possibly mirrored.
         let matches = |flip: bool, dy: isize, dx: isize| {
@@ -171,7 +214,9 @@ fn augmentation_crops_and_flips() {
                 })
             })
         };
-        let ok = [false, true].iter().any(|&f| (-1..=1).any(|dy| (-1..=1).any(|dx| matches(f, dy, dx))));
+        let ok = [false, true]
+            .iter()
+            .any(|&f| (-1..=1).any(|dy| (-1..=1).any(|dx| matches(f, dy, dx))));
         assert!(ok, "epoch {epoch}: {out:?} is not a shifted/flipped crop");
         seen_changed |= out != original;
     }

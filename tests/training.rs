@@ -19,10 +19,11 @@ fn scalar_values(v: &Var) -> Vec<f64> {
 fn two_parameter_grads(w: &Var) -> candle_core::backprop::GradStore {
     let coeffs = Tensor::new(&[3.0f64, 0.0], &Device::Cpu).unwrap();
     let square = Tensor::new(&[0.0f64, 1.0], &Device::Cpu).unwrap();
-    let loss = ((w.as_tensor() * &coeffs).unwrap() + (w.as_tensor().sqr().unwrap() * &square).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
+    let loss = ((w.as_tensor() * &coeffs).unwrap()
+        + (w.as_tensor().sqr().unwrap() * &square).unwrap())
+    .unwrap()
+    .sum_all()
+    .unwrap();
     loss.backward().unwrap()
 }
 
@@ -47,11 +48,22 @@ fn adam_matches_keras_update_rule_by_hand() {
     let b1 = got[1];
     adam.step(&two_parameter_grads(&w), lr).unwrap();
     let m = [0.9 * 0.3 + 0.1 * 3.0, 0.9 * 0.4 + 0.1 * 2.0 * b1];
-    let v = [0.999 * 0.009 + 0.001 * 9.0, 0.999 * 0.016 + 0.001 * (2.0 * b1).powi(2)];
+    let v = [
+        0.999 * 0.009 + 0.001 * 9.0,
+        0.999 * 0.016 + 0.001 * (2.0 * b1).powi(2),
+    ];
     let alpha = lr * (1.0 - 0.999f64.powi(2)).sqrt() / (1.0 - 0.9f64.powi(2));
     let got2 = scalar_values(&w);
-    approx::assert_abs_diff_eq!(got2[0], got[0] - alpha * m[0] / (v[0].sqrt() + 1e-7), epsilon = 1e-12);
-    approx::assert_abs_diff_eq!(got2[1], b1 - alpha * m[1] / (v[1].sqrt() + 1e-7), epsilon = 1e-12);
+    approx::assert_abs_diff_eq!(
+        got2[0],
+        got[0] - alpha * m[0] / (v[0].sqrt() + 1e-7),
+        epsilon = 1e-12
+    );
+    approx::assert_abs_diff_eq!(
+        got2[1],
+        b1 - alpha * m[1] / (v[1].sqrt() + 1e-7),
+        epsilon = 1e-12
+    );
 }
 
 #[test]
@@ -82,7 +94,11 @@ fn sgd_momentum_and_nesterov_match_keras_by_hand() {
             sgd.step(&two_parameter_grads(&w), lr).unwrap();
             for i in 0..2 {
                 u[i] = 0.9 * u[i] - lr * g[i];
-                expected[i] += if nesterov { 0.9 * u[i] - lr * g[i] } else { u[i] };
+                expected[i] += if nesterov {
+                    0.9 * u[i] - lr * g[i]
+                } else {
+                    u[i]
+                };
             }
             let got = scalar_values(&w);
             approx::assert_abs_diff_eq!(got[0], expected[0], epsilon = 1e-12);
@@ -102,7 +118,9 @@ fn sgd_momentum_and_nesterov_match_keras_by_hand() {
 fn random_images(n: usize, seed: u64) -> ImageDataset {
     let mut s = seed;
     let mut next = || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (s >> 33) as u32
     };
     let images: Vec<u8> = (0..n * 3 * 16 * 16).map(|_| (next() % 256) as u8).collect();
@@ -117,7 +135,11 @@ fn tiny_res_net(seed: u64) -> Model {
         filters: vec![16, 32],
         ..Default::default()
     };
-    config.res_net().unwrap().build(&Device::Cpu, DType::F32, seed).unwrap()
+    config
+        .res_net()
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, seed)
+        .unwrap()
 }
 
 const PROBS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
@@ -125,14 +147,30 @@ const PROBS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
 #[test]
 fn tiny_res_net_memorizes_64_random_images() {
     let data = random_images(64, 1);
-    let train = DataLoader::new(data.clone(), 16, &Device::Cpu).shuffle(true).seed(3);
-    let mut trainer = Trainer::new(tiny_res_net(0), AdamConfig { learning_rate: 3e-3, ..Default::default() }, PROBS).unwrap();
+    let train = DataLoader::new(data.clone(), 16, &Device::Cpu)
+        .shuffle(true)
+        .seed(3);
+    let mut trainer = Trainer::new(
+        tiny_res_net(0),
+        AdamConfig {
+            learning_rate: 3e-3,
+            ..Default::default()
+        },
+        PROBS,
+    )
+    .unwrap();
     trainer.fit(&train, None, 40, &mut []).unwrap();
     // Judge in inference mode on the same images (moving statistics have settled).
-    let eval = trainer.evaluate(&DataLoader::new(data, 64, &Device::Cpu)).unwrap();
+    let eval = trainer
+        .evaluate(&DataLoader::new(data, 64, &Device::Cpu))
+        .unwrap();
     let last = trainer.history().last().unwrap();
     assert!(last.accuracy >= 0.95, "training accuracy {}", last.accuracy);
-    assert!(eval.accuracy >= 0.95, "accuracy in inference mode {}", eval.accuracy);
+    assert!(
+        eval.accuracy >= 0.95,
+        "accuracy in inference mode {}",
+        eval.accuracy
+    );
 }
 
 #[test]
@@ -142,9 +180,22 @@ fn every_optimizer_lowers_the_loss() {
     let configs: Vec<(&str, OptimizerConfig)> = vec![
         ("adam", AdamConfig::default().into()),
         ("adamw", AdamConfig::adamw(0.004).into()),
-        ("sgd", SgdConfig { learning_rate: 0.05, ..Default::default() }.into()),
+        (
+            "sgd",
+            SgdConfig {
+                learning_rate: 0.05,
+                ..Default::default()
+            }
+            .into(),
+        ),
         ("momentum", SgdConfig::momentum(0.02, 0.9).into()),
-        ("nesterov", SgdConfig::momentum(0.02, 0.9).nesterov(true).weight_decay(1e-4).into()),
+        (
+            "nesterov",
+            SgdConfig::momentum(0.02, 0.9)
+                .nesterov(true)
+                .weight_decay(1e-4)
+                .into(),
+        ),
     ];
     for (name, config) in configs {
         let mut trainer = Trainer::new(tiny_res_net(1), config, PROBS).unwrap();
@@ -160,7 +211,11 @@ fn batch_norm_state_moves_in_fit_and_not_in_evaluate() {
     let loader = DataLoader::new(data, 8, &Device::Cpu);
     let model = tiny_res_net(2);
     let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), PROBS).unwrap();
-    let mean = |m: &Model| m.weight_map().unwrap()["batch_normalization.moving_mean"].to_vec1::<f32>().unwrap();
+    let mean = |m: &Model| {
+        m.weight_map().unwrap()["batch_normalization.moving_mean"]
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     let before = mean(&model);
     trainer.evaluate(&loader).unwrap();
     assert_eq!(mean(&model), before);
@@ -187,16 +242,28 @@ fn checkpoint_round_trip_restores_weights_optimizer_and_history() {
     let wa = a.model().weight_map().unwrap();
     let wb = b.model().weight_map().unwrap();
     for (name, t) in &wa {
-        let same = (t - &wb[name]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let same = (t - &wb[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(same, 0.0, "{name}");
     }
     // A checkpoint of another model is refused and names the problem.
     let mut other = Trainer::new(
-        ResNetConfig { input_shape: [3, 16, 16], stages: vec![1], filters: vec![8], ..Default::default() }
-            .res_net()
-            .unwrap()
-            .build(&Device::Cpu, DType::F32, 0)
-            .unwrap(),
+        ResNetConfig {
+            input_shape: [3, 16, 16],
+            stages: vec![1],
+            filters: vec![8],
+            ..Default::default()
+        }
+        .res_net()
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, 0)
+        .unwrap(),
         AdamConfig::default(),
         PROBS,
     )
@@ -231,30 +298,50 @@ fn resuming_gives_the_weights_of_an_uninterrupted_run() {
     let config = || SgdConfig::momentum(0.01, 0.9);
 
     // Uninterrupted: 4 epochs with a one-cycle schedule.
-    let mut full = Trainer::new(tiny_res_net(6), config(), PROBS).unwrap().schedule(LrSchedule::one_cycle());
+    let mut full = Trainer::new(tiny_res_net(6), config(), PROBS)
+        .unwrap()
+        .schedule(LrSchedule::one_cycle());
     full.fit(&loader, None, 4, &mut []).unwrap();
 
     // The same run, interrupted after its second epoch's checkpoint, then resumed in a
     // fresh trainer whose model was built with another seed.
-    let mut first = Trainer::new(tiny_res_net(6), config(), PROBS).unwrap().schedule(LrSchedule::one_cycle());
+    let mut first = Trainer::new(tiny_res_net(6), config(), PROBS)
+        .unwrap()
+        .schedule(LrSchedule::one_cycle());
     let mut callbacks: Vec<Box<dyn Callback>> = vec![
         Box::new(ModelCheckpoint::new(dir.path()).monitor("loss")),
         Box::new(Interrupt { after_epoch: 2 }),
     ];
     first.fit(&loader, None, 4, &mut callbacks).unwrap();
     assert_eq!(first.epochs_done(), 2);
-    let mut resumed = Trainer::new(tiny_res_net(77), config(), PROBS).unwrap().schedule(LrSchedule::one_cycle());
-    resumed.load_checkpoint(dir.path().join("last.ckpt")).unwrap();
+    let mut resumed = Trainer::new(tiny_res_net(77), config(), PROBS)
+        .unwrap()
+        .schedule(LrSchedule::one_cycle());
+    resumed
+        .load_checkpoint(dir.path().join("last.ckpt"))
+        .unwrap();
     resumed.fit(&loader, None, 4, &mut []).unwrap();
 
     assert_eq!(resumed.history().epochs().len(), 4);
     let wf = full.model().weight_map().unwrap();
     let wr = resumed.model().weight_map().unwrap();
     for (name, t) in &wf {
-        let diff = (t - &wr[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &wr[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{name} differs by {diff}");
     }
-    assert_eq!(full.history().last().unwrap().loss, resumed.history().last().unwrap().loss);
+    assert_eq!(
+        full.history().last().unwrap().loss,
+        resumed.history().last().unwrap().loss
+    );
 }
 
 #[test]
@@ -262,7 +349,15 @@ fn callbacks_stop_early_and_log_history() {
     let dir = tempfile::tempdir().unwrap();
     let loader = DataLoader::new(random_images(8, 6), 8, &Device::Cpu);
     // A learning rate of zero never improves the loss: patience 2 stops after epoch 3.
-    let mut trainer = Trainer::new(tiny_res_net(8), SgdConfig { learning_rate: 0.0, ..Default::default() }, PROBS).unwrap();
+    let mut trainer = Trainer::new(
+        tiny_res_net(8),
+        SgdConfig {
+            learning_rate: 0.0,
+            ..Default::default()
+        },
+        PROBS,
+    )
+    .unwrap();
     let json = dir.path().join("h.json");
     let csv = dir.path().join("h.csv");
     let mut callbacks: Vec<Box<dyn Callback>> = vec![
@@ -279,17 +374,37 @@ fn callbacks_stop_early_and_log_history() {
 #[test]
 fn schedules_follow_their_definitions() {
     let total = 100;
-    let step = LrSchedule::Step { every_epochs: 2, gamma: 0.5 };
+    let step = LrSchedule::Step {
+        every_epochs: 2,
+        gamma: 0.5,
+    };
     assert_eq!(step.learning_rate(1.0, 3, 0, total), 0.5);
     assert_eq!(step.learning_rate(1.0, 4, 0, total), 0.25);
-    let cosine = LrSchedule::Cosine { min_fraction: 0.1, warmup_steps: 10 };
+    let cosine = LrSchedule::Cosine {
+        min_fraction: 0.1,
+        warmup_steps: 10,
+    };
     approx::assert_abs_diff_eq!(cosine.learning_rate(1.0, 0, 4, total), 0.5, epsilon = 1e-12);
-    approx::assert_abs_diff_eq!(cosine.learning_rate(1.0, 0, 10, total), 1.0, epsilon = 1e-12);
-    approx::assert_abs_diff_eq!(cosine.learning_rate(1.0, 0, 100, total), 0.1, epsilon = 1e-12);
+    approx::assert_abs_diff_eq!(
+        cosine.learning_rate(1.0, 0, 10, total),
+        1.0,
+        epsilon = 1e-12
+    );
+    approx::assert_abs_diff_eq!(
+        cosine.learning_rate(1.0, 0, 100, total),
+        0.1,
+        epsilon = 1e-12
+    );
     let one = LrSchedule::one_cycle();
-    let peak = (0..total).map(|s| one.learning_rate(1.0, 0, s, total)).fold(0.0, f64::max);
+    let peak = (0..total)
+        .map(|s| one.learning_rate(1.0, 0, s, total))
+        .fold(0.0, f64::max);
     approx::assert_abs_diff_eq!(peak, 1.0, epsilon = 1e-3);
-    approx::assert_abs_diff_eq!(one.learning_rate(1.0, 0, total - 1, total), 1.0 / 25.0 / 1e4, epsilon = 1e-9);
+    approx::assert_abs_diff_eq!(
+        one.learning_rate(1.0, 0, total - 1, total),
+        1.0 / 25.0 / 1e4,
+        epsilon = 1e-9
+    );
 }
 
 #[test]

@@ -128,13 +128,21 @@ fn optimizer(args: &Args) -> OptimizerConfig {
     let wd = args.weight_decay;
     match args.optimizer {
         OptimizerName::Adam | OptimizerName::Adamw => {
-            let mut c = if args.optimizer == OptimizerName::Adamw { AdamConfig::adamw(0.004) } else { AdamConfig::default() };
+            let mut c = if args.optimizer == OptimizerName::Adamw {
+                AdamConfig::adamw(0.004)
+            } else {
+                AdamConfig::default()
+            };
             c.learning_rate = args.lr.unwrap_or(c.learning_rate);
             c.weight_decay = wd.unwrap_or(c.weight_decay);
             c.into()
         }
         OptimizerName::Sgd | OptimizerName::Momentum | OptimizerName::Nesterov => {
-            let momentum = if args.optimizer == OptimizerName::Sgd { 0.0 } else { 0.9 };
+            let momentum = if args.optimizer == OptimizerName::Sgd {
+                0.0
+            } else {
+                0.9
+            };
             SgdConfig::momentum(args.lr.unwrap_or(0.01), momentum)
                 .nesterov(args.optimizer == OptimizerName::Nesterov)
                 .weight_decay(wd.unwrap_or(0.0))
@@ -148,7 +156,10 @@ fn load_data(dir: &Path) -> Result<Cifar10, Box<dyn std::error::Error>> {
         #[cfg(feature = "download")]
         {
             let root = dir.parent().unwrap_or(Path::new("."));
-            eprintln!("CIFAR-10 not found in {}: downloading the official archive", dir.display());
+            eprintln!(
+                "CIFAR-10 not found in {}: downloading the official archive",
+                dir.display()
+            );
             let folder = candle_functional::data::download_cifar10(root)?;
             return Ok(Cifar10::load(folder)?);
         }
@@ -178,8 +189,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .shuffle(true)
         .seed(args.seed)
         .normalization(normalization)
-        .augmentation(if args.augment { Augmentation::standard() } else { Augmentation::default() });
-    let test = DataLoader::new(test_set, args.batch_size.max(256), &device).normalization(normalization);
+        .augmentation(if args.augment {
+            Augmentation::standard()
+        } else {
+            Augmentation::default()
+        });
+    let test =
+        DataLoader::new(test_set, args.batch_size.max(256), &device).normalization(normalization);
 
     let config = ResNetConfig::default()
         .stages(args.stages.clone())
@@ -198,10 +214,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let model = model.build(&device, DType::F32, args.seed)?;
         std::fs::write(dir.join("summary.txt"), model.summary())?;
         let counts = model.count_params();
-        eprintln!("{name}: {} parameters ({} trainable)", counts.total, counts.trainable);
+        eprintln!(
+            "{name}: {} parameters ({} trainable)",
+            counts.total, counts.trainable
+        );
 
         let loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
-        let progress = if args.quiet { Progress::Lines } else { Progress::Bar };
+        let progress = if args.quiet {
+            Progress::Lines
+        } else {
+            Progress::Bar
+        };
         let mut trainer = Trainer::new(model, optimizer(&args), loss)?
             .schedule(schedule)
             .progress(progress);
@@ -212,24 +235,41 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         let mut callbacks: Vec<Box<dyn Callback>> = vec![
             Box::new(checkpoint),
-            Box::new(HistoryLogger::new().json(dir.join("history.json")).csv(dir.join("history.csv"))),
+            Box::new(
+                HistoryLogger::new()
+                    .json(dir.join("history.json"))
+                    .csv(dir.join("history.csv")),
+            ),
         ];
         trainer.fit(&train, Some(&test), args.epochs, &mut callbacks)?;
-        trainer.model().save_weights(dir.join("weights.safetensors"))?;
+        trainer
+            .model()
+            .save_weights(dir.join("weights.safetensors"))?;
         let history = trainer.history().clone();
-        plot::draw_curves(&dir.join("curves.png"), &name, &[(name.clone(), history.clone())])?;
+        plot::draw_curves(
+            &dir.join("curves.png"),
+            &name,
+            &[(name.clone(), history.clone())],
+        )?;
         eprintln!("{name}: wrote {}", dir.display());
         results.push((name, history));
     }
 
     if results.len() > 1 {
-        plot::draw_curves(&args.out.join("comparison.png"), "ResNet vs PlainNet on CIFAR-10", &results)?;
+        plot::draw_curves(
+            &args.out.join("comparison.png"),
+            "ResNet vs PlainNet on CIFAR-10",
+            &results,
+        )?;
         let table = comparison_table(&results);
         std::fs::write(args.out.join("comparison.md"), &table)?;
         println!("{table}");
     } else if let Some((name, h)) = results.first() {
         if let Some(last) = h.last() {
-            println!("{name}: final val_accuracy {:.4}", last.val_accuracy.unwrap_or(f64::NAN));
+            println!(
+                "{name}: final val_accuracy {:.4}",
+                last.val_accuracy.unwrap_or(f64::NAN)
+            );
         }
     }
     Ok(())
@@ -244,8 +284,13 @@ fn comparison_table(results: &[(String, candle_functional::train::History)]) -> 
     for (name, h) in results {
         let last = h.last();
         let val = last.and_then(|e| e.val_accuracy).unwrap_or(f64::NAN);
-        let best = h.epochs().iter().filter_map(|e| e.val_accuracy).fold(f64::NAN, f64::max);
-        let secs = h.epochs().iter().map(|e| e.seconds).sum::<f64>() / h.epochs().len().max(1) as f64;
+        let best = h
+            .epochs()
+            .iter()
+            .filter_map(|e| e.val_accuracy)
+            .fold(f64::NAN, f64::max);
+        let secs =
+            h.epochs().iter().map(|e| e.seconds).sum::<f64>() / h.epochs().len().max(1) as f64;
         out.push_str(&format!(
             "| {name} | {} | {:.4} | {val:.4} | {best:.4} | {secs:.1} |\n",
             h.epochs().len(),

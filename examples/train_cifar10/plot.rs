@@ -14,7 +14,11 @@ const COLOURS: [RGBColor; 4] = [
 ];
 
 /// Draws `runs` (name, history) into a two-panel PNG.
-pub fn draw_curves(path: &Path, title: &str, runs: &[(String, History)]) -> Result<(), Box<dyn std::error::Error>> {
+pub fn draw_curves(
+    path: &Path,
+    title: &str,
+    runs: &[(String, History)],
+) -> Result<(), Box<dyn std::error::Error>> {
     // The bitmap backend renders text with this embedded font (no system fonts needed).
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| "cannot load the embedded font")?;
@@ -22,24 +26,41 @@ pub fn draw_curves(path: &Path, title: &str, runs: &[(String, History)]) -> Resu
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 24))?;
     let panels = root.split_evenly((1, 2));
-    let epochs = runs.iter().map(|(_, h)| h.epochs().len()).max().unwrap_or(1).max(2);
+    let epochs = runs
+        .iter()
+        .map(|(_, h)| h.epochs().len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
 
     for (panel, metric) in panels.iter().zip(["accuracy", "loss"]) {
         let values = runs.iter().flat_map(|(_, h)| {
             h.epochs().iter().flat_map(move |e| {
-                let (train, val) = if metric == "accuracy" { (e.accuracy, e.val_accuracy) } else { (e.loss, e.val_loss) };
+                let (train, val) = if metric == "accuracy" {
+                    (e.accuracy, e.val_accuracy)
+                } else {
+                    (e.loss, e.val_loss)
+                };
                 std::iter::once(train).chain(val)
             })
         });
         let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
-        let (lo, hi) = if metric == "accuracy" { (0.0, hi.max(0.1).min(1.0) * 1.05) } else { (0.0, hi.max(lo + 1e-3) * 1.05) };
+        let (lo, hi) = if metric == "accuracy" {
+            (0.0, hi.max(0.1).min(1.0) * 1.05)
+        } else {
+            (0.0, hi.max(lo + 1e-3) * 1.05)
+        };
         let mut chart = ChartBuilder::on(panel)
             .margin(20)
             .caption(metric, ("sans-serif", 20))
             .x_label_area_size(40)
             .y_label_area_size(55)
             .build_cartesian_2d(1f64..epochs as f64, lo..hi)?;
-        chart.configure_mesh().x_desc("epoch").y_desc(metric).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc(metric)
+            .draw()?;
         for (i, (name, history)) in runs.iter().enumerate() {
             let colour = COLOURS[i % COLOURS.len()];
             let pick = |val: bool| -> Vec<(f64, f64)> {
@@ -58,19 +79,32 @@ pub fn draw_curves(path: &Path, title: &str, runs: &[(String, History)]) -> Resu
                     .collect()
             };
             chart
-                .draw_series(DashedLineSeries::new(pick(false), 6, 4, colour.stroke_width(2)))?
+                .draw_series(DashedLineSeries::new(
+                    pick(false),
+                    6,
+                    4,
+                    colour.stroke_width(2),
+                ))?
                 .label(format!("{name} train"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(1)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(1))
+                });
             chart
                 .draw_series(LineSeries::new(pick(true), colour.stroke_width(3)))?
                 .label(format!("{name} validation"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3))
+                });
         }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .position(if metric == "accuracy" { SeriesLabelPosition::LowerRight } else { SeriesLabelPosition::UpperRight })
+            .position(if metric == "accuracy" {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperRight
+            })
             .draw()?;
     }
     root.present()?;

@@ -57,14 +57,20 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// let err = extract_cifar10_archive("missing.tar.gz".as_ref(), None, "out".as_ref()).unwrap_err();
 /// assert!(err.to_string().contains("missing.tar.gz"));
 /// ```
-pub fn extract_cifar10_archive(archive: &Path, expected_sha256: Option<&str>, dest: &Path) -> Result<PathBuf> {
+pub fn extract_cifar10_archive(
+    archive: &Path,
+    expected_sha256: Option<&str>,
+    dest: &Path,
+) -> Result<PathBuf> {
     if let Some(expected) = expected_sha256 {
         let actual = sha256_file(archive)?;
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(Error::Data {
                 path: archive.to_path_buf(),
                 record: None,
-                message: format!("SHA-256 is {actual}, expected {expected}: the download is corrupt"),
+                message: format!(
+                    "SHA-256 is {actual}, expected {expected}: the download is corrupt"
+                ),
             });
         }
     }

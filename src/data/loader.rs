@@ -453,10 +453,13 @@ impl DataLoader {
         let mut rng = StdRng::seed_from_u64(mix(self.seed ^ 0xA5A5_A5A5, epoch));
         let (scale, shift) = self.normalization.affine(self.dataset.image_shape[0]);
         let affine = self.affine_tensors(&scale, &shift);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
-        chunks
-            .into_iter()
-            .map(move |indices| self.make_batch(&indices, &mut rng, affine.as_ref().map_err(clone_err)?))
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(self.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        chunks.into_iter().map(move |indices| {
+            self.make_batch(&indices, &mut rng, affine.as_ref().map_err(clone_err)?)
+        })
     }
 
     fn affine_tensors(&self, scale: &[f32], shift: &[f32]) -> Result<(Tensor, Tensor)> {
@@ -467,7 +470,12 @@ impl DataLoader {
         ))
     }
 
-    fn make_batch(&self, indices: &[usize], rng: &mut StdRng, affine: &(Tensor, Tensor)) -> Result<Batch> {
+    fn make_batch(
+        &self,
+        indices: &[usize],
+        rng: &mut StdRng,
+        affine: &(Tensor, Tensor),
+    ) -> Result<Batch> {
         let [c, h, w] = self.dataset.image_shape;
         let record = self.dataset.record_bytes();
         let mut bytes = vec![0u8; indices.len() * record];
@@ -500,7 +508,13 @@ fn clone_err(e: &Error) -> Error {
 }
 
 /// Copies `src` into `dst` through a random padded crop and an optional mirror.
-fn augment_into(dst: &mut [u8], src: &[u8], [c, h, w]: [usize; 3], aug: &Augmentation, rng: &mut StdRng) {
+fn augment_into(
+    dst: &mut [u8],
+    src: &[u8],
+    [c, h, w]: [usize; 3],
+    aug: &Augmentation,
+    rng: &mut StdRng,
+) {
     let pad = aug.crop_padding as i64;
     let (dy, dx) = if pad > 0 {
         (
@@ -517,11 +531,12 @@ fn augment_into(dst: &mut [u8], src: &[u8], [c, h, w]: [usize; 3], aug: &Augment
             for x in 0..w {
                 let xx = if flip { w - 1 - x } else { x };
                 let sx = xx as isize + dx;
-                dst[(ch * h + y) * w + x] = if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
-                    src[(ch * h + sy as usize) * w + sx as usize]
-                } else {
-                    0
-                };
+                dst[(ch * h + y) * w + x] =
+                    if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
+                        src[(ch * h + sy as usize) * w + sx as usize]
+                    } else {
+                        0
+                    };
             }
         }
     }

@@ -8,7 +8,7 @@ pub(crate) mod loader;
 #[cfg(feature = "download")]
 pub use archive::download_cifar10;
 pub use archive::{
-    extract_cifar10_archive, sha256_file, CIFAR10_FOLDER, CIFAR10_SHA256, CIFAR10_URL,
+    CIFAR10_FOLDER, CIFAR10_SHA256, CIFAR10_URL, extract_cifar10_archive, sha256_file,
 };
 pub use cifar10::Cifar10;
 pub use loader::{Augmentation, Batch, DataLoader, ImageDataset, Normalization};

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
 use crate::layers::Initializer;
+use crate::ops::batch_norm as ops;
 use crate::{Error, Result};
 
 /// Configuration of a [`BatchNorm`] layer; defaults are Keras's.
@@ -153,6 +154,39 @@ impl BatchNormConfig {
     }
 }
 
+impl BatchNormConfig {
+    /// The CPU path: one pass for the batch moments, one for the normalization, and an
+    /// analytic backward (see [`crate::ops`]).
+    fn forward_fused(&self, x: &Tensor, params: &Params) -> Result<Tensor> {
+        let (gamma_i, beta_i, mean_i, var_i) = self.indices();
+        let channels = x.dim(1)?;
+        let stats = if params.mode().is_train() {
+            let x = x.contiguous()?;
+            let stats = ops::channel_moments(&x)?;
+            let keep = self.momentum;
+            for (index, row) in [(mean_i, 0), (var_i, 1)] {
+                let var = params.var(index)?;
+                let batch = stats.get(row)?.to_dtype(var.dtype())?;
+                var.set(&((var.as_tensor().detach() * keep)? + (batch * (1.0 - keep))?)?)?;
+            }
+            stats
+        } else {
+            Tensor::stack(&[params.get(mean_i)?, params.get(var_i)?], 0)?.to_dtype(x.dtype())?
+        };
+        let constant = |value: f64| Tensor::full(value, channels, x.device())?.to_dtype(x.dtype());
+        let gamma = match gamma_i {
+            Some(i) => params.get(i)?,
+            None => constant(1.0)?,
+        };
+        let beta = match beta_i {
+            Some(i) => params.get(i)?,
+            None => constant(0.0)?,
+        };
+        let affine = Tensor::stack(&[gamma, beta], 0)?;
+        ops::normalize(x, &stats, &affine, self.epsilon, params.mode().is_train())
+    }
+}
+
 impl LayerOp for BatchNormConfig {
     fn type_name(&self) -> &'static str {
         "BatchNormalization"
@@ -229,6 +263,9 @@ impl LayerOp for BatchNormConfig {
         bshape[axis] = channels;
         let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != axis).collect();
         let (gamma_i, beta_i, mean_i, var_i) = self.indices();
+        if ops::fused_applies(x, axis) {
+            return Ok(vec![self.forward_fused(x, params)?]);
+        }
 
         let (centered, variance) = if params.mode().is_train() {
             let mean = x.mean_keepdim(reduce.as_slice())?;

@@ -9,6 +9,8 @@ use candle_core::Tensor;
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
 use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
 use crate::layers::{ActivationFn, Initializer, Padding};
+use crate::ops::batch_norm::add_channel_bias;
+use crate::ops::{Conv2dGeometry, conv2d};
 use crate::{Error, Result};
 
 /// Configuration of a [`Conv2D`] layer; defaults are Keras's.
@@ -290,19 +292,15 @@ impl LayerOp for Conv2DConfig {
         let x = &inputs[0];
         let kernel = params.get(0)?;
         let (_, _, h, w) = x.dims4()?;
-        let (top, bottom, left, right) = self.pads(h, w);
-        // candle pads symmetrically inside the convolution; TensorFlow's 'same' can be
-        // asymmetric (one more row/column at the bottom/right), which needs an explicit pad.
-        let y = if top == bottom && left == right && top == left {
-            x.conv2d(&kernel, top, self.strides, self.dilation, self.groups)?
-        } else {
-            x.pad_with_zeros(2, top, bottom)?
-                .pad_with_zeros(3, left, right)?
-                .conv2d(&kernel, 0, self.strides, self.dilation, self.groups)?
+        let geometry = Conv2dGeometry {
+            pad: self.pads(h, w),
+            stride: self.strides,
+            dilation: self.dilation,
+            groups: self.groups,
         };
+        let y = conv2d(x, &kernel, geometry)?;
         let y = if self.use_bias {
-            let bias = params.get(1)?;
-            y.broadcast_add(&bias.reshape((1, self.filters, 1, 1))?)?
+            add_channel_bias(&y, &params.get(1)?)?
         } else {
             y
         };

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
 use crate::layers::{ActivationFn, Initializer};
+use crate::ops::batch_norm::add_channel_bias;
 use crate::{Error, Result};
 
 /// Configuration of a [`Dense`] layer; defaults are Keras's.
@@ -159,7 +160,12 @@ impl LayerOp for DenseConfig {
             x.broadcast_matmul(&kernel)?
         };
         let y = if self.use_bias {
-            y.broadcast_add(&params.get(1)?)?
+            let bias = params.get(1)?;
+            if y.rank() == 2 {
+                add_channel_bias(&y, &bias)?
+            } else {
+                y.broadcast_add(&bias)?
+            }
         } else {
             y
         };

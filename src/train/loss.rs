@@ -1,6 +1,6 @@
 //! Losses and metrics for classification.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{D, DType, Tensor};
 
 use crate::Result;
 

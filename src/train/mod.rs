@@ -10,7 +10,7 @@ pub(crate) mod trainer;
 
 pub use callbacks::{Callback, EarlyStopping, EpochEnd, Goal, HistoryLogger, ModelCheckpoint};
 pub use history::{EpochLog, History};
-pub use loss::{correct_predictions, Loss};
+pub use loss::{Loss, correct_predictions};
 pub use optimizer::{Adam, AdamConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
 pub use schedule::LrSchedule;
 pub use trainer::{Evaluation, Progress, Trainer};

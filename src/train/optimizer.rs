@@ -207,8 +207,14 @@ impl Adam {
         check_rate("beta_1", config.beta_1, 0.0..1.0)?;
         check_rate("beta_2", config.beta_2, 0.0..1.0)?;
         let zeros = |v: &Var| Var::zeros(v.shape(), v.dtype(), v.device());
-        let m = vars.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = vars
+            .iter()
+            .map(zeros)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(zeros)
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             vars,
             m,
@@ -262,8 +268,17 @@ impl Optimizer for Adam {
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        let slots = self.m.iter().enumerate().flat_map(|(i, m)| [(format!("m.{i}"), m)]);
-        let slots = slots.chain(self.v.iter().enumerate().map(|(i, v)| (format!("v.{i}"), v)));
+        let slots = self
+            .m
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| [(format!("m.{i}"), m)]);
+        let slots = slots.chain(
+            self.v
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("v.{i}"), v)),
+        );
         load_slots(slots, state)?;
         self.iterations = state.iterations;
         Ok(())
@@ -271,7 +286,10 @@ impl Optimizer for Adam {
 }
 
 /// Sets every slot from `state`, checking names and shapes first.
-fn load_slots<'a>(slots: impl Iterator<Item = (String, &'a Var)>, state: &OptimizerState) -> Result<()> {
+fn load_slots<'a>(
+    slots: impl Iterator<Item = (String, &'a Var)>,
+    state: &OptimizerState,
+) -> Result<()> {
     let saved: std::collections::HashMap<&str, &Tensor> =
         state.slots.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let slots: Vec<(String, &Var)> = slots.collect();
@@ -287,11 +305,16 @@ fn load_slots<'a>(slots: impl Iterator<Item = (String, &'a Var)>, state: &Optimi
         }
     }
     if !missing.is_empty() || !mis_shaped.is_empty() || saved.len() != slots.len() {
-        let known: std::collections::HashSet<&str> = slots.iter().map(|(n, _)| n.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            slots.iter().map(|(n, _)| n.as_str()).collect();
         return Err(Error::WeightsMismatch {
             source_name: "optimizer state".into(),
             missing,
-            unexpected: saved.keys().filter(|k| !known.contains(*k)).map(|k| k.to_string()).collect(),
+            unexpected: saved
+                .keys()
+                .filter(|k| !known.contains(*k))
+                .map(|k| k.to_string())
+                .collect(),
             mis_shaped,
         });
     }
@@ -474,7 +497,10 @@ impl Optimizer for Sgd {
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         load_slots(
-            self.velocity.iter().enumerate().map(|(i, u)| (format!("momentum.{i}"), u)),
+            self.velocity
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (format!("momentum.{i}"), u)),
             state,
         )?;
         self.iterations = state.iterations;

@@ -95,7 +95,11 @@ impl LrSchedule {
                     base * (step_f + 1.0) / warmup_steps as f64
                 } else {
                     let span = (total - warmup_steps as f64).max(1.0);
-                    cosine(base, base * min_fraction, (step_f - warmup_steps as f64) / span)
+                    cosine(
+                        base,
+                        base * min_fraction,
+                        (step_f - warmup_steps as f64) / span,
+                    )
                 }
             }
             LrSchedule::OneCycle {
@@ -132,7 +136,11 @@ impl FromStr for LrSchedule {
 
     fn from_str(s: &str) -> Result<Self> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || Error::InvalidArgument(format!("unknown schedule `{s}` (constant, step[:EVERY:GAMMA], cosine[:WARMUP], one-cycle)"));
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "unknown schedule `{s}` (constant, step[:EVERY:GAMMA], cosine[:WARMUP], one-cycle)"
+            ))
+        };
         let num = |i: usize| -> Result<f64> { parts[i].parse::<f64>().map_err(|_| bad()) };
         Ok(match (parts[0], parts.len()) {
             ("constant", 1) => LrSchedule::Constant,

@@ -10,12 +10,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::data::{Batch, DataLoader};
 use crate::graph::Mode;
-use crate::models::weights::{to_safetensors_bytes, write_atomically};
 use crate::models::Model;
-use crate::train::callbacks::{run_callbacks, Callback};
+use crate::models::weights::{to_safetensors_bytes, write_atomically};
+use crate::train::callbacks::{Callback, run_callbacks};
 use crate::train::{
-    correct_predictions, EpochLog, History, Loss, LrSchedule, Optimizer, OptimizerConfig,
-    OptimizerState,
+    EpochLog, History, Loss, LrSchedule, Optimizer, OptimizerConfig, OptimizerState,
+    correct_predictions,
 };
 use crate::{Error, Result};
 
@@ -167,7 +167,12 @@ impl Trainer {
     /// One optimization step on a batch: forward in training mode, loss, backward, update.
     /// Returns the batch's mean loss and its number of correct predictions as device scalars
     /// (reading them waits for the device; `fit` does so only to report).
-    pub fn train_step(&mut self, inputs: &[Tensor], labels: &Tensor, lr: f64) -> Result<(Tensor, Tensor)> {
+    pub fn train_step(
+        &mut self,
+        inputs: &[Tensor],
+        labels: &Tensor,
+        lr: f64,
+    ) -> Result<(Tensor, Tensor)> {
         let inputs = self.cast_inputs(inputs)?;
         let outputs = self.model.forward(&inputs, Mode::Train)?.remove(0);
         let loss = self.loss.compute(&outputs, labels)?;
@@ -178,10 +183,7 @@ impl Trainer {
     }
 
     fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        inputs
-            .iter()
-            .map(|t| Ok(t.to_dtype(self.dtype)?))
-            .collect()
+        inputs.iter().map(|t| Ok(t.to_dtype(self.dtype)?)).collect()
     }
 
     /// Trains until `epochs` epochs are done in total (a resumed trainer continues from its
@@ -211,7 +213,9 @@ impl Trainer {
             for (i, batch) in train.batches(epoch as u64).enumerate() {
                 let Batch { inputs, labels } = batch?;
                 let n = labels.dim(0)?;
-                lr = self.schedule.learning_rate(base_lr, epoch, self.steps_done, total_steps);
+                lr = self
+                    .schedule
+                    .learning_rate(base_lr, epoch, self.steps_done, total_steps);
                 let (loss, right) = self.train_step(&[inputs], &labels, lr)?;
                 loss_sum = (loss_sum + (loss.to_dtype(DType::F32)? * n as f64)?)?;
                 correct = (correct + right)?;
@@ -243,7 +247,11 @@ impl Trainer {
                 learning_rate: lr,
                 seconds,
                 images_per_sec: seen as f64 / seconds,
-                val_seconds: if val.is_some() { val_start.elapsed().as_secs_f64() } else { 0.0 },
+                val_seconds: if val.is_some() {
+                    val_start.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                },
             };
             let line = format_epoch(&log, epochs);
             match (&bar, self.progress) {
@@ -349,7 +357,8 @@ impl Trainer {
             path: path.to_path_buf(),
             message,
         };
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
             return Err(bad(format!("not a {CHECKPOINT_FORMAT} file")));
@@ -360,7 +369,8 @@ impl Trainer {
                 .ok_or_else(|| bad(format!("metadata `{key}` is missing or not a number")))
         };
         let device = self.model.device().unwrap_or(candle_core::Device::Cpu);
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(e.to_string()))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &device)
+            .map_err(|e| bad(e.to_string()))?;
         let mut weights = HashMap::new();
         let mut slots = Vec::new();
         for (name, t) in tensors {
@@ -377,7 +387,11 @@ impl Trainer {
             iterations: number("optimizer_iterations")?,
             slots,
         };
-        let (epochs_done, steps_done, calls) = (number("epochs_done")?, number("steps_done")?, number("forward_calls")?);
+        let (epochs_done, steps_done, calls) = (
+            number("epochs_done")?,
+            number("steps_done")?,
+            number("forward_calls")?,
+        );
         // Check both before changing either.
         self.model.set_weights(&weights)?;
         self.optimizer.load_state(&state)?;

@@ -1,0 +1,541 @@
+//! 2-D convolution with its own backward pass, GEMM-based on the CPU.
+//!
+//! candle 0.11 computes a convolution's input gradient with `conv_transpose2d` (a direct
+//! loop on the CPU, a naive kernel on CUDA) and its kernel gradient with a convolution over
+//! transposed tensors; both cost several times the forward pass. Here all three products
+//! are one matrix multiplication each over an *im2col* buffer, the standard way:
+//!
+//! ```text
+//! forward:  Y[g]  = W[g] · col(X)           (filters × positions)
+//! input:    dX    = col2im(W[g]ᵀ · dY[g])
+//! kernel:   dW[g] = dY[g] · col(X)ᵀ
+//! ```
+//!
+//! The buffers are built for a chunk of images at a time (so each product is large and the
+//! buffer stays bounded), with TensorFlow's asymmetric 'same' padding folded in (no padded
+//! copy of the input). On other devices [`conv2d`] falls back to candle's convolution after an
+//! explicit pad: that is the one place a cuDNN backward plugs in.
+
+use std::ops::AddAssign;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Where and how a convolution's window moves: padding on each side, stride, dilation and
+/// channel groups.
+///
+/// # Examples
+/// ```
+/// use candle_functional::ops::Conv2dGeometry;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// assert_eq!(g.output_size(32, 32, 3, 3), (16, 16));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dGeometry {
+    /// `(top, bottom, left, right)` zero padding.
+    pub pad: (usize, usize, usize, usize),
+    /// Step of the window along both axes.
+    pub stride: usize,
+    /// Spacing of the window's taps.
+    pub dilation: usize,
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl Conv2dGeometry {
+    /// Output height and width for an `h × w` input and a `kh × kw` kernel.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::ops::Conv2dGeometry;
+    /// let g = Conv2dGeometry { pad: (1, 1, 1, 1), stride: 1, dilation: 1, groups: 1 };
+    /// assert_eq!(g.output_size(8, 8, 3, 3), (8, 8));
+    /// ```
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        let (t, b, l, r) = self.pad;
+        let span = |k: usize| (k - 1) * self.dilation + 1;
+        (
+            (h + t + b - span(kh)) / self.stride + 1,
+            (w + l + r - span(kw)) / self.stride + 1,
+        )
+    }
+}
+
+/// Convolves NCHW `x` with an OIHW `kernel` (no bias).
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{conv2d, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let y = conv2d(&x, &k, g)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [4.0, 2.0, 2.0, 1.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    let gemm_path = x.device().is_cpu()
+        && x.dtype() == kernel.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::F64);
+    if gemm_path {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&kernel.contiguous()?, Conv2dGemm { geometry })?);
+    }
+    candle_conv2d(x, kernel, geometry)
+}
+
+/// candle's own convolution (cuDNN forward with the `cudnn` feature), after an explicit pad
+/// when the padding is asymmetric.
+pub fn candle_conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    let Conv2dGeometry {
+        pad: (t, b, l, r),
+        stride,
+        dilation,
+        groups,
+    } = geometry;
+    Ok(if t == b && l == r && t == l {
+        x.conv2d(kernel, t, stride, dilation, groups)?
+    } else {
+        x.pad_with_zeros(2, t, b)?
+            .pad_with_zeros(3, l, r)?
+            .conv2d(kernel, 0, stride, dilation, groups)?
+    })
+}
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    groups: usize,
+}
+
+impl Sizes {
+    fn new(x: &[usize], k: &[usize], g: &Conv2dGeometry) -> candle_core::Result<Self> {
+        let (&[n, c, h, w], &[o, _, kh, kw]) = (x, k) else {
+            candle_core::bail!("conv2d expects NCHW input and OIHW kernel, got {x:?} and {k:?}")
+        };
+        let (oh, ow) = g.output_size(h, w, kh, kw);
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh,
+            ow,
+            groups: g.groups,
+        })
+    }
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+    fn og(&self) -> usize {
+        self.o / self.groups
+    }
+    fn ckk(&self) -> usize {
+        self.cg() * self.kh * self.kw
+    }
+    fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Images per chunk: keeps the im2col buffer near 8M elements.
+    fn chunk(&self) -> usize {
+        (8 << 20) / (self.ckk() * self.ohw()).max(1)
+    }
+}
+
+/// Float types the GEMM path handles.
+trait Element: Copy + Default + AddAssign + Send + Sync + 'static {
+    const ONE: Self;
+}
+impl Element for f32 {
+    const ONE: Self = 1.0;
+}
+impl Element for f64 {
+    const ONE: Self = 1.0;
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, each given by (pointer, row
+/// stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Element>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
+    // SAFETY: the callers size every slice for the strides given (checked in debug builds
+    // above for dst; lhs and rhs are whole matrices of the stated shapes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// Fills `col` (`ckk` rows of `nc · oh · ow`) for group `g` and images `n0..n0 + nc`.
+fn im2col<T: Element>(
+    x: &[T],
+    s: &Sizes,
+    geo: &Conv2dGeometry,
+    g: usize,
+    n0: usize,
+    nc: usize,
+    col: &mut [T],
+) {
+    let (pt, _, pl, _) = geo.pad;
+    let row_len = nc * s.ohw();
+    col.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let c = g * s.cg() + r / (s.kh * s.kw);
+            let ki = (r / s.kw) % s.kh;
+            let kj = r % s.kw;
+            for nl in 0..nc {
+                let plane = &x[((n0 + nl) * s.c + c) * s.h * s.w..][..s.h * s.w];
+                for oy in 0..s.oh {
+                    let dst = &mut row[nl * s.ohw() + oy * s.ow..][..s.ow];
+                    let iy = (oy * geo.stride + ki * geo.dilation) as isize - pt as isize;
+                    if iy < 0 || iy >= s.h as isize {
+                        dst.fill(T::default());
+                        continue;
+                    }
+                    let src = &plane[iy as usize * s.w..][..s.w];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * geo.stride + kj * geo.dilation) as isize - pl as isize;
+                        *d = if ix >= 0 && ix < s.w as isize {
+                            src[ix as usize]
+                        } else {
+                            T::default()
+                        };
+                    }
+                }
+            }
+        });
+}
+
+/// Adds `col` back into the images it was taken from (the adjoint of [`im2col`]).
+fn col2im<T: Element>(
+    col: &[T],
+    s: &Sizes,
+    geo: &Conv2dGeometry,
+    g: usize,
+    nc: usize,
+    dx: &mut [T],
+) {
+    let (pt, _, pl, _) = geo.pad;
+    let row_len = nc * s.ohw();
+    let image = s.c * s.h * s.w;
+    dx[..nc * image]
+        .par_chunks_mut(image)
+        .enumerate()
+        .for_each(|(nl, img)| {
+            for r in 0..s.ckk() {
+                let c = g * s.cg() + r / (s.kh * s.kw);
+                let ki = (r / s.kw) % s.kh;
+                let kj = r % s.kw;
+                let plane = &mut img[c * s.h * s.w..][..s.h * s.w];
+                let src_row = &col[r * row_len + nl * s.ohw()..][..s.ohw()];
+                for oy in 0..s.oh {
+                    let iy = (oy * geo.stride + ki * geo.dilation) as isize - pt as isize;
+                    if iy < 0 || iy >= s.h as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * s.w..][..s.w];
+                    for (ox, &v) in src_row[oy * s.ow..][..s.ow].iter().enumerate() {
+                        let ix = (ox * geo.stride + kj * geo.dilation) as isize - pl as isize;
+                        if ix >= 0 && ix < s.w as isize {
+                            dst[ix as usize] += v;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Copies `dy` for group `g`, images `n0..n0 + nc` into `buf` as `og` rows of `nc · oh · ow`.
+fn gather_rows<T: Element>(dy: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, buf: &mut [T]) {
+    let ohw = s.ohw();
+    for nl in 0..nc {
+        for o in 0..s.og() {
+            let src = &dy[((n0 + nl) * s.o + g * s.og() + o) * ohw..][..ohw];
+            buf[o * nc * ohw + nl * ohw..][..ohw].copy_from_slice(src);
+        }
+    }
+}
+
+fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+    let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
+    let mut y = vec![T::default(); s.n * s.o * ohw];
+    let chunk = s.chunk().clamp(1, s.n);
+    let mut col = vec![T::default(); ckk * chunk * ohw];
+    let mut out = vec![T::default(); og * chunk * ohw];
+    for g in 0..s.groups {
+        let kernel = &k[g * og * ckk..][..og * ckk];
+        for n0 in (0..s.n).step_by(chunk) {
+            let nc = chunk.min(s.n - n0);
+            let cols = nc * ohw;
+            im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
+            matmul(
+                og,
+                cols,
+                ckk,
+                &mut out,
+                cols,
+                false,
+                kernel,
+                (ckk, 1),
+                &col,
+                (cols, 1),
+            );
+            for nl in 0..nc {
+                for o in 0..og {
+                    let dst = &mut y[((n0 + nl) * s.o + g * og + o) * ohw..][..ohw];
+                    dst.copy_from_slice(&out[o * cols + nl * ohw..][..ohw]);
+                }
+            }
+        }
+    }
+    y
+}
+
+fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+    let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
+    let image = s.c * s.h * s.w;
+    let mut dx = vec![T::default(); s.n * image];
+    let chunk = s.chunk().clamp(1, s.n);
+    let mut rows = vec![T::default(); og * chunk * ohw];
+    let mut dcol = vec![T::default(); ckk * chunk * ohw];
+    for g in 0..s.groups {
+        let kernel = &k[g * og * ckk..][..og * ckk];
+        for n0 in (0..s.n).step_by(chunk) {
+            let nc = chunk.min(s.n - n0);
+            let cols = nc * ohw;
+            gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
+            // dcol = Wᵀ · dY: the kernel read column-major is its transpose.
+            matmul(
+                ckk,
+                cols,
+                og,
+                &mut dcol,
+                cols,
+                false,
+                kernel,
+                (1, ckk),
+                &rows,
+                (cols, 1),
+            );
+            col2im(&dcol[..ckk * cols], s, geo, g, nc, &mut dx[n0 * image..]);
+        }
+    }
+    dx
+}
+
+fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+    let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
+    let mut dk = vec![T::default(); s.o * ckk];
+    let chunk = s.chunk().clamp(1, s.n);
+    let mut rows = vec![T::default(); og * chunk * ohw];
+    let mut col = vec![T::default(); ckk * chunk * ohw];
+    for g in 0..s.groups {
+        let dk_g = &mut dk[g * og * ckk..][..og * ckk];
+        for (i, n0) in (0..s.n).step_by(chunk).enumerate() {
+            let nc = chunk.min(s.n - n0);
+            let cols = nc * ohw;
+            gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
+            im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
+            // dW += dY · colᵀ: col read column-major is its transpose.
+            matmul(
+                og,
+                ckk,
+                cols,
+                dk_g,
+                ckk,
+                i > 0,
+                &rows,
+                (cols, 1),
+                &col,
+                (1, cols),
+            );
+        }
+    }
+    dk
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv2d: the GEMM path needs contiguous tensors"),
+    }
+}
+
+/// Runs `f` on two CPU storages of the same float type.
+macro_rules! dispatch {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $name:literal, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!(concat!($name, ": f32 or f64 tensors of one dtype expected")),
+        }
+    };
+}
+
+/// The convolution as a candle op with its own backward.
+struct Conv2dGemm {
+    geometry: Conv2dGeometry,
+}
+
+impl CustomOp2 for Conv2dGemm {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
+        let out = dispatch!(s1, l1, s2, l2, "conv2d", |x, k| forward(
+            x,
+            k,
+            &s,
+            &self.geometry
+        ));
+        Ok((out, Shape::from((s.n, s.o, s.oh, s.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(
+            kernel,
+            &Conv2dInputGrad {
+                geometry: self.geometry,
+                input: x.dims().to_vec(),
+            },
+        )?;
+        let dk = x.apply_op2_no_bwd(
+            &dy,
+            &Conv2dKernelGrad {
+                geometry: self.geometry,
+                kernel: kernel.dims().to_vec(),
+            },
+        )?;
+        Ok((Some(dx), Some(dk)))
+    }
+}
+
+/// `dX` from `(dY, W)`.
+struct Conv2dInputGrad {
+    geometry: Conv2dGeometry,
+    input: Vec<usize>,
+}
+
+impl CustomOp2 for Conv2dInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = Sizes::new(&self.input, l2.dims(), &self.geometry)?;
+        let out = dispatch!(s1, l1, s2, l2, "conv2d input grad", |dy, k| backward_input(
+            dy,
+            k,
+            &s,
+            &self.geometry
+        ));
+        Ok((out, Shape::from(self.input.as_slice())))
+    }
+}
+
+/// `dW` from `(X, dY)`.
+struct Conv2dKernelGrad {
+    geometry: Conv2dGeometry,
+    kernel: Vec<usize>,
+}
+
+impl CustomOp2 for Conv2dKernelGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = Sizes::new(l1.dims(), &self.kernel, &self.geometry)?;
+        let out = dispatch!(s1, l1, s2, l2, "conv2d kernel grad", |x, dy| {
+            backward_kernel(x, dy, &s, &self.geometry)
+        });
+        Ok((out, Shape::from(self.kernel.as_slice())))
+    }
+}

@@ -1,0 +1,149 @@
+//! The main example runs end to end on a tiny synthetic CIFAR-10 folder: it trains both
+//! networks, writes histories, weights, summaries, checkpoints and PNG curves, prints the
+//! comparison, and resumes; without data it says how to get it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_functional::data::cifar10::{RECORD_BYTES, TEST_FILE, TRAIN_FILES};
+use candle_functional::train::History;
+
+/// `cargo test` builds the examples next to the test binaries.
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir
+        .join("examples")
+        .join(format!("train_cifar10{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run through `cargo test`",
+        bin.display()
+    );
+    bin
+}
+
+fn write_tiny_cifar(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    let mut s = 1u64;
+    for name in TRAIN_FILES.iter().chain([&TEST_FILE]) {
+        let mut bytes = Vec::new();
+        for i in 0..8 {
+            bytes.push((i % 10) as u8);
+            bytes.extend((0..RECORD_BYTES - 1).map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (s >> 56) as u8
+            }));
+        }
+        fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+fn train(data: &Path, out: &Path, epochs: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(example_binary())
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--epochs",
+            epochs,
+            "--batch-size",
+            "16",
+            "--width-divisor",
+            "16",
+            "--stages",
+            "1,1",
+        ])
+        .args(["--device", "cpu", "--quiet"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn trains_both_models_and_writes_every_artifact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar-10-batches-bin");
+    write_tiny_cifar(&data);
+    let out = tmp.path().join("runs");
+    let run = train(&data, &out, "2", &["--augment", "--schedule", "cosine"]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains("resnet - plain_net:") && stdout.contains("points"),
+        "{stdout}"
+    );
+    for model in ["resnet", "plain_net"] {
+        let dir = out.join(model);
+        for file in [
+            "history.json",
+            "history.csv",
+            "weights.safetensors",
+            "summary.txt",
+            "curves.png",
+            "last.ckpt",
+            "best.ckpt",
+        ] {
+            let path = dir.join(file);
+            assert!(
+                path.is_file() && fs::metadata(&path).unwrap().len() > 0,
+                "{} missing",
+                path.display()
+            );
+        }
+        let history =
+            History::from_json(&fs::read_to_string(dir.join("history.json")).unwrap()).unwrap();
+        assert_eq!(history.epochs().len(), 2);
+        assert!(
+            history
+                .epochs()
+                .iter()
+                .all(|e| e.val_accuracy.is_some() && e.loss.is_finite())
+        );
+    }
+    let png = fs::read(out.join("comparison.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // Resuming continues from the checkpoint instead of starting over.
+    let more = train(
+        &data,
+        &out,
+        "3",
+        &[
+            "--augment",
+            "--schedule",
+            "cosine",
+            "--resume",
+            "--model",
+            "resnet",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&more.stderr);
+    assert!(more.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed after epoch 2"), "{stderr}");
+    let history =
+        History::from_json(&fs::read_to_string(out.join("resnet/history.json")).unwrap()).unwrap();
+    assert_eq!(history.epochs().len(), 3);
+}
+
+#[test]
+fn missing_data_explains_how_to_get_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = train(
+        &tmp.path().join("nothing"),
+        &tmp.path().join("out"),
+        "1",
+        &[],
+    );
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("cifar-10-binary.tar.gz") && stderr.contains("--data-dir"),
+        "{stderr}"
+    );
+}
