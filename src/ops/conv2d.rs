@@ -16,6 +16,7 @@
 //! copy of the input). On other devices [`conv2d`] falls back to candle's convolution after an
 //! explicit pad: that is the one place a cuDNN backward plugs in.
 
+use std::cell::RefCell;
 use std::ops::AddAssign;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
@@ -161,12 +162,61 @@ impl Sizes {
 /// Float types the GEMM path handles.
 trait Element: Copy + Default + AddAssign + Send + Sync + 'static {
     const ONE: Self;
+    /// This thread's reusable work buffer for this type.
+    fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>>;
 }
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Element for f32 {
     const ONE: Self = 1.0;
+    fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>> {
+        &SCRATCH_F32
+    }
 }
 impl Element for f64 {
     const ONE: Self = 1.0;
+    fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>> {
+        &SCRATCH_F64
+    }
+}
+
+/// Runs `f` with two work buffers of `a` and `b` elements, reused across calls: the im2col
+/// and product buffers are large, and allocating (and zeroing, and page-faulting) them on
+/// every convolution cost more than filling them.
+fn with_buffers<T: Element, R>(a: usize, b: usize, f: impl FnOnce(&mut [T], &mut [T]) -> R) -> R {
+    T::scratch().with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < a + b {
+                buf.resize(a + b, T::default());
+            }
+            let (x, y) = buf.split_at_mut(a);
+            f(x, &mut y[..b])
+        }
+        // Re-entered on this thread (cannot happen in these kernels, but stay correct).
+        Err(_) => {
+            let mut buf = vec![T::default(); a + b];
+            let (x, y) = buf.split_at_mut(a);
+            f(x, y)
+        }
+    })
+}
+
+/// The range of output positions `o` whose input index `o * stride + offset - pad` falls
+/// inside `0..len`.
+fn valid_range(out_len: usize, stride: usize, offset: usize, pad: usize, len: usize) -> (usize, usize) {
+    // First o with o * stride + offset >= pad.
+    let lo = pad.saturating_sub(offset).div_ceil(stride);
+    // Last o with o * stride + offset - pad <= len - 1, i.e. o * stride <= len - 1 + pad - offset.
+    let hi = if len + pad > offset {
+        ((len - 1 + pad - offset) / stride + 1).min(out_len)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
 }
 
 fn parallelism() -> gemm::Parallelism {
@@ -220,83 +270,71 @@ fn matmul<T: Element>(
 }
 
 /// Fills `col` (`ckk` rows of `nc · oh · ow`) for group `g` and images `n0..n0 + nc`.
-fn im2col<T: Element>(
-    x: &[T],
-    s: &Sizes,
-    geo: &Conv2dGeometry,
-    g: usize,
-    n0: usize,
-    nc: usize,
-    col: &mut [T],
-) {
+fn im2col<T: Element>(x: &[T], s: &Sizes, geo: &Conv2dGeometry, g: usize, n0: usize, nc: usize, col: &mut [T]) {
     let (pt, _, pl, _) = geo.pad;
+    let (stride, dil) = (geo.stride, geo.dilation);
     let row_len = nc * s.ohw();
-    col.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let c = g * s.cg() + r / (s.kh * s.kw);
-            let ki = (r / s.kw) % s.kh;
-            let kj = r % s.kw;
-            for nl in 0..nc {
-                let plane = &x[((n0 + nl) * s.c + c) * s.h * s.w..][..s.h * s.w];
-                for oy in 0..s.oh {
-                    let dst = &mut row[nl * s.ohw() + oy * s.ow..][..s.ow];
-                    let iy = (oy * geo.stride + ki * geo.dilation) as isize - pt as isize;
-                    if iy < 0 || iy >= s.h as isize {
-                        dst.fill(T::default());
-                        continue;
-                    }
-                    let src = &plane[iy as usize * s.w..][..s.w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * geo.stride + kj * geo.dilation) as isize - pl as isize;
-                        *d = if ix >= 0 && ix < s.w as isize {
-                            src[ix as usize]
-                        } else {
-                            T::default()
-                        };
-                    }
-                }
-            }
-        });
-}
-
-/// Adds `col` back into the images it was taken from (the adjoint of [`im2col`]).
-fn col2im<T: Element>(
-    col: &[T],
-    s: &Sizes,
-    geo: &Conv2dGeometry,
-    g: usize,
-    nc: usize,
-    dx: &mut [T],
-) {
-    let (pt, _, pl, _) = geo.pad;
-    let row_len = nc * s.ohw();
-    let image = s.c * s.h * s.w;
-    dx[..nc * image]
-        .par_chunks_mut(image)
-        .enumerate()
-        .for_each(|(nl, img)| {
-            for r in 0..s.ckk() {
-                let c = g * s.cg() + r / (s.kh * s.kw);
-                let ki = (r / s.kw) % s.kh;
-                let kj = r % s.kw;
-                let plane = &mut img[c * s.h * s.w..][..s.h * s.w];
-                let src_row = &col[r * row_len + nl * s.ohw()..][..s.ohw()];
-                for oy in 0..s.oh {
-                    let iy = (oy * geo.stride + ki * geo.dilation) as isize - pt as isize;
-                    if iy < 0 || iy >= s.h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * s.w..][..s.w];
-                    for (ox, &v) in src_row[oy * s.ow..][..s.ow].iter().enumerate() {
-                        let ix = (ox * geo.stride + kj * geo.dilation) as isize - pl as isize;
-                        if ix >= 0 && ix < s.w as isize {
-                            dst[ix as usize] += v;
+    col.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+        let c = g * s.cg() + r / (s.kh * s.kw);
+        let ki = (r / s.kw) % s.kh;
+        let kj = r % s.kw;
+        let (y_lo, y_hi) = valid_range(s.oh, stride, ki * dil, pt, s.h);
+        let (x_lo, x_hi) = valid_range(s.ow, stride, kj * dil, pl, s.w);
+        for nl in 0..nc {
+            let plane = &x[((n0 + nl) * s.c + c) * s.h * s.w..][..s.h * s.w];
+            let out = &mut row[nl * s.ohw()..][..s.ohw()];
+            out[..y_lo * s.ow].fill(T::default());
+            out[y_hi * s.ow..].fill(T::default());
+            for oy in y_lo..y_hi {
+                let dst = &mut out[oy * s.ow..][..s.ow];
+                let iy = oy * stride + ki * dil - pt;
+                let src = &plane[iy * s.w..][..s.w];
+                dst[..x_lo].fill(T::default());
+                dst[x_hi..].fill(T::default());
+                if x_hi > x_lo {
+                    let ix0 = x_lo * stride + kj * dil - pl;
+                    if stride == 1 {
+                        dst[x_lo..x_hi].copy_from_slice(&src[ix0..ix0 + (x_hi - x_lo)]);
+                    } else {
+                        for (d, v) in dst[x_lo..x_hi].iter_mut().zip(src[ix0..].iter().step_by(stride)) {
+                            *d = *v;
                         }
                     }
                 }
             }
-        });
+        }
+    });
+}
+
+/// Adds `col` back into the images it was taken from (the adjoint of [`im2col`]).
+fn col2im<T: Element>(col: &[T], s: &Sizes, geo: &Conv2dGeometry, g: usize, nc: usize, dx: &mut [T]) {
+    let (pt, _, pl, _) = geo.pad;
+    let (stride, dil) = (geo.stride, geo.dilation);
+    let row_len = nc * s.ohw();
+    let image = s.c * s.h * s.w;
+    dx[..nc * image].par_chunks_mut(image).enumerate().for_each(|(nl, img)| {
+        for r in 0..s.ckk() {
+            let c = g * s.cg() + r / (s.kh * s.kw);
+            let ki = (r / s.kw) % s.kh;
+            let kj = r % s.kw;
+            let (y_lo, y_hi) = valid_range(s.oh, stride, ki * dil, pt, s.h);
+            let (x_lo, x_hi) = valid_range(s.ow, stride, kj * dil, pl, s.w);
+            if x_hi <= x_lo {
+                continue;
+            }
+            let plane = &mut img[c * s.h * s.w..][..s.h * s.w];
+            let src_row = &col[r * row_len + nl * s.ohw()..][..s.ohw()];
+            for oy in y_lo..y_hi {
+                let iy = oy * stride + ki * dil - pt;
+                let dst = &mut plane[iy * s.w..][..s.w];
+                let src = &src_row[oy * s.ow + x_lo..oy * s.ow + x_hi];
+                let ix0 = x_lo * stride + kj * dil - pl;
+                for (d, &v) in dst[ix0..].iter_mut().step_by(stride).zip(src) {
+                    *d += v;
+                }
+            }
+        }
+    });
 }
 
 /// Copies `dy` for group `g`, images `n0..n0 + nc` into `buf` as `og` rows of `nc · oh · ow`.
@@ -314,34 +352,23 @@ fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = vec![T::default(); s.n * s.o * ohw];
     let chunk = s.chunk().clamp(1, s.n);
-    let mut col = vec![T::default(); ckk * chunk * ohw];
-    let mut out = vec![T::default(); og * chunk * ohw];
-    for g in 0..s.groups {
-        let kernel = &k[g * og * ckk..][..og * ckk];
-        for n0 in (0..s.n).step_by(chunk) {
-            let nc = chunk.min(s.n - n0);
-            let cols = nc * ohw;
-            im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
-            matmul(
-                og,
-                cols,
-                ckk,
-                &mut out,
-                cols,
-                false,
-                kernel,
-                (ckk, 1),
-                &col,
-                (cols, 1),
-            );
-            for nl in 0..nc {
-                for o in 0..og {
-                    let dst = &mut y[((n0 + nl) * s.o + g * og + o) * ohw..][..ohw];
-                    dst.copy_from_slice(&out[o * cols + nl * ohw..][..ohw]);
+    with_buffers(ckk * chunk * ohw, og * chunk * ohw, |col: &mut [T], out: &mut [T]| {
+        for g in 0..s.groups {
+            let kernel = &k[g * og * ckk..][..og * ckk];
+            for n0 in (0..s.n).step_by(chunk) {
+                let nc = chunk.min(s.n - n0);
+                let cols = nc * ohw;
+                im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
+                matmul(og, cols, ckk, out, cols, false, kernel, (ckk, 1), col, (cols, 1));
+                for nl in 0..nc {
+                    for o in 0..og {
+                        let dst = &mut y[((n0 + nl) * s.o + g * og + o) * ohw..][..ohw];
+                        dst.copy_from_slice(&out[o * cols + nl * ohw..][..ohw]);
+                    }
                 }
             }
         }
-    }
+    });
     y
 }
 
@@ -350,30 +377,19 @@ fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry
     let image = s.c * s.h * s.w;
     let mut dx = vec![T::default(); s.n * image];
     let chunk = s.chunk().clamp(1, s.n);
-    let mut rows = vec![T::default(); og * chunk * ohw];
-    let mut dcol = vec![T::default(); ckk * chunk * ohw];
-    for g in 0..s.groups {
-        let kernel = &k[g * og * ckk..][..og * ckk];
-        for n0 in (0..s.n).step_by(chunk) {
-            let nc = chunk.min(s.n - n0);
-            let cols = nc * ohw;
-            gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
-            // dcol = Wᵀ · dY: the kernel read column-major is its transpose.
-            matmul(
-                ckk,
-                cols,
-                og,
-                &mut dcol,
-                cols,
-                false,
-                kernel,
-                (1, ckk),
-                &rows,
-                (cols, 1),
-            );
-            col2im(&dcol[..ckk * cols], s, geo, g, nc, &mut dx[n0 * image..]);
+    with_buffers(og * chunk * ohw, ckk * chunk * ohw, |rows: &mut [T], dcol: &mut [T]| {
+        for g in 0..s.groups {
+            let kernel = &k[g * og * ckk..][..og * ckk];
+            for n0 in (0..s.n).step_by(chunk) {
+                let nc = chunk.min(s.n - n0);
+                let cols = nc * ohw;
+                gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
+                // dcol = Wᵀ · dY: the kernel read column-major is its transpose.
+                matmul(ckk, cols, og, dcol, cols, false, kernel, (1, ckk), rows, (cols, 1));
+                col2im(&dcol[..ckk * cols], s, geo, g, nc, &mut dx[n0 * image..]);
+            }
         }
-    }
+    });
     dx
 }
 
@@ -381,30 +397,19 @@ fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometr
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut dk = vec![T::default(); s.o * ckk];
     let chunk = s.chunk().clamp(1, s.n);
-    let mut rows = vec![T::default(); og * chunk * ohw];
-    let mut col = vec![T::default(); ckk * chunk * ohw];
-    for g in 0..s.groups {
-        let dk_g = &mut dk[g * og * ckk..][..og * ckk];
-        for (i, n0) in (0..s.n).step_by(chunk).enumerate() {
-            let nc = chunk.min(s.n - n0);
-            let cols = nc * ohw;
-            gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
-            im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
-            // dW += dY · colᵀ: col read column-major is its transpose.
-            matmul(
-                og,
-                ckk,
-                cols,
-                dk_g,
-                ckk,
-                i > 0,
-                &rows,
-                (cols, 1),
-                &col,
-                (1, cols),
-            );
+    with_buffers(og * chunk * ohw, ckk * chunk * ohw, |rows: &mut [T], col: &mut [T]| {
+        for g in 0..s.groups {
+            let dk_g = &mut dk[g * og * ckk..][..og * ckk];
+            for (i, n0) in (0..s.n).step_by(chunk).enumerate() {
+                let nc = chunk.min(s.n - n0);
+                let cols = nc * ohw;
+                gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
+                im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
+                // dW += dY · colᵀ: col read column-major is its transpose.
+                matmul(og, ckk, cols, dk_g, ckk, i > 0, rows, (cols, 1), col, (1, cols));
+            }
         }
-    }
+    });
     dk
 }
 

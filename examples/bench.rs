@@ -1,0 +1,101 @@
+//! Throughput of the article's networks: training steps (forward, backward, Adam update) and
+//! inference, on synthetic CIFAR-shaped data. Prints one JSON line per measurement with the
+//! median, minimum and maximum step time and images per second.
+//!
+//! ```text
+//! cargo run --release --example bench -- --model resnet --mode train --batch-size 128 --steps 5
+//! ```
+//! `scripts/compare-cpu.sh` runs it alternately with the PyTorch and Keras references.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use candle_functional::models::ResNetConfig;
+use candle_functional::prelude::*;
+use candle_functional::select_device;
+use candle_functional::train::{AdamConfig, Loss, Trainer};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Net {
+    Resnet,
+    Plain,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Train,
+    Infer,
+}
+
+/// Benchmark one network in one mode.
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, value_enum, default_value_t = Net::Resnet)]
+    model: Net,
+    #[arg(long, value_enum, default_value_t = Phase::Train)]
+    mode: Phase,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "2,5,5,2", value_delimiter = ',')]
+    stages: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    width_divisor: usize,
+}
+
+fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let device = select_device(&args.device)?;
+    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let model = match args.model {
+        Net::Resnet => config.res_net()?,
+        Net::Plain => config.plain_net()?,
+    }
+    .build(&device, DType::F32, 0)?;
+    let x = (Tensor::rand(0f32, 1.0, (args.batch_size, 3, 32, 32), &device)? * 255.0)?;
+    let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
+    let labels = Tensor::from_vec(labels, args.batch_size, &device)?;
+    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: false })?;
+
+    let mut times = Vec::new();
+    for i in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        match args.mode {
+            Phase::Train => {
+                let (loss, _) = trainer.train_step(std::slice::from_ref(&x), &labels, 1e-3)?;
+                loss.to_scalar::<f32>()?; // waits for the device
+            }
+            Phase::Infer => {
+                let y = model.forward(std::slice::from_ref(&x), Mode::Eval)?.remove(0);
+                y.sum_all()?.to_scalar::<f32>()?;
+            }
+        }
+        if i >= args.warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    println!(
+        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}}}",
+        device.location(),
+        match args.model { Net::Resnet => "resnet", Net::Plain => "plain" },
+        match args.mode { Phase::Train => "train", Phase::Infer => "infer" },
+        args.batch_size,
+        args.steps,
+        times[0],
+        times[times.len() - 1],
+        args.batch_size as f64 / (median / 1e3),
+        candle_core::utils::get_num_threads(),
+    );
+    Ok(())
+}
