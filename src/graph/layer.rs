@@ -195,6 +195,7 @@ pub struct Params<'a> {
     vars: &'a [Var],
     mode: Mode,
     seed: u64,
+    compute_dtype: Option<DType>,
 }
 
 impl<'a> Params<'a> {
@@ -207,7 +208,29 @@ impl<'a> Params<'a> {
     /// assert_eq!(p.len(), 0);
     /// ```
     pub fn new(vars: &'a [Var], mode: Mode, seed: u64) -> Self {
-        Self { vars, mode, seed }
+        Self {
+            vars,
+            mode,
+            seed,
+            compute_dtype: None,
+        }
+    }
+
+    /// Mixed precision: [`Params::get`] hands out the weights cast to `dtype` (the cast is
+    /// differentiable, so gradients reach the full-precision variables).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use candle_functional::{Mode, Params};
+    /// let vars = [Var::zeros(3, DType::F32, &Device::Cpu)?];
+    /// let p = Params::new(&vars, Mode::Train, 0).with_compute_dtype(Some(DType::F16));
+    /// assert_eq!(p.get(0)?.dtype(), DType::F16);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn with_compute_dtype(mut self, dtype: Option<DType>) -> Self {
+        self.compute_dtype = dtype;
+        self
     }
 
     /// The `i`-th weight as a tensor: tracked for autograd in training, detached in eval.
@@ -222,12 +245,41 @@ impl<'a> Params<'a> {
     /// assert_eq!(p.get(0).unwrap().dims(), &[3]);
     /// ```
     pub fn get(&self, i: usize) -> Result<Tensor> {
+        let dtype = self.compute_dtype.unwrap_or(self.var(i)?.dtype());
+        self.get_as(i, dtype)
+    }
+
+    /// The `i`-th weight cast to `dtype` (BatchNorm keeps its statistics in f32 under mixed
+    /// precision).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use candle_functional::{Mode, Params};
+    /// let vars = [Var::zeros(3, DType::F32, &Device::Cpu)?];
+    /// let p = Params::new(&vars, Mode::Eval, 0).with_compute_dtype(Some(DType::F16));
+    /// assert_eq!(p.get_as(0, DType::F32)?.dtype(), DType::F32);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn get_as(&self, i: usize, dtype: DType) -> Result<Tensor> {
         let var = self.var(i)?;
-        Ok(if self.mode.is_train() {
+        let t = if self.mode.is_train() {
             var.as_tensor().clone()
         } else {
             var.as_tensor().detach()
-        })
+        };
+        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+    }
+
+    /// The dtype layers compute in under mixed precision (`None`: the weights' own).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert_eq!(Params::new(&[], Mode::Eval, 0).compute_dtype(), None);
+    /// ```
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute_dtype
     }
 
     /// The `i`-th weight as a variable, for in-place state updates (moving statistics).
@@ -241,6 +293,17 @@ impl<'a> Params<'a> {
         self.vars.get(i).ok_or_else(|| {
             Error::InvalidArgument(format!("layer asked for weight {i} of {}", self.vars.len()))
         })
+    }
+
+    /// All the weights, in `param_specs` order.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(Params::new(&[], Mode::Eval, 0).vars().is_empty());
+    /// ```
+    pub fn vars(&self) -> &'a [Var] {
+        self.vars
     }
 
     /// The forward mode.
@@ -567,7 +630,13 @@ impl LayerRef {
     }
 
     /// Runs the layer on concrete tensors.
-    pub(crate) fn forward(&self, inputs: &[Tensor], mode: Mode, seed: u64) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(
+        &self,
+        inputs: &[Tensor],
+        mode: Mode,
+        seed: u64,
+        compute_dtype: Option<DType>,
+    ) -> Result<Vec<Tensor>> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
         let vars: &[Var] = match guard.as_ref() {
             Some(w) => &w.vars,
@@ -578,7 +647,8 @@ impl LayerRef {
                 });
             }
         };
-        self.0.op.forward(inputs, &Params::new(vars, mode, seed))
+        let params = Params::new(vars, mode, seed).with_compute_dtype(compute_dtype);
+        self.0.op.forward(inputs, &params)
     }
 }
 

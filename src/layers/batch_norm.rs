@@ -7,7 +7,7 @@
 //! statistics. The running statistics are non-trainable state: saved with the weights,
 //! never handed to an optimizer.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
 use crate::layers::Initializer;
@@ -255,6 +255,14 @@ impl LayerOp for BatchNormConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
+        // Statistics of half-precision activations are computed in f32.
+        let input_dtype = inputs[0].dtype();
+        if matches!(input_dtype, DType::BF16 | DType::F16) {
+            let x = inputs[0].to_dtype(DType::F32)?;
+            let params = Params::new(params.vars(), params.mode(), params.seed());
+            let y = self.forward(&[x], &params)?.remove(0);
+            return Ok(vec![y.to_dtype(input_dtype)?]);
+        }
         let x = &inputs[0];
         let axis = self.full_axis("", x.rank() - 1)?;
         let channels = x.dim(axis)?;

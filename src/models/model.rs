@@ -49,6 +49,8 @@ pub struct Model {
 struct ForwardRng {
     seed: AtomicU64,
     calls: AtomicU64,
+    /// Mixed precision: the dtype layers compute in, when not the weights'.
+    compute_dtype: std::sync::RwLock<Option<DType>>,
 }
 
 /// Counts of scalars in a model's weights.
@@ -279,20 +281,26 @@ impl Model {
     pub fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Vec<Tensor>> {
         let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
         let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
-        self.forward_with_seed(inputs, mode, seed)
+        self.run_plan(inputs, mode, seed, self.compute_dtype())
     }
 
-    pub(crate) fn forward_with_seed(
+    /// Runs the plan; a nested model gets its caller's seed and compute dtype.
+    fn run_plan(
         &self,
         inputs: &[Tensor],
         mode: Mode,
         seed: u64,
+        compute_dtype: Option<DType>,
     ) -> Result<Vec<Tensor>> {
         self.check_inputs(inputs)?;
         let plan = &self.plan;
         let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
         for (&slot, t) in plan.input_slots.iter().zip(inputs) {
-            slots[slot] = Some(t.clone());
+            let t = match compute_dtype {
+                Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.to_dtype(dtype)?,
+                _ => t.clone(),
+            };
+            slots[slot] = Some(t);
         }
         for (index, step) in plan.steps.iter().enumerate() {
             let args = step
@@ -303,7 +311,7 @@ impl Model {
             let outputs = step
                 .node
                 .layer()
-                .forward(&args, mode, mix(seed, index as u64))?;
+                .forward(&args, mode, mix(seed, index as u64), compute_dtype)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }
@@ -556,6 +564,39 @@ impl Model {
         self.rng.calls.load(Ordering::Relaxed)
     }
 
+    /// Mixed precision: run every layer in `dtype` (bf16 or f16) while the weights stay in
+    /// their own dtype (f32 master weights). Inputs and weights are cast at each use, the cast
+    /// is differentiable, so gradients and optimizer updates stay in f32; BatchNorm computes
+    /// its statistics in f32. `None` turns it off. Meant for CUDA: candle's CPU convolution
+    /// has no half-precision kernel.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::DType;
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let m = Model::new(&[x.clone()], &[x])?;
+    /// m.set_compute_dtype(Some(DType::BF16));
+    /// assert_eq!(m.compute_dtype(), Some(DType::BF16));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_compute_dtype(&self, dtype: Option<DType>) {
+        *self.rng.compute_dtype.write().unwrap_or_else(|e| e.into_inner()) = dtype;
+    }
+
+    /// The mixed-precision compute dtype, if any.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// assert_eq!(Model::new(&[x.clone()], &[x])?.compute_dtype(), None);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn compute_dtype(&self) -> Option<DType> {
+        *self.rng.compute_dtype.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sets the forward-call counter (see [`Model::forward_calls`]).
     ///
     /// # Examples
@@ -617,7 +658,7 @@ impl LayerOp for Model {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        self.forward_with_seed(inputs, params.mode(), params.seed())
+        self.run_plan(inputs, params.mode(), params.seed(), params.compute_dtype())
     }
 
     fn as_model(&self) -> Option<&Model> {

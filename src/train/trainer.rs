@@ -183,7 +183,8 @@ impl Trainer {
     }
 
     fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        inputs.iter().map(|t| Ok(t.to_dtype(self.dtype)?)).collect()
+        let dtype = self.model.compute_dtype().unwrap_or(self.dtype);
+        inputs.iter().map(|t| Ok(t.to_dtype(dtype)?)).collect()
     }
 
     /// Trains until `epochs` epochs are done in total (a resumed trainer continues from its

@@ -1,0 +1,178 @@
+//! Every GPU check in one run, printing one JSON object:
+//!
+//! 1. **correctness**: a small residual network built with the same seed on the CPU and on the
+//!    requested device, run in training mode on the same batch; outputs and the gradients of
+//!    every weight are compared;
+//! 2. **throughput**: training steps of the article's ResNet at batch 128 in f32 (TF32 matrix
+//!    products) and in bf16 mixed precision (f32 master weights), median of timed steps;
+//! 3. **epoch time**: one epoch over 50,000 synthetic CIFAR-shaped images through
+//!    `Trainer::fit` with the data loader (one host-to-device copy per batch).
+//!
+//! ```text
+//! cargo run --release --features cudnn --example gpu_check -- --device cuda
+//! cargo run --release --example gpu_check -- --device cpu --steps 2 --epoch-images 512   # dry run
+//! ```
+//! `scripts/gpu-check.sh` runs it on the GPU machine next to the PyTorch reference.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_functional::data::{DataLoader, ImageDataset};
+use candle_functional::models::ResNetConfig;
+use candle_functional::prelude::*;
+use candle_functional::select_device;
+use candle_functional::train::{AdamConfig, Loss, Trainer};
+use clap::Parser;
+
+/// GPU correctness and speed checks.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Device to check against the CPU.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed training steps per precision.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Images in the timed epoch (0 skips it).
+    #[arg(long, default_value_t = 50_000)]
+    epoch_images: usize,
+    /// Blocks per stage of the timed network (the article's by default).
+    #[arg(long, default_value = "2,5,5,2", value_delimiter = ',')]
+    stages: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    width_divisor: usize,
+}
+
+const PROBS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
+
+fn labels(n: usize, device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::from_vec((0..n as u32).map(|i| i % 10).collect::<Vec<_>>(), n, device)
+}
+
+/// Max |a - b| / max(1, max |b|) over a pair of tensors.
+fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1.0);
+    Ok(diff / scale)
+}
+
+fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
+    let config = ResNetConfig {
+        input_shape: [3, 16, 16],
+        stages: vec![1, 1],
+        filters: vec![8, 16],
+        ..Default::default()
+    };
+    let x = (Tensor::rand(0f32, 255.0, (8, 3, 16, 16), &Device::Cpu)?).to_dtype(DType::F32)?;
+    let y = labels(8, &Device::Cpu)?;
+    let mut results = Vec::new();
+    for dev in [Device::Cpu, device.clone()] {
+        let model = config.res_net()?.build(&dev, DType::F32, 7)?;
+        let out = model.forward(&[x.to_device(&dev)?], Mode::Train)?.remove(0);
+        let loss = PROBS.compute(&out, &y.to_device(&dev)?)?;
+        let grads = loss.backward()?;
+        let named: Vec<(String, Tensor)> = model
+            .weights()?
+            .iter()
+            .filter(|w| w.trainable())
+            .map(|w| (w.name().to_string(), grads.get(w.var().as_tensor()).cloned()))
+            .map(|(n, g)| (n, g.expect("every trainable weight has a gradient")))
+            .collect();
+        results.push((out, named));
+    }
+    let out_diff = rel_diff(&results[1].0, &results[0].0)?;
+    let mut grad_diff = 0f64;
+    for ((_, a), (_, b)) in results[1].1.iter().zip(&results[0].1) {
+        grad_diff = grad_diff.max(rel_diff(a, b)?);
+    }
+    Ok((out_diff, grad_diff, results[0].1.len()))
+}
+
+fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64)> {
+    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let model = config.res_net()?.build(device, DType::F32, 0)?;
+    model.set_compute_dtype(compute);
+    let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
+    let x = (Tensor::rand(0f32, 255.0, (args.batch_size, 3, 32, 32), device)?).to_dtype(DType::F32)?;
+    let y = labels(args.batch_size, device)?;
+    let mut times = Vec::new();
+    for i in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let (loss, _) = trainer.train_step(std::slice::from_ref(&x), &y, 1e-3)?;
+        loss.to_scalar::<f32>()?; // waits for the device
+        if i >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    Ok((median * 1e3, args.batch_size as f64 / median))
+}
+
+fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize)> {
+    let n = args.epoch_images;
+    let mut s = 1u64;
+    let images: Vec<u8> = (0..n * 3072)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        })
+        .collect();
+    let lbl: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    let data = ImageDataset::from_parts(&images, &lbl, [3, 32, 32])?;
+    let loader = DataLoader::new(data, args.batch_size, device).shuffle(true);
+    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let model = config.res_net()?.build(device, DType::F32, 0)?;
+    let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
+    let start = Instant::now();
+    let history = trainer.fit(&loader, None, 1, &mut [])?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((seconds, history.epochs()[0].images_per_sec, n))
+}
+
+fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let device = select_device(&args.device)?;
+    // TF32 for f32 matrix products on CUDA (a no-op on the CPU).
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    let (out_diff, grad_diff, n_grads) = correctness(&device)?;
+    eprintln!("correctness: outputs {out_diff:.2e}, gradients {grad_diff:.2e} ({n_grads} tensors)");
+    let (f32_ms, f32_ips) = throughput(&args, &device, None)?;
+    eprintln!("f32/tf32: {f32_ms:.1} ms/step, {f32_ips:.0} img/s");
+    let bf16 = if device.is_cpu() {
+        None // candle's CPU convolution has no bf16 kernel
+    } else {
+        Some(throughput(&args, &device, Some(DType::BF16))?)
+    };
+    if let Some((ms, ips)) = bf16 {
+        eprintln!("bf16 mixed: {ms:.1} ms/step, {ips:.0} img/s");
+    }
+    let epoch = if args.epoch_images > 0 { Some(epoch_time(&args, &device)?) } else { None };
+    if let Some((secs, ips, n)) = epoch {
+        eprintln!("epoch of {n} images: {secs:.1} s ({ips:.0} img/s in fit)");
+    }
+    let opt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "null".into());
+    println!(
+        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"batch_size\": {}, \"stages\": {:?}, \"width_divisor\": {}, \
+         \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \
+         \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
+         \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
+         \"epoch\": {{\"images\": {}, \"seconds\": {}, \"images_per_sec\": {}}}}}",
+        device.location(),
+        args.batch_size,
+        args.stages,
+        args.width_divisor,
+        opt(bf16.map(|b| b.0)),
+        opt(bf16.map(|b| b.1)),
+        epoch.map(|e| e.2).unwrap_or(0),
+        opt(epoch.map(|e| e.0)),
+        opt(epoch.map(|e| e.1)),
+    );
+    Ok(())
+}

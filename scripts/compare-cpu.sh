@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# CPU speed, side by side: the crate's benchmark (examples/bench.rs) and the PyTorch and Keras
+# references (scripts/torch_reference.py, scripts/keras_bench.py) on the article's ResNet and
+# PlainNet, run alternately on this machine, round after round, so that drifts in machine load
+# hit all three alike. Prints every measurement as a JSON line (with peak memory and the load
+# average before the run), then a table of medians and the crate/PyTorch and crate/Keras ratios.
+#
+#   scripts/compare-cpu.sh [ROUNDS]            # default 1 round
+#   TORCH_PY=/path/to/venv/bin/python KERAS_PY=/path/to/tf-venv/bin/python scripts/compare-cpu.sh 3
+#
+# Environment: TORCH_PY / KERAS_PY (interpreters with torch / tensorflow-cpu; a missing one is
+# skipped and said so), STEPS (timed steps, default 3), WARMUP (default 1), THREADS (default 2),
+# MODELS (default "resnet plain"), OUT (default runs/compare-cpu).
+# Measure on an idle machine: PyTorch's threads busy-wait and collapse under any other load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-1}
+STEPS=${STEPS:-3}
+WARMUP=${WARMUP:-1}
+THREADS=${THREADS:-2}
+MODELS=${MODELS:-"resnet plain"}
+OUT=${OUT:-runs/compare-cpu}
+TORCH_PY=${TORCH_PY:-python3}
+KERAS_PY=${KERAS_PY:-python3}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+
+cargo build --release --example bench >&2
+have_torch=1; "$TORCH_PY" -c 'import torch' 2>/dev/null || { have_torch=0; echo "PyTorch not found in $TORCH_PY: skipped" >&2; }
+have_keras=1; "$KERAS_PY" -c 'import keras, tensorflow' 2>/dev/null || { have_keras=0; echo "Keras not found in $KERAS_PY: skipped" >&2; }
+
+# Runs one benchmark command; appends its JSON line with peak RSS (MiB) and load average.
+measure() {
+  local load mem line
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  line=$( { /usr/bin/time -f 'MAXRSS %M' "$@" 2> "$OUT/stderr.txt"; } | tail -n 1)
+  mem=$(awk '/^MAXRSS/ {printf "%.0f", $2 / 1024}' "$OUT/stderr.txt")
+  line="${line%\}}, \"peak_rss_mib\": ${mem:-null}, \"load_before\": $load}"
+  echo "$line" | tee -a "$RESULTS"
+}
+
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
+for round in $(seq "$ROUNDS"); do
+  for model in $MODELS; do
+    for cfg in "train 32" "train 128" "infer 128"; do
+      set -- $cfg
+      common=(--model "$model" --mode "$1" --batch-size "$2" --steps "$STEPS" --warmup "$WARMUP")
+      measure ./target/release/examples/bench "${common[@]}" --device cpu
+      [ $have_torch = 1 ] && measure "$TORCH_PY" scripts/torch_reference.py bench "${common[@]}" --threads "$THREADS"
+      [ $have_keras = 1 ] && measure "$KERAS_PY" scripts/keras_bench.py bench "${common[@]}" --threads "$THREADS"
+    done
+  done
+done
+
+python3 - "$RESULTS" <<'PY'
+import collections, json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+groups = collections.defaultdict(list)
+for r in rows:
+    groups[(r["model"], r["mode"], r["batch_size"], r["framework"])].append(r)
+print()
+print("| model | mode | batch | framework | img/s (median of runs) | step ms | peak RSS MiB | vs PyTorch | vs Keras |")
+print("|---|---|---|---|---|---|---|---|---|")
+keys = sorted({k[:3] for k in groups})
+for key in keys:
+    ips = {fw: statistics.median(r["images_per_sec"] for r in groups[key + (fw,)])
+           for (m, mo, b, fw) in groups if (m, mo, b) == key}
+    for fw in sorted(ips):
+        rs = groups[key + (fw,)]
+        ms = statistics.median(r["median_ms"] for r in rs)
+        mem = max((r.get("peak_rss_mib") or 0) for r in rs)
+        ratio = lambda ref: f"{ips[fw] / ips[ref]:.2f}" if ref in ips and fw != ref else ""
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {fw} | {ips[fw]:.1f} | {ms:.0f} | {mem} | {ratio('pytorch')} | {ratio('keras')} |")
+PY
