@@ -55,7 +55,9 @@ struct Args {
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let device = select_device(&args.device)?;
-    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let config = ResNetConfig::default()
+        .stages(args.stages.clone())
+        .width_divisor(args.width_divisor);
     let model = match args.model {
         Net::Resnet => config.res_net()?,
         Net::Plain => config.plain_net()?,
@@ -64,7 +66,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let x = (Tensor::rand(0f32, 1.0, (args.batch_size, 3, 32, 32), &device)? * 255.0)?;
     let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
     let labels = Tensor::from_vec(labels, args.batch_size, &device)?;
-    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: false })?;
+    let mut trainer = Trainer::new(
+        model.clone(),
+        AdamConfig::default(),
+        Loss::SparseCategoricalCrossentropy { from_logits: false },
+    )?;
 
     let mut times = Vec::new();
     for i in 0..args.warmup + args.steps {
@@ -75,7 +81,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 loss.to_scalar::<f32>()?; // waits for the device
             }
             Phase::Infer => {
-                let y = model.forward(std::slice::from_ref(&x), Mode::Eval)?.remove(0);
+                let y = model
+                    .forward(std::slice::from_ref(&x), Mode::Eval)?
+                    .remove(0);
                 y.sum_all()?.to_scalar::<f32>()?;
             }
         }
@@ -88,8 +96,14 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     println!(
         "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}}}",
         device.location(),
-        match args.model { Net::Resnet => "resnet", Net::Plain => "plain" },
-        match args.mode { Phase::Train => "train", Phase::Infer => "infer" },
+        match args.model {
+            Net::Resnet => "resnet",
+            Net::Plain => "plain",
+        },
+        match args.mode {
+            Phase::Train => "train",
+            Phase::Infer => "infer",
+        },
         args.batch_size,
         args.steps,
         times[0],

@@ -45,6 +45,16 @@ struct Args {
     stages: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     width_divisor: usize,
+    /// Also time f32 training with candle's own convolution backward (before/after numbers).
+    #[arg(long)]
+    compare_candle_conv: bool,
+    /// Only the correctness check (run it with NVIDIA_TF32_OVERRIDE=0 for full-f32 products).
+    #[arg(long)]
+    correctness_only: bool,
+    /// Only time single layers (forward + backward) at the first stage's shape, and the
+    /// phases of a training step, to see where the time goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 const PROBS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
@@ -57,7 +67,11 @@ fn labels(n: usize, device: &Device) -> candle_core::Result<Tensor> {
 fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1.0);
     Ok(diff / scale)
 }
@@ -81,7 +95,12 @@ fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
             .weights()?
             .iter()
             .filter(|w| w.trainable())
-            .map(|w| (w.name().to_string(), grads.get(w.var().as_tensor()).cloned()))
+            .map(|w| {
+                (
+                    w.name().to_string(),
+                    grads.get(w.var().as_tensor()).cloned(),
+                )
+            })
             .map(|(n, g)| (n, g.expect("every trainable weight has a gradient")))
             .collect();
         results.push((out, named));
@@ -95,11 +114,14 @@ fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
 }
 
 fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64)> {
-    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let config = ResNetConfig::default()
+        .stages(args.stages.clone())
+        .width_divisor(args.width_divisor);
     let model = config.res_net()?.build(device, DType::F32, 0)?;
     model.set_compute_dtype(compute);
     let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
-    let x = (Tensor::rand(0f32, 255.0, (args.batch_size, 3, 32, 32), device)?).to_dtype(DType::F32)?;
+    let x =
+        (Tensor::rand(0f32, 255.0, (args.batch_size, 3, 32, 32), device)?).to_dtype(DType::F32)?;
     let y = labels(args.batch_size, device)?;
     let mut times = Vec::new();
     for i in 0..args.warmup + args.steps {
@@ -120,14 +142,18 @@ fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize)> {
     let mut s = 1u64;
     let images: Vec<u8> = (0..n * 3072)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 56) as u8
         })
         .collect();
     let lbl: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
     let data = ImageDataset::from_parts(&images, &lbl, [3, 32, 32])?;
     let loader = DataLoader::new(data, args.batch_size, device).shuffle(true);
-    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let config = ResNetConfig::default()
+        .stages(args.stages.clone())
+        .width_divisor(args.width_divisor);
     let model = config.res_net()?.build(device, DType::F32, 0)?;
     let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
     let start = Instant::now();
@@ -136,15 +162,101 @@ fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize)> {
     Ok((seconds, history.epochs()[0].images_per_sec, n))
 }
 
+/// Median milliseconds of `f` (which must wait for the device itself).
+fn time_ms(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..steps + 3 {
+        let start = Instant::now();
+        f()?;
+        if i >= 3 {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// Forward + backward time of single layers at `(batch, 64, 32, 32)`, and of the phases of a
+/// full training step.
+fn profile(args: &Args, device: &Device) -> Result<String> {
+    let n = args.batch_size;
+    let mut out = Vec::new();
+    let layers: Vec<(&str, SymbolicTensor, SymbolicTensor)> = {
+        let x = Input::new([64, 32, 32]);
+        vec![
+            ("conv3x3", x.clone(), Conv2D::new(64, 3).padding(Padding::Same).call(&x)?),
+            ("batch_norm", x.clone(), BatchNorm::new().call(&x)?),
+            ("relu", x.clone(), ReLU::new().call(&x)?),
+            ("add", x.clone(), Add::new().call_many(&[x.clone(), x.clone()])?),
+        ]
+    };
+    for (name, x, y) in layers {
+        let model = Model::new(&[x], &[y])?.build(device, DType::F32, 0)?;
+        let input = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 64, 32, 32), device)?)?;
+        let ms = time_ms(args.steps, || {
+            let y = model.forward(&[input.as_tensor().clone()], Mode::Train)?.remove(0);
+            let g = y.sum_all()?.backward()?;
+            g.get(input.as_tensor()).map(|t| t.sum_all()).transpose()?.map(|t| t.to_scalar::<f32>()).transpose()?;
+            Ok(())
+        })?;
+        out.push(format!("\"{name}_fwd_bwd_ms\": {ms:.3}"));
+    }
+    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let model = config.res_net()?.build(device, DType::F32, 0)?;
+    let x = (Tensor::rand(0f32, 255.0, (n, 3, 32, 32), device)?).to_dtype(DType::F32)?;
+    let y = labels(n, device)?;
+    let fwd = time_ms(args.steps, || {
+        let out = model.forward(std::slice::from_ref(&x), Mode::Train)?.remove(0);
+        PROBS.compute(&out, &y)?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let fwd_bwd = time_ms(args.steps, || {
+        let out = model.forward(std::slice::from_ref(&x), Mode::Train)?.remove(0);
+        let grads = PROBS.compute(&out, &y)?.backward()?;
+        let first = model.trainable_vars()?.remove(0);
+        grads.get(first.as_tensor()).map(|g| g.sum_all()).transpose()?.map(|t| t.to_scalar::<f32>()).transpose()?;
+        Ok(())
+    })?;
+    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), PROBS)?;
+    let step = time_ms(args.steps, || {
+        trainer.train_step(std::slice::from_ref(&x), &y, 1e-3)?.0.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    out.push(format!("\"resnet_forward_ms\": {fwd:.2}, \"resnet_forward_backward_ms\": {fwd_bwd:.2}, \"resnet_train_step_ms\": {step:.2}"));
+    Ok(format!("{{{}}}", out.join(", ")))
+}
+
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let device = select_device(&args.device)?;
     // TF32 for f32 matrix products on CUDA (a no-op on the CPU).
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    if args.profile {
+        println!("{}", profile(&args, &device)?);
+        return Ok(());
+    }
     let (out_diff, grad_diff, n_grads) = correctness(&device)?;
     eprintln!("correctness: outputs {out_diff:.2e}, gradients {grad_diff:.2e} ({n_grads} tensors)");
+    if args.correctness_only {
+        println!(
+            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}"
+        );
+        return Ok(());
+    }
     let (f32_ms, f32_ips) = throughput(&args, &device, None)?;
     eprintln!("f32/tf32: {f32_ms:.1} ms/step, {f32_ips:.0} img/s");
+    let candle_conv = if args.compare_candle_conv {
+        candle_functional::ops::use_cudnn_backward(false);
+        let r = throughput(&args, &device, None)?;
+        candle_functional::ops::use_cudnn_backward(true);
+        eprintln!(
+            "f32/tf32 with candle's conv backward: {:.1} ms/step, {:.0} img/s",
+            r.0, r.1
+        );
+        Some(r)
+    } else {
+        None
+    };
     let bf16 = if device.is_cpu() {
         None // candle's CPU convolution has no bf16 kernel
     } else {
@@ -153,16 +265,24 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     if let Some((ms, ips)) = bf16 {
         eprintln!("bf16 mixed: {ms:.1} ms/step, {ips:.0} img/s");
     }
-    let epoch = if args.epoch_images > 0 { Some(epoch_time(&args, &device)?) } else { None };
+    let epoch = if args.epoch_images > 0 {
+        Some(epoch_time(&args, &device)?)
+    } else {
+        None
+    };
     if let Some((secs, ips, n)) = epoch {
         eprintln!("epoch of {n} images: {secs:.1} s ({ips:.0} img/s in fit)");
     }
-    let opt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "null".into());
+    let opt = |v: Option<f64>| {
+        v.map(|v| format!("{v:.2}"))
+            .unwrap_or_else(|| "null".into())
+    };
     println!(
         "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"batch_size\": {}, \"stages\": {:?}, \"width_divisor\": {}, \
          \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \
          \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
          \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
+         \"train_f32_candle_conv_backward\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
          \"epoch\": {{\"images\": {}, \"seconds\": {}, \"images_per_sec\": {}}}}}",
         device.location(),
         args.batch_size,
@@ -170,6 +290,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         args.width_divisor,
         opt(bf16.map(|b| b.0)),
         opt(bf16.map(|b| b.1)),
+        opt(candle_conv.map(|b| b.0)),
+        opt(candle_conv.map(|b| b.1)),
         epoch.map(|e| e.2).unwrap_or(0),
         opt(epoch.map(|e| e.0)),
         opt(epoch.map(|e| e.1)),

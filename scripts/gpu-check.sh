@@ -24,10 +24,12 @@ else
   chmod +x "$OUT/gpu_check"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >&2 || true
   if ldd "$OUT/gpu_check" | grep 'not found' >&2; then echo "missing CUDA libraries" >&2; exit 127; fi
-  CHECK=("$OUT/gpu_check" --device cuda)
+  CHECK=("$OUT/gpu_check" --device cuda --compare-candle-conv)
   TORCH=(--device cuda --steps 20 --warmup 5 --batch-size 128)
 fi
 
+# Correctness with full-f32 products (TF32 off), then everything with TF32 on.
+NVIDIA_TF32_OVERRIDE=0 "${CHECK[@]}" --correctness-only > "$OUT/correctness.json" 2> "$OUT/correctness.log"
 "${CHECK[@]}" "$@" > "$OUT/crate.json" 2> "$OUT/crate.log"
 echo "crate exit $?" >&2; cat "$OUT/crate.log" >&2
 : > "$OUT/torch.jsonl"
@@ -36,9 +38,10 @@ for extra in "--tf32" "--tf32 --amp bf16" "--tf32 --amp bf16 --channels-last"; d
   "$PY" scripts/torch_reference.py bench --model resnet --mode train "${TORCH[@]}" $extra 2>> "$OUT/torch.log" | tail -n 1 >> "$OUT/torch.jsonl"
 done
 
-"$PY" - "$OUT/crate.json" "$OUT/torch.jsonl" <<'PY'
+"$PY" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" <<'PY'
 import json, sys
 crate = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+crate["correctness_tf32_off"] = json.loads(open(sys.argv[3]).read().strip().splitlines()[-1])
 torch = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 def pick(amp, cl):
     for t in torch:
@@ -52,6 +55,7 @@ out = {
     "ratio_crate_over_pytorch": {
         "f32_tf32": ratio(crate["train_f32_tf32"]["images_per_sec"], (ref_f32 or {}).get("images_per_sec")),
         "bf16": ratio((crate["train_bf16_mixed"] or {}).get("images_per_sec"), (ref_bf16 or {}).get("images_per_sec")),
+        "f32_tf32_candle_conv_backward": ratio((crate.get("train_f32_candle_conv_backward") or {}).get("images_per_sec"), (ref_f32 or {}).get("images_per_sec")),
     },
 }
 print(json.dumps(out, indent=1))

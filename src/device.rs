@@ -19,10 +19,10 @@ pub fn select_device(spec: &str) -> Result<Device> {
     match spec.trim() {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                if let Ok(device) = Device::new_cuda(0) {
-                    return Ok(device);
-                }
+            if candle_core::utils::cuda_is_available()
+                && let Ok(device) = Device::new_cuda(0)
+            {
+                return Ok(device);
             }
             Ok(Device::Cpu)
         }

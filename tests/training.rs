@@ -416,3 +416,64 @@ fn predict_returns_one_row_per_sample() {
     let sums = probs.sum(1).unwrap().to_vec1::<f32>().unwrap();
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
 }
+
+#[test]
+fn mixed_precision_computes_in_half_and_keeps_f32_master_weights() {
+    let x = Input::new([6]);
+    let h = BatchNorm::new().call(&x).unwrap();
+    let h = Dense::new(8)
+        .activation(ActivationFn::Relu)
+        .call(&h)
+        .unwrap();
+    let y = Dense::new(3).call(&h).unwrap();
+    let model = Model::new(&[x], &[y])
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, 0)
+        .unwrap();
+    model.set_compute_dtype(Some(DType::BF16));
+    let inputs = Tensor::randn(0f32, 1.0, (16, 6), &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec(
+        (0..16u32).map(|i| i % 3).collect::<Vec<_>>(),
+        16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let out = model
+        .forward(&[inputs.clone()], Mode::Eval)
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.dtype(), DType::BF16);
+
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let mut trainer = Trainer::new(
+        model.clone(),
+        AdamConfig {
+            learning_rate: 1e-2,
+            ..Default::default()
+        },
+        loss,
+    )
+    .unwrap();
+    let first = trainer
+        .train_step(&[inputs.clone()], &labels, 1e-2)
+        .unwrap()
+        .0
+        .to_scalar::<f32>()
+        .unwrap();
+    for _ in 0..30 {
+        trainer
+            .train_step(&[inputs.clone()], &labels, 1e-2)
+            .unwrap();
+    }
+    let last = trainer
+        .train_step(&[inputs], &labels, 1e-2)
+        .unwrap()
+        .0
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(last < first * 0.8, "loss {first} -> {last}");
+    // Weights and BatchNorm state stay f32.
+    for w in model.weights().unwrap() {
+        assert_eq!(w.var().dtype(), DType::F32, "{}", w.name());
+    }
+}

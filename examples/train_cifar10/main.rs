@@ -264,13 +264,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let table = comparison_table(&results);
         std::fs::write(args.out.join("comparison.md"), &table)?;
         println!("{table}");
-    } else if let Some((name, h)) = results.first() {
-        if let Some(last) = h.last() {
-            println!(
-                "{name}: final val_accuracy {:.4}",
-                last.val_accuracy.unwrap_or(f64::NAN)
-            );
-        }
+    } else if let Some((name, h)) = results.first()
+        && let Some(last) = h.last()
+    {
+        println!(
+            "{name}: final val_accuracy {:.4}",
+            last.val_accuracy.unwrap_or(f64::NAN)
+        );
     }
     Ok(())
 }

@@ -46,7 +46,7 @@ pub fn draw_curves(
         });
         let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let (lo, hi) = if metric == "accuracy" {
-            (0.0, hi.max(0.1).min(1.0) * 1.05)
+            (0.0, hi.clamp(0.1, 1.0) * 1.05)
         } else {
             (0.0, hi.max(lo + 1e-3) * 1.05)
         };

@@ -43,7 +43,7 @@ impl ImageDataset {
     /// ```
     pub fn from_records(records: Vec<u8>, image_shape: [usize; 3]) -> Result<Self> {
         let record = 1 + image_shape.iter().product::<usize>();
-        if records.len() % record != 0 {
+        if !records.len().is_multiple_of(record) {
             return Err(Error::InvalidArgument(format!(
                 "{} bytes are not a whole number of {record}-byte records",
                 records.len()

@@ -268,7 +268,11 @@ impl<'a> Params<'a> {
         } else {
             var.as_tensor().detach()
         };
-        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+        Ok(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        })
     }
 
     /// The dtype layers compute in under mixed precision (`None`: the weights' own).
@@ -605,14 +609,14 @@ impl LayerRef {
     ) -> Result<()> {
         let mut guard = self.0.weights.write().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = guard.as_ref() {
-            if let Some(v) = existing.vars.first() {
-                if !v.device().same_device(device) || v.dtype() != dtype {
-                    return Err(Error::DeviceMismatch {
-                        layer: self.display_name(),
-                        existing: format!("{:?}/{:?}", v.device().location(), v.dtype()),
-                        requested: format!("{:?}/{dtype:?}", device.location()),
-                    });
-                }
+            if let Some(v) = existing.vars.first()
+                && (!v.device().same_device(device) || v.dtype() != dtype)
+            {
+                return Err(Error::DeviceMismatch {
+                    layer: self.display_name(),
+                    existing: format!("{:?}/{:?}", v.device().location(), v.dtype()),
+                    requested: format!("{:?}/{dtype:?}", device.location()),
+                });
             }
             return Ok(());
         }

@@ -171,12 +171,12 @@ fn collect_layers(
 fn assign_names(layers: &[LayerRef]) -> Result<()> {
     let mut taken: HashSet<String> = HashSet::new();
     for layer in layers {
-        if let Some(name) = layer.name() {
-            if !taken.insert(name.to_string()) {
-                return Err(Error::DuplicateLayerName {
-                    name: name.to_string(),
-                });
-            }
+        if let Some(name) = layer.name()
+            && !taken.insert(name.to_string())
+        {
+            return Err(Error::DuplicateLayerName {
+                name: name.to_string(),
+            });
         }
     }
     let mut counters: HashMap<String, usize> = HashMap::new();

@@ -308,10 +308,10 @@ impl Model {
                 .iter()
                 .map(|&s| slots[s].clone().ok_or_else(|| self.internal(s)))
                 .collect::<Result<Vec<_>>>()?;
-            let outputs = step
-                .node
-                .layer()
-                .forward(&args, mode, mix(seed, index as u64), compute_dtype)?;
+            let outputs =
+                step.node
+                    .layer()
+                    .forward(&args, mode, mix(seed, index as u64), compute_dtype)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }
@@ -581,7 +581,11 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn set_compute_dtype(&self, dtype: Option<DType>) {
-        *self.rng.compute_dtype.write().unwrap_or_else(|e| e.into_inner()) = dtype;
+        *self
+            .rng
+            .compute_dtype
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = dtype;
     }
 
     /// The mixed-precision compute dtype, if any.
@@ -594,7 +598,11 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn compute_dtype(&self) -> Option<DType> {
-        *self.rng.compute_dtype.read().unwrap_or_else(|e| e.into_inner())
+        *self
+            .rng
+            .compute_dtype
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets the forward-call counter (see [`Model::forward_calls`]).

@@ -13,8 +13,8 @@
 //!
 //! The buffers are built for a chunk of images at a time (so each product is large and the
 //! buffer stays bounded), with TensorFlow's asymmetric 'same' padding folded in (no padded
-//! copy of the input). On other devices [`conv2d`] falls back to candle's convolution after an
-//! explicit pad: that is the one place a cuDNN backward plugs in.
+//! copy of the input). On CUDA with the `cudnn` feature, [`conv2d`] runs cuDNN's forward and
+//! backward kernels (`ops::cudnn_conv`); elsewhere it falls back to candle's convolution.
 
 use std::cell::RefCell;
 use std::ops::AddAssign;
@@ -78,6 +78,27 @@ impl Conv2dGeometry {
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda()
+        && x.dtype() == kernel.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && CUDNN_BACKWARD.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let (t, b, l, r) = geometry.pad;
+        // cuDNN pads symmetrically per axis; TensorFlow's uneven 'same' split is padded here.
+        let (x, pad) = if t == b && l == r {
+            (x.clone(), [t, l])
+        } else {
+            (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, [0, 0])
+        };
+        let geometry = super::cudnn_conv::CudnnGeometry {
+            pad,
+            stride: geometry.stride,
+            dilation: geometry.dilation,
+            groups: geometry.groups,
+        };
+        return super::cudnn_conv::conv2d(&x, kernel, geometry);
+    }
     let gemm_path = x.device().is_cpu()
         && x.dtype() == kernel.dtype()
         && matches!(x.dtype(), DType::F32 | DType::F64);
@@ -87,6 +108,24 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<T
             .apply_op2(&kernel.contiguous()?, Conv2dGemm { geometry })?);
     }
     candle_conv2d(x, kernel, geometry)
+}
+
+#[cfg(feature = "cudnn")]
+static CUDNN_BACKWARD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// With the `cudnn` feature, CUDA convolutions run cuDNN for their forward and both backward
+/// passes; `false` switches back to candle's own convolution (cuDNN forward, candle's
+/// backward) for comparisons. Without the feature it does nothing.
+///
+/// # Examples
+/// ```
+/// candle_functional::ops::use_cudnn_backward(true);
+/// ```
+pub fn use_cudnn_backward(enabled: bool) {
+    #[cfg(feature = "cudnn")]
+    CUDNN_BACKWARD.store(enabled, std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "cudnn"))]
+    let _ = enabled;
 }
 
 /// candle's own convolution (cuDNN forward with the `cudnn` feature), after an explicit pad
@@ -207,7 +246,13 @@ fn with_buffers<T: Element, R>(a: usize, b: usize, f: impl FnOnce(&mut [T], &mut
 
 /// The range of output positions `o` whose input index `o * stride + offset - pad` falls
 /// inside `0..len`.
-fn valid_range(out_len: usize, stride: usize, offset: usize, pad: usize, len: usize) -> (usize, usize) {
+fn valid_range(
+    out_len: usize,
+    stride: usize,
+    offset: usize,
+    pad: usize,
+    len: usize,
+) -> (usize, usize) {
     // First o with o * stride + offset >= pad.
     let lo = pad.saturating_sub(offset).div_ceil(stride);
     // Last o with o * stride + offset - pad <= len - 1, i.e. o * stride <= len - 1 + pad - offset.
@@ -270,71 +315,94 @@ fn matmul<T: Element>(
 }
 
 /// Fills `col` (`ckk` rows of `nc · oh · ow`) for group `g` and images `n0..n0 + nc`.
-fn im2col<T: Element>(x: &[T], s: &Sizes, geo: &Conv2dGeometry, g: usize, n0: usize, nc: usize, col: &mut [T]) {
+fn im2col<T: Element>(
+    x: &[T],
+    s: &Sizes,
+    geo: &Conv2dGeometry,
+    g: usize,
+    n0: usize,
+    nc: usize,
+    col: &mut [T],
+) {
     let (pt, _, pl, _) = geo.pad;
     let (stride, dil) = (geo.stride, geo.dilation);
     let row_len = nc * s.ohw();
-    col.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
-        let c = g * s.cg() + r / (s.kh * s.kw);
-        let ki = (r / s.kw) % s.kh;
-        let kj = r % s.kw;
-        let (y_lo, y_hi) = valid_range(s.oh, stride, ki * dil, pt, s.h);
-        let (x_lo, x_hi) = valid_range(s.ow, stride, kj * dil, pl, s.w);
-        for nl in 0..nc {
-            let plane = &x[((n0 + nl) * s.c + c) * s.h * s.w..][..s.h * s.w];
-            let out = &mut row[nl * s.ohw()..][..s.ohw()];
-            out[..y_lo * s.ow].fill(T::default());
-            out[y_hi * s.ow..].fill(T::default());
-            for oy in y_lo..y_hi {
-                let dst = &mut out[oy * s.ow..][..s.ow];
-                let iy = oy * stride + ki * dil - pt;
-                let src = &plane[iy * s.w..][..s.w];
-                dst[..x_lo].fill(T::default());
-                dst[x_hi..].fill(T::default());
-                if x_hi > x_lo {
-                    let ix0 = x_lo * stride + kj * dil - pl;
-                    if stride == 1 {
-                        dst[x_lo..x_hi].copy_from_slice(&src[ix0..ix0 + (x_hi - x_lo)]);
-                    } else {
-                        for (d, v) in dst[x_lo..x_hi].iter_mut().zip(src[ix0..].iter().step_by(stride)) {
-                            *d = *v;
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// Adds `col` back into the images it was taken from (the adjoint of [`im2col`]).
-fn col2im<T: Element>(col: &[T], s: &Sizes, geo: &Conv2dGeometry, g: usize, nc: usize, dx: &mut [T]) {
-    let (pt, _, pl, _) = geo.pad;
-    let (stride, dil) = (geo.stride, geo.dilation);
-    let row_len = nc * s.ohw();
-    let image = s.c * s.h * s.w;
-    dx[..nc * image].par_chunks_mut(image).enumerate().for_each(|(nl, img)| {
-        for r in 0..s.ckk() {
+    col.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(r, row)| {
             let c = g * s.cg() + r / (s.kh * s.kw);
             let ki = (r / s.kw) % s.kh;
             let kj = r % s.kw;
             let (y_lo, y_hi) = valid_range(s.oh, stride, ki * dil, pt, s.h);
             let (x_lo, x_hi) = valid_range(s.ow, stride, kj * dil, pl, s.w);
-            if x_hi <= x_lo {
-                continue;
-            }
-            let plane = &mut img[c * s.h * s.w..][..s.h * s.w];
-            let src_row = &col[r * row_len + nl * s.ohw()..][..s.ohw()];
-            for oy in y_lo..y_hi {
-                let iy = oy * stride + ki * dil - pt;
-                let dst = &mut plane[iy * s.w..][..s.w];
-                let src = &src_row[oy * s.ow + x_lo..oy * s.ow + x_hi];
-                let ix0 = x_lo * stride + kj * dil - pl;
-                for (d, &v) in dst[ix0..].iter_mut().step_by(stride).zip(src) {
-                    *d += v;
+            for nl in 0..nc {
+                let plane = &x[((n0 + nl) * s.c + c) * s.h * s.w..][..s.h * s.w];
+                let out = &mut row[nl * s.ohw()..][..s.ohw()];
+                out[..y_lo * s.ow].fill(T::default());
+                out[y_hi * s.ow..].fill(T::default());
+                for oy in y_lo..y_hi {
+                    let dst = &mut out[oy * s.ow..][..s.ow];
+                    let iy = oy * stride + ki * dil - pt;
+                    let src = &plane[iy * s.w..][..s.w];
+                    dst[..x_lo].fill(T::default());
+                    dst[x_hi..].fill(T::default());
+                    if x_hi > x_lo {
+                        let ix0 = x_lo * stride + kj * dil - pl;
+                        if stride == 1 {
+                            dst[x_lo..x_hi].copy_from_slice(&src[ix0..ix0 + (x_hi - x_lo)]);
+                        } else {
+                            for (d, v) in dst[x_lo..x_hi]
+                                .iter_mut()
+                                .zip(src[ix0..].iter().step_by(stride))
+                            {
+                                *d = *v;
+                            }
+                        }
+                    }
                 }
             }
-        }
-    });
+        });
+}
+
+/// Adds `col` back into the images it was taken from (the adjoint of [`im2col`]).
+fn col2im<T: Element>(
+    col: &[T],
+    s: &Sizes,
+    geo: &Conv2dGeometry,
+    g: usize,
+    nc: usize,
+    dx: &mut [T],
+) {
+    let (pt, _, pl, _) = geo.pad;
+    let (stride, dil) = (geo.stride, geo.dilation);
+    let row_len = nc * s.ohw();
+    let image = s.c * s.h * s.w;
+    dx[..nc * image]
+        .par_chunks_mut(image)
+        .enumerate()
+        .for_each(|(nl, img)| {
+            for r in 0..s.ckk() {
+                let c = g * s.cg() + r / (s.kh * s.kw);
+                let ki = (r / s.kw) % s.kh;
+                let kj = r % s.kw;
+                let (y_lo, y_hi) = valid_range(s.oh, stride, ki * dil, pt, s.h);
+                let (x_lo, x_hi) = valid_range(s.ow, stride, kj * dil, pl, s.w);
+                if x_hi <= x_lo {
+                    continue;
+                }
+                let plane = &mut img[c * s.h * s.w..][..s.h * s.w];
+                let src_row = &col[r * row_len + nl * s.ohw()..][..s.ohw()];
+                for oy in y_lo..y_hi {
+                    let iy = oy * stride + ki * dil - pt;
+                    let dst = &mut plane[iy * s.w..][..s.w];
+                    let src = &src_row[oy * s.ow + x_lo..oy * s.ow + x_hi];
+                    let ix0 = x_lo * stride + kj * dil - pl;
+                    for (d, &v) in dst[ix0..].iter_mut().step_by(stride).zip(src) {
+                        *d += v;
+                    }
+                }
+            }
+        });
 }
 
 /// Copies `dy` for group `g`, images `n0..n0 + nc` into `buf` as `og` rows of `nc · oh · ow`.
@@ -352,23 +420,38 @@ fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = vec![T::default(); s.n * s.o * ohw];
     let chunk = s.chunk().clamp(1, s.n);
-    with_buffers(ckk * chunk * ohw, og * chunk * ohw, |col: &mut [T], out: &mut [T]| {
-        for g in 0..s.groups {
-            let kernel = &k[g * og * ckk..][..og * ckk];
-            for n0 in (0..s.n).step_by(chunk) {
-                let nc = chunk.min(s.n - n0);
-                let cols = nc * ohw;
-                im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
-                matmul(og, cols, ckk, out, cols, false, kernel, (ckk, 1), col, (cols, 1));
-                for nl in 0..nc {
-                    for o in 0..og {
-                        let dst = &mut y[((n0 + nl) * s.o + g * og + o) * ohw..][..ohw];
-                        dst.copy_from_slice(&out[o * cols + nl * ohw..][..ohw]);
+    with_buffers(
+        ckk * chunk * ohw,
+        og * chunk * ohw,
+        |col: &mut [T], out: &mut [T]| {
+            for g in 0..s.groups {
+                let kernel = &k[g * og * ckk..][..og * ckk];
+                for n0 in (0..s.n).step_by(chunk) {
+                    let nc = chunk.min(s.n - n0);
+                    let cols = nc * ohw;
+                    im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
+                    matmul(
+                        og,
+                        cols,
+                        ckk,
+                        out,
+                        cols,
+                        false,
+                        kernel,
+                        (ckk, 1),
+                        col,
+                        (cols, 1),
+                    );
+                    for nl in 0..nc {
+                        for o in 0..og {
+                            let dst = &mut y[((n0 + nl) * s.o + g * og + o) * ohw..][..ohw];
+                            dst.copy_from_slice(&out[o * cols + nl * ohw..][..ohw]);
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     y
 }
 
@@ -377,19 +460,34 @@ fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry
     let image = s.c * s.h * s.w;
     let mut dx = vec![T::default(); s.n * image];
     let chunk = s.chunk().clamp(1, s.n);
-    with_buffers(og * chunk * ohw, ckk * chunk * ohw, |rows: &mut [T], dcol: &mut [T]| {
-        for g in 0..s.groups {
-            let kernel = &k[g * og * ckk..][..og * ckk];
-            for n0 in (0..s.n).step_by(chunk) {
-                let nc = chunk.min(s.n - n0);
-                let cols = nc * ohw;
-                gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
-                // dcol = Wᵀ · dY: the kernel read column-major is its transpose.
-                matmul(ckk, cols, og, dcol, cols, false, kernel, (1, ckk), rows, (cols, 1));
-                col2im(&dcol[..ckk * cols], s, geo, g, nc, &mut dx[n0 * image..]);
+    with_buffers(
+        og * chunk * ohw,
+        ckk * chunk * ohw,
+        |rows: &mut [T], dcol: &mut [T]| {
+            for g in 0..s.groups {
+                let kernel = &k[g * og * ckk..][..og * ckk];
+                for n0 in (0..s.n).step_by(chunk) {
+                    let nc = chunk.min(s.n - n0);
+                    let cols = nc * ohw;
+                    gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
+                    // dcol = Wᵀ · dY: the kernel read column-major is its transpose.
+                    matmul(
+                        ckk,
+                        cols,
+                        og,
+                        dcol,
+                        cols,
+                        false,
+                        kernel,
+                        (1, ckk),
+                        rows,
+                        (cols, 1),
+                    );
+                    col2im(&dcol[..ckk * cols], s, geo, g, nc, &mut dx[n0 * image..]);
+                }
             }
-        }
-    });
+        },
+    );
     dx
 }
 
@@ -397,19 +495,34 @@ fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometr
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut dk = vec![T::default(); s.o * ckk];
     let chunk = s.chunk().clamp(1, s.n);
-    with_buffers(og * chunk * ohw, ckk * chunk * ohw, |rows: &mut [T], col: &mut [T]| {
-        for g in 0..s.groups {
-            let dk_g = &mut dk[g * og * ckk..][..og * ckk];
-            for (i, n0) in (0..s.n).step_by(chunk).enumerate() {
-                let nc = chunk.min(s.n - n0);
-                let cols = nc * ohw;
-                gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
-                im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
-                // dW += dY · colᵀ: col read column-major is its transpose.
-                matmul(og, ckk, cols, dk_g, ckk, i > 0, rows, (cols, 1), col, (1, cols));
+    with_buffers(
+        og * chunk * ohw,
+        ckk * chunk * ohw,
+        |rows: &mut [T], col: &mut [T]| {
+            for g in 0..s.groups {
+                let dk_g = &mut dk[g * og * ckk..][..og * ckk];
+                for (i, n0) in (0..s.n).step_by(chunk).enumerate() {
+                    let nc = chunk.min(s.n - n0);
+                    let cols = nc * ohw;
+                    gather_rows(dy, s, g, n0, nc, &mut rows[..og * cols]);
+                    im2col(x, s, geo, g, n0, nc, &mut col[..ckk * cols]);
+                    // dW += dY · colᵀ: col read column-major is its transpose.
+                    matmul(
+                        og,
+                        ckk,
+                        cols,
+                        dk_g,
+                        ckk,
+                        i > 0,
+                        rows,
+                        (cols, 1),
+                        col,
+                        (1, cols),
+                    );
+                }
             }
-        }
-    });
+        },
+    );
     dk
 }
 

@@ -1,0 +1,312 @@
+//! Convolution through cuDNN for the forward *and both backward passes* (feature `cudnn`).
+//!
+//! candle 0.11 uses cuDNN for the forward pass only; its input gradient is a naive
+//! `conv_transpose2d` kernel (one thread per output element) and its kernel gradient a
+//! convolution over transposed tensors. Here the three products are
+//! `cudnnConvolutionForward`, `cudnnConvolutionBackwardData` and
+//! `cudnnConvolutionBackwardFilter`, with cuDNN's heuristics picking each algorithm, f32
+//! accumulation, and tensor-core math (TF32 for f32 tensors, as PyTorch's default on cuDNN).
+//! Padding must be symmetric per axis: the caller pads explicitly otherwise.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
+    FilterDescriptor, TensorDescriptor, sys,
+};
+use candle_core::cuda::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda::{CudaDType, DeviceId};
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
+    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<Cudnn>> {
+    HANDLES.with(|h| {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = Cudnn::new(dev.cuda_stream())?;
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })
+}
+
+/// Symmetric padding `[h, w]`, stride, dilation and groups of a cuDNN convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CudnnGeometry {
+    pub(crate) pad: [usize; 2],
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
+    pub(crate) groups: usize,
+}
+
+impl CudnnGeometry {
+    fn output(&self, x: &[usize], w: &[usize]) -> [usize; 4] {
+        let span = |k: usize| (k - 1) * self.dilation + 1;
+        [
+            x[0],
+            w[0],
+            (x[2] + 2 * self.pad[0] - span(w[2])) / self.stride + 1,
+            (x[3] + 2 * self.pad[1] - span(w[3])) / self.stride + 1,
+        ]
+    }
+}
+
+/// Scalars 1 and 0 of a tensor type.
+trait Unit: Copy {
+    const ONE: Self;
+    const ZERO: Self;
+}
+impl Unit for f32 {
+    const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
+}
+impl Unit for half::bf16 {
+    const ONE: Self = half::bf16::ONE;
+    const ZERO: Self = half::bf16::ZERO;
+}
+impl Unit for half::f16 {
+    const ONE: Self = half::f16::ONE;
+    const ZERO: Self = half::f16::ZERO;
+}
+
+struct Descriptors<T: CudnnDataType> {
+    conv: ConvDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
+}
+
+fn dims4(d: &[usize]) -> [i32; 4] {
+    [d[0] as i32, d[1] as i32, d[2] as i32, d[3] as i32]
+}
+
+fn descriptors<T: CudnnDataType>(
+    cudnn: &Arc<Cudnn>,
+    g: &CudnnGeometry,
+    x: &[usize],
+    w: &[usize],
+) -> candle_core::Result<Descriptors<T>> {
+    let mut conv = cudnn.create_conv2d::<f32>(
+        [g.pad[0] as i32, g.pad[1] as i32],
+        [g.stride as i32; 2],
+        [g.dilation as i32; 2],
+        sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+    )?;
+    conv.set_group_count(g.groups as i32)?;
+    // As PyTorch: f32 keeps cuDNN's default math, which allows TF32 tensor cores; half types
+    // ask for tensor-core math explicitly.
+    let math = match T::DATA_TYPE {
+        sys::cudnnDataType_t::CUDNN_DATA_FLOAT => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    };
+    conv.set_math_type(math)?;
+    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    Ok(Descriptors {
+        x: cudnn.create_4d_tensor::<T>(nchw, dims4(x))?,
+        w: cudnn.create_4d_filter::<T>(nchw, dims4(w))?,
+        y: cudnn.create_4d_tensor::<T>(nchw, dims4(&g.output(x, w)))?,
+        conv,
+    })
+}
+
+fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<candle_core::cuda::cudarc::driver::CudaView<'a, T>> {
+    let slice = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice(start..end)),
+        None => candle_core::bail!("cudnn conv2d: contiguous tensors expected"),
+    }
+}
+
+fn workspace(dev: &CudaDevice, bytes: usize) -> candle_core::Result<CudaSlice<u8>> {
+    dev.alloc_zeros::<u8>(bytes.max(1))
+}
+
+/// What to compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// `(x, w) -> y`.
+    Forward,
+    /// `(dy, w) -> dx`, `dims` = x's dims.
+    Data,
+    /// `(x, dy) -> dw`, `dims` = w's dims.
+    Filter,
+}
+
+fn run<T>(
+    pass: Pass,
+    g: &CudnnGeometry,
+    dims: &[usize],
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)>
+where
+    T: CudnnDataType + CudaDType + DeviceRepr + ValidAsZeroBits + Unit,
+{
+    let dev = &a.0.device;
+    let cudnn = handle(dev)?;
+    let (x_dims, w_dims): (Vec<usize>, Vec<usize>) = match pass {
+        Pass::Forward => (a.1.dims().to_vec(), b.1.dims().to_vec()),
+        Pass::Data => (dims.to_vec(), b.1.dims().to_vec()),
+        Pass::Filter => (a.1.dims().to_vec(), dims.to_vec()),
+    };
+    let d = descriptors::<T>(&cudnn, g, &x_dims, &w_dims)?;
+    let (va, vb) = (view::<T>(a.0, a.1)?, view::<T>(b.0, b.1)?);
+    let (out_dims, slice) = match pass {
+        Pass::Forward => {
+            let out = g.output(&x_dims, &w_dims);
+            let mut y = dev.alloc_zeros::<T>(out.iter().product())?;
+            let op = ConvForward {
+                conv: &d.conv,
+                x: &d.x,
+                w: &d.w,
+                y: &d.y,
+            };
+            let algo = op.pick_algorithm()?;
+            let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
+            // SAFETY: the descriptors describe exactly these buffers (shapes and dtype).
+            unsafe { op.launch(algo, Some(&mut ws), (T::ONE, T::ZERO), &va, &vb, &mut y) }?;
+            (out.to_vec(), y)
+        }
+        Pass::Data => {
+            let mut dx = dev.alloc_zeros::<T>(x_dims.iter().product())?;
+            let op = ConvBackwardData {
+                conv: &d.conv,
+                dx: &d.x,
+                w: &d.w,
+                dy: &d.y,
+            };
+            let algo = op.pick_algorithm()?;
+            let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
+            // SAFETY: as above; `va` is dy, `vb` the kernel.
+            unsafe { op.launch(algo, Some(&mut ws), (T::ONE, T::ZERO), &mut dx, &vb, &va) }?;
+            (x_dims, dx)
+        }
+        Pass::Filter => {
+            let mut dw = dev.alloc_zeros::<T>(w_dims.iter().product())?;
+            let op = ConvBackwardFilter {
+                conv: &d.conv,
+                x: &d.x,
+                dw: &d.w,
+                dy: &d.y,
+            };
+            let algo = op.pick_algorithm()?;
+            let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
+            // SAFETY: as above; `va` is x, `vb` is dy.
+            unsafe { op.launch(algo, Some(&mut ws), (T::ONE, T::ZERO), &va, &mut dw, &vb) }?;
+            (w_dims, dw)
+        }
+    };
+    Ok((
+        CudaStorage::wrap_cuda_slice(slice, dev.clone()),
+        Shape::from(out_dims),
+    ))
+}
+
+fn dispatch(
+    pass: Pass,
+    g: &CudnnGeometry,
+    dims: &[usize],
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match a.0.dtype() {
+        DType::F32 => run::<f32>(pass, g, dims, a, b),
+        DType::BF16 => run::<half::bf16>(pass, g, dims, a, b),
+        DType::F16 => run::<half::f16>(pass, g, dims, a, b),
+        other => candle_core::bail!("cudnn conv2d: unsupported dtype {other:?}"),
+    }
+}
+
+/// A cuDNN pass as a candle op (CUDA only; the CPU has its own GEMM path).
+struct CudnnPass {
+    pass: Pass,
+    geometry: CudnnGeometry,
+    dims: Vec<usize>,
+}
+
+impl CustomOp2 for CudnnPass {
+    fn name(&self) -> &'static str {
+        match self.pass {
+            Pass::Forward => "cudnn-conv2d",
+            Pass::Data => "cudnn-conv2d-backward-data",
+            Pass::Filter => "cudnn-conv2d-backward-filter",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        dispatch(self.pass, &self.geometry, &self.dims, (s1, l1), (s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.pass != Pass::Forward {
+            candle_core::bail!("{}: no second derivative", self.name());
+        }
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &CudnnPass {
+                pass: Pass::Data,
+                geometry: self.geometry,
+                dims: x.dims().to_vec(),
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &CudnnPass {
+                pass: Pass::Filter,
+                geometry: self.geometry,
+                dims: w.dims().to_vec(),
+            },
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// cuDNN convolution of contiguous NCHW `x` with an OIHW kernel, differentiable through
+/// cuDNN's backward kernels.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    geometry: CudnnGeometry,
+) -> crate::Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(
+        &kernel.contiguous()?,
+        CudnnPass {
+            pass: Pass::Forward,
+            geometry,
+            dims: Vec::new(),
+        },
+    )?)
+}
