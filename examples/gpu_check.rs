@@ -1,8 +1,8 @@
 //! Every GPU check in one run, printing one JSON object:
 //!
 //! 1. **correctness**: a small residual network built with the same seed on the CPU and on the
-//!    requested device, run in training mode on the same batch; outputs and the gradients of
-//!    every weight are compared;
+//!    requested device, run in training mode on the same batch; outputs, the gradients of
+//!    every weight and the updated BatchNorm statistics are compared;
 //! 2. **throughput**: training steps of the article's ResNet at batch 128 in f32 (TF32 matrix
 //!    products) and in bf16 mixed precision (f32 master weights), median of timed steps;
 //! 3. **epoch time**: one epoch over 50,000 synthetic CIFAR-shaped images through
@@ -102,6 +102,14 @@ fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
                 )
             })
             .map(|(n, g)| (n, g.expect("every trainable weight has a gradient")))
+            // BatchNorm's moving statistics after the training step are compared too.
+            .chain(
+                model
+                    .weights()?
+                    .iter()
+                    .filter(|w| !w.trainable())
+                    .map(|w| (w.name().to_string(), w.var().as_tensor().clone())),
+            )
             .collect();
         results.push((out, named));
     }
@@ -184,42 +192,71 @@ fn profile(args: &Args, device: &Device) -> Result<String> {
     let layers: Vec<(&str, SymbolicTensor, SymbolicTensor)> = {
         let x = Input::new([64, 32, 32]);
         vec![
-            ("conv3x3", x.clone(), Conv2D::new(64, 3).padding(Padding::Same).call(&x)?),
+            (
+                "conv3x3",
+                x.clone(),
+                Conv2D::new(64, 3).padding(Padding::Same).call(&x)?,
+            ),
             ("batch_norm", x.clone(), BatchNorm::new().call(&x)?),
             ("relu", x.clone(), ReLU::new().call(&x)?),
-            ("add", x.clone(), Add::new().call_many(&[x.clone(), x.clone()])?),
+            (
+                "add",
+                x.clone(),
+                Add::new().call_many(&[x.clone(), x.clone()])?,
+            ),
         ]
     };
     for (name, x, y) in layers {
         let model = Model::new(&[x], &[y])?.build(device, DType::F32, 0)?;
-        let input = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 64, 32, 32), device)?)?;
+        let input =
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 64, 32, 32), device)?)?;
         let ms = time_ms(args.steps, || {
-            let y = model.forward(&[input.as_tensor().clone()], Mode::Train)?.remove(0);
+            let y = model
+                .forward(&[input.as_tensor().clone()], Mode::Train)?
+                .remove(0);
             let g = y.sum_all()?.backward()?;
-            g.get(input.as_tensor()).map(|t| t.sum_all()).transpose()?.map(|t| t.to_scalar::<f32>()).transpose()?;
+            g.get(input.as_tensor())
+                .map(|t| t.sum_all())
+                .transpose()?
+                .map(|t| t.to_scalar::<f32>())
+                .transpose()?;
             Ok(())
         })?;
         out.push(format!("\"{name}_fwd_bwd_ms\": {ms:.3}"));
     }
-    let config = ResNetConfig::default().stages(args.stages.clone()).width_divisor(args.width_divisor);
+    let config = ResNetConfig::default()
+        .stages(args.stages.clone())
+        .width_divisor(args.width_divisor);
     let model = config.res_net()?.build(device, DType::F32, 0)?;
     let x = (Tensor::rand(0f32, 255.0, (n, 3, 32, 32), device)?).to_dtype(DType::F32)?;
     let y = labels(n, device)?;
     let fwd = time_ms(args.steps, || {
-        let out = model.forward(std::slice::from_ref(&x), Mode::Train)?.remove(0);
+        let out = model
+            .forward(std::slice::from_ref(&x), Mode::Train)?
+            .remove(0);
         PROBS.compute(&out, &y)?.to_scalar::<f32>()?;
         Ok(())
     })?;
     let fwd_bwd = time_ms(args.steps, || {
-        let out = model.forward(std::slice::from_ref(&x), Mode::Train)?.remove(0);
+        let out = model
+            .forward(std::slice::from_ref(&x), Mode::Train)?
+            .remove(0);
         let grads = PROBS.compute(&out, &y)?.backward()?;
         let first = model.trainable_vars()?.remove(0);
-        grads.get(first.as_tensor()).map(|g| g.sum_all()).transpose()?.map(|t| t.to_scalar::<f32>()).transpose()?;
+        grads
+            .get(first.as_tensor())
+            .map(|g| g.sum_all())
+            .transpose()?
+            .map(|t| t.to_scalar::<f32>())
+            .transpose()?;
         Ok(())
     })?;
     let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), PROBS)?;
     let step = time_ms(args.steps, || {
-        trainer.train_step(std::slice::from_ref(&x), &y, 1e-3)?.0.to_scalar::<f32>()?;
+        trainer
+            .train_step(std::slice::from_ref(&x), &y, 1e-3)?
+            .0
+            .to_scalar::<f32>()?;
         Ok(())
     })?;
     out.push(format!("\"resnet_forward_ms\": {fwd:.2}, \"resnet_forward_backward_ms\": {fwd_bwd:.2}, \"resnet_train_step_ms\": {step:.2}"));

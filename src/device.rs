@@ -22,6 +22,7 @@ pub fn select_device(spec: &str) -> Result<Device> {
             if candle_core::utils::cuda_is_available()
                 && let Ok(device) = Device::new_cuda(0)
             {
+                keep_freed_gpu_memory(&device)?;
                 return Ok(device);
             }
             Ok(Device::Cpu)
@@ -36,6 +37,50 @@ pub fn select_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Keeps memory freed on a CUDA device in the driver's pool instead of returning it to the
+/// system at every synchronization.
+///
+/// candle allocates every tensor with `cuMemAllocAsync` from the device's default pool, whose
+/// release threshold is 0: each time the host waits for the GPU (reading the loss, say), the
+/// pool hands its free memory back, and the next training step pays for fresh allocations.
+/// PyTorch keeps its own cache for the same reason. [`select_device`] calls this for every
+/// CUDA device it opens; call it yourself for devices made with `Device::new_cuda`. A no-op on
+/// other devices.
+///
+/// # Examples
+/// ```
+/// candle_functional::keep_freed_gpu_memory(&candle_core::Device::Cpu)?;
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn keep_freed_gpu_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda::cudarc::driver::sys;
+        let stream = dev.cuda_stream();
+        let cu_device = stream.context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: plain driver calls on a valid device handle; `threshold` outlives the call.
+        let status = unsafe {
+            match sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) {
+                sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                ),
+                other => other,
+            }
+        };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::InvalidArgument(format!(
+                "cannot configure the CUDA memory pool: {status:?}"
+            )));
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
 fn cuda(ordinal: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::InvalidArgument(format!(
@@ -43,8 +88,10 @@ fn cuda(ordinal: usize) -> Result<Device> {
              rebuild with `--features cuda` (or `cudnn`), or use --device cpu"
         )));
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::InvalidArgument(format!("cannot open CUDA device {ordinal}: {e}")))
+    let device = Device::new_cuda(ordinal)
+        .map_err(|e| Error::InvalidArgument(format!("cannot open CUDA device {ordinal}: {e}")))?;
+    keep_freed_gpu_memory(&device)?;
+    Ok(device)
 }
 
 #[cfg(test)]

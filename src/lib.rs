@@ -38,7 +38,7 @@ pub mod models;
 pub mod ops;
 pub mod train;
 
-pub use device::select_device;
+pub use device::{keep_freed_gpu_memory, select_device};
 pub use error::{Error, Result};
 pub use graph::{
     Configured, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, SymbolicTensor,

@@ -3,21 +3,11 @@
 //! the composed one; outputs, gradients and moving statistics must agree. Likewise the fused
 //! per-channel bias add of Conv2D/Dense against a broadcast add.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::prelude::*;
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use common::max_abs_diff;
 
 /// A one-BatchNorm model over `shape` with channel axis `axis`, weights set to fixed values.
 fn bn_model(shape: [usize; 2], axis: isize, gamma: &Tensor, beta: &Tensor) -> Model {
@@ -65,7 +55,7 @@ fn fused_batch_norm_matches_the_composed_path() {
             .unwrap()
             .remove(0);
         let yc_as_f = yc.transpose(1, 2).unwrap();
-        assert!(max_diff(&yf, &yc_as_f) < 1e-10, "{mode:?} outputs");
+        assert!(max_abs_diff(&yf, &yc_as_f) < 1e-10, "{mode:?} outputs");
 
         let gf = (yf * &upstream)
             .unwrap()
@@ -81,7 +71,7 @@ fn fused_batch_norm_matches_the_composed_path() {
             .unwrap();
         let dxf = gf.get(xf.as_tensor()).unwrap();
         let dxc = gc.get(xc.as_tensor()).unwrap().transpose(1, 2).unwrap();
-        assert!(max_diff(dxf, &dxc) < 1e-10, "{mode:?} input gradient");
+        assert!(max_abs_diff(dxf, &dxc) < 1e-10, "{mode:?} input gradient");
         if mode == Mode::Train {
             let wf = fused.weights().unwrap();
             let wc = composed.weights().unwrap();
@@ -96,7 +86,7 @@ fn fused_batch_norm_matches_the_composed_path() {
                 } else {
                     (a.var().as_tensor().clone(), b.var().as_tensor().clone())
                 };
-                assert!(max_diff(&ta, &tb) < 1e-10, "{}", a.name());
+                assert!(max_abs_diff(&ta, &tb) < 1e-10, "{}", a.name());
             }
         }
     }
@@ -125,7 +115,7 @@ fn fused_bias_add_matches_broadcast_add() {
     let outs = model
         .forward(&[input.clone(), input.unsqueeze(1).unwrap()], Mode::Train)
         .unwrap();
-    assert!(max_diff(&outs[0], &outs[1].squeeze(1).unwrap()) < 1e-12);
+    assert!(max_abs_diff(&outs[0], &outs[1].squeeze(1).unwrap()) < 1e-12);
     let bias = model
         .weights()
         .unwrap()
@@ -138,6 +128,6 @@ fn fused_bias_add_matches_broadcast_add() {
         g0.get(bias.var().as_tensor()).unwrap(),
         g1.get(bias.var().as_tensor()).unwrap(),
     );
-    assert!(max_diff(a, b) < 1e-12);
+    assert!(max_abs_diff(a, b) < 1e-12);
     assert_eq!(a.to_vec1::<f64>().unwrap(), [5.0, 5.0, 5.0]);
 }

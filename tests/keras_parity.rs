@@ -10,12 +10,15 @@
 // `&[x.clone()]` reads better than `std::slice::from_ref(&x)` in tests.
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use candle_functional::prelude::*;
+use common::{max_abs, max_abs_diff};
 
-const TOLERANCE: f32 = 1e-4;
+const TOLERANCE: f64 = 1e-4;
 
 fn fixture() -> HashMap<String, Tensor> {
     let path = concat!(
@@ -139,20 +142,6 @@ fn loaded_model(fx: &HashMap<String, Tensor>) -> Model {
     model
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn inference_matches_keras() {
     let fx = fixture();
@@ -204,14 +193,7 @@ fn training_mode_matches_keras_outputs_and_moving_statistics() {
             let got = &weights[&format!("{bn}.{stat}")];
             let want = &fx[&format!("train_state.{bn}.{stat}")];
             // Relative: bn_in's variance is in the thousands.
-            let scale = want
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1.0);
+            let scale = max_abs(want);
             let d = max_abs_diff(got, want) / scale;
             assert!(d <= TOLERANCE, "{bn}.{stat}: relative diff {d}");
         }

@@ -2,33 +2,11 @@
 //! both gradients, over strides, asymmetric padding, dilation, groups, and batches large
 //! enough to be split into several im2col chunks.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::ops::{Conv2dGeometry, candle_conv2d, conv2d};
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn scale(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0)
-}
+use common::{max_abs, max_abs_diff};
 
 fn compare(
     x_shape: (usize, usize, usize, usize),
@@ -41,8 +19,11 @@ fn compare(
     let ours = conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
     let theirs = candle_conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
     assert_eq!(ours.dims(), theirs.dims(), "{g:?}");
-    let d = max_diff(&ours, &theirs);
-    assert!(d <= 1e-4 * scale(&theirs), "{g:?}: forward differs by {d}");
+    let d = max_abs_diff(&ours, &theirs);
+    assert!(
+        d <= 1e-4 * max_abs(&theirs),
+        "{g:?}: forward differs by {d}"
+    );
 
     // Same upstream gradient through both.
     let upstream = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
@@ -63,9 +44,9 @@ fn compare(
             go.get(v.as_tensor()).unwrap(),
             gt.get(v.as_tensor()).unwrap(),
         );
-        let d = max_diff(a, b);
+        let d = max_abs_diff(a, b);
         assert!(
-            d <= 1e-4 * scale(b),
+            d <= 1e-4 * max_abs(b),
             "{g:?}: {name} gradient differs by {d}"
         );
     }
@@ -117,7 +98,7 @@ fn f64_is_supported() {
     let g = geometry((0, 1, 0, 1), 2, 1, 1);
     let x = Tensor::randn(0f64, 1.0, (1, 2, 6, 6), &dev).unwrap();
     let k = Tensor::randn(0f64, 1.0, (3, 2, 3, 3), &dev).unwrap();
-    let d = max_diff(
+    let d = max_abs_diff(
         &conv2d(&x, &k, g).unwrap().to_dtype(DType::F32).unwrap(),
         &candle_conv2d(&x, &k, g)
             .unwrap()

@@ -5,11 +5,14 @@
 // `&[x.clone()]` reads better than `std::slice::from_ref(&x)` in tests.
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::data::{DataLoader, ImageDataset};
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::train::*;
+use common::max_abs_diff;
 
 fn scalar_values(v: &Var) -> Vec<f64> {
     v.as_tensor().to_vec1::<f64>().unwrap()
@@ -242,14 +245,7 @@ fn checkpoint_round_trip_restores_weights_optimizer_and_history() {
     let wa = a.model().weight_map().unwrap();
     let wb = b.model().weight_map().unwrap();
     for (name, t) in &wa {
-        let same = (t - &wb[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let same = max_abs_diff(t, &wb[name]);
         assert_eq!(same, 0.0, "{name}");
     }
     // A checkpoint of another model is refused and names the problem.
@@ -326,16 +322,7 @@ fn resuming_gives_the_weights_of_an_uninterrupted_run() {
     let wf = full.model().weight_map().unwrap();
     let wr = resumed.model().weight_map().unwrap();
     for (name, t) in &wf {
-        let diff = (t - &wr[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(t, &wr[name]);
         assert_eq!(diff, 0.0, "{name} differs by {diff}");
     }
     assert_eq!(

@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
 use crate::layers::Initializer;
+use crate::layers::padding::non_batch_axis;
 use crate::ops::batch_norm as ops;
 use crate::{Error, Result};
 
@@ -127,22 +128,7 @@ impl BatchNorm {
 impl BatchNormConfig {
     /// The channel axis in the full tensor (rank = per-sample rank + 1).
     fn full_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
-        let rank = sample_rank as isize + 1;
-        let axis = if self.axis < 0 {
-            self.axis + rank
-        } else {
-            self.axis
-        };
-        if axis < 1 || axis >= rank {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!(
-                    "axis {} is not a non-batch axis of a rank-{rank} tensor",
-                    self.axis
-                ),
-            });
-        }
-        Ok(axis as usize)
+        non_batch_axis(layer, self.axis, sample_rank)
     }
 
     /// Index of each weight in `param_specs` order.
@@ -184,6 +170,37 @@ impl BatchNormConfig {
         };
         let affine = Tensor::stack(&[gamma, beta], 0)?;
         ops::normalize(x, &stats, &affine, self.epsilon, params.mode().is_train())
+    }
+}
+
+#[cfg(feature = "cudnn")]
+impl BatchNormConfig {
+    /// The CUDA training path: cuDNN's fused kernels, and the moving statistics updated here
+    /// from the batch moments (biased variance, Keras's rule).
+    fn forward_cudnn(&self, x: &Tensor, params: &Params) -> Result<Tensor> {
+        let (gamma_i, beta_i, mean_i, var_i) = self.indices();
+        let channels = x.dim(1)?;
+        let constant = |value: f64| Tensor::full(value as f32, channels, x.device());
+        let gamma = match gamma_i {
+            Some(i) => params.get_as(i, DType::F32)?,
+            None => constant(1.0)?,
+        };
+        let beta = match beta_i {
+            Some(i) => params.get_as(i, DType::F32)?,
+            None => constant(0.0)?,
+        };
+        let (y, moments) =
+            crate::ops::cudnn_batch_norm::forward_train(x, &gamma, &beta, self.epsilon)?;
+        let mean = moments.get(0)?;
+        // cuDNN saves 1 / sqrt(var + epsilon) of the biased batch variance.
+        let var = (moments.get(1)?.powf(-2.0)? - self.epsilon)?;
+        let keep = self.momentum;
+        for (index, batch) in [(mean_i, mean), (var_i, var)] {
+            let v = params.var(index)?;
+            let batch = batch.to_dtype(v.dtype())?;
+            v.set(&((v.as_tensor().detach() * keep)? + (batch * (1.0 - keep))?)?)?;
+        }
+        Ok(y)
     }
 }
 
@@ -273,6 +290,10 @@ impl LayerOp for BatchNormConfig {
         let (gamma_i, beta_i, mean_i, var_i) = self.indices();
         if ops::fused_applies(x, axis) {
             return Ok(vec![self.forward_fused(x, params)?]);
+        }
+        #[cfg(feature = "cudnn")]
+        if params.mode().is_train() && crate::ops::cudnn_batch_norm::applies(x, axis) {
+            return Ok(vec![self.forward_cudnn(x, params)?]);
         }
 
         let (centered, variance) = if params.mode().is_train() {

@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::padding::non_batch_axis;
 use crate::{Error, Result};
 
 /// Configuration of a [`Concatenate`] layer.
@@ -57,22 +58,7 @@ impl Concatenate {
 impl ConcatenateConfig {
     /// The axis as an index into per-sample shapes of rank `sample_rank`.
     fn sample_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
-        let rank = sample_rank as isize + 1;
-        let axis = if self.axis < 0 {
-            self.axis + rank
-        } else {
-            self.axis
-        };
-        if axis < 1 || axis >= rank {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!(
-                    "cannot concatenate along axis {} of rank-{rank} tensors (axis 0 is the batch)",
-                    self.axis
-                ),
-            });
-        }
-        Ok(axis as usize - 1)
+        Ok(non_batch_axis(layer, self.axis, sample_rank)? - 1)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Padding modes and the arithmetic of sliding windows (convolutions and pooling).
+//! Padding modes, the arithmetic of sliding windows (convolutions and pooling), and the
+//! shape checks the layers share.
 
 use crate::{Error, Result};
 
@@ -72,6 +73,22 @@ pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, 
             message: format!("expects a (channels, height, width) input, got shape {shape:?}"),
         }),
     }
+}
+
+/// Resolves `axis` of a full tensor (batch first, negative from the end) whose samples have
+/// rank `sample_rank`; the batch axis is refused.
+pub(crate) fn non_batch_axis(layer: &str, axis: isize, sample_rank: usize) -> Result<usize> {
+    let rank = sample_rank as isize + 1;
+    let resolved = if axis < 0 { axis + rank } else { axis };
+    if resolved < 1 || resolved >= rank {
+        return Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!(
+                "axis {axis} is not a non-batch axis of a rank-{rank} tensor (axis 0 is the batch)"
+            ),
+        });
+    }
+    Ok(resolved as usize)
 }
 
 /// Checks that a window parameter is positive.

@@ -47,15 +47,7 @@ pub fn residual_block(
     filters: usize,
     kernel_size: usize,
 ) -> Result<SymbolicTensor> {
-    let stride = if downsample { 2 } else { 1 };
-    let y = Conv2D::new(filters, kernel_size)
-        .strides(stride)
-        .padding(Padding::Same)
-        .call(x)?;
-    let y = relu_bn(&y)?;
-    let y = Conv2D::new(filters, kernel_size)
-        .padding(Padding::Same)
-        .call(&y)?;
+    let y = block_convolutions(x, downsample, filters, kernel_size)?;
     // Created after the block's convolutions, as in the article, so names match Keras's.
     let shortcut = if downsample {
         Conv2D::new(filters, 1)
@@ -67,6 +59,25 @@ pub fn residual_block(
     };
     let out = Add::new().call_many(&[shortcut, y])?;
     relu_bn(&out)
+}
+
+/// What both block kinds share: Conv(k, stride 2 when downsampling, same) → relu_bn →
+/// Conv(k, same).
+fn block_convolutions(
+    x: &SymbolicTensor,
+    downsample: bool,
+    filters: usize,
+    kernel_size: usize,
+) -> Result<SymbolicTensor> {
+    let stride = if downsample { 2 } else { 1 };
+    let y = Conv2D::new(filters, kernel_size)
+        .strides(stride)
+        .padding(Padding::Same)
+        .call(x)?;
+    let y = relu_bn(&y)?;
+    Conv2D::new(filters, kernel_size)
+        .padding(Padding::Same)
+        .call(&y)
 }
 
 /// The plain twin of [`residual_block`]: the same two convolutions, each followed by
@@ -86,16 +97,7 @@ pub fn plain_block(
     filters: usize,
     kernel_size: usize,
 ) -> Result<SymbolicTensor> {
-    let stride = if downsample { 2 } else { 1 };
-    let y = Conv2D::new(filters, kernel_size)
-        .strides(stride)
-        .padding(Padding::Same)
-        .call(x)?;
-    let y = relu_bn(&y)?;
-    let y = Conv2D::new(filters, kernel_size)
-        .padding(Padding::Same)
-        .call(&y)?;
-    relu_bn(&y)
+    relu_bn(&block_convolutions(x, downsample, filters, kernel_size)?)
 }
 
 /// The shape of an article-style network; [`ResNetConfig::default`] is the article's.

@@ -25,10 +25,7 @@ fn split(dims: &[usize]) -> (usize, usize, usize) {
 }
 
 fn slice<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("batch norm: the fused path needs contiguous tensors"),
-    }
+    crate::ops::contiguous_slice(data, layout, "batch norm")
 }
 
 /// Float types of the fused path, accumulated in f64.
@@ -51,6 +48,10 @@ impl Float for f64 {
     fn from_f64(v: f64) -> Self {
         v
     }
+}
+
+fn to_float<T: Float>(values: Vec<f64>) -> Vec<T> {
+    values.into_iter().map(T::from_f64).collect()
 }
 
 /// Per channel `(Σ a, Σ a·b)` where `b` is optional (then `Σ a²`), over all rows of `c`.
@@ -281,24 +282,9 @@ impl CustomOp2 for GradSums {
                 .chain(sums.iter().map(|s| s.0))
                 .collect()
         };
-        let out = match (sg, sx) {
-            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(
-                collect(channel_sums(
-                    slice(g, lg)?,
-                    Some((slice(x, lx)?, mean, &rstd)),
-                    dims,
-                ))
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
-            ),
-            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(collect(channel_sums(
-                slice(g, lg)?,
-                Some((slice(x, lx)?, mean, &rstd)),
-                dims,
-            ))),
-            _ => candle_core::bail!("batch norm: f32 or f64 expected"),
-        };
+        let out = dispatch_pair!(sg, lg, sx, lx, "batch norm", |g, x| {
+            to_float(collect(channel_sums(g, Some((x, mean, &rstd)), dims)))
+        });
         Ok((out, Shape::from((2, c))))
     }
 }
@@ -337,10 +323,10 @@ impl CustomOp2 for InputGrad {
             .map(|v| 1.0 / (v + self.epsilon).sqrt())
             .collect();
         let batch = self.batch_stats;
-        let out = match (sg, sx) {
-            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(input_grad(
-                slice(g, lg)?,
-                slice(x, lx)?,
+        let out = dispatch_pair!(sg, lg, sx, lx, "batch norm", |g, x| {
+            input_grad(
+                g,
+                x,
                 dims,
                 mean,
                 &rstd,
@@ -349,21 +335,8 @@ impl CustomOp2 for InputGrad {
                 sum_dy_xhat,
                 count,
                 batch,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(input_grad(
-                slice(g, lg)?,
-                slice(x, lx)?,
-                dims,
-                mean,
-                &rstd,
-                gamma,
-                sum_dy,
-                sum_dy_xhat,
-                count,
-                batch,
-            )),
-            _ => candle_core::bail!("batch norm: f32 or f64 expected"),
-        };
+            )
+        });
         Ok((out, Shape::from(lx.dims())))
     }
 }

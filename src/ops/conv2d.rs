@@ -526,30 +526,6 @@ fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometr
     dk
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d: the GEMM path needs contiguous tensors"),
-    }
-}
-
-/// Runs `f` on two CPU storages of the same float type.
-macro_rules! dispatch {
-    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $name:literal, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!(concat!($name, ": f32 or f64 tensors of one dtype expected")),
-        }
-    };
-}
-
 /// The convolution as a candle op with its own backward.
 struct Conv2dGemm {
     geometry: Conv2dGeometry,
@@ -568,7 +544,7 @@ impl CustomOp2 for Conv2dGemm {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
-        let out = dispatch!(s1, l1, s2, l2, "conv2d", |x, k| forward(
+        let out = dispatch_pair!(s1, l1, s2, l2, "conv2d", |x, k| forward(
             x,
             k,
             &s,
@@ -622,7 +598,7 @@ impl CustomOp2 for Conv2dInputGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = Sizes::new(&self.input, l2.dims(), &self.geometry)?;
-        let out = dispatch!(s1, l1, s2, l2, "conv2d input grad", |dy, k| backward_input(
+        let out = dispatch_pair!(s1, l1, s2, l2, "conv2d input grad", |dy, k| backward_input(
             dy,
             k,
             &s,
@@ -651,7 +627,7 @@ impl CustomOp2 for Conv2dKernelGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = Sizes::new(l1.dims(), &self.kernel, &self.geometry)?;
-        let out = dispatch!(s1, l1, s2, l2, "conv2d kernel grad", |x, dy| {
+        let out = dispatch_pair!(s1, l1, s2, l2, "conv2d kernel grad", |x, dy| {
             backward_kernel(x, dy, &s, &self.geometry)
         });
         Ok((out, Shape::from(self.kernel.as_slice())))

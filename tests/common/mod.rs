@@ -61,3 +61,25 @@ pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Largest absolute element-wise difference, in f64 whatever the dtype.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(candle_core::DType::F64).unwrap();
+    let b = b.to_dtype(candle_core::DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Largest absolute value (at least 1): a scale for relative comparisons.
+pub fn max_abs(t: &Tensor) -> f64 {
+    max_abs_diff(t, &t.zeros_like().unwrap()).max(1.0)
+}
