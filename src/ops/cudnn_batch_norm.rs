@@ -173,7 +173,8 @@ impl CustomOp3 for Forward {
         let stream = dev.cuda_stream();
         let (n, c, h, w) = nchw(lx);
         let (x, gamma, beta) = (slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?);
-        let mut y = dev.alloc_zeros::<f32>(n * c * h * w)?;
+        // SAFETY: cuDNN writes every element of y (beta = 0).
+        let mut y = unsafe { dev.alloc::<f32>(n * c * h * w) }?;
         let mut mean = dev.alloc_zeros::<f32>(c)?;
         let mut inv_std = dev.alloc_zeros::<f32>(c)?;
         let (xd, pd) = (Descriptor::nchw(n, c, h, w)?, Descriptor::nchw(1, c, 1, 1)?);
@@ -279,7 +280,8 @@ impl CustomOp3 for Backward {
         let stream = dev.cuda_stream();
         let (n, c, h, w) = nchw(lx);
         let (dy, x, gamma) = (slice(sdy, ldy)?, slice(sx, lx)?, slice(sg, lg)?);
-        let mut dx = dev.alloc_zeros::<f32>(n * c * h * w)?;
+        // SAFETY: cuDNN writes every element of dx (beta = 0).
+        let mut dx = unsafe { dev.alloc::<f32>(n * c * h * w) }?;
         let mut dgamma = dev.alloc_zeros::<f32>(c)?;
         let mut dbeta = dev.alloc_zeros::<f32>(c)?;
         let (xd, pd) = (Descriptor::nchw(n, c, h, w)?, Descriptor::nchw(1, c, 1, 1)?);

@@ -38,7 +38,7 @@ fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<Cudnn>> {
 }
 
 /// Symmetric padding `[h, w]`, stride, dilation and groups of a cuDNN convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct CudnnGeometry {
     pub(crate) pad: [usize; 2],
     pub(crate) stride: usize,
@@ -127,12 +127,56 @@ fn view<'a, T: CudaDType + DeviceRepr>(
     }
 }
 
-fn workspace(dev: &CudaDevice, bytes: usize) -> candle_core::Result<CudaSlice<u8>> {
-    dev.alloc_zeros::<u8>(bytes.max(1))
+thread_local! {
+    // Grow-only workspace per device: allocating (and zeroing) up to hundreds of megabytes
+    // for every convolution cost more than some convolutions.
+    static WORKSPACES: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
+    // The heuristics' choice per pass and shape, asked once.
+    static ALGORITHMS: RefCell<HashMap<AlgoKey, Algorithm>> = RefCell::new(HashMap::new());
+}
+
+type AlgoKey = (Pass, Vec<usize>, Vec<usize>, CudnnGeometry, DType);
+
+/// Runs `f` with a workspace of at least `bytes`, reused across calls.
+fn with_workspace<R>(
+    dev: &CudaDevice,
+    bytes: usize,
+    f: impl FnOnce(&mut CudaSlice<u8>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let mut ws = WORKSPACES.with(|w| w.borrow_mut().remove(&dev.id()));
+    if ws.as_ref().is_none_or(|w| w.len() < bytes.max(1)) {
+        // SAFETY: cuDNN uses a workspace as scratch and never reads what it did not write.
+        ws = Some(unsafe { dev.alloc::<u8>(bytes.max(1)) }?);
+    }
+    let mut ws = ws.expect("set above");
+    let result = f(&mut ws);
+    WORKSPACES.with(|w| w.borrow_mut().insert(dev.id(), ws));
+    result
+}
+
+/// cuDNN's choice for one pass.
+#[derive(Clone, Copy, Debug)]
+enum Algorithm {
+    Forward(sys::cudnnConvolutionFwdAlgo_t),
+    Data(sys::cudnnConvolutionBwdDataAlgo_t),
+    Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
+}
+
+/// The cached algorithm for `key`, or `pick()`'s answer, cached.
+fn algorithm(
+    key: AlgoKey,
+    pick: impl FnOnce() -> candle_core::Result<Algorithm>,
+) -> candle_core::Result<Algorithm> {
+    if let Some(algo) = ALGORITHMS.with(|a| a.borrow().get(&key).copied()) {
+        return Ok(algo);
+    }
+    let algo = pick()?;
+    ALGORITHMS.with(|a| a.borrow_mut().insert(key, algo));
+    Ok(algo)
 }
 
 /// What to compute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Pass {
     /// `(x, w) -> y`.
     Forward,
@@ -161,48 +205,65 @@ where
     };
     let d = descriptors::<T>(&cudnn, g, &x_dims, &w_dims)?;
     let (va, vb) = (view::<T>(a.0, a.1)?, view::<T>(b.0, b.1)?);
+    let key = (pass, x_dims.clone(), w_dims.clone(), *g, a.0.dtype());
+    // SAFETY (allocations): cuDNN overwrites every element of its output (beta = 0).
     let (out_dims, slice) = match pass {
         Pass::Forward => {
             let out = g.output(&x_dims, &w_dims);
-            let mut y = dev.alloc_zeros::<T>(out.iter().product())?;
+            let mut y = unsafe { dev.alloc::<T>(out.iter().product()) }?;
             let op = ConvForward {
                 conv: &d.conv,
                 x: &d.x,
                 w: &d.w,
                 y: &d.y,
             };
-            let algo = op.pick_algorithm()?;
-            let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
-            // SAFETY: the descriptors describe exactly these buffers (shapes and dtype).
-            unsafe { op.launch(algo, Some(&mut ws), (T::ONE, T::ZERO), &va, &vb, &mut y) }?;
+            let Algorithm::Forward(algo) =
+                algorithm(key, || Ok(Algorithm::Forward(op.pick_algorithm()?)))?
+            else {
+                candle_core::bail!("cudnn conv2d: cached algorithm of another pass");
+            };
+            with_workspace(dev, op.get_workspace_size(algo)?, |ws| {
+                // SAFETY: the descriptors describe exactly these buffers (shapes and dtype).
+                Ok(unsafe { op.launch(algo, Some(ws), (T::ONE, T::ZERO), &va, &vb, &mut y) }?)
+            })?;
             (out.to_vec(), y)
         }
         Pass::Data => {
-            let mut dx = dev.alloc_zeros::<T>(x_dims.iter().product())?;
+            let mut dx = unsafe { dev.alloc::<T>(x_dims.iter().product()) }?;
             let op = ConvBackwardData {
                 conv: &d.conv,
                 dx: &d.x,
                 w: &d.w,
                 dy: &d.y,
             };
-            let algo = op.pick_algorithm()?;
-            let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
-            // SAFETY: as above; `va` is dy, `vb` the kernel.
-            unsafe { op.launch(algo, Some(&mut ws), (T::ONE, T::ZERO), &mut dx, &vb, &va) }?;
+            let Algorithm::Data(algo) =
+                algorithm(key, || Ok(Algorithm::Data(op.pick_algorithm()?)))?
+            else {
+                candle_core::bail!("cudnn conv2d: cached algorithm of another pass");
+            };
+            with_workspace(dev, op.get_workspace_size(algo)?, |ws| {
+                // SAFETY: as above; `va` is dy, `vb` the kernel.
+                Ok(unsafe { op.launch(algo, Some(ws), (T::ONE, T::ZERO), &mut dx, &vb, &va) }?)
+            })?;
             (x_dims, dx)
         }
         Pass::Filter => {
-            let mut dw = dev.alloc_zeros::<T>(w_dims.iter().product())?;
+            let mut dw = unsafe { dev.alloc::<T>(w_dims.iter().product()) }?;
             let op = ConvBackwardFilter {
                 conv: &d.conv,
                 x: &d.x,
                 dw: &d.w,
                 dy: &d.y,
             };
-            let algo = op.pick_algorithm()?;
-            let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
-            // SAFETY: as above; `va` is x, `vb` is dy.
-            unsafe { op.launch(algo, Some(&mut ws), (T::ONE, T::ZERO), &va, &mut dw, &vb) }?;
+            let Algorithm::Filter(algo) =
+                algorithm(key, || Ok(Algorithm::Filter(op.pick_algorithm()?)))?
+            else {
+                candle_core::bail!("cudnn conv2d: cached algorithm of another pass");
+            };
+            with_workspace(dev, op.get_workspace_size(algo)?, |ws| {
+                // SAFETY: as above; `va` is x, `vb` is dy.
+                Ok(unsafe { op.launch(algo, Some(ws), (T::ONE, T::ZERO), &va, &mut dw, &vb) }?)
+            })?;
             (w_dims, dw)
         }
     };
