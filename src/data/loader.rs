@@ -261,6 +261,16 @@ impl Augmentation {
 }
 
 /// One batch on the device: `inputs` `(n, c, h, w)` in `f32`, `labels` `(n,)` in `u32`.
+///
+/// # Examples
+/// ```
+/// use candle_core::Device;
+/// use candle_functional::data::{DataLoader, ImageDataset};
+/// let ds = ImageDataset::from_parts(&[0u8; 8], &[1, 2], [1, 2, 2])?;
+/// let batch = DataLoader::new(ds, 2, &Device::Cpu).batches(0).next().unwrap()?;
+/// assert_eq!(batch.labels.to_vec1::<u32>()?, [1, 2]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Batch {
     /// Normalized images.

@@ -3,7 +3,7 @@
 //! The mask is drawn on the host from the seed the model gives each node and each forward
 //! call, so training runs are reproducible and resumable, on every device.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -94,10 +94,7 @@ impl LayerOp for DropoutConfig {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(match x.dtype() {
-            DType::F64 => DType::F64,
-            other => other,
-        })?;
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(vec![(x * mask)?])
     }
 }

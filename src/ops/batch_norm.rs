@@ -94,7 +94,7 @@ fn channel_sums<T: Float>(
 /// Applies `out = f(channel, in)` row by row, in parallel over images.
 fn map_rows<T: Float>(
     src: &[T],
-    (n, c, inner): (usize, usize, usize),
+    (_, c, inner): (usize, usize, usize),
     f: impl Fn(usize, &[T], &mut [T]) + Sync,
 ) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); src.len()];
@@ -110,7 +110,6 @@ fn map_rows<T: Float>(
                 );
             }
         });
-    let _ = n;
     out
 }
 
@@ -347,7 +346,7 @@ impl CustomOp2 for InputGrad {
 fn input_grad<T: Float>(
     dy: &[T],
     x: &[T],
-    (n, c, inner): (usize, usize, usize),
+    (_, c, inner): (usize, usize, usize),
     mean: &[f64],
     rstd: &[f64],
     gamma: &[f64],
@@ -378,7 +377,6 @@ fn input_grad<T: Float>(
                 }
             }
         });
-    let _ = n;
     out
 }
 

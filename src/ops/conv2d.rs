@@ -129,7 +129,19 @@ pub fn use_cudnn_backward(enabled: bool) {
 }
 
 /// candle's own convolution (cuDNN forward with the `cudnn` feature), after an explicit pad
-/// when the padding is asymmetric.
+/// when the padding is asymmetric: the reference the fast paths are tested against.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::ops::{candle_conv2d, conv2d, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let (a, b) = (conv2d(&x, &k, g)?, candle_conv2d(&x, &k, g)?);
+/// assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
 pub fn candle_conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
     let Conv2dGeometry {
         pad: (t, b, l, r),

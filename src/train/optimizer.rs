@@ -27,6 +27,19 @@ pub struct OptimizerState {
 }
 
 /// Something that updates variables from their gradients.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Var};
+/// use candle_functional::train::{Optimizer, Sgd, SgdConfig};
+/// let w = Var::new(&[2.0f32], &Device::Cpu)?;
+/// let mut opt: Box<dyn Optimizer> = Box::new(Sgd::new(vec![w.clone()], SgdConfig::default())?);
+/// let loss = w.as_tensor().sqr()?.sum_all()?;
+/// opt.step(&loss.backward()?, 0.25)?;
+/// assert_eq!(w.to_vec1::<f32>()?, [1.0]);
+/// assert_eq!(opt.state().iterations, 1);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
 pub trait Optimizer: Send {
     /// Applies one update with learning rate `lr` to every variable that has a gradient.
     fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;

@@ -150,16 +150,65 @@ impl Trainer {
     }
 
     /// The model being trained.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// assert_eq!(trainer.model().name(), "functional");
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn model(&self) -> &Model {
         &self.model
     }
 
     /// The epochs run so far (including those restored from a checkpoint).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// trainer.fit(&loader, None, 1, &mut [])?;
+    /// assert_eq!(trainer.history().epochs().len(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn history(&self) -> &History {
         &self.history
     }
 
     /// Number of completed epochs.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// assert_eq!(trainer.epochs_done(), 0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn epochs_done(&self) -> usize {
         self.epochs_done
     }
@@ -167,6 +216,25 @@ impl Trainer {
     /// One optimization step on a batch: forward in training mode, loss, backward, update.
     /// Returns the batch's mean loss and its number of correct predictions as device scalars
     /// (reading them waits for the device; `fit` does so only to report).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// let batch = loader.batches(0).next().unwrap()?;
+    /// let (loss, correct) = trainer.train_step(&[batch.inputs], &batch.labels, 1e-3)?;
+    /// assert!(loss.to_scalar::<f32>()?.is_finite());
+    /// assert!(correct.to_scalar::<f32>()? <= 2.0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn train_step(
         &mut self,
         inputs: &[Tensor],
@@ -189,6 +257,23 @@ impl Trainer {
 
     /// Trains until `epochs` epochs are done in total (a resumed trainer continues from its
     /// checkpoint's epoch), evaluating on `validation` after each, and calling `callbacks`.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// let history = trainer.fit(&loader, Some(&loader), 2, &mut [])?;
+    /// assert!(history.last().unwrap().val_accuracy.is_some());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn fit(
         &mut self,
         train: &DataLoader,
@@ -283,6 +368,23 @@ impl Trainer {
     }
 
     /// Mean loss and accuracy over a data set, in inference mode.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// let scores = trainer.evaluate(&loader)?;
+    /// assert!((0.0..=1.0).contains(&scores.accuracy));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn evaluate(&self, data: &DataLoader) -> Result<Evaluation> {
         let mut loss_sum = Tensor::zeros((), DType::F32, data.device())?;
         let mut correct = Tensor::zeros((), DType::F32, data.device())?;
@@ -309,6 +411,22 @@ impl Trainer {
     }
 
     /// The model's first output for every sample, in order, in inference mode.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// assert_eq!(trainer.predict(&loader)?.dims(), &[2, 2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn predict(&self, data: &DataLoader) -> Result<Tensor> {
         let mut outputs = Vec::with_capacity(data.len());
         for batch in data.batches(0) {
@@ -321,6 +439,26 @@ impl Trainer {
     /// Writes everything needed to resume: weights (with BatchNorm state), optimizer state,
     /// completed epochs and steps, the forward-call counter (dropout masks) and the history.
     /// Written to a temporary file and renamed.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// let path = std::env::temp_dir().join("cf_doc_trainer.ckpt");
+    /// trainer.fit(&loader, None, 1, &mut [])?;
+    /// trainer.save_checkpoint(&path)?;
+    /// trainer.load_checkpoint(&path)?;
+    /// assert_eq!(trainer.epochs_done(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut tensors: HashMap<String, Tensor> = self
@@ -351,6 +489,23 @@ impl Trainer {
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model and
     /// optimizer; `fit` then continues where the run stopped. Strict: nothing changes unless
     /// every tensor matches.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
+    /// # let x = Input::new([1, 2, 2]);
+    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
+    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// assert!(trainer.load_checkpoint("no/such.ckpt").is_err());
+    /// assert_eq!(trainer.epochs_done(), 0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
