@@ -26,6 +26,18 @@
 //!
 //! Tensors are NCHW. Shapes are checked when the graph is built: a wrong graph fails on the
 //! line that calls the layer, with an [`Error`] naming the layer and both shapes.
+//!
+//! | module | what is in it |
+//! |---|---|
+//! | [`graph`] | `Input`, `SymbolicTensor`, the `Layer` trait, `LayerOp` for custom layers |
+//! | [`layers`] | the built-in layers and their configs, initializers, padding |
+//! | [`models`] | `Model` (build, forward, summary, weights) and the article's ResNet helpers |
+//! | [`train`] | `Trainer` (fit, evaluate, predict, checkpoints), optimizers, schedules, callbacks |
+//! | [`data`] | CIFAR-10 reader, datasets and the batch loader |
+//! | [`ops`] | the convolution and batch-norm kernels (GEMM on CPU, cuDNN on CUDA) |
+//!
+//! Features: `cuda`, `cudnn` (candle's CUDA backend; cuDNN convolutions and batch norm
+//! forward and backward), `download` (fetch CIFAR-10). [`select_device`] picks a device.
 
 #![warn(missing_docs)]
 
