@@ -85,7 +85,7 @@ pub fn draw_curves(
                     4,
                     colour.stroke_width(2),
                 ))?
-                .label(format!("{name} train"))
+                .label(format!("{name} train (dashed)"))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(1))
                 });
