@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::cuda::DeviceId;
 use candle_core::cuda::cudarc::cudnn::sys;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor,
 };
@@ -97,21 +97,44 @@ impl Drop for Descriptor {
     }
 }
 
-/// `(n, c, h·w)` of a layout, as the 4-D shape cuDNN sees.
-fn nchw(l: &Layout) -> (usize, usize, usize, usize) {
-    let d = l.dims();
-    (d[0], d[1], d[2..].iter().product(), 1)
+/// What both kernels need: the device, its stream, the shape cuDNN sees (`(n, c, h·w, 1)`),
+/// descriptors for the activations and the per-channel parameters, and the handle.
+struct Setup<'a> {
+    dev: &'a CudaDevice,
+    stream: Arc<CudaStream>,
+    dims: (usize, usize, usize, usize),
+    x: Descriptor,
+    per_channel: Descriptor,
+    handle: Arc<Handle>,
 }
 
-fn slice<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<candle_core::cuda::cudarc::driver::CudaView<'a, f32>> {
-    let all = s.as_cuda_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(all.slice(start..end)),
-        None => candle_core::bail!("cudnn batch norm: contiguous f32 tensors expected"),
+impl<'a> Setup<'a> {
+    fn new(storage: &'a CudaStorage, layout: &Layout) -> candle_core::Result<Self> {
+        let d = layout.dims();
+        let (n, c, h, w) = (d[0], d[1], d[2..].iter().product(), 1);
+        let dev = &storage.device;
+        Ok(Self {
+            dev,
+            stream: dev.cuda_stream(),
+            dims: (n, c, h, w),
+            x: Descriptor::nchw(n, c, h, w)?,
+            per_channel: Descriptor::nchw(1, c, 1, 1)?,
+            handle: handle(dev)?,
+        })
     }
+
+    fn elements(&self) -> usize {
+        let (n, c, h, w) = self.dims;
+        n * c * h * w
+    }
+
+    fn channels(&self) -> usize {
+        self.dims.1
+    }
+}
+
+fn slice<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
+    super::cudnn_conv::view::<f32>(s, l)
 }
 
 fn ptr<T: DevicePtr<f32>>(t: &T, stream: &Arc<CudaStream>) -> *const c_void {
@@ -169,17 +192,16 @@ impl CustomOp3 for Forward {
         sb: &CudaStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = &sx.device;
-        let stream = dev.cuda_stream();
-        let (n, c, h, w) = nchw(lx);
+        let setup = Setup::new(sx, lx)?;
+        let (dev, stream, c) = (setup.dev, &setup.stream, setup.channels());
+        let (xd, pd) = (&setup.x, &setup.per_channel);
         let (x, gamma, beta) = (slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?);
         // SAFETY: cuDNN writes every element of y (beta = 0).
-        let mut y = unsafe { dev.alloc::<f32>(n * c * h * w) }?;
+        let mut y = unsafe { dev.alloc::<f32>(setup.elements()) }?;
         let mut mean = dev.alloc_zeros::<f32>(c)?;
         let mut inv_std = dev.alloc_zeros::<f32>(c)?;
-        let (xd, pd) = (Descriptor::nchw(n, c, h, w)?, Descriptor::nchw(1, c, 1, 1)?);
         let (one, zero) = (1f32, 0f32);
-        let handle = handle(dev)?;
+        let handle = &setup.handle;
         // SAFETY: every pointer is a live buffer of the size its descriptor states; the
         // running-average outputs are null, which cuDNN allows.
         unsafe {
@@ -190,18 +212,18 @@ impl CustomOp3 for Forward {
                     (&one as *const f32).cast(),
                     (&zero as *const f32).cast(),
                     xd.0,
-                    ptr(&x, &stream),
+                    ptr(&x, stream),
                     xd.0,
-                    ptr_mut(&mut y, &stream),
+                    ptr_mut(&mut y, stream),
                     pd.0,
-                    ptr(&gamma, &stream),
-                    ptr(&beta, &stream),
+                    ptr(&gamma, stream),
+                    ptr(&beta, stream),
                     0.0,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     self.epsilon,
-                    ptr_mut(&mut mean, &stream),
-                    ptr_mut(&mut inv_std, &stream),
+                    ptr_mut(&mut mean, stream),
+                    ptr_mut(&mut inv_std, stream),
                 ),
                 "cudnnBatchNormalizationForwardTraining",
             )?;
@@ -276,17 +298,16 @@ impl CustomOp3 for Backward {
         sg: &CudaStorage,
         lg: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = &sx.device;
-        let stream = dev.cuda_stream();
-        let (n, c, h, w) = nchw(lx);
+        let setup = Setup::new(sx, lx)?;
+        let (dev, stream, c) = (setup.dev, &setup.stream, setup.channels());
+        let (xd, pd) = (&setup.x, &setup.per_channel);
         let (dy, x, gamma) = (slice(sdy, ldy)?, slice(sx, lx)?, slice(sg, lg)?);
         // SAFETY: cuDNN writes every element of dx (beta = 0).
-        let mut dx = unsafe { dev.alloc::<f32>(n * c * h * w) }?;
+        let mut dx = unsafe { dev.alloc::<f32>(setup.elements()) }?;
         let mut dgamma = dev.alloc_zeros::<f32>(c)?;
         let mut dbeta = dev.alloc_zeros::<f32>(c)?;
-        let (xd, pd) = (Descriptor::nchw(n, c, h, w)?, Descriptor::nchw(1, c, 1, 1)?);
         let (one, zero) = (1f32, 0f32);
-        let handle = handle(dev)?;
+        let handle = &setup.handle;
         let mut saved = lock(&self.slot);
         let (Some(mean), Some(inv_std)) = (saved.mean.as_ref(), saved.inv_std.as_ref()) else {
             candle_core::bail!("cudnn batch norm: backward without a forward");
@@ -302,18 +323,18 @@ impl CustomOp3 for Backward {
                     (&one as *const f32).cast(),
                     (&zero as *const f32).cast(),
                     xd.0,
-                    ptr(&x, &stream),
+                    ptr(&x, stream),
                     xd.0,
-                    ptr(&dy, &stream),
+                    ptr(&dy, stream),
                     xd.0,
-                    ptr_mut(&mut dx, &stream),
+                    ptr_mut(&mut dx, stream),
                     pd.0,
-                    ptr(&gamma, &stream),
-                    ptr_mut(&mut dgamma, &stream),
-                    ptr_mut(&mut dbeta, &stream),
+                    ptr(&gamma, stream),
+                    ptr_mut(&mut dgamma, stream),
+                    ptr_mut(&mut dbeta, stream),
                     self.epsilon,
-                    ptr(mean, &stream),
-                    ptr(inv_std, &stream),
+                    ptr(mean, stream),
+                    ptr(inv_std, stream),
                 ),
                 "cudnnBatchNormalizationBackward",
             )?;

@@ -116,14 +116,15 @@ fn descriptors<T: CudnnDataType>(
     })
 }
 
-fn view<'a, T: CudaDType + DeviceRepr>(
+/// The elements of a contiguous CUDA tensor (shared with the cuDNN batch norm).
+pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(
     s: &'a CudaStorage,
     l: &Layout,
 ) -> candle_core::Result<candle_core::cuda::cudarc::driver::CudaView<'a, T>> {
     let slice = s.as_cuda_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(slice.slice(start..end)),
-        None => candle_core::bail!("cudnn conv2d: contiguous tensors expected"),
+        None => candle_core::bail!("cudnn: contiguous tensors expected"),
     }
 }
 
