@@ -50,6 +50,11 @@ impl Float for f64 {
     }
 }
 
+/// `1 / sqrt(var + epsilon)` per channel.
+fn inverse_std(var: &[f64], epsilon: f64) -> Vec<f64> {
+    var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect()
+}
+
 fn to_float<T: Float>(values: Vec<f64>) -> Vec<T> {
     values.into_iter().map(T::from_f64).collect()
 }
@@ -173,14 +178,6 @@ struct Normalize {
     batch_stats: bool,
 }
 
-impl Normalize {
-    fn rstd(&self, var: &[f64]) -> Vec<f64> {
-        var.iter()
-            .map(|v| 1.0 / (v + self.epsilon).sqrt())
-            .collect()
-    }
-}
-
 impl CustomOp3 for Normalize {
     fn name(&self) -> &'static str {
         "batch-norm-normalize"
@@ -198,7 +195,7 @@ impl CustomOp3 for Normalize {
         let dims = split(lx.dims());
         let c = dims.1;
         let (stats, affine) = (to_vec_f64(ss, ls)?, to_vec_f64(sa, la)?);
-        let rstd = self.rstd(&stats[c..]);
+        let rstd = inverse_std(&stats[c..], self.epsilon);
         let scale: Vec<f64> = (0..c).map(|ch| rstd[ch] * affine[ch]).collect();
         let shift: Vec<f64> = (0..c)
             .map(|ch| affine[c + ch] - stats[ch] * scale[ch])
@@ -270,10 +267,7 @@ impl CustomOp2 for GradSums {
             .flatten_all()?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
-        let rstd: Vec<f64> = stats[c..]
-            .iter()
-            .map(|v| 1.0 / (v + self.epsilon).sqrt())
-            .collect();
+        let rstd = inverse_std(&stats[c..], self.epsilon);
         let mean = &stats[..c];
         let collect = |sums: Vec<(f64, f64)>| -> Vec<f64> {
             sums.iter()
@@ -317,10 +311,7 @@ impl CustomOp2 for InputGrad {
         let (mean, var, gamma) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c]);
         let (sum_dy_xhat, sum_dy) = (&p[4 * c..5 * c], &p[5 * c..6 * c]);
         let count = (dims.0 * dims.2) as f64;
-        let rstd: Vec<f64> = var
-            .iter()
-            .map(|v| 1.0 / (v + self.epsilon).sqrt())
-            .collect();
+        let rstd = inverse_std(var, self.epsilon);
         let batch = self.batch_stats;
         let out = dispatch_pair!(sg, lg, sx, lx, "batch norm", |g, x| {
             input_grad(

@@ -428,6 +428,17 @@ fn gather_rows<T: Element>(dy: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, 
     }
 }
 
+/// The inverse of [`gather_rows`]: copies `og` rows of `nc · oh · ow` back into NCHW `y`.
+fn scatter_rows<T: Element>(rows: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, y: &mut [T]) {
+    let ohw = s.ohw();
+    for nl in 0..nc {
+        for o in 0..s.og() {
+            let dst = &mut y[((n0 + nl) * s.o + g * s.og() + o) * ohw..][..ohw];
+            dst.copy_from_slice(&rows[o * nc * ohw + nl * ohw..][..ohw]);
+        }
+    }
+}
+
 fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = vec![T::default(); s.n * s.o * ohw];
@@ -454,12 +465,7 @@ fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec
                         col,
                         (cols, 1),
                     );
-                    for nl in 0..nc {
-                        for o in 0..og {
-                            let dst = &mut y[((n0 + nl) * s.o + g * og + o) * ohw..][..ohw];
-                            dst.copy_from_slice(&out[o * cols + nl * ohw..][..ohw]);
-                        }
-                    }
+                    scatter_rows(&out[..og * cols], s, g, n0, nc, &mut y);
                 }
             }
         },

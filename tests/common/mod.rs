@@ -47,21 +47,6 @@ pub fn run(model: &Model, x: &Tensor) -> Tensor {
         .remove(0)
 }
 
-/// Deterministic pseudo-random values in [-1, 1).
-pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// Largest absolute element-wise difference, in f64 whatever the dtype.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
