@@ -45,7 +45,9 @@ struct Args {
     stages: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     width_divisor: usize,
-    /// Also time f32 training with candle's own convolution backward (before/after numbers).
+    /// Also time one 3×3 convolution (64 → 64 channels at 32×32, forward + backward) through
+    /// `ops::conv2d` (cuDNN forward and backward) and through candle's own convolution
+    /// (`ops::reference::conv2d`: cuDNN forward, candle's backward).
     #[arg(long)]
     compare_candle_conv: bool,
     /// Only the correctness check (run it with NVIDIA_TF32_OVERRIDE=0 for full-f32 products).
@@ -184,6 +186,36 @@ fn time_ms(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// Median forward + backward milliseconds of one 3×3 convolution at `(batch, 64, 32, 32)`:
+/// `ops::conv2d` against candle's own (`ops::reference::conv2d`), the same arguments.
+fn conv_comparison(args: &Args, device: &Device) -> Result<(f64, f64)> {
+    use candle_functional::ops::{self, Conv2dGeometry};
+    type ConvFn = fn(&Tensor, &Tensor, Conv2dGeometry) -> Result<Tensor>;
+    let n = args.batch_size;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 64, 32, 32), device)?)?;
+    let k = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.05, (64, 64, 3, 3), device)?)?;
+    let geometry = Conv2dGeometry {
+        pad: (1, 1, 1, 1),
+        stride: 1,
+        dilation: 1,
+        groups: 1,
+    };
+    let mut times = Vec::new();
+    for conv in [ops::conv2d as ConvFn, ops::reference::conv2d as ConvFn] {
+        times.push(time_ms(args.steps, || {
+            let y = conv(x.as_tensor(), k.as_tensor(), geometry)?;
+            let grads = y.sum_all()?.backward()?;
+            for v in [&x, &k] {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    g.sum_all()?.to_scalar::<f32>()?;
+                }
+            }
+            Ok(())
+        })?);
+    }
+    Ok((times[0], times[1]))
+}
+
 /// Forward + backward time of single layers at `(batch, 64, 32, 32)`, and of the phases of a
 /// full training step.
 fn profile(args: &Args, device: &Device) -> Result<String> {
@@ -283,11 +315,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let (f32_ms, f32_ips) = throughput(&args, &device, None)?;
     eprintln!("f32/tf32: {f32_ms:.1} ms/step, {f32_ips:.0} img/s");
     let candle_conv = if args.compare_candle_conv {
-        candle_functional::ops::use_cudnn_backward(false);
-        let r = throughput(&args, &device, None)?;
-        candle_functional::ops::use_cudnn_backward(true);
+        let r = conv_comparison(&args, &device)?;
         eprintln!(
-            "f32/tf32 with candle's conv backward: {:.1} ms/step, {:.0} img/s",
+            "conv3x3 forward + backward: ops::conv2d {:.2} ms, candle's own {:.2} ms",
             r.0, r.1
         );
         Some(r)
@@ -319,7 +349,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
          \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \
          \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
          \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
-         \"train_f32_candle_conv_backward\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
+         \"conv3x3_fwd_bwd_ms\": {{\"ops\": {}, \"candle_reference\": {}}}, \
          \"epoch\": {{\"images\": {}, \"seconds\": {}, \"images_per_sec\": {}}}}}",
         device.location(),
         args.batch_size,

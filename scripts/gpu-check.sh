@@ -55,8 +55,8 @@ out = {
     "ratio_crate_over_pytorch": {
         "f32_tf32": ratio(crate["train_f32_tf32"]["images_per_sec"], (ref_f32 or {}).get("images_per_sec")),
         "bf16": ratio((crate["train_bf16_mixed"] or {}).get("images_per_sec"), (ref_bf16 or {}).get("images_per_sec")),
-        "f32_tf32_candle_conv_backward": ratio((crate.get("train_f32_candle_conv_backward") or {}).get("images_per_sec"), (ref_f32 or {}).get("images_per_sec")),
     },
+    "conv3x3_speedup_over_candle_own": ratio((crate.get("conv3x3_fwd_bwd_ms") or {}).get("candle_reference"), (crate.get("conv3x3_fwd_bwd_ms") or {}).get("ops")),
 }
 print(json.dumps(out, indent=1))
 PY

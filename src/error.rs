@@ -174,6 +174,18 @@ pub enum Error {
         message: String,
     },
 
+    /// A kernel of [`ops`](crate::ops) was called with an argument it cannot take (a shape, a
+    /// dtype, a device, or a geometry that does not fit).
+    #[error("ops::{op}: argument `{argument}`: {message}")]
+    InvalidOpArgument {
+        /// The kernel (`conv2d`, `batch_norm_train`, ...).
+        op: &'static str,
+        /// The argument at fault (`x`, `kernel`, `geometry`, ...).
+        argument: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+
     /// A training or data argument is out of range (learning rate, batch size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -48,12 +48,14 @@ pub mod graph;
 pub mod layers;
 pub mod models;
 pub mod ops;
+mod support;
 pub mod train;
 
 pub use device::{keep_freed_gpu_memory, select_device};
 pub use error::{Error, Result};
 pub use graph::{
-    Configured, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, SymbolicTensor,
+    Configured, Initializer, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
+    SymbolicTensor,
 };
 pub use models::{Model, NamedWeight, ParamCounts};
 

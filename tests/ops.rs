@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_functional::ops::{Conv2dGeometry, candle_conv2d, conv2d};
+use candle_functional::ops::{Conv2dGeometry, conv2d, reference};
 use common::{max_abs, max_abs_diff};
 
 fn compare(
@@ -17,7 +17,7 @@ fn compare(
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, x_shape, &dev).unwrap()).unwrap();
     let k = Var::from_tensor(&Tensor::randn(0f32, 0.2, k_shape, &dev).unwrap()).unwrap();
     let ours = conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
-    let theirs = candle_conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
+    let theirs = reference::conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
     assert_eq!(ours.dims(), theirs.dims(), "{g:?}");
     let d = max_abs_diff(&ours, &theirs);
     assert!(
@@ -100,7 +100,7 @@ fn f64_is_supported() {
     let k = Tensor::randn(0f64, 1.0, (3, 2, 3, 3), &dev).unwrap();
     let d = max_abs_diff(
         &conv2d(&x, &k, g).unwrap().to_dtype(DType::F32).unwrap(),
-        &candle_conv2d(&x, &k, g)
+        &reference::conv2d(&x, &k, g)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap(),

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::models::model::mix;
+use crate::support::seed::mix;
 use crate::{Error, Result};
 
 /// Images with one `u8` label each, held as records `[label, pixels…]`.

@@ -6,14 +6,15 @@
 //! clone of it, records another node over the same identity, so the calls share weights, as
 //! Keras's shared layers do. Changing the configuration with a builder method makes a new layer.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::graph::init::{Initializer, layer_rng};
 use crate::graph::symbolic::{SymbolicTensor, record_call};
-use crate::layers::Initializer;
 use crate::{Error, Result};
 
 /// Whether a forward pass trains (batch statistics, dropout on) or infers.
@@ -51,7 +52,7 @@ impl Mode {
 ///
 /// # Examples
 /// ```
-/// use candle_functional::{layers::Initializer, ParamSpec};
+/// use candle_functional::{Initializer, ParamSpec};
 /// let spec = ParamSpec::new("bias", vec![10], Initializer::Zeros);
 /// assert!(spec.trainable());
 /// assert_eq!(spec.numel(), 10);
@@ -71,7 +72,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// use candle_functional::{Initializer, ParamSpec};
     /// let k = ParamSpec::new("kernel", vec![4, 3], Initializer::GlorotUniform);
     /// assert_eq!(k.fan_in_out(), (4, 3));
     /// ```
@@ -95,7 +96,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// use candle_functional::{Initializer, ParamSpec};
     /// let s = ParamSpec::new("moving_mean", vec![8], Initializer::Zeros).non_trainable();
     /// assert!(!s.trainable());
     /// ```
@@ -108,7 +109,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// use candle_functional::{Initializer, ParamSpec};
     /// let k = ParamSpec::new("kernel", vec![8, 3, 3, 3], Initializer::GlorotUniform).fans(27, 72);
     /// assert_eq!(k.fan_in_out(), (27, 72));
     /// ```
@@ -121,7 +122,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// # use candle_functional::{Initializer, ParamSpec};
     /// assert_eq!(ParamSpec::new("bias", vec![2], Initializer::Zeros).name(), "bias");
     /// ```
     pub fn name(&self) -> &str {
@@ -132,7 +133,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// # use candle_functional::{Initializer, ParamSpec};
     /// assert_eq!(ParamSpec::new("bias", vec![2], Initializer::Zeros).shape(), &[2]);
     /// ```
     pub fn shape(&self) -> &[usize] {
@@ -143,7 +144,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// # use candle_functional::{Initializer, ParamSpec};
     /// let s = ParamSpec::new("bias", vec![2], Initializer::Zeros);
     /// assert_eq!(s.initializer(), &Initializer::Zeros);
     /// ```
@@ -155,7 +156,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// # use candle_functional::{Initializer, ParamSpec};
     /// assert!(ParamSpec::new("bias", vec![2], Initializer::Zeros).trainable());
     /// ```
     pub fn trainable(&self) -> bool {
@@ -166,7 +167,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// # use candle_functional::{Initializer, ParamSpec};
     /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).fan_in_out(), (5, 7));
     /// ```
     pub fn fan_in_out(&self) -> (usize, usize) {
@@ -177,7 +178,7 @@ impl ParamSpec {
     ///
     /// # Examples
     /// ```
-    /// # use candle_functional::{layers::Initializer, ParamSpec};
+    /// # use candle_functional::{Initializer, ParamSpec};
     /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).numel(), 35);
     /// ```
     pub fn numel(&self) -> usize {
@@ -185,13 +186,14 @@ impl ParamSpec {
     }
 }
 
-/// What a layer's forward pass is given besides its inputs: its weights (in the order of its
-/// [`LayerOp::param_specs`]), the mode, and a seed for random layers.
+/// What a layer's forward pass is given besides its inputs: its weights, reached by the names
+/// of its [`LayerOp::param_specs`], the mode, and a seed for random layers.
 ///
 /// In [`Mode::Eval`], [`Params::get`] hands out detached tensors, so inference keeps no
 /// autograd graph.
 #[derive(Debug)]
 pub struct Params<'a> {
+    specs: &'a [ParamSpec],
     vars: &'a [Var],
     mode: Mode,
     seed: u64,
@@ -199,16 +201,17 @@ pub struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
-    /// Wraps weights for one forward call.
+    /// Wraps weights for one forward call: `vars[i]` is the weight described by `specs[i]`.
     ///
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// let p = Params::new(&[], Mode::Eval, 0);
+    /// let p = Params::new(&[], &[], Mode::Eval, 0);
     /// assert_eq!(p.len(), 0);
     /// ```
-    pub fn new(vars: &'a [Var], mode: Mode, seed: u64) -> Self {
+    pub fn new(specs: &'a [ParamSpec], vars: &'a [Var], mode: Mode, seed: u64) -> Self {
         Self {
+            specs,
             vars,
             mode,
             seed,
@@ -222,10 +225,11 @@ impl<'a> Params<'a> {
     /// # Examples
     /// ```
     /// use candle_core::{DType, Device, Var};
-    /// use candle_functional::{Mode, Params};
+    /// use candle_functional::{Initializer, Mode, ParamSpec, Params};
+    /// let specs = [ParamSpec::new("bias", vec![3], Initializer::Zeros)];
     /// let vars = [Var::zeros(3, DType::F32, &Device::Cpu)?];
-    /// let p = Params::new(&vars, Mode::Train, 0).with_compute_dtype(Some(DType::F16));
-    /// assert_eq!(p.get(0)?.dtype(), DType::F16);
+    /// let p = Params::new(&specs, &vars, Mode::Train, 0).with_compute_dtype(Some(DType::F16));
+    /// assert_eq!(p.get("bias")?.dtype(), DType::F16);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn with_compute_dtype(mut self, dtype: Option<DType>) -> Self {
@@ -233,36 +237,57 @@ impl<'a> Params<'a> {
         self
     }
 
-    /// The `i`-th weight as a tensor: tracked for autograd in training, detached in eval.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_core::{Device, Var};
-    /// use candle_functional::{Mode, Params};
-    /// let v = Var::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
-    /// let vars = [v];
-    /// let p = Params::new(&vars, Mode::Eval, 0);
-    /// assert_eq!(p.get(0).unwrap().dims(), &[3]);
-    /// ```
-    pub fn get(&self, i: usize) -> Result<Tensor> {
-        let dtype = self.compute_dtype.unwrap_or(self.var(i)?.dtype());
-        self.get_as(i, dtype)
-    }
-
-    /// The `i`-th weight cast to `dtype` (BatchNorm keeps its statistics in f32 under mixed
-    /// precision).
+    /// The weight named `name` as a tensor, in the compute dtype: tracked for autograd in
+    /// training, detached in eval.
     ///
     /// # Examples
     /// ```
     /// use candle_core::{DType, Device, Var};
-    /// use candle_functional::{Mode, Params};
+    /// use candle_functional::{Initializer, Mode, ParamSpec, Params};
+    /// let specs = [ParamSpec::new("bias", vec![3], Initializer::Zeros)];
     /// let vars = [Var::zeros(3, DType::F32, &Device::Cpu)?];
-    /// let p = Params::new(&vars, Mode::Eval, 0).with_compute_dtype(Some(DType::F16));
-    /// assert_eq!(p.get_as(0, DType::F32)?.dtype(), DType::F32);
+    /// let p = Params::new(&specs, &vars, Mode::Eval, 0);
+    /// assert_eq!(p.get("bias")?.dims(), &[3]);
+    /// assert!(p.get("kernel").unwrap_err().to_string().contains("bias"));
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn get_as(&self, i: usize, dtype: DType) -> Result<Tensor> {
-        let var = self.var(i)?;
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let var = self.var(name)?;
+        self.get_as(name, self.compute_dtype.unwrap_or(var.dtype()))
+    }
+
+    /// The weight named `name` in the dtype it is stored in, whatever the compute dtype (the
+    /// f32 master copy under mixed precision: BatchNorm keeps its statistics in f32).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use candle_functional::{Initializer, Mode, ParamSpec, Params};
+    /// let specs = [ParamSpec::new("gamma", vec![3], Initializer::Ones)];
+    /// let vars = [Var::ones(3, DType::F32, &Device::Cpu)?];
+    /// let p = Params::new(&specs, &vars, Mode::Eval, 0).with_compute_dtype(Some(DType::BF16));
+    /// assert_eq!(p.get_stored("gamma")?.dtype(), DType::F32);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn get_stored(&self, name: &str) -> Result<Tensor> {
+        let var = self.var(name)?;
+        self.get_as(name, var.dtype())
+    }
+
+    /// The weight named `name` cast to `dtype`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use candle_functional::{Initializer, Mode, ParamSpec, Params};
+    /// let specs = [ParamSpec::new("bias", vec![3], Initializer::Zeros)];
+    /// let vars = [Var::zeros(3, DType::F32, &Device::Cpu)?];
+    /// let p = Params::new(&specs, &vars, Mode::Eval, 0);
+    /// assert_eq!(p.get_as("bias", DType::F64)?.dtype(), DType::F64);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        let var = self.var(name)?;
         let t = if self.mode.is_train() {
             var.as_tensor().clone()
         } else {
@@ -275,39 +300,37 @@ impl<'a> Params<'a> {
         })
     }
 
-    /// The dtype layers compute in under mixed precision (`None`: the weights' own).
+    /// `true` when the layer has a weight named `name` (optional weights: a bias, BatchNorm's
+    /// `gamma` and `beta`).
     ///
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// assert_eq!(Params::new(&[], Mode::Eval, 0).compute_dtype(), None);
+    /// assert!(!Params::new(&[], &[], Mode::Eval, 0).contains("bias"));
     /// ```
-    pub fn compute_dtype(&self) -> Option<DType> {
-        self.compute_dtype
+    pub fn contains(&self, name: &str) -> bool {
+        self.specs.iter().any(|s| s.name() == name)
     }
 
-    /// The `i`-th weight as a variable, for in-place state updates (moving statistics).
+    /// The weight named `name` as a variable, for in-place state updates (moving statistics).
     ///
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// assert!(Params::new(&[], Mode::Eval, 0).var(0).is_err());
+    /// assert!(Params::new(&[], &[], Mode::Eval, 0).var("moving_mean").is_err());
     /// ```
-    pub fn var(&self, i: usize) -> Result<&'a Var> {
-        self.vars.get(i).ok_or_else(|| {
-            Error::InvalidArgument(format!("layer asked for weight {i} of {}", self.vars.len()))
-        })
-    }
-
-    /// All the weights, in `param_specs` order.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::{Mode, Params};
-    /// assert!(Params::new(&[], Mode::Eval, 0).vars().is_empty());
-    /// ```
-    pub fn vars(&self) -> &'a [Var] {
-        self.vars
+    pub fn var(&self, name: &str) -> Result<&'a Var> {
+        self.specs
+            .iter()
+            .position(|s| s.name() == name)
+            .and_then(|i| self.vars.get(i))
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.specs.iter().map(ParamSpec::name).collect();
+                Error::InvalidArgument(format!(
+                    "the layer has no weight named `{name}` (its weights: [{}])",
+                    names.join(", ")
+                ))
+            })
     }
 
     /// The forward mode.
@@ -315,10 +338,21 @@ impl<'a> Params<'a> {
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// assert_eq!(Params::new(&[], Mode::Train, 0).mode(), Mode::Train);
+    /// assert_eq!(Params::new(&[], &[], Mode::Train, 0).mode(), Mode::Train);
     /// ```
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The dtype layers compute in under mixed precision (`None`: the weights' own).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert_eq!(Params::new(&[], &[], Mode::Eval, 0).compute_dtype(), None);
+    /// ```
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute_dtype
     }
 
     /// A seed unique to this node and this forward call, for random layers (Dropout). Derived
@@ -327,7 +361,7 @@ impl<'a> Params<'a> {
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// assert_eq!(Params::new(&[], Mode::Train, 42).seed(), 42);
+    /// assert_eq!(Params::new(&[], &[], Mode::Train, 42).seed(), 42);
     /// ```
     pub fn seed(&self) -> u64 {
         self.seed
@@ -338,7 +372,7 @@ impl<'a> Params<'a> {
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// assert!(Params::new(&[], Mode::Train, 0).is_empty());
+    /// assert_eq!(Params::new(&[], &[], Mode::Train, 0).len(), 0);
     /// ```
     pub fn len(&self) -> usize {
         self.vars.len()
@@ -349,7 +383,7 @@ impl<'a> Params<'a> {
     /// # Examples
     /// ```
     /// use candle_functional::{Mode, Params};
-    /// assert!(Params::new(&[], Mode::Train, 0).is_empty());
+    /// assert!(Params::new(&[], &[], Mode::Train, 0).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
         self.vars.is_empty()
@@ -399,7 +433,8 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
     /// put in errors.
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>>;
 
-    /// The weights the layer needs for these input shapes, in the order `forward` reads them.
+    /// The weights the layer needs for these input shapes; `forward` reaches them by name
+    /// ([`Params::get`]). Names must be unique within the layer (checked at its first call).
     fn param_specs(&self, _inputs: &[Vec<usize>]) -> Vec<ParamSpec> {
         Vec::new()
     }
@@ -407,9 +442,11 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
     /// Computes the outputs from concrete inputs (batch dimension first).
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>>;
 
-    /// For a model used as a layer: the inner model. Its weights live in its own layers.
-    fn as_model(&self) -> Option<&crate::Model> {
-        None
+    /// The layers inside this one (a nested model's layers). A layer with sublayers holds no
+    /// weights of its own: building, listing, counting and saving weights walk into its
+    /// sublayers instead, naming them `<this layer>.<sublayer>`.
+    fn sublayers(&self) -> &[LayerRef] {
+        &[]
     }
 }
 
@@ -431,6 +468,32 @@ pub(crate) fn snake_case(name: &str) -> String {
             out.push(c);
         }
     }
+    out
+}
+
+/// Every layer that can hold weights, reached through the sublayers of nested models, each
+/// once (a layer reached twice keeps its first name), with its full name: `<layer>` at the top,
+/// `<model>.<layer>` inside a nested model. The one walk behind building, listing, counting
+/// and saving weights.
+pub(crate) fn weight_holders(layers: &[LayerRef]) -> Vec<(String, LayerRef)> {
+    fn walk(
+        layers: &[LayerRef],
+        prefix: &str,
+        seen: &mut HashSet<u64>,
+        out: &mut Vec<(String, LayerRef)>,
+    ) {
+        for layer in layers {
+            let name = format!("{prefix}{}", layer.display_name());
+            let inner = layer.op().sublayers();
+            if !inner.is_empty() {
+                walk(inner, &format!("{name}."), seen, out);
+            } else if seen.insert(layer.id()) {
+                out.push((name, layer.clone()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(layers, "", &mut HashSet::new(), &mut out);
     out
 }
 
@@ -566,9 +629,25 @@ impl LayerRef {
     }
 
     /// Checks a new call's input shapes against the first call's, since the weights are
-    /// shared; records them on the first call.
+    /// shared; on the first call, checks that the weights' names are unique (layers reach
+    /// them by name) and records the shapes.
     pub(crate) fn check_call_shapes(&self, shapes: &[Vec<usize>]) -> Result<()> {
-        let first = self.0.first_inputs.get_or_init(|| shapes.to_vec());
+        let Some(first) = self.0.first_inputs.get() else {
+            let specs = self.0.op.param_specs(shapes);
+            for (i, spec) in specs.iter().enumerate() {
+                if spec.name().is_empty() || specs[..i].iter().any(|s| s.name() == spec.name()) {
+                    return Err(Error::InvalidConfig {
+                        layer: self.display_name(),
+                        message: format!(
+                            "weight names must be unique and non-empty, got {:?}",
+                            specs.iter().map(ParamSpec::name).collect::<Vec<_>>()
+                        ),
+                    });
+                }
+            }
+            let _ = self.0.first_inputs.set(shapes.to_vec());
+            return Ok(());
+        };
         if first == shapes {
             return Ok(());
         }
@@ -621,7 +700,7 @@ impl LayerRef {
             return Ok(());
         }
         let specs = self.param_specs();
-        let mut rng = crate::layers::init::layer_rng(seed, rng_key);
+        let mut rng = layer_rng(seed, rng_key);
         let vars = specs
             .iter()
             .map(|spec| {
@@ -642,16 +721,16 @@ impl LayerRef {
         compute_dtype: Option<DType>,
     ) -> Result<Vec<Tensor>> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
-        let vars: &[Var] = match guard.as_ref() {
-            Some(w) => &w.vars,
-            None if self.param_specs().is_empty() => &[],
+        let (specs, vars): (&[ParamSpec], &[Var]) = match guard.as_ref() {
+            Some(w) => (&w.specs, &w.vars),
+            None if self.param_specs().is_empty() => (&[], &[]),
             None => {
                 return Err(Error::NotBuilt {
                     model: self.display_name(),
                 });
             }
         };
-        let params = Params::new(vars, mode, seed).with_compute_dtype(compute_dtype);
+        let params = Params::new(specs, vars, mode, seed).with_compute_dtype(compute_dtype);
         self.0.op.forward(inputs, &params)
     }
 }

@@ -1,4 +1,5 @@
-//! The execution plan of a graph, computed once when a [`Model`](crate::Model) is made.
+//! The execution plan of a graph, computed once when a [`Model`](crate::Model) is made, and
+//! the executor that runs it.
 //!
 //! Following Keras's `functional.py`: walk back from the outputs to the inputs, collecting the
 //! nodes that are needed, check that every needed value is computable from the given inputs
@@ -9,8 +10,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::graph::layer::LayerRef;
+use candle_core::{DType, Tensor};
+
+use crate::graph::layer::{LayerRef, Mode};
 use crate::graph::symbolic::{Node, SymbolicTensor};
+use crate::support::seed::mix;
 use crate::{Error, Result};
 
 /// One node to run: where its inputs are, where its outputs go, what to free afterwards.
@@ -140,6 +144,79 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Runs the steps on concrete tensors (batch first), one per input, after checking their
+    /// count and shapes. Each activation is dropped right after its last reader (candle's
+    /// autograd keeps what backward needs; the executor keeps nothing more). Step `i` gets
+    /// the seed `mix(seed, i)`; `compute_dtype` casts float inputs for mixed precision.
+    /// `model` names the model in errors.
+    pub(crate) fn run(
+        &self,
+        model: &str,
+        inputs: &[Tensor],
+        mode: Mode,
+        seed: u64,
+        compute_dtype: Option<DType>,
+    ) -> Result<Vec<Tensor>> {
+        self.check_inputs(model, inputs)?;
+        let internal = |slot: usize| {
+            Error::InvalidArgument(format!(
+                "model `{model}`: slot {slot} read before it was computed (a bug in the plan)"
+            ))
+        };
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
+        for (&slot, t) in self.input_slots.iter().zip(inputs) {
+            let t = match compute_dtype {
+                Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.to_dtype(dtype)?,
+                _ => t.clone(),
+            };
+            slots[slot] = Some(t);
+        }
+        for (index, step) in self.steps.iter().enumerate() {
+            let args = step
+                .input_slots
+                .iter()
+                .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
+                .collect::<Result<Vec<_>>>()?;
+            let outputs =
+                step.node
+                    .layer()
+                    .forward(&args, mode, mix(seed, index as u64), compute_dtype)?;
+            for (&slot, t) in step.output_slots.iter().zip(outputs) {
+                slots[slot] = Some(t);
+            }
+            for &slot in &step.free_after {
+                slots[slot] = None;
+            }
+        }
+        self.output_slots
+            .iter()
+            .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
+            .collect()
+    }
+
+    fn check_inputs(&self, model: &str, inputs: &[Tensor]) -> Result<()> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::InputCount {
+                model: model.to_string(),
+                expected: self.inputs.len(),
+                got: inputs.len(),
+            });
+        }
+        for (t, sym) in inputs.iter().zip(&self.inputs) {
+            if t.rank() != sym.shape().len() + 1 || &t.dims()[1..] != sym.shape() {
+                return Err(Error::InputShape {
+                    model: model.to_string(),
+                    input: sym.layer().display_name(),
+                    expected: sym.shape().to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Distinct layers in order of first appearance (inputs' layers first), with their nodes.
 fn collect_layers(
     inputs: &[SymbolicTensor],
@@ -181,10 +258,7 @@ fn assign_names(layers: &[LayerRef]) -> Result<()> {
     }
     let mut counters: HashMap<String, usize> = HashMap::new();
     for layer in layers.iter().filter(|l| l.name().is_none()) {
-        let base = match layer.op().type_name() {
-            "InputLayer" => "input_layer".to_string(),
-            _ => layer.op().base_name(),
-        };
+        let base = layer.op().base_name();
         let counter = counters.entry(base.clone()).or_insert(0);
         let name = loop {
             let candidate = match *counter {

@@ -17,6 +17,9 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct Node {
     id: u64,
+    /// `true` for the node of an [`Input`]: set by [`Input`] itself, the only maker of such
+    /// nodes.
+    is_input: bool,
     layer: LayerRef,
     inputs: Vec<SymbolicTensor>,
     output_shapes: Vec<Vec<usize>>,
@@ -46,7 +49,7 @@ impl Node {
 
     /// `true` for the node of an [`Input`].
     pub(crate) fn is_input(&self) -> bool {
-        self.inputs.is_empty() && self.layer.op().type_name() == "InputLayer"
+        self.is_input
     }
 }
 
@@ -169,6 +172,7 @@ pub(crate) fn record_call(
     layer.check_call_shapes(&shapes)?;
     let node = Arc::new(Node {
         id: next_id(),
+        is_input: false,
         layer: layer.clone(),
         inputs: inputs.to_vec(),
         output_shapes,
@@ -225,6 +229,7 @@ impl Input {
         let layer = LayerRef::new(Arc::new(InputLayer), name);
         let node = Arc::new(Node {
             id: next_id(),
+            is_input: true,
             layer,
             inputs: Vec::new(),
             output_shapes: vec![shape],

@@ -7,12 +7,11 @@
 //! statistics. The running statistics are non-trainable state: saved with the weights,
 //! never handed to an optimizer.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use crate::graph::{Configured, LayerOp, ParamSpec, Params};
-use crate::layers::Initializer;
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::padding::non_batch_axis;
-use crate::ops::batch_norm as ops;
+use crate::ops;
 use crate::{Error, Result};
 
 /// Configuration of a [`BatchNorm`] layer; defaults are Keras's.
@@ -64,7 +63,8 @@ impl Default for BatchNormConfig {
 
 /// Batch normalization over the channel axis (Keras's `BatchNormalization`).
 ///
-/// Weights, in order: `gamma`, `beta` (trainable), `moving_mean`, `moving_variance` (state).
+/// Weights: `gamma`, `beta` (trainable; absent when `scale` / `center` is off),
+/// `moving_mean`, `moving_variance` (state).
 ///
 /// # Shapes
 /// Output shape = input shape.
@@ -129,78 +129,6 @@ impl BatchNormConfig {
     /// The channel axis in the full tensor (rank = per-sample rank + 1).
     fn full_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
         non_batch_axis(layer, self.axis, sample_rank)
-    }
-
-    /// Index of each weight in `param_specs` order.
-    fn indices(&self) -> (Option<usize>, Option<usize>, usize, usize) {
-        let gamma = self.scale.then_some(0);
-        let beta = self.center.then_some(self.scale as usize);
-        let mean = self.scale as usize + self.center as usize;
-        (gamma, beta, mean, mean + 1)
-    }
-}
-
-impl BatchNormConfig {
-    /// The CPU path: one pass for the batch moments, one for the normalization, and an
-    /// analytic backward (see [`crate::ops`]).
-    fn forward_fused(&self, x: &Tensor, params: &Params) -> Result<Tensor> {
-        let (gamma_i, beta_i, mean_i, var_i) = self.indices();
-        let channels = x.dim(1)?;
-        let stats = if params.mode().is_train() {
-            let x = x.contiguous()?;
-            let stats = ops::channel_moments(&x)?;
-            let keep = self.momentum;
-            for (index, row) in [(mean_i, 0), (var_i, 1)] {
-                let var = params.var(index)?;
-                let batch = stats.get(row)?.to_dtype(var.dtype())?;
-                var.set(&((var.as_tensor().detach() * keep)? + (batch * (1.0 - keep))?)?)?;
-            }
-            stats
-        } else {
-            Tensor::stack(&[params.get(mean_i)?, params.get(var_i)?], 0)?.to_dtype(x.dtype())?
-        };
-        let constant = |value: f64| Tensor::full(value, channels, x.device())?.to_dtype(x.dtype());
-        let gamma = match gamma_i {
-            Some(i) => params.get(i)?,
-            None => constant(1.0)?,
-        };
-        let beta = match beta_i {
-            Some(i) => params.get(i)?,
-            None => constant(0.0)?,
-        };
-        let affine = Tensor::stack(&[gamma, beta], 0)?;
-        ops::normalize(x, &stats, &affine, self.epsilon, params.mode().is_train())
-    }
-}
-
-#[cfg(feature = "cudnn")]
-impl BatchNormConfig {
-    /// The CUDA training path: cuDNN's fused kernels, and the moving statistics updated here
-    /// from the batch moments (biased variance, Keras's rule).
-    fn forward_cudnn(&self, x: &Tensor, params: &Params) -> Result<Tensor> {
-        let (gamma_i, beta_i, mean_i, var_i) = self.indices();
-        let channels = x.dim(1)?;
-        let constant = |value: f64| Tensor::full(value as f32, channels, x.device());
-        let gamma = match gamma_i {
-            Some(i) => params.get_as(i, DType::F32)?,
-            None => constant(1.0)?,
-        };
-        let beta = match beta_i {
-            Some(i) => params.get_as(i, DType::F32)?,
-            None => constant(0.0)?,
-        };
-        let (y, moments) =
-            crate::ops::cudnn_batch_norm::forward_train(x, &gamma, &beta, self.epsilon)?;
-        let mean = moments.get(0)?;
-        // cuDNN saves 1 / sqrt(var + epsilon) of the biased batch variance.
-        let var = (moments.get(1)?.powf(-2.0)? - self.epsilon)?;
-        let keep = self.momentum;
-        for (index, batch) in [(mean_i, mean), (var_i, var)] {
-            let v = params.var(index)?;
-            let batch = batch.to_dtype(v.dtype())?;
-            v.set(&((v.as_tensor().detach() * keep)? + (batch * (1.0 - keep))?)?)?;
-        }
-        Ok(y)
     }
 }
 
@@ -272,56 +200,39 @@ impl LayerOp for BatchNormConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        // Statistics of half-precision activations are computed in f32.
-        let input_dtype = inputs[0].dtype();
-        if matches!(input_dtype, DType::BF16 | DType::F16) {
-            let x = inputs[0].to_dtype(DType::F32)?;
-            let params = Params::new(params.vars(), params.mode(), params.seed());
-            let y = self.forward(&[x], &params)?.remove(0);
-            return Ok(vec![y.to_dtype(input_dtype)?]);
-        }
         let x = &inputs[0];
-        let axis = self.full_axis("", x.rank() - 1)?;
-        let channels = x.dim(axis)?;
-        // Shape that broadcasts a per-channel vector against x: [1, C, 1, 1] for NCHW.
-        let mut bshape = vec![1; x.rank()];
-        bshape[axis] = channels;
-        let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != axis).collect();
-        let (gamma_i, beta_i, mean_i, var_i) = self.indices();
-        if ops::fused_applies(x, axis) {
-            return Ok(vec![self.forward_fused(x, params)?]);
-        }
-        #[cfg(feature = "cudnn")]
-        if params.mode().is_train() && crate::ops::cudnn_batch_norm::applies(x, axis) {
-            return Ok(vec![self.forward_cudnn(x, params)?]);
-        }
-
-        let (centered, variance) = if params.mode().is_train() {
-            let mean = x.mean_keepdim(reduce.as_slice())?;
-            let centered = x.broadcast_sub(&mean)?;
-            let variance = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
-            let keep = self.momentum;
-            for (index, batch) in [(mean_i, &mean), (var_i, &variance)] {
-                let var = params.var(index)?;
-                let batch = batch.detach().reshape(channels)?.to_dtype(var.dtype())?;
-                let updated = ((var.as_tensor().detach() * keep)? + (batch * (1.0 - keep))?)?;
-                var.set(&updated)?;
-            }
-            (centered, variance)
+        let axis = self.full_axis("", x.rank().saturating_sub(1))?;
+        // The kernels take channels on axis 1 (NCHW); another channel axis is moved there
+        // and back.
+        let x = if axis == 1 {
+            x.clone()
         } else {
-            let mean = params.get(mean_i)?.reshape(bshape.as_slice())?;
-            let variance = params.get(var_i)?.reshape(bshape.as_slice())?;
-            (x.broadcast_sub(&mean)?, variance)
+            x.transpose(1, axis)?
         };
-        // One per-channel factor, then one broadcast multiply over the activation.
-        let mut factor = (variance + self.epsilon)?.sqrt()?.recip()?;
-        if let Some(i) = gamma_i {
-            factor = factor.broadcast_mul(&params.get(i)?.reshape(bshape.as_slice())?)?;
-        }
-        let mut y = centered.broadcast_mul(&factor)?;
-        if let Some(i) = beta_i {
-            y = y.broadcast_add(&params.get(i)?.reshape(bshape.as_slice())?)?;
-        }
-        Ok(vec![y])
+        // Weights and statistics in their stored dtype: f32 under bf16 mixed precision.
+        let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
+        let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
+        let y = if params.mode().is_train() {
+            let (y, batch_mean, batch_var) =
+                ops::batch_norm_train(&x, gamma.as_ref(), beta.as_ref(), self.epsilon)?;
+            // Keras's rule: the old value keeps `momentum`; the variance is the biased one.
+            for (name, batch) in [("moving_mean", batch_mean), ("moving_variance", batch_var)] {
+                let moving = params.var(name)?;
+                let batch = batch.to_dtype(moving.dtype())?;
+                let kept = (moving.as_tensor().detach() * self.momentum)?;
+                moving.set(&(kept + (batch * (1.0 - self.momentum))?)?)?;
+            }
+            y
+        } else {
+            ops::batch_norm_eval(
+                &x,
+                gamma.as_ref(),
+                beta.as_ref(),
+                &params.get_stored("moving_mean")?,
+                &params.get_stored("moving_variance")?,
+                self.epsilon,
+            )?
+        };
+        Ok(vec![if axis == 1 { y } else { y.transpose(1, axis)? }])
     }
 }

@@ -6,11 +6,10 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, LayerOp, ParamSpec, Params};
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
-use crate::layers::{ActivationFn, Initializer, Padding};
-use crate::ops::batch_norm::add_channel_bias;
-use crate::ops::{Conv2dGeometry, conv2d};
+use crate::layers::{ActivationFn, Padding};
+use crate::ops::{self, Conv2dGeometry};
 use crate::{Error, Result};
 
 /// Configuration of a [`Conv2D`] layer; defaults are Keras's.
@@ -290,7 +289,7 @@ impl LayerOp for Conv2DConfig {
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
         let x = &inputs[0];
-        let kernel = params.get(0)?;
+        let kernel = params.get("kernel")?;
         let (_, _, h, w) = x.dims4()?;
         let geometry = Conv2dGeometry {
             pad: self.pads(h, w),
@@ -298,9 +297,9 @@ impl LayerOp for Conv2DConfig {
             dilation: self.dilation,
             groups: self.groups,
         };
-        let y = conv2d(x, &kernel, geometry)?;
+        let y = ops::conv2d(x, &kernel, geometry)?;
         let y = if self.use_bias {
-            add_channel_bias(&y, &params.get(1)?)?
+            ops::bias_add(&y, &params.get("bias")?)?
         } else {
             y
         };

@@ -5,9 +5,10 @@
 
 use candle_core::Tensor;
 
+use crate::graph::Initializer;
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
-use crate::layers::{ActivationFn, Initializer};
-use crate::ops::batch_norm::add_channel_bias;
+use crate::layers::ActivationFn;
+use crate::ops;
 use crate::{Error, Result};
 
 /// Configuration of a [`Dense`] layer; defaults are Keras's.
@@ -153,16 +154,16 @@ impl LayerOp for DenseConfig {
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
         let x = &inputs[0];
-        let kernel = params.get(0)?;
+        let kernel = params.get("kernel")?;
         let y = if x.rank() == 2 {
             x.matmul(&kernel)?
         } else {
             x.broadcast_matmul(&kernel)?
         };
         let y = if self.use_bias {
-            let bias = params.get(1)?;
+            let bias = params.get("bias")?;
             if y.rank() == 2 {
-                add_channel_bias(&y, &bias)?
+                ops::bias_add(&y, &bias)?
             } else {
                 y.broadcast_add(&bias)?
             }

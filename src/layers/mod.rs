@@ -8,19 +8,20 @@ pub(crate) mod concatenate;
 pub(crate) mod conv;
 pub(crate) mod dense;
 pub(crate) mod dropout;
-pub(crate) mod init;
 pub(crate) mod merge;
 pub(crate) mod padding;
 pub(crate) mod pooling;
 pub(crate) mod reshape;
 
+/// Initializers belong to the graph floor (a [`ParamSpec`](crate::ParamSpec) names one); they
+/// are re-exported here, beside the layers whose configs take them.
+pub use crate::graph::Initializer;
 pub use activation::{Activation, ActivationConfig, ActivationFn, ReLU, ReLUConfig};
 pub use batch_norm::{BatchNorm, BatchNormConfig};
 pub use concatenate::{Concatenate, ConcatenateConfig};
 pub use conv::{Conv2D, Conv2DConfig};
 pub use dense::{Dense, DenseConfig};
 pub use dropout::{Dropout, DropoutConfig};
-pub use init::Initializer;
 pub use merge::{
     Add, AddConfig, Average, AverageConfig, Maximum, MaximumConfig, Minimum, MinimumConfig,
     Multiply, MultiplyConfig, Subtract, SubtractConfig,

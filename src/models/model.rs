@@ -1,15 +1,15 @@
 //! [`Model`]: a graph of layers made from input and output symbolic tensors, built once on a
 //! device, then run forward (and backward through candle's autograd).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::graph::layer::LayerRef;
+use crate::graph::layer::{LayerRef, weight_holders};
 use crate::graph::plan::Plan;
 use crate::graph::{Layer, LayerOp, Mode, Params, SymbolicTensor};
+use crate::support::seed::mix;
 use crate::{Error, Result};
 
 /// A functional model: the layers between some [`Input`](crate::Input)s (or any symbolic
@@ -227,20 +227,11 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn build(self, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
-        self.build_layers(device, dtype, seed, "")?;
+        for (name, layer) in weight_holders(&self.plan.layers) {
+            layer.build(device, dtype, seed, &name)?;
+        }
         self.rng.seed.store(seed, Ordering::Relaxed);
         Ok(self)
-    }
-
-    fn build_layers(&self, device: &Device, dtype: DType, seed: u64, prefix: &str) -> Result<()> {
-        for layer in &self.plan.layers {
-            let name = format!("{prefix}{}", layer.display_name());
-            match layer.op().as_model() {
-                Some(inner) => inner.build_layers(device, dtype, seed, &format!("{name}."))?,
-                None => layer.build(device, dtype, seed, &name)?,
-            }
-        }
-        Ok(())
     }
 
     /// `true` when every layer has its weights.
@@ -254,13 +245,9 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn is_built(&self) -> bool {
-        self.plan
-            .layers
+        weight_holders(&self.plan.layers)
             .iter()
-            .all(|layer| match layer.op().as_model() {
-                Some(inner) => inner.is_built(),
-                None => layer.param_specs().is_empty() || layer.weights().is_some(),
-            })
+            .all(|(_, layer)| layer.param_specs().is_empty() || layer.weights().is_some())
     }
 
     /// Runs the model on concrete tensors (batch first), one per input, in the order given
@@ -281,76 +268,8 @@ impl Model {
     pub fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Vec<Tensor>> {
         let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
         let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
-        self.run_plan(inputs, mode, seed, self.compute_dtype())
-    }
-
-    /// Runs the plan; a nested model gets its caller's seed and compute dtype.
-    fn run_plan(
-        &self,
-        inputs: &[Tensor],
-        mode: Mode,
-        seed: u64,
-        compute_dtype: Option<DType>,
-    ) -> Result<Vec<Tensor>> {
-        self.check_inputs(inputs)?;
-        let plan = &self.plan;
-        let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
-        for (&slot, t) in plan.input_slots.iter().zip(inputs) {
-            let t = match compute_dtype {
-                Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.to_dtype(dtype)?,
-                _ => t.clone(),
-            };
-            slots[slot] = Some(t);
-        }
-        for (index, step) in plan.steps.iter().enumerate() {
-            let args = step
-                .input_slots
-                .iter()
-                .map(|&s| slots[s].clone().ok_or_else(|| self.internal(s)))
-                .collect::<Result<Vec<_>>>()?;
-            let outputs =
-                step.node
-                    .layer()
-                    .forward(&args, mode, mix(seed, index as u64), compute_dtype)?;
-            for (&slot, t) in step.output_slots.iter().zip(outputs) {
-                slots[slot] = Some(t);
-            }
-            for &slot in &step.free_after {
-                slots[slot] = None;
-            }
-        }
-        plan.output_slots
-            .iter()
-            .map(|&s| slots[s].clone().ok_or_else(|| self.internal(s)))
-            .collect()
-    }
-
-    fn internal(&self, slot: usize) -> Error {
-        Error::InvalidArgument(format!(
-            "model `{}`: slot {slot} read before it was computed (a bug in the plan)",
-            self.name()
-        ))
-    }
-
-    fn check_inputs(&self, inputs: &[Tensor]) -> Result<()> {
-        if inputs.len() != self.plan.inputs.len() {
-            return Err(Error::InputCount {
-                model: self.name().to_string(),
-                expected: self.plan.inputs.len(),
-                got: inputs.len(),
-            });
-        }
-        for (t, sym) in inputs.iter().zip(&self.plan.inputs) {
-            if t.rank() != sym.shape().len() + 1 || &t.dims()[1..] != sym.shape() {
-                return Err(Error::InputShape {
-                    model: self.name().to_string(),
-                    input: sym.layer().display_name(),
-                    expected: sym.shape().to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-        }
-        Ok(())
+        self.plan
+            .run(self.name(), inputs, mode, seed, self.compute_dtype())
     }
 
     /// The symbolic inputs.
@@ -440,23 +359,8 @@ impl Model {
     /// ```
     pub fn weights(&self) -> Result<Vec<NamedWeight>> {
         let mut out = Vec::new();
-        self.collect_weights("", &mut out, &mut HashSet::new())?;
-        Ok(out)
-    }
-
-    fn collect_weights(
-        &self,
-        prefix: &str,
-        out: &mut Vec<NamedWeight>,
-        seen: &mut HashSet<u64>,
-    ) -> Result<()> {
-        for layer in &self.plan.layers {
-            let name = format!("{prefix}{}", layer.display_name());
-            if let Some(inner) = layer.op().as_model() {
-                inner.collect_weights(&format!("{name}."), out, seen)?;
-                continue;
-            }
-            if layer.param_specs().is_empty() || !seen.insert(layer.id()) {
+        for (name, layer) in weight_holders(&self.plan.layers) {
+            if layer.param_specs().is_empty() {
                 continue;
             }
             let weights = layer.weights().ok_or_else(|| Error::NotBuilt {
@@ -470,7 +374,7 @@ impl Model {
                 });
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// The variables an optimizer should update: the trainable weights only (BatchNorm's
@@ -507,26 +411,17 @@ impl Model {
     /// ```
     pub fn count_params(&self) -> ParamCounts {
         let mut counts = ParamCounts::default();
-        let mut seen = HashSet::new();
-        self.add_counts(&mut counts, &mut seen);
-        counts
-    }
-
-    fn add_counts(&self, counts: &mut ParamCounts, seen: &mut HashSet<u64>) {
-        for layer in &self.plan.layers {
-            if let Some(inner) = layer.op().as_model() {
-                inner.add_counts(counts, seen);
-            } else if seen.insert(layer.id()) {
-                for spec in layer.param_specs() {
-                    counts.total += spec.numel();
-                    if spec.trainable() {
-                        counts.trainable += spec.numel();
-                    } else {
-                        counts.non_trainable += spec.numel();
-                    }
+        for (_, layer) in weight_holders(&self.plan.layers) {
+            for spec in layer.param_specs() {
+                counts.total += spec.numel();
+                if spec.trainable() {
+                    counts.trainable += spec.numel();
+                } else {
+                    counts.non_trainable += spec.numel();
                 }
             }
         }
+        counts
     }
 
     /// The device of the weights (`None` before `build` or without weights).
@@ -621,16 +516,6 @@ impl Model {
     }
 }
 
-/// SplitMix64 of two words: independent seeds for each call and each step.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_add(0x9E37_79B9_7F4A_7C15)
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl LayerOp for Model {
     fn type_name(&self) -> &'static str {
         "Functional"
@@ -666,11 +551,18 @@ impl LayerOp for Model {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        self.run_plan(inputs, params.mode(), params.seed(), params.compute_dtype())
+        // A nested model runs with its caller's seed and compute dtype.
+        self.plan.run(
+            self.name(),
+            inputs,
+            params.mode(),
+            params.seed(),
+            params.compute_dtype(),
+        )
     }
 
-    fn as_model(&self) -> Option<&Model> {
-        Some(self)
+    fn sublayers(&self) -> &[LayerRef] {
+        &self.plan.layers
     }
 }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
+use crate::graph::layer::weight_holders;
 use crate::graph::symbolic::format_batch_shape;
 use crate::models::Model;
 
@@ -69,10 +70,11 @@ impl Model {
         }
         let mut rows = Vec::new();
         for (layer, nodes) in plan.layers.iter().zip(&plan.layer_nodes) {
-            let params: usize = match layer.op().as_model() {
-                Some(inner) => inner.count_params().total,
-                None => layer.param_specs().iter().map(|s| s.numel()).sum(),
-            };
+            let params: usize = weight_holders(std::slice::from_ref(layer))
+                .iter()
+                .flat_map(|(_, l)| l.param_specs())
+                .map(|s| s.numel())
+                .sum();
             for (i, node) in nodes.iter().enumerate() {
                 let connected: Vec<String> = node
                     .inputs()

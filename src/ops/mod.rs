@@ -1,46 +1,459 @@
-//! Kernels the layers run on: the GEMM-based convolution with its own backward pass, and
-//! fused batch normalization and bias kernels, on the CPU; cuDNN forward and backward
-//! convolutions on CUDA (feature `cudnn`).
+//! The kernels layers run on, and the one place in the crate that chooses a backend.
+//!
+//! Each public function here checks its arguments (returning [`Error::InvalidOpArgument`]
+//! naming the argument, never panicking), then runs the fastest kernel that this build has
+//! for the tensors' device and dtype:
+//!
+//! | function | CPU, f32/f64 | CUDA, feature `cudnn` | anything else |
+//! |---|---|---|---|
+//! | [`conv2d`] | im2col + GEMM, own backward (`cpu/conv2d.rs`) | cuDNN forward, backward data and filter (`cudnn/conv2d.rs`) | [`reference::conv2d`] |
+//! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
+//! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
+//! | [`bias_add`] | fused per-channel add and gradient sum (`cpu/bias.rs`) | [`reference::bias_add`] | [`reference::bias_add`] |
+//!
+//! [`reference`] composes the same functions from candle's own differentiable ops: it runs on
+//! every device and dtype, and it is the oracle the kernels are tested against. Layers call
+//! these functions and never look at the device themselves.
+//!
+//! Tensors are NCHW, with channels on axis 1 (batch norm and bias take any rank ≥ 2, channels
+//! on axis 1). Batch-norm statistics of bf16/f16 activations are computed in f32.
 
-use candle_core::Layout;
+use candle_core::{DType, Device, Tensor};
 
-/// The elements of a contiguous CPU tensor, or an error naming the kernel.
-pub(crate) fn contiguous_slice<'a, T>(
-    data: &'a [T],
-    layout: &Layout,
-    kernel: &str,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{kernel}: contiguous tensors expected"),
+use crate::{Error, Result};
+
+pub(crate) mod cpu;
+#[cfg(feature = "cudnn")]
+pub(crate) mod cudnn;
+pub mod reference;
+
+/// Where and how a convolution's window moves: padding on each side, stride, dilation and
+/// channel groups.
+///
+/// # Examples
+/// ```
+/// use candle_functional::ops::Conv2dGeometry;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// assert_eq!(g.output_size(32, 32, 3, 3)?, (16, 16));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dGeometry {
+    /// `(top, bottom, left, right)` zero padding.
+    pub pad: (usize, usize, usize, usize),
+    /// Step of the window along both axes.
+    pub stride: usize,
+    /// Spacing of the window's taps.
+    pub dilation: usize,
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl Conv2dGeometry {
+    /// Output height and width for an `h × w` input and a `kh × kw` kernel; an error when the
+    /// stride, dilation or a kernel size is 0, or the (dilated) kernel is larger than the
+    /// padded input.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::ops::Conv2dGeometry;
+    /// let g = Conv2dGeometry { pad: (1, 1, 1, 1), stride: 1, dilation: 1, groups: 1 };
+    /// assert_eq!(g.output_size(8, 8, 3, 3)?, (8, 8));
+    /// assert!(g.output_size(1, 1, 5, 5).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Result<(usize, usize)> {
+        const OP: &str = "conv2d";
+        for (argument, value) in [
+            ("stride", self.stride),
+            ("dilation", self.dilation),
+            ("kernel height", kh),
+            ("kernel width", kw),
+        ] {
+            if value == 0 {
+                return Err(invalid(
+                    OP,
+                    "geometry",
+                    format!("{argument} must be positive"),
+                ));
+            }
+        }
+        let (t, b, l, r) = self.pad;
+        let axis = |len: usize, pad: usize, k: usize, name: &str| {
+            let span = (k - 1) * self.dilation + 1;
+            (len + pad)
+                .checked_sub(span)
+                .map(|room| room / self.stride + 1)
+                .ok_or_else(|| {
+                    invalid(
+                        OP,
+                        "x",
+                        format!(
+                            "input {name} {len} (padded {}) is smaller than the kernel's span {span}",
+                            len + pad
+                        ),
+                    )
+                })
+        };
+        Ok((axis(h, t + b, kh, "height")?, axis(w, l + r, kw, "width")?))
+    }
+
+    /// The input padded explicitly where a backend's symmetric padding cannot express this
+    /// geometry, and the `(h, w)` padding left to the backend. TensorFlow's 'same' padding
+    /// puts the odd pixel at the bottom/right (`(0, 1)` for a 3×3 stride-2 window on an even
+    /// input); symmetric backends (cuDNN, candle) get that pixel added here. With
+    /// `one_padding` the backend takes a single value for both axes (candle's `conv2d`).
+    pub(crate) fn symmetric_padding(
+        &self,
+        x: &Tensor,
+        one_padding: bool,
+    ) -> Result<(Tensor, (usize, usize))> {
+        let (t, b, l, r) = self.pad;
+        if t == b && l == r && (t == l || !one_padding) {
+            return Ok((x.clone(), (t, l)));
+        }
+        Ok((x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, (0, 0)))
     }
 }
 
-/// Runs `$body` with `$a`, `$b` bound to the slices of two CPU storages of the same float
-/// type (f32 or f64); the body returns a `Vec` of that type.
-macro_rules! dispatch_pair {
-    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $name:literal, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let $a = crate::ops::contiguous_slice(a, $l1, $name)?;
-                let $b = crate::ops::contiguous_slice(b, $l2, $name)?;
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let $a = crate::ops::contiguous_slice(a, $l1, $name)?;
-                let $b = crate::ops::contiguous_slice(b, $l2, $name)?;
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!(concat!($name, ": f32 or f64 tensors of one dtype expected")),
-        }
-    };
+/// The backend a tensor's kernels run on.
+enum Backend {
+    /// The crate's own CPU kernels (f32 and f64).
+    Cpu,
+    /// cuDNN (feature `cudnn`).
+    #[cfg(feature = "cudnn")]
+    Cudnn,
+    /// [`reference`]: candle's own ops.
+    Reference,
 }
 
-pub(crate) mod batch_norm;
-pub(crate) mod conv2d;
-#[cfg(feature = "cudnn")]
-pub(crate) mod cudnn_batch_norm;
-#[cfg(feature = "cudnn")]
-pub(crate) mod cudnn_conv;
+/// Picks the backend for `x`; `dtypes` lists what the accelerated kernel takes on each
+/// device (`cpu`, `cudnn`).
+fn backend(x: &Tensor, cpu: &[DType], cudnn: &[DType]) -> Backend {
+    match x.device() {
+        Device::Cpu if cpu.contains(&x.dtype()) => Backend::Cpu,
+        #[cfg(feature = "cudnn")]
+        Device::Cuda(_) if cudnn.contains(&x.dtype()) => Backend::Cudnn,
+        _ => {
+            let _ = cudnn;
+            Backend::Reference
+        }
+    }
+}
 
-pub use conv2d::{Conv2dGeometry, candle_conv2d, conv2d, use_cudnn_backward};
+const CPU_FLOATS: &[DType] = &[DType::F32, DType::F64];
+
+/// Convolves NCHW `x` with an OIHW `kernel` (`(filters, in_channels / groups, kh, kw)`), no
+/// bias, differentiable with respect to both.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{conv2d, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let y = conv2d(&x, &k, g)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [4.0, 2.0, 2.0, 1.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    check_conv2d(x, kernel, &geometry)?;
+    #[cfg(feature = "cudnn")]
+    const CUDNN_CONV: &[DType] = &[DType::F32, DType::BF16, DType::F16];
+    #[cfg(not(feature = "cudnn"))]
+    const CUDNN_CONV: &[DType] = &[];
+    match backend(x, CPU_FLOATS, CUDNN_CONV) {
+        Backend::Cpu => cpu::conv2d::conv2d(x, kernel, geometry),
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn => cudnn::conv2d::conv2d(x, kernel, geometry),
+        Backend::Reference => reference::conv2d(x, kernel, geometry),
+    }
+}
+
+/// Training-mode batch normalization over axis 1 of `x` (`(N, C, …)`): normalizes with the
+/// batch's mean and *biased* variance, then scales by `gamma` and shifts by `beta` (`(C,)`
+/// each; `None` means ones and zeros). Returns `(y, batch_mean, batch_var)`; the statistics
+/// are `(C,)`, detached, in f32 for half-precision `x` and in `x`'s dtype otherwise, for the
+/// caller's moving averages. Gradients flow to `x`, `gamma` and `beta` through the batch
+/// statistics.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::batch_norm_train;
+/// let x = Tensor::new(&[[1f32, 3.0], [3.0, 7.0]], &Device::Cpu)?; // (N = 2, C = 2)
+/// let (y, mean, var) = batch_norm_train(&x, None, None, 1e-3)?;
+/// assert_eq!(mean.to_vec1::<f32>()?, [2.0, 5.0]);
+/// assert_eq!(var.to_vec1::<f32>()?, [1.0, 4.0]);
+/// assert!((y.get(0)?.get(0)?.to_scalar::<f32>()? + 1.0).abs() < 1e-3);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    epsilon: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "batch_norm_train";
+    let channels = check_batch_norm(OP, x, epsilon)?;
+    let count = x.elem_count() / channels.max(1);
+    if count == 0 {
+        return Err(invalid(
+            OP,
+            "x",
+            format!(
+                "batch statistics need at least one value per channel, got shape {:?}",
+                x.dims()
+            ),
+        ));
+    }
+    let (xs, out_dtype) = statistics_dtype(x)?;
+    let (gamma, beta) = affine(OP, gamma, beta, channels, &xs)?;
+    #[cfg(feature = "cudnn")]
+    const CUDNN_BN: &[DType] = &[DType::F32];
+    #[cfg(not(feature = "cudnn"))]
+    const CUDNN_BN: &[DType] = &[];
+    let (y, mean, var) = match backend(&xs, CPU_FLOATS, CUDNN_BN) {
+        Backend::Cpu => cpu::batch_norm::train(&xs, &gamma, &beta, epsilon)?,
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn if cudnn::batch_norm::applies(&xs) => {
+            cudnn::batch_norm::train(&xs, &gamma, &beta, epsilon)?
+        }
+        _ => reference::batch_norm_train(&xs, Some(&gamma), Some(&beta), epsilon)?,
+    };
+    Ok((y.to_dtype(out_dtype)?, mean, var))
+}
+
+/// Inference-mode batch normalization over axis 1 of `x` with given statistics: `y = (x -
+/// mean) / sqrt(var + epsilon) · gamma + beta`, all four `(C,)` (`None`: ones and zeros).
+/// Differentiable with respect to `x`, `gamma` and `beta`.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::batch_norm_eval;
+/// let x = Tensor::new(&[[3f32], [5.0]], &Device::Cpu)?;
+/// let (mean, var) = (Tensor::new(&[1f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?);
+/// let y = batch_norm_eval(&x, None, None, &mean, &var, 1e-12)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    mean: &Tensor,
+    var: &Tensor,
+    epsilon: f64,
+) -> Result<Tensor> {
+    const OP: &str = "batch_norm_eval";
+    let channels = check_batch_norm(OP, x, epsilon)?;
+    let (xs, out_dtype) = statistics_dtype(x)?;
+    let (gamma, beta) = affine(OP, gamma, beta, channels, &xs)?;
+    let mean = per_channel(OP, "mean", mean, channels, &xs)?;
+    let var = per_channel(OP, "var", var, channels, &xs)?;
+    let y = match backend(&xs, CPU_FLOATS, &[]) {
+        Backend::Cpu => cpu::batch_norm::eval(&xs, &gamma, &beta, &mean, &var, epsilon)?,
+        _ => reference::batch_norm_eval(&xs, Some(&gamma), Some(&beta), &mean, &var, epsilon)?,
+    };
+    Ok(y.to_dtype(out_dtype)?)
+}
+
+/// `x + bias`, the `(C,)` bias broadcast over axis 1 of `x` (`(N, C, …)`), with the bias
+/// gradient summed per channel.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::bias_add;
+/// let x = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+/// assert_eq!(bias_add(&x, &b)?.to_vec2::<f32>()?[1], [1.0, 2.0, 3.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    const OP: &str = "bias_add";
+    if x.rank() < 2 {
+        return Err(invalid(
+            OP,
+            "x",
+            format!("expected (N, C, ...), got shape {:?}", x.dims()),
+        ));
+    }
+    if bias.dims() != [x.dim(1)?] {
+        return Err(invalid(
+            OP,
+            "bias",
+            format!(
+                "expected shape [{}] (x's channels), got {:?}",
+                x.dim(1)?,
+                bias.dims()
+            ),
+        ));
+    }
+    same_place(OP, "bias", bias, x)?;
+    match backend(x, CPU_FLOATS, &[]) {
+        Backend::Cpu => cpu::bias::bias_add(x, bias),
+        _ => reference::bias_add(x, bias),
+    }
+}
+
+/// An [`Error::InvalidOpArgument`].
+fn invalid(op: &'static str, argument: &'static str, message: String) -> Error {
+    Error::InvalidOpArgument {
+        op,
+        argument,
+        message,
+    }
+}
+
+/// `tensor` must be on `x`'s device with `x`'s dtype.
+fn same_place(op: &'static str, argument: &'static str, tensor: &Tensor, x: &Tensor) -> Result<()> {
+    if !tensor.device().same_device(x.device()) {
+        return Err(invalid(
+            op,
+            argument,
+            format!(
+                "on {:?}, but x is on {:?}",
+                tensor.device().location(),
+                x.device().location()
+            ),
+        ));
+    }
+    if tensor.dtype() != x.dtype() {
+        return Err(invalid(
+            op,
+            argument,
+            format!("dtype {:?}, but x is {:?}", tensor.dtype(), x.dtype()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
+    const OP: &str = "conv2d";
+    let &[_, c, h, w] = x.dims() else {
+        return Err(invalid(
+            OP,
+            "x",
+            format!("expected NCHW (rank 4), got shape {:?}", x.dims()),
+        ));
+    };
+    let &[o, kc, kh, kw] = kernel.dims() else {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!("expected OIHW (rank 4), got shape {:?}", kernel.dims()),
+        ));
+    };
+    same_place(OP, "kernel", kernel, x)?;
+    if g.groups == 0 {
+        return Err(invalid(OP, "geometry", "groups must be positive".into()));
+    }
+    if o == 0 || !o.is_multiple_of(g.groups) {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!(
+                "{o} filters is not a positive multiple of groups = {}",
+                g.groups
+            ),
+        ));
+    }
+    if kc * g.groups != c {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!(
+                "takes {kc} input channels per group × {} groups = {}, but x has {c}",
+                g.groups,
+                kc * g.groups
+            ),
+        ));
+    }
+    g.output_size(h, w, kh, kw)?;
+    Ok(())
+}
+
+/// Checks `x` (rank ≥ 2, float) and `epsilon`; returns the channel count.
+fn check_batch_norm(op: &'static str, x: &Tensor, epsilon: f64) -> Result<usize> {
+    if x.rank() < 2 || !x.dtype().is_float() {
+        return Err(invalid(
+            op,
+            "x",
+            format!(
+                "expected a float tensor (N, C, ...), got {:?} of shape {:?}",
+                x.dtype(),
+                x.dims()
+            ),
+        ));
+    }
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(invalid(
+            op,
+            "epsilon",
+            format!("must be positive and finite, got {epsilon}"),
+        ));
+    }
+    Ok(x.dim(1)?)
+}
+
+/// Half-precision activations are normalized in f32 (their statistics would lose too much in
+/// bf16): `x` as the statistics' dtype, and the dtype to return `y` in.
+fn statistics_dtype(x: &Tensor) -> Result<(Tensor, DType)> {
+    Ok(match x.dtype() {
+        DType::BF16 | DType::F16 => (x.to_dtype(DType::F32)?, x.dtype()),
+        dtype => (x.clone(), dtype),
+    })
+}
+
+/// A `(C,)` per-channel tensor on `x`'s device, in `x`'s dtype.
+fn per_channel(
+    op: &'static str,
+    argument: &'static str,
+    t: &Tensor,
+    channels: usize,
+    x: &Tensor,
+) -> Result<Tensor> {
+    if t.dims() != [channels] {
+        return Err(invalid(
+            op,
+            argument,
+            format!(
+                "expected shape [{channels}] (x's channels), got {:?}",
+                t.dims()
+            ),
+        ));
+    }
+    if !t.device().same_device(x.device()) {
+        return Err(invalid(
+            op,
+            argument,
+            format!(
+                "on {:?}, but x is on {:?}",
+                t.device().location(),
+                x.device().location()
+            ),
+        ));
+    }
+    Ok(t.to_dtype(x.dtype())?)
+}
+
+/// `gamma` and `beta` as `(C,)` tensors in `x`'s dtype, ones and zeros where not given.
+fn affine(
+    op: &'static str,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    channels: usize,
+    x: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let or_constant = |t: Option<&Tensor>, argument, value: f64| match t {
+        Some(t) => per_channel(op, argument, t, channels, x),
+        None => Ok(Tensor::full(value, channels, x.device())?.to_dtype(x.dtype())?),
+    };
+    Ok((
+        or_constant(gamma, "gamma", 1.0)?,
+        or_constant(beta, "beta", 0.0)?,
+    ))
+}

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::weights::write_atomically;
+use crate::support::files::write_atomically;
 use crate::{Error, Result};
 
 /// What one epoch measured.

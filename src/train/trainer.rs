@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data::{Batch, DataLoader};
 use crate::graph::Mode;
 use crate::models::Model;
-use crate::models::weights::{to_safetensors_bytes, write_atomically};
+use crate::support::files::{to_safetensors_bytes, write_atomically};
 use crate::train::callbacks::{Callback, run_callbacks};
 use crate::train::{
     EpochLog, History, Loss, LrSchedule, Optimizer, OptimizerConfig, OptimizerState,

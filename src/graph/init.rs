@@ -10,12 +10,13 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 
 use crate::Result;
 use crate::graph::ParamSpec;
+use crate::support::seed::{hash_name, mix};
 
 /// How a weight is filled when a model is built.
 ///
 /// # Examples
 /// ```
-/// use candle_functional::layers::Initializer;
+/// use candle_functional::Initializer;
 /// assert_eq!(Initializer::default(), Initializer::GlorotUniform);
 /// ```
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -61,7 +62,7 @@ impl Initializer {
     /// # Examples
     /// ```
     /// use candle_core::Device;
-    /// use candle_functional::{layers::Initializer, ParamSpec};
+    /// use candle_functional::{Initializer, ParamSpec};
     /// use rand::SeedableRng;
     /// let spec = ParamSpec::new("b", vec![3], Initializer::Ones);
     /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -121,13 +122,7 @@ fn truncated_normal(rng: &mut StdRng, n: usize, stddev: f64) -> Vec<f32> {
 /// A generator for one layer: keyed by the model seed and the layer's name, so a layer's
 /// initial weights do not change when other layers are added to the model.
 pub(crate) fn layer_rng(seed: u64, layer_name: &str) -> StdRng {
-    // FNV-1a of the name, then mixed with the seed.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in layer_name.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    StdRng::seed_from_u64(crate::models::model::mix(seed, h))
+    StdRng::seed_from_u64(mix(seed, hash_name(layer_name)))
 }
 
 #[cfg(test)]

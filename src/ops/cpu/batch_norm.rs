@@ -1,53 +1,64 @@
 //! Fused batch normalization over the channel axis of contiguous `(N, C, …)` tensors on the
-//! CPU, with its analytic backward pass, and a fused per-channel bias add.
+//! CPU, with its analytic backward pass.
 //!
 //! Composed from candle's ops, a training-mode BatchNorm reduces over axes (0, 2, 3) of an
-//! NCHW tensor several times (mean, variance, and the backward of every broadcast), and
-//! candle's strided reductions are slow: they were the largest cost of a training step here.
-//! These ops walk each channel's contiguous rows once per pass instead.
+//! NCHW tensor several times (mean, variance, and the backward of every broadcast). Here: one
+//! pass for the batch moments, one to normalize, and two for the backward pass (the
+//! per-channel sums, then the input gradient).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{
+    Float, channel_sums, dispatch_pair, float_dispatch, map_rows, slice, split, to_vec_f64,
+};
 use crate::Result;
 
-/// `true` when the fused CPU kernels apply to `x` with channel axis `axis`.
-pub(crate) fn fused_applies(x: &Tensor, axis: usize) -> bool {
-    x.device().is_cpu()
-        && axis == 1
-        && x.rank() >= 2
-        && matches!(x.dtype(), DType::F32 | DType::F64)
+/// Training mode (arguments checked by [`crate::ops::batch_norm_train`]): `(y, batch mean,
+/// biased batch variance)`.
+pub(crate) fn train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    epsilon: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&ChannelMoments)?;
+    let y = normalize(&x, &stats, gamma, beta, epsilon, true)?;
+    Ok((y, stats.get(0)?, stats.get(1)?))
 }
 
-/// `(n, c, inner)` of a contiguous `(N, C, …)` layout.
-fn split(dims: &[usize]) -> (usize, usize, usize) {
-    (dims[0], dims[1], dims[2..].iter().product())
+/// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]).
+pub(crate) fn eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    epsilon: f64,
+) -> Result<Tensor> {
+    let stats = Tensor::stack(&[mean, var], 0)?;
+    normalize(x, &stats, gamma, beta, epsilon, false)
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    crate::ops::contiguous_slice(data, layout, "batch norm")
-}
-
-/// Float types of the fused path, accumulated in f64.
-trait Float: Copy + Send + Sync + 'static {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
+/// Normalizes `x` with `stats = [mean; var]` `(2, C)`, then scales and shifts.
+fn normalize(
+    x: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    epsilon: f64,
+    batch_stats: bool,
+) -> Result<Tensor> {
+    let affine = Tensor::stack(&[gamma, beta], 0)?;
+    Ok(x.contiguous()?.apply_op3(
+        stats,
+        &affine,
+        Normalize {
+            epsilon,
+            batch_stats,
+        },
+    )?)
 }
 
 /// `1 / sqrt(var + epsilon)` per channel.
@@ -57,83 +68,6 @@ fn inverse_std(var: &[f64], epsilon: f64) -> Vec<f64> {
 
 fn to_float<T: Float>(values: Vec<f64>) -> Vec<T> {
     values.into_iter().map(T::from_f64).collect()
-}
-
-/// Per channel `(Σ a, Σ a·b)` where `b` is optional (then `Σ a²`), over all rows of `c`.
-fn channel_sums<T: Float>(
-    a: &[T],
-    b: Option<(&[T], &[f64], &[f64])>,
-    (n, c, inner): (usize, usize, usize),
-) -> Vec<(f64, f64)> {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut s1, mut s2) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let off = (i * c + ch) * inner;
-                let row = &a[off..off + inner];
-                match b {
-                    None => {
-                        for &v in row {
-                            let v = v.to_f64();
-                            s1 += v;
-                            s2 += v * v;
-                        }
-                    }
-                    // Σ dy and Σ dy · x̂ with x̂ = (x - mean) · rstd.
-                    Some((x, mean, rstd)) => {
-                        let xrow = &x[off..off + inner];
-                        for (&g, &xv) in row.iter().zip(xrow) {
-                            let g = g.to_f64();
-                            s1 += g;
-                            s2 += g * (xv.to_f64() - mean[ch]) * rstd[ch];
-                        }
-                    }
-                }
-            }
-            (s1, s2)
-        })
-        .collect()
-}
-
-/// Applies `out = f(channel, in)` row by row, in parallel over images.
-fn map_rows<T: Float>(
-    src: &[T],
-    (_, c, inner): (usize, usize, usize),
-    f: impl Fn(usize, &[T], &mut [T]) + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); src.len()];
-    out.par_chunks_mut(c * inner)
-        .enumerate()
-        .for_each(|(i, img)| {
-            for ch in 0..c {
-                let off = ch * inner;
-                f(
-                    ch,
-                    &src[(i * c) * inner + off..][..inner],
-                    &mut img[off..off + inner],
-                );
-            }
-        });
-    out
-}
-
-macro_rules! float_dispatch {
-    ($s:expr, |$v:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32($v) => CpuStorage::F32($body),
-            CpuStorage::F64($v) => CpuStorage::F64($body),
-            _ => candle_core::bail!("batch norm: f32 or f64 expected"),
-        }
-    };
-}
-
-fn to_vec_f64(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f64>> {
-    Ok(match s {
-        CpuStorage::F32(v) => slice(v, l)?.iter().map(|&x| x as f64).collect(),
-        CpuStorage::F64(v) => slice(v, l)?.to_vec(),
-        _ => candle_core::bail!("batch norm: f32 or f64 expected"),
-    })
 }
 
 /// Per-channel batch mean and biased variance, as a `(2, C)` tensor (no gradient).
@@ -200,7 +134,7 @@ impl CustomOp3 for Normalize {
         let shift: Vec<f64> = (0..c)
             .map(|ch| affine[c + ch] - stats[ch] * scale[ch])
             .collect();
-        let out = float_dispatch!(sx, |v| {
+        let out = float_dispatch!(sx, "batch norm", |v| {
             let x = slice(v, lx)?;
             map_rows(x, dims, |ch, src, dst| {
                 let (a, b) = (scale[ch], shift[ch]);
@@ -369,106 +303,4 @@ fn input_grad<T: Float>(
             }
         });
     out
-}
-
-/// Batch statistics `[mean; biased var]` `(2, C)` of a contiguous `(N, C, …)` tensor.
-pub(crate) fn channel_moments(x: &Tensor) -> Result<Tensor> {
-    Ok(x.apply_op1_no_bwd(&ChannelMoments)?)
-}
-
-/// Normalizes `x` with `stats = [mean; var]` and `affine = [gamma; beta]` (both `(2, C)`).
-pub(crate) fn normalize(
-    x: &Tensor,
-    stats: &Tensor,
-    affine: &Tensor,
-    epsilon: f64,
-    batch_stats: bool,
-) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3(
-        stats,
-        affine,
-        Normalize {
-            epsilon,
-            batch_stats,
-        },
-    )?)
-}
-
-/// `x + bias` broadcast over the channel axis (1), with the bias gradient summed per channel.
-pub(crate) fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !fused_applies(x, 1) || x.dtype() != bias.dtype() {
-        let mut shape = vec![1; x.rank()];
-        shape[1] = bias.elem_count();
-        return Ok(x.broadcast_add(&bias.reshape(shape)?)?);
-    }
-    Ok(x.contiguous()?.apply_op2(bias, ChannelBias)?)
-}
-
-struct ChannelBias;
-
-impl CustomOp2 for ChannelBias {
-    fn name(&self) -> &'static str {
-        "add-channel-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = split(lx.dims());
-        let bias = to_vec_f64(sb, lb)?;
-        let out = float_dispatch!(sx, |v| {
-            map_rows(slice(v, lx)?, dims, |ch, src, dst| {
-                let b = bias[ch];
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = Float::from_f64(s.to_f64() + b);
-                }
-            })
-        });
-        Ok((out, Shape::from(lx.dims())))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _bias: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let sums = dy.apply_op1_no_bwd(&ChannelSum)?;
-        Ok((Some(dy), Some(sums)))
-    }
-}
-
-/// Per-channel sum `(C,)`.
-struct ChannelSum;
-
-impl CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "channel-sum"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = split(l.dims());
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(
-                channel_sums(slice(v, l)?, None, dims)
-                    .iter()
-                    .map(|s| s.0 as f32)
-                    .collect(),
-            ),
-            CpuStorage::F64(v) => CpuStorage::F64(
-                channel_sums(slice(v, l)?, None, dims)
-                    .iter()
-                    .map(|s| s.0)
-                    .collect(),
-            ),
-            _ => candle_core::bail!("channel sum: f32 or f64 expected"),
-        };
-        Ok((out, Shape::from(dims.1)))
-    }
 }

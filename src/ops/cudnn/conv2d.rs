@@ -6,7 +6,8 @@
 //! `cudnnConvolutionForward`, `cudnnConvolutionBackwardData` and
 //! `cudnnConvolutionBackwardFilter`, with cuDNN's heuristics picking each algorithm, f32
 //! accumulation, and tensor-core math (TF32 for f32 tensors, as PyTorch's default on cuDNN).
-//! Padding must be symmetric per axis: the caller pads explicitly otherwise.
+//! cuDNN pads symmetrically per axis: TensorFlow's uneven 'same' split is padded explicitly
+//! first ([`Conv2dGeometry::symmetric_padding`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,29 +22,16 @@ use candle_core::cuda::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda::{CudaDType, DeviceId};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-thread_local! {
-    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
-    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-}
-
-fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<Cudnn>> {
-    HANDLES.with(|h| {
-        if let Some(c) = h.borrow().get(&dev.id()) {
-            return Ok(c.clone());
-        }
-        let c = Cudnn::new(dev.cuda_stream())?;
-        h.borrow_mut().insert(dev.id(), c.clone());
-        Ok(c)
-    })
-}
+use super::{handles, view};
+use crate::ops::Conv2dGeometry;
 
 /// Symmetric padding `[h, w]`, stride, dilation and groups of a cuDNN convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct CudnnGeometry {
-    pub(crate) pad: [usize; 2],
-    pub(crate) stride: usize,
-    pub(crate) dilation: usize,
-    pub(crate) groups: usize,
+struct CudnnGeometry {
+    pad: [usize; 2],
+    stride: usize,
+    dilation: usize,
+    groups: usize,
 }
 
 impl CudnnGeometry {
@@ -116,18 +104,6 @@ fn descriptors<T: CudnnDataType>(
     })
 }
 
-/// The elements of a contiguous CUDA tensor (shared with the cuDNN batch norm).
-pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<candle_core::cuda::cudarc::driver::CudaView<'a, T>> {
-    let slice = s.as_cuda_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(slice.slice(start..end)),
-        None => candle_core::bail!("cudnn: contiguous tensors expected"),
-    }
-}
-
 thread_local! {
     // Grow-only workspace per device: allocating (and zeroing) up to hundreds of megabytes
     // for every convolution cost more than some convolutions.
@@ -198,7 +174,7 @@ where
     T: CudnnDataType + CudaDType + DeviceRepr + ValidAsZeroBits + Unit,
 {
     let dev = &a.0.device;
-    let cudnn = handle(dev)?;
+    let cudnn = handles(dev)?.safe.clone();
     let (x_dims, w_dims): (Vec<usize>, Vec<usize>) = match pass {
         Pass::Forward => (a.1.dims().to_vec(), b.1.dims().to_vec()),
         Pass::Data => (dims.to_vec(), b.1.dims().to_vec()),
@@ -356,13 +332,20 @@ impl CustomOp2 for CudnnPass {
     }
 }
 
-/// cuDNN convolution of contiguous NCHW `x` with an OIHW kernel, differentiable through
-/// cuDNN's backward kernels.
+/// cuDNN convolution of NCHW `x` with an OIHW kernel, differentiable through cuDNN's
+/// backward kernels (arguments checked by [`crate::ops::conv2d`]).
 pub(crate) fn conv2d(
     x: &Tensor,
     kernel: &Tensor,
-    geometry: CudnnGeometry,
+    geometry: Conv2dGeometry,
 ) -> crate::Result<Tensor> {
+    let (x, (pad_h, pad_w)) = geometry.symmetric_padding(x, false)?;
+    let geometry = CudnnGeometry {
+        pad: [pad_h, pad_w],
+        stride: geometry.stride,
+        dilation: geometry.dilation,
+        groups: geometry.groups,
+    };
     Ok(x.contiguous()?.apply_op2(
         &kernel.contiguous()?,
         CudnnPass {

@@ -12,52 +12,16 @@
 //! The kernels' extra results (saved moments, scale and shift gradients) are handed between
 //! candle ops through shared slots, since a candle op returns one tensor.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda::DeviceId;
 use candle_core::cuda::cudarc::cudnn::sys;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor,
 };
 
-/// A cuDNN handle bound to candle's stream (candle keeps its own private).
-struct Handle(sys::cudnnHandle_t);
-
-thread_local! {
-    static HANDLES: RefCell<HashMap<DeviceId, Arc<Handle>>> = RefCell::new(HashMap::new());
-}
-
-fn check(status: sys::cudnnStatus_t, what: &str) -> candle_core::Result<()> {
-    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        candle_core::bail!("{what}: {status:?}")
-    }
-}
-
-fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<Handle>> {
-    HANDLES.with(|h| {
-        if let Some(c) = h.borrow().get(&dev.id()) {
-            return Ok(c.clone());
-        }
-        let mut raw: sys::cudnnHandle_t = std::ptr::null_mut();
-        // SAFETY: cudnnCreate writes a handle; the stream outlives it (candle's device stream).
-        unsafe {
-            check(sys::cudnnCreate(&mut raw), "cudnnCreate")?;
-            check(
-                sys::cudnnSetStream(raw, dev.cuda_stream().cu_stream() as sys::cudaStream_t),
-                "cudnnSetStream",
-            )?;
-        }
-        let handle = Arc::new(Handle(raw));
-        h.borrow_mut().insert(dev.id(), handle.clone());
-        Ok(handle)
-    })
-}
+use super::{Handles, check, handles, view};
 
 /// An f32 NCHW tensor descriptor, destroyed on drop.
 struct Descriptor(sys::cudnnTensorDescriptor_t);
@@ -105,7 +69,7 @@ struct Setup<'a> {
     dims: (usize, usize, usize, usize),
     x: Descriptor,
     per_channel: Descriptor,
-    handle: Arc<Handle>,
+    handles: Arc<Handles>,
 }
 
 impl<'a> Setup<'a> {
@@ -119,7 +83,7 @@ impl<'a> Setup<'a> {
             dims: (n, c, h, w),
             x: Descriptor::nchw(n, c, h, w)?,
             per_channel: Descriptor::nchw(1, c, 1, 1)?,
-            handle: handle(dev)?,
+            handles: handles(dev)?,
         })
     }
 
@@ -134,7 +98,7 @@ impl<'a> Setup<'a> {
 }
 
 fn slice<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
-    super::cudnn_conv::view::<f32>(s, l)
+    view::<f32>(s, l)
 }
 
 fn ptr<T: DevicePtr<f32>>(t: &T, stream: &Arc<CudaStream>) -> *const c_void {
@@ -201,7 +165,7 @@ impl CustomOp3 for Forward {
         let mut mean = dev.alloc_zeros::<f32>(c)?;
         let mut inv_std = dev.alloc_zeros::<f32>(c)?;
         let (one, zero) = (1f32, 0f32);
-        let handle = &setup.handle;
+        let handle = &setup.handles.raw;
         // SAFETY: every pointer is a live buffer of the size its descriptor states; the
         // running-average outputs are null, which cuDNN allows.
         unsafe {
@@ -307,7 +271,7 @@ impl CustomOp3 for Backward {
         let mut dgamma = dev.alloc_zeros::<f32>(c)?;
         let mut dbeta = dev.alloc_zeros::<f32>(c)?;
         let (one, zero) = (1f32, 0f32);
-        let handle = &setup.handle;
+        let handle = &setup.handles.raw;
         let mut saved = lock(&self.slot);
         let (Some(mean), Some(inv_std)) = (saved.mean.as_ref(), saved.inv_std.as_ref()) else {
             candle_core::bail!("cudnn batch norm: backward without a forward");
@@ -407,19 +371,20 @@ impl CustomOp1 for Take {
     }
 }
 
-/// `true` when the cuDNN path applies: an f32 CUDA tensor with channels on axis 1.
-pub(crate) fn applies(x: &Tensor, axis: usize) -> bool {
-    x.device().is_cuda() && x.dtype() == DType::F32 && axis == 1 && (2..=4).contains(&x.rank())
+/// `true` when the cuDNN kernels take `x`: f32 with rank 2 to 4 (cuDNN's 4-d descriptors).
+pub(crate) fn applies(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && (2..=4).contains(&x.rank())
 }
 
-/// Normalizes `x` with its batch statistics; returns `y` and the batch `[mean; inv_std]`
-/// `(2, C)` (no gradient) for the moving averages.
-pub(crate) fn forward_train(
+/// Normalizes `x` with its batch statistics (arguments checked by
+/// [`crate::ops::batch_norm_train`]); returns `y`, the batch mean and the biased batch
+/// variance, decoded from the inverse standard deviation cuDNN saves.
+pub(crate) fn train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     epsilon: f64,
-) -> crate::Result<(Tensor, Tensor)> {
+) -> crate::Result<(Tensor, Tensor, Tensor)> {
     let slot: Slot = Arc::default();
     let x = x.contiguous()?;
     let y = x.apply_op3(
@@ -434,5 +399,7 @@ pub(crate) fn forward_train(
         slot,
         what: Part::Moments,
     })?;
-    Ok((y, moments))
+    // cuDNN saves 1 / sqrt(var + epsilon) of the biased batch variance.
+    let var = (moments.get(1)?.powf(-2.0)? - epsilon)?;
+    Ok((y, moments.get(0)?, var))
 }

@@ -13,149 +13,23 @@
 //!
 //! The buffers are built for a chunk of images at a time (so each product is large and the
 //! buffer stays bounded), with TensorFlow's asymmetric 'same' padding folded in (no padded
-//! copy of the input). On CUDA with the `cudnn` feature, [`conv2d`] runs cuDNN's forward and
-//! backward kernels (`ops::cudnn_conv`); elsewhere it falls back to candle's convolution.
+//! copy of the input).
 
 use std::cell::RefCell;
 use std::ops::AddAssign;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dispatch_pair;
 use crate::Result;
+use crate::ops::Conv2dGeometry;
 
-/// Where and how a convolution's window moves: padding on each side, stride, dilation and
-/// channel groups.
-///
-/// # Examples
-/// ```
-/// use candle_functional::ops::Conv2dGeometry;
-/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
-/// assert_eq!(g.output_size(32, 32, 3, 3), (16, 16));
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Conv2dGeometry {
-    /// `(top, bottom, left, right)` zero padding.
-    pub pad: (usize, usize, usize, usize),
-    /// Step of the window along both axes.
-    pub stride: usize,
-    /// Spacing of the window's taps.
-    pub dilation: usize,
-    /// Channel groups.
-    pub groups: usize,
-}
-
-impl Conv2dGeometry {
-    /// Output height and width for an `h × w` input and a `kh × kw` kernel.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::ops::Conv2dGeometry;
-    /// let g = Conv2dGeometry { pad: (1, 1, 1, 1), stride: 1, dilation: 1, groups: 1 };
-    /// assert_eq!(g.output_size(8, 8, 3, 3), (8, 8));
-    /// ```
-    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
-        let (t, b, l, r) = self.pad;
-        let span = |k: usize| (k - 1) * self.dilation + 1;
-        (
-            (h + t + b - span(kh)) / self.stride + 1,
-            (w + l + r - span(kw)) / self.stride + 1,
-        )
-    }
-}
-
-/// Convolves NCHW `x` with an OIHW `kernel` (no bias).
-///
-/// # Examples
-/// ```
-/// use candle_core::{Device, Tensor};
-/// use candle_functional::ops::{conv2d, Conv2dGeometry};
-/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
-/// let k = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
-/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
-/// let y = conv2d(&x, &k, g)?;
-/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [4.0, 2.0, 2.0, 1.0]);
-/// # Ok::<(), candle_functional::Error>(())
-/// ```
-pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
-    #[cfg(feature = "cudnn")]
-    if x.device().is_cuda()
-        && x.dtype() == kernel.dtype()
-        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && CUDNN_BACKWARD.load(std::sync::atomic::Ordering::Relaxed)
-    {
-        let (t, b, l, r) = geometry.pad;
-        // cuDNN pads symmetrically per axis; TensorFlow's uneven 'same' split is padded here.
-        let (x, pad) = if t == b && l == r {
-            (x.clone(), [t, l])
-        } else {
-            (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, [0, 0])
-        };
-        let geometry = super::cudnn_conv::CudnnGeometry {
-            pad,
-            stride: geometry.stride,
-            dilation: geometry.dilation,
-            groups: geometry.groups,
-        };
-        return super::cudnn_conv::conv2d(&x, kernel, geometry);
-    }
-    let gemm_path = x.device().is_cpu()
-        && x.dtype() == kernel.dtype()
-        && matches!(x.dtype(), DType::F32 | DType::F64);
-    if gemm_path {
-        return Ok(x
-            .contiguous()?
-            .apply_op2(&kernel.contiguous()?, Conv2dGemm { geometry })?);
-    }
-    candle_conv2d(x, kernel, geometry)
-}
-
-#[cfg(feature = "cudnn")]
-static CUDNN_BACKWARD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// With the `cudnn` feature, CUDA convolutions run cuDNN for their forward and both backward
-/// passes; `false` switches back to candle's own convolution (cuDNN forward, candle's
-/// backward) for comparisons. Without the feature it does nothing.
-///
-/// # Examples
-/// ```
-/// candle_functional::ops::use_cudnn_backward(true);
-/// ```
-pub fn use_cudnn_backward(enabled: bool) {
-    #[cfg(feature = "cudnn")]
-    CUDNN_BACKWARD.store(enabled, std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(feature = "cudnn"))]
-    let _ = enabled;
-}
-
-/// candle's own convolution (cuDNN forward with the `cudnn` feature), after an explicit pad
-/// when the padding is asymmetric: the reference the fast paths are tested against.
-///
-/// # Examples
-/// ```
-/// use candle_core::{DType, Device, Tensor};
-/// use candle_functional::ops::{candle_conv2d, conv2d, Conv2dGeometry};
-/// let x = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu)?;
-/// let k = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?;
-/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
-/// let (a, b) = (conv2d(&x, &k, g)?, candle_conv2d(&x, &k, g)?);
-/// assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
-/// # Ok::<(), candle_functional::Error>(())
-/// ```
-pub fn candle_conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
-    let Conv2dGeometry {
-        pad: (t, b, l, r),
-        stride,
-        dilation,
-        groups,
-    } = geometry;
-    Ok(if t == b && l == r && t == l {
-        x.conv2d(kernel, t, stride, dilation, groups)?
-    } else {
-        x.pad_with_zeros(2, t, b)?
-            .pad_with_zeros(3, l, r)?
-            .conv2d(kernel, 0, stride, dilation, groups)?
-    })
+/// The GEMM convolution of contiguous f32 or f64 CPU tensors (arguments checked by
+/// [`crate::ops::conv2d`]).
+pub(crate) fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op2(&kernel.contiguous()?, Conv2dGemm { geometry })?)
 }
 
 /// Sizes of one convolution.
@@ -178,7 +52,9 @@ impl Sizes {
         let (&[n, c, h, w], &[o, _, kh, kw]) = (x, k) else {
             candle_core::bail!("conv2d expects NCHW input and OIHW kernel, got {x:?} and {k:?}")
         };
-        let (oh, ow) = g.output_size(h, w, kh, kw);
+        let (oh, ow) = g
+            .output_size(h, w, kh, kw)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(Self {
             n,
             c,
@@ -442,7 +318,7 @@ fn scatter_rows<T: Element>(rows: &[T], s: &Sizes, g: usize, n0: usize, nc: usiz
 fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = vec![T::default(); s.n * s.o * ohw];
-    let chunk = s.chunk().clamp(1, s.n);
+    let chunk = s.chunk().clamp(1, s.n.max(1));
     with_buffers(
         ckk * chunk * ohw,
         og * chunk * ohw,
@@ -477,7 +353,7 @@ fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let image = s.c * s.h * s.w;
     let mut dx = vec![T::default(); s.n * image];
-    let chunk = s.chunk().clamp(1, s.n);
+    let chunk = s.chunk().clamp(1, s.n.max(1));
     with_buffers(
         og * chunk * ohw,
         ckk * chunk * ohw,
@@ -512,7 +388,7 @@ fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry
 fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut dk = vec![T::default(); s.o * ckk];
-    let chunk = s.chunk().clamp(1, s.n);
+    let chunk = s.chunk().clamp(1, s.n.max(1));
     with_buffers(
         og * chunk * ohw,
         ckk * chunk * ohw,

@@ -1,0 +1,160 @@
+//! The crate's own CPU kernels (f32 and f64, contiguous tensors): the GEMM convolution, fused
+//! batch normalization and the per-channel bias add, each a candle custom op with its own
+//! backward pass. Arguments are checked by [`crate::ops`] before they get here.
+//!
+//! Composed from candle's ops, per-channel work on an NCHW tensor reduces over axes (0, 2, 3)
+//! with candle's strided reductions, which were the largest cost of a training step here; these
+//! kernels walk each channel's contiguous rows instead, in parallel with rayon.
+
+use candle_core::{CpuStorage, Layout};
+use rayon::prelude::*;
+
+pub(crate) mod batch_norm;
+pub(crate) mod bias;
+pub(crate) mod conv2d;
+
+/// The elements of a contiguous CPU tensor, or an error naming the kernel.
+pub(crate) fn contiguous_slice<'a, T>(
+    data: &'a [T],
+    layout: &Layout,
+    kernel: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{kernel}: contiguous tensors expected"),
+    }
+}
+
+/// Runs `$body` with `$a`, `$b` bound to the slices of two CPU storages of the same float
+/// type (f32 or f64); the body returns a `Vec` of that type.
+macro_rules! dispatch_pair {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $name:literal, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let $a = crate::ops::cpu::contiguous_slice(a, $l1, $name)?;
+                let $b = crate::ops::cpu::contiguous_slice(b, $l2, $name)?;
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let $a = crate::ops::cpu::contiguous_slice(a, $l1, $name)?;
+                let $b = crate::ops::cpu::contiguous_slice(b, $l2, $name)?;
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!(concat!($name, ": f32 or f64 tensors of one dtype expected")),
+        }
+    };
+}
+pub(crate) use dispatch_pair;
+
+/// Runs `$body` with `$v` bound to the data of an f32 or f64 storage; the body returns a `Vec`
+/// of that type.
+macro_rules! float_dispatch {
+    ($s:expr, $name:literal, |$v:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32($v) => CpuStorage::F32($body),
+            CpuStorage::F64($v) => CpuStorage::F64($body),
+            _ => candle_core::bail!(concat!($name, ": f32 or f64 expected")),
+        }
+    };
+}
+pub(crate) use float_dispatch;
+
+/// `(n, c, inner)` of a contiguous `(N, C, …)` layout.
+pub(crate) fn split(dims: &[usize]) -> (usize, usize, usize) {
+    (dims[0], dims[1], dims[2..].iter().product())
+}
+
+/// The elements of a contiguous per-channel kernel argument.
+pub(crate) fn slice<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    contiguous_slice(data, layout, "per-channel kernel")
+}
+
+/// An f32 or f64 storage's values as f64 (per-channel vectors: statistics, scale, bias).
+pub(crate) fn to_vec_f64(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f64>> {
+    Ok(match s {
+        CpuStorage::F32(v) => slice(v, l)?.iter().map(|&x| x as f64).collect(),
+        CpuStorage::F64(v) => slice(v, l)?.to_vec(),
+        _ => candle_core::bail!("per-channel kernel: f32 or f64 expected"),
+    })
+}
+
+/// Float types of the per-channel kernels, accumulated in f64.
+pub(crate) trait Float: Copy + Send + Sync + 'static {
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+impl Float for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Float for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// Per channel `(Σ a, Σ a·b)` where `b` is optional (then `Σ a²`), over all rows of `c`.
+pub(crate) fn channel_sums<T: Float>(
+    a: &[T],
+    b: Option<(&[T], &[f64], &[f64])>,
+    (n, c, inner): (usize, usize, usize),
+) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let off = (i * c + ch) * inner;
+                let row = &a[off..off + inner];
+                match b {
+                    None => {
+                        for &v in row {
+                            let v = v.to_f64();
+                            s1 += v;
+                            s2 += v * v;
+                        }
+                    }
+                    // Σ dy and Σ dy · x̂ with x̂ = (x - mean) · rstd.
+                    Some((x, mean, rstd)) => {
+                        let xrow = &x[off..off + inner];
+                        for (&g, &xv) in row.iter().zip(xrow) {
+                            let g = g.to_f64();
+                            s1 += g;
+                            s2 += g * (xv.to_f64() - mean[ch]) * rstd[ch];
+                        }
+                    }
+                }
+            }
+            (s1, s2)
+        })
+        .collect()
+}
+
+/// Applies `out = f(channel, in)` row by row, in parallel over images.
+pub(crate) fn map_rows<T: Float>(
+    src: &[T],
+    (_, c, inner): (usize, usize, usize),
+    f: impl Fn(usize, &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); src.len()];
+    out.par_chunks_mut(c * inner)
+        .enumerate()
+        .for_each(|(i, img)| {
+            for ch in 0..c {
+                let off = ch * inner;
+                f(
+                    ch,
+                    &src[(i * c) * inner + off..][..inner],
+                    &mut img[off..off + inner],
+                );
+            }
+        });
+    out
+}

@@ -1,0 +1,147 @@
+//! The kernels composed from candle's own differentiable ops: they run on every device and
+//! dtype candle supports, [`crate::ops`] falls back to them where it has no faster kernel,
+//! and they are the oracle every faster kernel is tested against.
+//!
+//! They take the same arguments as their counterparts in [`crate::ops`] but check less: call
+//! them directly only to compare (a kernel against the reference, or "candle's own
+//! convolution backward vs cuDNN" in `examples/gpu_check.rs`).
+
+use candle_core::{D, Tensor};
+
+use crate::Result;
+use crate::ops::Conv2dGeometry;
+
+/// candle's own convolution (cuDNN forward with the `cudnn` feature, candle's backward),
+/// after an explicit pad where the padding is not the same on all four sides.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::ops::{conv2d, reference, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let (a, b) = (conv2d(&x, &k, g)?, reference::conv2d(&x, &k, g)?);
+/// assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    let (x, (pad, _)) = geometry.symmetric_padding(x, true)?;
+    Ok(x.conv2d(
+        kernel,
+        pad,
+        geometry.stride,
+        geometry.dilation,
+        geometry.groups,
+    )?)
+}
+
+/// Training-mode batch normalization over axis 1 (see [`crate::ops::batch_norm_train`]),
+/// composed: mean, centred values, biased variance, scale, shift.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::reference;
+/// let x = Tensor::new(&[[1f32, 3.0], [3.0, 7.0]], &Device::Cpu)?;
+/// let (_, mean, var) = reference::batch_norm_train(&x, None, None, 1e-3)?;
+/// assert_eq!((mean.to_vec1::<f32>()?, var.to_vec1::<f32>()?), (vec![2.0, 5.0], vec![1.0, 4.0]));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    epsilon: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let reduce = channel_reduce_axes(x);
+    let mean = x.mean_keepdim(reduce.as_slice())?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
+    let y = scale_and_shift(&centered, &var, gamma, beta, epsilon)?;
+    let channels = x.dim(1)?;
+    Ok((
+        y,
+        mean.detach().reshape(channels)?,
+        var.detach().reshape(channels)?,
+    ))
+}
+
+/// Inference-mode batch normalization over axis 1 with given statistics (see
+/// [`crate::ops::batch_norm_eval`]).
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::reference;
+/// let x = Tensor::new(&[[3f32], [5.0]], &Device::Cpu)?;
+/// let (mean, var) = (Tensor::new(&[1f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?);
+/// let y = reference::batch_norm_eval(&x, None, None, &mean, &var, 1e-12)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    mean: &Tensor,
+    var: &Tensor,
+    epsilon: f64,
+) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&channel_view(mean, x.rank())?)?;
+    scale_and_shift(
+        &centered,
+        &channel_view(var, x.rank())?,
+        gamma,
+        beta,
+        epsilon,
+    )
+}
+
+/// `x + bias` broadcast over axis 1.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::reference;
+/// let x = Tensor::zeros((1, 2, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+/// let y = reference::bias_add(&x, &Tensor::new(&[1f32, 2.0], &Device::Cpu)?)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_add(&channel_view(bias, x.rank())?)?)
+}
+
+/// Every axis but the channel axis 1.
+fn channel_reduce_axes(x: &Tensor) -> Vec<usize> {
+    (0..x.rank()).filter(|&d| d != 1).collect()
+}
+
+/// A `(C,)` tensor as `(1, C, 1, …)`, to broadcast against a rank-`rank` activation.
+fn channel_view(t: &Tensor, rank: usize) -> Result<Tensor> {
+    let mut shape = vec![1; rank];
+    shape[1] = t.dim(D::Minus1)?;
+    Ok(t.reshape(shape)?)
+}
+
+/// `centered / sqrt(var + epsilon) · gamma + beta`: one per-channel factor, then one broadcast
+/// multiply over the activation.
+fn scale_and_shift(
+    centered: &Tensor,
+    var: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    epsilon: f64,
+) -> Result<Tensor> {
+    let rank = centered.rank();
+    let mut factor = (var + epsilon)?.sqrt()?.recip()?;
+    if let Some(gamma) = gamma {
+        factor = factor.broadcast_mul(&channel_view(gamma, rank)?)?;
+    }
+    let y = centered.broadcast_mul(&factor)?;
+    Ok(match beta {
+        Some(beta) => y.broadcast_add(&channel_view(beta, rank)?)?,
+        None => y,
+    })
+}

@@ -1,0 +1,6 @@
+//! Small helpers every floor of the crate uses, kept at the bottom so that none of them has to
+//! import from a floor above it: seed mixing for reproducible randomness, and safe file
+//! writes (temporary file, fsync, rename) with safetensors (de)serialization.
+
+pub(crate) mod files;
+pub(crate) mod seed;
