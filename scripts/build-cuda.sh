@@ -7,9 +7,11 @@
 #   scripts/build-cuda.sh                      # builds --features cudnn, examples gpu_check bench train_cifar10
 #   FEATURES=cuda EXAMPLES=bench scripts/build-cuda.sh
 #   PACK=1 scripts/build-cuda.sh               # also writes gpu/<example>.xz to carry to the GPU machine
+#   CLIPPY=1 scripts/build-cuda.sh             # then lints every target with the same features (CI)
 #
 # Environment: CUDA_SDK_DIR (wheel cache, default ~/.cache/candle-functional-cuda),
-# CUDA_COMPUTE_CAP (default 90 = H100/H200; candle builds sm_90a), FEATURES, EXAMPLES, PACK.
+# CUDA_COMPUTE_CAP (default 90 = H100/H200; candle builds sm_90a), FEATURES, EXAMPLES, PACK,
+# CLIPPY.
 # Cold, on 2 cores, this takes about 12 minutes (mostly nvcc compiling candle's kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +56,10 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 args=()
 for e in $EXAMPLES; do args+=(--example "$e"); done
 cargo build --release --features "$FEATURES" "${args[@]}"
+if [ "${CLIPPY:-0}" = 1 ]; then
+  # The CUDA-only code (cuDNN kernels, their unsafe blocks) is linted nowhere else.
+  cargo clippy --release --all-targets --features "$FEATURES" -- -D warnings
+fi
 
 # 4. Optionally pack the binaries (xz: ~50 MB each becomes ~6 MB) for the GPU machine.
 if [ "${PACK:-0}" = 1 ]; then

@@ -81,6 +81,12 @@ pub fn keep_freed_gpu_memory(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// `true` where reading a tensor's value on the host waits for the device's queue to drain
+/// (CUDA, Metal), so that a training loop should read its running loss only now and then.
+pub(crate) fn reads_wait_for_a_queue(device: &Device) -> bool {
+    !matches!(device, Device::Cpu)
+}
+
 fn cuda(ordinal: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::InvalidArgument(format!(

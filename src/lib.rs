@@ -29,12 +29,12 @@
 //!
 //! | module | what is in it |
 //! |---|---|
-//! | [`graph`] | `Input`, `SymbolicTensor`, the `Layer` trait, `LayerOp` for custom layers |
-//! | [`layers`] | the built-in layers and their configs, initializers, padding |
+//! | [`graph`] | `Input`, `SymbolicTensor`, the `Layer` trait, `LayerOp` and `Params` for custom layers, initializers |
+//! | [`layers`] | the built-in layers and their configs, padding |
 //! | [`models`] | `Model` (build, forward, summary, weights) and the article's ResNet helpers |
 //! | [`train`] | `Trainer` (fit, evaluate, predict, checkpoints), optimizers, schedules, callbacks |
 //! | [`data`] | CIFAR-10 reader, datasets and the batch loader |
-//! | [`ops`] | the convolution and batch-norm kernels (GEMM on CPU, cuDNN on CUDA) |
+//! | [`ops`] | the kernels and the one place that picks a backend: convolution, batch norm, bias (GEMM on CPU, cuDNN on CUDA, candle's ops elsewhere) |
 //!
 //! Features: `cuda`, `cudnn` (candle's CUDA backend; cuDNN convolutions and batch norm
 //! forward and backward), `download` (fetch CIFAR-10). [`select_device`] picks a device.

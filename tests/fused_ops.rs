@@ -131,3 +131,129 @@ fn fused_bias_add_matches_broadcast_add() {
     assert!(max_abs_diff(a, b) < 1e-12);
     assert_eq!(a.to_vec1::<f64>().unwrap(), [5.0, 5.0, 5.0]);
 }
+
+/// `(value, gradients of x and of each extra variable)` of `sum(y · upstream)`.
+fn with_grads(y: &Tensor, upstream: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
+    let grads = (y * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    vars.iter()
+        .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+        .collect()
+}
+
+fn var(t: Tensor) -> Var {
+    Var::from_tensor(&t).unwrap()
+}
+
+#[test]
+fn batch_norm_kernels_match_the_reference() {
+    use candle_functional::ops::{self, reference};
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
+        let x = var(Tensor::randn(0f64, 1.0, (4, 3, 5, 2), &dev)
+            .unwrap()
+            .affine(7.0, 3.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let gamma = var(Tensor::new(&[1.5f64, 0.5, -2.0], &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let beta = var(Tensor::new(&[0.1f64, -0.2, 0.3], &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let upstream = Tensor::randn(0f64, 1.0, (4, 3, 5, 2), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let (g, b) = (Some(gamma.as_tensor()), Some(beta.as_tensor()));
+
+        let ours = ops::batch_norm_train(x.as_tensor(), g, b, 1e-3).unwrap();
+        let theirs = reference::batch_norm_train(x.as_tensor(), g, b, 1e-3).unwrap();
+        for (what, a, r) in [
+            ("y", &ours.0, &theirs.0),
+            ("mean", &ours.1, &theirs.1),
+            ("var", &ours.2, &theirs.2),
+        ] {
+            assert!(
+                max_abs_diff(a, r) < tol * common::max_abs(r),
+                "{dtype:?} train {what}"
+            );
+        }
+        let ga = with_grads(&ours.0, &upstream, &[&x, &gamma, &beta]);
+        let gr = with_grads(&theirs.0, &upstream, &[&x, &gamma, &beta]);
+        for ((what, a), r) in ["x", "gamma", "beta"].iter().zip(&ga).zip(&gr) {
+            assert!(
+                max_abs_diff(a, r) < tol * common::max_abs(r),
+                "{dtype:?} train d{what}"
+            );
+        }
+
+        let (mean, variance) = (ours.1.clone(), (&ours.2 + 0.5).unwrap());
+        let ours = ops::batch_norm_eval(x.as_tensor(), g, b, &mean, &variance, 1e-3).unwrap();
+        let theirs =
+            reference::batch_norm_eval(x.as_tensor(), g, b, &mean, &variance, 1e-3).unwrap();
+        assert!(
+            max_abs_diff(&ours, &theirs) < tol * common::max_abs(&theirs),
+            "{dtype:?} eval y"
+        );
+        let ga = with_grads(&ours, &upstream, &[&x, &gamma, &beta]);
+        let gr = with_grads(&theirs, &upstream, &[&x, &gamma, &beta]);
+        for (a, r) in ga.iter().zip(&gr) {
+            assert!(
+                max_abs_diff(a, r) < tol * common::max_abs(r),
+                "{dtype:?} eval gradients"
+            );
+        }
+    }
+}
+
+#[test]
+fn half_precision_batch_norm_keeps_its_statistics_in_f32() {
+    use candle_functional::ops;
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (8, 2, 3, 3), &dev)
+        .unwrap()
+        .affine(50.0, 120.0)
+        .unwrap();
+    let (y32, mean32, var32) = ops::batch_norm_train(&x, None, None, 1e-3).unwrap();
+    let half = x.to_dtype(DType::BF16).unwrap();
+    let (y, mean, var) = ops::batch_norm_train(&half, None, None, 1e-3).unwrap();
+    assert_eq!(
+        (y.dtype(), mean.dtype(), var.dtype()),
+        (DType::BF16, DType::F32, DType::F32)
+    );
+    // Only the bf16 rounding of the input and output remains.
+    assert!(max_abs_diff(&mean, &mean32) < 0.5, "mean");
+    assert!(
+        max_abs_diff(&var, &var32) < 0.01 * common::max_abs(&var32),
+        "var"
+    );
+    assert!(max_abs_diff(&y, &y32) < 0.05, "y");
+}
+
+#[test]
+fn bias_add_kernel_matches_the_reference() {
+    use candle_functional::ops::{self, reference};
+    let dev = Device::Cpu;
+    for shape in [vec![5, 3], vec![2, 3, 4, 4]] {
+        let x = var(Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap());
+        let bias = var(Tensor::new(&[1f32, -2.0, 3.0], &dev).unwrap());
+        let upstream = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
+        let ours = ops::bias_add(x.as_tensor(), bias.as_tensor()).unwrap();
+        let theirs = reference::bias_add(x.as_tensor(), bias.as_tensor()).unwrap();
+        assert!(max_abs_diff(&ours, &theirs) < 1e-6, "{shape:?} y");
+        let ga = with_grads(&ours, &upstream, &[&x, &bias]);
+        let gr = with_grads(&theirs, &upstream, &[&x, &bias]);
+        for (a, r) in ga.iter().zip(&gr) {
+            assert!(max_abs_diff(a, r) < 1e-5, "{shape:?} gradients");
+        }
+    }
+}

@@ -418,3 +418,70 @@ fn summary_and_dot_describe_the_graph() {
     assert!(dot.contains("\"batch_normalization\" -> \"add\""));
     assert!(dot.contains("output: (None, 4, 8, 8)"));
 }
+
+/// A custom layer `y = x · scale + shift`, with its weights reached by name.
+#[derive(Clone, Debug)]
+struct ScaleShift {
+    names: [&'static str; 2],
+}
+
+impl candle_functional::LayerOp for ScaleShift {
+    fn type_name(&self) -> &'static str {
+        "ScaleShift"
+    }
+    fn output_shapes(&self, _layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        Ok(vec![inputs[0].clone()])
+    }
+    fn param_specs(&self, inputs: &[Vec<usize>]) -> Vec<candle_functional::ParamSpec> {
+        let n = inputs[0].clone();
+        vec![
+            candle_functional::ParamSpec::new(self.names[0], n.clone(), Initializer::Ones),
+            candle_functional::ParamSpec::new(self.names[1], n, Initializer::Zeros),
+        ]
+    }
+    fn forward(&self, inputs: &[Tensor], p: &candle_functional::Params) -> Result<Vec<Tensor>> {
+        let y = inputs[0].broadcast_mul(&p.get("scale")?)?;
+        Ok(vec![y.broadcast_add(&p.get("shift")?)?])
+    }
+}
+
+#[test]
+fn custom_layers_reach_weights_by_name_and_names_must_be_unique() {
+    let x = Input::new([3]);
+    let layer = candle_functional::Configured::from_config(ScaleShift {
+        names: ["shift", "scale"], // declared in the other order: names, not positions, count
+    });
+    let y = layer.call(&x).unwrap();
+    let model = common::build(&x, &y);
+    common::set(
+        &model,
+        &[
+            ("scale_shift.scale", t(&[2.0, 3.0, 4.0], &[3])),
+            ("scale_shift.shift", t(&[1.0, 1.0, 1.0], &[3])),
+        ],
+    );
+    assert_close(
+        &values(&common::run(&model, &t(&[1.0, 1.0, 1.0], &[1, 3]))),
+        &[3.0, 4.0, 5.0],
+        0.0,
+    );
+
+    let twice = candle_functional::Configured::from_config(ScaleShift {
+        names: ["scale", "scale"],
+    });
+    let err = twice.call(&Input::new([3])).unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err}");
+    assert!(err.to_string().contains("unique"), "{err}");
+
+    let misnamed = candle_functional::Configured::from_config(ScaleShift {
+        names: ["scale", "offset"],
+    });
+    let x = Input::new([3]);
+    let y = misnamed.call(&x).unwrap();
+    let model = common::build(&x, &y);
+    let err = model
+        .forward(&[t(&[1.0, 1.0, 1.0], &[1, 3])], Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`shift`") && err.contains("offset"), "{err}");
+}

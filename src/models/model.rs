@@ -433,7 +433,7 @@ impl Model {
     /// let x = Input::new([3]);
     /// let y = Dense::new(2).call(&x)?;
     /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-    /// assert!(model.device().unwrap().is_cpu());
+    /// assert!(matches!(model.device(), Some(Device::Cpu)));
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn device(&self) -> Option<Device> {

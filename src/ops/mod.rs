@@ -1,8 +1,8 @@
 //! The kernels layers run on, and the one place in the crate that chooses a backend.
 //!
-//! Each public function here checks its arguments (returning [`Error::InvalidOpArgument`]
-//! naming the argument, never panicking), then runs the fastest kernel that this build has
-//! for the tensors' device and dtype:
+//! Each public function here (and in [`reference`]) checks its arguments, returning
+//! [`Error::InvalidOpArgument`] naming the argument, never panicking; then it runs the fastest
+//! kernel that this build has for the tensors' device and dtype:
 //!
 //! | function | CPU, f32/f64 | CUDA, feature `cudnn` | anything else |
 //! |---|---|---|---|
@@ -195,21 +195,9 @@ pub fn batch_norm_train(
     beta: Option<&Tensor>,
     epsilon: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    const OP: &str = "batch_norm_train";
-    let channels = check_batch_norm(OP, x, epsilon)?;
-    let count = x.elem_count() / channels.max(1);
-    if count == 0 {
-        return Err(invalid(
-            OP,
-            "x",
-            format!(
-                "batch statistics need at least one value per channel, got shape {:?}",
-                x.dims()
-            ),
-        ));
-    }
+    let channels = check_batch_norm(BatchNormMode::Train, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
-    let (gamma, beta) = affine(OP, gamma, beta, channels, &xs)?;
+    let (gamma, beta) = affine(gamma, beta, channels, &xs)?;
     #[cfg(feature = "cudnn")]
     const CUDNN_BN: &[DType] = &[DType::F32];
     #[cfg(not(feature = "cudnn"))]
@@ -247,12 +235,10 @@ pub fn batch_norm_eval(
     var: &Tensor,
     epsilon: f64,
 ) -> Result<Tensor> {
-    const OP: &str = "batch_norm_eval";
-    let channels = check_batch_norm(OP, x, epsilon)?;
+    let channels = check_batch_norm(BatchNormMode::Eval { mean, var }, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
-    let (gamma, beta) = affine(OP, gamma, beta, channels, &xs)?;
-    let mean = per_channel(OP, "mean", mean, channels, &xs)?;
-    let var = per_channel(OP, "var", var, channels, &xs)?;
+    let (gamma, beta) = affine(gamma, beta, channels, &xs)?;
+    let (mean, var) = (mean.to_dtype(xs.dtype())?, var.to_dtype(xs.dtype())?);
     let y = match backend(&xs, CPU_FLOATS, &[]) {
         Backend::Cpu => cpu::batch_norm::eval(&xs, &gamma, &beta, &mean, &var, epsilon)?,
         _ => reference::batch_norm_eval(&xs, Some(&gamma), Some(&beta), &mean, &var, epsilon)?,
@@ -273,26 +259,7 @@ pub fn batch_norm_eval(
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    const OP: &str = "bias_add";
-    if x.rank() < 2 {
-        return Err(invalid(
-            OP,
-            "x",
-            format!("expected (N, C, ...), got shape {:?}", x.dims()),
-        ));
-    }
-    if bias.dims() != [x.dim(1)?] {
-        return Err(invalid(
-            OP,
-            "bias",
-            format!(
-                "expected shape [{}] (x's channels), got {:?}",
-                x.dim(1)?,
-                bias.dims()
-            ),
-        ));
-    }
-    same_place(OP, "bias", bias, x)?;
+    check_bias_add(x, bias)?;
     match backend(x, CPU_FLOATS, &[]) {
         Backend::Cpu => cpu::bias::bias_add(x, bias),
         _ => reference::bias_add(x, bias),
@@ -308,30 +275,29 @@ fn invalid(op: &'static str, argument: &'static str, message: String) -> Error {
     }
 }
 
-/// `tensor` must be on `x`'s device with `x`'s dtype.
-fn same_place(op: &'static str, argument: &'static str, tensor: &Tensor, x: &Tensor) -> Result<()> {
-    if !tensor.device().same_device(x.device()) {
-        return Err(invalid(
-            op,
-            argument,
-            format!(
-                "on {:?}, but x is on {:?}",
-                tensor.device().location(),
-                x.device().location()
-            ),
-        ));
+/// `tensor` must be on `x`'s device.
+fn same_device(
+    op: &'static str,
+    argument: &'static str,
+    tensor: &Tensor,
+    x: &Tensor,
+) -> Result<()> {
+    if tensor.device().same_device(x.device()) {
+        return Ok(());
     }
-    if tensor.dtype() != x.dtype() {
-        return Err(invalid(
-            op,
-            argument,
-            format!("dtype {:?}, but x is {:?}", tensor.dtype(), x.dtype()),
-        ));
-    }
-    Ok(())
+    Err(invalid(
+        op,
+        argument,
+        format!(
+            "on {:?}, but x is on {:?}",
+            tensor.device().location(),
+            x.device().location()
+        ),
+    ))
 }
 
-fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
+/// The checks of [`conv2d`] and [`reference::conv2d`].
+pub(crate) fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
     const OP: &str = "conv2d";
     let &[_, c, h, w] = x.dims() else {
         return Err(invalid(
@@ -347,7 +313,14 @@ fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
             format!("expected OIHW (rank 4), got shape {:?}", kernel.dims()),
         ));
     };
-    same_place(OP, "kernel", kernel, x)?;
+    same_device(OP, "kernel", kernel, x)?;
+    if kernel.dtype() != x.dtype() {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!("dtype {:?}, but x is {:?}", kernel.dtype(), x.dtype()),
+        ));
+    }
     if g.groups == 0 {
         return Err(invalid(OP, "geometry", "groups must be positive".into()));
     }
@@ -376,8 +349,27 @@ fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
     Ok(())
 }
 
-/// Checks `x` (rank ≥ 2, float) and `epsilon`; returns the channel count.
-fn check_batch_norm(op: &'static str, x: &Tensor, epsilon: f64) -> Result<usize> {
+/// Which batch normalization is being checked: training needs a non-empty batch, inference
+/// needs the statistics.
+#[derive(Clone, Copy)]
+pub(crate) enum BatchNormMode<'a> {
+    Train,
+    Eval { mean: &'a Tensor, var: &'a Tensor },
+}
+
+/// The checks of the batch-norm functions here and in [`reference`]: `x` float of rank ≥ 2,
+/// `epsilon` positive, every per-channel tensor `(C,)`, float, on `x`'s device. Returns C.
+pub(crate) fn check_batch_norm(
+    mode: BatchNormMode,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    epsilon: f64,
+) -> Result<usize> {
+    let op = match mode {
+        BatchNormMode::Train => "batch_norm_train",
+        BatchNormMode::Eval { .. } => "batch_norm_eval",
+    };
     if x.rank() < 2 || !x.dtype().is_float() {
         return Err(invalid(
             op,
@@ -389,6 +381,7 @@ fn check_batch_norm(op: &'static str, x: &Tensor, epsilon: f64) -> Result<usize>
             ),
         ));
     }
+    let channels = x.dim(1)?;
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return Err(invalid(
             op,
@@ -396,7 +389,71 @@ fn check_batch_norm(op: &'static str, x: &Tensor, epsilon: f64) -> Result<usize>
             format!("must be positive and finite, got {epsilon}"),
         ));
     }
-    Ok(x.dim(1)?)
+    let statistics = match mode {
+        BatchNormMode::Train if x.elem_count() == 0 => {
+            return Err(invalid(
+                op,
+                "x",
+                format!(
+                    "batch statistics need at least one value per channel, got shape {:?}",
+                    x.dims()
+                ),
+            ));
+        }
+        BatchNormMode::Train => [None, None],
+        BatchNormMode::Eval { mean, var } => [Some(mean), Some(var)],
+    };
+    let per_channel = [("gamma", gamma), ("beta", beta)]
+        .into_iter()
+        .chain(["mean", "var"].into_iter().zip(statistics));
+    for (argument, t) in per_channel {
+        let Some(t) = t else { continue };
+        if t.dims() != [channels] || !t.dtype().is_float() {
+            return Err(invalid(
+                op,
+                argument,
+                format!(
+                    "expected a float tensor of shape [{channels}] (x's channels), got {:?} of shape {:?}",
+                    t.dtype(),
+                    t.dims()
+                ),
+            ));
+        }
+        same_device(op, argument, t, x)?;
+    }
+    Ok(channels)
+}
+
+/// The checks of [`bias_add`] and [`reference::bias_add`].
+pub(crate) fn check_bias_add(x: &Tensor, bias: &Tensor) -> Result<()> {
+    const OP: &str = "bias_add";
+    if x.rank() < 2 {
+        return Err(invalid(
+            OP,
+            "x",
+            format!("expected (N, C, ...), got shape {:?}", x.dims()),
+        ));
+    }
+    if bias.dims() != [x.dim(1)?] {
+        return Err(invalid(
+            OP,
+            "bias",
+            format!(
+                "expected shape [{}] (x's channels), got {:?}",
+                x.dim(1)?,
+                bias.dims()
+            ),
+        ));
+    }
+    same_device(OP, "bias", bias, x)?;
+    if bias.dtype() != x.dtype() {
+        return Err(invalid(
+            OP,
+            "bias",
+            format!("dtype {:?}, but x is {:?}", bias.dtype(), x.dtype()),
+        ));
+    }
+    Ok(())
 }
 
 /// Half-precision activations are normalized in f32 (their statistics would lose too much in
@@ -408,52 +465,19 @@ fn statistics_dtype(x: &Tensor) -> Result<(Tensor, DType)> {
     })
 }
 
-/// A `(C,)` per-channel tensor on `x`'s device, in `x`'s dtype.
-fn per_channel(
-    op: &'static str,
-    argument: &'static str,
-    t: &Tensor,
-    channels: usize,
-    x: &Tensor,
-) -> Result<Tensor> {
-    if t.dims() != [channels] {
-        return Err(invalid(
-            op,
-            argument,
-            format!(
-                "expected shape [{channels}] (x's channels), got {:?}",
-                t.dims()
-            ),
-        ));
-    }
-    if !t.device().same_device(x.device()) {
-        return Err(invalid(
-            op,
-            argument,
-            format!(
-                "on {:?}, but x is on {:?}",
-                t.device().location(),
-                x.device().location()
-            ),
-        ));
-    }
-    Ok(t.to_dtype(x.dtype())?)
-}
-
-/// `gamma` and `beta` as `(C,)` tensors in `x`'s dtype, ones and zeros where not given.
+/// `gamma` and `beta` (checked) as `(C,)` tensors in `x`'s dtype, ones and zeros where not
+/// given.
 fn affine(
-    op: &'static str,
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     channels: usize,
     x: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let or_constant = |t: Option<&Tensor>, argument, value: f64| match t {
-        Some(t) => per_channel(op, argument, t, channels, x),
-        None => Ok(Tensor::full(value, channels, x.device())?.to_dtype(x.dtype())?),
+    let or_constant = |t: Option<&Tensor>, value: f64| -> Result<Tensor> {
+        Ok(match t {
+            Some(t) => t.to_dtype(x.dtype())?,
+            None => Tensor::full(value, channels, x.device())?.to_dtype(x.dtype())?,
+        })
     };
-    Ok((
-        or_constant(gamma, "gamma", 1.0)?,
-        or_constant(beta, "beta", 0.0)?,
-    ))
+    Ok((or_constant(gamma, 1.0)?, or_constant(beta, 0.0)?))
 }

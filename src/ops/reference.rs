@@ -2,14 +2,15 @@
 //! dtype candle supports, [`crate::ops`] falls back to them where it has no faster kernel,
 //! and they are the oracle every faster kernel is tested against.
 //!
-//! They take the same arguments as their counterparts in [`crate::ops`] but check less: call
-//! them directly only to compare (a kernel against the reference, or "candle's own
-//! convolution backward vs cuDNN" in `examples/gpu_check.rs`).
+//! They take the same arguments as their counterparts in [`crate::ops`] and check them the same
+//! way. Call them directly to compare: a kernel against the reference in the tests, or
+//! "candle's own convolution backward vs cuDNN" in `examples/gpu_check.rs`. Unlike
+//! [`crate::ops`], they compute half-precision batch norms in the input's dtype.
 
 use candle_core::{D, Tensor};
 
 use crate::Result;
-use crate::ops::Conv2dGeometry;
+use crate::ops::{BatchNormMode, Conv2dGeometry, check_batch_norm, check_bias_add, check_conv2d};
 
 /// candle's own convolution (cuDNN forward with the `cudnn` feature, candle's backward),
 /// after an explicit pad where the padding is not the same on all four sides.
@@ -26,6 +27,7 @@ use crate::ops::Conv2dGeometry;
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    check_conv2d(x, kernel, &geometry)?;
     let (x, (pad, _)) = geometry.symmetric_padding(x, true)?;
     Ok(x.conv2d(
         kernel,
@@ -54,6 +56,7 @@ pub fn batch_norm_train(
     beta: Option<&Tensor>,
     epsilon: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    check_batch_norm(BatchNormMode::Train, x, gamma, beta, epsilon)?;
     let reduce = channel_reduce_axes(x);
     let mean = x.mean_keepdim(reduce.as_slice())?;
     let centered = x.broadcast_sub(&mean)?;
@@ -88,10 +91,12 @@ pub fn batch_norm_eval(
     var: &Tensor,
     epsilon: f64,
 ) -> Result<Tensor> {
-    let centered = x.broadcast_sub(&channel_view(mean, x.rank())?)?;
+    check_batch_norm(BatchNormMode::Eval { mean, var }, x, gamma, beta, epsilon)?;
+    let as_x = |t: &Tensor| t.to_dtype(x.dtype());
+    let centered = x.broadcast_sub(&channel_view(&as_x(mean)?, x.rank())?)?;
     scale_and_shift(
         &centered,
-        &channel_view(var, x.rank())?,
+        &channel_view(&as_x(var)?, x.rank())?,
         gamma,
         beta,
         epsilon,
@@ -110,6 +115,7 @@ pub fn batch_norm_eval(
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    check_bias_add(x, bias)?;
     Ok(x.broadcast_add(&channel_view(bias, x.rank())?)?)
 }
 
@@ -135,13 +141,14 @@ fn scale_and_shift(
     epsilon: f64,
 ) -> Result<Tensor> {
     let rank = centered.rank();
+    let as_channels = |t: &Tensor| channel_view(&t.to_dtype(centered.dtype())?, rank);
     let mut factor = (var + epsilon)?.sqrt()?.recip()?;
     if let Some(gamma) = gamma {
-        factor = factor.broadcast_mul(&channel_view(gamma, rank)?)?;
+        factor = factor.broadcast_mul(&as_channels(gamma)?)?;
     }
     let y = centered.broadcast_mul(&factor)?;
     Ok(match beta {
-        Some(beta) => y.broadcast_add(&channel_view(beta, rank)?)?,
+        Some(beta) => y.broadcast_add(&as_channels(beta)?)?,
         None => y,
     })
 }

@@ -286,8 +286,12 @@ impl Trainer {
         }
         let total_steps = epochs * train.len();
         let base_lr = self.optimizer.learning_rate();
-        // On a GPU, reading a value waits for the queue: refresh the display less often.
-        let refresh = if train.device().is_cpu() { 1 } else { 25 };
+        // Where reading a value waits for a queue (a GPU), refresh the display less often.
+        let refresh = if crate::device::reads_wait_for_a_queue(train.device()) {
+            25
+        } else {
+            1
+        };
         while self.epochs_done < epochs {
             let epoch = self.epochs_done;
             let bar = self.progress_bar(epoch + 1, epochs, train.len());

@@ -13,6 +13,7 @@
 //! candle ops through shared slots, since a candle op returns one tensor.
 
 use std::ffi::c_void;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda::cudarc::cudnn::sys;
@@ -69,7 +70,7 @@ struct Setup<'a> {
     dims: (usize, usize, usize, usize),
     x: Descriptor,
     per_channel: Descriptor,
-    handles: Arc<Handles>,
+    handles: Rc<Handles>,
 }
 
 impl<'a> Setup<'a> {

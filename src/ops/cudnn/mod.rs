@@ -8,6 +8,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::cuda::cudarc::cudnn::{Cudnn, sys};
@@ -40,7 +41,7 @@ impl Drop for RawHandle {
 }
 
 thread_local! {
-    static HANDLES: RefCell<HashMap<DeviceId, Arc<Handles>>> = RefCell::new(HashMap::new());
+    static HANDLES: RefCell<HashMap<DeviceId, Rc<Handles>>> = RefCell::new(HashMap::new());
 }
 
 /// Fails with cuDNN's status unless it is success.
@@ -53,7 +54,7 @@ pub(crate) fn check(status: sys::cudnnStatus_t, what: &str) -> candle_core::Resu
 }
 
 /// This thread's handles for `dev`, created on first use.
-pub(crate) fn handles(dev: &CudaDevice) -> candle_core::Result<Arc<Handles>> {
+pub(crate) fn handles(dev: &CudaDevice) -> candle_core::Result<Rc<Handles>> {
     HANDLES.with(|cache| {
         if let Some(h) = cache.borrow().get(&dev.id()) {
             return Ok(h.clone());
@@ -69,7 +70,7 @@ pub(crate) fn handles(dev: &CudaDevice) -> candle_core::Result<Arc<Handles>> {
                 sys::cudnnSetStream(raw.0, dev.cuda_stream().cu_stream() as sys::cudaStream_t),
                 "cudnnSetStream",
             )?;
-            let h = Arc::new(Handles { safe, raw });
+            let h = Rc::new(Handles { safe, raw });
             cache.borrow_mut().insert(dev.id(), h.clone());
             Ok(h)
         }
