@@ -1,6 +1,6 @@
 //! The kernels layers run on, and the one place in the crate that chooses a backend.
 //!
-//! Each public function here (and in [`reference`]) checks its arguments, returning
+//! Each public function here (and in [`reference`](mod@reference)) checks its arguments, returning
 //! [`Error::InvalidOpArgument`] naming the argument, never panicking; then it runs the fastest
 //! kernel that this build has for the tensors' device and dtype:
 //!
@@ -11,7 +11,7 @@
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
 //! | [`bias_add`] | fused per-channel add and gradient sum (`cpu/bias.rs`) | [`reference::bias_add`] | [`reference::bias_add`] |
 //!
-//! [`reference`] composes the same functions from candle's own differentiable ops: it runs on
+//! [`reference`](mod@reference) composes the same functions from candle's own differentiable ops: it runs on
 //! every device and dtype, and it is the oracle the kernels are tested against. Layers call
 //! these functions and never look at the device themselves.
 //!
@@ -123,7 +123,7 @@ enum Backend {
     /// cuDNN (feature `cudnn`).
     #[cfg(feature = "cudnn")]
     Cudnn,
-    /// [`reference`]: candle's own ops.
+    /// [`reference`](mod@reference): candle's own ops.
     Reference,
 }
 
@@ -357,7 +357,7 @@ pub(crate) enum BatchNormMode<'a> {
     Eval { mean: &'a Tensor, var: &'a Tensor },
 }
 
-/// The checks of the batch-norm functions here and in [`reference`]: `x` float of rank ≥ 2,
+/// The checks of the batch-norm functions here and in [`reference`](mod@reference): `x` float of rank ≥ 2,
 /// `epsilon` positive, every per-channel tensor `(C,)`, float, on `x`'s device. Returns C.
 pub(crate) fn check_batch_norm(
     mode: BatchNormMode,
