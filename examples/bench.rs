@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use candle_functional::data::Batch;
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::select_device;
@@ -72,12 +73,13 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         Loss::SparseCategoricalCrossentropy { from_logits: false },
     )?;
 
+    let batch = Batch::new(vec![x.clone()], vec![labels.clone()]);
     let mut times = Vec::new();
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         match args.mode {
             Phase::Train => {
-                let (loss, _) = trainer.train_step(std::slice::from_ref(&x), &labels, 1e-3)?;
+                let loss = trainer.train_step(&batch, 1e-3)?;
                 loss.to_scalar::<f32>()?; // waits for the device
             }
             Phase::Infer => {

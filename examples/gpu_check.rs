@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_functional::data::{DataLoader, ImageDataset};
+use candle_functional::data::{Batch, DataLoader, ImageDataset};
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::select_device;
@@ -133,10 +133,11 @@ fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f
     let x =
         (Tensor::rand(0f32, 255.0, (args.batch_size, 3, 32, 32), device)?).to_dtype(DType::F32)?;
     let y = labels(args.batch_size, device)?;
+    let batch = Batch::new(vec![x], vec![y]);
     let mut times = Vec::new();
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
-        let (loss, _) = trainer.train_step(std::slice::from_ref(&x), &y, 1e-3)?;
+        let loss = trainer.train_step(&batch, 1e-3)?;
         loss.to_scalar::<f32>()?; // waits for the device
         if i >= args.warmup {
             times.push(start.elapsed().as_secs_f64());
@@ -284,11 +285,9 @@ fn profile(args: &Args, device: &Device) -> Result<String> {
         Ok(())
     })?;
     let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), PROBS)?;
+    let batch = Batch::new(vec![x.clone()], vec![y.clone()]);
     let step = time_ms(args.steps, || {
-        trainer
-            .train_step(std::slice::from_ref(&x), &y, 1e-3)?
-            .0
-            .to_scalar::<f32>()?;
+        trainer.train_step(&batch, 1e-3)?.to_scalar::<f32>()?;
         Ok(())
     })?;
     out.push(format!("\"resnet_forward_ms\": {fwd:.2}, \"resnet_forward_backward_ms\": {fwd_bwd:.2}, \"resnet_train_step_ms\": {step:.2}"));

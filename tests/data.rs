@@ -126,9 +126,8 @@ fn loader_batches_keep_order_and_normalize() {
         DataLoader::new(ds.clone(), 2, &Device::Cpu).normalization(Normalization::UnitRange);
     let batches: Vec<Batch> = loader.batches(0).collect::<Result<_, _>>().unwrap();
     assert_eq!(batches.len(), 3);
-    assert_eq!(batches[1].labels.to_vec1::<u32>().unwrap(), [2, 3]);
-    let px = batches[1]
-        .inputs
+    assert_eq!(batches[1].targets[0].to_vec1::<u32>().unwrap(), [2, 3]);
+    let px = batches[1].inputs[0]
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -141,8 +140,7 @@ fn loader_batches_keep_order_and_normalize() {
         std: [0.25; 3],
     });
     let batch = std.batches(0).next().unwrap().unwrap();
-    let px = batch
-        .inputs
+    let px = batch.inputs[0]
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -156,12 +154,7 @@ fn shuffling_is_a_seeded_permutation_per_epoch() {
         ImageDataset::from_parts(&[0u8; 20 * 4], &(0..20).collect::<Vec<u8>>(), [1, 2, 2]).unwrap();
     let loader = DataLoader::new(ds, 20, &Device::Cpu).shuffle(true).seed(1);
     let order = |epoch| {
-        loader
-            .batches(epoch)
-            .next()
-            .unwrap()
-            .unwrap()
-            .labels
+        loader.batches(epoch).next().unwrap().unwrap().targets[0]
             .to_vec1::<u32>()
             .unwrap()
     };
@@ -188,12 +181,7 @@ fn augmentation_crops_and_flips() {
     let original: Vec<f32> = image.iter().map(|&v| v as f32).collect();
     let mut seen_changed = false;
     for epoch in 0..20 {
-        let out = loader
-            .batches(epoch)
-            .next()
-            .unwrap()
-            .unwrap()
-            .inputs
+        let out = loader.batches(epoch).next().unwrap().unwrap().inputs[0]
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()

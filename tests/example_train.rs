@@ -103,7 +103,7 @@ fn trains_both_models_and_writes_every_artifact() {
             history
                 .epochs()
                 .iter()
-                .all(|e| e.val_accuracy.is_some() && e.loss.is_finite())
+                .all(|e| e.metric("val_accuracy").is_some() && e.loss.is_finite())
         );
     }
     let png = fs::read(out.join("comparison.png")).unwrap();

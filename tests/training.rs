@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_functional::data::{DataLoader, ImageDataset};
+use candle_functional::data::{Batch, DataLoader, ImageDataset};
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::train::*;
@@ -30,12 +30,17 @@ fn two_parameter_grads(w: &Var) -> candle_core::backprop::GradStore {
     loss.backward().unwrap()
 }
 
+/// The variable under the name an optimizer keys its slots by.
+fn named(w: &Var) -> Vec<(String, Var)> {
+    vec![("w".to_string(), w.clone())]
+}
+
 #[test]
 fn adam_matches_keras_update_rule_by_hand() {
     let w = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
-    let mut adam = Adam::new(vec![w.clone()], AdamConfig::default()).unwrap();
+    let mut adam = Adam::new(AdamConfig::default()).unwrap();
     let lr = 0.1;
-    adam.step(&two_parameter_grads(&w), lr).unwrap();
+    adam.step(&named(&w), &two_parameter_grads(&w), lr).unwrap();
     // t = 1: m = 0.1 g, v = 0.001 g², alpha = lr * sqrt(0.001) / 0.1,
     // step = alpha * m / (sqrt(v) + 1e-7).
     let expected = |w0: f64, g: f64| {
@@ -49,7 +54,7 @@ fn adam_matches_keras_update_rule_by_hand() {
 
     // t = 2, gradient (3, 2 * b1).
     let b1 = got[1];
-    adam.step(&two_parameter_grads(&w), lr).unwrap();
+    adam.step(&named(&w), &two_parameter_grads(&w), lr).unwrap();
     let m = [0.9 * 0.3 + 0.1 * 3.0, 0.9 * 0.4 + 0.1 * 2.0 * b1];
     let v = [
         0.999 * 0.009 + 0.001 * 9.0,
@@ -73,10 +78,13 @@ fn adam_matches_keras_update_rule_by_hand() {
 fn adamw_decays_weights_before_the_update() {
     let w = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
     let plain = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
-    let mut adamw = Adam::new(vec![w.clone()], AdamConfig::adamw(0.5)).unwrap();
-    let mut adam = Adam::new(vec![plain.clone()], AdamConfig::default()).unwrap();
-    adamw.step(&two_parameter_grads(&w), 0.1).unwrap();
-    adam.step(&two_parameter_grads(&plain), 0.1).unwrap();
+    let mut adamw = Adam::new(AdamConfig::adamw(0.5)).unwrap();
+    let mut adam = Adam::new(AdamConfig::default()).unwrap();
+    adamw
+        .step(&named(&w), &two_parameter_grads(&w), 0.1)
+        .unwrap();
+    adam.step(&named(&plain), &two_parameter_grads(&plain), 0.1)
+        .unwrap();
     // w = w (1 - lr wd) - step: differs from plain Adam by lr * wd * w0.
     let (a, b) = (scalar_values(&w), scalar_values(&plain));
     approx::assert_abs_diff_eq!(b[0] - a[0], 0.1 * 0.5 * 1.0, epsilon = 1e-12);
@@ -89,12 +97,12 @@ fn sgd_momentum_and_nesterov_match_keras_by_hand() {
     for nesterov in [false, true] {
         let w = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
         let config = SgdConfig::momentum(lr, 0.9).nesterov(nesterov);
-        let mut sgd = Sgd::new(vec![w.clone()], config).unwrap();
+        let mut sgd = Sgd::new(config).unwrap();
         let mut expected = [1.0f64, 2.0];
         let mut u = [0.0f64, 0.0];
         for _ in 0..3 {
             let g = [3.0, 2.0 * expected[1]];
-            sgd.step(&two_parameter_grads(&w), lr).unwrap();
+            sgd.step(&named(&w), &two_parameter_grads(&w), lr).unwrap();
             for i in 0..2 {
                 u[i] = 0.9 * u[i] - lr * g[i];
                 expected[i] += if nesterov {
@@ -110,8 +118,8 @@ fn sgd_momentum_and_nesterov_match_keras_by_hand() {
     }
     // Plain SGD with decoupled weight decay: w = w (1 - lr wd) - lr g.
     let w = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
-    let mut sgd = Sgd::new(vec![w.clone()], SgdConfig::default().weight_decay(0.5)).unwrap();
-    sgd.step(&two_parameter_grads(&w), lr).unwrap();
+    let mut sgd = Sgd::new(SgdConfig::default().weight_decay(0.5)).unwrap();
+    sgd.step(&named(&w), &two_parameter_grads(&w), lr).unwrap();
     let got = scalar_values(&w);
     approx::assert_abs_diff_eq!(got[0], 1.0 * 0.95 - 0.3, epsilon = 1e-12);
     approx::assert_abs_diff_eq!(got[1], 2.0 * 0.95 - 0.4, epsilon = 1e-12);
@@ -168,12 +176,10 @@ fn tiny_res_net_memorizes_64_random_images() {
         .evaluate(&DataLoader::new(data, 64, &Device::Cpu))
         .unwrap();
     let last = trainer.history().last().unwrap();
-    assert!(last.accuracy >= 0.95, "training accuracy {}", last.accuracy);
-    assert!(
-        eval.accuracy >= 0.95,
-        "accuracy in inference mode {}",
-        eval.accuracy
-    );
+    let accuracy = last.metric("accuracy").unwrap();
+    assert!(accuracy >= 0.95, "training accuracy {accuracy}");
+    let accuracy = eval.metric("accuracy").unwrap();
+    assert!(accuracy >= 0.95, "accuracy in inference mode {accuracy}");
 }
 
 #[test]
@@ -398,7 +404,7 @@ fn schedules_follow_their_definitions() {
 fn predict_returns_one_row_per_sample() {
     let loader = DataLoader::new(random_images(10, 7), 4, &Device::Cpu);
     let trainer = Trainer::new(tiny_res_net(9), AdamConfig::default(), PROBS).unwrap();
-    let probs = trainer.predict(&loader).unwrap();
+    let probs = trainer.predict(&loader).unwrap().remove(0);
     assert_eq!(probs.dims(), &[10, 10]);
     let sums = probs.sum(1).unwrap().to_vec1::<f32>().unwrap();
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
@@ -441,21 +447,18 @@ fn mixed_precision_computes_in_half_and_keeps_f32_master_weights() {
         loss,
     )
     .unwrap();
+    let batch = Batch::new(vec![inputs], vec![labels]);
     let first = trainer
-        .train_step(&[inputs.clone()], &labels, 1e-2)
+        .train_step(&batch, 1e-2)
         .unwrap()
-        .0
         .to_scalar::<f32>()
         .unwrap();
     for _ in 0..30 {
-        trainer
-            .train_step(&[inputs.clone()], &labels, 1e-2)
-            .unwrap();
+        trainer.train_step(&batch, 1e-2).unwrap();
     }
     let last = trainer
-        .train_step(&[inputs], &labels, 1e-2)
+        .train_step(&batch, 1e-2)
         .unwrap()
-        .0
         .to_scalar::<f32>()
         .unwrap();
     assert!(last < first * 0.8, "loss {first} -> {last}");

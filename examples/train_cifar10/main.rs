@@ -269,7 +269,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     {
         println!(
             "{name}: final val_accuracy {:.4}",
-            last.val_accuracy.unwrap_or(f64::NAN)
+            last.metric("val_accuracy").unwrap_or(f64::NAN)
         );
     }
     Ok(())
@@ -283,18 +283,20 @@ fn comparison_table(results: &[(String, candle_functional::train::History)]) -> 
     let mut finals = Vec::new();
     for (name, h) in results {
         let last = h.last();
-        let val = last.and_then(|e| e.val_accuracy).unwrap_or(f64::NAN);
+        let val = last
+            .and_then(|e| e.metric("val_accuracy"))
+            .unwrap_or(f64::NAN);
         let best = h
             .epochs()
             .iter()
-            .filter_map(|e| e.val_accuracy)
+            .filter_map(|e| e.metric("val_accuracy"))
             .fold(f64::NAN, f64::max);
         let secs =
             h.epochs().iter().map(|e| e.seconds).sum::<f64>() / h.epochs().len().max(1) as f64;
         out.push_str(&format!(
             "| {name} | {} | {:.4} | {val:.4} | {best:.4} | {secs:.1} |\n",
             h.epochs().len(),
-            last.map(|e| e.accuracy).unwrap_or(f64::NAN),
+            last.and_then(|e| e.metric("accuracy")).unwrap_or(f64::NAN),
         ));
         finals.push(val);
     }

@@ -36,12 +36,9 @@ pub fn draw_curves(
     for (panel, metric) in panels.iter().zip(["accuracy", "loss"]) {
         let values = runs.iter().flat_map(|(_, h)| {
             h.epochs().iter().flat_map(move |e| {
-                let (train, val) = if metric == "accuracy" {
-                    (e.accuracy, e.val_accuracy)
-                } else {
-                    (e.loss, e.val_loss)
-                };
-                std::iter::once(train).chain(val)
+                let train = e.metric(metric);
+                let val = e.metric(&format!("val_{metric}"));
+                train.into_iter().chain(val)
             })
         });
         let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
@@ -68,11 +65,10 @@ pub fn draw_curves(
                     .epochs()
                     .iter()
                     .filter_map(|e| {
-                        let v = match (metric, val) {
-                            ("accuracy", false) => Some(e.accuracy),
-                            ("accuracy", true) => e.val_accuracy,
-                            (_, false) => Some(e.loss),
-                            (_, true) => e.val_loss,
+                        let v = if val {
+                            e.metric(&format!("val_{metric}"))
+                        } else {
+                            e.metric(metric)
                         };
                         v.map(|v| (e.epoch as f64, v))
                     })

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::data::{Batch, Dataset};
 use crate::support::seed::mix;
 use crate::{Error, Result};
 
@@ -260,25 +261,6 @@ impl Augmentation {
     }
 }
 
-/// One batch on the device: `inputs` `(n, c, h, w)` in `f32`, `labels` `(n,)` in `u32`.
-///
-/// # Examples
-/// ```
-/// use candle_core::Device;
-/// use candle_functional::data::{DataLoader, ImageDataset};
-/// let ds = ImageDataset::from_parts(&[0u8; 8], &[1, 2], [1, 2, 2])?;
-/// let batch = DataLoader::new(ds, 2, &Device::Cpu).batches(0).next().unwrap()?;
-/// assert_eq!(batch.labels.to_vec1::<u32>()?, [1, 2]);
-/// # Ok::<(), candle_functional::Error>(())
-/// ```
-#[derive(Clone, Debug)]
-pub struct Batch {
-    /// Normalized images.
-    pub inputs: Tensor,
-    /// Class labels.
-    pub labels: Tensor,
-}
-
 /// Turns an [`ImageDataset`] into batches on a device, shuffled and augmented per epoch from
 /// a seed (so a run can be repeated and resumed exactly).
 ///
@@ -290,7 +272,7 @@ pub struct Batch {
 /// let loader = DataLoader::new(ds, 2, &Device::Cpu);
 /// let batches: Vec<_> = loader.batches(0).collect::<Result<_, _>>()?;
 /// assert_eq!(batches.len(), 3);
-/// assert_eq!(batches[2].inputs.dims(), &[1, 3, 2, 2]);
+/// assert_eq!(batches[2].inputs[0].dims(), &[1, 3, 2, 2]);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -451,8 +433,8 @@ impl DataLoader {
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// let ds = ImageDataset::from_parts(&[1u8, 2, 3, 4], &[6], [1, 2, 2])?;
     /// let batch = DataLoader::new(ds, 4, &Device::Cpu).batches(0).next().unwrap()?;
-    /// assert_eq!(batch.labels.to_vec1::<u32>()?, [6]);
-    /// assert_eq!(batch.inputs.flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0, 3.0, 4.0]);
+    /// assert_eq!(batch.targets[0].to_vec1::<u32>()?, [6]);
+    /// assert_eq!(batch.inputs[0].flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0, 3.0, 4.0]);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn batches(&self, epoch: u64) -> impl Iterator<Item = Result<Batch>> + '_ {
@@ -509,7 +491,21 @@ impl DataLoader {
             Normalization::Raw => pixels,
             _ => pixels.broadcast_mul(&affine.0)?.broadcast_add(&affine.1)?,
         };
-        Ok(Batch { inputs, labels })
+        Ok(Batch::new(vec![inputs], vec![labels]))
+    }
+}
+
+impl Dataset for DataLoader {
+    fn len(&self) -> usize {
+        DataLoader::len(self)
+    }
+
+    fn device(&self) -> &Device {
+        DataLoader::device(self)
+    }
+
+    fn batches(&self, epoch: u64) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        Box::new(DataLoader::batches(self, epoch))
     }
 }
 

@@ -1,8 +1,11 @@
-//! Data: the CIFAR-10 reader ([`Cifar10`]), in-memory image datasets and the batch loader
-//! ([`DataLoader`]), and the official archive's checksum and extraction.
+//! Data: the [`Dataset`] trait that training reads (batches of any inputs and targets),
+//! [`TensorDataset`] for tensors in memory, the CIFAR-10 reader ([`Cifar10`]), image
+//! datasets and their batch loader ([`DataLoader`]), and the official archive's checksum and
+//! extraction.
 
 pub(crate) mod archive;
 pub mod cifar10;
+pub(crate) mod dataset;
 pub(crate) mod loader;
 
 #[cfg(feature = "download")]
@@ -11,4 +14,5 @@ pub use archive::{
     CIFAR10_FOLDER, CIFAR10_SHA256, CIFAR10_URL, extract_cifar10_archive, sha256_file,
 };
 pub use cifar10::Cifar10;
-pub use loader::{Augmentation, Batch, DataLoader, ImageDataset, Normalization};
+pub use dataset::{Batch, Dataset, TensorDataset};
+pub use loader::{Augmentation, DataLoader, ImageDataset, Normalization};

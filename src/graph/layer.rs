@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -198,6 +198,86 @@ pub struct Params<'a> {
     mode: Mode,
     seed: u64,
     compute_dtype: Option<DType>,
+    trainable: bool,
+    state_updates: Option<&'a StateUpdates>,
+}
+
+/// Values for non-trainable state (BatchNorm's moving statistics) computed by a forward pass
+/// and held back until the pass, or the training step around it, has succeeded: then
+/// [`StateUpdates::apply`] writes them. A step that fails leaves every statistic as it was.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::prelude::*;
+/// use candle_functional::StateUpdates;
+/// let x = Input::new([2, 3]);
+/// let y = BatchNorm::new().call(&x)?;
+/// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+/// let batch = Tensor::ones((4, 2, 3), DType::F32, &Device::Cpu)?;
+/// let updates = StateUpdates::default();
+/// model.forward_deferred(&[batch], Mode::Train, &updates)?;
+/// assert_eq!(updates.len(), 2); // moving_mean and moving_variance, not yet written
+/// assert_eq!(model.weight_map()?["batch_normalization.moving_mean"].to_vec1::<f32>()?, [0.0, 0.0]);
+/// updates.apply()?;
+/// assert!(model.weight_map()?["batch_normalization.moving_mean"].to_vec1::<f32>()?[0] > 0.0);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct StateUpdates(std::sync::Mutex<Vec<(Var, Tensor)>>);
+
+impl StateUpdates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Var, Tensor)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, var: &Var, value: Tensor) {
+        self.lock().push((var.clone(), value));
+    }
+
+    /// The value held back for `var`, if any (the latest, for a layer called twice).
+    fn pending(&self, var: &Var) -> Option<Tensor> {
+        self.lock()
+            .iter()
+            .rev()
+            .find(|(v, _)| v.as_tensor().id() == var.as_tensor().id())
+            .map(|(_, t)| t.clone())
+    }
+
+    /// Number of updates held back.
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(candle_functional::StateUpdates::default().len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// `true` when no update is held back.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(candle_functional::StateUpdates::default().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Writes every held-back value into its variable, in the order they were computed.
+    ///
+    /// # Examples
+    /// ```
+    /// candle_functional::StateUpdates::default().apply()?;
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn apply(self) -> Result<()> {
+        let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (var, value) in updates {
+            var.set(&value)?;
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Params<'a> {
@@ -216,7 +296,120 @@ impl<'a> Params<'a> {
             mode,
             seed,
             compute_dtype: None,
+            trainable: true,
+            state_updates: None,
         }
+    }
+
+    /// Marks the layer frozen (`false`): [`Params::get`] hands out detached weights and
+    /// [`Params::updates_state`] is `false`, so a frozen BatchNorm runs in inference mode even
+    /// in a training step (Keras 3's rule).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// let p = Params::new(&[], &[], Mode::Train, 0).with_trainable(false);
+    /// assert!(!p.trainable() && !p.updates_state());
+    /// ```
+    pub fn with_trainable(mut self, trainable: bool) -> Self {
+        self.trainable = trainable;
+        self
+    }
+
+    /// Holds state updates back in `updates` instead of writing them at once (see
+    /// [`StateUpdates`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params, StateUpdates};
+    /// let updates = StateUpdates::default();
+    /// let p = Params::new(&[], &[], Mode::Train, 0).with_state_updates(Some(&updates));
+    /// assert!(p.updates_state());
+    /// ```
+    pub fn with_state_updates(mut self, updates: Option<&'a StateUpdates>) -> Self {
+        self.state_updates = updates;
+        self
+    }
+
+    /// Where this pass holds its state updates back, if anywhere.
+    pub(crate) fn state_updates(&self) -> Option<&'a StateUpdates> {
+        self.state_updates
+    }
+
+    /// Whether the layer is trainable (not frozen).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(Params::new(&[], &[], Mode::Train, 0).trainable());
+    /// ```
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// Whether the layer should use and update batch statistics: training mode, and not
+    /// frozen.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(!Params::new(&[], &[], Mode::Eval, 0).updates_state());
+    /// ```
+    pub fn updates_state(&self) -> bool {
+        self.mode.is_train() && self.trainable
+    }
+
+    /// The current value of the state weight `name` (detached), counting an update already
+    /// held back in this pass (a layer called twice builds on its first update).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use candle_functional::{Initializer, Mode, ParamSpec, Params};
+    /// let specs = [ParamSpec::new("moving_mean", vec![2], Initializer::Zeros).non_trainable()];
+    /// let vars = [Var::zeros(2, DType::F32, &Device::Cpu)?];
+    /// let p = Params::new(&specs, &vars, Mode::Train, 0);
+    /// assert_eq!(p.state("moving_mean")?.to_vec1::<f32>()?, [0.0, 0.0]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn state(&self, name: &str) -> Result<Tensor> {
+        let var = self.var(name)?;
+        Ok(self
+            .state_updates
+            .and_then(|u| u.pending(var))
+            .unwrap_or_else(|| var.as_tensor().detach()))
+    }
+
+    /// Sets the state weight `name` to `value`: at once, or held back when the pass collects
+    /// [`StateUpdates`].
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use candle_functional::{Initializer, Mode, ParamSpec, Params};
+    /// let specs = [ParamSpec::new("moving_mean", vec![2], Initializer::Zeros).non_trainable()];
+    /// let vars = [Var::zeros(2, DType::F32, &Device::Cpu)?];
+    /// let p = Params::new(&specs, &vars, Mode::Train, 0);
+    /// p.set_state("moving_mean", Tensor::ones(2, DType::F32, &Device::Cpu)?)?;
+    /// assert_eq!(vars[0].to_vec1::<f32>()?, [1.0, 1.0]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_state(&self, name: &str, value: Tensor) -> Result<()> {
+        let var = self.var(name)?;
+        let value = value.detach().to_dtype(var.dtype())?;
+        if value.dims() != var.dims() {
+            return Err(Error::ShapeMismatch {
+                layer: String::new(),
+                what: format!("new value of state `{name}`"),
+                expected: var.dims().to_vec(),
+                got: value.dims().to_vec(),
+            });
+        }
+        match self.state_updates {
+            Some(updates) => updates.push(var, value),
+            None => var.set(&value)?,
+        }
+        Ok(())
     }
 
     /// Mixed precision: [`Params::get`] hands out the weights cast to `dtype` (the cast is
@@ -238,7 +431,7 @@ impl<'a> Params<'a> {
     }
 
     /// The weight named `name` as a tensor, in the compute dtype: tracked for autograd in
-    /// training, detached in eval.
+    /// training, detached in eval and when the layer is frozen.
     ///
     /// # Examples
     /// ```
@@ -288,7 +481,7 @@ impl<'a> Params<'a> {
     /// ```
     pub fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let var = self.var(name)?;
-        let t = if self.mode.is_train() {
+        let t = if self.mode.is_train() && self.trainable {
             var.as_tensor().clone()
         } else {
             var.as_tensor().detach()
@@ -512,6 +705,8 @@ pub(crate) struct LayerCell {
     /// Input shapes of the first call: they fix the weights' shapes.
     first_inputs: OnceLock<Vec<Vec<usize>>>,
     weights: RwLock<Option<LayerWeights>>,
+    /// `false` once frozen: its weights are not trained, its BatchNorm runs in inference mode.
+    trainable: AtomicBool,
 }
 
 /// The identity of one layer in a graph: its behaviour, its name and its weights. Nodes that
@@ -546,6 +741,7 @@ impl LayerRef {
             name: OnceLock::new(),
             first_inputs: OnceLock::new(),
             weights: RwLock::new(None),
+            trainable: AtomicBool::new(true),
         };
         if let Some(name) = name {
             let _ = cell.name.set(name);
@@ -566,6 +762,46 @@ impl LayerRef {
     /// ```
     pub fn same_layer(&self, other: &LayerRef) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Whether the layer is trained (Keras's `layer.trainable`). A frozen layer's weights are
+    /// left out of [`Model::trainable_vars`](crate::Model::trainable_vars), counted as
+    /// non-trainable, still saved and loaded; a frozen BatchNorm runs in inference mode even
+    /// in a training step.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = Dense::new(3).call(&Input::new([4]))?;
+    /// assert!(y.layer().trainable());
+    /// y.layer().set_trainable(false);
+    /// assert!(!y.layer().trainable());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn trainable(&self) -> bool {
+        self.0.trainable.load(Ordering::Relaxed)
+    }
+
+    /// Freezes (`false`) or unfreezes the layer; for a nested model, every layer inside it too,
+    /// as Keras does.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// model.set_trainable(false);
+    /// assert_eq!(model.count_params().trainable, 0);
+    /// model.set_trainable(true);
+    /// assert_eq!(model.count_params().trainable, 10);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_trainable(&self, trainable: bool) {
+        self.0.trainable.store(trainable, Ordering::Relaxed);
+        for (_, inner) in weight_holders(self.op().sublayers()) {
+            inner.0.trainable.store(trainable, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -669,6 +905,95 @@ impl LayerRef {
         Ok(())
     }
 
+    /// The layer's weights by their short names (`kernel`, `bias`, ...), sharing storage with
+    /// the layer (Keras's `layer.get_weights()`, named).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// Model::new(&[x], &[y.clone()])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let w = y.layer().get_weights()?;
+    /// assert_eq!(w[0].0, "kernel");
+    /// assert_eq!(w[1].1.dims(), &[2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn get_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let Some(weights) = self.weights() else {
+            if self.param_specs().is_empty() {
+                return Ok(Vec::new());
+            }
+            return Err(Error::NotBuilt {
+                model: self.display_name(),
+            });
+        };
+        Ok(weights
+            .specs
+            .iter()
+            .zip(&weights.vars)
+            .map(|(s, v)| (s.name().to_string(), v.as_tensor().clone()))
+            .collect())
+    }
+
+    /// Sets every weight of the layer from values named by their short names. Strict, like
+    /// [`Model::set_weights`](crate::Model::set_weights): nothing changes unless every weight
+    /// is given with its shape and no unknown name is.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::collections::HashMap;
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).call(&x)?;
+    /// Model::new(&[x], &[y.clone()])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let values = HashMap::from([
+    ///     ("kernel".to_string(), Tensor::new(&[[2f32]], &Device::Cpu)?),
+    ///     ("bias".to_string(), Tensor::new(&[1f32], &Device::Cpu)?),
+    /// ]);
+    /// y.layer().set_weights(&values)?;
+    /// assert_eq!(y.layer().get_weights()?[0].1.to_vec2::<f32>()?, [[2.0]]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_weights(&self, values: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let weights = self.get_weights()?;
+        let mut missing = Vec::new();
+        let mut mis_shaped = Vec::new();
+        for (name, current) in &weights {
+            match values.get(name) {
+                None => missing.push(name.clone()),
+                Some(t) if t.dims() != current.dims() => {
+                    mis_shaped.push((name.clone(), current.dims().to_vec(), t.dims().to_vec()))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut unexpected: Vec<String> = values
+            .keys()
+            .filter(|k| !weights.iter().any(|(n, _)| n == *k))
+            .cloned()
+            .collect();
+        unexpected.sort();
+        if !(missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty()) {
+            return Err(Error::WeightsMismatch {
+                source_name: format!("for layer `{}`", self.display_name()),
+                missing,
+                unexpected,
+                mis_shaped,
+            });
+        }
+        let vars = self.weights().map(|w| w.vars).unwrap_or_default();
+        for ((name, _), var) in weights.iter().zip(vars) {
+            let value = values[name]
+                .to_device(var.device())?
+                .to_dtype(var.dtype())?;
+            var.set(&value.copy()?)?;
+        }
+        Ok(())
+    }
+
     /// A snapshot of the weights (cheap: `Var`s share storage), `None` before `build`.
     pub(crate) fn weights(&self) -> Option<LayerWeights> {
         self.0
@@ -719,6 +1044,7 @@ impl LayerRef {
         mode: Mode,
         seed: u64,
         compute_dtype: Option<DType>,
+        state_updates: Option<&StateUpdates>,
     ) -> Result<Vec<Tensor>> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
         let (specs, vars): (&[ParamSpec], &[Var]) = match guard.as_ref() {
@@ -730,7 +1056,10 @@ impl LayerRef {
                 });
             }
         };
-        let params = Params::new(specs, vars, mode, seed).with_compute_dtype(compute_dtype);
+        let params = Params::new(specs, vars, mode, seed)
+            .with_compute_dtype(compute_dtype)
+            .with_trainable(self.trainable())
+            .with_state_updates(state_updates);
         self.0.op.forward(inputs, &params)
     }
 }

@@ -9,5 +9,5 @@ pub(crate) mod plan;
 pub(crate) mod symbolic;
 
 pub use init::Initializer;
-pub use layer::{Configured, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params};
+pub use layer::{Configured, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, StateUpdates};
 pub use symbolic::{Input, SymbolicTensor};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::graph::layer::{LayerRef, Mode};
+use crate::graph::layer::{LayerRef, Mode, StateUpdates};
 use crate::graph::symbolic::{Node, SymbolicTensor};
 use crate::support::seed::mix;
 use crate::{Error, Result};
@@ -148,8 +148,9 @@ impl Plan {
     /// Runs the steps on concrete tensors (batch first), one per input, after checking their
     /// count and shapes. Each activation is dropped right after its last reader (candle's
     /// autograd keeps what backward needs; the executor keeps nothing more). Step `i` gets
-    /// the seed `mix(seed, i)`; `compute_dtype` casts float inputs for mixed precision.
-    /// `model` names the model in errors.
+    /// the seed `mix(seed, i)`; `compute_dtype` casts float inputs for mixed precision;
+    /// state updates are held back in `state_updates` when given. `model` names the model in
+    /// errors.
     pub(crate) fn run(
         &self,
         model: &str,
@@ -157,6 +158,7 @@ impl Plan {
         mode: Mode,
         seed: u64,
         compute_dtype: Option<DType>,
+        state_updates: Option<&StateUpdates>,
     ) -> Result<Vec<Tensor>> {
         self.check_inputs(model, inputs)?;
         let internal = |slot: usize| {
@@ -178,10 +180,13 @@ impl Plan {
                 .iter()
                 .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
                 .collect::<Result<Vec<_>>>()?;
-            let outputs =
-                step.node
-                    .layer()
-                    .forward(&args, mode, mix(seed, index as u64), compute_dtype)?;
+            let outputs = step.node.layer().forward(
+                &args,
+                mode,
+                mix(seed, index as u64),
+                compute_dtype,
+                state_updates,
+            )?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }

@@ -126,6 +126,16 @@ impl SymbolicTensor {
         &self.node
     }
 
+    /// Every output of `node`.
+    pub(crate) fn outputs_of(node: &Arc<Node>) -> Vec<SymbolicTensor> {
+        (0..node.output_shapes.len())
+            .map(|index| SymbolicTensor {
+                node: node.clone(),
+                index,
+            })
+            .collect()
+    }
+
     /// Identifies the tensor: (node, output index).
     pub(crate) fn key(&self) -> (u64, usize) {
         (self.node.id, self.index)

@@ -212,15 +212,16 @@ impl LayerOp for BatchNormConfig {
         // Weights and statistics in their stored dtype: f32 under bf16 mixed precision.
         let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
         let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
-        let y = if params.mode().is_train() {
+        // A frozen BatchNorm runs in inference mode even in a training step (Keras 3).
+        let y = if params.updates_state() {
             let (y, batch_mean, batch_var) =
                 ops::batch_norm_train(&x, gamma.as_ref(), beta.as_ref(), self.epsilon)?;
             // Keras's rule: the old value keeps `momentum`; the variance is the biased one.
             for (name, batch) in [("moving_mean", batch_mean), ("moving_variance", batch_var)] {
-                let moving = params.var(name)?;
+                let moving = params.state(name)?;
                 let batch = batch.to_dtype(moving.dtype())?;
-                let kept = (moving.as_tensor().detach() * self.momentum)?;
-                moving.set(&(kept + (batch * (1.0 - self.momentum))?)?)?;
+                let kept = (moving * self.momentum)?;
+                params.set_state(name, (kept + (batch * (1.0 - self.momentum))?)?)?;
             }
             y
         } else {

@@ -5,7 +5,7 @@ pub(crate) mod resnet;
 pub(crate) mod summary;
 pub(crate) mod weights;
 
-pub use model::{Model, NamedWeight, ParamCounts};
+pub use model::{Model, ModelLayer, NamedWeight, ParamCounts};
 pub use resnet::{
     ResNetConfig, create_plain_net, create_res_net, plain_block, relu_bn, residual_block,
 };

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::graph::layer::{LayerRef, weight_holders};
 use crate::graph::plan::Plan;
-use crate::graph::{Layer, LayerOp, Mode, Params, SymbolicTensor};
+use crate::graph::{Layer, LayerOp, Mode, Params, StateUpdates, SymbolicTensor};
 use crate::support::seed::mix;
 use crate::{Error, Result};
 
@@ -266,10 +266,47 @@ impl Model {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Vec<Tensor>> {
+        let updates = StateUpdates::default();
+        let outputs = self.forward_deferred(inputs, mode, &updates)?;
+        updates.apply()?;
+        Ok(outputs)
+    }
+
+    /// [`Model::forward`], holding the state updates (BatchNorm's moving statistics) back in
+    /// `updates` instead of writing them: a training step applies them only once it has
+    /// succeeded, so a step that fails changes no statistic.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::StateUpdates;
+    /// let x = Input::new([2]);
+    /// let y = BatchNorm::new().call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let updates = StateUpdates::default();
+    /// let batch = Tensor::ones((3, 2), DType::F32, &Device::Cpu)?;
+    /// model.forward_deferred(&[batch], Mode::Train, &updates)?;
+    /// drop(updates); // the step failed: nothing was written
+    /// assert_eq!(model.weight_map()?["batch_normalization.moving_mean"].to_vec1::<f32>()?, [0.0, 0.0]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn forward_deferred(
+        &self,
+        inputs: &[Tensor],
+        mode: Mode,
+        updates: &StateUpdates,
+    ) -> Result<Vec<Tensor>> {
         let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
         let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
-        self.plan
-            .run(self.name(), inputs, mode, seed, self.compute_dtype())
+        self.plan.run(
+            self.name(),
+            inputs,
+            mode,
+            seed,
+            self.compute_dtype(),
+            Some(updates),
+        )
     }
 
     /// The symbolic inputs.
@@ -335,6 +372,47 @@ impl Model {
         self.plan.layers.iter().find(|l| l.name() == Some(name))
     }
 
+    /// The layer named `name` with its calls in this model: its symbolic inputs and outputs
+    /// (Keras's `model.get_layer(name).output`), to cut a feature extractor at it, and its
+    /// weights.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3, 8, 8]);
+    /// let features = Conv2D::new(4, 3).name("features").call(&x)?;
+    /// let y = Dense::new(2).call(&GlobalAveragePooling2D::new().call(&features)?)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// let cut = model.get_layer("features")?.output()?;
+    /// let extractor = Model::new(model.inputs(), &[cut])?;
+    /// assert_eq!(extractor.outputs()[0].shape(), &[4, 6, 6]);
+    /// assert!(model.get_layer("nope").unwrap_err().to_string().contains("features"));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn get_layer(&self, name: &str) -> Result<ModelLayer> {
+        let found = self
+            .plan
+            .layers
+            .iter()
+            .zip(&self.plan.layer_nodes)
+            .find(|(l, _)| l.name() == Some(name));
+        match found {
+            Some((layer, nodes)) => Ok(ModelLayer {
+                layer: layer.clone(),
+                nodes: nodes.clone(),
+            }),
+            None => {
+                let names: Vec<String> =
+                    self.plan.layers.iter().map(|l| l.display_name()).collect();
+                Err(Error::InvalidArgument(format!(
+                    "model `{}` has no layer named `{name}` (its layers: {})",
+                    self.name(),
+                    names.join(", ")
+                )))
+            }
+        }
+    }
+
     pub(crate) fn plan(&self) -> &Plan {
         &self.plan
     }
@@ -370,15 +448,60 @@ impl Model {
                 out.push(NamedWeight {
                     name: format!("{name}.{}", spec.name()),
                     var,
-                    trainable: spec.trainable(),
+                    trainable: spec.trainable() && layer.trainable(),
                 });
             }
         }
         Ok(out)
     }
 
+    /// Freezes (`false`) or unfreezes every layer of the model, nested models included
+    /// (Keras's `model.trainable = False`); see [`LayerRef::set_trainable`].
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// model.set_trainable(false);
+    /// assert_eq!(model.count_params().non_trainable, 10);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_trainable(&self, trainable: bool) {
+        for layer in &self.plan.layers {
+            layer.set_trainable(trainable);
+        }
+        if let Some(identity) = self.identity.get() {
+            identity.set_trainable(trainable);
+        }
+    }
+
+    /// The trainable weights with their names: what an optimizer updates (frozen layers and
+    /// BatchNorm's moving statistics left out).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&BatchNorm::new().call(&x)?)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let names: Vec<_> = model.trainable_weights()?.into_iter().map(|(n, _)| n).collect();
+    /// assert_eq!(names, ["batch_normalization.gamma", "batch_normalization.beta", "dense.kernel", "dense.bias"]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn trainable_weights(&self) -> Result<Vec<(String, Var)>> {
+        Ok(self
+            .weights()?
+            .into_iter()
+            .filter(|w| w.trainable)
+            .map(|w| (w.name, w.var))
+            .collect())
+    }
+
     /// The variables an optimizer should update: the trainable weights only (BatchNorm's
-    /// moving statistics are left out).
+    /// moving statistics and frozen layers are left out).
     ///
     /// # Examples
     /// ```
@@ -414,7 +537,7 @@ impl Model {
         for (_, layer) in weight_holders(&self.plan.layers) {
             for spec in layer.param_specs() {
                 counts.total += spec.numel();
-                if spec.trainable() {
+                if spec.trainable() && layer.trainable() {
                     counts.trainable += spec.numel();
                 } else {
                     counts.non_trainable += spec.numel();
@@ -516,6 +639,152 @@ impl Model {
     }
 }
 
+/// A layer of a model together with the calls it makes in that model (from
+/// [`Model::get_layer`]).
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let x = Input::new([4]);
+/// let shared = Dense::new(4).name("shared");
+/// let y = shared.call(&shared.call(&x)?)?;
+/// let model = Model::new(&[x], &[y])?;
+/// let layer = model.get_layer("shared")?;
+/// assert_eq!(layer.calls(), 2);
+/// assert!(layer.output().is_err()); // two calls: say which
+/// assert_eq!(layer.outputs(1)?[0].shape(), &[4]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ModelLayer {
+    layer: LayerRef,
+    nodes: Vec<Arc<crate::graph::symbolic::Node>>,
+}
+
+impl ModelLayer {
+    /// The layer (its name, op, weights, trainable flag).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// assert_eq!(Model::new(&[x], &[y])?.get_layer("head")?.layer().name(), Some("head"));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn layer(&self) -> &LayerRef {
+        &self.layer
+    }
+
+    /// How many times the model calls the layer (1 unless it is shared).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// assert_eq!(Model::new(&[x], &[y])?.get_layer("head")?.calls(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn calls(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn node(&self, call: usize) -> Result<&Arc<crate::graph::symbolic::Node>> {
+        self.nodes.get(call).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer `{}` is called {} time(s) in this model, not {}",
+                self.layer.display_name(),
+                self.nodes.len(),
+                call + 1
+            ))
+        })
+    }
+
+    /// The outputs of call `call` (0-based).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert_eq!(model.get_layer("head")?.outputs(0)?[0].shape(), &[2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn outputs(&self, call: usize) -> Result<Vec<SymbolicTensor>> {
+        Ok(SymbolicTensor::outputs_of(self.node(call)?))
+    }
+
+    /// The inputs of call `call` (for an `Input` layer: the input itself).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert_eq!(model.get_layer("head")?.inputs(0)?[0].shape(), &[4]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn inputs(&self, call: usize) -> Result<Vec<SymbolicTensor>> {
+        let node = self.node(call)?;
+        Ok(if node.is_input() {
+            SymbolicTensor::outputs_of(node)
+        } else {
+            node.inputs().to_vec()
+        })
+    }
+
+    /// The one output of the layer's one call (Keras's `layer.output`); an error for a shared
+    /// layer or a layer with several outputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert_eq!(model.get_layer("head")?.output()?.shape(), &[2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn output(&self) -> Result<SymbolicTensor> {
+        self.single(self.outputs(0)?, "output", "outputs")
+    }
+
+    /// The one input of the layer's one call (Keras's `layer.input`).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).name("head").call(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert_eq!(model.get_layer("head")?.input()?.shape(), &[4]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn input(&self) -> Result<SymbolicTensor> {
+        self.single(self.inputs(0)?, "input", "inputs")
+    }
+
+    fn single(
+        &self,
+        mut tensors: Vec<SymbolicTensor>,
+        one: &str,
+        all: &str,
+    ) -> Result<SymbolicTensor> {
+        if self.nodes.len() != 1 || tensors.len() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "layer `{}` has {} call(s) with {} {all} each: use `{all}(call)` to say which {one}",
+                self.layer.display_name(),
+                self.nodes.len(),
+                tensors.len()
+            )));
+        }
+        Ok(tensors.remove(0))
+    }
+}
+
 impl LayerOp for Model {
     fn type_name(&self) -> &'static str {
         "Functional"
@@ -558,6 +827,7 @@ impl LayerOp for Model {
             params.mode(),
             params.seed(),
             params.compute_dtype(),
+            params.state_updates(),
         )
     }
 

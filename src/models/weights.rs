@@ -100,6 +100,25 @@ impl Model {
     }
 
     fn set_weights_from(&self, tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
+        self.check_weights(tensors, source)?;
+        for w in &self.weights()? {
+            let value = tensors[w.name()]
+                .to_device(w.var().device())?
+                .to_dtype(w.var().dtype())?;
+            // A value taken from this model (`weight_map`) shares the variable's storage,
+            // which `Var::set` refuses: give it its own copy.
+            w.var().set(&value.copy()?)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that `tensors` gives every weight of the model with its shape and nothing else,
+    /// changing nothing; the error lists every problem, naming `source`.
+    pub(crate) fn check_weights(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()> {
         let weights = self.weights()?;
         let mut missing = Vec::new();
         let mut mis_shaped = Vec::new();
@@ -128,14 +147,6 @@ impl Model {
                 unexpected,
                 mis_shaped,
             });
-        }
-        for w in &weights {
-            let value = tensors[w.name()]
-                .to_device(w.var().device())?
-                .to_dtype(w.var().dtype())?;
-            // A value taken from this model (`weight_map`) shares the variable's storage,
-            // which `Var::set` refuses: give it its own copy.
-            w.var().set(&value.copy()?)?;
         }
         Ok(())
     }

@@ -28,7 +28,7 @@ impl EpochEnd<'_> {
     /// struct GoodEnough;
     /// impl Callback for GoodEnough {
     ///     fn on_epoch_end(&mut self, end: &mut EpochEnd<'_>) -> candle_functional::Result<()> {
-    ///         if end.log.accuracy >= 0.9 {
+    ///         if end.log.metric("accuracy").is_some_and(|a| a >= 0.9) {
     ///             end.stop_training();
     ///         }
     ///         Ok(())

@@ -1,5 +1,6 @@
 //! The record of a training run: one [`EpochLog`] per epoch, written as JSON or CSV.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -7,39 +8,51 @@ use serde::{Deserialize, Serialize};
 use crate::support::files::write_atomically;
 use crate::{Error, Result};
 
-/// What one epoch measured.
+/// What one epoch measured. Besides the fixed fields, `metrics` holds every loss and metric
+/// by Keras's names: `accuracy`, `val_accuracy`, and for a model with several outputs
+/// `<output>_loss`, `<output>_accuracy`, `val_<output>_…`. In JSON they sit beside the fixed
+/// fields, as in Keras's `history.history`.
 ///
 /// # Examples
 /// ```
 /// use candle_functional::train::EpochLog;
-/// let log = EpochLog { epoch: 1, loss: 2.0, accuracy: 0.3, ..Default::default() };
+/// let log = EpochLog { epoch: 1, loss: 2.0, ..Default::default() }.with_metric("accuracy", 0.3);
 /// assert_eq!(log.metric("accuracy"), Some(0.3));
+/// assert_eq!(log.metric("loss"), Some(2.0));
 /// assert_eq!(log.metric("val_accuracy"), None);
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EpochLog {
     /// 1-based epoch number.
     pub epoch: usize,
-    /// Mean training loss over the epoch.
+    /// Mean training loss over the epoch (the weighted sum over the outputs).
     pub loss: f64,
-    /// Training accuracy over the epoch.
-    pub accuracy: f64,
     /// Validation loss (when validation data was given).
     pub val_loss: Option<f64>,
-    /// Validation accuracy.
-    pub val_accuracy: Option<f64>,
     /// Learning rate at the epoch's last step.
     pub learning_rate: f64,
     /// Seconds of training (validation excluded).
     pub seconds: f64,
-    /// Training images per second.
+    /// Training samples per second.
     pub images_per_sec: f64,
     /// Seconds of validation.
     pub val_seconds: f64,
+    /// Every other value by its Keras name (see above). Values that are not finite are
+    /// written as JSON `null` and skipped when read back.
+    #[serde(flatten, deserialize_with = "finite_values")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Reads the flattened metrics, skipping nulls (non-finite values written by serde_json).
+fn finite_values<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, f64>, D::Error> {
+    let raw: BTreeMap<String, Option<f64>> = BTreeMap::deserialize(d)?;
+    Ok(raw.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
 }
 
 impl EpochLog {
-    /// A metric by Keras's name: `loss`, `accuracy`, `val_loss`, `val_accuracy`.
+    /// A value by Keras's name: `loss`, `val_loss`, or any key of `metrics`.
     ///
     /// # Examples
     /// ```
@@ -50,11 +63,21 @@ impl EpochLog {
     pub fn metric(&self, name: &str) -> Option<f64> {
         match name {
             "loss" => Some(self.loss),
-            "accuracy" => Some(self.accuracy),
             "val_loss" => self.val_loss,
-            "val_accuracy" => self.val_accuracy,
-            _ => None,
+            other => self.metrics.get(other).copied(),
         }
+    }
+
+    /// Adds a metric (builder style).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::EpochLog;
+    /// assert_eq!(EpochLog::default().with_metric("mae", 0.1).metric("mae"), Some(0.1));
+    /// ```
+    pub fn with_metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), value);
+        self
     }
 }
 
@@ -65,7 +88,7 @@ impl EpochLog {
 /// use candle_functional::train::{EpochLog, History};
 /// let mut h = History::default();
 /// h.push(EpochLog { epoch: 1, loss: 1.0, ..Default::default() });
-/// assert!(h.to_csv().starts_with("epoch,loss,accuracy"));
+/// assert!(h.to_csv().starts_with("epoch,loss,val_loss"));
 /// assert_eq!(History::from_json(&h.to_json()?)?, h);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
@@ -131,33 +154,47 @@ impl History {
         serde_json::from_str(json).map_err(|e| Error::InvalidArgument(format!("history JSON: {e}")))
     }
 
-    /// CSV with a header; empty cells for missing validation metrics.
+    /// CSV with a header: the fixed columns, then one column per metric seen in any epoch;
+    /// empty cells for missing values.
     ///
     /// # Examples
     /// ```
     /// use candle_functional::train::{EpochLog, History};
     /// let mut h = History::default();
-    /// h.push(EpochLog { epoch: 1, ..Default::default() });
+    /// h.push(EpochLog { epoch: 1, ..Default::default() }.with_metric("accuracy", 0.5));
+    /// assert!(h.to_csv().starts_with("epoch,loss,val_loss,learning_rate,seconds,images_per_sec,val_seconds,accuracy\n"));
     /// assert_eq!(h.to_csv().lines().count(), 2);
     /// ```
     pub fn to_csv(&self) -> String {
-        let mut out = String::from(
-            "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds,images_per_sec,val_seconds\n",
-        );
+        let names: BTreeSet<&str> = self
+            .epochs
+            .iter()
+            .flat_map(|e| e.metrics.keys().map(String::as_str))
+            .collect();
+        let mut out =
+            String::from("epoch,loss,val_loss,learning_rate,seconds,images_per_sec,val_seconds");
+        for name in &names {
+            out.push(',');
+            out.push_str(name);
+        }
+        out.push('\n');
         let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
         for e in &self.epochs {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{}",
                 e.epoch,
                 e.loss,
-                e.accuracy,
                 opt(e.val_loss),
-                opt(e.val_accuracy),
                 e.learning_rate,
                 e.seconds,
                 e.images_per_sec,
                 e.val_seconds
             ));
+            for name in &names {
+                out.push(',');
+                out.push_str(&opt(e.metrics.get(*name).copied()));
+            }
+            out.push('\n');
         }
         out
     }

@@ -1,10 +1,15 @@
-//! Losses and metrics for classification.
+//! Losses with Keras's names, definitions and reduction (the mean over every sample, and over
+//! the positions of a per-pixel output), and the checks of a target against its output.
+//!
+//! Outputs are channels-first: the class axis of a classification output is axis 1, whatever
+//! its rank, so `(batch, classes)` and per-pixel `(batch, classes, h, w)` outputs both work.
 
 use candle_core::{D, DType, Tensor};
 
-use crate::Result;
+use crate::{Error, Result};
 
-/// A training loss; reduced to the batch mean.
+/// A training loss, reduced to the mean over the batch (and over positions, for outputs with
+/// spatial axes).
 ///
 /// # Examples
 /// ```
@@ -16,13 +21,32 @@ use crate::Result;
 /// assert!((loss.to_scalar::<f32>()? - (-(0.75f32).ln())).abs() < 1e-6);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Loss {
-    /// Keras's `sparse_categorical_crossentropy`: integer labels; the model outputs logits
-    /// (`from_logits: true`) or probabilities (the article's softmax head).
+    /// Keras's `sparse_categorical_crossentropy`: integer class labels of shape `(batch, …)`
+    /// against outputs `(batch, classes, …)` of logits or probabilities.
     SparseCategoricalCrossentropy {
         /// Whether the outputs are logits rather than probabilities.
         from_logits: bool,
+    },
+    /// Keras's `categorical_crossentropy`: one-hot (or soft) targets of the output's shape.
+    CategoricalCrossentropy {
+        /// Whether the outputs are logits rather than probabilities.
+        from_logits: bool,
+    },
+    /// Keras's `binary_crossentropy`: targets in `[0, 1]` of the output's shape.
+    BinaryCrossentropy {
+        /// Whether the outputs are logits rather than probabilities.
+        from_logits: bool,
+    },
+    /// Keras's `mean_squared_error`.
+    MeanSquaredError,
+    /// Keras's `mean_absolute_error`.
+    MeanAbsoluteError,
+    /// Keras's `Huber`: quadratic within `delta` of the target, linear beyond.
+    Huber {
+        /// Where the loss turns linear (Keras's default 1.0).
+        delta: f64,
     },
 }
 
@@ -30,7 +54,122 @@ pub enum Loss {
 const PROBABILITY_EPSILON: f64 = 1e-7;
 
 impl Loss {
-    /// Mean loss of `outputs` (`(batch, classes)`) against `labels` (`(batch,)`, `u32`).
+    /// Keras's name of the loss (`sparse_categorical_crossentropy`, `mean_squared_error`, ...).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::Loss;
+    /// assert_eq!(Loss::Huber { delta: 1.0 }.name(), "huber");
+    /// ```
+    pub fn name(&self) -> &'static str {
+        match self {
+            Loss::SparseCategoricalCrossentropy { .. } => "sparse_categorical_crossentropy",
+            Loss::CategoricalCrossentropy { .. } => "categorical_crossentropy",
+            Loss::BinaryCrossentropy { .. } => "binary_crossentropy",
+            Loss::MeanSquaredError => "mean_squared_error",
+            Loss::MeanAbsoluteError => "mean_absolute_error",
+            Loss::Huber { .. } => "huber",
+        }
+    }
+
+    /// `true` for the cross-entropies, whose outputs are classes: `fit` reports their accuracy
+    /// unless told otherwise.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::Loss;
+    /// assert!(Loss::BinaryCrossentropy { from_logits: true }.is_classification());
+    /// assert!(!Loss::MeanSquaredError.is_classification());
+    /// ```
+    pub fn is_classification(&self) -> bool {
+        matches!(
+            self,
+            Loss::SparseCategoricalCrossentropy { .. }
+                | Loss::CategoricalCrossentropy { .. }
+                | Loss::BinaryCrossentropy { .. }
+        )
+    }
+
+    /// Checks a target against the output it is compared with: dtype, shape, and for sparse
+    /// labels their range (which reads the labels' minimum and maximum). `output_shape` is the
+    /// output's per-sample shape; `output` names the output in the error. Run before the
+    /// forward pass, so that a bad batch fails before anything changes.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::train::Loss;
+    /// let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    /// let labels = Tensor::new(&[0u32, 3], &Device::Cpu)?;
+    /// let err = loss.check_target(&[3], &labels, 2, "head").unwrap_err().to_string();
+    /// assert!(err.contains("head") && err.contains("3"), "{err}");
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn check_target(
+        &self,
+        output_shape: &[usize],
+        target: &Tensor,
+        batch: usize,
+        output: &str,
+    ) -> Result<()> {
+        let bad = |message: String| {
+            Err(Error::InvalidInput {
+                layer: output.to_string(),
+                message: format!("target for {}: {message}", self.name()),
+            })
+        };
+        let dims = target.dims();
+        if dims.first() != Some(&batch) {
+            return bad(format!(
+                "expected a batch of {batch}, got target shape {dims:?}"
+            ));
+        }
+        match self {
+            Loss::SparseCategoricalCrossentropy { .. } => {
+                let Some((&classes, positions)) = output_shape.split_first() else {
+                    return bad("the output has no class axis".into());
+                };
+                if &dims[1..] != positions {
+                    return bad(format!(
+                        "integer labels of per-sample shape {positions:?} expected (the output's {output_shape:?} without its class axis), got {:?}",
+                        &dims[1..]
+                    ));
+                }
+                if target.dtype().is_float() {
+                    return bad(format!(
+                        "integer class labels expected, got {:?} (use CategoricalCrossentropy for one-hot targets)",
+                        target.dtype()
+                    ));
+                }
+                if target.elem_count() > 0 {
+                    let flat = target.flatten_all()?.to_dtype(DType::I64)?;
+                    let (min, max) = (
+                        flat.min(0)?.to_scalar::<i64>()?,
+                        flat.max(0)?.to_scalar::<i64>()?,
+                    );
+                    if min < 0 || max >= classes as i64 {
+                        return bad(format!(
+                            "labels must be in 0..{classes} (the output's classes), found {min}..={max}"
+                        ));
+                    }
+                }
+            }
+            _ => {
+                if &dims[1..] != output_shape {
+                    return bad(format!(
+                        "per-sample shape {output_shape:?} expected (the output's), got {:?}",
+                        &dims[1..]
+                    ));
+                }
+                if !target.dtype().is_float() {
+                    return bad(format!("float targets expected, got {:?}", target.dtype()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The mean loss of `outputs` against `targets` (a scalar, f32 for f32/bf16/f16 outputs).
     ///
     /// # Examples
     /// ```
@@ -40,29 +179,82 @@ impl Loss {
     /// let labels = Tensor::new(&[0u32], &Device::Cpu)?;
     /// let loss = Loss::SparseCategoricalCrossentropy { from_logits: true }.compute(&logits, &labels)?;
     /// assert!((loss.to_scalar::<f32>()? - 2f32.ln()).abs() < 1e-6);
+    /// let mse = Loss::MeanSquaredError.compute(&logits, &Tensor::new(&[[1f32, 3.0]], &Device::Cpu)?)?;
+    /// assert_eq!(mse.to_scalar::<f32>()?, 5.0);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn compute(&self, outputs: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        let Loss::SparseCategoricalCrossentropy { from_logits } = *self;
+    pub fn compute(&self, outputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         // Losses are computed in f32 even for bf16/f16 models.
         let outputs = if outputs.dtype() == DType::F64 {
             outputs.clone()
         } else {
             outputs.to_dtype(DType::F32)?
         };
-        let log_probs = if from_logits {
-            candle_nn::ops::log_softmax(&outputs, D::Minus1)?
-        } else {
-            outputs
-                .clamp(PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)?
-                .log()?
-        };
-        Ok(candle_nn::loss::nll(&log_probs, labels)?)
+        let dtype = outputs.dtype();
+        let float_targets = || targets.to_dtype(dtype);
+        Ok(match *self {
+            Loss::SparseCategoricalCrossentropy { from_logits } => {
+                let log_probs = class_log_probs(&outputs, from_logits)?;
+                let labels = targets.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
+                log_probs.gather(&labels, 1)?.mean_all()?.neg()?
+            }
+            Loss::CategoricalCrossentropy { from_logits } => {
+                let log_probs = class_log_probs(&outputs, from_logits)?;
+                (log_probs * float_targets()?)?
+                    .sum_keepdim(1)?
+                    .mean_all()?
+                    .neg()?
+            }
+            Loss::BinaryCrossentropy { from_logits } => {
+                let t = float_targets()?;
+                if from_logits {
+                    // max(x, 0) - x·t + log(1 + exp(-|x|)): stable for any logit.
+                    let softplus = outputs.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+                    ((outputs.relu()? - (&outputs * &t)?)? + softplus)?.mean_all()?
+                } else {
+                    let p = outputs.clamp(PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)?;
+                    let pos = (&t * p.log()?)?;
+                    let neg = (t.affine(-1.0, 1.0)? * p.affine(-1.0, 1.0)?.log()?)?;
+                    (pos + neg)?.mean_all()?.neg()?
+                }
+            }
+            Loss::MeanSquaredError => (&outputs - float_targets()?)?.sqr()?.mean_all()?,
+            Loss::MeanAbsoluteError => (&outputs - float_targets()?)?.abs()?.mean_all()?,
+            Loss::Huber { delta } => {
+                let error = (&outputs - float_targets()?)?.abs()?;
+                // 0.5·min(e, d)² + d·(e - min(e, d)): quadratic inside, linear outside.
+                let inside = error.clamp(0.0, delta)?;
+                let quadratic = (inside.sqr()? * 0.5)?;
+                let linear = ((error - inside)? * delta)?;
+                (quadratic + linear)?.mean_all()?
+            }
+        })
     }
 }
 
-/// Number of rows whose arg-max equals the label, as a scalar `f32` tensor (kept on the
-/// device so a training loop need not wait for it).
+/// Log-probabilities over the class axis 1: a log-softmax of logits, or the log of
+/// probabilities normalized to sum to one and clipped as Keras does.
+fn class_log_probs(outputs: &Tensor, from_logits: bool) -> Result<Tensor> {
+    Ok(if from_logits {
+        if outputs.rank() == 2 {
+            candle_nn::ops::log_softmax(outputs, D::Minus1)?
+        } else {
+            let max = outputs.max_keepdim(1)?.detach();
+            let shifted = outputs.broadcast_sub(&max)?;
+            let log_sum = shifted.exp()?.sum_keepdim(1)?.log()?;
+            shifted.broadcast_sub(&log_sum)?
+        }
+    } else {
+        let sum = outputs.sum_keepdim(1)?;
+        outputs
+            .broadcast_div(&sum)?
+            .clamp(PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)?
+            .log()?
+    })
+}
+
+/// Number of samples (or positions) whose arg-max over the class axis 1 equals the label, as
+/// a scalar `f32` tensor (kept on the device so a training loop need not wait for it).
 ///
 /// # Examples
 /// ```
@@ -75,8 +267,8 @@ impl Loss {
 /// ```
 pub fn correct_predictions(outputs: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(outputs
-        .argmax(D::Minus1)?
-        .eq(labels)?
+        .argmax(1)?
+        .eq(&labels.to_dtype(DType::U32)?)?
         .to_dtype(DType::F32)?
         .sum_all()?)
 }

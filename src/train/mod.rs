@@ -1,9 +1,11 @@
-//! Training: [`Trainer`] (`fit`, `evaluate`, `predict`, checkpoints), optimizers with Keras's
-//! rules ([`Adam`], [`Sgd`]), the loss, learning-rate schedules, callbacks and the history.
+//! Training: [`Trainer`] (`fit`, `evaluate`, `predict`, checkpoints) for models with any
+//! inputs and outputs, optimizers with Keras's rules ([`Adam`], [`Sgd`]), losses per output
+//! ([`Loss`], [`Losses`]), [`Metric`]s, learning-rate schedules, callbacks and the history.
 
 pub(crate) mod callbacks;
 pub(crate) mod history;
 pub(crate) mod loss;
+pub(crate) mod metrics;
 pub(crate) mod optimizer;
 pub(crate) mod schedule;
 pub(crate) mod trainer;
@@ -11,6 +13,7 @@ pub(crate) mod trainer;
 pub use callbacks::{Callback, EarlyStopping, EpochEnd, Goal, HistoryLogger, ModelCheckpoint};
 pub use history::{EpochLog, History};
 pub use loss::{Loss, correct_predictions};
+pub use metrics::{Accuracy, AccuracyKind, ErrorKind, MeanError, MeanIoU, Metric, TopKAccuracy};
 pub use optimizer::{Adam, AdamConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
 pub use schedule::LrSchedule;
-pub use trainer::{Evaluation, Progress, Trainer};
+pub use trainer::{Evaluation, Losses, Progress, Trainer};

@@ -5,6 +5,8 @@
 //! the bias correction; its `SGD` has no momentum. These follow Keras instead (see each
 //! `step`), so a Keras recipe means the same thing here.
 
+use std::collections::BTreeMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
@@ -22,27 +24,32 @@ use crate::{Error, Result};
 pub struct OptimizerState {
     /// Updates applied so far.
     pub iterations: u64,
-    /// Slot tensors, named `m.3`, `v.3`, `momentum.0`, ... (slot, variable index).
+    /// Slot tensors, named `<slot>.<variable>`: `m.conv2d.kernel`, `v.conv2d.kernel`,
+    /// `momentum.dense.bias`, ...
     pub slots: Vec<(String, Tensor)>,
 }
 
-/// Something that updates variables from their gradients.
+/// Something that updates named variables from their gradients. Its state (moments,
+/// velocities) is kept per variable *name*, created the first time a name is stepped: a
+/// variable unfrozen later gets fresh slots, a reordered model keeps each variable's own.
 ///
 /// # Examples
 /// ```
 /// use candle_core::{Device, Var};
 /// use candle_functional::train::{Optimizer, Sgd, SgdConfig};
 /// let w = Var::new(&[2.0f32], &Device::Cpu)?;
-/// let mut opt: Box<dyn Optimizer> = Box::new(Sgd::new(vec![w.clone()], SgdConfig::default())?);
+/// let mut opt: Box<dyn Optimizer> = Box::new(Sgd::new(SgdConfig::default())?);
 /// let loss = w.as_tensor().sqr()?.sum_all()?;
-/// opt.step(&loss.backward()?, 0.25)?;
+/// opt.step(&[("w".to_string(), w.clone())], &loss.backward()?, 0.25)?;
 /// assert_eq!(w.to_vec1::<f32>()?, [1.0]);
 /// assert_eq!(opt.state().iterations, 1);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub trait Optimizer: Send {
-    /// Applies one update with learning rate `lr` to every variable that has a gradient.
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+    /// Applies one update with learning rate `lr` to every variable of `vars` that has a
+    /// gradient. All new values are computed before any is written: a step that fails changes
+    /// nothing.
+    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()>;
 
     /// The base learning rate of its config (a schedule scales from it).
     fn learning_rate(&self) -> f64;
@@ -50,8 +57,100 @@ pub trait Optimizer: Send {
     /// Its state, for checkpoints.
     fn state(&self) -> OptimizerState;
 
-    /// Restores a state saved by [`Optimizer::state`] (same variables, same order).
-    fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
+    /// Checks that `state` fits `vars` (every slot names one of them, with its shape) without
+    /// changing anything.
+    fn check_state(&self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()>;
+
+    /// Restores a state saved by [`Optimizer::state`], after [`Optimizer::check_state`].
+    fn load_state(&mut self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()>;
+}
+
+/// Slot tensors of one kind (`m`, `v`, `momentum`) by variable name.
+#[derive(Debug, Default)]
+struct Slots {
+    kind: &'static str,
+    by_var: BTreeMap<String, Tensor>,
+}
+
+impl Slots {
+    fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            by_var: BTreeMap::new(),
+        }
+    }
+
+    /// The slot of `name`, zeros like `var` the first time.
+    fn get(&self, name: &str, var: &Var) -> Result<Tensor> {
+        Ok(match self.by_var.get(name) {
+            Some(t) => t.clone(),
+            None => var.as_tensor().zeros_like()?.detach(),
+        })
+    }
+
+    fn saved(&self) -> impl Iterator<Item = (String, Tensor)> + '_ {
+        self.by_var
+            .iter()
+            .map(|(n, t)| (format!("{}.{n}", self.kind), t.clone()))
+    }
+}
+
+/// Checks `state`'s slots against the kinds an optimizer keeps and the variables it steps:
+/// every slot must be `<kind>.<variable>` for one of `vars`, with that variable's shape.
+fn check_slots(kinds: &[&str], state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {
+    let shapes: BTreeMap<&str, &[usize]> =
+        vars.iter().map(|(n, v)| (n.as_str(), v.dims())).collect();
+    let mut unexpected = Vec::new();
+    let mut mis_shaped = Vec::new();
+    for (name, t) in &state.slots {
+        let var = kinds
+            .iter()
+            .find_map(|k| name.strip_prefix(k).and_then(|r| r.strip_prefix('.')));
+        match var.and_then(|v| shapes.get(v)) {
+            None => unexpected.push(name.clone()),
+            Some(shape) if t.dims() != *shape => {
+                mis_shaped.push((name.clone(), shape.to_vec(), t.dims().to_vec()))
+            }
+            Some(_) => {}
+        }
+    }
+    if unexpected.is_empty() && mis_shaped.is_empty() {
+        return Ok(());
+    }
+    Err(Error::WeightsMismatch {
+        source_name: "optimizer state".into(),
+        missing: Vec::new(),
+        unexpected,
+        mis_shaped,
+    })
+}
+
+/// Replaces each kind's slots with `state`'s (checked first), on the variables' devices.
+fn load_slots(
+    slots: &mut [&mut Slots],
+    state: &OptimizerState,
+    vars: &[(String, Var)],
+) -> Result<()> {
+    let kinds: Vec<&str> = slots.iter().map(|s| s.kind).collect();
+    check_slots(&kinds, state, vars)?;
+    let by_name: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let mut loaded: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); slots.len()];
+    for (name, t) in &state.slots {
+        for (i, kind) in kinds.iter().enumerate() {
+            if let Some(var) = name.strip_prefix(kind).and_then(|r| r.strip_prefix('.')) {
+                let target = by_name[var];
+                let value = t
+                    .to_device(target.device())?
+                    .to_dtype(target.dtype())?
+                    .copy()?;
+                loaded[i].insert(var.to_string(), value);
+            }
+        }
+    }
+    for (slot, values) in slots.iter_mut().zip(loaded) {
+        slot.by_var = values;
+    }
+    Ok(())
 }
 
 /// Which optimizer to build, with its settings; [`Trainer`](crate::train::Trainer) builds it
@@ -86,21 +185,19 @@ impl OptimizerConfig {
         }
     }
 
-    /// Builds the optimizer over `vars`.
+    /// Builds the optimizer (its settings checked).
     ///
     /// # Examples
     /// ```
-    /// use candle_core::{DType, Device, Var};
     /// use candle_functional::train::{AdamConfig, OptimizerConfig};
-    /// let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
-    /// let opt = OptimizerConfig::from(AdamConfig::default()).build(vec![w])?;
+    /// let opt = OptimizerConfig::from(AdamConfig::default()).build()?;
     /// assert_eq!(opt.state().iterations, 0);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn build(&self, vars: Vec<Var>) -> Result<Box<dyn Optimizer>> {
+    pub fn build(&self) -> Result<Box<dyn Optimizer>> {
         Ok(match self {
-            OptimizerConfig::Adam(c) => Box::new(Adam::new(vars, c.clone())?),
-            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(vars, c.clone())?),
+            OptimizerConfig::Adam(c) => Box::new(Adam::new(c.clone())?),
+            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(c.clone())?),
         })
     }
 }
@@ -191,47 +288,35 @@ fn check_rate(name: &str, value: f64, range: std::ops::Range<f64>) -> Result<()>
 /// use candle_core::{DType, Device, Tensor, Var};
 /// use candle_functional::train::{Adam, AdamConfig, Optimizer};
 /// let w = Var::new(&[1.0f32], &Device::Cpu)?;
-/// let mut adam = Adam::new(vec![w.clone()], AdamConfig::default())?;
+/// let mut adam = Adam::new(AdamConfig::default())?;
 /// let loss = (w.as_tensor() * 3.0)?.sum_all()?;
-/// adam.step(&loss.backward()?, 0.1)?;
+/// adam.step(&[("w".to_string(), w.clone())], &loss.backward()?, 0.1)?;
 /// // The first Adam step moves by about lr whatever the gradient's size.
 /// assert!((w.to_vec1::<f32>()?[0] - 0.9).abs() < 1e-5);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct Adam {
-    vars: Vec<Var>,
-    m: Vec<Var>,
-    v: Vec<Var>,
+    m: Slots,
+    v: Slots,
     config: AdamConfig,
     iterations: u64,
 }
 
 impl Adam {
-    /// Adam over `vars`.
+    /// Adam with these settings (betas checked).
     ///
     /// # Examples
     /// ```
     /// use candle_functional::train::{Adam, AdamConfig};
-    /// let adam = Adam::new(vec![], AdamConfig::default())?;
-    /// # Ok::<(), candle_functional::Error>(())
+    /// assert!(Adam::new(AdamConfig { beta_1: 1.0, ..Default::default() }).is_err());
     /// ```
-    pub fn new(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
+    pub fn new(config: AdamConfig) -> Result<Self> {
         check_rate("beta_1", config.beta_1, 0.0..1.0)?;
         check_rate("beta_2", config.beta_2, 0.0..1.0)?;
-        let zeros = |v: &Var| Var::zeros(v.shape(), v.dtype(), v.device());
-        let m = vars
-            .iter()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars
-            .iter()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            vars,
-            m,
-            v,
+            m: Slots::new("m"),
+            v: Slots::new("v"),
             config,
             iterations: 0,
         })
@@ -239,28 +324,33 @@ impl Adam {
 }
 
 impl Optimizer for Adam {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.iterations += 1;
+    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
         let c = &self.config;
-        let t = self.iterations as i32;
+        let t = (self.iterations + 1) as i32;
         let alpha = lr * (1.0 - c.beta_2.powi(t)).sqrt() / (1.0 - c.beta_1.powi(t));
-        for ((var, m), v) in self.vars.iter().zip(&self.m).zip(&self.v) {
+        let mut updates = Vec::new();
+        for (name, var) in vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            let (m, v) = (self.m.get(name, var)?, self.v.get(name, var)?);
             let g = g.to_dtype(m.dtype())?;
-            let m_new = ((m.as_tensor() * c.beta_1)? + (&g * (1.0 - c.beta_1))?)?;
-            let v_new = ((v.as_tensor() * c.beta_2)? + (g.sqr()? * (1.0 - c.beta_2))?)?;
+            let m_new = ((m * c.beta_1)? + (&g * (1.0 - c.beta_1))?)?;
+            let v_new = ((v * c.beta_2)? + (g.sqr()? * (1.0 - c.beta_2))?)?;
             let mut w = var.as_tensor().detach();
             if c.weight_decay > 0.0 {
                 w = (&w * (1.0 - lr * c.weight_decay))?;
             }
             let update = (&m_new / (v_new.sqrt()? + c.epsilon)?)?;
             let w = (w - (update * alpha)?.to_dtype(var.dtype())?)?;
-            m.set(&m_new)?;
-            v.set(&v_new)?;
+            updates.push((name, var, m_new, v_new, w));
+        }
+        for (name, var, m_new, v_new, w) in updates {
+            self.m.by_var.insert(name.clone(), m_new);
+            self.v.by_var.insert(name.clone(), v_new);
             var.set(&w)?;
         }
+        self.iterations += 1;
         Ok(())
     }
 
@@ -269,73 +359,21 @@ impl Optimizer for Adam {
     }
 
     fn state(&self) -> OptimizerState {
-        let mut slots = Vec::new();
-        for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
-            slots.push((format!("m.{i}"), m.as_tensor().clone()));
-            slots.push((format!("v.{i}"), v.as_tensor().clone()));
-        }
         OptimizerState {
             iterations: self.iterations,
-            slots,
+            slots: self.m.saved().chain(self.v.saved()).collect(),
         }
     }
 
-    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        let slots = self
-            .m
-            .iter()
-            .enumerate()
-            .flat_map(|(i, m)| [(format!("m.{i}"), m)]);
-        let slots = slots.chain(
-            self.v
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (format!("v.{i}"), v)),
-        );
-        load_slots(slots, state)?;
+    fn check_state(&self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {
+        check_slots(&["m", "v"], state, vars)
+    }
+
+    fn load_state(&mut self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {
+        load_slots(&mut [&mut self.m, &mut self.v], state, vars)?;
         self.iterations = state.iterations;
         Ok(())
     }
-}
-
-/// Sets every slot from `state`, checking names and shapes first.
-fn load_slots<'a>(
-    slots: impl Iterator<Item = (String, &'a Var)>,
-    state: &OptimizerState,
-) -> Result<()> {
-    let saved: std::collections::HashMap<&str, &Tensor> =
-        state.slots.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let slots: Vec<(String, &Var)> = slots.collect();
-    let mut missing = Vec::new();
-    let mut mis_shaped = Vec::new();
-    for (name, var) in &slots {
-        match saved.get(name.as_str()) {
-            None => missing.push(name.clone()),
-            Some(t) if t.dims() != var.dims() => {
-                mis_shaped.push((name.clone(), var.dims().to_vec(), t.dims().to_vec()))
-            }
-            Some(_) => {}
-        }
-    }
-    if !missing.is_empty() || !mis_shaped.is_empty() || saved.len() != slots.len() {
-        let known: std::collections::HashSet<&str> =
-            slots.iter().map(|(n, _)| n.as_str()).collect();
-        return Err(Error::WeightsMismatch {
-            source_name: "optimizer state".into(),
-            missing,
-            unexpected: saved
-                .keys()
-                .filter(|k| !known.contains(*k))
-                .map(|k| k.to_string())
-                .collect(),
-            mis_shaped,
-        });
-    }
-    for (name, var) in slots {
-        let t = saved[name.as_str()];
-        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?.copy()?)?;
-    }
-    Ok(())
 }
 
 /// SGD's settings; defaults are Keras's (`lr 0.01`, no momentum).
@@ -420,40 +458,31 @@ impl SgdConfig {
 /// use candle_core::{Device, Var};
 /// use candle_functional::train::{Optimizer, Sgd, SgdConfig};
 /// let w = Var::new(&[1.0f32], &Device::Cpu)?;
-/// let mut sgd = Sgd::new(vec![w.clone()], SgdConfig::default())?;
+/// let mut sgd = Sgd::new(SgdConfig::default())?;
 /// let loss = (w.as_tensor() * 3.0)?.sum_all()?;
-/// sgd.step(&loss.backward()?, 0.1)?;
+/// sgd.step(&[("w".to_string(), w.clone())], &loss.backward()?, 0.1)?;
 /// assert!((w.to_vec1::<f32>()?[0] - 0.7).abs() < 1e-6);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct Sgd {
-    vars: Vec<Var>,
-    velocity: Vec<Var>,
+    velocity: Slots,
     config: SgdConfig,
     iterations: u64,
 }
 
 impl Sgd {
-    /// SGD over `vars`.
+    /// SGD with these settings (momentum checked).
     ///
     /// # Examples
     /// ```
     /// use candle_functional::train::{Sgd, SgdConfig};
-    /// assert!(Sgd::new(vec![], SgdConfig::momentum(0.1, 1.5)).is_err());
+    /// assert!(Sgd::new(SgdConfig::momentum(0.1, 1.5)).is_err());
     /// ```
-    pub fn new(vars: Vec<Var>, config: SgdConfig) -> Result<Self> {
+    pub fn new(config: SgdConfig) -> Result<Self> {
         check_rate("momentum", config.momentum, 0.0..1.0)?;
-        let velocity = if config.momentum > 0.0 {
-            vars.iter()
-                .map(|v| Var::zeros(v.shape(), v.dtype(), v.device()))
-                .collect::<candle_core::Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
         Ok(Self {
-            vars,
-            velocity,
+            velocity: Slots::new("momentum"),
             config,
             iterations: 0,
         })
@@ -461,10 +490,10 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.iterations += 1;
+    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
         let c = &self.config;
-        for (i, var) in self.vars.iter().enumerate() {
+        let mut updates = Vec::new();
+        for (name, var) in vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
@@ -474,21 +503,26 @@ impl Optimizer for Sgd {
                 w = (&w * (1.0 - lr * c.weight_decay))?;
             }
             let step = (&g * lr)?;
-            let w = match self.velocity.get(i) {
-                None => (w - step)?,
-                Some(u) => {
-                    let u_new = ((u.as_tensor() * c.momentum)? - &step)?;
-                    let w = if c.nesterov {
-                        ((w + (&u_new * c.momentum)?)? - step)?
-                    } else {
-                        (w + &u_new)?
-                    };
-                    u.set(&u_new)?;
-                    w
-                }
+            let (w, velocity) = if c.momentum > 0.0 {
+                let u_new = ((self.velocity.get(name, var)? * c.momentum)? - &step)?;
+                let w = if c.nesterov {
+                    ((w + (&u_new * c.momentum)?)? - step)?
+                } else {
+                    (w + &u_new)?
+                };
+                (w, Some(u_new))
+            } else {
+                ((w - step)?, None)
             };
+            updates.push((name, var, w, velocity));
+        }
+        for (name, var, w, velocity) in updates {
+            if let Some(u) = velocity {
+                self.velocity.by_var.insert(name.clone(), u);
+            }
             var.set(&w)?;
         }
+        self.iterations += 1;
         Ok(())
     }
 
@@ -499,23 +533,16 @@ impl Optimizer for Sgd {
     fn state(&self) -> OptimizerState {
         OptimizerState {
             iterations: self.iterations,
-            slots: self
-                .velocity
-                .iter()
-                .enumerate()
-                .map(|(i, u)| (format!("momentum.{i}"), u.as_tensor().clone()))
-                .collect(),
+            slots: self.velocity.saved().collect(),
         }
     }
 
-    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        load_slots(
-            self.velocity
-                .iter()
-                .enumerate()
-                .map(|(i, u)| (format!("momentum.{i}"), u)),
-            state,
-        )?;
+    fn check_state(&self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {
+        check_slots(&["momentum"], state, vars)
+    }
+
+    fn load_state(&mut self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {
+        load_slots(&mut [&mut self.velocity], state, vars)?;
         self.iterations = state.iterations;
         Ok(())
     }

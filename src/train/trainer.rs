@@ -1,21 +1,21 @@
 //! [`Trainer`]: Keras's `compile`/`fit`/`evaluate`/`predict` for a [`Model`], with
 //! checkpoints that resume a run exactly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::data::{Batch, DataLoader};
-use crate::graph::Mode;
+use crate::data::{Batch, Dataset};
+use crate::graph::{Mode, StateUpdates};
 use crate::models::Model;
 use crate::support::files::{to_safetensors_bytes, write_atomically};
 use crate::train::callbacks::{Callback, run_callbacks};
+use crate::train::metrics::{Metric, default_metrics};
 use crate::train::{
     EpochLog, History, Loss, LrSchedule, Optimizer, OptimizerConfig, OptimizerState,
-    correct_predictions,
 };
 use crate::{Error, Result};
 
@@ -36,47 +36,191 @@ pub enum Progress {
     Lines,
 }
 
-/// Loss and accuracy over a data set.
+/// The loss and metrics over a data set, by Keras's names (`loss`, `accuracy`, and for
+/// several outputs `<output>_loss`, `<output>_accuracy`, ...).
 ///
 /// # Examples
 /// ```
-/// let e = candle_functional::train::Evaluation { loss: 0.5, accuracy: 0.9 };
-/// assert!(e.accuracy > e.loss);
+/// let e = candle_functional::train::Evaluation::default().with("accuracy", 0.9);
+/// assert_eq!(e.metric("accuracy"), Some(0.9));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Evaluation {
-    /// Mean loss.
+    /// Mean loss (the weighted sum over the outputs).
     pub loss: f64,
-    /// Fraction of correct arg-max predictions.
-    pub accuracy: f64,
+    /// Every other value by name.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl Evaluation {
+    /// A value by name (`loss` or a metric).
+    ///
+    /// # Examples
+    /// ```
+    /// let e = candle_functional::train::Evaluation { loss: 0.5, ..Default::default() };
+    /// assert_eq!(e.metric("loss"), Some(0.5));
+    /// ```
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        match name {
+            "loss" => Some(self.loss),
+            other => self.metrics.get(other).copied(),
+        }
+    }
+
+    /// Adds a value (builder style).
+    ///
+    /// # Examples
+    /// ```
+    /// let e = candle_functional::train::Evaluation::default().with("mae", 0.25);
+    /// assert_eq!(e.metrics["mae"], 0.25);
+    /// ```
+    pub fn with(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), value);
+        self
+    }
+}
+
+/// The losses of a model's outputs and their weights (Keras's `compile(loss=…,
+/// loss_weights=…)`): one loss for every output, or one per output, summed with weights
+/// (default 1) into the loss that is minimized.
+///
+/// # Examples
+/// ```
+/// use candle_functional::train::{Loss, Losses};
+/// let one = Losses::from(Loss::MeanSquaredError);
+/// let two = Losses::per_output(vec![
+///     Loss::SparseCategoricalCrossentropy { from_logits: true },
+///     Loss::MeanSquaredError,
+/// ])
+/// .weights(vec![1.0, 0.5]);
+/// assert_eq!(two.losses().len(), 2);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Losses {
+    losses: Vec<Loss>,
+    weights: Option<Vec<f64>>,
+}
+
+impl Losses {
+    /// One loss per output, in the order of the model's outputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::{Loss, Losses};
+    /// let l = Losses::per_output(vec![Loss::MeanAbsoluteError, Loss::MeanSquaredError]);
+    /// assert_eq!(l.losses()[1], Loss::MeanSquaredError);
+    /// ```
+    pub fn per_output(losses: Vec<Loss>) -> Self {
+        Self {
+            losses,
+            weights: None,
+        }
+    }
+
+    /// Weights of the outputs' losses in the total (default 1 each).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::{Loss, Losses};
+    /// let l = Losses::from(Loss::MeanSquaredError).weights(vec![2.0]);
+    /// ```
+    pub fn weights(mut self, weights: Vec<f64>) -> Self {
+        self.weights = Some(weights);
+        self
+    }
+
+    /// The losses as given.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::{Loss, Losses};
+    /// assert_eq!(Losses::from(Loss::MeanSquaredError).losses(), &[Loss::MeanSquaredError]);
+    /// ```
+    pub fn losses(&self) -> &[Loss] {
+        &self.losses
+    }
+
+    /// One loss and one weight per output of a model with `outputs` outputs.
+    fn resolve(&self, outputs: usize) -> Result<(Vec<Loss>, Vec<f64>)> {
+        let losses = match self.losses.as_slice() {
+            [one] => vec![*one; outputs],
+            many if many.len() == outputs => many.to_vec(),
+            many => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} losses for a model with {outputs} outputs",
+                    many.len()
+                )));
+            }
+        };
+        let weights = match &self.weights {
+            None => vec![1.0; outputs],
+            Some(w) if w.len() == outputs && w.iter().all(|x| x.is_finite()) => w.clone(),
+            Some(w) => {
+                return Err(Error::InvalidArgument(format!(
+                    "loss weights {w:?} for a model with {outputs} outputs: one finite weight per output"
+                )));
+            }
+        };
+        Ok((losses, weights))
+    }
+}
+
+impl From<Loss> for Losses {
+    fn from(loss: Loss) -> Self {
+        Self::per_output(vec![loss])
+    }
 }
 
 const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
 
-/// Trains a model: Keras's `model.compile(optimizer, loss, metrics=["accuracy"])` and what
-/// follows. Deterministic on CPU for a given model seed and loader seed.
+/// Trains a model: Keras's `model.compile(optimizer, loss, loss_weights, metrics)` and what
+/// follows, for any functional model: several inputs, several outputs each with its loss,
+/// weight and metrics, frozen layers. Deterministic on CPU for a given model seed and data
+/// seed.
+///
+/// A training step checks every target against its output (dtype, shape, label range)
+/// before the forward pass, and writes nothing (weights, optimizer state, BatchNorm
+/// statistics) unless the whole step succeeds.
 ///
 /// # Examples
 /// ```
-/// use candle_core::{DType, Device};
-/// use candle_functional::data::{DataLoader, ImageDataset};
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::data::TensorDataset;
 /// use candle_functional::prelude::*;
-/// use candle_functional::train::{AdamConfig, Loss, Trainer};
+/// use candle_functional::train::{AdamConfig, Loss, Losses, Trainer};
 ///
-/// let x = Input::new([1, 2, 2]);
-/// let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
-/// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-/// let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-/// let loader = DataLoader::new(data, 2, &Device::Cpu);
-/// let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-/// let history = trainer.fit(&loader, None, 3, &mut [])?;
-/// assert_eq!(history.epochs().len(), 3);
+/// // Two inputs, two outputs: a class and a value.
+/// let (image, extra) = (Input::new([4]), Input::new([2]));
+/// let joined = Concatenate::new(1).call_many(&[image.clone(), extra.clone()])?;
+/// let hidden = Dense::new(8).activation(ActivationFn::Relu).call(&joined)?;
+/// let class = Dense::new(3).name("class").call(&hidden)?;
+/// let value = Dense::new(1).name("value").call(&hidden)?;
+/// let model = Model::new(&[image, extra], &[class, value])?.build(&Device::Cpu, DType::F32, 0)?;
+///
+/// let dev = Device::Cpu;
+/// let data = TensorDataset::new(
+///     vec![Tensor::randn(0f32, 1.0, (16, 4), &dev)?, Tensor::randn(0f32, 1.0, (16, 2), &dev)?],
+///     vec![Tensor::zeros(16, DType::U32, &dev)?, Tensor::ones((16, 1), DType::F32, &dev)?],
+///     8,
+/// )?;
+/// let losses = Losses::per_output(vec![
+///     Loss::SparseCategoricalCrossentropy { from_logits: true },
+///     Loss::MeanSquaredError,
+/// ])
+/// .weights(vec![1.0, 0.5]);
+/// let mut trainer = Trainer::new(model, AdamConfig::default(), losses)?;
+/// let history = trainer.fit(&data, None, 2, &mut [])?;
+/// let last = history.last().unwrap();
+/// assert!(last.metric("class_accuracy").is_some() && last.metric("value_loss").is_some());
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub struct Trainer {
     model: Model,
     optimizer: Box<dyn Optimizer>,
-    loss: Loss,
+    losses: Vec<Loss>,
+    loss_weights: Vec<f64>,
+    metrics: Vec<Vec<Box<dyn Metric>>>,
+    output_names: Vec<String>,
     schedule: LrSchedule,
     progress: Progress,
     history: History,
@@ -85,8 +229,42 @@ pub struct Trainer {
     dtype: DType,
 }
 
+/// Sums over one pass through a data set, kept on the device.
+struct Totals {
+    loss: Tensor,
+    per_output: Vec<Tensor>,
+    samples: usize,
+}
+
+impl Totals {
+    fn new(outputs: usize, device: &candle_core::Device) -> Result<Self> {
+        let zero = Tensor::zeros((), DType::F32, device)?;
+        Ok(Self {
+            loss: zero.clone(),
+            per_output: vec![zero; outputs],
+            samples: 0,
+        })
+    }
+
+    fn add(&mut self, loss: &Tensor, per_output: &[Tensor], samples: usize) -> Result<()> {
+        let weighted = |t: &Tensor| t.to_dtype(DType::F32)?.affine(samples as f64, 0.0);
+        self.loss = (&self.loss + weighted(loss)?)?;
+        for (total, l) in self.per_output.iter_mut().zip(per_output) {
+            *total = (&*total + weighted(l)?)?;
+        }
+        self.samples += samples;
+        Ok(())
+    }
+
+    fn mean(&self, t: &Tensor) -> Result<f64> {
+        Ok(t.to_scalar::<f32>()? as f64 / self.samples.max(1) as f64)
+    }
+}
+
 impl Trainer {
-    /// A trainer for a built model, with an optimizer over its trainable variables.
+    /// A trainer for a built model: the optimizer, and the loss of every output (a [`Loss`]
+    /// for all of them, or [`Losses`] per output with weights). Outputs trained with a
+    /// cross-entropy report their accuracy unless [`Trainer::metrics`] says otherwise.
     ///
     /// # Examples
     /// ```
@@ -99,19 +277,35 @@ impl Trainer {
     /// assert!(Trainer::new(unbuilt, SgdConfig::default(), loss).is_err());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn new(model: Model, optimizer: impl Into<OptimizerConfig>, loss: Loss) -> Result<Self> {
+    pub fn new(
+        model: Model,
+        optimizer: impl Into<OptimizerConfig>,
+        losses: impl Into<Losses>,
+    ) -> Result<Self> {
         if !model.is_built() {
             return Err(Error::NotBuilt {
                 model: model.name().to_string(),
             });
         }
-        let vars = model.trainable_vars()?;
-        let dtype = vars.first().map(|v| v.dtype()).unwrap_or(DType::F32);
-        let optimizer = optimizer.into().build(vars)?;
+        let outputs = model.outputs().len();
+        let (losses, loss_weights) = losses.into().resolve(outputs)?;
+        let dtype = model
+            .weights()?
+            .first()
+            .map(|w| w.var().dtype())
+            .unwrap_or(DType::F32);
+        let output_names = model
+            .outputs()
+            .iter()
+            .map(|t| t.layer().display_name())
+            .collect();
         Ok(Self {
+            optimizer: optimizer.into().build()?,
+            metrics: losses.iter().map(default_metrics).collect(),
+            losses,
+            loss_weights,
+            output_names,
             model,
-            optimizer,
-            loss,
             schedule: LrSchedule::Constant,
             progress: Progress::Quiet,
             history: History::default(),
@@ -119,6 +313,33 @@ impl Trainer {
             steps_done: 0,
             dtype,
         })
+    }
+
+    /// Sets the metrics of output `output` (replacing its defaults).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::train::{Loss, MeanError, Metric, SgdConfig, Trainer};
+    /// let x = Input::new([2]);
+    /// let y = Dense::new(1).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let trainer = Trainer::new(model, SgdConfig::default(), Loss::MeanSquaredError)?
+    ///     .metrics(0, vec![Box::new(MeanError::absolute())])?;
+    /// assert!(Trainer::new(trainer.model().clone(), SgdConfig::default(), Loss::MeanSquaredError)?
+    ///     .metrics(1, vec![]).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn metrics(mut self, output: usize, metrics: Vec<Box<dyn Metric>>) -> Result<Self> {
+        let count = self.metrics.len();
+        let slot = self.metrics.get_mut(output).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "metrics for output {output} of a model with {count} outputs"
+            ))
+        })?;
+        *slot = metrics;
+        Ok(self)
     }
 
     /// Sets the learning-rate schedule (default constant).
@@ -213,9 +434,11 @@ impl Trainer {
         self.epochs_done
     }
 
-    /// One optimization step on a batch: forward in training mode, loss, backward, update.
-    /// Returns the batch's mean loss and its number of correct predictions as device scalars
-    /// (reading them waits for the device; `fit` does so only to report).
+    /// One optimization step on a batch: targets checked, forward in training mode, the
+    /// weighted sum of the outputs' losses, backward, update of the trainable weights, then
+    /// the BatchNorm statistics; the metrics accumulate the batch. Returns the batch's loss
+    /// as a device scalar (reading it waits for the device; `fit` does so only to report).
+    /// Nothing is written unless every part succeeds.
     ///
     /// # Examples
     /// ```
@@ -229,30 +452,144 @@ impl Trainer {
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
     /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
+    /// use candle_functional::data::Dataset;
     /// let batch = loader.batches(0).next().unwrap()?;
-    /// let (loss, correct) = trainer.train_step(&[batch.inputs], &batch.labels, 1e-3)?;
+    /// let loss = trainer.train_step(&batch, 1e-3)?;
     /// assert!(loss.to_scalar::<f32>()?.is_finite());
-    /// assert!(correct.to_scalar::<f32>()? <= 2.0);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn train_step(
+    pub fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<Tensor> {
+        Ok(self.step(batch, lr)?.0)
+    }
+
+    /// [`Trainer::train_step`], also returning each output's (unweighted) loss.
+    fn step(&mut self, batch: &Batch, lr: f64) -> Result<(Tensor, Vec<Tensor>)> {
+        self.check_targets(batch)?;
+        let inputs = self.cast_inputs(&batch.inputs)?;
+        let updates = StateUpdates::default();
+        let outputs = self
+            .model
+            .forward_deferred(&inputs, Mode::Train, &updates)?;
+        let (total, per_output) = self.losses_of(&outputs, &batch.targets)?;
+        let grads = total.backward()?;
+        let vars = self.model.trainable_weights()?;
+        self.optimizer.step(&vars, &grads, lr)?;
+        updates.apply()?;
+        self.update_metrics(&mut None, &outputs, &batch.targets)?;
+        Ok((total.detach(), per_output))
+    }
+
+    /// Checks the batch's targets against the model's outputs, before anything runs.
+    fn check_targets(&self, batch: &Batch) -> Result<()> {
+        let outputs = self.model.outputs();
+        if batch.targets.len() != outputs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "model `{}` has {} output(s), the batch has {} target(s)",
+                self.model.name(),
+                outputs.len(),
+                batch.targets.len()
+            )));
+        }
+        let n = batch.samples()?;
+        for (((output, target), loss), name) in outputs
+            .iter()
+            .zip(&batch.targets)
+            .zip(&self.losses)
+            .zip(&self.output_names)
+        {
+            loss.check_target(output.shape(), target, n, name)?;
+        }
+        Ok(())
+    }
+
+    /// The weighted total and each output's loss.
+    fn losses_of(&self, outputs: &[Tensor], targets: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut total: Option<Tensor> = None;
+        let mut per_output = Vec::with_capacity(outputs.len());
+        for (((out, target), loss), weight) in outputs
+            .iter()
+            .zip(targets)
+            .zip(&self.losses)
+            .zip(&self.loss_weights)
+        {
+            let value = loss.compute(out, target)?;
+            let weighted = if *weight == 1.0 {
+                value.clone()
+            } else {
+                (&value * *weight)?
+            };
+            total = Some(match total {
+                Some(t) => (t + weighted)?,
+                None => weighted,
+            });
+            per_output.push(value.detach());
+        }
+        let total =
+            total.ok_or_else(|| Error::InvalidArgument("a model without outputs".into()))?;
+        Ok((total, per_output))
+    }
+
+    /// Adds a batch to the metrics: the trainer's own, or `fresh` copies (validation).
+    fn update_metrics(
         &mut self,
-        inputs: &[Tensor],
-        labels: &Tensor,
-        lr: f64,
-    ) -> Result<(Tensor, Tensor)> {
-        let inputs = self.cast_inputs(inputs)?;
-        let outputs = self.model.forward(&inputs, Mode::Train)?.remove(0);
-        let loss = self.loss.compute(&outputs, labels)?;
-        let grads = loss.backward()?;
-        self.optimizer.step(&grads, lr)?;
-        let correct = correct_predictions(&outputs.detach(), labels)?;
-        Ok((loss.detach(), correct))
+        fresh: &mut Option<Vec<Vec<Box<dyn Metric>>>>,
+        outputs: &[Tensor],
+        targets: &[Tensor],
+    ) -> Result<()> {
+        let metrics = match fresh {
+            Some(m) => m,
+            None => &mut self.metrics,
+        };
+        for ((list, out), target) in metrics.iter_mut().zip(outputs).zip(targets) {
+            let out = out.detach();
+            for metric in list.iter_mut() {
+                metric.update(&out, target)?;
+            }
+        }
+        Ok(())
     }
 
     fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let dtype = self.model.compute_dtype().unwrap_or(self.dtype);
-        inputs.iter().map(|t| Ok(t.to_dtype(dtype)?)).collect()
+        inputs
+            .iter()
+            .map(|t| {
+                // Float inputs take the model's dtype; integer inputs (indices) stay as they are.
+                Ok(if t.dtype().is_float() {
+                    t.to_dtype(dtype)?
+                } else {
+                    t.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// The key prefix of output `i`: none for a single output, `<output>_` otherwise.
+    fn prefix(&self, i: usize) -> String {
+        if self.output_names.len() == 1 {
+            String::new()
+        } else {
+            format!("{}_", self.output_names[i])
+        }
+    }
+
+    /// Every metric's value and each output's loss (several outputs), by Keras's names.
+    fn named_values(
+        &self,
+        metrics: &[Vec<Box<dyn Metric>>],
+        totals: &Totals,
+    ) -> Result<BTreeMap<String, f64>> {
+        let mut values = BTreeMap::new();
+        for (i, list) in metrics.iter().enumerate() {
+            let prefix = self.prefix(i);
+            if self.output_names.len() > 1 {
+                values.insert(format!("{prefix}loss"), totals.mean(&totals.per_output[i])?);
+            }
+            for metric in list {
+                values.insert(format!("{prefix}{}", metric.name()), metric.result()?);
+            }
+        }
+        Ok(values)
     }
 
     /// Trains until `epochs` epochs are done in total (a resumed trainer continues from its
@@ -271,13 +608,13 @@ impl Trainer {
     /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// let history = trainer.fit(&loader, Some(&loader), 2, &mut [])?;
-    /// assert!(history.last().unwrap().val_accuracy.is_some());
+    /// assert!(history.last().unwrap().metric("val_accuracy").is_some());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn fit(
         &mut self,
-        train: &DataLoader,
-        validation: Option<&DataLoader>,
+        train: &dyn Dataset,
+        validation: Option<&dyn Dataset>,
         epochs: usize,
         callbacks: &mut [Box<dyn Callback>],
     ) -> Result<&History> {
@@ -296,53 +633,51 @@ impl Trainer {
             let epoch = self.epochs_done;
             let bar = self.progress_bar(epoch + 1, epochs, train.len());
             let start = Instant::now();
-            let mut loss_sum = Tensor::zeros((), DType::F32, train.device())?;
-            let mut correct = Tensor::zeros((), DType::F32, train.device())?;
-            let mut seen = 0usize;
+            let mut totals = Totals::new(self.losses.len(), train.device())?;
+            self.metrics.iter_mut().flatten().for_each(|m| m.reset());
             let mut lr = base_lr;
             for (i, batch) in train.batches(epoch as u64).enumerate() {
-                let Batch { inputs, labels } = batch?;
-                let n = labels.dim(0)?;
+                let batch = batch?;
+                let n = batch.samples()?;
                 lr = self
                     .schedule
                     .learning_rate(base_lr, epoch, self.steps_done, total_steps);
-                let (loss, right) = self.train_step(&[inputs], &labels, lr)?;
-                loss_sum = (loss_sum + (loss.to_dtype(DType::F32)? * n as f64)?)?;
-                correct = (correct + right)?;
-                seen += n;
+                let (loss, per_output) = self.step(&batch, lr)?;
+                totals.add(&loss, &per_output, n)?;
                 self.steps_done += 1;
                 if let Some(bar) = &bar {
                     bar.inc(1);
                     if i % refresh == 0 || i + 1 == train.len() {
-                        let rate = seen as f64 / start.elapsed().as_secs_f64();
-                        bar.set_message(format!(
-                            "loss {:.4} acc {:.4} {rate:.0} img/s",
-                            loss_sum.to_scalar::<f32>()? as f64 / seen as f64,
-                            correct.to_scalar::<f32>()? as f64 / seen as f64,
-                        ));
+                        let rate = totals.samples as f64 / start.elapsed().as_secs_f64();
+                        let mut message = format!("loss {:.4}", totals.mean(&totals.loss)?);
+                        if let Some(first) = self.metrics.iter().flatten().next() {
+                            message.push_str(&format!(" {} {:.4}", first.name(), first.result()?));
+                        }
+                        bar.set_message(format!("{message} {rate:.0} samples/s"));
                     }
                 }
             }
-            let loss = loss_sum.to_scalar::<f32>()? as f64 / seen as f64;
-            let accuracy = correct.to_scalar::<f32>()? as f64 / seen as f64;
             let seconds = start.elapsed().as_secs_f64();
-            let val_start = Instant::now();
-            let val = validation.map(|v| self.evaluate(v)).transpose()?;
-            let log = EpochLog {
+            let mut log = EpochLog {
                 epoch: epoch + 1,
-                loss,
-                accuracy,
-                val_loss: val.map(|v| v.loss),
-                val_accuracy: val.map(|v| v.accuracy),
+                loss: totals.mean(&totals.loss)?,
+                metrics: self.named_values(&self.metrics, &totals)?,
                 learning_rate: lr,
                 seconds,
-                images_per_sec: seen as f64 / seconds,
-                val_seconds: if val.is_some() {
-                    val_start.elapsed().as_secs_f64()
-                } else {
-                    0.0
-                },
+                images_per_sec: totals.samples as f64 / seconds,
+                ..Default::default()
             };
+            if let Some(v) = validation {
+                let val_start = Instant::now();
+                let val = self.evaluate(v)?;
+                log.val_loss = Some(val.loss);
+                log.metrics.extend(
+                    val.metrics
+                        .into_iter()
+                        .map(|(k, v)| (format!("val_{k}"), v)),
+                );
+                log.val_seconds = val_start.elapsed().as_secs_f64();
+            }
             let line = format_epoch(&log, epochs);
             match (&bar, self.progress) {
                 (Some(bar), _) => bar.finish_with_message(line),
@@ -371,7 +706,8 @@ impl Trainer {
         Some(bar)
     }
 
-    /// Mean loss and accuracy over a data set, in inference mode.
+    /// The loss and metrics over a data set, in inference mode (fresh copies of the metrics:
+    /// the training ones are left alone).
     ///
     /// # Examples
     /// ```
@@ -386,35 +722,39 @@ impl Trainer {
     /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// let scores = trainer.evaluate(&loader)?;
-    /// assert!((0.0..=1.0).contains(&scores.accuracy));
+    /// assert!((0.0..=1.0).contains(&scores.metric("accuracy").unwrap()));
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn evaluate(&self, data: &DataLoader) -> Result<Evaluation> {
-        let mut loss_sum = Tensor::zeros((), DType::F32, data.device())?;
-        let mut correct = Tensor::zeros((), DType::F32, data.device())?;
-        let mut seen = 0usize;
+    pub fn evaluate(&mut self, data: &dyn Dataset) -> Result<Evaluation> {
+        let mut totals = Totals::new(self.losses.len(), data.device())?;
+        let mut fresh = Some(
+            self.metrics
+                .iter()
+                .map(|list| list.iter().map(|m| m.boxed_clone()).collect())
+                .collect::<Vec<Vec<_>>>(),
+        );
         for batch in data.batches(0) {
-            let Batch { inputs, labels } = batch?;
-            let n = labels.dim(0)?;
+            let batch = batch?;
+            self.check_targets(&batch)?;
             let outputs = self
                 .model
-                .forward(&self.cast_inputs(&[inputs])?, Mode::Eval)?
-                .remove(0);
-            let loss = self.loss.compute(&outputs, &labels)?;
-            loss_sum = (loss_sum + (loss.to_dtype(DType::F32)? * n as f64)?)?;
-            correct = (correct + correct_predictions(&outputs, &labels)?)?;
-            seen += n;
+                .forward(&self.cast_inputs(&batch.inputs)?, Mode::Eval)?;
+            let (loss, per_output) = self.losses_of(&outputs, &batch.targets)?;
+            totals.add(&loss, &per_output, batch.samples()?)?;
+            self.update_metrics(&mut fresh, &outputs, &batch.targets)?;
         }
-        if seen == 0 {
+        if totals.samples == 0 {
             return Err(Error::InvalidArgument("no evaluation data".into()));
         }
+        let metrics = fresh.unwrap_or_default();
         Ok(Evaluation {
-            loss: loss_sum.to_scalar::<f32>()? as f64 / seen as f64,
-            accuracy: correct.to_scalar::<f32>()? as f64 / seen as f64,
+            loss: totals.mean(&totals.loss)?,
+            metrics: self.named_values(&metrics, &totals)?,
         })
     }
 
-    /// The model's first output for every sample, in order, in inference mode.
+    /// Every output of the model for every sample, in order, in inference mode (targets, if
+    /// the data has any, are ignored).
     ///
     /// # Examples
     /// ```
@@ -428,16 +768,24 @@ impl Trainer {
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
     /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-    /// assert_eq!(trainer.predict(&loader)?.dims(), &[2, 2]);
+    /// assert_eq!(trainer.predict(&loader)?[0].dims(), &[2, 2]);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn predict(&self, data: &DataLoader) -> Result<Tensor> {
-        let mut outputs = Vec::with_capacity(data.len());
+    pub fn predict(&self, data: &dyn Dataset) -> Result<Vec<Tensor>> {
+        let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); self.model.outputs().len()];
         for batch in data.batches(0) {
-            let inputs = self.cast_inputs(&[batch?.inputs])?;
-            outputs.push(self.model.forward(&inputs, Mode::Eval)?.remove(0));
+            let inputs = self.cast_inputs(&batch?.inputs)?;
+            for (all, out) in per_output
+                .iter_mut()
+                .zip(self.model.forward(&inputs, Mode::Eval)?)
+            {
+                all.push(out);
+            }
         }
-        Ok(Tensor::cat(&outputs, 0)?)
+        per_output
+            .iter()
+            .map(|parts| Ok(Tensor::cat(parts, 0)?))
+            .collect()
     }
 
     /// Writes everything needed to resume: weights (with BatchNorm state), optimizer state,
@@ -491,8 +839,9 @@ impl Trainer {
     }
 
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model and
-    /// optimizer; `fit` then continues where the run stopped. Strict: nothing changes unless
-    /// every tensor matches.
+    /// optimizer; `fit` then continues where the run stopped. Strict: the weights and the
+    /// optimizer state are both checked (names, shapes) before either is written, so a
+    /// checkpoint that does not fit changes nothing.
     ///
     /// # Examples
     /// ```
@@ -552,9 +901,13 @@ impl Trainer {
             number("steps_done")?,
             number("forward_calls")?,
         );
-        // Check both before changing either.
+        // Check everything before changing anything.
+        self.model
+            .check_weights(&weights, &path.display().to_string())?;
+        let vars = self.model.trainable_weights()?;
+        self.optimizer.check_state(&state, &vars)?;
         self.model.set_weights(&weights)?;
-        self.optimizer.load_state(&state)?;
+        self.optimizer.load_state(&state, &vars)?;
         self.model.set_forward_calls(calls);
         self.epochs_done = epochs_done as usize;
         self.steps_done = steps_done as usize;
@@ -564,15 +917,21 @@ impl Trainer {
 }
 
 fn format_epoch(log: &EpochLog, epochs: usize) -> String {
-    let mut line = format!(
-        "epoch {}/{epochs}: loss {:.4} accuracy {:.4}",
-        log.epoch, log.loss, log.accuracy
-    );
-    if let (Some(l), Some(a)) = (log.val_loss, log.val_accuracy) {
-        line.push_str(&format!(" val_loss {l:.4} val_accuracy {a:.4}"));
+    let mut line = format!("epoch {}/{epochs}: loss {:.4}", log.epoch, log.loss);
+    // Training values first, then validation ones, each in name order.
+    let (val, train): (Vec<_>, Vec<_>) =
+        log.metrics.iter().partition(|(k, _)| k.starts_with("val_"));
+    for (name, value) in train {
+        line.push_str(&format!(" {name} {value:.4}"));
+    }
+    if let Some(l) = log.val_loss {
+        line.push_str(&format!(" val_loss {l:.4}"));
+    }
+    for (name, value) in val {
+        line.push_str(&format!(" {name} {value:.4}"));
     }
     line.push_str(&format!(
-        " lr {:.2e} ({:.1} s, {:.0} img/s)",
+        " lr {:.2e} ({:.1} s, {:.0} samples/s)",
         log.learning_rate, log.seconds, log.images_per_sec
     ));
     line

@@ -1,0 +1,276 @@
+//! What `fit`, `evaluate` and `predict` read: a [`Dataset`] of [`Batch`]es, each any number
+//! of input tensors and target tensors of any dtype and rank, for models with any number of
+//! inputs and outputs. [`TensorDataset`] batches tensors already in memory (on the device).
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::support::seed::mix;
+use crate::{Error, Result};
+
+/// One batch: a tensor per model input and a target per model output, batch first.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::data::Batch;
+/// let batch = Batch::new(
+///     vec![Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?],
+///     vec![Tensor::zeros(4, DType::U32, &Device::Cpu)?],
+/// );
+/// assert_eq!(batch.samples()?, 4);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// One tensor per model input, in the order of the model's inputs.
+    pub inputs: Vec<Tensor>,
+    /// One target per model output, in the order of the model's outputs (empty for
+    /// prediction-only data).
+    pub targets: Vec<Tensor>,
+}
+
+impl Batch {
+    /// A batch from its inputs and targets.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::data::Batch;
+    /// let b = Batch::new(vec![Tensor::new(&[[1f32]], &Device::Cpu)?], vec![]);
+    /// assert!(b.targets.is_empty());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn new(inputs: Vec<Tensor>, targets: Vec<Tensor>) -> Self {
+        Self { inputs, targets }
+    }
+
+    /// The number of samples (the first input's batch dimension).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::data::Batch;
+    /// assert!(Batch::new(vec![], vec![]).samples().is_err());
+    /// ```
+    pub fn samples(&self) -> Result<usize> {
+        let first = self
+            .inputs
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("a batch without inputs".into()))?;
+        Ok(first.dim(0)?)
+    }
+}
+
+/// A source of batches, epoch after epoch: what [`Trainer`](crate::train::Trainer) reads.
+/// [`DataLoader`](crate::data::DataLoader) (images and class labels) and [`TensorDataset`]
+/// implement it; implement it for your own data.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::data::{Batch, Dataset};
+/// use candle_functional::Result;
+///
+/// /// The same single batch every epoch.
+/// struct Once(Batch, Device);
+/// impl Dataset for Once {
+///     fn len(&self) -> usize { 1 }
+///     fn device(&self) -> &Device { &self.1 }
+///     fn batches(&self, _epoch: u64) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+///         Box::new(std::iter::once(Ok(self.0.clone())))
+///     }
+/// }
+/// let once = Once(Batch::new(vec![Tensor::new(&[[1f32]], &Device::Cpu)?], vec![]), Device::Cpu);
+/// assert_eq!(once.batches(0).count(), 1);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub trait Dataset {
+    /// Batches per epoch.
+    fn len(&self) -> usize;
+
+    /// `true` when an epoch has no batch.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device the batches are on.
+    fn device(&self) -> &Device;
+
+    /// The batches of epoch `epoch` (shuffling and augmentation may depend on it).
+    fn batches(&self, epoch: u64) -> Box<dyn Iterator<Item = Result<Batch>> + '_>;
+}
+
+/// Tensors in memory, batched along their first axis: any number of inputs and targets, of
+/// any dtype and rank (Keras's `fit(x=[…], y=[…])` with arrays). Shuffling draws a new order
+/// each epoch from a seed; a shuffled batch is gathered on the device with one index select
+/// per tensor.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::data::{Dataset, TensorDataset};
+/// let x = Tensor::arange(0f32, 10.0, &Device::Cpu)?.reshape((5, 2))?;
+/// let y = Tensor::new(&[0u32, 1, 0, 1, 1], &Device::Cpu)?;
+/// let data = TensorDataset::new(vec![x], vec![y], 2)?.shuffle(true).seed(7);
+/// assert_eq!(data.len(), 3);
+/// let sizes: Vec<usize> = data.batches(0).map(|b| b.unwrap().samples().unwrap()).collect();
+/// assert_eq!(sizes, [2, 2, 1]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct TensorDataset {
+    inputs: Vec<Tensor>,
+    targets: Vec<Tensor>,
+    batch_size: usize,
+    samples: usize,
+    shuffle: bool,
+    seed: u64,
+    device: Device,
+}
+
+impl TensorDataset {
+    /// Batches of `batch_size` samples from `inputs` and `targets`, which must all have the
+    /// same first dimension and live on one device.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::data::TensorDataset;
+    /// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+    /// let y = Tensor::zeros(3, DType::U32, &Device::Cpu)?;
+    /// assert!(TensorDataset::new(vec![x], vec![y], 2).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn new(inputs: Vec<Tensor>, targets: Vec<Tensor>, batch_size: usize) -> Result<Self> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "TensorDataset: batch size must be positive".into(),
+            ));
+        }
+        let first = inputs.first().ok_or_else(|| {
+            Error::InvalidArgument("TensorDataset: at least one input tensor is needed".into())
+        })?;
+        if first.rank() == 0 {
+            return Err(Error::InvalidArgument(
+                "TensorDataset: tensors need a batch axis".into(),
+            ));
+        }
+        let samples = first.dim(0)?;
+        let device = first.device().clone();
+        for (what, t) in inputs
+            .iter()
+            .map(|t| ("input", t))
+            .chain(targets.iter().map(|t| ("target", t)))
+        {
+            if t.rank() == 0 || t.dim(0)? != samples {
+                return Err(Error::InvalidArgument(format!(
+                    "TensorDataset: every tensor needs {samples} samples on its first axis, a {what} has shape {:?}",
+                    t.dims()
+                )));
+            }
+            if !t.device().same_device(&device) {
+                return Err(Error::InvalidArgument(format!(
+                    "TensorDataset: a {what} is on {:?}, the first input on {:?}",
+                    t.device().location(),
+                    device.location()
+                )));
+            }
+        }
+        Ok(Self {
+            inputs,
+            targets,
+            batch_size,
+            samples,
+            shuffle: false,
+            seed: 0,
+            device,
+        })
+    }
+
+    /// Draws a new sample order every epoch (default off).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::TensorDataset;
+    /// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+    /// let data = TensorDataset::new(vec![x], vec![], 2)?.shuffle(true);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+
+    /// The seed of the shuffling (default 0).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::TensorDataset;
+    /// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+    /// let data = TensorDataset::new(vec![x], vec![], 2)?.shuffle(true).seed(3);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Number of samples.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_functional::data::TensorDataset;
+    /// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+    /// assert_eq!(TensorDataset::new(vec![x], vec![], 3)?.samples(), 4);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    fn batch(&self, order: Option<&[u32]>, start: usize) -> Result<Batch> {
+        let n = self.batch_size.min(self.samples - start);
+        let take = |t: &Tensor| -> Result<Tensor> {
+            Ok(match order {
+                None => t.narrow(0, start, n)?,
+                Some(order) => {
+                    let index = Tensor::from_slice(&order[start..start + n], n, &self.device)?;
+                    t.index_select(&index, 0)?
+                }
+            })
+        };
+        Ok(Batch {
+            inputs: self.inputs.iter().map(take).collect::<Result<_>>()?,
+            targets: self.targets.iter().map(take).collect::<Result<_>>()?,
+        })
+    }
+}
+
+impl Dataset for TensorDataset {
+    fn len(&self) -> usize {
+        self.samples.div_ceil(self.batch_size)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn batches(&self, epoch: u64) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        let order = self.shuffle.then(|| {
+            let mut order: Vec<u32> = (0..self.samples as u32).collect();
+            order.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, epoch)));
+            order
+        });
+        Box::new(
+            (0..self.samples)
+                .step_by(self.batch_size)
+                .map(move |start| self.batch(order.as_deref(), start)),
+        )
+    }
+}
