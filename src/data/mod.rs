@@ -6,6 +6,7 @@
 pub(crate) mod archive;
 pub mod cifar10;
 pub(crate) mod dataset;
+pub(crate) mod image_folder;
 pub(crate) mod loader;
 
 #[cfg(feature = "download")]
@@ -15,4 +16,5 @@ pub use archive::{
 };
 pub use cifar10::Cifar10;
 pub use dataset::{Batch, Dataset, TensorDataset};
+pub use image_folder::{ImageFolder, ImageFolderConfig};
 pub use loader::{Augmentation, DataLoader, ImageDataset, Normalization};

@@ -118,7 +118,7 @@ fn check_slots(kinds: &[&str], state: &OptimizerState, vars: &[(String, Var)]) -
         return Ok(());
     }
     Err(Error::WeightsMismatch {
-        source_name: "optimizer state".into(),
+        source_name: "in the optimizer state".into(),
         missing: Vec::new(),
         unexpected,
         mis_shaped,

@@ -238,7 +238,8 @@ struct Totals {
 
 impl Totals {
     fn new(outputs: usize, device: &candle_core::Device) -> Result<Self> {
-        let zero = Tensor::zeros((), DType::F32, device)?;
+        // f64 sums: an epoch of f32 losses summed in f32 would lose digits.
+        let zero = Tensor::zeros((), DType::F64, device)?;
         Ok(Self {
             loss: zero.clone(),
             per_output: vec![zero; outputs],
@@ -247,7 +248,7 @@ impl Totals {
     }
 
     fn add(&mut self, loss: &Tensor, per_output: &[Tensor], samples: usize) -> Result<()> {
-        let weighted = |t: &Tensor| t.to_dtype(DType::F32)?.affine(samples as f64, 0.0);
+        let weighted = |t: &Tensor| t.to_dtype(DType::F64)?.affine(samples as f64, 0.0);
         self.loss = (&self.loss + weighted(loss)?)?;
         for (total, l) in self.per_output.iter_mut().zip(per_output) {
             *total = (&*total + weighted(l)?)?;
@@ -257,7 +258,7 @@ impl Totals {
     }
 
     fn mean(&self, t: &Tensor) -> Result<f64> {
-        Ok(t.to_scalar::<f32>()? as f64 / self.samples.max(1) as f64)
+        Ok(t.to_scalar::<f64>()? / self.samples.max(1) as f64)
     }
 }
 
