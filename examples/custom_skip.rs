@@ -1,15 +1,17 @@
 //! Skip connections beyond the article: a DenseNet-style block (each layer sees the
 //! concatenation of all earlier feature maps) and a two-input model (an image and a metadata
-//! vector). Builds both, prints their summaries, and runs a training step on random data to
-//! show gradients flowing through the concatenation skips.
+//! vector). Builds both, prints their summaries, and trains each with `Trainer::fit` for a few
+//! epochs on a small random set (a `TensorDataset` of one or two input tensors), to show
+//! gradients flowing through the concatenation skips: the training loss goes down.
 //!
 //! ```text
 //! cargo run --release --example custom_skip
 //! ```
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_functional::data::TensorDataset;
 use candle_functional::prelude::*;
-use candle_nn::Optimizer;
+use candle_functional::train::{AdamConfig, Loss, Progress, Trainer};
 
 /// BatchNorm → ReLU → Conv 3x3 producing `growth` new channels, concatenated to the input.
 fn dense_layer(x: &SymbolicTensor, growth: usize) -> Result<SymbolicTensor> {
@@ -50,44 +52,40 @@ fn two_input_model(classes: usize) -> Result<Model> {
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let device = Device::Cpu;
-    let batch = 8;
-    let labels = Tensor::arange(0u32, batch as u32, &device)?;
+    let samples = 32;
+    let labels: Vec<u32> = (0..samples as u32).map(|i| i % 10).collect();
+    let labels = Tensor::from_vec(labels, samples, &device)?;
+    let images = Tensor::randn(0f32, 1.0, (samples, 3, 32, 32), &device)?;
+    let meta = Tensor::randn(0f32, 1.0, (samples, 8), &device)?;
 
     let dense = dense_net(10)?.build(&device, DType::F32, 0)?;
     println!("{}", dense.summary());
-    let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &device)?;
-    train_steps(&dense, std::slice::from_ref(&images), &labels)?;
+    let data = TensorDataset::new(vec![images.clone()], vec![labels.clone()], 8)?.shuffle(true);
+    train(dense, &data)?;
 
     let two = two_input_model(10)?.build(&device, DType::F32, 0)?;
     println!("{}", two.summary());
-    let meta = Tensor::randn(0f32, 1.0, (batch, 8), &device)?;
-    train_steps(&two, &[images, meta], &labels)?;
+    let data = TensorDataset::new(vec![images, meta], vec![labels], 8)?.shuffle(true);
+    train(two, &data)?;
     Ok(())
 }
 
-/// A few SGD steps on one batch; the loss goes down.
-fn train_steps(
-    model: &Model,
-    inputs: &[Tensor],
-    labels: &Tensor,
+/// A few epochs of Adam with `fit`; the training loss goes down.
+fn train(
+    model: Model,
+    data: &TensorDataset,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let mut sgd = candle_nn::SGD::new(model.trainable_vars()?, 0.05)?;
-    for step in 0..5 {
-        let logits = model.forward(inputs, Mode::Train)?.remove(0);
-        let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
-        sgd.backward_step(&loss)?;
-        let accuracy = logits
-            .argmax(D::Minus1)?
-            .eq(labels)?
-            .to_dtype(DType::F32)?
-            .mean_all()?;
-        println!(
-            "{}: step {step} loss {:.4} accuracy {:.2}",
-            model.name(),
-            loss.to_scalar::<f32>()?,
-            accuracy.to_scalar::<f32>()?
-        );
-    }
-    println!();
+    let name = model.name().to_string();
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let mut trainer = Trainer::new(model, AdamConfig::default(), loss)?.progress(Progress::Lines);
+    let history = trainer.fit(data, None, 5, &mut [])?;
+    let (first, last) = (&history.epochs()[0], history.last().expect("five epochs"));
+    println!(
+        "{name}: loss {:.4} -> {:.4}, accuracy {:.2} -> {:.2}\n",
+        first.loss,
+        last.loss,
+        first.metric("accuracy").unwrap_or(f64::NAN),
+        last.metric("accuracy").unwrap_or(f64::NAN)
+    );
     Ok(())
 }

@@ -39,7 +39,7 @@ fn every_loss_matches_its_formula() {
         approx::assert_abs_diff_eq!(got, want, epsilon = 1e-6);
     };
     // Probabilities: -mean(log p[label]).
-    let sparse = -((out[0][1] as f64).ln() + (out[1][2] as f64).ln()) / 2.0;
+    let sparse = -(out[0][1].ln() + out[1][2].ln()) / 2.0;
     check(
         Loss::SparseCategoricalCrossentropy { from_logits: false },
         &labels,
@@ -229,7 +229,7 @@ fn a_two_output_step_minimizes_the_weighted_sum_and_moves_both_heads() {
     let labels = Tensor::new(&[2u32, 0], &CPU).unwrap();
     let values = Tensor::new(&[[1.5f64], [-0.5]], &CPU).unwrap();
     // The losses by hand, from the model's own outputs before the step.
-    let out = model.forward(&[x.clone()], Mode::Eval).unwrap();
+    let out = model.forward(std::slice::from_ref(&x), Mode::Eval).unwrap();
     let logits = out[0].to_vec2::<f64>().unwrap();
     let ce = -(log_softmax(&logits[0])[2] + log_softmax(&logits[1])[0]) / 2.0;
     let v = out[1].to_vec2::<f64>().unwrap();
@@ -446,7 +446,10 @@ fn a_checkpoint_that_fails_on_the_optimizer_leaves_the_model_untouched() {
         .collect();
     let mut resumed = Trainer::new(fresh.clone(), AdamConfig::default(), losses).unwrap();
     let err = resumed.load_checkpoint(&broken).unwrap_err().to_string();
-    assert!(err.contains("m.class.kernel") && err.contains("[4, 3]"), "{err}");
+    assert!(
+        err.contains("m.class.kernel") && err.contains("[4, 3]"),
+        "{err}"
+    );
     for (w, b) in fresh.weights().unwrap().iter().zip(&before) {
         assert_eq!(
             max_abs_diff(w.var().as_tensor(), b),
