@@ -30,7 +30,7 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 
 #[test]
 fn every_loss_matches_its_formula() {
-    let out = [[0.2, 0.5, 0.3], [0.7, 0.1, 0.2]];
+    let out: [[f64; 3]; 2] = [[0.2, 0.5, 0.3], [0.7, 0.1, 0.2]];
     let outputs = t2(&[&[0.2, 0.5, 0.3], &[0.7, 0.1, 0.2]]);
     let labels = Tensor::new(&[1u32, 2], &CPU).unwrap();
     let one_hot = t2(&[&[0.0, 1.0, 0.0], &[0.0, 0.0, 1.0]]);
