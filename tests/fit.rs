@@ -339,7 +339,7 @@ fn a_frozen_base_keeps_its_weights_and_statistics_while_the_head_learns() {
         .call(&x)
         .unwrap();
     let h = BatchNorm::new().name("base_bn").call(&h).unwrap();
-    let base = Model::new(&[x.clone()], &[h.clone()])
+    let base = Model::new(std::slice::from_ref(&x), std::slice::from_ref(&h))
         .unwrap()
         .named("base");
     let pooled = GlobalAveragePooling2D::new().call(&h).unwrap();
@@ -470,7 +470,7 @@ fn get_layer_cuts_a_feature_extractor_that_shares_weights() {
     let extractor = Model::new(model.inputs(), &[features]).unwrap();
     let x = Tensor::new(&[[1f64, 2.0, 3.0]], &CPU).unwrap();
     let h = extractor
-        .forward(&[x.clone()], Mode::Eval)
+        .forward(std::slice::from_ref(&x), Mode::Eval)
         .unwrap()
         .remove(0);
     // The head applied to the extracted features gives the full model's output.
