@@ -42,10 +42,10 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     subset: usize,
     /// Epochs of the head alone.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 8)]
     head_epochs: usize,
     /// Learning rate of the head's training (fine-tuning uses a tenth of it).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-2)]
     head_lr: f64,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -90,8 +90,6 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         args.width_divisor = args.width_divisor.max(4);
         args.stages = vec![1, 1, 1, 1];
         args.subset = args.subset.min(512);
-        args.head_epochs = args.head_epochs.max(8);
-        args.head_lr = args.head_lr.max(1e-2);
     }
     let device = Device::Cpu;
     let (train, test) = match &args.data_dir {
