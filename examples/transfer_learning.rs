@@ -10,7 +10,7 @@
 //! their colour).
 //!
 //! ```text
-//! cargo run --release --example transfer_learning -- --quick                      # about a minute on 2 cores
+//! cargo run --release --example transfer_learning -- --quick    # about 15 s on 2 cores
 //! cargo run --release --example transfer_learning -- --data-dir path/to/cifar-10-batches-bin \
 //!     --weights runs/resnet/weights.safetensors
 //! ```

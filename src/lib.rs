@@ -32,8 +32,8 @@
 //! | [`graph`] | `Input`, `SymbolicTensor`, the `Layer` trait, `LayerOp` and `Params` for custom layers, initializers |
 //! | [`layers`] | the built-in layers and their configs, padding |
 //! | [`models`] | `Model` (build, forward, summary, weights) and the article's ResNet helpers |
-//! | [`train`] | `Trainer` (fit, evaluate, predict, checkpoints), optimizers, schedules, callbacks |
-//! | [`data`] | CIFAR-10 reader, datasets and the batch loader |
+//! | [`train`] | `Trainer` (fit, evaluate, predict, checkpoints) for any inputs and outputs, losses, metrics, optimizers, schedules, callbacks |
+//! | [`data`] | the `Dataset` trait, tensor datasets, image folders, the CIFAR-10 reader and batch loader |
 //! | [`ops`] | the kernels and the one place that picks a backend: convolution, batch norm, bias (GEMM on CPU, cuDNN on CUDA, candle's ops elsewhere) |
 //!
 //! Features: `cuda`, `cudnn` (candle's CUDA backend; cuDNN convolutions and batch norm
