@@ -142,12 +142,17 @@ impl Loss {
                     ));
                 }
                 if target.elem_count() > 0 {
-                    let flat = target.flatten_all()?.to_dtype(DType::I64)?;
-                    let (min, max) = (
-                        flat.min(0)?.to_scalar::<i64>()?,
-                        flat.max(0)?.to_scalar::<i64>()?,
-                    );
-                    if min < 0 || max >= classes as i64 {
+                    // One read of the extremes (one host synchronisation on a GPU); unsigned
+                    // labels need only their maximum.
+                    let flat = target.flatten_all()?.to_dtype(DType::F64)?;
+                    let (min, max) = if matches!(target.dtype(), DType::U8 | DType::U32) {
+                        (0.0, flat.max(0)?.to_scalar::<f64>()?)
+                    } else {
+                        let both =
+                            Tensor::stack(&[flat.min(0)?, flat.max(0)?], 0)?.to_vec1::<f64>()?;
+                        (both[0], both[1])
+                    };
+                    if min < 0.0 || max >= classes as f64 {
                         return bad(format!(
                             "labels must be in 0..{classes} (the output's classes), found {min}..={max}"
                         ));
