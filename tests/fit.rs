@@ -576,8 +576,30 @@ fn optimizer_slots_follow_variable_names() {
         .unwrap();
     adam.step(&[("layer.kernel".to_string(), w.clone())], &grads, 0.1)
         .unwrap();
-    let names: Vec<String> = adam.state().slots.into_iter().map(|(n, _)| n).collect();
+    let slots = adam.state().slots;
+    // Slots hold values, not the step's autograd graph (which would keep every step's
+    // activations alive from one step to the next).
+    assert!(
+        slots.iter().all(|(_, t)| !t.track_op()),
+        "a slot tracks its history"
+    );
+    let names: Vec<String> = slots.into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["m.layer.kernel", "v.layer.kernel"]);
+    let mut sgd = Sgd::new(SgdConfig::momentum(0.1, 0.9)).unwrap();
+    let grads = w
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    sgd.step(&[("layer.kernel".to_string(), w.clone())], &grads, 0.1)
+        .unwrap();
+    assert!(
+        sgd.state().slots.iter().all(|(_, t)| !t.track_op()),
+        "a velocity tracks its history"
+    );
     let wrong = OptimizerState {
         iterations: 1,
         slots: vec![(

@@ -334,7 +334,8 @@ impl Optimizer for Adam {
                 continue;
             };
             let (m, v) = (self.m.get(name, var)?, self.v.get(name, var)?);
-            let g = g.to_dtype(m.dtype())?;
+            // Gradients carry the step's graph: detached, the slots keep values, not history.
+            let g = g.detach().to_dtype(m.dtype())?;
             let m_new = ((m * c.beta_1)? + (&g * (1.0 - c.beta_1))?)?;
             let v_new = ((v * c.beta_2)? + (g.sqr()? * (1.0 - c.beta_2))?)?;
             let mut w = var.as_tensor().detach();
@@ -497,7 +498,8 @@ impl Optimizer for Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(var.dtype())?;
+            // Gradients carry the step's graph: detached, the slots keep values, not history.
+            let g = g.detach().to_dtype(var.dtype())?;
             let mut w = var.as_tensor().detach();
             if c.weight_decay > 0.0 {
                 w = (&w * (1.0 - lr * c.weight_decay))?;
