@@ -436,8 +436,8 @@ impl Trainer {
     }
 
     /// One optimization step on a batch: targets checked, forward in training mode, the
-    /// weighted sum of the outputs' losses, backward, update of the trainable weights, then
-    /// the BatchNorm statistics; the metrics accumulate the batch. Returns the batch's loss
+    /// weighted sum of the outputs' losses, backward, the metrics accumulate the batch, update
+    /// of the trainable weights, then of the BatchNorm statistics. Returns the batch's loss
     /// as a device scalar (reading it waits for the device; `fit` does so only to report).
     /// Nothing is written unless every part succeeds.
     ///
@@ -473,10 +473,10 @@ impl Trainer {
             .forward_deferred(&inputs, Mode::Train, &updates)?;
         let (total, per_output) = self.losses_of(&outputs, &batch.targets)?;
         let grads = total.backward()?;
+        update_metrics(&mut self.metrics, &outputs, &batch.targets)?;
         let vars = self.model.trainable_weights()?;
         self.optimizer.step(&vars, &grads, lr)?;
         updates.apply()?;
-        self.update_metrics(&mut None, &outputs, &batch.targets)?;
         Ok((total.detach(), per_output))
     }
 
@@ -528,26 +528,6 @@ impl Trainer {
         let total =
             total.ok_or_else(|| Error::InvalidArgument("a model without outputs".into()))?;
         Ok((total, per_output))
-    }
-
-    /// Adds a batch to the metrics: the trainer's own, or `fresh` copies (validation).
-    fn update_metrics(
-        &mut self,
-        fresh: &mut Option<Vec<Vec<Box<dyn Metric>>>>,
-        outputs: &[Tensor],
-        targets: &[Tensor],
-    ) -> Result<()> {
-        let metrics = match fresh {
-            Some(m) => m,
-            None => &mut self.metrics,
-        };
-        for ((list, out), target) in metrics.iter_mut().zip(outputs).zip(targets) {
-            let out = out.detach();
-            for metric in list.iter_mut() {
-                metric.update(&out, target)?;
-            }
-        }
-        Ok(())
     }
 
     fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -726,14 +706,13 @@ impl Trainer {
     /// assert!((0.0..=1.0).contains(&scores.metric("accuracy").unwrap()));
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn evaluate(&mut self, data: &dyn Dataset) -> Result<Evaluation> {
+    pub fn evaluate(&self, data: &dyn Dataset) -> Result<Evaluation> {
         let mut totals = Totals::new(self.losses.len(), data.device())?;
-        let mut fresh = Some(
-            self.metrics
-                .iter()
-                .map(|list| list.iter().map(|m| m.boxed_clone()).collect())
-                .collect::<Vec<Vec<_>>>(),
-        );
+        let mut fresh: Vec<Vec<Box<dyn Metric>>> = self
+            .metrics
+            .iter()
+            .map(|list| list.iter().map(|m| m.boxed_clone()).collect())
+            .collect();
         for batch in data.batches(0) {
             let batch = batch?;
             self.check_targets(&batch)?;
@@ -742,15 +721,14 @@ impl Trainer {
                 .forward(&self.cast_inputs(&batch.inputs)?, Mode::Eval)?;
             let (loss, per_output) = self.losses_of(&outputs, &batch.targets)?;
             totals.add(&loss, &per_output, batch.samples()?)?;
-            self.update_metrics(&mut fresh, &outputs, &batch.targets)?;
+            update_metrics(&mut fresh, &outputs, &batch.targets)?;
         }
         if totals.samples == 0 {
             return Err(Error::InvalidArgument("no evaluation data".into()));
         }
-        let metrics = fresh.unwrap_or_default();
         Ok(Evaluation {
             loss: totals.mean(&totals.loss)?,
-            metrics: self.named_values(&metrics, &totals)?,
+            metrics: self.named_values(&fresh, &totals)?,
         })
     }
 
@@ -915,6 +893,21 @@ impl Trainer {
         self.history = history;
         Ok(())
     }
+}
+
+/// Adds a batch to each output's metrics.
+fn update_metrics(
+    metrics: &mut [Vec<Box<dyn Metric>>],
+    outputs: &[Tensor],
+    targets: &[Tensor],
+) -> Result<()> {
+    for ((list, out), target) in metrics.iter_mut().zip(outputs).zip(targets) {
+        let out = out.detach();
+        for metric in list.iter_mut() {
+            metric.update(&out, target)?;
+        }
+    }
+    Ok(())
 }
 
 fn format_epoch(log: &EpochLog, epochs: usize) -> String {
