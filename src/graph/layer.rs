@@ -202,6 +202,28 @@ pub struct Params<'a> {
     state_updates: Option<&'a StateUpdates>,
 }
 
+/// What a forward pass runs with besides its inputs: the mode, the seed of this call, the
+/// mixed-precision dtype, and where state updates are held back.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pass<'a> {
+    pub(crate) mode: Mode,
+    pub(crate) seed: u64,
+    pub(crate) compute_dtype: Option<DType>,
+    pub(crate) state_updates: Option<&'a StateUpdates>,
+}
+
+impl<'a> Pass<'a> {
+    /// The pass a layer's `Params` describe (a nested model runs with its caller's).
+    pub(crate) fn of(params: &Params<'a>) -> Self {
+        Self {
+            mode: params.mode,
+            seed: params.seed,
+            compute_dtype: params.compute_dtype,
+            state_updates: params.state_updates,
+        }
+    }
+}
+
 /// Values for non-trainable state (BatchNorm's moving statistics) computed by a forward pass
 /// and held back until the pass, or the training step around it, has succeeded: then
 /// [`StateUpdates::apply`] writes them. A step that fails leaves every statistic as it was.
@@ -329,11 +351,6 @@ impl<'a> Params<'a> {
     pub fn with_state_updates(mut self, updates: Option<&'a StateUpdates>) -> Self {
         self.state_updates = updates;
         self
-    }
-
-    /// Where this pass holds its state updates back, if anywhere.
-    pub(crate) fn state_updates(&self) -> Option<&'a StateUpdates> {
-        self.state_updates
     }
 
     /// Whether the layer is trainable (not frozen).
@@ -1038,14 +1055,7 @@ impl LayerRef {
     }
 
     /// Runs the layer on concrete tensors.
-    pub(crate) fn forward(
-        &self,
-        inputs: &[Tensor],
-        mode: Mode,
-        seed: u64,
-        compute_dtype: Option<DType>,
-        state_updates: Option<&StateUpdates>,
-    ) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(&self, inputs: &[Tensor], pass: Pass) -> Result<Vec<Tensor>> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
         let (specs, vars): (&[ParamSpec], &[Var]) = match guard.as_ref() {
             Some(w) => (&w.specs, &w.vars),
@@ -1056,10 +1066,10 @@ impl LayerRef {
                 });
             }
         };
-        let params = Params::new(specs, vars, mode, seed)
-            .with_compute_dtype(compute_dtype)
+        let params = Params::new(specs, vars, pass.mode, pass.seed)
+            .with_compute_dtype(pass.compute_dtype)
             .with_trainable(self.trainable())
-            .with_state_updates(state_updates);
+            .with_state_updates(pass.state_updates);
         self.0.op.forward(inputs, &params)
     }
 }

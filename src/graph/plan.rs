@@ -10,9 +10,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use crate::graph::layer::{LayerRef, Mode, StateUpdates};
+use crate::graph::layer::{LayerRef, Pass};
 use crate::graph::symbolic::{Node, SymbolicTensor};
 use crate::support::seed::mix;
 use crate::{Error, Result};
@@ -148,18 +148,9 @@ impl Plan {
     /// Runs the steps on concrete tensors (batch first), one per input, after checking their
     /// count and shapes. Each activation is dropped right after its last reader (candle's
     /// autograd keeps what backward needs; the executor keeps nothing more). Step `i` gets
-    /// the seed `mix(seed, i)`; `compute_dtype` casts float inputs for mixed precision;
-    /// state updates are held back in `state_updates` when given. `model` names the model in
-    /// errors.
-    pub(crate) fn run(
-        &self,
-        model: &str,
-        inputs: &[Tensor],
-        mode: Mode,
-        seed: u64,
-        compute_dtype: Option<DType>,
-        state_updates: Option<&StateUpdates>,
-    ) -> Result<Vec<Tensor>> {
+    /// the seed `mix(pass.seed, i)`; the pass's compute dtype casts float inputs for mixed
+    /// precision. `model` names the model in errors.
+    pub(crate) fn run(&self, model: &str, inputs: &[Tensor], pass: Pass) -> Result<Vec<Tensor>> {
         self.check_inputs(model, inputs)?;
         let internal = |slot: usize| {
             Error::InvalidArgument(format!(
@@ -168,7 +159,7 @@ impl Plan {
         };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (&slot, t) in self.input_slots.iter().zip(inputs) {
-            let t = match compute_dtype {
+            let t = match pass.compute_dtype {
                 Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.to_dtype(dtype)?,
                 _ => t.clone(),
             };
@@ -180,13 +171,11 @@ impl Plan {
                 .iter()
                 .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
                 .collect::<Result<Vec<_>>>()?;
-            let outputs = step.node.layer().forward(
-                &args,
-                mode,
-                mix(seed, index as u64),
-                compute_dtype,
-                state_updates,
-            )?;
+            let step_pass = Pass {
+                seed: mix(pass.seed, index as u64),
+                ..pass
+            };
+            let outputs = step.node.layer().forward(&args, step_pass)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }

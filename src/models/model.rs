@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::graph::layer::{LayerRef, weight_holders};
+use crate::graph::layer::{LayerRef, Pass, weight_holders};
 use crate::graph::plan::Plan;
 use crate::graph::{Layer, LayerOp, Mode, Params, StateUpdates, SymbolicTensor};
 use crate::support::seed::mix;
@@ -299,14 +299,13 @@ impl Model {
     ) -> Result<Vec<Tensor>> {
         let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
         let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
-        self.plan.run(
-            self.name(),
-            inputs,
+        let pass = Pass {
             mode,
             seed,
-            self.compute_dtype(),
-            Some(updates),
-        )
+            compute_dtype: self.compute_dtype(),
+            state_updates: Some(updates),
+        };
+        self.plan.run(self.name(), inputs, pass)
     }
 
     /// The symbolic inputs.
@@ -821,14 +820,7 @@ impl LayerOp for Model {
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
         // A nested model runs with its caller's seed and compute dtype.
-        self.plan.run(
-            self.name(),
-            inputs,
-            params.mode(),
-            params.seed(),
-            params.compute_dtype(),
-            params.state_updates(),
-        )
+        self.plan.run(self.name(), inputs, Pass::of(params))
     }
 
     fn sublayers(&self) -> &[LayerRef] {
