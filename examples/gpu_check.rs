@@ -161,7 +161,7 @@ fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize)> {
         .collect();
     let lbl: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
     let data = ImageDataset::from_parts(&images, &lbl, [3, 32, 32])?;
-    let loader = DataLoader::new(data, args.batch_size, device).shuffle(true);
+    let loader = DataLoader::new(data, args.batch_size, device)?.shuffle(true);
     let config = ResNetConfig::default()
         .stages(args.stages.clone())
         .width_divisor(args.width_divisor);

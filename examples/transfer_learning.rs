@@ -112,10 +112,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     } else {
         Normalization::UnitRange
     };
-    let train = DataLoader::new(train, args.batch_size, &device)
+    let train = DataLoader::new(train, args.batch_size, &device)?
         .normalization(normalization)
         .shuffle(true);
-    let test = DataLoader::new(test, 256, &device).normalization(normalization);
+    let test = DataLoader::new(test, 256, &device)?.normalization(normalization);
 
     // The article's network, and its weights if any.
     let config = ResNetConfig::default()

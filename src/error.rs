@@ -132,17 +132,19 @@ pub enum Error {
     /// A set of weights does not match the model: every problem is listed.
     #[error(
         "weights {source_name} do not match the model:{}",
-        weights_report(missing, unexpected, mis_shaped)
+        weights_report(missing, unexpected, mis_shaped, mis_typed)
     )]
     WeightsMismatch {
         /// Where the weights came from (a file name, or "map").
-        source_name: String,
+        source_name: Box<str>,
         /// Tensors the model needs that were not given.
         missing: Vec<String>,
         /// Tensors given that the model does not have.
         unexpected: Vec<String>,
         /// Tensors whose shape is wrong: (name, expected, got).
         mis_shaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+        /// Tensors of a float weight stored with an integer dtype: (name, stored dtype).
+        mis_typed: Vec<(String, String)>,
     },
 
     /// A data file is malformed; the record index is given when one record is at fault.
@@ -186,6 +188,20 @@ pub enum Error {
         message: String,
     },
 
+    /// Training diverged: a loss or a gradient is NaN or infinite. Nothing of that step (no
+    /// weight, no optimizer slot, no BatchNorm statistic) was applied.
+    #[error(
+        "training diverged at epoch {epoch}, step {step}: {what} is not finite; nothing of that step was applied"
+    )]
+    NonFinite {
+        /// The epoch (1-based).
+        epoch: usize,
+        /// The step (1-based, within the epoch in `fit`).
+        step: usize,
+        /// What was not finite (`the loss`, `the gradients`).
+        what: String,
+    },
+
     /// A training or data argument is out of range (learning rate, batch size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -209,6 +225,7 @@ fn weights_report(
     missing: &[String],
     unexpected: &[String],
     mis_shaped: &[(String, Vec<usize>, Vec<usize>)],
+    mis_typed: &[(String, String)],
 ) -> String {
     let mut out = String::new();
     if !missing.is_empty() {
@@ -220,6 +237,11 @@ fn weights_report(
     for (name, expected, got) in mis_shaped {
         out.push_str(&format!(
             " `{name}` has shape {got:?}, expected {expected:?};"
+        ));
+    }
+    for (name, dtype) in mis_typed {
+        out.push_str(&format!(
+            " `{name}` is stored as {dtype}, but the weight is a float;"
         ));
     }
     out.pop();

@@ -29,10 +29,10 @@ fn reads_the_binary_layout() {
     let data = Cifar10::load(dir.path()).unwrap();
     assert_eq!(data.train().len(), 35);
     assert_eq!(data.test().len(), 7);
-    assert_eq!(data.train().label(3), 3);
-    assert_eq!(data.train().label(8), 1); // second file, second record
-    assert_eq!(data.train().image(3)[0], 3);
-    assert_eq!(data.train().image(3).len(), 3072);
+    assert_eq!(data.train().label(3).unwrap(), 3);
+    assert_eq!(data.train().label(8).unwrap(), 1); // second file, second record
+    assert_eq!(data.train().image(3).unwrap()[0], 3);
+    assert_eq!(data.train().image(3).unwrap().len(), 3072);
     assert_eq!(data.train().subset(10).len(), 10);
 }
 
@@ -122,8 +122,9 @@ fn wrong_checksum_is_refused_before_unpacking() {
 fn loader_batches_keep_order_and_normalize() {
     let images: Vec<u8> = (0..5u8).flat_map(|i| [i * 10; 4]).collect();
     let ds = ImageDataset::from_parts(&images, &[0, 1, 2, 3, 4], [1, 2, 2]).unwrap();
-    let loader =
-        DataLoader::new(ds.clone(), 2, &Device::Cpu).normalization(Normalization::UnitRange);
+    let loader = DataLoader::new(ds.clone(), 2, &Device::Cpu)
+        .unwrap()
+        .normalization(Normalization::UnitRange);
     let batches: Vec<Batch> = loader.batches(0).collect::<Result<_, _>>().unwrap();
     assert_eq!(batches.len(), 3);
     assert_eq!(batches[1].targets[0].to_vec1::<u32>().unwrap(), [2, 3]);
@@ -135,10 +136,12 @@ fn loader_batches_keep_order_and_normalize() {
     approx::assert_abs_diff_eq!(px[0], 20.0 / 255.0, epsilon = 1e-6);
     approx::assert_abs_diff_eq!(px[4], 30.0 / 255.0, epsilon = 1e-6);
 
-    let std = DataLoader::new(ds, 5, &Device::Cpu).normalization(Normalization::MeanStd {
-        mean: [0.5; 3],
-        std: [0.25; 3],
-    });
+    let std = DataLoader::new(ds, 5, &Device::Cpu)
+        .unwrap()
+        .normalization(Normalization::MeanStd {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        });
     let batch = std.batches(0).next().unwrap().unwrap();
     let px = batch.inputs[0]
         .flatten_all()
@@ -152,7 +155,10 @@ fn loader_batches_keep_order_and_normalize() {
 fn shuffling_is_a_seeded_permutation_per_epoch() {
     let ds =
         ImageDataset::from_parts(&[0u8; 20 * 4], &(0..20).collect::<Vec<u8>>(), [1, 2, 2]).unwrap();
-    let loader = DataLoader::new(ds, 20, &Device::Cpu).shuffle(true).seed(1);
+    let loader = DataLoader::new(ds, 20, &Device::Cpu)
+        .unwrap()
+        .shuffle(true)
+        .seed(1);
     let order = |epoch| {
         loader.batches(epoch).next().unwrap().unwrap().targets[0]
             .to_vec1::<u32>()
@@ -173,6 +179,7 @@ fn augmentation_crops_and_flips() {
     let image: Vec<u8> = (1..=16).collect();
     let ds = ImageDataset::from_parts(&image, &[0], [1, 4, 4]).unwrap();
     let loader = DataLoader::new(ds, 1, &Device::Cpu)
+        .unwrap()
         .augmentation(Augmentation {
             crop_padding: 1,
             horizontal_flip: true,

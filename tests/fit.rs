@@ -544,15 +544,25 @@ fn an_image_folder_reads_classes_resizes_and_splits() {
     for ds in [train, val] {
         for i in 0..ds.len() {
             // Channel 0 is red: high for cats, low for dogs (JPEG is lossy: a tolerance).
-            let red = ds.image(i)[0] as i32;
-            let want = if ds.label(i) == 0 { 200 } else { 10 };
-            assert!((red - want).abs() <= 12, "label {} red {red}", ds.label(i));
+            let red = ds.image(i).unwrap()[0] as i32;
+            let want = if ds.label(i).unwrap() == 0 { 200 } else { 10 };
+            assert!(
+                (red - want).abs() <= 12,
+                "label {} red {red}",
+                ds.label(i).unwrap()
+            );
         }
     }
     // The split is a function of the seed.
     let again = ImageFolder::load(dir.path(), config).unwrap();
-    assert_eq!(again.validation().unwrap().label(0), val.label(0));
-    assert_eq!(again.validation().unwrap().label(1), val.label(1));
+    assert_eq!(
+        again.validation().unwrap().label(0).unwrap(),
+        val.label(0).unwrap()
+    );
+    assert_eq!(
+        again.validation().unwrap().label(1).unwrap(),
+        val.label(1).unwrap()
+    );
 
     // A file that does not decode is named.
     std::fs::write(dir.path().join("dogs").join("broken.png"), "garbage").unwrap();

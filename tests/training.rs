@@ -159,6 +159,7 @@ const PROBS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
 fn tiny_res_net_memorizes_64_random_images() {
     let data = random_images(64, 1);
     let train = DataLoader::new(data.clone(), 16, &Device::Cpu)
+        .unwrap()
         .shuffle(true)
         .seed(3);
     let mut trainer = Trainer::new(
@@ -173,7 +174,7 @@ fn tiny_res_net_memorizes_64_random_images() {
     trainer.fit(&train, None, 40, &mut []).unwrap();
     // Judge in inference mode on the same images (moving statistics have settled).
     let eval = trainer
-        .evaluate(&DataLoader::new(data, 64, &Device::Cpu))
+        .evaluate(&DataLoader::new(data, 64, &Device::Cpu).unwrap())
         .unwrap();
     let last = trainer.history().last().unwrap();
     let accuracy = last.metric("accuracy").unwrap();
@@ -185,7 +186,7 @@ fn tiny_res_net_memorizes_64_random_images() {
 #[test]
 fn every_optimizer_lowers_the_loss() {
     let data = random_images(32, 2);
-    let loader = DataLoader::new(data, 16, &Device::Cpu);
+    let loader = DataLoader::new(data, 16, &Device::Cpu).unwrap();
     let configs: Vec<(&str, OptimizerConfig)> = vec![
         ("adam", AdamConfig::default().into()),
         ("adamw", AdamConfig::adamw(0.004).into()),
@@ -217,7 +218,7 @@ fn every_optimizer_lowers_the_loss() {
 #[test]
 fn batch_norm_state_moves_in_fit_and_not_in_evaluate() {
     let data = random_images(16, 3);
-    let loader = DataLoader::new(data, 8, &Device::Cpu);
+    let loader = DataLoader::new(data, 8, &Device::Cpu).unwrap();
     let model = tiny_res_net(2);
     let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), PROBS).unwrap();
     let mean = |m: &Model| {
@@ -239,7 +240,7 @@ fn batch_norm_state_moves_in_fit_and_not_in_evaluate() {
 fn checkpoint_round_trip_restores_weights_optimizer_and_history() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("run.ckpt");
-    let loader = DataLoader::new(random_images(16, 4), 8, &Device::Cpu);
+    let loader = DataLoader::new(random_images(16, 4), 8, &Device::Cpu).unwrap();
     let mut a = Trainer::new(tiny_res_net(3), AdamConfig::default(), PROBS).unwrap();
     a.fit(&loader, Some(&loader), 2, &mut []).unwrap();
     a.save_checkpoint(&path).unwrap();
@@ -294,6 +295,7 @@ fn resuming_gives_the_weights_of_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = random_images(24, 5);
     let loader = DataLoader::new(data, 8, &Device::Cpu)
+        .unwrap()
         .shuffle(true)
         .augmentation(candle_functional::data::Augmentation::standard())
         .seed(9);
@@ -340,7 +342,7 @@ fn resuming_gives_the_weights_of_an_uninterrupted_run() {
 #[test]
 fn callbacks_stop_early_and_log_history() {
     let dir = tempfile::tempdir().unwrap();
-    let loader = DataLoader::new(random_images(8, 6), 8, &Device::Cpu);
+    let loader = DataLoader::new(random_images(8, 6), 8, &Device::Cpu).unwrap();
     // A learning rate of zero never improves the loss: patience 2 stops after epoch 3.
     let mut trainer = Trainer::new(
         tiny_res_net(8),
@@ -402,7 +404,7 @@ fn schedules_follow_their_definitions() {
 
 #[test]
 fn predict_returns_one_row_per_sample() {
-    let loader = DataLoader::new(random_images(10, 7), 4, &Device::Cpu);
+    let loader = DataLoader::new(random_images(10, 7), 4, &Device::Cpu).unwrap();
     let trainer = Trainer::new(tiny_res_net(9), AdamConfig::default(), PROBS).unwrap();
     let probs = trainer.predict(&loader).unwrap().remove(0);
     assert_eq!(probs.dims(), &[10, 10]);

@@ -185,7 +185,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Normalize::Unit => Normalization::UnitRange,
         Normalize::Standard => Normalization::cifar10(),
     };
-    let train = DataLoader::new(train_set, args.batch_size, &device)
+    let train = DataLoader::new(train_set, args.batch_size, &device)?
         .shuffle(true)
         .seed(args.seed)
         .normalization(normalization)
@@ -195,7 +195,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Augmentation::default()
         });
     let test =
-        DataLoader::new(test_set, args.batch_size.max(256), &device).normalization(normalization);
+        DataLoader::new(test_set, args.batch_size.max(256), &device)?.normalization(normalization);
 
     let config = ResNetConfig::default()
         .stages(args.stages.clone())

@@ -54,7 +54,7 @@ impl Default for ImageFolderConfig {
 ///     ImageFolderConfig { image_size: (64, 64), validation_split: 0.2, seed: 1 },
 /// )?;
 /// println!("classes: {:?}", folder.class_names());
-/// let train = DataLoader::new(folder.train().clone(), 32, &Device::Cpu).shuffle(true);
+/// let train = DataLoader::new(folder.train().clone(), 32, &Device::Cpu)?.shuffle(true);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 #[derive(Clone, Debug)]

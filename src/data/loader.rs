@@ -23,7 +23,7 @@ use crate::{Error, Result};
 /// use candle_functional::data::ImageDataset;
 /// let ds = ImageDataset::from_parts(&[0u8; 2 * 12], &[3, 7], [3, 2, 2])?;
 /// assert_eq!(ds.len(), 2);
-/// assert_eq!(ds.label(1), 7);
+/// assert_eq!(ds.label(1)?, 7);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -43,6 +43,11 @@ impl ImageDataset {
     /// assert!(ImageDataset::from_records(vec![0u8; 6], [1, 2, 2]).is_err());
     /// ```
     pub fn from_records(records: Vec<u8>, image_shape: [usize; 3]) -> Result<Self> {
+        if image_shape.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "image shape {image_shape:?}: every dimension must be positive"
+            )));
+        }
         let record = 1 + image_shape.iter().product::<usize>();
         if !records.len().is_multiple_of(record) {
             return Err(Error::InvalidArgument(format!(
@@ -63,8 +68,14 @@ impl ImageDataset {
     /// ```
     /// use candle_functional::data::ImageDataset;
     /// assert!(ImageDataset::from_parts(&[0u8; 4], &[1, 2], [1, 2, 2]).is_err());
+    /// assert!(ImageDataset::from_parts(&[], &[1], [1, 0, 2]).is_err());
     /// ```
     pub fn from_parts(images: &[u8], labels: &[u8], image_shape: [usize; 3]) -> Result<Self> {
+        if image_shape.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "image shape {image_shape:?}: every dimension must be positive"
+            )));
+        }
         let size: usize = image_shape.iter().product();
         if images.len() != labels.len() * size {
             return Err(Error::InvalidArgument(format!(
@@ -139,31 +150,45 @@ impl ImageDataset {
         self.image_shape
     }
 
-    /// The label of sample `i`.
+    /// The label of sample `i` (an error past the end).
     ///
     /// # Examples
     /// ```
     /// # use candle_functional::data::ImageDataset;
     /// let ds = ImageDataset::from_parts(&[9u8; 4], &[5], [1, 2, 2])?;
-    /// assert_eq!(ds.label(0), 5);
+    /// assert_eq!(ds.label(0)?, 5);
+    /// assert!(ds.label(1).is_err());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn label(&self, i: usize) -> u8 {
-        self.records[i * self.record_bytes()]
+    pub fn label(&self, i: usize) -> Result<u8> {
+        self.check_index(i)?;
+        Ok(self.records[i * self.record_bytes()])
     }
 
-    /// The pixels of sample `i` (NCHW order within the image).
+    /// The pixels of sample `i` (NCHW order within the image; an error past the end).
     ///
     /// # Examples
     /// ```
     /// # use candle_functional::data::ImageDataset;
     /// let ds = ImageDataset::from_parts(&[1, 2, 3, 4], &[0], [1, 2, 2])?;
-    /// assert_eq!(ds.image(0), &[1, 2, 3, 4]);
+    /// assert_eq!(ds.image(0)?, &[1, 2, 3, 4]);
+    /// assert!(ds.image(1).is_err());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn image(&self, i: usize) -> &[u8] {
+    pub fn image(&self, i: usize) -> Result<&[u8]> {
+        self.check_index(i)?;
         let r = self.record_bytes();
-        &self.records[i * r + 1..(i + 1) * r]
+        Ok(&self.records[i * r + 1..(i + 1) * r])
+    }
+
+    fn check_index(&self, i: usize) -> Result<()> {
+        if i < self.len {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "sample index {i} is out of range for a dataset of {} samples",
+            self.len
+        )))
     }
 
     fn record_bytes(&self) -> usize {
@@ -269,7 +294,7 @@ impl Augmentation {
 /// use candle_core::Device;
 /// use candle_functional::data::{DataLoader, ImageDataset};
 /// let ds = ImageDataset::from_parts(&[7u8; 5 * 12], &[0, 1, 2, 3, 4], [3, 2, 2])?;
-/// let loader = DataLoader::new(ds, 2, &Device::Cpu);
+/// let loader = DataLoader::new(ds, 2, &Device::Cpu)?;
 /// let batches: Vec<_> = loader.batches(0).collect::<Result<_, _>>()?;
 /// assert_eq!(batches.len(), 3);
 /// assert_eq!(batches[2].inputs[0].dims(), &[1, 3, 2, 2]);
@@ -287,26 +312,33 @@ pub struct DataLoader {
 }
 
 impl DataLoader {
-    /// A loader that keeps the dataset's order, without augmentation, raw pixels.
+    /// A loader that keeps the dataset's order, without augmentation, raw pixels. A batch size
+    /// of 0 is an error.
     ///
     /// # Examples
     /// ```
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
-    /// assert_eq!(DataLoader::new(ds, 32, &Device::Cpu).len(), 1);
+    /// assert_eq!(DataLoader::new(ds.clone(), 32, &Device::Cpu)?.len(), 1);
+    /// assert!(DataLoader::new(ds, 0, &Device::Cpu).is_err());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn new(dataset: ImageDataset, batch_size: usize, device: &Device) -> Self {
-        Self {
+    pub fn new(dataset: ImageDataset, batch_size: usize, device: &Device) -> Result<Self> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "DataLoader: batch size must be positive".into(),
+            ));
+        }
+        Ok(Self {
             dataset,
-            batch_size: batch_size.max(1),
+            batch_size,
             device: device.clone(),
             shuffle: false,
             augmentation: Augmentation::default(),
             normalization: Normalization::default(),
             seed: 0,
-        }
+        })
     }
 
     /// Shuffles every epoch (a permutation drawn from the seed and the epoch).
@@ -316,7 +348,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
-    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).shuffle(true).seed(7);
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu)?.shuffle(true).seed(7);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn shuffle(mut self, shuffle: bool) -> Self {
@@ -331,7 +363,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{Augmentation, DataLoader, ImageDataset};
     /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
-    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).augmentation(Augmentation::standard());
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu)?.augmentation(Augmentation::standard());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn augmentation(mut self, augmentation: Augmentation) -> Self {
@@ -346,7 +378,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset, Normalization};
     /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
-    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).normalization(Normalization::UnitRange);
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu)?.normalization(Normalization::UnitRange);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn normalization(mut self, normalization: Normalization) -> Self {
@@ -361,7 +393,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
-    /// let loader = DataLoader::new(ds, 32, &Device::Cpu).seed(1);
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu)?.seed(1);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn seed(mut self, seed: u64) -> Self {
@@ -376,7 +408,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// let ds = ImageDataset::from_records(vec![0u8; 5 * 10], [1, 2, 2])?;
-    /// assert_eq!(DataLoader::new(ds, 4, &Device::Cpu).len(), 3);
+    /// assert_eq!(DataLoader::new(ds, 4, &Device::Cpu)?.len(), 3);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn len(&self) -> usize {
@@ -390,7 +422,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// let ds = ImageDataset::from_records(vec![], [1, 2, 2])?;
-    /// assert!(DataLoader::new(ds, 4, &Device::Cpu).is_empty());
+    /// assert!(DataLoader::new(ds, 4, &Device::Cpu)?.is_empty());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn is_empty(&self) -> bool {
@@ -404,7 +436,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// let ds = ImageDataset::from_records(vec![0u8; 10], [1, 2, 2])?;
-    /// assert_eq!(DataLoader::new(ds, 4, &Device::Cpu).dataset().len(), 2);
+    /// assert_eq!(DataLoader::new(ds, 4, &Device::Cpu)?.dataset().len(), 2);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn dataset(&self) -> &ImageDataset {
@@ -418,7 +450,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// # let ds = ImageDataset::from_records(vec![0u8; 10], [1, 2, 2])?;
-    /// assert!(DataLoader::new(ds, 4, &Device::Cpu).device().is_cpu());
+    /// assert!(DataLoader::new(ds, 4, &Device::Cpu)?.device().is_cpu());
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn device(&self) -> &Device {
@@ -432,7 +464,7 @@ impl DataLoader {
     /// # use candle_core::Device;
     /// # use candle_functional::data::{DataLoader, ImageDataset};
     /// let ds = ImageDataset::from_parts(&[1u8, 2, 3, 4], &[6], [1, 2, 2])?;
-    /// let batch = DataLoader::new(ds, 4, &Device::Cpu).batches(0).next().unwrap()?;
+    /// let batch = DataLoader::new(ds, 4, &Device::Cpu)?.batches(0).next().unwrap()?;
     /// assert_eq!(batch.targets[0].to_vec1::<u32>()?, [6]);
     /// assert_eq!(batch.inputs[0].flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0, 3.0, 4.0]);
     /// # Ok::<(), candle_functional::Error>(())
@@ -472,8 +504,8 @@ impl DataLoader {
         let record = self.dataset.record_bytes();
         let mut bytes = vec![0u8; indices.len() * record];
         for (dst, &i) in bytes.chunks_exact_mut(record).zip(indices) {
-            dst[0] = self.dataset.label(i);
-            let src = self.dataset.image(i);
+            dst[0] = self.dataset.label(i)?;
+            let src = self.dataset.image(i)?;
             if self.augmentation.is_active() {
                 augment_into(&mut dst[1..], src, [c, h, w], &self.augmentation, rng);
             } else {

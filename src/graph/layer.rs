@@ -978,11 +978,15 @@ impl LayerRef {
         let weights = self.get_weights()?;
         let mut missing = Vec::new();
         let mut mis_shaped = Vec::new();
+        let mut mis_typed = Vec::new();
         for (name, current) in &weights {
             match values.get(name) {
                 None => missing.push(name.clone()),
                 Some(t) if t.dims() != current.dims() => {
                     mis_shaped.push((name.clone(), current.dims().to_vec(), t.dims().to_vec()))
+                }
+                Some(t) if current.dtype().is_float() && !t.dtype().is_float() => {
+                    mis_typed.push((name.clone(), format!("{:?}", t.dtype())))
                 }
                 Some(_) => {}
             }
@@ -993,12 +997,17 @@ impl LayerRef {
             .cloned()
             .collect();
         unexpected.sort();
-        if !(missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty()) {
+        if !(missing.is_empty()
+            && unexpected.is_empty()
+            && mis_shaped.is_empty()
+            && mis_typed.is_empty())
+        {
             return Err(Error::WeightsMismatch {
-                source_name: format!("for layer `{}`", self.display_name()),
+                source_name: format!("for layer `{}`", self.display_name()).into(),
                 missing,
                 unexpected,
                 mis_shaped,
+                mis_typed,
             });
         }
         let vars = self.weights().map(|w| w.vars).unwrap_or_default();

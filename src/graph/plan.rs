@@ -152,6 +152,11 @@ impl Plan {
     /// precision. `model` names the model in errors.
     pub(crate) fn run(&self, model: &str, inputs: &[Tensor], pass: Pass) -> Result<Vec<Tensor>> {
         self.check_inputs(model, inputs)?;
+        if let Some(first) = inputs.first()
+            && first.dim(0)? == 0
+        {
+            return self.empty_outputs(first, pass);
+        }
         let internal = |slot: usize| {
             Error::InvalidArgument(format!(
                 "model `{model}`: slot {slot} read before it was computed (a bug in the plan)"
@@ -186,6 +191,24 @@ impl Plan {
         self.output_slots
             .iter()
             .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
+            .collect()
+    }
+
+    /// An empty batch gives empty outputs of the graph's shapes: no layer runs (batch
+    /// statistics of nothing are undefined), nothing is updated.
+    fn empty_outputs(&self, first: &Tensor, pass: Pass) -> Result<Vec<Tensor>> {
+        let dtype = match pass.compute_dtype {
+            Some(dtype) => dtype,
+            None if first.dtype().is_float() => first.dtype(),
+            None => candle_core::DType::F32,
+        };
+        self.outputs
+            .iter()
+            .map(|t| {
+                let mut shape = vec![0];
+                shape.extend_from_slice(t.shape());
+                Ok(Tensor::zeros(shape, dtype, first.device())?)
+            })
             .collect()
     }
 

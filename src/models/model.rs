@@ -252,7 +252,8 @@ impl Model {
 
     /// Runs the model on concrete tensors (batch first), one per input, in the order given
     /// to [`Model::new`]. Checks their count and shapes first. Intermediate activations are
-    /// dropped after their last use.
+    /// dropped after their last use. An empty batch gives empty outputs (no layer runs and
+    /// nothing is updated).
     ///
     /// # Examples
     /// ```

@@ -122,6 +122,7 @@ impl Model {
         let weights = self.weights()?;
         let mut missing = Vec::new();
         let mut mis_shaped = Vec::new();
+        let mut mis_typed = Vec::new();
         for w in &weights {
             match tensors.get(w.name()) {
                 None => missing.push(w.name().to_string()),
@@ -130,6 +131,10 @@ impl Model {
                     w.var().dims().to_vec(),
                     t.dims().to_vec(),
                 )),
+                // An integer tensor would be cast silently (an I64 bias of 4.3e18).
+                Some(t) if w.var().dtype().is_float() && !t.dtype().is_float() => {
+                    mis_typed.push((w.name().to_string(), format!("{:?}", t.dtype())))
+                }
                 Some(_) => {}
             }
         }
@@ -140,12 +145,17 @@ impl Model {
             .cloned()
             .collect();
         unexpected.sort();
-        if !(missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty()) {
+        if !(missing.is_empty()
+            && unexpected.is_empty()
+            && mis_shaped.is_empty()
+            && mis_typed.is_empty())
+        {
             return Err(Error::WeightsMismatch {
-                source_name: source.to_string(),
+                source_name: source.into(),
                 missing,
                 unexpected,
                 mis_shaped,
+                mis_typed,
             });
         }
         Ok(())

@@ -122,6 +122,7 @@ fn check_slots(kinds: &[&str], state: &OptimizerState, vars: &[(String, Var)]) -
         missing: Vec::new(),
         unexpected,
         mis_shaped,
+        mis_typed: Vec::new(),
     })
 }
 

@@ -227,6 +227,7 @@ pub struct Trainer {
     epochs_done: usize,
     steps_done: usize,
     dtype: DType,
+    terminate_on_nan: bool,
 }
 
 /// Sums over one pass through a data set, kept on the device.
@@ -313,6 +314,7 @@ impl Trainer {
             epochs_done: 0,
             steps_done: 0,
             dtype,
+            terminate_on_nan: true,
         })
     }
 
@@ -341,6 +343,22 @@ impl Trainer {
         })?;
         *slot = metrics;
         Ok(self)
+    }
+
+    /// Whether a step whose loss or gradients are NaN or infinite stops training with
+    /// [`Error::NonFinite`] (default on, Keras's `TerminateOnNaN`); that step applies nothing.
+    /// The check reads two scalars per step (a host synchronisation on a GPU).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # use candle_functional::train::Trainer;
+    /// # fn f(t: Trainer) -> Trainer {
+    /// t.terminate_on_nan(false)
+    /// # }
+    /// ```
+    pub fn terminate_on_nan(mut self, on: bool) -> Self {
+        self.terminate_on_nan = on;
+        self
     }
 
     /// Sets the learning-rate schedule (default constant).
@@ -383,7 +401,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// assert_eq!(trainer.model().name(), "functional");
     /// # Ok::<(), candle_functional::Error>(())
@@ -404,7 +422,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// trainer.fit(&loader, None, 1, &mut [])?;
     /// assert_eq!(trainer.history().epochs().len(), 1);
@@ -426,7 +444,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// assert_eq!(trainer.epochs_done(), 0);
     /// # Ok::<(), candle_functional::Error>(())
@@ -451,7 +469,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// use candle_functional::data::Dataset;
     /// let batch = loader.batches(0).next().unwrap()?;
@@ -460,11 +478,18 @@ impl Trainer {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<Tensor> {
-        Ok(self.step(batch, lr)?.0)
+        let position = (self.epochs_done + 1, self.steps_done + 1);
+        Ok(self.step(batch, lr, position)?.0)
     }
 
-    /// [`Trainer::train_step`], also returning each output's (unweighted) loss.
-    fn step(&mut self, batch: &Batch, lr: f64) -> Result<(Tensor, Vec<Tensor>)> {
+    /// [`Trainer::train_step`], also returning each output's (unweighted) loss. `position`
+    /// (epoch, step) names the step in a divergence error.
+    fn step(
+        &mut self,
+        batch: &Batch,
+        lr: f64,
+        position: (usize, usize),
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         self.check_targets(batch)?;
         let inputs = self.cast_inputs(&batch.inputs)?;
         let updates = StateUpdates::default();
@@ -473,8 +498,11 @@ impl Trainer {
             .forward_deferred(&inputs, Mode::Train, &updates)?;
         let (total, per_output) = self.losses_of(&outputs, &batch.targets)?;
         let grads = total.backward()?;
-        update_metrics(&mut self.metrics, &outputs, &batch.targets)?;
         let vars = self.model.trainable_weights()?;
+        if self.terminate_on_nan {
+            check_finite(&total, &grads, &vars, position)?;
+        }
+        update_metrics(&mut self.metrics, &outputs, &batch.targets)?;
         self.optimizer.step(&vars, &grads, lr)?;
         updates.apply()?;
         Ok((total.detach(), per_output))
@@ -492,6 +520,11 @@ impl Trainer {
             )));
         }
         let n = batch.samples()?;
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "an empty batch: there is nothing to train or score".into(),
+            ));
+        }
         for (((output, target), loss), name) in outputs
             .iter()
             .zip(&batch.targets)
@@ -586,7 +619,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// let history = trainer.fit(&loader, Some(&loader), 2, &mut [])?;
     /// assert!(history.last().unwrap().metric("val_accuracy").is_some());
@@ -623,7 +656,7 @@ impl Trainer {
                 lr = self
                     .schedule
                     .learning_rate(base_lr, epoch, self.steps_done, total_steps);
-                let (loss, per_output) = self.step(&batch, lr)?;
+                let (loss, per_output) = self.step(&batch, lr, (epoch + 1, i + 1))?;
                 totals.add(&loss, &per_output, n)?;
                 self.steps_done += 1;
                 if let Some(bar) = &bar {
@@ -700,7 +733,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// let scores = trainer.evaluate(&loader)?;
     /// assert!((0.0..=1.0).contains(&scores.metric("accuracy").unwrap()));
@@ -745,7 +778,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// assert_eq!(trainer.predict(&loader)?[0].dims(), &[2, 2]);
     /// # Ok::<(), candle_functional::Error>(())
@@ -781,7 +814,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// let path = std::env::temp_dir().join("cf_doc_trainer.ckpt");
     /// trainer.fit(&loader, None, 1, &mut [])?;
@@ -832,7 +865,7 @@ impl Trainer {
     /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
     /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
     /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu);
+    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
     /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
     /// assert!(trainer.load_checkpoint("no/such.ckpt").is_err());
     /// assert_eq!(trainer.epochs_done(), 0);
@@ -893,6 +926,35 @@ impl Trainer {
         self.history = history;
         Ok(())
     }
+}
+
+/// Fails with [`Error::NonFinite`] when the loss or any gradient is NaN or infinite: one read
+/// of two scalars (the loss, and the sum of the squared gradients, which overflows to a
+/// non-finite value with any of them).
+fn check_finite(
+    loss: &Tensor,
+    grads: &candle_core::backprop::GradStore,
+    vars: &[(String, candle_core::Var)],
+    (epoch, step): (usize, usize),
+) -> Result<()> {
+    let mut squares = Tensor::zeros((), DType::F64, loss.device())?;
+    for (_, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            squares = (squares + g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+        }
+    }
+    let values =
+        Tensor::stack(&[loss.detach().to_dtype(DType::F64)?, squares], 0)?.to_vec1::<f64>()?;
+    let what = match values.as_slice() {
+        [l, _] if !l.is_finite() => "the loss",
+        [_, g] if !g.is_finite() => "the gradients",
+        _ => return Ok(()),
+    };
+    Err(Error::NonFinite {
+        epoch,
+        step,
+        what: what.to_string(),
+    })
 }
 
 /// Adds a batch to each output's metrics.
