@@ -147,3 +147,26 @@ fn missing_data_explains_how_to_get_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn numeric_arguments_are_checked_by_the_parser() {
+    for bad in [
+        ["--epochs", "0"],
+        ["--lr=-1", "--quiet"],
+        ["--lr", "nan"],
+        ["--width-divisor", "0"],
+        ["--schedule", "step:0:0.5"],
+        ["--schedule", "cosine:-3"],
+        ["--stages", "1,0"],
+        ["--batch-size", "0"],
+    ] {
+        let out = Command::new(example_binary())
+            .args(bad)
+            .args(["--data-dir", "no/such/folder"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(text.contains("invalid value"), "{bad:?}: {text}");
+    }
+}

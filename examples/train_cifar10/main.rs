@@ -62,23 +62,23 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Which::Both)]
     model: Which,
     /// Epochs.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     epochs: usize,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     batch_size: usize,
     /// Optimizer (Keras's rules and defaults).
     #[arg(long, value_enum, default_value_t = OptimizerName::Adam)]
     optimizer: OptimizerName,
     /// Learning rate (default: the optimizer's, 1e-3 for Adam, 0.01 for SGD).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_finite)]
     lr: Option<f64>,
     /// Decoupled weight decay (default 0; 0.004 for adamw).
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative_finite)]
     weight_decay: Option<f64>,
     /// Learning-rate schedule: constant, step[:EVERY:GAMMA], cosine[:WARMUP_STEPS], one-cycle.
-    #[arg(long, default_value = "constant")]
-    schedule: String,
+    #[arg(long, default_value = "constant", value_parser = schedule)]
+    schedule: LrSchedule,
     /// Random 4-pixel crops and horizontal flips.
     #[arg(long)]
     augment: bool,
@@ -98,10 +98,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     test_subset: usize,
     /// Divide every stage's filters by this (4 gives 16-32-64-128).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     width_divisor: usize,
     /// Blocks per stage, comma-separated.
-    #[arg(long, default_value = "2,5,5,2", value_delimiter = ',')]
+    #[arg(long, default_value = "2,5,5,2", value_delimiter = ',', value_parser = at_least_one)]
     stages: Vec<usize>,
     /// Output folder.
     #[arg(long, default_value = "runs/cifar10")]
@@ -115,6 +115,35 @@ struct Args {
     /// One line per epoch instead of live progress bars.
     #[arg(long)]
     quiet: bool,
+}
+
+/// A whole number of at least 1 (epochs, batch size, divisors, blocks).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
+}
+
+/// A finite number above 0 (learning rates).
+fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number above 0")),
+    }
+}
+
+/// A finite number of at least 0 (weight decay).
+fn non_negative_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number of at least 0")),
+    }
+}
+
+/// A learning-rate schedule, checked by its parser.
+fn schedule(s: &str) -> Result<LrSchedule, String> {
+    s.parse::<LrSchedule>().map_err(|e| e.to_string())
 }
 
 fn main() {
@@ -205,7 +234,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Which::Plain => vec![config.plain_net()?],
         Which::Both => vec![config.res_net()?, config.plain_net()?],
     };
-    let schedule: LrSchedule = args.schedule.parse()?;
+    let schedule = args.schedule;
     let mut results = Vec::new();
     for model in models {
         let name = model.name().to_string();

@@ -41,11 +41,14 @@ pub fn draw_curves(
                 train.into_iter().chain(val)
             })
         });
-        let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        // Only finite values set the range: a diverged run (NaN, inf) or no epoch at all
+        // must still give a finite axis (an infinite one never finishes drawing).
+        let hi = values.filter(|v| v.is_finite()).fold(f64::NAN, f64::max);
+        let hi = if hi.is_finite() { hi } else { 1.0 };
         let (lo, hi) = if metric == "accuracy" {
             (0.0, hi.clamp(0.1, 1.0) * 1.05)
         } else {
-            (0.0, hi.max(lo + 1e-3) * 1.05)
+            (0.0, hi.max(1e-3) * 1.05)
         };
         let mut chart = ChartBuilder::on(panel)
             .margin(20)
@@ -69,7 +72,8 @@ pub fn draw_curves(
                             e.metric(&format!("val_{metric}"))
                         } else {
                             e.metric(metric)
-                        };
+                        }
+                        .filter(|v| v.is_finite());
                         v.map(|v| (e.epoch as f64, v))
                     })
                     .collect()

@@ -267,6 +267,21 @@ impl AdamConfig {
     }
 }
 
+/// `value` must be finite and positive (or zero, with `zero_ok`).
+fn check_positive(name: &str, value: f64, zero_ok: bool) -> Result<()> {
+    if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
+        return Ok(());
+    }
+    let want = if zero_ok {
+        "finite and at least 0"
+    } else {
+        "finite and positive"
+    };
+    Err(Error::InvalidArgument(format!(
+        "{name} must be {want}, got {value}"
+    )))
+}
+
 fn check_rate(name: &str, value: f64, range: std::ops::Range<f64>) -> Result<()> {
     if !range.contains(&value) {
         return Err(Error::InvalidArgument(format!(
@@ -311,10 +326,14 @@ impl Adam {
     /// ```
     /// use candle_functional::train::{Adam, AdamConfig};
     /// assert!(Adam::new(AdamConfig { beta_1: 1.0, ..Default::default() }).is_err());
+    /// assert!(Adam::new(AdamConfig { learning_rate: f64::NAN, ..Default::default() }).is_err());
     /// ```
     pub fn new(config: AdamConfig) -> Result<Self> {
         check_rate("beta_1", config.beta_1, 0.0..1.0)?;
         check_rate("beta_2", config.beta_2, 0.0..1.0)?;
+        check_positive("learning_rate", config.learning_rate, false)?;
+        check_positive("epsilon", config.epsilon, false)?;
+        check_positive("weight_decay", config.weight_decay, true)?;
         Ok(Self {
             m: Slots::new("m"),
             v: Slots::new("v"),
@@ -480,9 +499,13 @@ impl Sgd {
     /// ```
     /// use candle_functional::train::{Sgd, SgdConfig};
     /// assert!(Sgd::new(SgdConfig::momentum(0.1, 1.5)).is_err());
+    /// assert!(Sgd::new(SgdConfig::momentum(f64::INFINITY, 0.9)).is_err());
+    /// assert!(Sgd::new(SgdConfig::default().weight_decay(-1.0)).is_err());
     /// ```
     pub fn new(config: SgdConfig) -> Result<Self> {
         check_rate("momentum", config.momentum, 0.0..1.0)?;
+        check_positive("learning_rate", config.learning_rate, false)?;
+        check_positive("weight_decay", config.weight_decay, true)?;
         Ok(Self {
             velocity: Slots::new("momentum"),
             config,

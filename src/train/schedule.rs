@@ -129,6 +129,8 @@ impl LrSchedule {
 /// assert_eq!("constant".parse::<LrSchedule>()?, LrSchedule::Constant);
 /// assert_eq!("step:5:0.5".parse::<LrSchedule>()?, LrSchedule::Step { every_epochs: 5, gamma: 0.5 });
 /// assert!("sometimes".parse::<LrSchedule>().is_err());
+/// assert!("step:0:0.5".parse::<LrSchedule>().is_err());
+/// assert!("cosine:-3".parse::<LrSchedule>().is_err());
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 impl FromStr for LrSchedule {
@@ -141,24 +143,33 @@ impl FromStr for LrSchedule {
                 "unknown schedule `{s}` (constant, step[:EVERY:GAMMA], cosine[:WARMUP], one-cycle)"
             ))
         };
-        let num = |i: usize| -> Result<f64> { parts[i].parse::<f64>().map_err(|_| bad()) };
+        let count = |i: usize| -> Result<usize> { parts[i].parse::<usize>().map_err(|_| bad()) };
         Ok(match (parts[0], parts.len()) {
             ("constant", 1) => LrSchedule::Constant,
             ("step", 1) => LrSchedule::Step {
                 every_epochs: 10,
                 gamma: 0.1,
             },
-            ("step", 3) => LrSchedule::Step {
-                every_epochs: num(1)? as usize,
-                gamma: num(2)?,
-            },
+            ("step", 3) => {
+                let every_epochs = count(1)?;
+                let gamma = parts[2].parse::<f64>().map_err(|_| bad())?;
+                if every_epochs == 0 || !(gamma.is_finite() && gamma > 0.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "schedule `{s}`: EVERY must be at least 1 and GAMMA positive and finite"
+                    )));
+                }
+                LrSchedule::Step {
+                    every_epochs,
+                    gamma,
+                }
+            }
             ("cosine", 1) => LrSchedule::Cosine {
                 min_fraction: 0.0,
                 warmup_steps: 0,
             },
             ("cosine", 2) => LrSchedule::Cosine {
                 min_fraction: 0.0,
-                warmup_steps: num(1)? as usize,
+                warmup_steps: count(1)?,
             },
             ("one-cycle" | "onecycle", 1) => LrSchedule::one_cycle(),
             _ => return Err(bad()),
