@@ -162,3 +162,61 @@ fn a_non_finite_loss_stops_fit_with_the_epoch_and_step_and_applies_nothing() {
         .terminate_on_nan(false);
     assert!(lenient.fit(&data, None, 1, &mut []).is_ok());
 }
+
+#[test]
+fn a_resumed_run_remembers_its_best_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, resumed) = (dir.path().join("first"), dir.path().join("resumed"));
+    let x = Input::new([4]);
+    let y = Dense::new(3).call(&x).unwrap();
+    let build = || {
+        Model::new(&[x.clone()], &[y.clone()])
+            .unwrap()
+            .build(&CPU, DType::F32, 0)
+            .unwrap()
+    };
+    let data = candle_functional::data::TensorDataset::new(
+        vec![Tensor::randn(0f32, 1.0, (8, 4), &CPU).unwrap()],
+        vec![Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1], &CPU).unwrap()],
+        4,
+    )
+    .unwrap();
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let mut trainer = Trainer::new(build(), SgdConfig::default(), loss).unwrap();
+    let mut callbacks: Vec<Box<dyn candle_functional::train::Callback>> = vec![Box::new(
+        candle_functional::train::ModelCheckpoint::new(&first).monitor("val_loss"),
+    )];
+    trainer.fit(&data, Some(&data), 1, &mut callbacks).unwrap();
+
+    // The first epoch's record says it was (impossibly) good.
+    let last = first.join("last.ckpt");
+    let bytes = std::fs::read(&last).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut history = candle_functional::train::History::from_json(&meta["history"]).unwrap();
+    let mut epoch = history.epochs()[0].clone();
+    epoch.val_loss = Some(1e-9);
+    history = candle_functional::train::History::default();
+    history.push(epoch);
+    meta.insert("history".into(), history.to_json().unwrap());
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &CPU).unwrap();
+    meta.remove("sha256"); // an older file without a checksum still loads
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        Some(meta),
+        &last,
+    )
+    .unwrap();
+
+    let mut again = Trainer::new(build(), SgdConfig::default(), loss).unwrap();
+    again.load_checkpoint(&last).unwrap();
+    let checkpoint = candle_functional::train::ModelCheckpoint::new(&resumed).monitor("val_loss");
+    let mut callbacks: Vec<Box<dyn candle_functional::train::Callback>> =
+        vec![Box::new(checkpoint)];
+    again.fit(&data, Some(&data), 2, &mut callbacks).unwrap();
+    assert!(resumed.join("last.ckpt").is_file());
+    assert!(
+        !resumed.join("best.ckpt").exists(),
+        "epoch 2 is worse than epoch 1's record: best.ckpt must not be replaced"
+    );
+}

@@ -119,6 +119,9 @@ impl Goal {
     }
 
     fn improves(self, value: f64, best: Option<f64>, min_delta: f64) -> bool {
+        if !value.is_finite() {
+            return false;
+        }
         match (self, best) {
             (_, None) => true,
             (Goal::Minimize, Some(b)) => value < b - min_delta,
@@ -207,7 +210,21 @@ impl Callback for ModelCheckpoint {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         end.trainer.save_checkpoint(self.last_path())?;
         let value = read_metric(end.log, &self.monitor)?;
-        if Goal::for_metric(&self.monitor).improves(value, self.best, 0.0) {
+        let goal = Goal::for_metric(&self.monitor);
+        if self.best.is_none() {
+            // A resumed run: the best so far is in the restored history, not in this value.
+            let earlier = end
+                .history()
+                .epochs()
+                .iter()
+                .filter(|e| e.epoch < end.log.epoch);
+            for v in earlier.filter_map(|e| e.metric(&self.monitor)) {
+                if goal.improves(v, self.best, 0.0) {
+                    self.best = Some(v);
+                }
+            }
+        }
+        if goal.improves(value, self.best, 0.0) {
             self.best = Some(value);
             end.trainer.save_checkpoint(self.best_path())?;
         }
