@@ -170,7 +170,7 @@ fn a_resumed_run_remembers_its_best_score() {
     let x = Input::new([4]);
     let y = Dense::new(3).call(&x).unwrap();
     let build = || {
-        Model::new(&[x.clone()], &[y.clone()])
+        Model::new(std::slice::from_ref(&x), std::slice::from_ref(&y))
             .unwrap()
             .build(&CPU, DType::F32, 0)
             .unwrap()
@@ -219,4 +219,138 @@ fn a_resumed_run_remembers_its_best_score() {
         !resumed.join("best.ckpt").exists(),
         "epoch 2 is worse than epoch 1's record: best.ckpt must not be replaced"
     );
+}
+
+/// A tiny built model and the path of its saved weights.
+fn saved_weights(dir: &std::path::Path) -> (Model, std::path::PathBuf) {
+    let x = Input::new([3]);
+    let y = Dense::new(2)
+        .call(&BatchNorm::new().call(&x).unwrap())
+        .unwrap();
+    let model = common::build(&x, &y);
+    let path = dir.join("w.safetensors");
+    model.save_weights(&path).unwrap();
+    (model, path)
+}
+
+#[test]
+fn bit_flipped_weight_files_never_load_changed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, path) = saved_weights(dir.path());
+    let original = std::fs::read(&path).unwrap();
+    let reference = model.weight_map().unwrap();
+    let reference: HashMap<String, Vec<f32>> = reference
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    // A seeded walk over every byte position (several bits each): no panic, and a load that
+    // succeeds must give exactly the saved values (a flip in JSON white space, say).
+    let mut state = 7u64;
+    let mut refused = 0;
+    let cases = 12_000;
+    for i in 0..cases {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut bytes = original.clone();
+        let at = i % bytes.len();
+        bytes[at] ^= 1 << ((state >> 59) as u8 % 8);
+        let flipped = dir.path().join("flipped.safetensors");
+        std::fs::write(&flipped, &bytes).unwrap();
+        match model.load_weights(&flipped) {
+            Err(_) => refused += 1,
+            Ok(()) => {
+                for (name, values) in model.weight_map().unwrap() {
+                    let got = values.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(
+                        got, reference[&name],
+                        "flip at byte {at} changed {name} silently"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        refused > cases * 9 / 10,
+        "only {refused} of {cases} flips were refused"
+    );
+    model.load_weights(&path).unwrap();
+}
+
+#[test]
+fn saves_use_their_own_temporary_files_and_clean_up_after_killed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, path) = saved_weights(dir.path());
+    // A temporary file left by a process that is gone (pid 4 000 000 000 never runs).
+    let stale = dir.path().join(".w.safetensors.tmp4000000000-0");
+    std::fs::write(&stale, b"half a file").unwrap();
+    model.save_weights(&path).unwrap();
+    if std::path::Path::new("/proc").is_dir() {
+        assert!(!stale.exists(), "the stale temporary file is still there");
+    }
+    // Two threads saving to one path: every save succeeds, the file stays whole.
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for _ in 0..50 {
+                    model.save_weights(&path).unwrap();
+                }
+            });
+        }
+    });
+    model.load_weights(&path).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // An unwritable place fails with its path.
+    let err = model
+        .save_weights(dir.path().join("no/such/folder/w.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no/such/folder"), "{err}");
+}
+
+#[test]
+fn a_resume_with_other_data_or_another_optimizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt");
+    let x = Input::new([2]);
+    let y = Dense::new(2).call(&x).unwrap();
+    let model = || common::build(&x, &y);
+    let data = |batch| {
+        candle_functional::data::TensorDataset::new(
+            vec![Tensor::randn(0f32, 1.0, (8, 2), &CPU).unwrap()],
+            vec![Tensor::new(&[0u32, 1, 0, 1, 0, 1, 0, 1], &CPU).unwrap()],
+            batch,
+        )
+        .unwrap()
+    };
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let mut first = Trainer::new(model(), SgdConfig::default(), loss).unwrap();
+    first.fit(&data(4), None, 1, &mut []).unwrap();
+    first.save_checkpoint(&path).unwrap();
+
+    let mut other_optimizer = Trainer::new(model(), AdamConfig::default(), loss).unwrap();
+    let err = other_optimizer
+        .load_checkpoint(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Sgd") && err.contains("Adam"), "{err}");
+
+    let mut resumed = Trainer::new(model(), SgdConfig::default(), loss).unwrap();
+    resumed.load_checkpoint(&path).unwrap();
+    let err = resumed
+        .fit(&data(2), None, 2, &mut [])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 batches") && err.contains("4"), "{err}");
+    resumed.fit(&data(4), None, 2, &mut []).unwrap();
 }

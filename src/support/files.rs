@@ -1,29 +1,45 @@
 //! Files the crate writes and reads: atomic writes (a temporary file beside the target, fsync,
-//! rename, so a crash never leaves a half-written file) and safetensors bytes.
+//! rename, fsync of the folder, so a crash never leaves a half-written file) and safetensors
+//! files that carry a checksum of their tensors, verified when they are read.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// The metadata key of the checksum.
+const CHECKSUM_KEY: &str = "sha256";
+
+/// Distinguishes the temporary files of concurrent saves within one process.
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename; the
+/// file and then the folder are synced, so the rename survives a power cut. Each save uses its
+/// own temporary name (two threads saving to one path both succeed, the last one wins), and
+/// leftovers of earlier saves to the same path by processes that no longer run are removed.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp: PathBuf = path.with_file_name(tmp_name);
+    let prefix = format!(".{}.tmp", file_name.to_string_lossy());
+    remove_stale_temps(path, &prefix);
+    let pid = std::process::id();
+    let tmp: PathBuf = path.with_file_name(format!(
+        "{prefix}{pid}-{}",
+        NEXT_TEMP.fetch_add(1, Ordering::Relaxed)
+    ));
     let result = (|| {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        sync_folder(path)
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
@@ -32,7 +48,66 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Serializes named tensors to safetensors bytes (with optional metadata).
+/// Syncs the folder holding `path`, so that a rename into it is durable (a no-op where
+/// folders cannot be opened as files).
+fn sync_folder(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::File::open(folder)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Removes `<prefix><pid>-<n>` files beside `path` left by a process that is gone (killed
+/// during a save). Only where that can be told (`/proc`); best effort, errors ignored.
+fn remove_stale_temps(path: &Path, prefix: &str) {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() {
+        return;
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// SHA-256 over every tensor in name order: name, dtype, shape and data.
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, String, Vec<usize>, &'a [u8])>) -> String {
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut hash = Sha256::new();
+    for (name, dtype, shape, data) in sorted {
+        hash.update(name.as_bytes());
+        hash.update(format!("\0{dtype}\0{shape:?}\0").as_bytes());
+        hash.update(data);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serializes named tensors to safetensors bytes, with `metadata` and a checksum of the
+/// tensors added to it.
 pub(crate) fn to_safetensors_bytes(
     tensors: &HashMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
@@ -43,19 +118,65 @@ pub(crate) fn to_safetensors_bytes(
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(contiguous.iter().map(|(k, v)| (k.as_str(), v)), metadata).map_err(|e| {
-        Error::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })
-}
-
-/// Reads every tensor of a safetensors file onto `device`.
-pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Safetensors {
+    let data: Vec<std::borrow::Cow<[u8]>> = contiguous
+        .iter()
+        .map(|(_, v)| safetensors::View::data(v))
+        .collect();
+    let sum = checksum(contiguous.iter().zip(&data).map(|((k, v), bytes)| {
+        let dtype = format!("{:?}", safetensors::View::dtype(v));
+        (k.as_str(), dtype, v.dims().to_vec(), bytes.as_ref())
+    }));
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(CHECKSUM_KEY.into(), sum);
+    safetensors::serialize(
+        contiguous.iter().map(|(k, v)| (k.as_str(), v)),
+        Some(metadata),
+    )
+    .map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// Parses safetensors `bytes` read from `path`, verifies their checksum when they carry one
+/// (files written before checksums existed load without), and returns the tensors on `device`
+/// with the metadata.
+pub(crate) fn parse_safetensors(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bad = |message: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    if let Some(expected) = metadata.get(CHECKSUM_KEY) {
+        let views = file.tensors();
+        let got = checksum(views.iter().map(|(k, v)| {
+            (
+                k.as_str(),
+                format!("{:?}", v.dtype()),
+                v.shape().to_vec(),
+                v.data(),
+            )
+        }));
+        if &got != expected {
+            return Err(bad(format!(
+                "checksum mismatch: the file's tensors changed after it was written (sha256 {got}, recorded {expected})"
+            )));
+        }
+    }
+    let tensors =
+        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(e.to_string()))?;
+    Ok((tensors, metadata))
+}
+
+/// Reads every tensor of a safetensors file onto `device`, checksum verified.
+pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(parse_safetensors(&bytes, path, device)?.0)
 }

@@ -331,7 +331,7 @@ impl Adam {
     pub fn new(config: AdamConfig) -> Result<Self> {
         check_rate("beta_1", config.beta_1, 0.0..1.0)?;
         check_rate("beta_2", config.beta_2, 0.0..1.0)?;
-        check_positive("learning_rate", config.learning_rate, false)?;
+        check_positive("learning_rate", config.learning_rate, true)?;
         check_positive("epsilon", config.epsilon, false)?;
         check_positive("weight_decay", config.weight_decay, true)?;
         Ok(Self {
@@ -504,7 +504,7 @@ impl Sgd {
     /// ```
     pub fn new(config: SgdConfig) -> Result<Self> {
         check_rate("momentum", config.momentum, 0.0..1.0)?;
-        check_positive("learning_rate", config.learning_rate, false)?;
+        check_positive("learning_rate", config.learning_rate, true)?;
         check_positive("weight_decay", config.weight_decay, true)?;
         Ok(Self {
             velocity: Slots::new("momentum"),

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data::{Batch, Dataset};
 use crate::graph::{Mode, StateUpdates};
 use crate::models::Model;
-use crate::support::files::{to_safetensors_bytes, write_atomically};
+use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
 use crate::train::callbacks::{Callback, run_callbacks};
 use crate::train::metrics::{Metric, default_metrics};
 use crate::train::{
@@ -228,6 +228,10 @@ pub struct Trainer {
     steps_done: usize,
     dtype: DType,
     terminate_on_nan: bool,
+    optimizer_config: OptimizerConfig,
+    /// Batches an epoch of the run so far (restored from a checkpoint): resuming with other
+    /// data or another batch size would not continue the same run.
+    batches_per_epoch: Option<usize>,
 }
 
 /// Sums over one pass through a data set, kept on the device.
@@ -301,8 +305,11 @@ impl Trainer {
             .iter()
             .map(|t| t.layer().display_name())
             .collect();
+        let optimizer_config = optimizer.into();
         Ok(Self {
-            optimizer: optimizer.into().build()?,
+            optimizer: optimizer_config.build()?,
+            optimizer_config,
+            batches_per_epoch: None,
             metrics: losses.iter().map(default_metrics).collect(),
             losses,
             loss_weights,
@@ -635,6 +642,15 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::InvalidArgument("no training data".into()));
         }
+        match self.batches_per_epoch {
+            Some(n) if self.epochs_done > 0 && n != train.len() => {
+                return Err(Error::InvalidArgument(format!(
+                    "the run being resumed had {n} batches an epoch, this data has {}: resume with the same data and batch size",
+                    train.len()
+                )));
+            }
+            _ => self.batches_per_epoch = Some(train.len()),
+        }
         let total_steps = epochs * train.len();
         let base_lr = self.optimizer.learning_rate();
         // Where reading a value waits for a queue (a GPU), refresh the display less often.
@@ -835,17 +851,21 @@ impl Trainer {
         for (name, t) in state.slots {
             tensors.insert(format!("optimizer.{name}"), t);
         }
-        let meta: HashMap<String, String> = [
+        let mut meta: HashMap<String, String> = [
             ("format", CHECKPOINT_FORMAT.to_string()),
             ("epochs_done", self.epochs_done.to_string()),
             ("steps_done", self.steps_done.to_string()),
             ("optimizer_iterations", state.iterations.to_string()),
             ("forward_calls", self.model.forward_calls().to_string()),
             ("history", self.history.to_json()?),
+            ("optimizer", format!("{:?}", self.optimizer_config)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if let Some(n) = self.batches_per_epoch {
+            meta.insert("batches_per_epoch".into(), n.to_string());
+        }
         let bytes = to_safetensors_bytes(&tensors, Some(meta), path)?;
         write_atomically(path, &bytes)
     }
@@ -878,20 +898,24 @@ impl Trainer {
             path: path.to_path_buf(),
             message,
         };
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
+        let device = self.model.device().unwrap_or(candle_core::Device::Cpu);
+        let (tensors, meta) = parse_safetensors(&bytes, path, &device)?;
         if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
             return Err(bad(format!("not a {CHECKPOINT_FORMAT} file")));
+        }
+        let optimizer = format!("{:?}", self.optimizer_config);
+        if let Some(saved) = meta.get("optimizer")
+            && saved != &optimizer
+        {
+            return Err(bad(format!(
+                "written by a run with optimizer {saved}, this trainer has {optimizer}: resume with the same settings"
+            )));
         }
         let number = |key: &str| -> Result<u64> {
             meta.get(key)
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| bad(format!("metadata `{key}` is missing or not a number")))
         };
-        let device = self.model.device().unwrap_or(candle_core::Device::Cpu);
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &device)
-            .map_err(|e| bad(e.to_string()))?;
         let mut weights = HashMap::new();
         let mut slots = Vec::new();
         for (name, t) in tensors {
@@ -903,7 +927,13 @@ impl Trainer {
                 return Err(bad(format!("unexpected tensor `{name}`")));
             }
         }
-        let history = History::from_json(meta.get("history").map(String::as_str).unwrap_or("{}"))?;
+        let history = History::from_json(meta.get("history").map(String::as_str).unwrap_or("{}"))
+            .map_err(|e| bad(e.to_string()))?;
+        let batches_per_epoch = meta
+            .get("batches_per_epoch")
+            .map(|v| v.parse::<usize>())
+            .transpose()
+            .map_err(|_| bad("metadata `batches_per_epoch` is not a number".into()))?;
         let state = OptimizerState {
             iterations: number("optimizer_iterations")?,
             slots,
@@ -924,6 +954,7 @@ impl Trainer {
         self.epochs_done = epochs_done as usize;
         self.steps_done = steps_done as usize;
         self.history = history;
+        self.batches_per_epoch = batches_per_epoch;
         Ok(())
     }
 }
