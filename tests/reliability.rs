@@ -354,3 +354,28 @@ fn a_resume_with_other_data_or_another_optimizer_is_refused() {
     assert!(err.contains("2 batches") && err.contains("4"), "{err}");
     resumed.fit(&data(4), None, 2, &mut []).unwrap();
 }
+
+#[test]
+fn a_history_with_non_finite_values_round_trips() {
+    use candle_functional::train::{EpochLog, History};
+    let mut history = History::default();
+    history.push(
+        EpochLog {
+            epoch: 1,
+            loss: f64::NAN,
+            val_loss: Some(f64::INFINITY),
+            ..Default::default()
+        }
+        .with_metric("accuracy", f64::NAN)
+        .with_metric("mae", 0.5),
+    );
+    let back = History::from_json(&history.to_json().unwrap()).unwrap();
+    let epoch = &back.epochs()[0];
+    assert!(epoch.loss.is_nan());
+    assert_eq!(
+        epoch.metric("accuracy"),
+        None,
+        "non-finite metrics are skipped"
+    );
+    assert_eq!(epoch.metric("mae"), Some(0.5));
+}

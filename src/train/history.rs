@@ -26,21 +26,31 @@ pub struct EpochLog {
     /// 1-based epoch number.
     pub epoch: usize,
     /// Mean training loss over the epoch (the weighted sum over the outputs).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     /// Validation loss (when validation data was given).
     pub val_loss: Option<f64>,
     /// Learning rate at the epoch's last step.
+    #[serde(deserialize_with = "nan_if_null")]
     pub learning_rate: f64,
     /// Seconds of training (validation excluded).
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
     /// Training samples per second.
+    #[serde(deserialize_with = "nan_if_null")]
     pub images_per_sec: f64,
     /// Seconds of validation.
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_seconds: f64,
     /// Every other value by its Keras name (see above). Values that are not finite are
     /// written as JSON `null` and skipped when read back.
     #[serde(flatten, deserialize_with = "finite_values")]
     pub metrics: BTreeMap<String, f64>,
+}
+
+/// Reads a number that JSON may hold as `null` (serde_json writes NaN and infinities so).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Reads the flattened metrics, skipping nulls (non-finite values written by serde_json).
