@@ -217,3 +217,40 @@ fn augmentation_crops_and_flips() {
     }
     assert!(seen_changed);
 }
+
+#[test]
+fn archives_with_links_are_refused_and_stale_staging_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("linked.tar.gz");
+    let file = fs::File::create(&tarball).unwrap();
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    builder
+        .append_link(
+            &mut header,
+            format!("{CIFAR10_FOLDER}/data_batch_1.bin"),
+            "/etc/passwd",
+        )
+        .unwrap();
+    builder.into_inner().unwrap().finish().unwrap();
+    let dest = dir.path().join("data");
+    // A staging folder of an extraction killed long ago (that pid never runs).
+    let stale = dest.join(format!(".{CIFAR10_FOLDER}.partial4000000000"));
+    fs::create_dir_all(&stale).unwrap();
+    let err = extract_cifar10_archive(&tarball, None, &dest)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data_batch_1.bin") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!dest.join(CIFAR10_FOLDER).exists());
+    if Path::new("/proc").is_dir() {
+        assert!(!stale.exists(), "the stale staging folder is still there");
+    }
+}

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::data::Cifar10;
+use crate::support::files::process_is_gone;
 use crate::{Error, Result};
 
 /// Where the official binary archive lives.
@@ -75,18 +76,16 @@ pub fn extract_cifar10_archive(
         }
     }
     fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-    let staging = dest.join(format!(".{CIFAR10_FOLDER}.partial{}", std::process::id()));
+    let prefix = format!(".{CIFAR10_FOLDER}.partial");
+    remove_stale_staging(dest, &prefix);
+    let staging = dest.join(format!("{prefix}{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
-    let unpack = || -> std::io::Result<()> {
-        let file = fs::File::open(archive)?;
-        tar::Archive::new(flate2::read::GzDecoder::new(file)).unpack(&staging)
-    };
-    if let Err(e) = unpack() {
+    if let Err(message) = unpack_regular_files(archive, &staging) {
         let _ = fs::remove_dir_all(&staging);
         return Err(Error::Data {
             path: archive.to_path_buf(),
             record: None,
-            message: format!("cannot unpack the archive: {e}"),
+            message,
         });
     }
     let unpacked = staging.join(CIFAR10_FOLDER);
@@ -108,6 +107,57 @@ pub fn extract_cifar10_archive(
     fs::rename(&unpacked, &target).map_err(|e| Error::io(&target, e))?;
     let _ = fs::remove_dir_all(&staging);
     Ok(target)
+}
+
+/// Unpacks `archive` into `staging`, refusing anything but folders and regular files: a
+/// symbolic or hard link in a data set could point anywhere on the machine. Entries cannot
+/// leave `staging` (`unpack_in` refuses `..` and absolute paths).
+fn unpack_regular_files(archive: &Path, staging: &Path) -> std::result::Result<(), String> {
+    let file = fs::File::open(archive).map_err(|e| format!("cannot open the archive: {e}"))?;
+    fs::create_dir_all(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let mut tarball = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let entries = tarball
+        .entries()
+        .map_err(|e| format!("cannot unpack the archive: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("cannot unpack the archive: {e}"))?;
+        let name = entry
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "<unreadable name>".into());
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(format!(
+                "`{name}` is not a regular file or folder ({kind:?}): refused"
+            ));
+        }
+        let inside = entry
+            .unpack_in(staging)
+            .map_err(|e| format!("cannot unpack `{name}`: {e}"))?;
+        if !inside {
+            return Err(format!(
+                "`{name}` points outside the archive's folder: refused"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes staging folders (`<prefix><pid>`) left in `dest` by extractions that were killed.
+fn remove_stale_staging(dest: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dest) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+            && process_is_gone(pid)
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Downloads the official archive into `dest` (unless a verified copy is there), checks its

@@ -87,10 +87,17 @@ fn remove_stale_temps(path: &Path, prefix: &str) {
         else {
             continue;
         };
-        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+        if process_is_gone(pid) {
             let _ = fs::remove_file(entry.path());
         }
     }
+}
+
+/// `true` when process `pid` is not this one and is known not to run any more (only where
+/// `/proc` tells; elsewhere `false`, so nothing is removed).
+pub(crate) fn process_is_gone(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    pid != std::process::id() && proc.is_dir() && !proc.join(pid.to_string()).exists()
 }
 
 /// SHA-256 over every tensor in name order: name, dtype, shape and data.
