@@ -1,6 +1,6 @@
 //! Files the crate writes and reads: atomic writes (a temporary file beside the target, fsync,
 //! rename, fsync of the folder, so a crash never leaves a half-written file) and safetensors
-//! files that carry a checksum of their tensors, verified when they are read.
+//! files that carry a checksum of their metadata and tensors, verified when they are read.
 
 use std::collections::HashMap;
 use std::fs;
@@ -100,11 +100,20 @@ pub(crate) fn process_is_gone(pid: u32) -> bool {
     pid != std::process::id() && proc.is_dir() && !proc.join(pid.to_string()).exists()
 }
 
-/// SHA-256 over every tensor in name order: name, dtype, shape and data.
-fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, String, Vec<usize>, &'a [u8])>) -> String {
+/// SHA-256 over the metadata (but the checksum itself) in key order, then every tensor in name
+/// order: name, dtype, shape and data.
+fn checksum<'a>(
+    metadata: &HashMap<String, String>,
+    tensors: impl Iterator<Item = (&'a str, String, Vec<usize>, &'a [u8])>,
+) -> String {
+    let mut hash = Sha256::new();
+    let mut keys: Vec<&String> = metadata.keys().filter(|k| *k != CHECKSUM_KEY).collect();
+    keys.sort();
+    for key in keys {
+        hash.update(format!("{key}\0{}\0", metadata[key]).as_bytes());
+    }
     let mut sorted: Vec<_> = tensors.collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut hash = Sha256::new();
     for (name, dtype, shape, data) in sorted {
         hash.update(name.as_bytes());
         hash.update(format!("\0{dtype}\0{shape:?}\0").as_bytes());
@@ -113,8 +122,8 @@ fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, String, Vec<usize>, &'a 
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Serializes named tensors to safetensors bytes, with `metadata` and a checksum of the
-/// tensors added to it.
+/// Serializes named tensors to safetensors bytes, with `metadata` and a checksum of both
+/// added to it.
 pub(crate) fn to_safetensors_bytes(
     tensors: &HashMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
@@ -129,11 +138,14 @@ pub(crate) fn to_safetensors_bytes(
         .iter()
         .map(|(_, v)| safetensors::View::data(v))
         .collect();
-    let sum = checksum(contiguous.iter().zip(&data).map(|((k, v), bytes)| {
-        let dtype = format!("{:?}", safetensors::View::dtype(v));
-        (k.as_str(), dtype, v.dims().to_vec(), bytes.as_ref())
-    }));
     let mut metadata = metadata.unwrap_or_default();
+    let sum = checksum(
+        &metadata,
+        contiguous.iter().zip(&data).map(|((k, v), bytes)| {
+            let dtype = format!("{:?}", safetensors::View::dtype(v));
+            (k.as_str(), dtype, v.dims().to_vec(), bytes.as_ref())
+        }),
+    );
     metadata.insert(CHECKSUM_KEY.into(), sum);
     safetensors::serialize(
         contiguous.iter().map(|(k, v)| (k.as_str(), v)),
@@ -163,14 +175,17 @@ pub(crate) fn parse_safetensors(
     let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     if let Some(expected) = metadata.get(CHECKSUM_KEY) {
         let views = file.tensors();
-        let got = checksum(views.iter().map(|(k, v)| {
-            (
-                k.as_str(),
-                format!("{:?}", v.dtype()),
-                v.shape().to_vec(),
-                v.data(),
-            )
-        }));
+        let got = checksum(
+            &metadata,
+            views.iter().map(|(k, v)| {
+                (
+                    k.as_str(),
+                    format!("{:?}", v.dtype()),
+                    v.shape().to_vec(),
+                    v.data(),
+                )
+            }),
+        );
         if &got != expected {
             return Err(bad(format!(
                 "checksum mismatch: the file's tensors changed after it was written (sha256 {got}, recorded {expected})"
