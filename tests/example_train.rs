@@ -170,3 +170,109 @@ fn numeric_arguments_are_checked_by_the_parser() {
         assert!(text.contains("invalid value"), "{bad:?}: {text}");
     }
 }
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar-10-batches-bin");
+    // Enough records for an epoch of many steps, so that the kill lands inside one.
+    fs::create_dir_all(&data).unwrap();
+    let mut s = 3u64;
+    for name in TRAIN_FILES.iter().chain([&TEST_FILE]) {
+        let mut bytes = Vec::new();
+        for i in 0..120 {
+            bytes.push((i % 10) as u8);
+            bytes.extend((0..RECORD_BYTES - 1).map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (s >> 56) as u8
+            }));
+        }
+        fs::write(data.join(name), bytes).unwrap();
+    }
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--width-divisor",
+            "16",
+            "--stages",
+            "1,1",
+            "--model",
+            "resnet",
+            "--test-subset",
+            "16",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = tmp.path().join("whole");
+    let run = Command::new(example_binary())
+        .args(args(&whole))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    // The same run, killed (SIGKILL) once the first epoch's checkpoint is written.
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(example_binary())
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoint = killed.join("resnet/last.ckpt");
+    let start = std::time::Instant::now();
+    while !checkpoint.is_file() {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no checkpoint after two minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the run finished before it could be killed"
+    );
+
+    let mut resumed = args(&killed);
+    resumed.push("--resume".into());
+    let run = Command::new(example_binary())
+        .args(resumed)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed after epoch"), "{stderr}");
+    let read = |dir: &Path| {
+        candle_core::safetensors::load(
+            dir.join("resnet/weights.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (read(&whole), read(&killed));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let (x, y) = (
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(x == y, "{name} differs after the killed run resumed");
+    }
+}
