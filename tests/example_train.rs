@@ -276,3 +276,31 @@ fn a_run_killed_mid_epoch_resumes_to_the_same_weights() {
         assert!(x == y, "{name} differs after the killed run resumed");
     }
 }
+
+#[test]
+fn a_partial_data_folder_and_an_unwritable_output_are_named_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar-10-batches-bin");
+    write_tiny_cifar(&data);
+    fs::remove_file(data.join("data_batch_3.bin")).unwrap();
+    let run = train(&data, &tmp.path().join("out"), "1", &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("incomplete") && stderr.contains("data_batch_3.bin"),
+        "{stderr}"
+    );
+
+    // An output path below a file cannot be created: the error names it, before any epoch.
+    write_tiny_cifar(&data);
+    let blocker = tmp.path().join("a-file");
+    fs::write(&blocker, b"x").unwrap();
+    let run = train(&data, &blocker.join("out"), "1", &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("cannot write results") && stderr.contains("a-file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("epoch 1/"), "{stderr}");
+}

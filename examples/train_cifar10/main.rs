@@ -19,6 +19,7 @@ mod plot;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
+use candle_functional::data::cifar10::{TEST_FILE, TRAIN_FILES};
 use candle_functional::data::{Augmentation, Cifar10, DataLoader, Normalization};
 use candle_functional::models::ResNetConfig;
 use candle_functional::train::{
@@ -182,6 +183,21 @@ fn optimizer(args: &Args) -> OptimizerConfig {
 
 fn load_data(dir: &Path) -> Result<Cifar10, Box<dyn std::error::Error>> {
     if !Cifar10::is_present(dir) {
+        // A folder with some of the files is not a missing data set: name what is missing.
+        let files: Vec<&str> = TRAIN_FILES.iter().copied().chain([TEST_FILE]).collect();
+        let missing: Vec<&str> = files
+            .iter()
+            .copied()
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
+        if missing.len() < files.len() {
+            return Err(format!(
+                "the CIFAR-10 folder {} is incomplete: {} missing",
+                dir.display(),
+                missing.join(", ")
+            )
+            .into());
+        }
         #[cfg(feature = "download")]
         {
             let root = dir.parent().unwrap_or(Path::new("."));
@@ -189,7 +205,8 @@ fn load_data(dir: &Path) -> Result<Cifar10, Box<dyn std::error::Error>> {
                 "CIFAR-10 not found in {}: downloading the official archive",
                 dir.display()
             );
-            let folder = candle_functional::data::download_cifar10(root)?;
+            let folder = candle_functional::data::download_cifar10(root)
+                .map_err(|e| format!("{e}\n{}", Cifar10::missing_help(dir)))?;
             return Ok(Cifar10::load(folder)?);
         }
         #[cfg(not(feature = "download"))]
@@ -198,7 +215,17 @@ fn load_data(dir: &Path) -> Result<Cifar10, Box<dyn std::error::Error>> {
     Ok(Cifar10::load(dir)?)
 }
 
+/// Fails now, naming the folder, if results cannot be written there: not after an epoch.
+fn check_writable(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let probe = dir.join(".write-check");
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write results to {}: {e}", dir.display()).into())
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    check_writable(&args.out)?;
     let device = select_device(&args.device)?;
     let data = load_data(&args.data_dir)?;
     let train_set = data.train().subset(args.subset);
@@ -239,7 +266,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for model in models {
         let name = model.name().to_string();
         let dir = args.out.join(&name);
-        std::fs::create_dir_all(&dir)?;
+        check_writable(&dir)?;
         let model = model.build(&device, DType::F32, args.seed)?;
         std::fs::write(dir.join("summary.txt"), model.summary())?;
         let counts = model.count_params();
