@@ -159,7 +159,7 @@ fn a_non_finite_loss_stops_fit_with_the_epoch_and_step_and_applies_nothing() {
     // Switched off, the run goes on (Keras without TerminateOnNaN).
     let mut lenient = Trainer::new(model, SgdConfig::default(), loss)
         .unwrap()
-        .terminate_on_nan(false);
+        .nan_check(candle_functional::train::NanCheck::Off);
     assert!(lenient.fit(&data, None, 1, &mut []).is_ok());
 }
 
@@ -379,4 +379,58 @@ fn a_history_with_non_finite_values_round_trips() {
         "non-finite metrics are skipped"
     );
     assert_eq!(epoch.metric("mae"), Some(0.5));
+}
+
+#[test]
+fn the_device_side_divergence_check_stops_at_the_same_state_without_waiting() {
+    use candle_functional::train::NanCheck;
+    let data = || {
+        let mut values = vec![1f32; 8 * 2];
+        values[2 * 2 + 1] = f32::INFINITY; // the second batch of four (steps of two samples)
+        candle_functional::data::TensorDataset::new(
+            vec![Tensor::from_vec(values, (8, 2), &CPU).unwrap()],
+            vec![Tensor::new(&[0u32, 1, 0, 1, 0, 1, 0, 1], &CPU).unwrap()],
+            2,
+        )
+        .unwrap()
+    };
+    let model = || {
+        let x = Input::new([2]);
+        let h = BatchNorm::new().call(&x).unwrap();
+        let y = Dense::new(2).call(&h).unwrap();
+        Model::new(&[x], &[y])
+            .unwrap()
+            .build(&CPU, DType::F32, 0)
+            .unwrap()
+    };
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let mut states = Vec::new();
+    for check in [NanCheck::EveryStep, NanCheck::OnDevice] {
+        let model = model();
+        let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), loss)
+            .unwrap()
+            .nan_check(check);
+        let err = trainer.fit(&data(), None, 1, &mut []).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NonFinite {
+                    epoch: 1,
+                    step: 2,
+                    ..
+                }
+            ),
+            "{check:?}: {err}"
+        );
+        states.push(model.weight_map().unwrap());
+    }
+    // Every weight and statistic is as after step 1 in both: the device-side check applied
+    // nothing from step 2 on, though it only found out at the end of the epoch.
+    for (name, value) in &states[0] {
+        assert_eq!(
+            common::max_abs_diff(value, &states[1][name]),
+            0.0,
+            "{name} differs"
+        );
+    }
 }

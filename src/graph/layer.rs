@@ -300,6 +300,26 @@ impl StateUpdates {
         }
         Ok(())
     }
+
+    /// [`StateUpdates::apply`] where the device scalar `keep` (u8) is 1; with 0 every variable
+    /// keeps its value. Chosen on the device: the host does not wait to read `keep`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::StateUpdates;
+    /// let keep = Tensor::new(0u8, &Device::Cpu)?;
+    /// StateUpdates::default().apply_if(&keep)?;
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn apply_if(self, keep: &Tensor) -> Result<()> {
+        let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (var, value) in updates {
+            let keep = keep.to_dtype(DType::U8)?.broadcast_as(value.shape())?;
+            var.set(&keep.where_cond(&value, &var.as_tensor().detach())?)?;
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Params<'a> {

@@ -16,4 +16,4 @@ pub use loss::{Loss, correct_predictions};
 pub use metrics::{Accuracy, AccuracyKind, ErrorKind, MeanError, MeanIoU, Metric, TopKAccuracy};
 pub use optimizer::{Adam, AdamConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
 pub use schedule::LrSchedule;
-pub use trainer::{Evaluation, Losses, Progress, Trainer};
+pub use trainer::{Evaluation, Losses, NanCheck, Progress, Trainer};

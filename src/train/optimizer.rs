@@ -51,6 +51,22 @@ pub trait Optimizer: Send {
     /// nothing.
     fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()>;
 
+    /// [`Optimizer::step`], applied only where the device scalar `keep` (u8) is 1: with 0,
+    /// every weight and slot keeps its value, without the host waiting for the device to
+    /// read `keep` (the trainer's divergence check on a GPU). The default reads `keep`.
+    fn step_if(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: &Tensor,
+    ) -> Result<()> {
+        if keep.to_dtype(candle_core::DType::U8)?.to_scalar::<u8>()? != 0 {
+            self.step(vars, grads, lr)?;
+        }
+        Ok(())
+    }
+
     /// The base learning rate of its config (a schedule scales from it).
     fn learning_rate(&self) -> f64;
 
@@ -267,6 +283,14 @@ impl AdamConfig {
     }
 }
 
+/// `new` where the u8 scalar `keep` is 1, `old` where it is 0, chosen on the device.
+fn select(keep: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor> {
+    Ok(keep
+        .to_dtype(candle_core::DType::U8)?
+        .broadcast_as(new.shape())?
+        .where_cond(new, old)?)
+}
+
 /// `value` must be finite and positive (or zero, with `zero_ok`).
 fn check_positive(name: &str, value: f64, zero_ok: bool) -> Result<()> {
     if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
@@ -343,8 +367,15 @@ impl Adam {
     }
 }
 
-impl Optimizer for Adam {
-    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
+impl Adam {
+    /// One step; with `keep`, every new value is chosen on the device between new and old.
+    fn update(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: Option<&Tensor>,
+    ) -> Result<()> {
         let c = &self.config;
         let t = (self.iterations + 1) as i32;
         let alpha = lr * (1.0 - c.beta_2.powi(t)).sqrt() / (1.0 - c.beta_1.powi(t));
@@ -354,6 +385,7 @@ impl Optimizer for Adam {
                 continue;
             };
             let (m, v) = (self.m.get(name, var)?, self.v.get(name, var)?);
+            let (m_old, v_old) = (m.clone(), v.clone());
             // Gradients carry the step's graph: detached, the slots keep values, not history.
             let g = g.detach().to_dtype(m.dtype())?;
             let m_new = ((m * c.beta_1)? + (&g * (1.0 - c.beta_1))?)?;
@@ -364,6 +396,14 @@ impl Optimizer for Adam {
             }
             let update = (&m_new / (v_new.sqrt()? + c.epsilon)?)?;
             let w = (w - (update * alpha)?.to_dtype(var.dtype())?)?;
+            let (m_new, v_new, w) = match keep {
+                Some(keep) => (
+                    select(keep, &m_new, &m_old)?,
+                    select(keep, &v_new, &v_old)?,
+                    select(keep, &w, &var.as_tensor().detach())?,
+                ),
+                None => (m_new, v_new, w),
+            };
             updates.push((name, var, m_new, v_new, w));
         }
         for (name, var, m_new, v_new, w) in updates {
@@ -373,6 +413,22 @@ impl Optimizer for Adam {
         }
         self.iterations += 1;
         Ok(())
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
+        self.update(vars, grads, lr, None)
+    }
+
+    fn step_if(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: &Tensor,
+    ) -> Result<()> {
+        self.update(vars, grads, lr, Some(keep))
     }
 
     fn learning_rate(&self) -> f64 {
@@ -514,8 +570,15 @@ impl Sgd {
     }
 }
 
-impl Optimizer for Sgd {
-    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
+impl Sgd {
+    /// One step; with `keep`, every new value is chosen on the device between new and old.
+    fn update(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: Option<&Tensor>,
+    ) -> Result<()> {
         let c = &self.config;
         let mut updates = Vec::new();
         for (name, var) in vars {
@@ -530,15 +593,24 @@ impl Optimizer for Sgd {
             }
             let step = (&g * lr)?;
             let (w, velocity) = if c.momentum > 0.0 {
-                let u_new = ((self.velocity.get(name, var)? * c.momentum)? - &step)?;
+                let u_old = self.velocity.get(name, var)?;
+                let u_new = ((&u_old * c.momentum)? - &step)?;
                 let w = if c.nesterov {
                     ((w + (&u_new * c.momentum)?)? - step)?
                 } else {
                     (w + &u_new)?
                 };
+                let u_new = match keep {
+                    Some(keep) => select(keep, &u_new, &u_old)?,
+                    None => u_new,
+                };
                 (w, Some(u_new))
             } else {
                 ((w - step)?, None)
+            };
+            let w = match keep {
+                Some(keep) => select(keep, &w, &var.as_tensor().detach())?,
+                None => w,
             };
             updates.push((name, var, w, velocity));
         }
@@ -550,6 +622,22 @@ impl Optimizer for Sgd {
         }
         self.iterations += 1;
         Ok(())
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
+        self.update(vars, grads, lr, None)
+    }
+
+    fn step_if(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: &Tensor,
+    ) -> Result<()> {
+        self.update(vars, grads, lr, Some(keep))
     }
 
     fn learning_rate(&self) -> f64 {

@@ -171,6 +171,38 @@ impl From<Loss> for Losses {
     }
 }
 
+/// How a [`Trainer`] watches for divergence (Keras's `TerminateOnNaN`): a step whose loss or
+/// gradients are NaN or infinite stops training with [`Error::NonFinite`], naming the epoch
+/// and the step, and nothing of that step is applied.
+///
+/// # Examples
+/// ```
+/// use candle_functional::train::NanCheck;
+/// assert_ne!(NanCheck::EveryStep, NanCheck::OnDevice);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NanCheck {
+    /// Read the verdict after every step, before anything is applied (the CPU's default:
+    /// reading two scalars costs nothing there).
+    EveryStep,
+    /// Decide on the device and never wait for it (the GPU's default): the step's updates are
+    /// applied only where a device flag says every step so far was finite, so the first bad
+    /// step and all after it change nothing; the error is raised where the trainer reads the
+    /// loss anyway (progress, end of epoch) or at [`Trainer::check_divergence`].
+    OnDevice,
+    /// No check (Keras without `TerminateOnNaN`).
+    Off,
+}
+
+/// The device-side record of [`NanCheck::OnDevice`].
+struct DivergenceFlag {
+    /// u8 scalar: 1 while every step was finite.
+    alive: Tensor,
+    /// f64 scalar: the epoch and step of the first non-finite step, encoded
+    /// `epoch · 2³² + step` (0: none).
+    first_bad: Tensor,
+}
+
 const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
 
 /// Trains a model: Keras's `model.compile(optimizer, loss, loss_weights, metrics)` and what
@@ -227,7 +259,8 @@ pub struct Trainer {
     epochs_done: usize,
     steps_done: usize,
     dtype: DType,
-    terminate_on_nan: bool,
+    nan_check: NanCheck,
+    divergence: Option<DivergenceFlag>,
     optimizer_config: OptimizerConfig,
     /// Batches an epoch of the run so far (restored from a checkpoint): resuming with other
     /// data or another batch size would not continue the same run.
@@ -306,6 +339,7 @@ impl Trainer {
             .map(|t| t.layer().display_name())
             .collect();
         let optimizer_config = optimizer.into();
+        let model_device = model.device().unwrap_or(candle_core::Device::Cpu);
         Ok(Self {
             optimizer: optimizer_config.build()?,
             optimizer_config,
@@ -320,8 +354,13 @@ impl Trainer {
             history: History::default(),
             epochs_done: 0,
             steps_done: 0,
+            nan_check: if crate::device::reads_wait_for_a_queue(&model_device) {
+                NanCheck::OnDevice
+            } else {
+                NanCheck::EveryStep
+            },
+            divergence: None,
             dtype,
-            terminate_on_nan: true,
         })
     }
 
@@ -352,20 +391,46 @@ impl Trainer {
         Ok(self)
     }
 
-    /// Whether a step whose loss or gradients are NaN or infinite stops training with
-    /// [`Error::NonFinite`] (default on, Keras's `TerminateOnNaN`); that step applies nothing.
-    /// The check reads two scalars per step (a host synchronisation on a GPU).
+    /// How divergence is watched for (default [`NanCheck::EveryStep`] on the CPU,
+    /// [`NanCheck::OnDevice`] elsewhere); see [`NanCheck`].
     ///
     /// # Examples
     /// ```no_run
-    /// # use candle_functional::train::Trainer;
+    /// # use candle_functional::train::{NanCheck, Trainer};
     /// # fn f(t: Trainer) -> Trainer {
-    /// t.terminate_on_nan(false)
+    /// t.nan_check(NanCheck::Off)
     /// # }
     /// ```
-    pub fn terminate_on_nan(mut self, on: bool) -> Self {
-        self.terminate_on_nan = on;
+    pub fn nan_check(mut self, check: NanCheck) -> Self {
+        self.nan_check = check;
         self
+    }
+
+    /// With [`NanCheck::OnDevice`]: reads the device's verdict (one scalar) and fails with
+    /// [`Error::NonFinite`] if a step since the start of this `fit` (or of the trainer) was
+    /// not finite. `fit` calls it where it reads the loss anyway; call it after your own
+    /// `train_step` loop. Always `Ok` with the other checks.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(t: &candle_functional::train::Trainer) -> candle_functional::Result<()> {
+    /// t.check_divergence()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn check_divergence(&self) -> Result<()> {
+        let Some(flag) = &self.divergence else {
+            return Ok(());
+        };
+        let code = flag.first_bad.to_scalar::<f64>()? as u64;
+        if code == 0 {
+            return Ok(());
+        }
+        Err(Error::NonFinite {
+            epoch: (code >> 32) as usize,
+            step: (code & 0xFFFF_FFFF) as usize,
+            what: "the loss or the gradients".into(),
+        })
     }
 
     /// Sets the learning-rate schedule (default constant).
@@ -506,13 +571,70 @@ impl Trainer {
         let (total, per_output) = self.losses_of(&outputs, &batch.targets)?;
         let grads = total.backward()?;
         let vars = self.model.trainable_weights()?;
-        if self.terminate_on_nan {
-            check_finite(&total, &grads, &vars, position)?;
-        }
+        let keep = match self.nan_check {
+            NanCheck::EveryStep => {
+                let [loss, squares] = finite_flags(&total, &grads, &vars)?;
+                let [loss, squares] = [loss, squares].map(|t| t.to_scalar::<u8>());
+                let what = match (loss?, squares?) {
+                    (0, _) => Some("the loss"),
+                    (_, 0) => Some("the gradients"),
+                    _ => None,
+                };
+                if let Some(what) = what {
+                    return Err(Error::NonFinite {
+                        epoch: position.0,
+                        step: position.1,
+                        what: what.into(),
+                    });
+                }
+                None
+            }
+            NanCheck::OnDevice => Some(self.record_divergence(&total, &grads, &vars, position)?),
+            NanCheck::Off => None,
+        };
         update_metrics(&mut self.metrics, &outputs, &batch.targets)?;
-        self.optimizer.step(&vars, &grads, lr)?;
-        updates.apply()?;
+        match &keep {
+            Some(keep) => {
+                self.optimizer.step_if(&vars, &grads, lr, keep)?;
+                updates.apply_if(keep)?;
+            }
+            None => {
+                self.optimizer.step(&vars, &grads, lr)?;
+                updates.apply()?;
+            }
+        }
         Ok((total.detach(), per_output))
+    }
+
+    /// [`NanCheck::OnDevice`]: folds this step's verdict into the device flag and returns the
+    /// u8 scalar that says whether its updates apply (every step so far finite).
+    fn record_divergence(
+        &mut self,
+        loss: &Tensor,
+        grads: &candle_core::backprop::GradStore,
+        vars: &[(String, candle_core::Var)],
+        (epoch, step): (usize, usize),
+    ) -> Result<Tensor> {
+        let [loss_ok, squares_ok] = finite_flags(loss, grads, vars)?;
+        let ok = (loss_ok * squares_ok)?;
+        let device = loss.device();
+        let flag = match self.divergence.take() {
+            Some(flag) => flag,
+            None => DivergenceFlag {
+                alive: Tensor::new(1u8, device)?,
+                first_bad: Tensor::new(0f64, device)?,
+            },
+        };
+        let keep = (&flag.alive * &ok)?;
+        // The first step that turns `alive` off is recorded: alive · (1 - ok) is 1 just then.
+        let turned_off = (&flag.alive - &keep)?.to_dtype(DType::F64)?;
+        let code = ((epoch as u64) << 32 | step as u64) as f64;
+        let first_bad = (&flag.first_bad + (turned_off * code)?)?;
+        self.divergence = Some(DivergenceFlag {
+            alive: keep.clone(),
+            first_bad,
+        });
+        Ok(keep)
     }
 
     /// Checks the batch's targets against the model's outputs, before anything runs.
@@ -651,6 +773,7 @@ impl Trainer {
             }
             _ => self.batches_per_epoch = Some(train.len()),
         }
+        self.divergence = None;
         let total_steps = epochs * train.len();
         let base_lr = self.optimizer.learning_rate();
         // Where reading a value waits for a queue (a GPU), refresh the display less often.
@@ -678,6 +801,7 @@ impl Trainer {
                 if let Some(bar) = &bar {
                     bar.inc(1);
                     if i % refresh == 0 || i + 1 == train.len() {
+                        self.check_divergence()?;
                         let rate = totals.samples as f64 / start.elapsed().as_secs_f64();
                         let mut message = format!("loss {:.4}", totals.mean(&totals.loss)?);
                         if let Some(first) = self.metrics.iter().flatten().next() {
@@ -687,6 +811,7 @@ impl Trainer {
                     }
                 }
             }
+            self.check_divergence()?;
             let seconds = start.elapsed().as_secs_f64();
             let mut log = EpochLog {
                 epoch: epoch + 1,
@@ -959,33 +1084,25 @@ impl Trainer {
     }
 }
 
-/// Fails with [`Error::NonFinite`] when the loss or any gradient is NaN or infinite: one read
-/// of two scalars (the loss, and the sum of the squared gradients, which overflows to a
-/// non-finite value with any of them).
-fn check_finite(
+/// Two u8 device scalars: 1 when the loss is finite, 1 when every gradient is (their summed
+/// squares overflow to a non-finite value with any of them). `x · 0` is 0 exactly for finite
+/// `x` (NaN for NaN and infinities).
+fn finite_flags(
     loss: &Tensor,
     grads: &candle_core::backprop::GradStore,
     vars: &[(String, candle_core::Var)],
-    (epoch, step): (usize, usize),
-) -> Result<()> {
+) -> Result<[Tensor; 2]> {
     let mut squares = Tensor::zeros((), DType::F64, loss.device())?;
     for (_, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
             squares = (squares + g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
         }
     }
-    let values =
-        Tensor::stack(&[loss.detach().to_dtype(DType::F64)?, squares], 0)?.to_vec1::<f64>()?;
-    let what = match values.as_slice() {
-        [l, _] if !l.is_finite() => "the loss",
-        [_, g] if !g.is_finite() => "the gradients",
-        _ => return Ok(()),
-    };
-    Err(Error::NonFinite {
-        epoch,
-        step,
-        what: what.to_string(),
-    })
+    let finite = |t: Tensor| -> Result<Tensor> { Ok((t * 0.0)?.eq(0.0)?) };
+    Ok([
+        finite(loss.detach().to_dtype(DType::F64)?)?,
+        finite(squares)?,
+    ])
 }
 
 /// Adds a batch to each output's metrics.
