@@ -3,6 +3,8 @@
 //! silent acceptance of changed data where the format can tell (checksummed checkpoints),
 //! and an error naming the file and record where it cannot (CIFAR-10 labels).
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 
@@ -81,16 +83,7 @@ fn corrupted_checkpoints_are_refused_or_load_exactly() {
                 );
                 assert_eq!(target.history(), trained.history());
                 for (name, value) in target.model().weight_map().unwrap() {
-                    let diff = (value - &reference[&name])
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = common::max_abs_diff(&value, &reference[&name]);
                     assert_eq!(diff, 0.0, "a corrupted checkpoint changed {name}");
                 }
             }

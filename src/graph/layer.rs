@@ -727,6 +727,49 @@ pub(crate) fn weight_holders(layers: &[LayerRef]) -> Vec<(String, LayerRef)> {
     out
 }
 
+/// Checks `given` against the weights `expected` (name, current value): every one given, with
+/// its shape, a float tensor for a float weight, and no other name. Changes nothing; the error
+/// lists every problem, naming `source`. The one check behind every strict weight load.
+pub(crate) fn check_named_weights<'a>(
+    expected: impl Iterator<Item = (&'a str, &'a Tensor)>,
+    given: &std::collections::HashMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
+    let (mut missing, mut mis_shaped, mut mis_typed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut known = HashSet::new();
+    for (name, current) in expected {
+        known.insert(name);
+        match given.get(name) {
+            None => missing.push(name.to_string()),
+            Some(t) if t.dims() != current.dims() => {
+                mis_shaped.push((name.to_string(), current.dims().to_vec(), t.dims().to_vec()))
+            }
+            // An integer tensor would be cast silently (an I64 bias of 4.3e18).
+            Some(t) if current.dtype().is_float() && !t.dtype().is_float() => {
+                mis_typed.push((name.to_string(), format!("{:?}", t.dtype())))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut unexpected: Vec<String> = given
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .cloned()
+        .collect();
+    unexpected.sort();
+    if missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty() && mis_typed.is_empty()
+    {
+        return Ok(());
+    }
+    Err(Error::WeightsMismatch {
+        source_name: source.into(),
+        missing,
+        unexpected,
+        mis_shaped,
+        mis_typed,
+    })
+}
+
 /// Weights of a built layer, in `param_specs` order.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerWeights {
@@ -996,40 +1039,11 @@ impl LayerRef {
     /// ```
     pub fn set_weights(&self, values: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         let weights = self.get_weights()?;
-        let mut missing = Vec::new();
-        let mut mis_shaped = Vec::new();
-        let mut mis_typed = Vec::new();
-        for (name, current) in &weights {
-            match values.get(name) {
-                None => missing.push(name.clone()),
-                Some(t) if t.dims() != current.dims() => {
-                    mis_shaped.push((name.clone(), current.dims().to_vec(), t.dims().to_vec()))
-                }
-                Some(t) if current.dtype().is_float() && !t.dtype().is_float() => {
-                    mis_typed.push((name.clone(), format!("{:?}", t.dtype())))
-                }
-                Some(_) => {}
-            }
-        }
-        let mut unexpected: Vec<String> = values
-            .keys()
-            .filter(|k| !weights.iter().any(|(n, _)| n == *k))
-            .cloned()
-            .collect();
-        unexpected.sort();
-        if !(missing.is_empty()
-            && unexpected.is_empty()
-            && mis_shaped.is_empty()
-            && mis_typed.is_empty())
-        {
-            return Err(Error::WeightsMismatch {
-                source_name: format!("for layer `{}`", self.display_name()).into(),
-                missing,
-                unexpected,
-                mis_shaped,
-                mis_typed,
-            });
-        }
+        check_named_weights(
+            weights.iter().map(|(n, t)| (n.as_str(), t)),
+            values,
+            &format!("for layer `{}`", self.display_name()),
+        )?;
         let vars = self.weights().map(|w| w.vars).unwrap_or_default();
         for ((name, _), var) in weights.iter().zip(vars) {
             let value = values[name]

@@ -10,9 +10,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::Result;
+use crate::graph::layer::check_named_weights;
 use crate::models::Model;
 use crate::support::files::{read_safetensors, to_safetensors_bytes, write_atomically};
-use crate::{Error, Result};
 
 impl Model {
     /// The weights as a map from stable names to tensors (sharing storage with the model).
@@ -120,44 +121,10 @@ impl Model {
         source: &str,
     ) -> Result<()> {
         let weights = self.weights()?;
-        let mut missing = Vec::new();
-        let mut mis_shaped = Vec::new();
-        let mut mis_typed = Vec::new();
-        for w in &weights {
-            match tensors.get(w.name()) {
-                None => missing.push(w.name().to_string()),
-                Some(t) if t.dims() != w.var().dims() => mis_shaped.push((
-                    w.name().to_string(),
-                    w.var().dims().to_vec(),
-                    t.dims().to_vec(),
-                )),
-                // An integer tensor would be cast silently (an I64 bias of 4.3e18).
-                Some(t) if w.var().dtype().is_float() && !t.dtype().is_float() => {
-                    mis_typed.push((w.name().to_string(), format!("{:?}", t.dtype())))
-                }
-                Some(_) => {}
-            }
-        }
-        let known: std::collections::HashSet<&str> = weights.iter().map(|w| w.name()).collect();
-        let mut unexpected: Vec<String> = tensors
-            .keys()
-            .filter(|k| !known.contains(k.as_str()))
-            .cloned()
-            .collect();
-        unexpected.sort();
-        if !(missing.is_empty()
-            && unexpected.is_empty()
-            && mis_shaped.is_empty()
-            && mis_typed.is_empty())
-        {
-            return Err(Error::WeightsMismatch {
-                source_name: source.into(),
-                missing,
-                unexpected,
-                mis_shaped,
-                mis_typed,
-            });
-        }
-        Ok(())
+        check_named_weights(
+            weights.iter().map(|w| (w.name(), w.var().as_tensor())),
+            tensors,
+            source,
+        )
     }
 }
