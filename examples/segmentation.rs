@@ -1,8 +1,8 @@
 //! A U-Net for semantic segmentation, trained with `fit` on synthetic shapes: every image
 //! holds a disc and a square on a noisy background, and the target is a class per pixel
 //! (0 background, 1 disc, 2 square). The skips are `Concatenate` layers from the encoder to
-//! the decoder; the upsampling is a custom layer (the `LayerOp` extension point), and the
-//! loss is a per-pixel sparse categorical cross-entropy. Reports per-pixel accuracy and mean
+//! the decoder, `UpSampling2D` doubles the decoder's resolution, and the loss is a per-pixel
+//! sparse categorical cross-entropy. Reports per-pixel accuracy and mean
 //! IoU on held-out images and writes a PNG: inputs, true masks, predicted masks.
 //!
 //! ```text
@@ -16,7 +16,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_functional::data::TensorDataset;
 use candle_functional::prelude::*;
 use candle_functional::train::{Accuracy, AdamConfig, Loss, MeanIoU, Progress, Trainer};
-use candle_functional::{Configured, LayerOp, Params};
 use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,31 +43,6 @@ struct Args {
 const SIZE: usize = 32;
 const CLASSES: usize = 3;
 
-/// Nearest-neighbour 2× upsampling of NCHW tensors: a custom layer.
-#[derive(Clone, Debug)]
-struct Upsample2x;
-
-impl LayerOp for Upsample2x {
-    fn type_name(&self) -> &'static str {
-        "UpSampling2D"
-    }
-
-    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        match inputs {
-            [shape] if shape.len() == 3 => Ok(vec![vec![shape[0], shape[1] * 2, shape[2] * 2]]),
-            _ => Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one (channels, height, width) input, got {inputs:?}"),
-            }),
-        }
-    }
-
-    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
-        let (_, _, h, w) = inputs[0].dims4()?;
-        Ok(vec![inputs[0].upsample_nearest2d(h * 2, w * 2)?])
-    }
-}
-
 /// Conv 3×3 → BatchNorm → ReLU. The BatchNorm momentum is 0.9, not Keras's 0.99: a run of a
 /// few hundred steps must bring the moving statistics (which held-out images are scored
 /// with) close to the data's.
@@ -85,9 +59,9 @@ fn u_net() -> Result<Model> {
     let s2 = conv_bn_relu(&conv_bn_relu(&down, 32)?, 32)?; // 32 × 16 × 16
     let down = MaxPooling2D::new(2).call(&s2)?;
     let bottom = conv_bn_relu(&down, 64)?; // 64 × 8 × 8
-    let up = Configured::from_config(Upsample2x).call(&bottom)?;
+    let up = UpSampling2D::new(2).call(&bottom)?;
     let up = conv_bn_relu(&Concatenate::new(1).call_many(&[up, s2])?, 32)?;
-    let up = Configured::from_config(Upsample2x).call(&up)?;
+    let up = UpSampling2D::new(2).call(&up)?;
     let up = conv_bn_relu(&Concatenate::new(1).call_many(&[up, s1])?, 16)?;
     let mask = Conv2D::new(CLASSES, 1).name("mask").call(&up)?; // per-pixel logits
     Ok(Model::new(&[image], &[mask])?.named("u_net"))

@@ -171,3 +171,22 @@ fn batch_norm_state_gets_no_gradient() {
     }
     assert_eq!(model.trainable_vars().unwrap().len(), 2);
 }
+
+#[test]
+fn upsampling_gradients_match_finite_differences() {
+    for bilinear in [false, true] {
+        let x = Input::new([2, 3, 3]);
+        let up = UpSampling2D::new(2);
+        let up = if bilinear { up.bilinear() } else { up };
+        let h = Conv2D::new(2, 3).padding(Padding::Same).call(&x).unwrap();
+        // The conv output feeds both the upsampling and a skip: gradients must add up.
+        let upsampled = up.call(&h).unwrap();
+        let skip = UpSampling2D::new(2).call(&h).unwrap();
+        let y = Add::new().call_many(&[upsampled, skip]).unwrap();
+        let model = Model::new(&[x], &[y])
+            .unwrap()
+            .build(&Device::Cpu, DType::F64, 3)
+            .unwrap();
+        check_gradients(&model, &[2, 2, 3, 3], 6);
+    }
+}

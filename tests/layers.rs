@@ -431,3 +431,48 @@ fn dropout_drops_in_training_only_and_is_seeded() {
         "rewinding the call counter did not repeat the mask"
     );
 }
+
+#[test]
+fn upsampling_repeats_or_interpolates_like_keras() {
+    // One 1x2x2 image [[1, 2], [3, 4]].
+    let x = Input::new([1, 2, 2]);
+    let nearest = UpSampling2D::new(2).call(&x).unwrap();
+    let bilinear = UpSampling2D::new(2).bilinear().call(&x).unwrap();
+    let model = Model::new(&[x], &[nearest, bilinear])
+        .unwrap()
+        .build(&candle_core::Device::Cpu, candle_core::DType::F32, 0)
+        .unwrap();
+    let image = t(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2]);
+    let out = model.forward(&[image], Mode::Eval).unwrap();
+    assert_eq!(out[0].dims(), &[1, 1, 4, 4]);
+    assert_close(
+        &values(&out[0]),
+        &[
+            1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0,
+        ],
+        0.0,
+    );
+    // TensorFlow's half-pixel bilinear: [1, 2] becomes [1, 1.25, 1.75, 2] along each axis
+    // (tf.image.resize([[1., 2.]], ...) gives the same), and the rows blend likewise.
+    let row = |a: f32, b: f32| [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b];
+    let (top, bottom) = (row(1.0, 2.0), row(3.0, 4.0));
+    let mut want = Vec::new();
+    for (wa, wb) in [(1.0, 0.0), (0.75, 0.25), (0.25, 0.75), (0.0, 1.0)] {
+        want.extend((0..4).map(|i| wa * top[i] + wb * bottom[i]));
+    }
+    assert_close(&values(&out[1]), &want, 1e-6);
+
+    // Rectangular factors and shape errors name the layer.
+    let y = UpSampling2D::new(2)
+        .size(1, 3)
+        .call(&Input::new([2, 3, 4]))
+        .unwrap();
+    assert_eq!(y.shape(), &[2, 3, 12]);
+    let err = UpSampling2D::new(2)
+        .name("up")
+        .call(&Input::new([4]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("up"), "{err}");
+    assert!(UpSampling2D::new(0).call(&Input::new([1, 2, 2])).is_err());
+}

@@ -12,6 +12,7 @@ pub(crate) mod merge;
 pub(crate) mod padding;
 pub(crate) mod pooling;
 pub(crate) mod reshape;
+pub(crate) mod upsampling;
 
 /// Initializers belong to the graph floor (a [`ParamSpec`](crate::ParamSpec) names one); they
 /// are re-exported here, beside the layers whose configs take them.
@@ -32,3 +33,4 @@ pub use pooling::{
     MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
 pub use reshape::{Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig};
+pub use upsampling::{Interpolation, UpSampling2D, UpSampling2DConfig};

@@ -1,0 +1,168 @@
+//! `UpSampling2D`: Keras's nearest-neighbour and bilinear upsampling of NCHW tensors, the
+//! decoder half of a U-Net.
+//!
+//! Both are composed from differentiable candle ops: nearest repeats each pixel through a
+//! broadcast (candle 0.11's `upsample_nearest2d` backward overwrites, rather than adds to, the
+//! gradient of an input that has other consumers), and bilinear blends two gathered rows and
+//! columns with TensorFlow's half-pixel centres, as Keras's `ops.image.resize` does.
+
+use candle_core::Tensor;
+
+use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::padding::{expect_chw, expect_positive};
+use crate::{Error, Result};
+
+/// How new pixels are computed.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::Interpolation;
+/// assert_eq!(Interpolation::default(), Interpolation::Nearest);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Interpolation {
+    /// Each pixel repeated (Keras's default).
+    #[default]
+    Nearest,
+    /// Linear in each axis between the two nearest input pixels, with half-pixel centres.
+    Bilinear,
+}
+
+/// Configuration of an [`UpSampling2D`] layer; defaults are Keras's.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{Interpolation, UpSampling2DConfig};
+/// let c = UpSampling2DConfig::default();
+/// assert_eq!((c.size, c.interpolation), ((2, 2), Interpolation::Nearest));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpSampling2DConfig {
+    /// Factors `(rows, columns)`.
+    pub size: (usize, usize),
+    /// Nearest (default) or bilinear.
+    pub interpolation: Interpolation,
+}
+
+impl Default for UpSampling2DConfig {
+    fn default() -> Self {
+        Self {
+            size: (2, 2),
+            interpolation: Interpolation::Nearest,
+        }
+    }
+}
+
+/// Upsamples the height and width of NCHW tensors by integer factors (Keras's
+/// `UpSampling2D`).
+///
+/// # Shapes
+/// Input `(batch, c, h, w)`; output `(batch, c, h · rows, w · columns)`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = UpSampling2D::new(2).call(&Input::new([8, 16, 16]))?;
+/// assert_eq!(y.shape(), &[8, 32, 32]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type UpSampling2D = Configured<UpSampling2DConfig>;
+
+impl UpSampling2D {
+    /// The same factor along both axes, nearest-neighbour.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(UpSampling2D::new(3).config().size, (3, 3));
+    /// ```
+    pub fn new(size: usize) -> Self {
+        Self::from_config(UpSampling2DConfig {
+            size: (size, size),
+            ..Default::default()
+        })
+    }
+
+    /// Bilinear interpolation instead of nearest.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::layers::Interpolation;
+    /// assert_eq!(UpSampling2D::new(2).bilinear().config().interpolation, Interpolation::Bilinear);
+    /// ```
+    pub fn bilinear(self) -> Self {
+        self.with_config(|c| c.interpolation = Interpolation::Bilinear)
+    }
+
+    /// Different factors for rows and columns.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(UpSampling2D::new(2).size(1, 3).config().size, (1, 3));
+    /// ```
+    pub fn size(self, rows: usize, columns: usize) -> Self {
+        self.with_config(|c| c.size = (rows, columns))
+    }
+}
+
+impl LayerOp for UpSampling2DConfig {
+    fn type_name(&self) -> &'static str {
+        "UpSampling2D"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let [x] = inputs else {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            });
+        };
+        let (c, h, w) = expect_chw(layer, x)?;
+        expect_positive(layer, "upsampling factors", &[self.size.0, self.size.1])?;
+        Ok(vec![vec![c, h * self.size.0, w * self.size.1]])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let (rows, columns) = self.size;
+        Ok(vec![match self.interpolation {
+            Interpolation::Nearest => {
+                let (n, c, h, w) = x.dims4()?;
+                x.reshape((n, c, h, 1, w, 1))?
+                    .broadcast_as((n, c, h, rows, w, columns))?
+                    .reshape((n, c, h * rows, w * columns))?
+            }
+            Interpolation::Bilinear => linear_along(&linear_along(x, 2, rows)?, 3, columns)?,
+        }])
+    }
+}
+
+/// Linear interpolation of `x` along `axis` to `factor` times its length, TensorFlow's way:
+/// output pixel `i` samples the input at `(i + 0.5) / factor - 0.5`, clamped to the edges.
+fn linear_along(x: &Tensor, axis: usize, factor: usize) -> Result<Tensor> {
+    if factor == 1 {
+        return Ok(x.clone());
+    }
+    let len = x.dim(axis)?;
+    let (mut lower, mut upper, mut weight) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..len * factor {
+        let at = (i as f64 + 0.5) / factor as f64 - 0.5;
+        let floor = at.floor();
+        lower.push(floor.clamp(0.0, (len - 1) as f64) as u32);
+        upper.push((floor + 1.0).clamp(0.0, (len - 1) as f64) as u32);
+        weight.push(at - floor);
+    }
+    let device = x.device();
+    let out_len = len * factor;
+    let mut shape = vec![1; x.rank()];
+    shape[axis] = out_len;
+    let weight = Tensor::from_vec(weight, shape, device)?.to_dtype(x.dtype())?;
+    let pick = |index: Vec<u32>| -> Result<Tensor> {
+        Ok(x.index_select(&Tensor::from_vec(index, out_len, device)?, axis)?)
+    };
+    let (low, high) = (pick(lower)?, pick(upper)?);
+    // low + w · (high - low)
+    Ok((&low + (high - &low)?.broadcast_mul(&weight)?)?)
+}
