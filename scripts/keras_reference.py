@@ -28,7 +28,12 @@ Run from the repository root:
         checks it against an independent NumPy NCHW reimplementation, including
         TensorFlow's asymmetric 'same' padding.
 
-Both subcommands are deterministic: re-running them rewrites identical files.
+    <venv>/bin/python scripts/keras_reference.py layers
+        Runs single Keras layers on a fixed random input and writes their
+        outputs, converted to NCHW, to tests/fixtures/keras_layers.safetensors
+        (UpSampling2D nearest and bilinear, square and rectangular factors).
+
+All subcommands are deterministic: re-running them rewrites identical files.
 """
 
 import argparse
@@ -592,6 +597,23 @@ def verify_fixture(conv_b_keras):
     print("self-check passed")
 
 
+def cmd_layers(_args):
+    """Single layers on one input: Keras's outputs, NCHW, for the Rust layer tests."""
+    rng = np.random.default_rng(7)
+    x_nhwc = rng.standard_normal((2, 3, 4, 5)).astype("float32")  # (n, h, w, c)
+    tensors = {"input": nhwc_to_nchw(x_nhwc)}
+    layers = {
+        "up_nearest_2x2": keras.layers.UpSampling2D(size=(2, 2)),
+        "up_nearest_1x3": keras.layers.UpSampling2D(size=(1, 3)),
+        "up_bilinear_2x2": keras.layers.UpSampling2D(size=(2, 2), interpolation="bilinear"),
+        "up_bilinear_3x2": keras.layers.UpSampling2D(size=(3, 2), interpolation="bilinear"),
+    }
+    for name, layer in layers.items():
+        tensors[name] = nhwc_to_nchw(np.asarray(layer(x_nhwc)))
+    path = os.path.join(FIXTURES, "keras_layers.safetensors")
+    write_safetensors(tensors, path, {"keras": keras.__version__})
+    print(f"wrote {path}: {sorted(tensors)}")
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -599,9 +621,11 @@ def main():
     sub.add_parser("counts", help="article model parameter/layer counts")
     sub.add_parser("parity",
                    help="write tests/fixtures/keras_parity.safetensors")
+    sub.add_parser("layers",
+                   help="write tests/fixtures/keras_layers.safetensors")
     args = parser.parse_args()
-    {"counts": cmd_counts, "parity": cmd_parity}[args.command](args)
-
+    {"counts": cmd_counts, "parity": cmd_parity,
+     "layers": cmd_layers}[args.command](args)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_functional::prelude::*;
 use common::{max_abs, max_abs_diff};
 
@@ -205,4 +205,39 @@ fn stride_two_same_padding_is_asymmetric_like_tensorflow() {
     // 9 rows pad 1/1, 8 columns pad 0/1 for a 3x3 stride-2 window.
     assert_eq!(candle_functional::layers::same_padding(9, 3, 2, 1), (1, 1));
     assert_eq!(candle_functional::layers::same_padding(8, 3, 2, 1), (0, 1));
+}
+
+/// Single layers against Keras 3.15 (`scripts/keras_reference.py layers` writes the fixture):
+/// UpSampling2D, nearest and bilinear, square and rectangular factors.
+#[test]
+fn single_layers_match_keras() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keras_layers.safetensors");
+    let fixture = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let input = &fixture["input"];
+    let cases = [
+        ("up_nearest_2x2", UpSampling2D::new(2)),
+        ("up_nearest_1x3", UpSampling2D::new(2).size(1, 3)),
+        ("up_bilinear_2x2", UpSampling2D::new(2).bilinear()),
+        (
+            "up_bilinear_3x2",
+            UpSampling2D::new(2).size(3, 2).bilinear(),
+        ),
+    ];
+    for (name, layer) in cases {
+        let x = Input::new(&input.dims()[1..]);
+        let y = layer.call(&x).unwrap();
+        let model = Model::new(&[x], &[y])
+            .unwrap()
+            .build(&Device::Cpu, DType::F32, 0)
+            .unwrap();
+        let ours = model
+            .forward(&[input.clone()], Mode::Eval)
+            .unwrap()
+            .remove(0);
+        let want = &fixture[name];
+        assert_eq!(ours.dims(), want.dims(), "{name}");
+        let diff = max_abs_diff(&ours, want);
+        assert!(diff <= 1e-5, "{name}: max abs diff {diff}");
+    }
 }

@@ -452,8 +452,8 @@ fn upsampling_repeats_or_interpolates_like_keras() {
         ],
         0.0,
     );
-    // TensorFlow's half-pixel bilinear: [1, 2] becomes [1, 1.25, 1.75, 2] along each axis
-    // (tf.image.resize([[1., 2.]], ...) gives the same), and the rows blend likewise.
+    // TensorFlow's half-pixel bilinear: [1, 2] becomes [1, 1.25, 1.75, 2] along each axis,
+    // and the rows blend likewise (tests/keras_parity.rs checks Keras's own outputs).
     let row = |a: f32, b: f32| [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b];
     let (top, bottom) = (row(1.0, 2.0), row(3.0, 4.0));
     let mut want = Vec::new();
