@@ -31,7 +31,8 @@ Run from the repository root:
     <venv>/bin/python scripts/keras_reference.py layers
         Runs single Keras layers on a fixed random input and writes their
         outputs, converted to NCHW, to tests/fixtures/keras_layers.safetensors
-        (UpSampling2D nearest and bilinear, square and rectangular factors).
+        (UpSampling2D nearest and bilinear, square and rectangular factors,
+        GlobalMaxPooling2D, the leaky_relu, elu and hard_swish activations).
 
 All subcommands are deterministic: re-running them rewrites identical files.
 """
@@ -607,9 +608,14 @@ def cmd_layers(_args):
         "up_nearest_1x3": keras.layers.UpSampling2D(size=(1, 3)),
         "up_bilinear_2x2": keras.layers.UpSampling2D(size=(2, 2), interpolation="bilinear"),
         "up_bilinear_3x2": keras.layers.UpSampling2D(size=(3, 2), interpolation="bilinear"),
+        "global_max_pooling": keras.layers.GlobalMaxPooling2D(),
+        "leaky_relu": keras.layers.Activation("leaky_relu"),
+        "elu": keras.layers.Activation("elu"),
+        "hard_swish": keras.layers.Activation("hard_swish"),
     }
     for name, layer in layers.items():
-        tensors[name] = nhwc_to_nchw(np.asarray(layer(x_nhwc)))
+        out = np.asarray(layer(x_nhwc))
+        tensors[name] = nhwc_to_nchw(out) if out.ndim == 4 else out
     path = os.path.join(FIXTURES, "keras_layers.safetensors")
     write_safetensors(tensors, path, {"keras": keras.__version__})
     print(f"wrote {path}: {sorted(tensors)}")

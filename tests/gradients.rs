@@ -190,3 +190,22 @@ fn upsampling_gradients_match_finite_differences() {
         check_gradients(&model, &[2, 2, 3, 3], 6);
     }
 }
+
+#[test]
+fn new_activations_and_global_max_pooling_gradients_match_finite_differences() {
+    for f in [
+        ActivationFn::LeakyRelu,
+        ActivationFn::Elu,
+        ActivationFn::HardSwish,
+    ] {
+        let x = Input::new([2, 4, 4]);
+        let h = Conv2D::new(3, 3).padding(Padding::Same).call(&x).unwrap();
+        let h = Activation::new(f).call(&h).unwrap();
+        let y = GlobalMaxPooling2D::new().call(&h).unwrap();
+        let model = Model::new(&[x], &[y])
+            .unwrap()
+            .build(&Device::Cpu, DType::F64, 5)
+            .unwrap();
+        check_gradients(&model, &[2, 2, 4, 4], 6);
+    }
+}

@@ -208,25 +208,41 @@ fn stride_two_same_padding_is_asymmetric_like_tensorflow() {
 }
 
 /// Single layers against Keras 3.15 (`scripts/keras_reference.py layers` writes the fixture):
-/// UpSampling2D, nearest and bilinear, square and rectangular factors.
+/// UpSampling2D (nearest and bilinear, square and rectangular factors), GlobalMaxPooling2D,
+/// and the leaky_relu, elu and hard_swish activations.
 #[test]
 fn single_layers_match_keras() {
+    type Apply = Box<dyn Fn(&SymbolicTensor) -> Result<SymbolicTensor>>;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/keras_layers.safetensors");
     let fixture = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let input = &fixture["input"];
-    let cases = [
-        ("up_nearest_2x2", UpSampling2D::new(2)),
-        ("up_nearest_1x3", UpSampling2D::new(2).size(1, 3)),
-        ("up_bilinear_2x2", UpSampling2D::new(2).bilinear()),
+    let activation = |f: ActivationFn| -> Apply { Box::new(move |x| Activation::new(f).call(x)) };
+    let cases: Vec<(&str, Apply)> = vec![
+        ("up_nearest_2x2", Box::new(|x| UpSampling2D::new(2).call(x))),
+        (
+            "up_nearest_1x3",
+            Box::new(|x| UpSampling2D::new(2).size(1, 3).call(x)),
+        ),
+        (
+            "up_bilinear_2x2",
+            Box::new(|x| UpSampling2D::new(2).bilinear().call(x)),
+        ),
         (
             "up_bilinear_3x2",
-            UpSampling2D::new(2).size(3, 2).bilinear(),
+            Box::new(|x| UpSampling2D::new(2).size(3, 2).bilinear().call(x)),
         ),
+        (
+            "global_max_pooling",
+            Box::new(|x| GlobalMaxPooling2D::new().call(x)),
+        ),
+        ("leaky_relu", activation(ActivationFn::LeakyRelu)),
+        ("elu", activation(ActivationFn::Elu)),
+        ("hard_swish", activation(ActivationFn::HardSwish)),
     ];
-    for (name, layer) in cases {
+    for (name, apply) in cases {
         let x = Input::new(&input.dims()[1..]);
-        let y = layer.call(&x).unwrap();
+        let y = apply(&x).unwrap();
         let model = Model::new(&[x], &[y])
             .unwrap()
             .build(&Device::Cpu, DType::F32, 0)

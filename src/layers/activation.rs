@@ -36,6 +36,12 @@ pub enum ActivationFn {
     Gelu,
     /// `x * sigmoid(x)` (also called swish).
     Silu,
+    /// `max(x, 0.2 x)`: Keras's `leaky_relu` with its default slope 0.2.
+    LeakyRelu,
+    /// `x` above 0, `exp(x) - 1` below (Keras's `elu`, alpha 1).
+    Elu,
+    /// `x * relu6(x + 3) / 6` (Keras's `hard_swish`, also `hard_silu`).
+    HardSwish,
 }
 
 impl ActivationFn {
@@ -54,6 +60,9 @@ impl ActivationFn {
             ActivationFn::Softmax => "softmax",
             ActivationFn::Gelu => "gelu",
             ActivationFn::Silu => "silu",
+            ActivationFn::LeakyRelu => "leaky_relu",
+            ActivationFn::Elu => "elu",
+            ActivationFn::HardSwish => "hard_swish",
         }
     }
 
@@ -76,6 +85,9 @@ impl ActivationFn {
             ActivationFn::Softmax => candle_nn::ops::softmax(x, 1)?,
             ActivationFn::Gelu => x.gelu_erf()?,
             ActivationFn::Silu => x.silu()?,
+            ActivationFn::LeakyRelu => x.maximum(&(x * 0.2)?)?,
+            ActivationFn::Elu => x.elu(1.0)?,
+            ActivationFn::HardSwish => (x * (x + 3.0)?.clamp(0.0, 6.0)?)?.affine(1.0 / 6.0, 0.0)?,
         })
     }
 }
@@ -101,6 +113,9 @@ impl std::str::FromStr for ActivationFn {
             "softmax" => ActivationFn::Softmax,
             "gelu" => ActivationFn::Gelu,
             "silu" | "swish" => ActivationFn::Silu,
+            "leaky_relu" => ActivationFn::LeakyRelu,
+            "elu" => ActivationFn::Elu,
+            "hard_swish" | "hard_silu" => ActivationFn::HardSwish,
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown activation `{other}`"

@@ -30,7 +30,7 @@ pub use merge::{
 pub use padding::{Padding, same_padding};
 pub use pooling::{
     AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
-    MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
+    GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
 pub use reshape::{Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig};
 pub use upsampling::{Interpolation, UpSampling2D, UpSampling2DConfig};

@@ -332,18 +332,7 @@ impl LayerOp for GlobalAveragePooling2DConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [x] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
-        let (c, _, _) = expect_chw(layer, x)?;
-        Ok(vec![if self.keepdims {
-            vec![c, 1, 1]
-        } else {
-            vec![c]
-        }])
+        global_output_shapes(layer, inputs, self.keepdims)
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
@@ -352,6 +341,93 @@ impl LayerOp for GlobalAveragePooling2DConfig {
             x.mean_keepdim((2, 3))?
         } else {
             x.mean((2, 3))?
+        }])
+    }
+}
+
+/// `(c)` or `(c, 1, 1)` from one `(c, h, w)` input: the shape rule of global pooling.
+fn global_output_shapes(
+    layer: &str,
+    inputs: &[Vec<usize>],
+    keepdims: bool,
+) -> Result<Vec<Vec<usize>>> {
+    let [x] = inputs else {
+        return Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!("takes one input, got {}", inputs.len()),
+        });
+    };
+    let (c, _, _) = expect_chw(layer, x)?;
+    Ok(vec![if keepdims { vec![c, 1, 1] } else { vec![c] }])
+}
+
+/// Configuration of a [`GlobalMaxPooling2D`] layer; defaults are Keras's.
+///
+/// # Examples
+/// ```
+/// assert!(!candle_functional::layers::GlobalMaxPooling2DConfig::default().keepdims);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalMaxPooling2DConfig {
+    /// Keep the spatial axes as size 1 (default `false`).
+    pub keepdims: bool,
+}
+
+/// The maximum over each channel's feature map (Keras's `GlobalMaxPooling2D`).
+///
+/// # Shapes
+/// Input `(batch, c, h, w)`; output `(batch, c)`, or `(batch, c, 1, 1)` with `keepdims`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// assert_eq!(GlobalMaxPooling2D::new().call(&Input::new([8, 4, 4]))?.shape(), &[8]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type GlobalMaxPooling2D = Configured<GlobalMaxPooling2DConfig>;
+
+impl GlobalMaxPooling2D {
+    /// Global max pooling to `(batch, c)`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert!(!GlobalMaxPooling2D::new().config().keepdims);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the spatial axes as size 1.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let y = GlobalMaxPooling2D::new().keepdims(true).call(&Input::new([4, 3, 3]))?;
+    /// assert_eq!(y.shape(), &[4, 1, 1]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn keepdims(self, keepdims: bool) -> Self {
+        self.with_config(|c| c.keepdims = keepdims)
+    }
+}
+
+impl LayerOp for GlobalMaxPooling2DConfig {
+    fn type_name(&self) -> &'static str {
+        "GlobalMaxPooling2D"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        global_output_shapes(layer, inputs, self.keepdims)
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let (n, c, _, _) = inputs[0].dims4()?;
+        let max = inputs[0].flatten_from(2)?.max(2)?;
+        Ok(vec![if self.keepdims {
+            max.reshape((n, c, 1, 1))?
+        } else {
+            max
         }])
     }
 }
