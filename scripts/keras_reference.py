@@ -32,7 +32,8 @@ Run from the repository root:
         Runs single Keras layers on a fixed random input and writes their
         outputs, converted to NCHW, to tests/fixtures/keras_layers.safetensors
         (UpSampling2D nearest and bilinear, square and rectangular factors,
-        GlobalMaxPooling2D, the leaky_relu, elu and hard_swish activations).
+        GlobalMaxPooling2D, Cropping2D, the leaky_relu, elu and hard_swish
+        activations).
 
 All subcommands are deterministic: re-running them rewrites identical files.
 """
@@ -609,6 +610,7 @@ def cmd_layers(_args):
         "up_bilinear_2x2": keras.layers.UpSampling2D(size=(2, 2), interpolation="bilinear"),
         "up_bilinear_3x2": keras.layers.UpSampling2D(size=(3, 2), interpolation="bilinear"),
         "global_max_pooling": keras.layers.GlobalMaxPooling2D(),
+        "cropping": keras.layers.Cropping2D(cropping=((1, 0), (2, 1))),
         "leaky_relu": keras.layers.Activation("leaky_relu"),
         "elu": keras.layers.Activation("elu"),
         "hard_swish": keras.layers.Activation("hard_swish"),

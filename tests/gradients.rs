@@ -209,3 +209,15 @@ fn new_activations_and_global_max_pooling_gradients_match_finite_differences() {
         check_gradients(&model, &[2, 2, 4, 4], 6);
     }
 }
+
+#[test]
+fn cropping_gradients_match_finite_differences() {
+    let x = Input::new([2, 5, 6]);
+    let h = Conv2D::new(2, 3).padding(Padding::Same).call(&x).unwrap();
+    let y = Cropping2D::asymmetric((1, 0), (2, 1)).call(&h).unwrap();
+    let model = Model::new(&[x], &[y])
+        .unwrap()
+        .build(&Device::Cpu, DType::F64, 6)
+        .unwrap();
+    check_gradients(&model, &[2, 2, 5, 6], 6);
+}

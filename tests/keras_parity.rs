@@ -209,7 +209,7 @@ fn stride_two_same_padding_is_asymmetric_like_tensorflow() {
 
 /// Single layers against Keras 3.15 (`scripts/keras_reference.py layers` writes the fixture):
 /// UpSampling2D (nearest and bilinear, square and rectangular factors), GlobalMaxPooling2D,
-/// and the leaky_relu, elu and hard_swish activations.
+/// Cropping2D, and the leaky_relu, elu and hard_swish activations.
 #[test]
 fn single_layers_match_keras() {
     type Apply = Box<dyn Fn(&SymbolicTensor) -> Result<SymbolicTensor>>;

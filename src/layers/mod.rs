@@ -32,5 +32,7 @@ pub use pooling::{
     AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
-pub use reshape::{Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig};
+pub use reshape::{
+    Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig,
+};
 pub use upsampling::{Interpolation, UpSampling2D, UpSampling2DConfig};

@@ -1,4 +1,4 @@
-//! Shape-only layers: [`Flatten`] and [`ZeroPadding2D`].
+//! Shape-only layers: [`Flatten`], [`ZeroPadding2D`] and [`Cropping2D`].
 
 use candle_core::Tensor;
 
@@ -150,5 +150,98 @@ impl LayerOp for ZeroPadding2DConfig {
         Ok(vec![
             inputs[0].pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?,
         ])
+    }
+}
+
+/// Config of a [`Cropping2D`] layer: `((top, bottom), (left, right))` rows and columns to cut.
+///
+/// # Examples
+/// ```
+/// let c = candle_functional::layers::Cropping2DConfig::default();
+/// assert_eq!(c.cropping, ((0, 0), (0, 0)));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Cropping2DConfig {
+    /// `((top, bottom), (left, right))`.
+    pub cropping: ((usize, usize), (usize, usize)),
+}
+
+/// Cuts rows and columns off the edges of NCHW tensors (Keras's `Cropping2D`): the inverse of
+/// [`ZeroPadding2D`], and how a U-Net's encoder map is trimmed to its decoder's size.
+///
+/// # Shapes
+/// Input `(batch, c, h, w)`; output `(batch, c, h - top - bottom, w - left - right)`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = Cropping2D::new(2).call(&Input::new([3, 8, 8]))?;
+/// assert_eq!(y.shape(), &[3, 4, 4]);
+/// assert!(Cropping2D::new(4).call(&Input::new([3, 8, 8])).is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Cropping2D = Configured<Cropping2DConfig>;
+
+impl Cropping2D {
+    /// The same cut on all four sides.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Cropping2D::new(1).config().cropping, ((1, 1), (1, 1)));
+    /// ```
+    pub fn new(cropping: usize) -> Self {
+        Self::asymmetric((cropping, cropping), (cropping, cropping))
+    }
+
+    /// `(top, bottom)` rows and `(left, right)` columns.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// let c = Cropping2D::asymmetric((0, 1), (2, 0));
+    /// assert_eq!(c.config().cropping, ((0, 1), (2, 0)));
+    /// ```
+    pub fn asymmetric(rows: (usize, usize), cols: (usize, usize)) -> Self {
+        Self::from_config(Cropping2DConfig {
+            cropping: (rows, cols),
+        })
+    }
+}
+
+impl LayerOp for Cropping2DConfig {
+    fn type_name(&self) -> &'static str {
+        "Cropping2D"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let [x] = inputs else {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!("takes one input, got {}", inputs.len()),
+            });
+        };
+        let (c, h, w) = expect_chw(layer, x)?;
+        let ((t, b), (l, r)) = self.cropping;
+        if t + b >= h || l + r >= w {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "cropping {:?} leaves nothing of a {h} x {w} input",
+                    self.cropping
+                ),
+            });
+        }
+        Ok(vec![vec![c, h - t - b, w - l - r]])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let (_, _, h, w) = inputs[0].dims4()?;
+        let ((t, b), (l, r)) = self.cropping;
+        Ok(vec![inputs[0].narrow(2, t, h - t - b)?.narrow(
+            3,
+            l,
+            w - l - r,
+        )?])
     }
 }
