@@ -49,13 +49,19 @@ impl Default for DenseConfig {
 /// Fully connected layer: `activation(x · kernel + bias)` over the last axis.
 ///
 /// # Shapes
-/// Input `(batch, ..., in_features)`; output `(batch, ..., units)`.
+/// Input `(batch, in_features)` or `(batch, steps, in_features)` (applied to every step, as
+/// Keras does for sequences); output `(batch, units)` or `(batch, steps, units)`. A
+/// `(channels, height, width)` map is refused: Keras's channels-last Dense would act on its
+/// channels, while the last NCHW axis is the width; flatten or pool it first, or use a 1x1
+/// `Conv2D`.
 ///
 /// # Examples
 /// ```
 /// use candle_functional::prelude::*;
 /// let y = Dense::new(10).activation(ActivationFn::Softmax).call(&Input::new([512]))?;
 /// assert_eq!(y.shape(), &[10]);
+/// let err = Dense::new(10).call(&Input::new([64, 8, 8])).unwrap_err().to_string();
+/// assert!(err.contains("GlobalAveragePooling2D"));
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub type Dense = Configured<DenseConfig>;
@@ -123,6 +129,16 @@ impl LayerOp for DenseConfig {
             });
         }
         match inputs {
+            // A (channels, height, width) map: Keras's Dense, channels-last, would act on the
+            // channels; on NCHW the last axis is the width. Refuse rather than surprise.
+            [x] if x.len() >= 3 => Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "Dense on a {x:?} map would act on its last axis (the width, in NCHW), not on \
+                     its channels as Keras's channels-last Dense does: use Flatten, \
+                     GlobalAveragePooling2D or a 1x1 Conv2D first"
+                ),
+            }),
             [x] if !x.is_empty() => {
                 let mut out = x.clone();
                 *out.last_mut().expect("non-empty") = self.units;
