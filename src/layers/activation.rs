@@ -7,6 +7,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::padding::one_input;
 use crate::{Error, Result};
 
 /// An element-wise (or, for softmax, channel-wise) activation function.
@@ -126,13 +127,7 @@ impl std::str::FromStr for ActivationFn {
 }
 
 fn same_shape_as_input(layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-    match inputs {
-        [x] => Ok(vec![x.clone()]),
-        _ => Err(Error::InvalidInput {
-            layer: layer.to_string(),
-            message: format!("takes one input, got {}", inputs.len()),
-        }),
-    }
+    Ok(vec![one_input(layer, inputs)?.to_vec()])
 }
 
 /// Config of an [`Activation`] layer: the function it applies.

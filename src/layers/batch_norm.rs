@@ -10,7 +10,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
-use crate::layers::padding::non_batch_axis;
+use crate::layers::padding::{non_batch_axis, one_input};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -138,12 +138,7 @@ impl LayerOp for BatchNormConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [x] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
+        let x = one_input(layer, inputs)?;
         self.full_axis(layer, x.len())?;
         if !(0.0..=1.0).contains(&self.momentum) || self.epsilon <= 0.0 {
             return Err(Error::InvalidConfig {
@@ -154,7 +149,7 @@ impl LayerOp for BatchNormConfig {
                 ),
             });
         }
-        Ok(vec![x.clone()])
+        Ok(vec![x.to_vec()])
     }
 
     fn param_specs(&self, inputs: &[Vec<usize>]) -> Vec<ParamSpec> {

@@ -7,7 +7,9 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
-use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
+use crate::layers::padding::{
+    expect_chw, expect_positive, one_input, same_padding, window_output_len,
+};
 use crate::layers::{ActivationFn, Padding};
 use crate::ops::{self, Conv2dGeometry};
 use crate::{Error, Result};
@@ -250,12 +252,7 @@ impl LayerOp for Conv2DConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [input] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
+        let input = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, input)?;
         self.check(layer, c)?;
         let (kh, kw) = self.kernel_size;

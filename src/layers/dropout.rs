@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::padding::one_input;
 use crate::{Error, Result};
 
 /// Config of a [`Dropout`] layer.
@@ -68,13 +69,7 @@ impl LayerOp for DropoutConfig {
                 message: format!("rate must be in [0, 1), got {}", self.rate),
             });
         }
-        match inputs {
-            [x] => Ok(vec![x.clone()]),
-            _ => Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            }),
-        }
+        Ok(vec![one_input(layer, inputs)?.to_vec()])
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {

@@ -64,6 +64,17 @@ pub(crate) fn window_output_len(
     }
 }
 
+/// The per-sample shape of a layer's one input; an error naming the layer for any other count.
+pub(crate) fn one_input<'a>(layer: &str, inputs: &'a [Vec<usize>]) -> Result<&'a [usize]> {
+    match inputs {
+        [x] => Ok(x),
+        _ => Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!("takes one input, got {}", inputs.len()),
+        }),
+    }
+}
+
 /// Checks that an input is `(C, H, W)` and returns it as such.
 pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
     match shape {

@@ -11,7 +11,9 @@ use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::Padding;
-use crate::layers::padding::{expect_chw, expect_positive, same_padding, window_output_len};
+use crate::layers::padding::{
+    expect_chw, expect_positive, one_input, same_padding, window_output_len,
+};
 use crate::{Error, Result};
 
 /// Window, stride and padding of a 2-D pooling layer.
@@ -54,12 +56,7 @@ impl Pool2DConfig {
     }
 
     fn output_shape(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [x] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
+        let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         let (ph, pw) = self.pool_size;
         let (sh, sw) = self.strides();
@@ -351,12 +348,7 @@ fn global_output_shapes(
     inputs: &[Vec<usize>],
     keepdims: bool,
 ) -> Result<Vec<Vec<usize>>> {
-    let [x] = inputs else {
-        return Err(Error::InvalidInput {
-            layer: layer.to_string(),
-            message: format!("takes one input, got {}", inputs.len()),
-        });
-    };
+    let x = one_input(layer, inputs)?;
     let (c, _, _) = expect_chw(layer, x)?;
     Ok(vec![if keepdims { vec![c, 1, 1] } else { vec![c] }])
 }

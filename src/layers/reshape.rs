@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::expect_chw;
+use crate::layers::padding::{expect_chw, one_input};
 use crate::{Error, Result};
 
 /// Config of a [`Flatten`] layer (no options).
@@ -50,13 +50,7 @@ impl LayerOp for FlattenConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        match inputs {
-            [x] => Ok(vec![vec![x.iter().product()]]),
-            _ => Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            }),
-        }
+        Ok(vec![vec![one_input(layer, inputs)?.iter().product()]])
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
@@ -134,12 +128,7 @@ impl LayerOp for ZeroPadding2DConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [x] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
+        let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         let ((t, b), (l, r)) = self.padding;
         Ok(vec![vec![c, h + t + b, w + l + r]])
@@ -215,12 +204,7 @@ impl LayerOp for Cropping2DConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [x] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
+        let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         let ((t, b), (l, r)) = self.cropping;
         if t + b >= h || l + r >= w {

@@ -8,9 +8,9 @@
 
 use candle_core::Tensor;
 
+use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::{expect_chw, expect_positive};
-use crate::{Error, Result};
+use crate::layers::padding::{expect_chw, expect_positive, one_input};
 
 /// How new pixels are computed.
 ///
@@ -113,12 +113,7 @@ impl LayerOp for UpSampling2DConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let [x] = inputs else {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!("takes one input, got {}", inputs.len()),
-            });
-        };
+        let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         expect_positive(layer, "upsampling factors", &[self.size.0, self.size.1])?;
         Ok(vec![vec![c, h * self.size.0, w * self.size.1]])

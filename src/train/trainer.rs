@@ -573,11 +573,11 @@ impl Trainer {
         let vars = self.model.trainable_weights()?;
         let keep = match self.nan_check {
             NanCheck::EveryStep => {
-                let [loss, squares] = finite_flags(&total, &grads, &vars)?;
-                let [loss, squares] = [loss, squares].map(|t| t.to_scalar::<u8>());
-                let what = match (loss?, squares?) {
-                    (0, _) => Some("the loss"),
-                    (_, 0) => Some("the gradients"),
+                // One read of both verdicts.
+                let flags = Tensor::stack(&finite_flags(&total, &grads, &vars)?, 0)?;
+                let what = match flags.to_vec1::<u8>()?.as_slice() {
+                    [0, _] => Some("the loss"),
+                    [_, 0] => Some("the gradients"),
                     _ => None,
                 };
                 if let Some(what) = what {
