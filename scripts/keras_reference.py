@@ -33,7 +33,11 @@ Run from the repository root:
         outputs, converted to NCHW, to tests/fixtures/keras_layers.safetensors
         (UpSampling2D nearest and bilinear, square and rectangular factors,
         GlobalMaxPooling2D, Cropping2D, the leaky_relu, elu and hard_swish
-        activations).
+        activations, Softmax over another axis), and, with random weights written
+        beside them as `<case>.<weight>` in the crate's layouts, Conv2DTranspose
+        ('same'/'valid', window narrower than the stride, even window; TensorFlow's CPU
+        kernel has no dilated transposed convolution),
+        DepthwiseConv2D, SeparableConv2D and LayerNormalization.
 
 All subcommands are deterministic: re-running them rewrites identical files.
 """
@@ -618,6 +622,65 @@ def cmd_layers(_args):
     for name, layer in layers.items():
         out = np.asarray(layer(x_nhwc))
         tensors[name] = nhwc_to_nchw(out) if out.ndim == 4 else out
+
+    # Layers with weights: random weights (bias included), written beside the output as
+    # `<case>.<weight>` in the crate's layouts.
+    def depthwise_to_oihw(k):  # (kh, kw, in, mult) -> (in * mult, 1, kh, kw)
+        kh, kw, cin, mult = k.shape
+        return k.reshape(kh, kw, cin * mult).transpose(2, 0, 1)[:, None]
+
+    def transpose_kernel(k):  # (kh, kw, filters, in) -> (in, filters, kh, kw)
+        return k.transpose(3, 2, 0, 1)
+
+    def conv_kernel(k):  # (kh, kw, in, filters) -> (filters, in, kh, kw)
+        return k.transpose(3, 2, 0, 1)
+
+    def chw(v):  # (h, w, c) -> (c, h, w)
+        return v.transpose(2, 0, 1)
+
+    weighted = {
+        "conv_transpose_s2_same": (
+            keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same"),
+            [("kernel", transpose_kernel), ("bias", None)]),
+        "conv_transpose_s2_valid": (
+            keras.layers.Conv2DTranspose(4, 3, strides=2, padding="valid"),
+            [("kernel", transpose_kernel), ("bias", None)]),
+        "conv_transpose_k2_s3_valid": (
+            keras.layers.Conv2DTranspose(2, 2, strides=3, padding="valid"),
+            [("kernel", transpose_kernel), ("bias", None)]),
+        "conv_transpose_k4_s1_same": (
+            keras.layers.Conv2DTranspose(3, 4, strides=1, padding="same"),
+            [("kernel", transpose_kernel), ("bias", None)]),
+        "depthwise_s2_same_m2": (
+            keras.layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2),
+            [("kernel", depthwise_to_oihw), ("bias", None)]),
+        "depthwise_valid": (
+            keras.layers.DepthwiseConv2D(2),
+            [("kernel", depthwise_to_oihw), ("bias", None)]),
+        "separable_same_m2": (
+            keras.layers.SeparableConv2D(6, 3, padding="same", depth_multiplier=2),
+            [("depthwise_kernel", depthwise_to_oihw), ("pointwise_kernel", conv_kernel),
+             ("bias", None)]),
+        "layer_norm_channels": (
+            keras.layers.LayerNormalization(),
+            [("gamma", None), ("beta", None)]),
+        "layer_norm_sample": (
+            keras.layers.LayerNormalization(axis=[1, 2, 3]),
+            [("gamma", chw), ("beta", chw)]),
+    }
+    for name, (layer, converts) in weighted.items():
+        layer.build(x_nhwc.shape)
+        values = [rng.uniform(-0.5, 0.5, w.shape).astype("float32") for w in layer.weights]
+        if isinstance(layer, keras.layers.LayerNormalization):
+            values[0] = values[0] + 1.0  # gamma around one
+        layer.set_weights(values)
+        tensors[name] = nhwc_to_nchw(np.asarray(layer(x_nhwc)))
+        for (param, convert), value in zip(converts, values):
+            tensors[f"{name}.{param}"] = np.ascontiguousarray(
+                convert(value) if convert else value)
+    # Softmax over Keras's axis 1 (height in NHWC) is axis 2 of NCHW.
+    tensors["softmax_height"] = nhwc_to_nchw(
+        np.asarray(keras.layers.Softmax(axis=1)(x_nhwc)))
     path = os.path.join(FIXTURES, "keras_layers.safetensors")
     write_safetensors(tensors, path, {"keras": keras.__version__})
     print(f"wrote {path}: {sorted(tensors)}")

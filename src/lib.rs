@@ -64,9 +64,10 @@ pub mod prelude {
     pub use crate::graph::{Input, Layer, Mode, SymbolicTensor};
     pub use crate::layers::{
         Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
-        Cropping2D, Dense, Dropout, Flatten, GlobalAveragePooling2D, GlobalMaxPooling2D,
-        Initializer, MaxPooling2D, Maximum, Minimum, Multiply, Padding, ReLU, Subtract,
-        UpSampling2D, ZeroPadding2D,
+        Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, Flatten,
+        GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Lambda, LayerNormalization,
+        MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute, ReLU, Reshape, SeparableConv2D,
+        Softmax, Subtract, UpSampling2D, ZeroPadding2D,
     };
     pub use crate::models::{Model, ResNetConfig};
     pub use crate::{Error, Result};

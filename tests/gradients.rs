@@ -221,3 +221,74 @@ fn cropping_gradients_match_finite_differences() {
         .unwrap();
     check_gradients(&model, &[2, 2, 5, 6], 6);
 }
+
+/// A model of `layer` on an input of `shape` (plus a batch of 2), checked in f64.
+fn check_layer_gradients(
+    shape: &[usize],
+    layer: impl Fn(&SymbolicTensor) -> Result<SymbolicTensor>,
+) {
+    let x = Input::new(shape);
+    let y = layer(&x).unwrap();
+    let model = Model::new(&[x], &[y])
+        .unwrap()
+        .build(&Device::Cpu, DType::F64, 7)
+        .unwrap();
+    let mut full = vec![2];
+    full.extend_from_slice(shape);
+    check_gradients(&model, &full, 6);
+}
+
+#[test]
+fn conv_transpose_gradients_match_finite_differences() {
+    for (kernel, strides, padding, dilation) in [
+        (3, 2, Padding::Same, 1),
+        (3, 2, Padding::Valid, 1),
+        (2, 3, Padding::Valid, 1),
+        (4, 1, Padding::Same, 1),
+        (3, 1, Padding::Same, 2),
+    ] {
+        check_layer_gradients(&[3, 4, 5], |x| {
+            Conv2DTranspose::new(2, kernel)
+                .strides(strides)
+                .padding(padding)
+                .dilation(dilation)
+                .call(x)
+        });
+    }
+}
+
+#[test]
+fn depthwise_and_separable_gradients_match_finite_differences() {
+    check_layer_gradients(&[3, 5, 6], |x| {
+        DepthwiseConv2D::new(3)
+            .strides(2)
+            .padding(Padding::Same)
+            .depth_multiplier(2)
+            .call(x)
+    });
+    check_layer_gradients(&[3, 5, 6], |x| {
+        SeparableConv2D::new(4, 3)
+            .padding(Padding::Same)
+            .depth_multiplier(2)
+            .activation(ActivationFn::Tanh)
+            .call(x)
+    });
+}
+
+#[test]
+fn layer_norm_softmax_reshape_permute_gradients_match_finite_differences() {
+    check_layer_gradients(&[3, 4, 4], |x| {
+        let h = Conv2D::new(3, 3).padding(Padding::Same).call(x)?;
+        LayerNormalization::new().call(&h)
+    });
+    check_layer_gradients(&[3, 4, 4], |x| {
+        let h = Conv2D::new(3, 3).padding(Padding::Same).call(x)?;
+        LayerNormalization::new().axes([1, 2, 3]).call(&h)
+    });
+    check_layer_gradients(&[3, 4, 4], |x| {
+        let h = Conv2D::new(2, 3).padding(Padding::Same).call(x)?;
+        let h = Permute::new([3, 1, 2]).call(&h)?;
+        let h = Reshape::new([4, -1]).call(&h)?;
+        Softmax::new().axis(-1).call(&h)
+    });
+}

@@ -239,6 +239,95 @@ fn single_layers_match_keras() {
         ("leaky_relu", activation(ActivationFn::LeakyRelu)),
         ("elu", activation(ActivationFn::Elu)),
         ("hard_swish", activation(ActivationFn::HardSwish)),
+        (
+            "cropping",
+            Box::new(|x| Cropping2D::asymmetric((1, 0), (2, 1)).call(x)),
+        ),
+        (
+            "softmax_height",
+            Box::new(|x| Softmax::new().axis(2).call(x)),
+        ),
+        // Layers with weights are named after their case: the fixture holds
+        // `<case>.<weight>` in the crate's layouts.
+        (
+            "conv_transpose_s2_same",
+            Box::new(|x| {
+                Conv2DTranspose::new(4, 3)
+                    .strides(2)
+                    .padding(Padding::Same)
+                    .name("conv_transpose_s2_same")
+                    .call(x)
+            }),
+        ),
+        (
+            "conv_transpose_s2_valid",
+            Box::new(|x| {
+                Conv2DTranspose::new(4, 3)
+                    .strides(2)
+                    .name("conv_transpose_s2_valid")
+                    .call(x)
+            }),
+        ),
+        (
+            "conv_transpose_k2_s3_valid",
+            Box::new(|x| {
+                Conv2DTranspose::new(2, 2)
+                    .strides(3)
+                    .name("conv_transpose_k2_s3_valid")
+                    .call(x)
+            }),
+        ),
+        (
+            "conv_transpose_k4_s1_same",
+            Box::new(|x| {
+                Conv2DTranspose::new(3, 4)
+                    .padding(Padding::Same)
+                    .name("conv_transpose_k4_s1_same")
+                    .call(x)
+            }),
+        ),
+        (
+            "depthwise_s2_same_m2",
+            Box::new(|x| {
+                DepthwiseConv2D::new(3)
+                    .strides(2)
+                    .padding(Padding::Same)
+                    .depth_multiplier(2)
+                    .name("depthwise_s2_same_m2")
+                    .call(x)
+            }),
+        ),
+        (
+            "depthwise_valid",
+            Box::new(|x| DepthwiseConv2D::new(2).name("depthwise_valid").call(x)),
+        ),
+        (
+            "separable_same_m2",
+            Box::new(|x| {
+                SeparableConv2D::new(6, 3)
+                    .padding(Padding::Same)
+                    .depth_multiplier(2)
+                    .name("separable_same_m2")
+                    .call(x)
+            }),
+        ),
+        (
+            "layer_norm_channels",
+            Box::new(|x| {
+                LayerNormalization::new()
+                    .name("layer_norm_channels")
+                    .call(x)
+            }),
+        ),
+        (
+            "layer_norm_sample",
+            Box::new(|x| {
+                LayerNormalization::new()
+                    .axes([1, 2, 3])
+                    .name("layer_norm_sample")
+                    .call(x)
+            }),
+        ),
     ];
     for (name, apply) in cases {
         let x = Input::new(&input.dims()[1..]);
@@ -247,6 +336,15 @@ fn single_layers_match_keras() {
             .unwrap()
             .build(&Device::Cpu, DType::F32, 0)
             .unwrap();
+        let prefix = format!("{name}.");
+        let weights: HashMap<String, Tensor> = fixture
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !weights.is_empty() {
+            model.set_weights(&weights).unwrap();
+        }
         let ours = model
             .forward(&[input.clone()], Mode::Eval)
             .unwrap()

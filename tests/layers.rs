@@ -5,6 +5,7 @@
 
 mod common;
 
+use candle_core::{DType, Device, Tensor};
 use candle_functional::prelude::*;
 use common::{assert_close, build, run, set, t, values};
 
@@ -475,4 +476,81 @@ fn upsampling_repeats_or_interpolates_like_keras() {
         .to_string();
     assert!(err.contains("up"), "{err}");
     assert!(UpSampling2D::new(0).call(&Input::new([1, 2, 2])).is_err());
+}
+
+#[test]
+fn new_layers_refuse_wrong_shapes_naming_the_layer() {
+    let flat = Input::new([12]);
+    let map = Input::new([3, 4, 4]);
+    let errors = [
+        Conv2DTranspose::new(2, 3)
+            .name("up")
+            .call(&flat)
+            .unwrap_err(),
+        DepthwiseConv2D::new(5).name("dw").call(&map).unwrap_err(),
+        SeparableConv2D::new(0, 3)
+            .name("sep")
+            .call(&map)
+            .unwrap_err(),
+        Reshape::new([5, -1]).name("rs").call(&flat).unwrap_err(),
+        Reshape::new([-1, -1]).name("rs2").call(&flat).unwrap_err(),
+        Permute::new([1, 3]).name("perm").call(&map).unwrap_err(),
+        LayerNormalization::new()
+            .axes([0])
+            .name("ln")
+            .call(&map)
+            .unwrap_err(),
+        LayerNormalization::new()
+            .axes([1, 1])
+            .name("ln2")
+            .call(&map)
+            .unwrap_err(),
+        Softmax::new().axis(4).name("sm").call(&map).unwrap_err(),
+        Lambda::new(|x| Ok(x.clone()))
+            .name("lam")
+            .call_many(&[flat.clone(), flat.clone()])
+            .unwrap_err(),
+    ];
+    for (error, name) in errors.iter().zip([
+        "up", "dw", "sep", "rs", "rs2", "perm", "ln", "ln2", "sm", "lam",
+    ]) {
+        assert!(
+            error.to_string().contains(&format!("`{name}`")),
+            "{name}: {error}"
+        );
+    }
+    // The shapes are in the messages.
+    assert!(errors[0].to_string().contains("[12]"), "{}", errors[0]);
+    assert!(errors[3].to_string().contains("[5, -1]"), "{}", errors[3]);
+}
+
+#[test]
+fn lambda_checks_what_its_function_returns() {
+    let x = Input::new([4]);
+    let y = Lambda::new(|t| Ok(t.narrow(1, 0, 2)?)).call(&x).unwrap();
+    let model = Model::new(&[x], &[y])
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, 0)
+        .unwrap();
+    let err = model
+        .forward(
+            &[Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap()],
+            Mode::Eval,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("shape rule"), "{err}");
+}
+
+#[test]
+fn reshape_and_permute_move_elements_in_nchw_order() {
+    let x = Input::new([2, 3]);
+    let y = Permute::new([2, 1]).call(&x).unwrap();
+    let z = Reshape::new([-1]).call(&y).unwrap();
+    let model = Model::new(&[x], &[z])
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, 0)
+        .unwrap();
+    let input = Tensor::new(&[[[0f32, 1., 2.], [3., 4., 5.]]], &Device::Cpu).unwrap();
+    let out = model.forward(&[input], Mode::Eval).unwrap().remove(0);
+    assert_eq!(out.to_vec2::<f32>().unwrap(), [[0., 3., 1., 4., 2., 5.]]);
 }

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::one_input;
+use crate::layers::padding::{non_batch_axis, one_input};
 use crate::{Error, Result};
 
 /// An element-wise (or, for softmax, channel-wise) activation function.
@@ -269,5 +269,85 @@ impl LayerOp for ReLUConfig {
             y = y.minimum(max)?;
         }
         Ok(vec![y])
+    }
+}
+
+/// Config of a [`Softmax`] layer: the axis it normalizes over.
+///
+/// # Examples
+/// ```
+/// assert_eq!(candle_functional::layers::SoftmaxConfig::default().axis, 1);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftmaxConfig {
+    /// Axis of the full tensor (batch is axis 0; negative counts from the end). Default 1, the
+    /// channel axis of NCHW tensors and the feature axis of `(batch, features)`: what Keras's
+    /// default `axis=-1` means in its channels-last layout.
+    pub axis: isize,
+}
+
+impl Default for SoftmaxConfig {
+    fn default() -> Self {
+        Self { axis: 1 }
+    }
+}
+
+/// Softmax over any non-batch axis.
+///
+/// # Shapes
+/// Output shape = input shape.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::prelude::*;
+/// use candle_functional::layers::Softmax;
+/// let x = Input::new([2, 3]);
+/// let y = Softmax::new().axis(-1).call(&x)?;
+/// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+/// let out = model.forward(&[Tensor::zeros((1, 2, 3), DType::F32, &Device::Cpu)?], Mode::Eval)?;
+/// assert!((out[0].sum_all()?.to_scalar::<f32>()? - 2.0).abs() < 1e-6);
+/// assert!(Softmax::new().axis(0).call(&Input::new([2, 3])).is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Softmax = Configured<SoftmaxConfig>;
+
+impl Softmax {
+    /// A softmax over axis 1 (channels).
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(candle_functional::layers::Softmax::new().config().axis, 1);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The axis to normalize over (negative counts from the end; the batch axis is refused).
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(candle_functional::layers::Softmax::new().axis(-1).config().axis, -1);
+    /// ```
+    pub fn axis(self, axis: isize) -> Self {
+        self.with_config(|c| c.axis = axis)
+    }
+}
+
+impl LayerOp for SoftmaxConfig {
+    fn type_name(&self) -> &'static str {
+        "Softmax"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let x = one_input(layer, inputs)?;
+        non_batch_axis(layer, self.axis, x.len())?;
+        Ok(vec![x.to_vec()])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let axis = non_batch_axis("softmax", self.axis, x.rank() - 1)?;
+        Ok(vec![candle_nn::ops::softmax(x, axis)?])
     }
 }

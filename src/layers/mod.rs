@@ -6,23 +6,36 @@ pub(crate) mod activation;
 pub(crate) mod batch_norm;
 pub(crate) mod concatenate;
 pub(crate) mod conv;
+pub(crate) mod conv_transpose;
 pub(crate) mod dense;
+pub(crate) mod depthwise;
 pub(crate) mod dropout;
+pub(crate) mod lambda;
+pub(crate) mod layer_norm;
 pub(crate) mod merge;
 pub(crate) mod padding;
 pub(crate) mod pooling;
 pub(crate) mod reshape;
 pub(crate) mod upsampling;
+pub(crate) mod window_builders;
 
 /// Initializers belong to the graph floor (a [`ParamSpec`](crate::ParamSpec) names one); they
 /// are re-exported here, beside the layers whose configs take them.
 pub use crate::graph::Initializer;
-pub use activation::{Activation, ActivationConfig, ActivationFn, ReLU, ReLUConfig};
+pub use activation::{
+    Activation, ActivationConfig, ActivationFn, ReLU, ReLUConfig, Softmax, SoftmaxConfig,
+};
 pub use batch_norm::{BatchNorm, BatchNormConfig};
 pub use concatenate::{Concatenate, ConcatenateConfig};
 pub use conv::{Conv2D, Conv2DConfig};
+pub use conv_transpose::{Conv2DTranspose, Conv2DTransposeConfig};
 pub use dense::{Dense, DenseConfig};
+pub use depthwise::{
+    DepthwiseConv2D, DepthwiseConv2DConfig, SeparableConv2D, SeparableConv2DConfig,
+};
 pub use dropout::{Dropout, DropoutConfig};
+pub use lambda::{Lambda, LambdaConfig};
+pub use layer_norm::{LayerNormalization, LayerNormalizationConfig};
 pub use merge::{
     Add, AddConfig, Average, AverageConfig, Maximum, MaximumConfig, Minimum, MinimumConfig,
     Multiply, MultiplyConfig, Subtract, SubtractConfig,
@@ -33,6 +46,7 @@ pub use pooling::{
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
 pub use reshape::{
-    Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, ZeroPadding2D, ZeroPadding2DConfig,
+    Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, Permute, PermuteConfig, Reshape,
+    ReshapeConfig, ZeroPadding2D, ZeroPadding2DConfig,
 };
 pub use upsampling::{Interpolation, UpSampling2D, UpSampling2DConfig};

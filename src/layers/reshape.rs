@@ -1,4 +1,5 @@
-//! Shape-only layers: [`Flatten`], [`ZeroPadding2D`] and [`Cropping2D`].
+//! Shape-only layers: [`Flatten`], [`Reshape`], [`Permute`], [`ZeroPadding2D`] and
+//! [`Cropping2D`].
 
 use candle_core::Tensor;
 
@@ -227,5 +228,182 @@ impl LayerOp for Cropping2DConfig {
             l,
             w - l - r,
         )?])
+    }
+}
+
+/// Config of a [`Reshape`] layer: the per-sample target shape, with at most one `-1` (the
+/// size that makes the element count match).
+///
+/// # Examples
+/// ```
+/// let c = candle_functional::layers::ReshapeConfig { target_shape: vec![4, -1] };
+/// assert_eq!(c.target_shape, [4, -1]);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ReshapeConfig {
+    /// Per-sample shape; one entry may be `-1`.
+    pub target_shape: Vec<i64>,
+}
+
+/// Gives every sample a new shape with the same elements in the same (row-major) order.
+///
+/// The order is NCHW's: reshaping a `(C, H, W)` map regroups channels first, where Keras's
+/// channels-last tensors regroup `(H, W, C)`.
+///
+/// # Shapes
+/// Input `(batch, d1, ...)`; output `(batch, target_shape...)`, same element count.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// let y = Reshape::new([4, -1]).call(&Input::new([2, 3, 4]))?;
+/// assert_eq!(y.shape(), &[4, 6]);
+/// assert!(Reshape::new([5, -1]).call(&Input::new([2, 3, 4])).is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Reshape = Configured<ReshapeConfig>;
+
+impl Reshape {
+    /// A reshape to `target_shape` (per sample; one `-1` allowed).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Reshape::new([8, 1, 1]).config().target_shape, [8, 1, 1]);
+    /// ```
+    pub fn new(target_shape: impl Into<Vec<i64>>) -> Self {
+        Self::from_config(ReshapeConfig {
+            target_shape: target_shape.into(),
+        })
+    }
+}
+
+impl ReshapeConfig {
+    fn resolve(&self, layer: &str, input: &[usize]) -> Result<Vec<usize>> {
+        let count: usize = input.iter().product();
+        let bad = |why: &str| Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!(
+                "cannot reshape {input:?} ({count} elements) to {:?}: {why}",
+                self.target_shape
+            ),
+        };
+        let unknown: Vec<usize> = (0..self.target_shape.len())
+            .filter(|&i| self.target_shape[i] == -1)
+            .collect();
+        if unknown.len() > 1 || self.target_shape.iter().any(|&d| d == 0 || d < -1) {
+            return Err(bad("sizes must be positive, with at most one -1"));
+        }
+        let known: usize = self
+            .target_shape
+            .iter()
+            .filter(|&&d| d > 0)
+            .map(|&d| d as usize)
+            .product();
+        let mut shape: Vec<usize> = self
+            .target_shape
+            .iter()
+            .map(|&d| d.max(0) as usize)
+            .collect();
+        if let [i] = unknown[..] {
+            if known == 0 || !count.is_multiple_of(known) {
+                return Err(bad(
+                    "the element count is not a multiple of the given sizes",
+                ));
+            }
+            shape[i] = count / known;
+        } else if known != count {
+            return Err(bad("the element counts differ"));
+        }
+        Ok(shape)
+    }
+}
+
+impl LayerOp for ReshapeConfig {
+    fn type_name(&self) -> &'static str {
+        "Reshape"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        Ok(vec![self.resolve(layer, one_input(layer, inputs)?)?])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let x = &inputs[0];
+        let mut shape = vec![x.dim(0)?];
+        shape.extend(self.resolve("reshape", &x.dims()[1..])?);
+        Ok(vec![x.reshape(shape)?])
+    }
+}
+
+/// Config of a [`Permute`] layer: the new order of the non-batch axes, numbered from 1 as in
+/// Keras (`(2, 1)` swaps the two axes of a `(batch, a, b)` tensor).
+///
+/// # Examples
+/// ```
+/// let c = candle_functional::layers::PermuteConfig { dims: vec![2, 1] };
+/// assert_eq!(c.dims, [2, 1]);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PermuteConfig {
+    /// A permutation of `1..=rank`.
+    pub dims: Vec<usize>,
+}
+
+/// Reorders the non-batch axes.
+///
+/// # Shapes
+/// Input `(batch, d1, ..., dn)`; output `(batch, d[dims[0]], ..., d[dims[n-1]])`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// // NCHW to NHWC.
+/// let y = Permute::new([2, 3, 1]).call(&Input::new([3, 8, 6]))?;
+/// assert_eq!(y.shape(), &[8, 6, 3]);
+/// assert!(Permute::new([1, 1, 2]).call(&Input::new([3, 8, 6])).is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub type Permute = Configured<PermuteConfig>;
+
+impl Permute {
+    /// A permutation of the non-batch axes, numbered from 1.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert_eq!(Permute::new([2, 1]).config().dims, [2, 1]);
+    /// ```
+    pub fn new(dims: impl Into<Vec<usize>>) -> Self {
+        Self::from_config(PermuteConfig { dims: dims.into() })
+    }
+}
+
+impl LayerOp for PermuteConfig {
+    fn type_name(&self) -> &'static str {
+        "Permute"
+    }
+
+    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        let x = one_input(layer, inputs)?;
+        let mut sorted = self.dims.clone();
+        sorted.sort_unstable();
+        if sorted != (1..=x.len()).collect::<Vec<_>>() {
+            return Err(Error::InvalidInput {
+                layer: layer.to_string(),
+                message: format!(
+                    "dims {:?} is not a permutation of 1..={} (the axes of a {x:?} sample)",
+                    self.dims,
+                    x.len()
+                ),
+            });
+        }
+        Ok(vec![self.dims.iter().map(|&d| x[d - 1]).collect()])
+    }
+
+    fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+        let mut order = vec![0];
+        order.extend(self.dims.iter().copied());
+        Ok(vec![inputs[0].permute(order)?.contiguous()?])
     }
 }

@@ -264,6 +264,83 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Transposed convolution (the gradient of a convolution with respect to its input) of NCHW
+/// `x` with a `(in_channels, filters, kh, kw)` kernel, no padding and no bias: the output has
+/// `(h - 1) * stride + dilation * (kh - 1) + 1` rows (columns likewise). Callers crop or pad
+/// that full result to their padding rule. Differentiable with respect to both arguments.
+///
+/// Candle's own kernel on every backend (its backward is candle's convolution); a cuDNN
+/// backward-data path is not written yet.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::conv_transpose2d;
+/// let x = Tensor::new(&[[[[1f32, 2.0]]]], &Device::Cpu)?; // (1, 1, 1, 2)
+/// let k = Tensor::ones((1, 1, 1, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let y = conv_transpose2d(&x, &k, 2, 1)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.0, 1.0, 2.0, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv_transpose2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    const OP: &str = "conv_transpose2d";
+    let &[_, c, _, _] = x.dims() else {
+        return Err(invalid(
+            OP,
+            "x",
+            format!("expected NCHW (rank 4), got shape {:?}", x.dims()),
+        ));
+    };
+    let &[kc, o, kh, kw] = kernel.dims() else {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!(
+                "expected (in, out, kh, kw) (rank 4), got shape {:?}",
+                kernel.dims()
+            ),
+        ));
+    };
+    same_device(OP, "kernel", kernel, x)?;
+    if kernel.dtype() != x.dtype() {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!("dtype {:?}, but x is {:?}", kernel.dtype(), x.dtype()),
+        ));
+    }
+    if kc != c || o == 0 || kh == 0 || kw == 0 {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!("shape {:?} does not fit {c} input channels", kernel.dims()),
+        ));
+    }
+    if stride == 0 || dilation == 0 {
+        return Err(invalid(
+            OP,
+            "geometry",
+            format!("stride ({stride}) and dilation ({dilation}) must be positive"),
+        ));
+    }
+    if x.dim(0)? == 0 {
+        let (_, _, h, w) = x.dims4()?;
+        let full = |n: usize, k: usize| (n.max(1) - 1) * stride + dilation * (k - 1) + 1;
+        return Ok(Tensor::zeros(
+            (0, o, full(h, kh), full(w, kw)),
+            x.dtype(),
+            x.device(),
+        )?);
+    }
+    Ok(x.contiguous()?
+        .conv_transpose2d(&kernel.contiguous()?, 0, 0, stride, dilation)?)
+}
+
 /// An [`Error::InvalidOpArgument`].
 fn invalid(op: &'static str, argument: &'static str, message: String) -> Error {
     Error::InvalidOpArgument {
