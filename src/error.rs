@@ -202,6 +202,27 @@ pub enum Error {
         what: String,
     },
 
+    /// A model's architecture cannot be written: a layer has no serializable config (a
+    /// [`Lambda`](crate::layers::Lambda), a custom layer without `to_config`).
+    #[error("layer `{layer}` ({type_name}) cannot be saved as part of the architecture: {reason}")]
+    NotSerializable {
+        /// The layer's name.
+        layer: String,
+        /// Its type.
+        type_name: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+
+    /// A saved architecture (JSON config) could not be read back.
+    #[error("model config{}: {message}", source_name.as_ref().map(|s| format!(" in {s}")).unwrap_or_default())]
+    Config {
+        /// The file it came from, if any.
+        source_name: Option<String>,
+        /// What is wrong, naming the layer when one is at fault.
+        message: String,
+    },
+
     /// A training or data argument is out of range (learning rate, batch size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

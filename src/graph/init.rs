@@ -19,7 +19,8 @@ use crate::support::seed::{hash_name, mix};
 /// use candle_functional::Initializer;
 /// assert_eq!(Initializer::default(), Initializer::GlorotUniform);
 /// ```
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Initializer {
     /// Keras's default kernel initializer: uniform in `±sqrt(6 / (fan_in + fan_out))`.
     #[default]

@@ -20,7 +20,10 @@ use crate::{Error, Result};
 /// assert_eq!(ActivationFn::Relu.apply(&x)?.to_vec2::<f32>()?, [[0.0, 2.0]]);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum ActivationFn {
     /// The identity.
     #[default]
@@ -137,7 +140,8 @@ fn same_shape_as_input(layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usi
 /// use candle_functional::layers::{ActivationConfig, ActivationFn};
 /// assert_eq!(ActivationConfig::default().function, ActivationFn::Linear);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ActivationConfig {
     /// The function.
     pub function: ActivationFn,
@@ -175,6 +179,10 @@ impl LayerOp for ActivationConfig {
         "Activation"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         same_shape_as_input(layer, inputs)
     }
@@ -192,7 +200,8 @@ impl LayerOp for ActivationConfig {
 /// let c = ReLUConfig::default();
 /// assert_eq!((c.max_value, c.negative_slope), (None, 0.0));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ReLUConfig {
     /// Upper clip (`Some(6.0)` gives ReLU6).
     pub max_value: Option<f64>,
@@ -254,6 +263,10 @@ impl LayerOp for ReLUConfig {
         "ReLU"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         same_shape_as_input(layer, inputs)
     }
@@ -278,7 +291,8 @@ impl LayerOp for ReLUConfig {
 /// ```
 /// assert_eq!(candle_functional::layers::SoftmaxConfig::default().axis, 1);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SoftmaxConfig {
     /// Axis of the full tensor (batch is axis 0; negative counts from the end). Default 1, the
     /// channel axis of NCHW tensors and the feature axis of `(batch, features)`: what Keras's
@@ -337,6 +351,10 @@ impl Softmax {
 impl LayerOp for SoftmaxConfig {
     fn type_name(&self) -> &'static str {
         "Softmax"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

@@ -22,7 +22,8 @@ use crate::{Error, Result};
 /// let c = BatchNormConfig::default();
 /// assert_eq!((c.axis, c.momentum, c.epsilon), (1, 0.99, 1e-3));
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct BatchNormConfig {
     /// The channel axis of the full tensor (batch is axis 0): 1 for NCHW; negative counts
     /// from the end.
@@ -135,6 +136,10 @@ impl BatchNormConfig {
 impl LayerOp for BatchNormConfig {
     fn type_name(&self) -> &'static str {
         "BatchNormalization"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

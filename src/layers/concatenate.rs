@@ -13,7 +13,8 @@ use crate::{Error, Result};
 /// use candle_functional::layers::ConcatenateConfig;
 /// assert_eq!(ConcatenateConfig::default().axis, 1);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ConcatenateConfig {
     /// Axis of the full tensor (batch is axis 0, so 1 is the channel axis of NCHW); negative
     /// counts from the end.
@@ -65,6 +66,10 @@ impl ConcatenateConfig {
 impl LayerOp for ConcatenateConfig {
     fn type_name(&self) -> &'static str {
         "Concatenate"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

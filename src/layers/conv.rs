@@ -23,7 +23,8 @@ use crate::{Error, Result};
 /// assert_eq!((c.kernel_size, c.strides, c.padding), ((3, 3), 1, Padding::Valid));
 /// assert_eq!(c.kernel_initializer, Initializer::GlorotUniform);
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Conv2DConfig {
     /// Number of output channels.
     pub filters: usize,
@@ -249,6 +250,10 @@ impl Conv2DConfig {
 impl LayerOp for Conv2DConfig {
     fn type_name(&self) -> &'static str {
         "Conv2D"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

@@ -28,7 +28,8 @@ use crate::ops;
 /// let c = Conv2DTransposeConfig::default();
 /// assert_eq!((c.kernel_size, c.strides, c.padding), ((3, 3), 1, Padding::Valid));
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Conv2DTransposeConfig {
     /// Number of output channels.
     pub filters: usize,
@@ -148,6 +149,10 @@ impl Conv2DTransposeConfig {
 impl LayerOp for Conv2DTransposeConfig {
     fn type_name(&self) -> &'static str {
         "Conv2DTranspose"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

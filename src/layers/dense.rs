@@ -20,7 +20,8 @@ use crate::{Error, Result};
 /// assert!(c.use_bias);
 /// assert_eq!(c.kernel_initializer, Initializer::GlorotUniform);
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DenseConfig {
     /// Number of outputs.
     pub units: usize,
@@ -119,6 +120,10 @@ impl Dense {
 impl LayerOp for DenseConfig {
     fn type_name(&self) -> &'static str {
         "Dense"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

@@ -27,7 +27,8 @@ use crate::ops::{self, Conv2dGeometry};
 /// let c = DepthwiseConv2DConfig::default();
 /// assert_eq!((c.kernel_size, c.depth_multiplier, c.use_bias), ((3, 3), 1, true));
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DepthwiseConv2DConfig {
     /// Window height and width.
     pub kernel_size: (usize, usize),
@@ -92,7 +93,8 @@ pub type DepthwiseConv2D = Configured<DepthwiseConv2DConfig>;
 /// let c = SeparableConv2DConfig::default();
 /// assert_eq!((c.filters, c.kernel_size, c.depth_multiplier), (1, (3, 3), 1));
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SeparableConv2DConfig {
     /// Output channels of the pointwise convolution.
     pub filters: usize,
@@ -237,6 +239,10 @@ impl LayerOp for DepthwiseConv2DConfig {
         "DepthwiseConv2D"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         Ok(vec![self.depthwise().output_shape(layer, inputs)?])
     }
@@ -270,6 +276,10 @@ impl LayerOp for DepthwiseConv2DConfig {
 impl LayerOp for SeparableConv2DConfig {
     fn type_name(&self) -> &'static str {
         "SeparableConv2D"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

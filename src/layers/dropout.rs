@@ -17,7 +17,8 @@ use crate::{Error, Result};
 /// ```
 /// assert_eq!(candle_functional::layers::DropoutConfig::default().rate, 0.5);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DropoutConfig {
     /// Fraction of activations zeroed, in `[0, 1)`.
     pub rate: f64,
@@ -60,6 +61,10 @@ impl Dropout {
 impl LayerOp for DropoutConfig {
     fn type_name(&self) -> &'static str {
         "Dropout"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

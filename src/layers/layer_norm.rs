@@ -18,7 +18,8 @@ use crate::{Error, Result};
 /// let c = LayerNormalizationConfig::default();
 /// assert_eq!((c.axes.as_slice(), c.epsilon, c.center, c.scale), (&[1][..], 1e-3, true, true));
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct LayerNormalizationConfig {
     /// Axes of the full tensor (batch is axis 0; negative counts from the end) to normalize
     /// over. Default `[1]`: the channels of an NCHW map, the features of `(batch, features)`,
@@ -152,6 +153,10 @@ impl LayerNormalizationConfig {
 impl LayerOp for LayerNormalizationConfig {
     fn type_name(&self) -> &'static str {
         "LayerNormalization"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

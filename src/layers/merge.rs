@@ -66,7 +66,7 @@ macro_rules! merge_layer {
         /// ```
         #[doc = concat!("let _ = candle_functional::layers::", stringify!($config), "::default();")]
         /// ```
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
         pub struct $config;
 
         $(#[$doc])*
@@ -89,6 +89,10 @@ macro_rules! merge_layer {
         impl LayerOp for $config {
             fn type_name(&self) -> &'static str {
                 $type_name
+            }
+
+            fn to_config(&self) -> Option<serde_json::Value> {
+                serde_json::to_value(self).ok()
             }
 
             fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

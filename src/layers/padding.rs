@@ -12,7 +12,10 @@ use crate::{Error, Result};
 /// // TensorFlow's 'same': a 3x3 stride-2 window on 32 pixels pads 0 before and 1 after.
 /// assert_eq!(same_padding(32, 3, 2, 1), (0, 1));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Padding {
     /// No padding: the window stays inside the input.
     #[default]

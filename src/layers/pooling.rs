@@ -24,7 +24,8 @@ use crate::{Error, Result};
 /// let c = Pool2DConfig::default();
 /// assert_eq!((c.pool_size, c.strides, c.padding), ((2, 2), None, Padding::Valid));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Pool2DConfig {
     /// Window height and width.
     pub pool_size: (usize, usize),
@@ -173,7 +174,7 @@ macro_rules! pool_layer {
         #[doc = concat!("let c = candle_functional::layers::", stringify!($config), "::default();")]
         /// assert_eq!(c.0.pool_size, (2, 2));
         /// ```
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
         pub struct $config(pub Pool2DConfig);
 
         $(#[$doc])*
@@ -228,6 +229,10 @@ macro_rules! pool_layer {
                 $type_name
             }
 
+            fn to_config(&self) -> Option<serde_json::Value> {
+                serde_json::to_value(self).ok()
+            }
+
             fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
                 self.0.output_shape(layer, inputs)
             }
@@ -277,7 +282,8 @@ pool_layer!(
 /// ```
 /// assert!(!candle_functional::layers::GlobalAveragePooling2DConfig::default().keepdims);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct GlobalAveragePooling2DConfig {
     /// Keep the spatial axes as size 1 (`(c, 1, 1)` instead of `(c,)`).
     pub keepdims: bool,
@@ -328,6 +334,10 @@ impl LayerOp for GlobalAveragePooling2DConfig {
         "GlobalAveragePooling2D"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         global_output_shapes(layer, inputs, self.keepdims)
     }
@@ -359,7 +369,8 @@ fn global_output_shapes(
 /// ```
 /// assert!(!candle_functional::layers::GlobalMaxPooling2DConfig::default().keepdims);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct GlobalMaxPooling2DConfig {
     /// Keep the spatial axes as size 1 (default `false`).
     pub keepdims: bool,
@@ -407,6 +418,10 @@ impl GlobalMaxPooling2D {
 impl LayerOp for GlobalMaxPooling2DConfig {
     fn type_name(&self) -> &'static str {
         "GlobalMaxPooling2D"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

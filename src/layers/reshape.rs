@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// ```
 /// let _ = candle_functional::layers::FlattenConfig::default();
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct FlattenConfig;
 
 /// Flattens every axis but the batch.
@@ -50,6 +50,10 @@ impl LayerOp for FlattenConfig {
         "Flatten"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         Ok(vec![vec![one_input(layer, inputs)?.iter().product()]])
     }
@@ -66,7 +70,8 @@ impl LayerOp for FlattenConfig {
 /// let c = candle_functional::layers::ZeroPadding2DConfig::default();
 /// assert_eq!(c.padding, ((1, 1), (1, 1)));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ZeroPadding2DConfig {
     /// `((top, bottom), (left, right))`.
     pub padding: ((usize, usize), (usize, usize)),
@@ -128,6 +133,10 @@ impl LayerOp for ZeroPadding2DConfig {
         "ZeroPadding2D"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
@@ -150,7 +159,8 @@ impl LayerOp for ZeroPadding2DConfig {
 /// let c = candle_functional::layers::Cropping2DConfig::default();
 /// assert_eq!(c.cropping, ((0, 0), (0, 0)));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Cropping2DConfig {
     /// `((top, bottom), (left, right))`.
     pub cropping: ((usize, usize), (usize, usize)),
@@ -204,6 +214,10 @@ impl LayerOp for Cropping2DConfig {
         "Cropping2D"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
@@ -239,7 +253,8 @@ impl LayerOp for Cropping2DConfig {
 /// let c = candle_functional::layers::ReshapeConfig { target_shape: vec![4, -1] };
 /// assert_eq!(c.target_shape, [4, -1]);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ReshapeConfig {
     /// Per-sample shape; one entry may be `-1`.
     pub target_shape: Vec<i64>,
@@ -324,6 +339,10 @@ impl LayerOp for ReshapeConfig {
         "Reshape"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         Ok(vec![self.resolve(layer, one_input(layer, inputs)?)?])
     }
@@ -344,7 +363,8 @@ impl LayerOp for ReshapeConfig {
 /// let c = candle_functional::layers::PermuteConfig { dims: vec![2, 1] };
 /// assert_eq!(c.dims, [2, 1]);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PermuteConfig {
     /// A permutation of `1..=rank`.
     pub dims: Vec<usize>,
@@ -382,6 +402,10 @@ impl Permute {
 impl LayerOp for PermuteConfig {
     fn type_name(&self) -> &'static str {
         "Permute"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

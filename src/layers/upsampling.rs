@@ -19,7 +19,8 @@ use crate::layers::padding::{expect_chw, expect_positive, one_input};
 /// use candle_functional::layers::Interpolation;
 /// assert_eq!(Interpolation::default(), Interpolation::Nearest);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Interpolation {
     /// Each pixel repeated (Keras's default).
     #[default]
@@ -36,7 +37,8 @@ pub enum Interpolation {
 /// let c = UpSampling2DConfig::default();
 /// assert_eq!((c.size, c.interpolation), ((2, 2), Interpolation::Nearest));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct UpSampling2DConfig {
     /// Factors `(rows, columns)`.
     pub size: (usize, usize),
@@ -110,6 +112,10 @@ impl UpSampling2D {
 impl LayerOp for UpSampling2DConfig {
     fn type_name(&self) -> &'static str {
         "UpSampling2D"
+    }
+
+    fn to_config(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {

@@ -790,6 +790,10 @@ impl LayerOp for Model {
         "Functional"
     }
 
+    fn to_config(&self) -> Option<serde_json::Value> {
+        crate::models::architecture::nested_config(self)
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         if inputs.len() != self.plan.inputs.len() {
             return Err(Error::InvalidInput {

@@ -100,7 +100,11 @@ impl Model {
         self.set_weights_from(tensors, "map")
     }
 
-    fn set_weights_from(&self, tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
+    pub(crate) fn set_weights_from(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()> {
         self.check_weights(tensors, source)?;
         for w in &self.weights()? {
             let value = tensors[w.name()]
