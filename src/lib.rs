@@ -54,14 +54,14 @@ pub mod train;
 pub use device::{keep_freed_gpu_memory, select_device};
 pub use error::{Error, Result};
 pub use graph::{
-    Configured, Initializer, Input, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
+    Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
     StateUpdates, SymbolicTensor,
 };
 pub use models::{Model, NamedWeight, ParamCounts};
 
 /// Everything needed to write a model: `use candle_functional::prelude::*;`.
 pub mod prelude {
-    pub use crate::graph::{Input, Layer, Mode, SymbolicTensor};
+    pub use crate::graph::{Input, IntoLayer, Layer, Mode, SymbolicTensor};
     pub use crate::layers::{
         Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
         Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, Flatten,

@@ -1216,6 +1216,56 @@ impl<C: LayerOp + Clone> Layer for Configured<C> {
     }
 }
 
+/// Turns any layer config, built-in or your own, into a layer: `config.into_layer()` is
+/// [`Configured::from_config`], ready for `.name(..)`, `.with_config(..)` and `.call(..)`. A
+/// custom layer writes its builder methods on its own config struct (a type of its crate)
+/// and ends the chain with `into_layer()`, or calls it right away with `call`.
+///
+/// # Examples
+/// ```
+/// use candle_core::Tensor;
+/// use candle_functional::prelude::*;
+/// use candle_functional::{IntoLayer, LayerOp, Params};
+///
+/// #[derive(Clone, Debug, Default)]
+/// struct ScaleConfig { factor: f64 }
+///
+/// impl ScaleConfig {
+///     fn new() -> Self { Self { factor: 1.0 } }
+///     fn factor(mut self, factor: f64) -> Self { self.factor = factor; self }
+/// }
+///
+/// impl LayerOp for ScaleConfig {
+///     fn type_name(&self) -> &'static str { "Scale" }
+///     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+///         Ok(vec![candle_functional::layers::one_input(layer, inputs)?.to_vec()])
+///     }
+///     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
+///         Ok(vec![(&inputs[0] * self.factor)?])
+///     }
+/// }
+///
+/// let y = ScaleConfig::new().factor(2.0).into_layer().name("double").call(&Input::new([4]))?;
+/// assert_eq!(y.layer().name(), Some("double"));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub trait IntoLayer: LayerOp + Clone + Sized {
+    /// The layer of this config.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::layers::DenseConfig;
+    /// use candle_functional::IntoLayer;
+    /// let dense = DenseConfig { units: 3, ..Default::default() }.into_layer();
+    /// assert_eq!(dense.config().units, 3);
+    /// ```
+    fn into_layer(self) -> Configured<Self> {
+        Configured::from_config(self)
+    }
+}
+
+impl<C: LayerOp + Clone> IntoLayer for C {}
+
 /// Something that can be called on symbolic tensors: every layer, and a [`Model`](crate::Model).
 ///
 /// # Examples

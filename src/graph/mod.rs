@@ -9,5 +9,7 @@ pub(crate) mod plan;
 pub(crate) mod symbolic;
 
 pub use init::Initializer;
-pub use layer::{Configured, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, StateUpdates};
+pub use layer::{
+    Configured, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, StateUpdates,
+};
 pub use symbolic::{Input, SymbolicTensor};

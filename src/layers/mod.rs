@@ -40,7 +40,10 @@ pub use merge::{
     Add, AddConfig, Average, AverageConfig, Maximum, MaximumConfig, Minimum, MinimumConfig,
     Multiply, MultiplyConfig, Subtract, SubtractConfig,
 };
-pub use padding::{Padding, same_padding};
+pub use padding::{
+    Padding, expect_chw, expect_positive, non_batch_axis, one_input, same_padding,
+    window_output_len,
+};
 pub use pooling::{
     AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,

@@ -1,5 +1,5 @@
 //! Padding modes, the arithmetic of sliding windows (convolutions and pooling), and the
-//! shape checks the layers share.
+//! shape checks the layers share: public, for the shape rules of custom layers.
 
 use crate::{Error, Result};
 
@@ -44,9 +44,19 @@ pub fn same_padding(len: usize, kernel: usize, stride: usize, dilation: usize) -
     (total / 2, total - total / 2)
 }
 
-/// Output length of a window along one axis, or an error naming the layer when the window
-/// does not fit.
-pub(crate) fn window_output_len(
+/// Output length of a window along one axis (`kernel` taps spaced `dilation` apart, moving
+/// by `stride`), or an error naming `layer` when the window does not fit: the shape rule of
+/// every convolution and pooling, for custom layers too.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::{window_output_len, Padding};
+/// assert_eq!(window_output_len("conv", 32, 3, 2, 1, Padding::Same)?, 16);
+/// assert_eq!(window_output_len("conv", 32, 3, 2, 1, Padding::Valid)?, 15);
+/// assert!(window_output_len("conv", 2, 3, 1, 1, Padding::Valid).is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn window_output_len(
     layer: &str,
     len: usize,
     kernel: usize,
@@ -67,8 +77,18 @@ pub(crate) fn window_output_len(
     }
 }
 
-/// The per-sample shape of a layer's one input; an error naming the layer for any other count.
-pub(crate) fn one_input<'a>(layer: &str, inputs: &'a [Vec<usize>]) -> Result<&'a [usize]> {
+/// The per-sample shape of a layer's one input; an error naming `layer` for any other count.
+/// For the `output_shapes` of custom layers.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::one_input;
+/// assert_eq!(one_input("scale", &[vec![3, 4]])?, &[3, 4]);
+/// let err = one_input("scale", &[vec![3], vec![3]]).unwrap_err();
+/// assert!(err.to_string().contains("`scale`"));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn one_input<'a>(layer: &str, inputs: &'a [Vec<usize>]) -> Result<&'a [usize]> {
     match inputs {
         [x] => Ok(x),
         _ => Err(Error::InvalidInput {
@@ -78,8 +98,17 @@ pub(crate) fn one_input<'a>(layer: &str, inputs: &'a [Vec<usize>]) -> Result<&'a
     }
 }
 
-/// Checks that an input is `(C, H, W)` and returns it as such.
-pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
+/// Checks that a per-sample shape is `(channels, height, width)` and returns it as such; an
+/// error naming `layer` and the shape otherwise.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::expect_chw;
+/// assert_eq!(expect_chw("pool", &[3, 8, 8])?, (3, 8, 8));
+/// assert!(expect_chw("pool", &[3, 8]).unwrap_err().to_string().contains("[3, 8]"));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
     match shape {
         [c, h, w] => Ok((*c, *h, *w)),
         _ => Err(Error::InvalidInput {
@@ -90,8 +119,17 @@ pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, 
 }
 
 /// Resolves `axis` of a full tensor (batch first, negative from the end) whose samples have
-/// rank `sample_rank`; the batch axis is refused.
-pub(crate) fn non_batch_axis(layer: &str, axis: isize, sample_rank: usize) -> Result<usize> {
+/// rank `sample_rank`; the batch axis and axes out of range are refused, naming `layer`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::non_batch_axis;
+/// assert_eq!(non_batch_axis("softmax", -1, 3)?, 3);
+/// assert_eq!(non_batch_axis("softmax", 1, 3)?, 1);
+/// assert!(non_batch_axis("softmax", 0, 3).is_err());
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn non_batch_axis(layer: &str, axis: isize, sample_rank: usize) -> Result<usize> {
     let rank = sample_rank as isize + 1;
     let resolved = if axis < 0 { axis + rank } else { axis };
     if resolved < 1 || resolved >= rank {
@@ -105,8 +143,16 @@ pub(crate) fn non_batch_axis(layer: &str, axis: isize, sample_rank: usize) -> Re
     Ok(resolved as usize)
 }
 
-/// Checks that a window parameter is positive.
-pub(crate) fn expect_positive(layer: &str, what: &str, values: &[usize]) -> Result<()> {
+/// Checks that every value is positive (filters, window sizes, strides); an
+/// [`Error::InvalidConfig`] naming `layer` and `what` otherwise.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::expect_positive;
+/// assert!(expect_positive("conv", "strides", &[1, 2]).is_ok());
+/// assert!(expect_positive("conv", "strides", &[0, 2]).is_err());
+/// ```
+pub fn expect_positive(layer: &str, what: &str, values: &[usize]) -> Result<()> {
     if values.contains(&0) {
         return Err(Error::InvalidConfig {
             layer: layer.to_string(),
