@@ -125,7 +125,9 @@ fn main() -> Result<()> {
     std::fs::remove_file(&path).ok();
 
     let batch = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &device)?;
-    let a = model.forward(std::slice::from_ref(&batch), Mode::Eval)?.remove(0);
+    let a = model
+        .forward(std::slice::from_ref(&batch), Mode::Eval)?
+        .remove(0);
     let b = loaded.forward(&[batch], Mode::Eval)?.remove(0);
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     println!("saved and loaded with a registered LayerScale: max |difference| = {diff}");

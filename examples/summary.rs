@@ -1,8 +1,11 @@
-//! Prints the summaries of the article's ResNet and PlainNet and writes their Graphviz graphs.
+//! Prints the summaries of the article's ResNet and PlainNet and writes their graphs: an SVG
+//! picture drawn in pure Rust (no Graphviz needed, like Keras's
+//! `plot_model(show_shapes=True)`) and a Graphviz DOT file.
 //!
 //! ```text
 //! cargo run --release --example summary -- [OUT_DIR]
-//! dot -Tpng OUT_DIR/resnet.dot -o resnet.png
+//! # OUT_DIR/resnet.svg, OUT_DIR/plainnet.svg (open in a browser)
+//! # optional, with Graphviz: dot -Tpng OUT_DIR/resnet.dot -o resnet.png
 //! ```
 
 use std::path::PathBuf;
@@ -18,9 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&out_dir)?;
     for model in [create_res_net()?, create_plain_net()?] {
         println!("{}", model.summary());
-        let path = out_dir.join(format!("{}.dot", model.name()));
-        std::fs::write(&path, model.to_dot())?;
-        println!("wrote {}\n", path.display());
+        let svg = out_dir.join(format!("{}.svg", model.name()));
+        std::fs::write(&svg, model.to_svg()?)?;
+        let dot = out_dir.join(format!("{}.dot", model.name()));
+        std::fs::write(&dot, model.to_dot())?;
+        println!("wrote {} and {}\n", svg.display(), dot.display());
     }
     Ok(())
 }

@@ -485,3 +485,47 @@ fn custom_layers_reach_weights_by_name_and_names_must_be_unique() {
         .to_string();
     assert!(err.contains("`shift`") && err.contains("offset"), "{err}");
 }
+
+#[test]
+fn svg_pictures_show_layers_shapes_and_nested_models_either_way() {
+    use candle_functional::models::PlotOptions;
+    let patch = Input::named("patch", [2, 4, 4]);
+    let h = Conv2D::new(4, 3).name("enc_conv").call(&patch).unwrap();
+    let encoder = Model::new(&[patch], &[h]).unwrap().named("encoder");
+    let (a, b) = (
+        Input::named("left", [2, 4, 4]),
+        Input::named("right", [2, 4, 4]),
+    );
+    let joined = Concatenate::new(1)
+        .name("join")
+        .call_many(&[encoder.call(&a).unwrap(), encoder.call(&b).unwrap()])
+        .unwrap();
+    let model = Model::new(&[a, b], &[joined]).unwrap();
+
+    let collapsed = model.to_svg().unwrap();
+    for text in [
+        "left",
+        "right",
+        "encoder",
+        "Functional",
+        "join",
+        "(None, 4, 2, 2)",
+        "(None, 8, 2, 2)",
+    ] {
+        assert!(collapsed.contains(text), "{text} missing");
+    }
+    assert!(!collapsed.contains("enc_conv"));
+
+    let expanded = model
+        .to_svg_with(PlotOptions {
+            expand_nested: true,
+            show_shapes: false,
+        })
+        .unwrap();
+    for text in ["encoder/enc_conv", "encoder/patch", "join"] {
+        assert!(expanded.contains(text), "{text} missing");
+    }
+    assert!(!expanded.contains("(None, 8, 2, 2)"));
+    // Both calls of the encoder lead into its one drawing: two arrows into its input.
+    assert!(expanded.matches("<path").count() >= 4);
+}

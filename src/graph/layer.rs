@@ -682,6 +682,12 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
     /// Computes the outputs from concrete inputs (batch dimension first).
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>>;
 
+    /// The op as `Any`, for code that looks inside a particular op type (drawing a nested
+    /// model's graph expanded). `None` (the default) for ops nobody needs to look into.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// The layers inside this one (a nested model's layers). A layer with sublayers holds no
     /// weights of its own: building, listing, counting and saving weights walk into its
     /// sublayers instead, naming them `<this layer>.<sublayer>`.

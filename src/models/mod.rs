@@ -2,12 +2,14 @@
 
 pub(crate) mod architecture;
 pub(crate) mod model;
+pub(crate) mod plot;
 pub(crate) mod resnet;
 pub(crate) mod summary;
 pub(crate) mod weights;
 
 pub use architecture::{FORMAT_VERSION, LayerRegistry};
 pub use model::{Model, ModelLayer, NamedWeight, ParamCounts};
+pub use plot::PlotOptions;
 pub use resnet::{
     ResNetConfig, create_plain_net, create_res_net, plain_block, relu_bn, residual_block,
 };

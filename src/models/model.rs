@@ -794,6 +794,10 @@ impl LayerOp for Model {
         crate::models::architecture::nested_config(self)
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
         if inputs.len() != self.plan.inputs.len() {
             return Err(Error::InvalidInput {
