@@ -39,6 +39,18 @@ Run from the repository root:
         kernel has no dilated transposed convolution),
         DepthwiseConv2D, SeparableConv2D and LayerNormalization.
 
+    <venv>/bin/python scripts/keras_reference.py keras-import
+        Saves small functional models with random weights as Keras 3 .keras
+        files (tests/fixtures/keras_import_{cnn,blocks,unsupported}.keras) and
+        writes an input batch and Keras's outputs, NCHW, to
+        tests/fixtures/keras_import.safetensors, for Model::from_keras.
+
+    <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
+        Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
+        (about 60 MB: not committed) with an input batch and Keras's output in
+        OUT_DIR/resnet_io.safetensors, for the ignored test
+        keras_import_article_resnet (CANDLE_FUNCTIONAL_KERAS_RESNET=OUT_DIR).
+
 All subcommands are deterministic: re-running them rewrites identical files.
 """
 
@@ -685,6 +697,142 @@ def cmd_layers(_args):
     write_safetensors(tensors, path, {"keras": keras.__version__})
     print(f"wrote {path}: {sorted(tensors)}")
 
+# ---------------------------------------------------------------------------
+# `keras-import`: small .keras files for Model::from_keras, with Keras's outputs.
+# ---------------------------------------------------------------------------
+
+def randomize(model, seed):
+    """Every weight random (biases and BatchNorm statistics too), deterministically."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        values = []
+        for w in layer.weights:
+            v = rng.uniform(-0.5, 0.5, w.shape).astype("float32")
+            if "variance" in w.path or "gamma" in w.path:
+                v = np.abs(v) + 0.5
+            values.append(v)
+        if values:
+            layer.set_weights(values)
+
+
+def import_cnn():
+    """conv + BN + Add + Concatenate + pooling + Flatten + Dense, one input."""
+    x_in = keras.Input((9, 8, 3), name="image")
+    a = layers.Conv2D(4, 3, padding="same", name="conv_a")(x_in)
+    a = layers.BatchNormalization(name="bn_a")(a)
+    a = layers.ReLU(name="relu_a")(a)
+    b = layers.Conv2D(4, 1, name="conv_b")(x_in)
+    s = layers.Add(name="add")([a, b])
+    c = layers.Concatenate(name="concat")([s, a])
+    c = layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="conv_s2")(c)
+    c = layers.MaxPooling2D(2, padding="same", name="pool")(c)
+    f = layers.Flatten(name="flat")(c)
+    f = layers.Dense(7, activation="tanh", name="hidden")(f)
+    out = layers.Dense(5, activation="softmax", name="out")(f)
+    return keras.Model(x_in, out, name="cnn")
+
+
+def import_blocks():
+    """Two inputs, two outputs: the depthwise/separable/transposed/normalization layers."""
+    img = keras.Input((8, 8, 3), name="img")
+    meta = keras.Input((6,), name="meta")
+    x = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(img)
+    x = layers.LayerNormalization(name="ln")(x)
+    x = layers.SeparableConv2D(8, 3, strides=2, padding="same", name="sep")(x)
+    x = layers.LeakyReLU(name="leaky")(x)
+    x = layers.BatchNormalization(name="bn_map")(x)
+    u = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up_t")(x)
+    u = layers.UpSampling2D(2, interpolation="bilinear", name="up_b")(u)
+    u = layers.ZeroPadding2D(((1, 0), (0, 2)), name="pad")(u)
+    u = layers.Cropping2D(((0, 1), (2, 0)), name="crop")(u)
+    u = layers.Dense(3, name="pixel_dense")(u)              # Dense on a map: a 1x1 conv
+    seg = layers.Softmax(name="seg")(u)                       # per-pixel softmax (channels)
+    g = layers.GlobalAveragePooling2D(name="gap")(x)
+    m = layers.Dense(8, name="meta_dense")(meta)
+    m = layers.BatchNormalization(name="bn_vec")(m)
+    m = layers.Dropout(0.3, name="drop")(m)
+    h = layers.Concatenate(name="join")([g, m])
+    h = layers.Activation("gelu", name="gelu")(h)
+    cls = layers.Dense(4, name="cls")(h)
+    ln_all = layers.LayerNormalization(axis=[1, 2, 3], name="ln_all")(x)
+    avg = layers.AveragePooling2D(2, name="avg")(ln_all)
+    gmax = layers.GlobalMaxPooling2D(name="gmax")(avg)
+    score = layers.Dense(1, name="score")(layers.Multiply(name="gate")([gmax, layers.Dense(8, activation="sigmoid", name="gate_w")(m)]))
+    return keras.Model([img, meta], [seg, cls, score], name="blocks")
+
+
+def import_unsupported():
+    x_in = keras.Input((6,), name="x")
+    h = layers.Dense(4, name="dense")(x_in)
+    out = layers.UnitNormalization(name="unit_norm")(h)
+    return keras.Model(x_in, out, name="unsupported")
+
+
+def keras_outputs(model, inputs):
+    outs = model(inputs, training=False)
+    if not isinstance(outs, (list, tuple)):
+        outs = [outs]
+    return [np.asarray(o) for o in outs]
+
+
+def to_nchw(a):
+    return nhwc_to_nchw(a) if a.ndim == 4 else np.ascontiguousarray(a)
+
+
+def cmd_keras_import(_args):
+    """Writes tests/fixtures/keras_import_*.keras and their inputs and Keras outputs."""
+    keras.utils.set_random_seed(11)
+    rng = np.random.default_rng(12)
+    tensors = {}
+    for name, make, shapes in [
+        ("cnn", import_cnn, [(2, 9, 8, 3)]),
+        ("blocks", import_blocks, [(2, 8, 8, 3), (2, 6)]),
+        ("unsupported", import_unsupported, [(2, 6)]),
+    ]:
+        model = make()
+        randomize(model, seed=len(name))
+        path = os.path.join(FIXTURES, f"keras_import_{name}.keras")
+        model.save(path)
+        inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
+        if name != "unsupported":
+            for i, x in enumerate(inputs):
+                tensors[f"{name}.input_{i}"] = to_nchw(x)
+            for i, y in enumerate(keras_outputs(model, inputs)):
+                tensors[f"{name}.output_{i}"] = to_nchw(y)
+        print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+    out = os.path.join(FIXTURES, "keras_import.safetensors")
+    write_safetensors(tensors, out, {"keras": keras.__version__})
+    print(f"wrote {out}: {sorted(tensors)}")
+
+
+def cmd_keras_resnet(args):
+    """The article's ResNet saved by Keras (too big to commit), with an input batch and its
+    outputs, for the ignored test `keras_import_article_resnet`."""
+    keras.utils.set_random_seed(21)
+    model = create_res_net()
+    # Keras's own initial kernels; random biases and BatchNorm parameters and statistics,
+    # so that every conversion matters (uniform weights would saturate the softmax).
+    rng = np.random.default_rng(21)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32")
+                               if i in (0, 3) else
+                               rng.uniform(-0.2, 0.2, w.shape).astype("float32")
+                               for i, w in enumerate(layer.get_weights())])
+        elif layer.get_weights():
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, rng.uniform(-0.1, 0.1, bias.shape).astype("float32")])
+    os.makedirs(args.out_dir, exist_ok=True)
+    model.save(os.path.join(args.out_dir, "resnet.keras"))
+    x = np.random.default_rng(22).standard_normal((4, 32, 32, 3)).astype("float32")
+    features = keras.Model(model.inputs, model.get_layer("flatten").output)
+    tensors = {"input": to_nchw(x), "output": keras_outputs(model, [x])[0],
+               "flatten": keras_outputs(features, [x])[0]}
+    write_safetensors(tensors, os.path.join(args.out_dir, "resnet_io.safetensors"),
+                      {"keras": keras.__version__})
+    print(f"wrote {args.out_dir}/resnet.keras and resnet_io.safetensors")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -694,9 +842,15 @@ def main():
                    help="write tests/fixtures/keras_parity.safetensors")
     sub.add_parser("layers",
                    help="write tests/fixtures/keras_layers.safetensors")
+    sub.add_parser("keras-import",
+                   help="write tests/fixtures/keras_import_*.keras and their outputs")
+    resnet = sub.add_parser("keras-resnet",
+                            help="save the article's ResNet as .keras with outputs")
+    resnet.add_argument("out_dir")
     args = parser.parse_args()
-    {"counts": cmd_counts, "parity": cmd_parity,
-     "layers": cmd_layers}[args.command](args)
+    {"counts": cmd_counts, "parity": cmd_parity, "layers": cmd_layers,
+     "keras-import": cmd_keras_import,
+     "keras-resnet": cmd_keras_resnet}[args.command](args)
 
 if __name__ == "__main__":
     main()

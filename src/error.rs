@@ -223,6 +223,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A Keras `.keras` file could not be imported: unreadable, or it uses a layer or an
+    /// option this crate does not support (named in the message).
+    #[error("{}: Keras import: {message}", path.display())]
+    KerasImport {
+        /// The `.keras` file.
+        path: std::path::PathBuf,
+        /// What is wrong or unsupported, naming the layer and its class.
+        message: String,
+    },
+
     /// A training or data argument is out of range (learning rate, batch size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

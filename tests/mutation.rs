@@ -174,3 +174,28 @@ fn corrupted_archives_never_panic_and_leave_nothing_half_done() {
     }
     assert!(Path::new(&tarball).is_file());
 }
+
+#[cfg(feature = "keras")]
+#[test]
+fn corrupted_keras_files_never_panic_and_name_the_file() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras_import_cnn.keras");
+    let original = fs::read(fixture).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mutated.keras");
+    let mut mutator = Mutator(7);
+    let mut refused = 0;
+    for _ in 0..2_000 {
+        fs::write(&path, mutator.mutate(&original)).unwrap();
+        if let Err(e) = Model::from_keras(&path, &Device::Cpu) {
+            refused += 1;
+            let text = e.to_string();
+            assert!(text.contains("mutated.keras"), "{text}");
+        }
+    }
+    // Most changes hit checksummed zip entries or the HDF5 structure and are refused.
+    assert!(
+        refused > 1_000,
+        "only {refused} of 2000 corrupted files refused"
+    );
+}

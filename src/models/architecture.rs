@@ -36,7 +36,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const METADATA_KEY: &str = "candle_functional.architecture";
 
 /// A reference to one tensor of the graph: `(layer, call, output)`.
-type TensorRef = (String, usize, usize);
+pub(crate) type TensorRef = (String, usize, usize);
 
 /// The saved document: format, versions, the graph.
 #[derive(Serialize, Deserialize)]
@@ -50,24 +50,24 @@ struct SavedArchitecture {
 
 /// One functional graph (the model, or a nested model's config).
 #[derive(Serialize, Deserialize)]
-struct GraphConfig {
-    name: String,
-    layers: Vec<LayerEntry>,
-    inputs: Vec<TensorRef>,
-    outputs: Vec<TensorRef>,
+pub(crate) struct GraphConfig {
+    pub(crate) name: String,
+    pub(crate) layers: Vec<LayerEntry>,
+    pub(crate) inputs: Vec<TensorRef>,
+    pub(crate) outputs: Vec<TensorRef>,
 }
 
 /// One layer: what it is and how it was called.
 #[derive(Serialize, Deserialize)]
-struct LayerEntry {
-    name: String,
-    class_name: String,
-    config: Value,
+pub(crate) struct LayerEntry {
+    pub(crate) name: String,
+    pub(crate) class_name: String,
+    pub(crate) config: Value,
     #[serde(default = "yes")]
-    trainable: bool,
+    pub(crate) trainable: bool,
     /// The inputs of each call, in call order (empty for an `InputLayer`).
     #[serde(default)]
-    calls: Vec<Vec<TensorRef>>,
+    pub(crate) calls: Vec<Vec<TensorRef>>,
 }
 
 fn yes() -> bool {
@@ -76,8 +76,8 @@ fn yes() -> bool {
 
 /// The config of an `InputLayer` entry.
 #[derive(Serialize, Deserialize)]
-struct InputConfig {
-    shape: Vec<usize>,
+pub(crate) struct InputConfig {
+    pub(crate) shape: Vec<usize>,
 }
 
 type Constructor = Arc<dyn Fn(&Value) -> Result<Arc<dyn LayerOp>> + Send + Sync>;
@@ -371,7 +371,7 @@ fn json_error(e: serde_json::Error) -> Error {
 
 /// Rebuilds the graph of `config`: layers made by `registry`, calls replayed in an order
 /// where every input exists (a shared layer may be called on tensors made after it).
-fn build_graph(config: &GraphConfig, registry: &LayerRegistry) -> Result<Model> {
+pub(crate) fn build_graph(config: &GraphConfig, registry: &LayerRegistry) -> Result<Model> {
     let bad = |message: String| Error::Config {
         source_name: None,
         message,
