@@ -343,3 +343,32 @@ fn a_sub_model_cut_inside_a_graph_saves_its_start_as_an_input() {
     assert_eq!(loaded.inputs()[0].shape(), &[6]);
     assert_eq!(loaded.inputs()[0].layer().name(), Some("flatten_output_0"));
 }
+
+#[test]
+fn a_config_that_does_not_fit_its_weights_is_refused_before_building() {
+    let x = Input::new([4]);
+    let y = Dense::new(2).name("head").call(&x).unwrap();
+    let model = Model::new(&[x], &[y])
+        .unwrap()
+        .build(&Device::Cpu, DType::F32, 0)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edited.safetensors");
+    model.save(&path).unwrap();
+    // Edit the architecture to a layer of four billion units (a file without a checksum, as
+    // another tool could write it): loading must refuse, not allocate 64 GB.
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut metadata = header.metadata().clone().unwrap();
+    metadata.retain(|k, _| k == "candle_functional.architecture");
+    let json =
+        metadata["candle_functional.architecture"].replace("\"units\": 2", "\"units\": 4000000000");
+    metadata.insert("candle_functional.architecture".into(), json);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let edited = safetensors::serialize(views, Some(metadata)).unwrap();
+    std::fs::write(&path, edited).unwrap();
+    let err = Model::load(&path, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, Error::WeightsMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("4000000000"), "{err}");
+}

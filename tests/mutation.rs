@@ -199,3 +199,29 @@ fn corrupted_keras_files_never_panic_and_name_the_file() {
         "only {refused} of 2000 corrupted files refused"
     );
 }
+
+#[test]
+fn corrupted_architectures_never_panic() {
+    let x = Input::named("image", [3, 8, 8]);
+    let h = Conv2D::new(4, 3).padding(Padding::Same).call(&x).unwrap();
+    let h = BatchNorm::new().call(&h).unwrap();
+    let skip = Conv2D::new(4, 1).call(&x).unwrap();
+    let h = Add::new().call_many(&[h, skip]).unwrap();
+    let h = Flatten::new().call(&h).unwrap();
+    let y = Dense::new(2).call(&h).unwrap();
+    let json = Model::new(&[x], &[y]).unwrap().to_json().unwrap();
+    // Mutate the text where the numbers, names and structure are.
+    let original = json.as_bytes();
+    let mut mutator = Mutator(9);
+    let mut loaded = 0;
+    for _ in 0..3_000 {
+        let bytes = mutator.mutate(original);
+        if let Ok(text) = std::str::from_utf8(&bytes)
+            && Model::from_json(text).is_ok()
+        {
+            loaded += 1;
+        }
+    }
+    // Some changes (a digit of an unused field, a trainable flag) still describe a model.
+    assert!(loaded < 3_000);
+}

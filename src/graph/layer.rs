@@ -751,21 +751,36 @@ pub(crate) fn check_named_weights<'a>(
     given: &std::collections::HashMap<String, Tensor>,
     source: &str,
 ) -> Result<()> {
+    check_named_shapes(
+        expected.map(|(name, t)| (name.to_string(), t.dims().to_vec(), t.dtype().is_float())),
+        given,
+        source,
+    )
+}
+
+/// [`check_named_weights`] against shapes alone: `(name, shape, is a float weight)`, for
+/// checking a file against a model that is not built yet (nothing allocated for a file that
+/// does not fit).
+pub(crate) fn check_named_shapes(
+    expected: impl Iterator<Item = (String, Vec<usize>, bool)>,
+    given: &std::collections::HashMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
     let (mut missing, mut mis_shaped, mut mis_typed) = (Vec::new(), Vec::new(), Vec::new());
     let mut known = HashSet::new();
-    for (name, current) in expected {
-        known.insert(name);
-        match given.get(name) {
-            None => missing.push(name.to_string()),
-            Some(t) if t.dims() != current.dims() => {
-                mis_shaped.push((name.to_string(), current.dims().to_vec(), t.dims().to_vec()))
+    for (name, shape, is_float) in expected {
+        match given.get(&name) {
+            None => missing.push(name.clone()),
+            Some(t) if t.dims() != shape.as_slice() => {
+                mis_shaped.push((name.clone(), shape, t.dims().to_vec()))
             }
             // An integer tensor would be cast silently (an I64 bias of 4.3e18).
-            Some(t) if current.dtype().is_float() && !t.dtype().is_float() => {
-                mis_typed.push((name.to_string(), format!("{:?}", t.dtype())))
+            Some(t) if is_float && !t.dtype().is_float() => {
+                mis_typed.push((name.clone(), format!("{:?}", t.dtype())))
             }
             Some(_) => {}
         }
+        known.insert(name);
     }
     let mut unexpected: Vec<String> = given
         .keys()

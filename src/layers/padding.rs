@@ -161,3 +161,15 @@ pub fn expect_positive(layer: &str, what: &str, values: &[usize]) -> Result<()> 
     }
     Ok(())
 }
+
+/// The number of elements of a per-sample shape; an error naming `layer` when it does not
+/// fit in a `usize` (a corrupt or hostile saved config).
+pub(crate) fn element_count(layer: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!("shape {shape:?} has more elements than a usize can count"),
+        })
+}

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::{expect_chw, one_input};
+use crate::layers::padding::{element_count, expect_chw, one_input};
 use crate::{Error, Result};
 
 /// Config of a [`Flatten`] layer (no options).
@@ -55,7 +55,7 @@ impl LayerOp for FlattenConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        Ok(vec![vec![one_input(layer, inputs)?.iter().product()]])
+        Ok(vec![vec![element_count(layer, one_input(layer, inputs)?)?]])
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
@@ -295,7 +295,7 @@ impl Reshape {
 
 impl ReshapeConfig {
     fn resolve(&self, layer: &str, input: &[usize]) -> Result<Vec<usize>> {
-        let count: usize = input.iter().product();
+        let count = element_count(layer, input)?;
         let bad = |why: &str| Error::InvalidInput {
             layer: layer.to_string(),
             message: format!(
@@ -309,12 +309,13 @@ impl ReshapeConfig {
         if unknown.len() > 1 || self.target_shape.iter().any(|&d| d == 0 || d < -1) {
             return Err(bad("sizes must be positive, with at most one -1"));
         }
-        let known: usize = self
+        let sizes: Vec<usize> = self
             .target_shape
             .iter()
             .filter(|&&d| d > 0)
             .map(|&d| d as usize)
-            .product();
+            .collect();
+        let known = element_count(layer, &sizes)?;
         let mut shape: Vec<usize> = self
             .target_shape
             .iter()

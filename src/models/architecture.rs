@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::graph::layer::{check_named_shapes, weight_holders};
 use crate::graph::symbolic::record_call;
 use crate::graph::{Input, Layer, LayerOp, LayerRef, SymbolicTensor};
 use crate::layers::*;
@@ -459,6 +460,28 @@ pub(crate) fn build_graph(config: &GraphConfig, registry: &LayerRegistry) -> Res
     Ok(Model::new(&inputs, &outputs)?.named(config.name.clone()))
 }
 
+/// Checks that `tensors` are exactly the weights of the unbuilt `model` (names and shapes)
+/// before anything is allocated: a config naming a huge layer cannot make `build` allocate
+/// it.
+pub(crate) fn check_fits_unbuilt(
+    model: &Model,
+    tensors: &HashMap<String, candle_core::Tensor>,
+    source: &str,
+) -> Result<()> {
+    let expected = weight_holders(model.layers())
+        .into_iter()
+        .flat_map(|(name, layer)| {
+            layer.param_specs().into_iter().map(move |spec| {
+                (
+                    format!("{name}.{}", spec.name()),
+                    spec.shape().to_vec(),
+                    true,
+                )
+            })
+        });
+    check_named_shapes(expected, tensors, source)
+}
+
 /// Parses a saved architecture, refusing other formats and newer versions.
 fn parse_architecture(json: &str) -> Result<GraphConfig> {
     let bad = |message: String| Error::Config {
@@ -622,6 +645,7 @@ impl Model {
             .first()
             .map(|n| tensors[*n].dtype())
             .unwrap_or(DType::F32);
+        check_fits_unbuilt(&model, &tensors, &path.display().to_string())?;
         let model = model.build(device, dtype, 0)?;
         model.set_weights_from(&tensors, &path.display().to_string())?;
         Ok(model)

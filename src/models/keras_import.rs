@@ -33,7 +33,7 @@ use crate::graph::layer::snake_case;
 use crate::layers::*;
 use crate::models::Model;
 use crate::models::architecture::{
-    GraphConfig, InputConfig, LayerEntry, LayerRegistry, TensorRef, build_graph,
+    GraphConfig, InputConfig, LayerEntry, LayerRegistry, TensorRef, build_graph, check_fits_unbuilt,
 };
 use crate::{Error, Result};
 
@@ -1022,8 +1022,10 @@ impl Importer<'_> {
             Error::Config { message, .. } => self.error(message),
             other => other,
         })?;
+        let source = self.path.display().to_string();
+        check_fits_unbuilt(&model, &tensors, &source)?;
         let model = model.build(device, DType::F32, 0)?;
-        model.set_weights_from(&tensors, &self.path.display().to_string())?;
+        model.set_weights_from(&tensors, &source)?;
         Ok(model)
     }
 }
