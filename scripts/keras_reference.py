@@ -690,6 +690,12 @@ def cmd_layers(_args):
         for (param, convert), value in zip(converts, values):
             tensors[f"{name}.{param}"] = np.ascontiguousarray(
                 convert(value) if convert else value)
+    # Reshape and Permute of a (batch, 3, 4) sequence, where both layouts agree (on maps
+    # they differ: the crate's element order is NCHW's).
+    seq = rng.standard_normal((2, 3, 4)).astype("float32")
+    tensors["seq_input"] = seq
+    tensors["reshape_6x2"] = np.asarray(keras.layers.Reshape((6, -1))(seq))
+    tensors["permute_21"] = np.asarray(keras.layers.Permute((2, 1))(seq))
     # Softmax over Keras's axis 1 (height in NHWC) is axis 2 of NCHW.
     tensors["softmax_height"] = nhwc_to_nchw(
         np.asarray(keras.layers.Softmax(axis=1)(x_nhwc)))

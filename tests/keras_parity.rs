@@ -329,6 +329,23 @@ fn single_layers_match_keras() {
             }),
         ),
     ];
+    // Reshape and Permute on a sequence (the layouts agree there).
+    let seq = &fixture["seq_input"];
+    let sequence_cases: Vec<(&str, Apply)> = vec![
+        ("reshape_6x2", Box::new(|x| Reshape::new([6, -1]).call(x))),
+        ("permute_21", Box::new(|x| Permute::new([2, 1]).call(x))),
+    ];
+    for (name, apply) in sequence_cases {
+        let x = Input::new(&seq.dims()[1..]);
+        let y = apply(&x).unwrap();
+        let model = Model::new(&[x], &[y])
+            .unwrap()
+            .build(&Device::Cpu, DType::F32, 0)
+            .unwrap();
+        let ours = model.forward(&[seq.clone()], Mode::Eval).unwrap().remove(0);
+        assert_eq!(ours.dims(), fixture[name].dims(), "{name}");
+        assert_eq!(max_abs_diff(&ours, &fixture[name]), 0.0, "{name}");
+    }
     for (name, apply) in cases {
         let x = Input::new(&input.dims()[1..]);
         let y = apply(&x).unwrap();
