@@ -2,7 +2,9 @@
 //!
 //! 1. **correctness**: a small residual network built with the same seed on the CPU and on the
 //!    requested device, run in training mode on the same batch; outputs, the gradients of
-//!    every weight and the updated BatchNorm statistics are compared;
+//!    every weight and the updated BatchNorm statistics are compared; the same for a small
+//!    U-Net of the decoder and MobileNet layers (depthwise, separable, transposed
+//!    convolution, layer norm, bilinear upsampling);
 //! 2. **throughput**: training steps of the article's ResNet at batch 128 in f32 (TF32 matrix
 //!    products) and in bf16 mixed precision (f32 master weights), median of timed steps;
 //! 3. **epoch time**: one epoch over 50,000 synthetic CIFAR-shaped images through
@@ -78,6 +80,43 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     Ok(diff / scale)
 }
 
+/// The outputs, the gradients of every trainable weight and the state after one training
+/// step of `make()` on the CPU and on `device`: (max relative difference of the outputs, of
+/// the gradients and state, number of tensors compared).
+fn compare_devices(
+    device: &Device,
+    make: impl Fn() -> Result<Model>,
+    x: &Tensor,
+    loss: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(f64, f64, usize)> {
+    let mut results = Vec::new();
+    for dev in [Device::Cpu, device.clone()] {
+        let model = make()?.build(&dev, DType::F32, 7)?;
+        let out = model.forward(&[x.to_device(&dev)?], Mode::Train)?.remove(0);
+        let grads = loss(&out)?.backward()?;
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for w in model.weights()? {
+            let tensor = if w.trainable() {
+                grads.get(w.var().as_tensor()).cloned().ok_or_else(|| {
+                    Error::InvalidArgument(format!("no gradient for {}", w.name()))
+                })?
+            } else {
+                // BatchNorm's moving statistics after the training step.
+                w.var().as_tensor().clone()
+            };
+            named.push((w.name().to_string(), tensor));
+        }
+        results.push((out, named));
+    }
+    let out_diff = rel_diff(&results[1].0, &results[0].0)?;
+    let mut grad_diff = 0f64;
+    for ((_, a), (_, b)) in results[1].1.iter().zip(&results[0].1) {
+        grad_diff = grad_diff.max(rel_diff(a, b)?);
+    }
+    Ok((out_diff, grad_diff, results[0].1.len()))
+}
+
+/// A small residual network: the article's blocks.
 fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
     let config = ResNetConfig {
         input_shape: [3, 16, 16],
@@ -87,40 +126,45 @@ fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
     };
     let x = (Tensor::rand(0f32, 255.0, (8, 3, 16, 16), &Device::Cpu)?).to_dtype(DType::F32)?;
     let y = labels(8, &Device::Cpu)?;
-    let mut results = Vec::new();
-    for dev in [Device::Cpu, device.clone()] {
-        let model = config.res_net()?.build(&dev, DType::F32, 7)?;
-        let out = model.forward(&[x.to_device(&dev)?], Mode::Train)?.remove(0);
-        let loss = PROBS.compute(&out, &y.to_device(&dev)?)?;
-        let grads = loss.backward()?;
-        let named: Vec<(String, Tensor)> = model
-            .weights()?
-            .iter()
-            .filter(|w| w.trainable())
-            .map(|w| {
-                (
-                    w.name().to_string(),
-                    grads.get(w.var().as_tensor()).cloned(),
-                )
-            })
-            .map(|(n, g)| (n, g.expect("every trainable weight has a gradient")))
-            // BatchNorm's moving statistics after the training step are compared too.
-            .chain(
-                model
-                    .weights()?
-                    .iter()
-                    .filter(|w| !w.trainable())
-                    .map(|w| (w.name().to_string(), w.var().as_tensor().clone())),
-            )
-            .collect();
-        results.push((out, named));
-    }
-    let out_diff = rel_diff(&results[1].0, &results[0].0)?;
-    let mut grad_diff = 0f64;
-    for ((_, a), (_, b)) in results[1].1.iter().zip(&results[0].1) {
-        grad_diff = grad_diff.max(rel_diff(a, b)?);
-    }
-    Ok((out_diff, grad_diff, results[0].1.len()))
+    compare_devices(
+        device,
+        || config.res_net(),
+        &x,
+        |out| PROBS.compute(out, &y.to_device(out.device())?),
+    )
+}
+
+/// A small U-Net of the decoder and MobileNet layers: depthwise, separable, transposed
+/// convolution, layer norm, bilinear upsampling, cropping, per-pixel softmax.
+fn correctness_decoder_layers(device: &Device) -> Result<(f64, f64, usize)> {
+    let make = || -> Result<Model> {
+        let same = Padding::Same;
+        let x = Input::new([3, 16, 16]);
+        let e = DepthwiseConv2D::new(3)
+            .padding(same)
+            .depth_multiplier(2)
+            .call(&x)?;
+        let e = SeparableConv2D::new(8, 3)
+            .strides(2)
+            .padding(same)
+            .call(&e)?;
+        let e = LayerNormalization::new().call(&e)?;
+        let u = Conv2DTranspose::new(4, 3)
+            .strides(2)
+            .padding(same)
+            .call(&e)?;
+        let b = UpSampling2D::new(2).bilinear().call(&e)?;
+        let b = Conv2D::new(4, 1).call(&b)?;
+        let d = Concatenate::new(1).call_many(&[u, b])?;
+        let d = Cropping2D::new(1).call(&ZeroPadding2D::new(1).call(&d)?)?;
+        let y = Softmax::new().call(&Conv2D::new(3, 1).call(&d)?)?;
+        Model::new(&[x], &[y])
+    };
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?;
+    let mix = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?;
+    compare_devices(device, make, &x, |out| {
+        Ok((out * mix.to_device(out.device())?)?.sum_all()?)
+    })
 }
 
 fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64)> {
@@ -305,9 +349,16 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     }
     let (out_diff, grad_diff, n_grads) = correctness(&device)?;
     eprintln!("correctness: outputs {out_diff:.2e}, gradients {grad_diff:.2e} ({n_grads} tensors)");
+    let (dec_out, dec_grad, dec_n) = correctness_decoder_layers(&device)?;
+    eprintln!(
+        "correctness, decoder layers: outputs {dec_out:.2e}, gradients {dec_grad:.2e} ({dec_n} tensors)"
+    );
+    let decoder_json = format!(
+        "{{\"max_rel_diff_outputs\": {dec_out:.3e}, \"max_rel_diff_gradients\": {dec_grad:.3e}, \"gradient_tensors\": {dec_n}}}"
+    );
     if args.correctness_only {
         println!(
-            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}"
+            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}, \"decoder_layers\": {decoder_json}}}"
         );
         return Ok(());
     }
@@ -345,7 +396,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     };
     println!(
         "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"batch_size\": {}, \"stages\": {:?}, \"width_divisor\": {}, \
-         \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \
+         \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \"correctness_decoder_layers\": {decoder_json}, \
          \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
          \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
          \"conv3x3_fwd_bwd_ms\": {{\"ops\": {}, \"candle_reference\": {}}}, \
