@@ -44,6 +44,10 @@ data_batch_1.bin ... data_batch_5.bin and test_batch.bin):
     <venv>/bin/python scripts/torch_reference.py bench --model resnet \\
         --mode train --device cuda --batch-size 128 --steps 20 --warmup 5
 
+    # Per-layer forward/backward times at the article's shapes, the cases of
+    # examples/layer_profile.rs (one JSON line per case; scripts/compare-layers.sh).
+    <venv>/bin/python scripts/torch_reference.py layers --batch-size 128 --reps 3
+
 The parameter count is printed to stderr at start, counted as Keras counts it
 (BatchNorm moving mean/variance included): 15,619,990 for the default ResNet,
 15,447,062 for the plain net.
@@ -532,6 +536,94 @@ def cmd_bench(args):
     print(json.dumps(result), flush=True)
 
 
+def layer_cases():
+    """The cases of examples/layer_profile.rs, same names, shapes and layers."""
+    cases = [("conv3x3_stem_3_64_32", (3, 32, 32), lambda: SameConv2d(3, 64, 3), 2 * 3 * 64 * 9 * 32 * 32)]
+    for f, h in [(64, 32), (128, 16), (256, 8), (512, 4)]:
+        cases.append((f"conv3x3_s1_{f}_{h}", (f, h, h),
+                      lambda f=f: SameConv2d(f, f, 3), 2 * f * f * 9 * h * h))
+        if f > 64:
+            cases.append((f"conv3x3_s2_{f}_{h}", (f // 2, 2 * h, 2 * h),
+                          lambda f=f: SameConv2d(f // 2, f, 3, stride=2), 2 * (f // 2) * f * 9 * h * h))
+            cases.append((f"conv1x1_s2_{f}_{h}", (f // 2, 2 * h, 2 * h),
+                          lambda f=f: SameConv2d(f // 2, f, 1, stride=2), 2 * (f // 2) * f * h * h))
+        cases.append((f"batchnorm_{f}_{h}", (f, h, h), lambda f=f: keras_batch_norm(f), 0))
+        cases.append((f"relu_{f}_{h}", (f, h, h), lambda: nn.ReLU(), 0))
+        cases.append((f"add_{f}_{h}", (f, h, h), lambda: AddSelf(), 0))
+    cases.append(("avgpool4_512_4", (512, 4, 4), lambda: nn.AvgPool2d(4), 0))
+    cases.append(("dense_512_10", (512,), lambda: nn.Linear(512, 10), 2 * 512 * 10))
+    return cases
+
+
+class AddSelf(nn.Module):
+    """x + x: the crate's profile calls Add on one input twice."""
+
+    def forward(self, x):
+        return torch.add(x, x)
+
+
+def cmd_layers(args):
+    """Per-layer forward and backward times, one JSON line per case (examples/layer_profile.rs
+    is the crate's side)."""
+    setup_threads(args.threads)
+    torch.manual_seed(0)
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    b = args.batch_size
+    for name, shape, make, flops in layer_cases():
+        if args.only not in name:
+            continue
+        layer = make().train()
+        x = torch.randn(b, *shape, requires_grad=True)
+        with torch.no_grad():
+            out_shape = layer(x).shape
+        mix = torch.randn(out_shape)
+        fwd, both = [], []
+        for rep in range(args.warmup + args.reps):
+            t0 = time.perf_counter()
+            y = layer(x)
+            float(y.sum())
+            t1 = time.perf_counter()
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            y = layer(x)
+            (y * mix).sum().backward()
+            t2 = time.perf_counter()
+            if rep >= args.warmup:
+                fwd.append(t1 - t0)
+                both.append(t2 - t1)
+        f = statistics.median(fwd)
+        bwd = max(statistics.median(both) - f, 0.0)
+        gf = lambda sec, k: round(k * flops * b / sec / 1e9, 1) if flops and sec > 0 else None
+        print(json.dumps({
+            "framework": "pytorch", "torch": torch.__version__, "layer": name,
+            "batch_size": b, "forward_ms": round(f * 1e3, 3), "backward_ms": round(bwd * 1e3, 3),
+            "forward_gflops": gf(f, 1), "backward_gflops": gf(bwd, 2),
+            "threads": args.threads, "cpu": cpu}), flush=True)
+    if args.only in "adam_all_params":
+        args.stages, args.width_divisor, args.kernel_size = (2, 5, 5, 2), 1, 3
+        model = build_model("resnet", args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = keras_adam(params, 1e-3)
+        times = []
+        for rep in range(args.warmup + args.reps):
+            t0 = time.perf_counter()
+            opt.step()
+            if rep >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        print(json.dumps({
+            "framework": "pytorch", "torch": torch.__version__, "layer": "adam_all_params",
+            "parameters": sum(p.numel() for p in params),
+            "step_ms": round(statistics.median(times) * 1e3, 3),
+            "threads": args.threads, "cpu": cpu}), flush=True)
+
+
 # ---------------------------------------------------------------------------
 
 def add_model_args(p):
@@ -572,6 +664,15 @@ def main():
     add_model_args(t)
     t.set_defaults(func=cmd_train)
 
+    lp = sub.add_parser("layers", help="per-layer forward/backward times (examples/layer_profile.rs's cases)")
+    lp.add_argument("--batch-size", type=int, default=128)
+    lp.add_argument("--reps", type=int, default=3)
+    lp.add_argument("--warmup", type=int, default=1)
+    lp.add_argument("--only", default="")
+    lp.add_argument("--threads", type=int, default=2)
+    lp.add_argument("--seed", type=int, default=0)
+    lp.set_defaults(func=cmd_layers)
+
     b = sub.add_parser("bench", help="time train or inference steps on "
                        "synthetic data; prints one JSON line")
     b.add_argument("--model", choices=["resnet", "plain"], default="resnet")
@@ -592,7 +693,7 @@ def main():
     b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args()
-    if args.width_divisor < 1:
+    if getattr(args, "width_divisor", 1) < 1:
         parser.error("--width-divisor must be >= 1")
     args.func(args)
 

@@ -257,3 +257,128 @@ fn bias_add_kernel_matches_the_reference() {
         }
     }
 }
+
+/// Values of every kind an optimizer meets: signs, tiny and large magnitudes, zeros.
+fn varied(n: usize, seed: u64, dtype: DType) -> Tensor {
+    let mut s = seed | 1;
+    let v: Vec<f64> = (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            match i % 7 {
+                0 => 0.0,
+                1 => u * 1e-6,
+                2 => u * 1e3,
+                _ => u,
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, n, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+        b.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(x == y, "{what}[{i}]: fused {x} vs reference {y}");
+    }
+}
+
+#[test]
+fn fused_adam_is_bit_identical_to_the_reference() {
+    use candle_functional::ops::{AdamStep, adam_update, reference};
+    // Longer than one parallel chunk, not a multiple of it.
+    let n = 40_000 + 17;
+    for dtype in [DType::F32, DType::F64] {
+        let (w, g) = (varied(n, 1, dtype), varied(n, 2, dtype));
+        let m = varied(n, 3, dtype);
+        let v = varied(n, 4, dtype).abs().unwrap();
+        for decay in [1.0, 1.0 - 1e-3 * 4e-3] {
+            let step = AdamStep {
+                alpha: 1e-3 * 0.0316 / 0.1,
+                beta_1: 0.9,
+                beta_2: 0.999,
+                epsilon: 1e-7,
+                decay,
+            };
+            let fused = adam_update(&w, &g, &m, &v, step).unwrap();
+            let composed = reference::adam_update(&w, &g, &m, &v, step).unwrap();
+            assert_same(&fused.0, &composed.0, "w");
+            assert_same(&fused.1, &composed.1, "m");
+            assert_same(&fused.2, &composed.2, "v");
+        }
+    }
+}
+
+#[test]
+fn fused_sgd_is_bit_identical_to_the_reference() {
+    use candle_functional::ops::{SgdStep, reference, sgd_update};
+    let n = 40_000 + 17;
+    for dtype in [DType::F32, DType::F64] {
+        let (w, g, u) = (
+            varied(n, 5, dtype),
+            varied(n, 6, dtype),
+            varied(n, 7, dtype),
+        );
+        for (momentum, nesterov, decay) in [
+            (0.0, false, 1.0),
+            (0.0, false, 0.999),
+            (0.9, false, 1.0),
+            (0.9, true, 0.999),
+        ] {
+            let step = SgdStep {
+                learning_rate: 0.01,
+                momentum,
+                nesterov,
+                decay,
+            };
+            let velocity = (momentum > 0.0).then_some(&u);
+            let fused = sgd_update(&w, &g, velocity, step).unwrap();
+            let composed = reference::sgd_update(&w, &g, velocity, step).unwrap();
+            assert_same(&fused.0, &composed.0, "w");
+            assert_eq!(fused.1.is_some(), composed.1.is_some());
+            if let (Some(a), Some(b)) = (&fused.1, &composed.1) {
+                assert_same(a, b, "velocity");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_updates_refuse_mismatched_arguments() {
+    use candle_functional::ops::{AdamStep, SgdStep, adam_update, sgd_update};
+    let w = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    let short = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let f64s = Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap();
+    let step = AdamStep {
+        alpha: 0.1,
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-7,
+        decay: 1.0,
+    };
+    let err = adam_update(&w, &short, &w, &w, step)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`g`"), "{err}");
+    let err = adam_update(&w, &w, &f64s, &w, step)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`m`"), "{err}");
+    let sgd = SgdStep {
+        learning_rate: 0.1,
+        momentum: 0.9,
+        nesterov: false,
+        decay: 1.0,
+    };
+    let err = sgd_update(&w, &w, None, sgd).unwrap_err().to_string();
+    assert!(err.contains("velocity"), "{err}");
+}

@@ -10,6 +10,8 @@
 //! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
 //! | [`bias_add`] | fused per-channel add and gradient sum (`cpu/bias.rs`) | [`reference::bias_add`] | [`reference::bias_add`] |
+//! | [`conv_transpose2d`] | candle's kernel | candle's kernel | candle's kernel |
+//! | [`adam_update`], [`sgd_update`] | one fused pass per weight (`cpu/optimizer.rs`) | [`reference::adam_update`], [`reference::sgd_update`] | the same |
 //!
 //! [`reference`](mod@reference) composes the same functions from candle's own differentiable ops: it runs on
 //! every device and dtype, and it is the oracle the kernels are tested against. Layers call
@@ -339,6 +341,158 @@ pub fn conv_transpose2d(
     }
     Ok(x.contiguous()?
         .conv_transpose2d(&kernel.contiguous()?, 0, 0, stride, dilation)?)
+}
+
+/// One Adam (or AdamW) step's constants: the step size with Keras's bias correction folded
+/// in, `alpha = lr · √(1 - β2ᵗ) / (1 - β1ᵗ)`, the decay rates, epsilon (added to `√v`), and
+/// the decoupled weight decay as a factor on the weight, `decay = 1 - lr · weight_decay`
+/// (1 for plain Adam).
+///
+/// # Examples
+/// ```
+/// use candle_functional::ops::AdamStep;
+/// let s = AdamStep { alpha: 1e-3, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, decay: 1.0 };
+/// assert_eq!(s.decay, 1.0);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    /// Step size, bias correction included.
+    pub alpha: f64,
+    /// Decay of the first moment.
+    pub beta_1: f64,
+    /// Decay of the second moment.
+    pub beta_2: f64,
+    /// Added to `√v`.
+    pub epsilon: f64,
+    /// Factor on the weight before the update (decoupled weight decay), 1 for none.
+    pub decay: f64,
+}
+
+/// One SGD step's constants, Keras's rule: `u' = μ·u - lr·g`, `w' = decay·w + u'` (Nesterov:
+/// `decay·w + μ·u' - lr·g`); without momentum `w' = decay·w - lr·g`.
+///
+/// # Examples
+/// ```
+/// use candle_functional::ops::SgdStep;
+/// let s = SgdStep { learning_rate: 0.01, momentum: 0.9, nesterov: false, decay: 1.0 };
+/// assert_eq!(s.momentum, 0.9);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    /// Step size.
+    pub learning_rate: f64,
+    /// Momentum `μ` (0 for none: no velocity).
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Factor on the weight before the update (decoupled weight decay), 1 for none.
+    pub decay: f64,
+}
+
+/// The new `(weight, m, v)` of one Adam step of weight `w` with gradient `g` and moments `m`,
+/// `v` (all of one shape, dtype and device). Nothing is written: the caller sets them, so a
+/// step of many weights can be computed whole before any is applied. On the CPU one fused
+/// pass (bit-identical to [`reference::adam_update`]); elsewhere the reference.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{adam_update, AdamStep};
+/// let w = Tensor::new(&[1f32, -1.0], &Device::Cpu)?;
+/// let g = Tensor::new(&[0.5f32, -0.5], &Device::Cpu)?;
+/// let zeros = w.zeros_like()?;
+/// let step = AdamStep { alpha: 0.1, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, decay: 1.0 };
+/// let (w1, m1, _v1) = adam_update(&w, &g, &zeros, &zeros, step)?;
+/// assert_eq!(m1.to_vec1::<f32>()?, [0.05, -0.05]);
+/// assert!(w1.to_vec1::<f32>()?[0] < 1.0);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn adam_update(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: AdamStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    check_update("adam_update", w, &[("g", g), ("m", m), ("v", v)])?;
+    match backend(w, CPU_FLOATS, &[]) {
+        Backend::Cpu => cpu::optimizer::adam_update(w, g, m, v, &step),
+        _ => reference::adam_update(w, g, m, v, step),
+    }
+}
+
+/// The new `(weight, velocity)` of one SGD step (velocity only with momentum, then required).
+/// Nothing is written. On the CPU one fused pass (bit-identical to
+/// [`reference::sgd_update`]); elsewhere the reference.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{sgd_update, SgdStep};
+/// let w = Tensor::new(&[1f32], &Device::Cpu)?;
+/// let g = Tensor::new(&[2f32], &Device::Cpu)?;
+/// let step = SgdStep { learning_rate: 0.5, momentum: 0.0, nesterov: false, decay: 1.0 };
+/// let (w1, u1) = sgd_update(&w, &g, None, step)?;
+/// assert_eq!((w1.to_vec1::<f32>()?, u1.is_none()), (vec![0.0], true));
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn sgd_update(
+    w: &Tensor,
+    g: &Tensor,
+    velocity: Option<&Tensor>,
+    step: SgdStep,
+) -> Result<(Tensor, Option<Tensor>)> {
+    const OP: &str = "sgd_update";
+    let mut others = vec![("g", g)];
+    others.extend(velocity.map(|u| ("velocity", u)));
+    check_update(OP, w, &others)?;
+    if (step.momentum != 0.0) != velocity.is_some() {
+        return Err(invalid(
+            OP,
+            "velocity",
+            format!(
+                "given: {}, but momentum is {}: a velocity goes with momentum",
+                velocity.is_some(),
+                step.momentum
+            ),
+        ));
+    }
+    match backend(w, CPU_FLOATS, &[]) {
+        Backend::Cpu => cpu::optimizer::sgd_update(w, g, velocity, &step),
+        _ => reference::sgd_update(w, g, velocity, step),
+    }
+}
+
+/// The checks of the optimizer updates: every tensor like `w` (shape, dtype, device).
+pub(crate) fn check_update(
+    op: &'static str,
+    w: &Tensor,
+    others: &[(&'static str, &Tensor)],
+) -> Result<()> {
+    if !w.dtype().is_float() {
+        return Err(invalid(
+            op,
+            "w",
+            format!("dtype {:?} is not a float", w.dtype()),
+        ));
+    }
+    for (name, t) in others {
+        same_device(op, name, t, w)?;
+        if t.dims() != w.dims() || t.dtype() != w.dtype() {
+            return Err(invalid(
+                op,
+                name,
+                format!(
+                    "{:?} {:?}, but w is {:?} {:?}",
+                    t.dtype(),
+                    t.dims(),
+                    w.dtype(),
+                    w.dims()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An [`Error::InvalidOpArgument`].

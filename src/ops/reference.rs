@@ -10,7 +10,10 @@
 use candle_core::{D, Tensor};
 
 use crate::Result;
-use crate::ops::{BatchNormMode, Conv2dGeometry, check_batch_norm, check_bias_add, check_conv2d};
+use crate::ops::{
+    AdamStep, BatchNormMode, Conv2dGeometry, SgdStep, check_batch_norm, check_bias_add,
+    check_conv2d,
+};
 
 /// candle's own convolution (cuDNN forward with the `cudnn` feature, candle's backward),
 /// after an explicit pad where the padding is not the same on all four sides.
@@ -150,5 +153,80 @@ fn scale_and_shift(
     Ok(match beta {
         Some(beta) => y.broadcast_add(&as_channels(beta)?)?,
         None => y,
+    })
+}
+
+/// [`ops::adam_update`](crate::ops::adam_update) from candle's element-wise ops: the
+/// optimizer's original arithmetic, and the fused kernels' oracle.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{reference, AdamStep};
+/// let w = Tensor::new(&[1f32], &Device::Cpu)?;
+/// let z = w.zeros_like()?;
+/// let step = AdamStep { alpha: 0.1, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, decay: 1.0 };
+/// let (w1, _, _) = reference::adam_update(&w, &w, &z, &z, step)?;
+/// assert!(w1.to_vec1::<f32>()?[0] < 1.0);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn adam_update(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: AdamStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    crate::ops::check_update("adam_update", w, &[("g", g), ("m", m), ("v", v)])?;
+    let m_new = ((m * step.beta_1)? + (g * (1.0 - step.beta_1))?)?;
+    let v_new = ((v * step.beta_2)? + (g.sqr()? * (1.0 - step.beta_2))?)?;
+    let w = if step.decay != 1.0 {
+        (w * step.decay)?
+    } else {
+        w.clone()
+    };
+    let update = (&m_new / (v_new.sqrt()? + step.epsilon)?)?;
+    let w_new = (w - (update * step.alpha)?)?;
+    Ok((w_new, m_new, v_new))
+}
+
+/// [`ops::sgd_update`](crate::ops::sgd_update) from candle's element-wise ops.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{reference, SgdStep};
+/// let w = Tensor::new(&[1f32], &Device::Cpu)?;
+/// let step = SgdStep { learning_rate: 0.5, momentum: 0.0, nesterov: false, decay: 1.0 };
+/// let (w1, _) = reference::sgd_update(&w, &w, None, step)?;
+/// assert_eq!(w1.to_vec1::<f32>()?, [0.5]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn sgd_update(
+    w: &Tensor,
+    g: &Tensor,
+    velocity: Option<&Tensor>,
+    step: SgdStep,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut others = vec![("g", g)];
+    others.extend(velocity.map(|u| ("velocity", u)));
+    crate::ops::check_update("sgd_update", w, &others)?;
+    let w = if step.decay != 1.0 {
+        (w * step.decay)?
+    } else {
+        w.clone()
+    };
+    let lr_g = (g * step.learning_rate)?;
+    Ok(match velocity {
+        Some(u) => {
+            let u_new = ((u * step.momentum)? - &lr_g)?;
+            let w_new = if step.nesterov {
+                ((w + (&u_new * step.momentum)?)? - lr_g)?
+            } else {
+                (w + &u_new)?
+            };
+            (w_new, Some(u_new))
+        }
+        None => ((w - lr_g)?, None),
     })
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
+use crate::ops;
 use crate::{Error, Result};
 
 /// The state an optimizer needs to resume: a step count and named slot tensors.
@@ -384,18 +385,23 @@ impl Adam {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let (m, v) = (self.m.get(name, var)?, self.v.get(name, var)?);
-            let (m_old, v_old) = (m.clone(), v.clone());
+            let (m_old, v_old) = (self.m.get(name, var)?, self.v.get(name, var)?);
             // Gradients carry the step's graph: detached, the slots keep values, not history.
-            let g = g.detach().to_dtype(m.dtype())?;
-            let m_new = ((m * c.beta_1)? + (&g * (1.0 - c.beta_1))?)?;
-            let v_new = ((v * c.beta_2)? + (g.sqr()? * (1.0 - c.beta_2))?)?;
-            let mut w = var.as_tensor().detach();
-            if c.weight_decay > 0.0 {
-                w = (&w * (1.0 - lr * c.weight_decay))?;
-            }
-            let update = (&m_new / (v_new.sqrt()? + c.epsilon)?)?;
-            let w = (w - (update * alpha)?.to_dtype(var.dtype())?)?;
+            let g = g.detach().to_dtype(var.dtype())?;
+            let step = ops::AdamStep {
+                alpha,
+                beta_1: c.beta_1,
+                beta_2: c.beta_2,
+                epsilon: c.epsilon,
+                decay: if c.weight_decay > 0.0 {
+                    1.0 - lr * c.weight_decay
+                } else {
+                    1.0
+                },
+            };
+            // One fused pass on the CPU; nothing is written until every weight is computed.
+            let (w, m_new, v_new) =
+                ops::adam_update(&var.as_tensor().detach(), &g, &m_old, &v_old, step)?;
             let (m_new, v_new, w) = match keep {
                 Some(keep) => (
                     select(keep, &m_new, &m_old)?,
@@ -587,26 +593,26 @@ impl Sgd {
             };
             // Gradients carry the step's graph: detached, the slots keep values, not history.
             let g = g.detach().to_dtype(var.dtype())?;
-            let mut w = var.as_tensor().detach();
-            if c.weight_decay > 0.0 {
-                w = (&w * (1.0 - lr * c.weight_decay))?;
-            }
-            let step = (&g * lr)?;
-            let (w, velocity) = if c.momentum > 0.0 {
-                let u_old = self.velocity.get(name, var)?;
-                let u_new = ((&u_old * c.momentum)? - &step)?;
-                let w = if c.nesterov {
-                    ((w + (&u_new * c.momentum)?)? - step)?
+            let step = ops::SgdStep {
+                learning_rate: lr,
+                momentum: c.momentum,
+                nesterov: c.nesterov,
+                decay: if c.weight_decay > 0.0 {
+                    1.0 - lr * c.weight_decay
                 } else {
-                    (w + &u_new)?
-                };
-                let u_new = match keep {
-                    Some(keep) => select(keep, &u_new, &u_old)?,
-                    None => u_new,
-                };
-                (w, Some(u_new))
+                    1.0
+                },
+            };
+            let u_old = if c.momentum > 0.0 {
+                Some(self.velocity.get(name, var)?)
             } else {
-                ((w - step)?, None)
+                None
+            };
+            // One fused pass on the CPU; nothing is written until every weight is computed.
+            let (w, u_new) = ops::sgd_update(&var.as_tensor().detach(), &g, u_old.as_ref(), step)?;
+            let velocity = match (keep, u_new, &u_old) {
+                (Some(keep), Some(u_new), Some(u_old)) => Some(select(keep, &u_new, u_old)?),
+                (_, u_new, _) => u_new,
             };
             let w = match keep {
                 Some(keep) => select(keep, &w, &var.as_tensor().detach())?,

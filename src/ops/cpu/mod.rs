@@ -12,6 +12,7 @@ use rayon::prelude::*;
 pub(crate) mod batch_norm;
 pub(crate) mod bias;
 pub(crate) mod conv2d;
+pub(crate) mod optimizer;
 
 /// The elements of a contiguous CPU tensor, or an error naming the kernel.
 pub(crate) fn contiguous_slice<'a, T>(
