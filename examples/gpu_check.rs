@@ -4,7 +4,8 @@
 //!    requested device, run in training mode on the same batch; outputs, the gradients of
 //!    every weight and the updated BatchNorm statistics are compared; the same for a small
 //!    U-Net of the decoder and MobileNet layers (depthwise, separable, transposed
-//!    convolution, layer norm, bilinear upsampling);
+//!    convolution, layer norm, bilinear upsampling); and the multi-tensor optimizer kernels
+//!    (one launch for all weights) against the CPU's fused updates;
 //! 2. **throughput**: training steps of the article's ResNet at batch 128 in f32 (TF32 matrix
 //!    products) and in bf16 mixed precision (f32 master weights), median of timed steps;
 //! 3. **epoch time**: one epoch over 50,000 synthetic CIFAR-shaped images through
@@ -165,6 +166,84 @@ fn correctness_decoder_layers(device: &Device) -> Result<(f64, f64, usize)> {
     compare_devices(device, make, &x, |out| {
         Ok((out * mix.to_device(out.device())?)?.sum_all()?)
     })
+}
+
+/// `[w, g, m, v]` by reference.
+fn adam_refs(v: &[[Tensor; 4]]) -> Vec<[&Tensor; 4]> {
+    v.iter().map(|[a, b, c, d]| [a, b, c, d]).collect()
+}
+
+/// `(w, g, velocity)` by reference, the velocity being the third tensor.
+fn sgd_refs(v: &[[Tensor; 4]]) -> Vec<(&Tensor, &Tensor, Option<&Tensor>)> {
+    v.iter().map(|t| (&t[0], &t[1], Some(&t[2]))).collect()
+}
+
+/// The multi-tensor optimizer kernels (one launch for all weights on CUDA) against the CPU's
+/// fused updates on the same values: Adam with weight decay and a skipped step, SGD with
+/// Nesterov momentum. Returns the largest relative difference (0 when bit-identical).
+fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
+    use candle_functional::ops::{AdamStep, SgdStep, adam_update_many, sgd_update_many};
+    let shapes: [&[usize]; 3] = [&[64, 3, 3, 3], &[64], &[1000, 10]];
+    let make = |shape: &[usize], seed: f64| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * seed)?)
+    };
+    let cpu: Vec<[Tensor; 4]> = shapes
+        .iter()
+        .map(|s| {
+            Ok([
+                make(s, 1.0)?,
+                make(s, 0.1)?,
+                make(s, 0.01)?,
+                make(s, 0.001)?.abs()?,
+            ])
+        })
+        .collect::<Result<_>>()?;
+    let on_device: Vec<[Tensor; 4]> = cpu
+        .iter()
+        .map(|ts| {
+            Ok([
+                ts[0].to_device(device)?,
+                ts[1].to_device(device)?,
+                ts[2].to_device(device)?,
+                ts[3].to_device(device)?,
+            ])
+        })
+        .collect::<Result<_>>()?;
+    let adam = AdamStep {
+        alpha: 3e-4,
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-7,
+        decay: 0.99996,
+    };
+    let mut worst = 0f64;
+    for keep in [1u8, 0] {
+        let k_cpu = Tensor::new(keep, &Device::Cpu)?;
+        let k_dev = k_cpu.to_device(device)?;
+        let a = adam_update_many(&adam_refs(&cpu), adam, Some(&k_cpu))?;
+        let b = adam_update_many(&adam_refs(&on_device), adam, Some(&k_dev))?;
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst
+                .max(rel_diff(&y.0, &x.0)?)
+                .max(rel_diff(&y.1, &x.1)?)
+                .max(rel_diff(&y.2, &x.2)?);
+        }
+    }
+    let sgd = SgdStep {
+        learning_rate: 0.01,
+        momentum: 0.9,
+        nesterov: true,
+        decay: 0.9999,
+    };
+    let a = sgd_update_many(&sgd_refs(&cpu), sgd, None)?;
+    let b = sgd_update_many(&sgd_refs(&on_device), sgd, None)?;
+    for (x, y) in a.iter().zip(&b) {
+        worst = worst.max(rel_diff(&y.0, &x.0)?);
+        if let (Some(u), Some(v)) = (&x.1, &y.1) {
+            worst = worst.max(rel_diff(v, u)?);
+        }
+    }
+    Ok(worst)
 }
 
 fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64)> {
@@ -353,12 +432,14 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     eprintln!(
         "correctness, decoder layers: outputs {dec_out:.2e}, gradients {dec_grad:.2e} ({dec_n} tensors)"
     );
+    let optimizer_diff = correctness_fused_optimizer(&device)?;
+    eprintln!("correctness, multi-tensor optimizer kernels: {optimizer_diff:.2e}");
     let decoder_json = format!(
         "{{\"max_rel_diff_outputs\": {dec_out:.3e}, \"max_rel_diff_gradients\": {dec_grad:.3e}, \"gradient_tensors\": {dec_n}}}"
     );
     if args.correctness_only {
         println!(
-            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}, \"decoder_layers\": {decoder_json}}}"
+            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}, \"decoder_layers\": {decoder_json}, \"optimizer_kernels_max_rel_diff\": {optimizer_diff:.3e}}}"
         );
         return Ok(());
     }
@@ -396,7 +477,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     };
     println!(
         "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"batch_size\": {}, \"stages\": {:?}, \"width_divisor\": {}, \
-         \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \"correctness_decoder_layers\": {decoder_json}, \
+         \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \"correctness_decoder_layers\": {decoder_json}, \"optimizer_kernels_max_rel_diff\": {optimizer_diff:.3e}, \
          \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
          \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
          \"conv3x3_fwd_bwd_ms\": {{\"ops\": {}, \"candle_reference\": {}}}, \

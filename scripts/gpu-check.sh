@@ -33,7 +33,7 @@ NVIDIA_TF32_OVERRIDE=0 "${CHECK[@]}" --correctness-only > "$OUT/correctness.json
 "${CHECK[@]}" "$@" > "$OUT/crate.json" 2> "$OUT/crate.log"
 echo "crate exit $?" >&2; cat "$OUT/crate.log" >&2
 : > "$OUT/torch.jsonl"
-for extra in "--tf32" "--tf32 --amp bf16" "--tf32 --amp bf16 --channels-last"; do
+for extra in "--tf32" "--tf32 --amp bf16" "--tf32 --amp bf16 --channels-last" "--tf32 --compile" "--tf32 --amp bf16 --compile"; do
   # shellcheck disable=SC2086
   "$PY" scripts/torch_reference.py bench --model resnet --mode train "${TORCH[@]}" $extra 2>> "$OUT/torch.log" | tail -n 1 >> "$OUT/torch.jsonl"
 done
@@ -43,18 +43,22 @@ import json, sys
 crate = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 crate["correctness_tf32_off"] = json.loads(open(sys.argv[3]).read().strip().splitlines()[-1])
 torch = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
-def pick(amp, cl):
+def pick(amp, cl, compiled=False):
     for t in torch:
-        if t.get("amp") == amp and bool(t.get("channels_last")) == cl:
+        if t.get("amp") == amp and bool(t.get("channels_last")) == cl and bool(t.get("compile")) == compiled:
             return t
 ref_f32, ref_bf16, ref_bf16_cl = pick("none", False), pick("bf16", False), pick("bf16", True)
+ref_f32_compiled, ref_bf16_compiled = pick("none", False, True), pick("bf16", False, True)
 ratio = lambda a, b: round(a / b, 3) if a and b else None
 out = {
     "crate": crate,
-    "pytorch": {"f32_tf32": ref_f32, "bf16": ref_bf16, "bf16_channels_last": ref_bf16_cl},
+    "pytorch": {"f32_tf32": ref_f32, "bf16": ref_bf16, "bf16_channels_last": ref_bf16_cl,
+                "f32_tf32_compiled": ref_f32_compiled, "bf16_compiled": ref_bf16_compiled},
     "ratio_crate_over_pytorch": {
         "f32_tf32": ratio(crate["train_f32_tf32"]["images_per_sec"], (ref_f32 or {}).get("images_per_sec")),
         "bf16": ratio((crate["train_bf16_mixed"] or {}).get("images_per_sec"), (ref_bf16 or {}).get("images_per_sec")),
+        "f32_tf32_vs_compiled": ratio(crate["train_f32_tf32"]["images_per_sec"], (ref_f32_compiled or {}).get("images_per_sec")),
+        "bf16_vs_compiled": ratio((crate["train_bf16_mixed"] or {}).get("images_per_sec"), (ref_bf16_compiled or {}).get("images_per_sec")),
     },
     "conv3x3_speedup_over_candle_own": ratio((crate.get("conv3x3_fwd_bwd_ms") or {}).get("candle_reference"), (crate.get("conv3x3_fwd_bwd_ms") or {}).get("ops")),
 }

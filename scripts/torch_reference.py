@@ -474,6 +474,8 @@ def cmd_bench(args):
     report_params(args.model, model)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if args.compile:
+        model = torch.compile(model)
 
     # Synthetic CIFAR-shaped data in the raw 0..255 pixel range (the input
     # BN sees what it sees in training), random labels.  One batch, reused:
@@ -531,6 +533,7 @@ def cmd_bench(args):
         "channels_last": args.channels_last,
         "tf32": args.tf32 if cuda else None,
         "cudnn_benchmark": args.cudnn_benchmark if cuda else None,
+        "compile": args.compile,
         "stages": list(args.stages), "width_divisor": args.width_divisor,
     }
     print(json.dumps(result), flush=True)
@@ -586,7 +589,7 @@ def cmd_layers(args):
         for rep in range(args.warmup + args.reps):
             t0 = time.perf_counter()
             y = layer(x)
-            float(y.sum())
+            float(y.detach().sum())
             t1 = time.perf_counter()
             x.grad = None
             layer.zero_grad(set_to_none=True)
@@ -689,6 +692,9 @@ def main():
                    "(off by default: plain f32)")
     b.add_argument("--cudnn-benchmark", action="store_true",
                    help="CUDA only: let cuDNN autotune conv algorithms")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (a second, faster reference; the "
+                   "warm-up steps include the compilation)")
     add_model_args(b)
     b.set_defaults(func=cmd_bench)
 

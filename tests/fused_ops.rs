@@ -382,3 +382,47 @@ fn fused_updates_refuse_mismatched_arguments() {
     let err = sgd_update(&w, &w, None, sgd).unwrap_err().to_string();
     assert!(err.contains("velocity"), "{err}");
 }
+
+#[test]
+fn fused_relu_matches_candle_and_passes_no_gradient_at_zero() {
+    for dtype in [DType::F32, DType::F64] {
+        // Non-zero values: there the two backward rules agree.
+        let x = varied(70_001, 8, dtype);
+        let x = (&x + (x.ge(0.0).unwrap().to_dtype(dtype).unwrap() * 1e-3).unwrap()).unwrap();
+        let x = (&x - 5e-4).unwrap();
+        let x = Var::from_tensor(&x).unwrap();
+        let mix = varied(70_001, 9, dtype);
+        let ours = candle_functional::ops::relu(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().relu().unwrap();
+        assert_same(&ours, &theirs, "relu");
+        let g_ours = (&ours * &mix)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_theirs = (&theirs * &mix)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_same(
+            g_ours.get(x.as_tensor()).unwrap(),
+            g_theirs.get(x.as_tensor()).unwrap(),
+            "relu gradient",
+        );
+    }
+    // At exactly 0 the gradient is 0 (TensorFlow's and PyTorch's rule).
+    let x = Var::new(&[0f32, -0.0, 1.0], &Device::Cpu).unwrap();
+    let g = candle_functional::ops::relu(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        [0.0, 0.0, 1.0]
+    );
+}

@@ -83,7 +83,7 @@ impl ActivationFn {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             ActivationFn::Linear => x.clone(),
-            ActivationFn::Relu => x.relu()?,
+            ActivationFn::Relu => crate::ops::relu(x)?,
             ActivationFn::Sigmoid => candle_nn::ops::sigmoid(x)?,
             ActivationFn::Tanh => x.tanh()?,
             ActivationFn::Softmax => candle_nn::ops::softmax(x, 1)?,
@@ -273,7 +273,7 @@ impl LayerOp for ReLUConfig {
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
         let x = &inputs[0];
-        let mut y = x.relu()?;
+        let mut y = crate::ops::relu(x)?;
         if self.negative_slope != 0.0 {
             // x - relu(x) is the negative part.
             y = (&y + ((x - &y)? * self.negative_slope)?)?;

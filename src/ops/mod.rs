@@ -11,7 +11,9 @@
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
 //! | [`bias_add`] | fused per-channel add and gradient sum (`cpu/bias.rs`) | [`reference::bias_add`] | [`reference::bias_add`] |
 //! | [`conv_transpose2d`] | candle's kernel | candle's kernel | candle's kernel |
+//! | [`relu`] | one pass forward, one backward (`cpu/relu.rs`) | candle's `relu` | candle's `relu` |
 //! | [`adam_update`], [`sgd_update`] | one fused pass per weight (`cpu/optimizer.rs`) | [`reference::adam_update`], [`reference::sgd_update`] | the same |
+//! | [`adam_update_many`], [`sgd_update_many`] | the fused pass, weight by weight | one multi-tensor kernel for all weights (`cuda/optimizer.cu`, feature `cuda`, f32) | the reference, weight by weight |
 //!
 //! [`reference`](mod@reference) composes the same functions from candle's own differentiable ops: it runs on
 //! every device and dtype, and it is the oracle the kernels are tested against. Layers call
@@ -25,6 +27,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::{Error, Result};
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn;
 pub mod reference;
@@ -266,6 +270,35 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `max(x, 0)`, differentiable: the gradient passes where the output is positive
+/// (TensorFlow's and PyTorch's rule; candle's own passes it at 0 too). On the CPU one pass
+/// forward and one backward (`cpu/relu.rs`); elsewhere candle's `relu`.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_functional::ops::relu;
+/// let x = Var::new(&[-1f32, 0.0, 2.0], &Device::Cpu)?;
+/// let y = relu(x.as_tensor())?;
+/// assert_eq!(y.to_vec1::<f32>()?, [0.0, 0.0, 2.0]);
+/// let g = y.sum_all()?.backward()?;
+/// assert_eq!(g.get(x.as_tensor()).unwrap().to_vec1::<f32>()?, [0.0, 0.0, 1.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if !x.dtype().is_float() {
+        return Err(invalid(
+            "relu",
+            "x",
+            format!("dtype {:?} is not a float", x.dtype()),
+        ));
+    }
+    match backend(x, CPU_FLOATS, &[]) {
+        Backend::Cpu => cpu::relu::relu(x),
+        _ => Ok(x.relu()?),
+    }
+}
+
 /// Transposed convolution (the gradient of a convolution with respect to its input) of NCHW
 /// `x` with a `(in_channels, filters, kh, kw)` kernel, no padding and no bias: the output has
 /// `(h - 1) * stride + dilation * (kh - 1) + 1` rows (columns likewise). Callers crop or pad
@@ -461,6 +494,154 @@ pub fn sgd_update(
         Backend::Cpu => cpu::optimizer::sgd_update(w, g, velocity, &step),
         _ => reference::sgd_update(w, g, velocity, step),
     }
+}
+
+/// [`adam_update`] of many weights at once, each `[w, g, m, v]`: on CUDA (feature `cuda`, f32)
+/// one kernel launch for all of them, elsewhere weight by weight. With `keep` (a u8 scalar on
+/// the weights' device: the divergence check's verdict), each new value is replaced by the old
+/// one where `keep` is 0, decided on the device without reading it back.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::ops::{adam_update_many, AdamStep};
+/// let w = Tensor::new(&[1f32, -1.0], &Device::Cpu)?;
+/// let z = w.zeros_like()?;
+/// let step = AdamStep { alpha: 0.1, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, decay: 1.0 };
+/// let skip = Tensor::new(0u8, &Device::Cpu)?;
+/// let out = adam_update_many(&[[&w, &w, &z, &z]], step, Some(&skip))?;
+/// assert_eq!(out[0].0.to_vec1::<f32>()?, [1.0, -1.0]); // kept: `skip` is 0
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn adam_update_many(
+    items: &[[&Tensor; 4]],
+    step: AdamStep,
+    keep: Option<&Tensor>,
+) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+    for [w, g, m, v] in items {
+        check_update("adam_update", w, &[("g", g), ("m", m), ("v", v)])?;
+    }
+    check_keep("adam_update_many", items.first().map(|i| i[0]), keep)?;
+    #[cfg(feature = "cuda")]
+    if items
+        .iter()
+        .all(|i| i[0].device().is_cuda() && i[0].dtype() == DType::F32)
+        && !items.is_empty()
+        && items
+            .iter()
+            .all(|i| i[0].device().same_device(items[0][0].device()))
+    {
+        return cuda::adam_update_many(items, &step, keep);
+    }
+    items
+        .iter()
+        .map(|[w, g, m, v]| {
+            let (w1, m1, v1) = adam_update(w, g, m, v, step)?;
+            Ok((
+                keep_or(keep, w1, w)?,
+                keep_or(keep, m1, m)?,
+                keep_or(keep, v1, v)?,
+            ))
+        })
+        .collect()
+}
+
+/// [`sgd_update`] of many weights at once, each `(w, g, velocity)`: on CUDA (feature `cuda`,
+/// f32) one kernel launch for all, elsewhere weight by weight; `keep` as in
+/// [`adam_update_many`].
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{sgd_update_many, SgdStep};
+/// let w = Tensor::new(&[1f32], &Device::Cpu)?;
+/// let step = SgdStep { learning_rate: 0.5, momentum: 0.0, nesterov: false, decay: 1.0 };
+/// let out = sgd_update_many(&[(&w, &w, None)], step, None)?;
+/// assert_eq!(out[0].0.to_vec1::<f32>()?, [0.5]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn sgd_update_many(
+    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+    step: SgdStep,
+    keep: Option<&Tensor>,
+) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    for (w, g, u) in items {
+        let mut others = vec![("g", *g)];
+        others.extend(u.map(|u| ("velocity", u)));
+        check_update("sgd_update", w, &others)?;
+        if (step.momentum != 0.0) != u.is_some() {
+            return Err(invalid(
+                "sgd_update_many",
+                "velocity",
+                "a velocity goes with momentum, and only with it".into(),
+            ));
+        }
+    }
+    check_keep("sgd_update_many", items.first().map(|i| i.0), keep)?;
+    #[cfg(feature = "cuda")]
+    if items
+        .iter()
+        .all(|i| i.0.device().is_cuda() && i.0.dtype() == DType::F32)
+        && !items.is_empty()
+        && items
+            .iter()
+            .all(|i| i.0.device().same_device(items[0].0.device()))
+    {
+        return cuda::sgd_update_many(items, &step, keep);
+    }
+    items
+        .iter()
+        .map(|(w, g, u)| {
+            let (w1, u1) = sgd_update(w, g, *u, step)?;
+            let u1 = match (u1, u) {
+                (Some(u1), Some(u)) => Some(keep_or(keep, u1, u)?),
+                (u1, _) => u1,
+            };
+            Ok((keep_or(keep, w1, w)?, u1))
+        })
+        .collect()
+}
+
+/// `keep` must be a u8 scalar on the weights' device.
+fn check_keep(op: &'static str, w: Option<&Tensor>, keep: Option<&Tensor>) -> Result<()> {
+    let (Some(w), Some(keep)) = (w, keep) else {
+        return Ok(());
+    };
+    same_device(op, "keep", keep, w)?;
+    if keep.dtype() != DType::U8 || keep.elem_count() != 1 {
+        return Err(invalid(
+            op,
+            "keep",
+            format!(
+                "a u8 scalar expected, got {:?} {:?}",
+                keep.dtype(),
+                keep.dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `new`, or `old` where the u8 scalar `keep` is 0: read directly on the CPU (free there),
+/// chosen on the device elsewhere (no synchronisation).
+fn keep_or(keep: Option<&Tensor>, new: Tensor, old: &Tensor) -> Result<Tensor> {
+    let Some(keep) = keep else {
+        return Ok(new);
+    };
+    if keep.device().is_cpu() {
+        let flag = keep.flatten_all()?.to_vec1::<u8>()?;
+        // A copy: `old` may share storage with the variable the caller sets from the result.
+        return if flag.first() == Some(&0) {
+            Ok(old.copy()?)
+        } else {
+            Ok(new)
+        };
+    }
+    Ok(keep
+        .flatten_all()?
+        .reshape(())?
+        .broadcast_as(new.shape())?
+        .where_cond(&new, old)?)
 }
 
 /// The checks of the optimizer updates: every tensor like `w` (shape, dtype, device).

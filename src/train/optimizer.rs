@@ -284,14 +284,6 @@ impl AdamConfig {
     }
 }
 
-/// `new` where the u8 scalar `keep` is 1, `old` where it is 0, chosen on the device.
-fn select(keep: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor> {
-    Ok(keep
-        .to_dtype(candle_core::DType::U8)?
-        .broadcast_as(new.shape())?
-        .where_cond(new, old)?)
-}
-
 /// `value` must be finite and positive (or zero, with `zero_ok`).
 fn check_positive(name: &str, value: f64, zero_ok: bool) -> Result<()> {
     if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
@@ -380,38 +372,44 @@ impl Adam {
         let c = &self.config;
         let t = (self.iterations + 1) as i32;
         let alpha = lr * (1.0 - c.beta_2.powi(t)).sqrt() / (1.0 - c.beta_1.powi(t));
-        let mut updates = Vec::new();
+        let step = ops::AdamStep {
+            alpha,
+            beta_1: c.beta_1,
+            beta_2: c.beta_2,
+            epsilon: c.epsilon,
+            decay: if c.weight_decay > 0.0 {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            },
+        };
+        let mut stepped = Vec::new();
+        let mut inputs = Vec::new();
         for (name, var) in vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let (m_old, v_old) = (self.m.get(name, var)?, self.v.get(name, var)?);
             // Gradients carry the step's graph: detached, the slots keep values, not history.
             let g = g.detach().to_dtype(var.dtype())?;
-            let step = ops::AdamStep {
-                alpha,
-                beta_1: c.beta_1,
-                beta_2: c.beta_2,
-                epsilon: c.epsilon,
-                decay: if c.weight_decay > 0.0 {
-                    1.0 - lr * c.weight_decay
-                } else {
-                    1.0
-                },
-            };
-            // One fused pass on the CPU; nothing is written until every weight is computed.
-            let (w, m_new, v_new) =
-                ops::adam_update(&var.as_tensor().detach(), &g, &m_old, &v_old, step)?;
-            let (m_new, v_new, w) = match keep {
-                Some(keep) => (
-                    select(keep, &m_new, &m_old)?,
-                    select(keep, &v_new, &v_old)?,
-                    select(keep, &w, &var.as_tensor().detach())?,
-                ),
-                None => (m_new, v_new, w),
-            };
-            updates.push((name, var, m_new, v_new, w));
+            inputs.push([
+                var.as_tensor().detach(),
+                g,
+                self.m.get(name, var)?,
+                self.v.get(name, var)?,
+            ]);
+            stepped.push((name, var));
         }
+        // One fused pass per weight on the CPU, one kernel for all of them on CUDA; nothing
+        // is written until every weight is computed.
+        let refs: Vec<[&Tensor; 4]> = inputs.iter().map(|[w, g, m, v]| [w, g, m, v]).collect();
+        let keep = keep
+            .map(|k| k.to_dtype(candle_core::DType::U8))
+            .transpose()?;
+        let new = ops::adam_update_many(&refs, step, keep.as_ref())?;
+        let updates = stepped
+            .into_iter()
+            .zip(new)
+            .map(|((name, var), (w, m_new, v_new))| (name, var, m_new, v_new, w));
         for (name, var, m_new, v_new, w) in updates {
             self.m.by_var.insert(name.clone(), m_new);
             self.v.by_var.insert(name.clone(), v_new);
@@ -586,40 +584,44 @@ impl Sgd {
         keep: Option<&Tensor>,
     ) -> Result<()> {
         let c = &self.config;
-        let mut updates = Vec::new();
+        let step = ops::SgdStep {
+            learning_rate: lr,
+            momentum: c.momentum,
+            nesterov: c.nesterov,
+            decay: if c.weight_decay > 0.0 {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            },
+        };
+        let mut stepped = Vec::new();
+        let mut inputs = Vec::new();
         for (name, var) in vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
             // Gradients carry the step's graph: detached, the slots keep values, not history.
             let g = g.detach().to_dtype(var.dtype())?;
-            let step = ops::SgdStep {
-                learning_rate: lr,
-                momentum: c.momentum,
-                nesterov: c.nesterov,
-                decay: if c.weight_decay > 0.0 {
-                    1.0 - lr * c.weight_decay
-                } else {
-                    1.0
-                },
-            };
             let u_old = if c.momentum > 0.0 {
                 Some(self.velocity.get(name, var)?)
             } else {
                 None
             };
-            // One fused pass on the CPU; nothing is written until every weight is computed.
-            let (w, u_new) = ops::sgd_update(&var.as_tensor().detach(), &g, u_old.as_ref(), step)?;
-            let velocity = match (keep, u_new, &u_old) {
-                (Some(keep), Some(u_new), Some(u_old)) => Some(select(keep, &u_new, u_old)?),
-                (_, u_new, _) => u_new,
-            };
-            let w = match keep {
-                Some(keep) => select(keep, &w, &var.as_tensor().detach())?,
-                None => w,
-            };
-            updates.push((name, var, w, velocity));
+            inputs.push((var.as_tensor().detach(), g, u_old));
+            stepped.push((name, var));
         }
+        // One fused pass per weight on the CPU, one kernel for all of them on CUDA; nothing
+        // is written until every weight is computed.
+        let refs: Vec<(&Tensor, &Tensor, Option<&Tensor>)> =
+            inputs.iter().map(|(w, g, u)| (w, g, u.as_ref())).collect();
+        let keep = keep
+            .map(|k| k.to_dtype(candle_core::DType::U8))
+            .transpose()?;
+        let new = ops::sgd_update_many(&refs, step, keep.as_ref())?;
+        let updates = stepped
+            .into_iter()
+            .zip(new)
+            .map(|((name, var), (w, velocity))| (name, var, w, velocity));
         for (name, var, w, velocity) in updates {
             if let Some(u) = velocity {
                 self.velocity.by_var.insert(name.clone(), u);

@@ -13,6 +13,7 @@ pub(crate) mod batch_norm;
 pub(crate) mod bias;
 pub(crate) mod conv2d;
 pub(crate) mod optimizer;
+pub(crate) mod relu;
 
 /// The elements of a contiguous CPU tensor, or an error naming the kernel.
 pub(crate) fn contiguous_slice<'a, T>(

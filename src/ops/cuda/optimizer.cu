@@ -1,0 +1,76 @@
+// Multi-tensor optimizer updates: one launch updates every weight of a model (Adam/AdamW,
+// SGD with or without momentum), instead of a dozen element-wise kernels per weight.
+//
+// The weights are described by a table of device pointers (per weight: inputs, then outputs)
+// and the prefix sums of their element counts; a grid-stride loop walks all elements, finding
+// each one's weight by binary search in the prefix sums. The arithmetic uses the explicitly
+// rounded intrinsics (__fmul_rn, __fadd_rn, ...) so that nvcc cannot contract it into fused
+// multiply-adds: the results are the CPU kernel's and the reference's, bit for bit.
+//
+// `keep` (a device u8, or null) is the divergence check's verdict: where it is 0 the old
+// values are written back, so a non-finite step changes nothing, with no host synchronisation.
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ int owner(const u64* offsets, int tensors, u64 i) {
+    int lo = 0, hi = tensors;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (offsets[mid] <= i) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+// ptrs: 7 per weight: w, g, m, v (inputs), w', m', v' (outputs).
+extern "C" __global__ void adam_multi_f32(
+    const u64* ptrs, const u64* offsets, int tensors, u64 total,
+    float alpha, float b1, float omb1, float b2, float omb2, float eps, float decay, int decays,
+    const unsigned char* keep) {
+    const bool write_new = keep == 0 || *keep != 0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total;
+         i += (u64)blockDim.x * gridDim.x) {
+        const int t = owner(offsets, tensors, i);
+        const u64 j = i - offsets[t];
+        const u64* p = ptrs + 7 * (u64)t;
+        const float w = ((const float*)p[0])[j];
+        const float g = ((const float*)p[1])[j];
+        const float m = ((const float*)p[2])[j];
+        const float v = ((const float*)p[3])[j];
+        const float mn = __fadd_rn(__fmul_rn(m, b1), __fmul_rn(g, omb1));
+        const float vn = __fadd_rn(__fmul_rn(v, b2), __fmul_rn(__fmul_rn(g, g), omb2));
+        const float wd = decays ? __fmul_rn(w, decay) : w;
+        const float update = __fdiv_rn(mn, __fadd_rn(__fsqrt_rn(vn), eps));
+        const float wn = __fsub_rn(wd, __fmul_rn(update, alpha));
+        ((float*)p[4])[j] = write_new ? wn : w;
+        ((float*)p[5])[j] = write_new ? mn : m;
+        ((float*)p[6])[j] = write_new ? vn : v;
+    }
+}
+
+// ptrs: 5 per weight: w, g, u (velocity, 0 without momentum), w', u' (0 without momentum).
+extern "C" __global__ void sgd_multi_f32(
+    const u64* ptrs, const u64* offsets, int tensors, u64 total,
+    float lr, float momentum, int nesterov, float decay, int decays,
+    const unsigned char* keep) {
+    const bool write_new = keep == 0 || *keep != 0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total;
+         i += (u64)blockDim.x * gridDim.x) {
+        const int t = owner(offsets, tensors, i);
+        const u64 j = i - offsets[t];
+        const u64* p = ptrs + 5 * (u64)t;
+        const float w = ((const float*)p[0])[j];
+        const float g = ((const float*)p[1])[j];
+        const float step = __fmul_rn(g, lr);
+        const float wd = decays ? __fmul_rn(w, decay) : w;
+        if (p[2] == 0) {
+            ((float*)p[3])[j] = write_new ? __fsub_rn(wd, step) : w;
+        } else {
+            const float u = ((const float*)p[2])[j];
+            const float un = __fsub_rn(__fmul_rn(u, momentum), step);
+            const float wn = nesterov ? __fsub_rn(__fadd_rn(wd, __fmul_rn(un, momentum)), step)
+                                      : __fadd_rn(wd, un);
+            ((float*)p[3])[j] = write_new ? wn : w;
+            ((float*)p[4])[j] = write_new ? un : u;
+        }
+    }
+}
