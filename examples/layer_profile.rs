@@ -8,8 +8,9 @@
 //! cargo run --release --example layer_profile -- --batch-size 128 --reps 3
 //! ```
 //!
-//! Backward is timed as (forward + backward) minus forward, the gradient reaching the input
-//! and every weight, as inside a network. GFLOP/s is given for convolutions and Dense, at 2
+//! Backward is timed as (forward + backward) minus forward minus the harness's own backward
+//! (the scalar loss `sum(y · mix)` differentiated back to `y`, timed alone on a tensor of the
+//! output's shape), the gradient reaching the input and every weight, as inside a network. GFLOP/s is given for convolutions and Dense, at 2
 //! FLOPs per multiply-add; backward does twice the forward's (input and kernel gradients).
 
 use std::time::Instant;
@@ -134,9 +135,22 @@ fn time_case(case: &Case, args: &Args, device: &Device) -> Result<(f64, f64)> {
     let mut out_shape = vec![args.batch_size];
     out_shape.extend(y.shape());
     let mix = Tensor::randn(0f32, 1.0, out_shape, device)?;
+    // The harness's own backward (the scalar loss's gradient broadcast back to the output and
+    // multiplied by `mix`), measured on a variable of the output's shape and subtracted: in
+    // candle it is a slow broadcast that would otherwise dominate the element-wise layers.
+    let probe = Var::from_tensor(&mix.randn_like(0.0, 1.0)?)?;
+    let mut harness = Vec::new();
     let mut forward = Vec::new();
     let mut both = Vec::new();
     for rep in 0..args.warmup + args.reps {
+        let t = Instant::now();
+        let grads = (probe.as_tensor() * &mix)?.sum_all()?.backward()?;
+        if let Some(g) = grads.get(probe.as_tensor()) {
+            let _ = g.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+        }
+        if rep >= args.warmup {
+            harness.push(t.elapsed().as_secs_f64());
+        }
         let t = Instant::now();
         let out = model
             .forward(&[input.as_tensor().clone()], Mode::Train)?
@@ -161,7 +175,7 @@ fn time_case(case: &Case, args: &Args, device: &Device) -> Result<(f64, f64)> {
         }
     }
     let f = median(forward);
-    Ok((f, (median(both) - f).max(0.0)))
+    Ok((f, (median(both) - f - median(harness)).max(0.0)))
 }
 
 fn time_adam(args: &Args, device: &Device) -> Result<(f64, usize)> {

@@ -29,7 +29,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   BIN=./target/release/examples/train_cifar10
   [ -x "$BIN" ] || cargo build --release --example train_cifar10 >&2
   DATA=${DATA_DIR:?DRY_RUN needs DATA_DIR (a cifar-10-batches-bin layout, e.g. cifar-10-mini)}
-  EXTRA=(--device cpu --epochs 1 --stages 1 --width-divisor 16 --subset 256 --test-subset 128)
+  EPOCHS=${EPOCHS:-1}
+  EXTRA=(--device cpu --stages 1 --width-divisor 16 --subset 256 --test-subset 128)
 else
   NVLIBS=$("$PY" -c 'import os, nvidia; print(":".join(os.path.join(r, s) for r in nvidia.__path__ for s in ("cu13/lib", "cudnn/lib") if os.path.isdir(os.path.join(r, s))))')
   export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
