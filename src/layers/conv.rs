@@ -10,6 +10,7 @@ use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
+use crate::layers::window_builders::window_builders;
 use crate::layers::{ActivationFn, Padding};
 use crate::ops::{self, Conv2dGeometry};
 use crate::{Error, Result};
@@ -81,6 +82,8 @@ impl Default for Conv2DConfig {
 /// ```
 pub type Conv2D = Configured<Conv2DConfig>;
 
+window_builders!(Conv2D, "Conv2D::new(8, 3)");
+
 impl Conv2D {
     /// A convolution with `filters` outputs and a square `kernel_size` window; Keras's defaults
     /// otherwise (stride 1, 'valid', bias, Glorot uniform).
@@ -98,54 +101,6 @@ impl Conv2D {
         })
     }
 
-    /// A rectangular window `(height, width)`.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let y = Conv2D::new(2, 1).kernel_size(1, 3).call(&Input::new([1, 5, 5]))?;
-    /// assert_eq!(y.shape(), &[2, 5, 3]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn kernel_size(self, height: usize, width: usize) -> Self {
-        self.with_config(|c| c.kernel_size = (height, width))
-    }
-
-    /// Window step along both axes.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// assert_eq!(Conv2D::new(8, 3).strides(2).config().strides, 2);
-    /// ```
-    pub fn strides(self, strides: usize) -> Self {
-        self.with_config(|c| c.strides = strides)
-    }
-
-    /// `Padding::Same` or `Padding::Valid`.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// assert_eq!(Conv2D::new(8, 3).padding(Padding::Same).config().padding, Padding::Same);
-    /// ```
-    pub fn padding(self, padding: Padding) -> Self {
-        self.with_config(|c| c.padding = padding)
-    }
-
-    /// Dilation rate along both axes.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let y = Conv2D::new(1, 3).dilation(2).call(&Input::new([1, 9, 9]))?;
-    /// assert_eq!(y.shape(), &[1, 5, 5]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn dilation(self, dilation: usize) -> Self {
-        self.with_config(|c| c.dilation = dilation)
-    }
-
     /// Grouped convolution.
     ///
     /// # Examples
@@ -159,29 +114,6 @@ impl Conv2D {
         self.with_config(|c| c.groups = groups)
     }
 
-    /// With or without a bias.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// assert!(!Conv2D::new(8, 3).use_bias(false).config().use_bias);
-    /// ```
-    pub fn use_bias(self, use_bias: bool) -> Self {
-        self.with_config(|c| c.use_bias = use_bias)
-    }
-
-    /// Activation applied to the output.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let conv = Conv2D::new(8, 3).activation(ActivationFn::Relu);
-    /// assert_eq!(conv.config().activation, ActivationFn::Relu);
-    /// ```
-    pub fn activation(self, activation: ActivationFn) -> Self {
-        self.with_config(|c| c.activation = activation)
-    }
-
     /// Kernel initializer (`Initializer::HeNormal` for ReLU networks, say).
     ///
     /// # Examples
@@ -192,18 +124,6 @@ impl Conv2D {
     /// ```
     pub fn kernel_initializer(self, init: Initializer) -> Self {
         self.with_config(|c| c.kernel_initializer = init)
-    }
-
-    /// Bias initializer.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let conv = Conv2D::new(8, 3).bias_initializer(Initializer::Ones);
-    /// assert_eq!(conv.config().bias_initializer, Initializer::Ones);
-    /// ```
-    pub fn bias_initializer(self, init: Initializer) -> Self {
-        self.with_config(|c| c.bias_initializer = init)
     }
 }
 

@@ -272,91 +272,51 @@ impl Importer<'_> {
         };
 
         Ok(match class {
-            "Conv2D" => {
+            "Conv2D" | "Conv2DTranspose" | "DepthwiseConv2D" | "SeparableConv2D" => {
                 channels_last()?;
-                needs_rank4("Conv2D")?;
-                let use_bias = flag("use_bias", true);
-                let t = Translated::new(
-                    "Conv2D",
-                    Conv2DConfig {
-                        filters: int("filters")?,
-                        kernel_size: pair("kernel_size")?,
-                        strides: square("strides")?,
-                        padding: padding()?,
-                        dilation: square("dilation_rate")?,
-                        groups: field("groups").as_u64().unwrap_or(1) as usize,
-                        use_bias,
-                        activation: activation()?,
-                        ..Default::default()
-                    },
-                )?
-                .weight("kernel", 0, Convert::Kernel);
-                bias_index(use_bias, 1, t)
-            }
-            "Conv2DTranspose" => {
-                channels_last()?;
-                needs_rank4("Conv2DTranspose")?;
-                if !field("output_padding").is_null() {
+                needs_rank4(class)?;
+                if class == "Conv2DTranspose" && !field("output_padding").is_null() {
                     return Err(bad("output_padding is not supported".into()));
                 }
                 let use_bias = flag("use_bias", true);
-                let t = Translated::new(
-                    "Conv2DTranspose",
-                    Conv2DTransposeConfig {
-                        filters: int("filters")?,
-                        kernel_size: pair("kernel_size")?,
-                        strides: square("strides")?,
-                        padding: padding()?,
-                        dilation: square("dilation_rate")?,
-                        use_bias,
-                        activation: activation()?,
-                        ..Default::default()
-                    },
-                )?
-                .weight("kernel", 0, Convert::Kernel);
-                bias_index(use_bias, 1, t)
-            }
-            "DepthwiseConv2D" => {
-                channels_last()?;
-                needs_rank4("DepthwiseConv2D")?;
-                let use_bias = flag("use_bias", true);
-                let t = Translated::new(
-                    "DepthwiseConv2D",
-                    DepthwiseConv2DConfig {
-                        kernel_size: pair("kernel_size")?,
-                        strides: square("strides")?,
-                        padding: padding()?,
-                        depth_multiplier: int("depth_multiplier")?,
-                        dilation: square("dilation_rate")?,
-                        use_bias,
-                        activation: activation()?,
-                        ..Default::default()
-                    },
-                )?
-                .weight("kernel", 0, Convert::Depthwise);
-                bias_index(use_bias, 1, t)
-            }
-            "SeparableConv2D" => {
-                channels_last()?;
-                needs_rank4("SeparableConv2D")?;
-                let use_bias = flag("use_bias", true);
-                let t = Translated::new(
-                    "SeparableConv2D",
-                    SeparableConv2DConfig {
-                        filters: int("filters")?,
-                        kernel_size: pair("kernel_size")?,
-                        strides: square("strides")?,
-                        padding: padding()?,
-                        depth_multiplier: int("depth_multiplier")?,
-                        dilation: square("dilation_rate")?,
-                        use_bias,
-                        activation: activation()?,
-                        ..Default::default()
-                    },
-                )?
-                .weight("depthwise_kernel", 0, Convert::Depthwise)
-                .weight("pointwise_kernel", 1, Convert::Kernel);
-                bias_index(use_bias, 2, t)
+                // The window options the four share, by this crate's field names; the rest
+                // by class. The registry checks the config when the graph is rebuilt.
+                let mut config = json!({
+                    "kernel_size": pair("kernel_size")?,
+                    "strides": square("strides")?,
+                    "padding": padding()?,
+                    "dilation": square("dilation_rate")?,
+                    "use_bias": use_bias,
+                    "activation": activation()?,
+                });
+                let weights: &[(&'static str, Convert)] = match class {
+                    "Conv2D" => {
+                        config["filters"] = json!(int("filters")?);
+                        config["groups"] = json!(field("groups").as_u64().unwrap_or(1));
+                        &[("kernel", Convert::Kernel)]
+                    }
+                    "Conv2DTranspose" => {
+                        config["filters"] = json!(int("filters")?);
+                        &[("kernel", Convert::Kernel)]
+                    }
+                    "DepthwiseConv2D" => {
+                        config["depth_multiplier"] = json!(int("depth_multiplier")?);
+                        &[("kernel", Convert::Depthwise)]
+                    }
+                    _ => {
+                        config["filters"] = json!(int("filters")?);
+                        config["depth_multiplier"] = json!(int("depth_multiplier")?);
+                        &[
+                            ("depthwise_kernel", Convert::Depthwise),
+                            ("pointwise_kernel", Convert::Kernel),
+                        ]
+                    }
+                };
+                let mut t = Translated::new(class, config)?;
+                for (index, (weight, convert)) in weights.iter().enumerate() {
+                    t = t.weight(weight, index, convert.clone());
+                }
+                bias_index(use_bias, weights.len(), t)
             }
             "Dense" => {
                 let use_bias = flag("use_bias", true);

@@ -476,9 +476,7 @@ pub fn sgd_update(
     step: SgdStep,
 ) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "sgd_update";
-    let mut others = vec![("g", g)];
-    others.extend(velocity.map(|u| ("velocity", u)));
-    check_update(OP, w, &others)?;
+    check_update(OP, w, &sgd_operands(g, velocity))?;
     if (step.momentum != 0.0) != velocity.is_some() {
         return Err(invalid(
             OP,
@@ -566,9 +564,7 @@ pub fn sgd_update_many(
     keep: Option<&Tensor>,
 ) -> Result<Vec<(Tensor, Option<Tensor>)>> {
     for (w, g, u) in items {
-        let mut others = vec![("g", *g)];
-        others.extend(u.map(|u| ("velocity", u)));
-        check_update("sgd_update", w, &others)?;
+        check_update("sgd_update", w, &sgd_operands(g, *u))?;
         if (step.momentum != 0.0) != u.is_some() {
             return Err(invalid(
                 "sgd_update_many",
@@ -642,6 +638,16 @@ fn keep_or(keep: Option<&Tensor>, new: Tensor, old: &Tensor) -> Result<Tensor> {
         .reshape(())?
         .broadcast_as(new.shape())?
         .where_cond(&new, old)?)
+}
+
+/// The tensors of an SGD update besides the weight, named for errors.
+pub(crate) fn sgd_operands<'a>(
+    g: &'a Tensor,
+    velocity: Option<&'a Tensor>,
+) -> Vec<(&'static str, &'a Tensor)> {
+    let mut operands = vec![("g", g)];
+    operands.extend(velocity.map(|u| ("velocity", u)));
+    operands
 }
 
 /// The checks of the optimizer updates: every tensor like `w` (shape, dtype, device).

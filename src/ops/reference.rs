@@ -208,9 +208,7 @@ pub fn sgd_update(
     velocity: Option<&Tensor>,
     step: SgdStep,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let mut others = vec![("g", g)];
-    others.extend(velocity.map(|u| ("velocity", u)));
-    crate::ops::check_update("sgd_update", w, &others)?;
+    crate::ops::check_update("sgd_update", w, &crate::ops::sgd_operands(g, velocity))?;
     let w = if step.decay != 1.0 {
         (w * step.decay)?
     } else {

@@ -284,6 +284,15 @@ impl AdamConfig {
     }
 }
 
+/// Decoupled weight decay as a factor on the weight (1 without decay).
+fn decay_factor(lr: f64, weight_decay: f64) -> f64 {
+    if weight_decay > 0.0 {
+        1.0 - lr * weight_decay
+    } else {
+        1.0
+    }
+}
+
 /// `value` must be finite and positive (or zero, with `zero_ok`).
 fn check_positive(name: &str, value: f64, zero_ok: bool) -> Result<()> {
     if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
@@ -377,11 +386,7 @@ impl Adam {
             beta_1: c.beta_1,
             beta_2: c.beta_2,
             epsilon: c.epsilon,
-            decay: if c.weight_decay > 0.0 {
-                1.0 - lr * c.weight_decay
-            } else {
-                1.0
-            },
+            decay: decay_factor(lr, c.weight_decay),
         };
         let mut stepped = Vec::new();
         let mut inputs = Vec::new();
@@ -588,11 +593,7 @@ impl Sgd {
             learning_rate: lr,
             momentum: c.momentum,
             nesterov: c.nesterov,
-            decay: if c.weight_decay > 0.0 {
-                1.0 - lr * c.weight_decay
-            } else {
-                1.0
-            },
+            decay: decay_factor(lr, c.weight_decay),
         };
         let mut stepped = Vec::new();
         let mut inputs = Vec::new();

@@ -2,7 +2,9 @@
 //! for every weight of a model. `build.rs` compiles `optimizer.cu` to PTX with nvcc; the driver
 //! JIT-compiles it on first use. Arguments are checked by [`crate::ops`] before they get here.
 
-use candle_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
 
@@ -47,7 +49,7 @@ fn address(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
 /// One output buffer for `3 * total` (or `2 * total`) elements, its address, and the launch
 /// shape of a grid-stride loop over `total` elements.
 struct Launch {
-    out: candle_core::cuda::cudarc::driver::CudaSlice<f32>,
+    out: CudaSlice<f32>,
     out_address: u64,
     config: LaunchConfig,
 }
@@ -80,6 +82,23 @@ impl Launch {
             false,
         )
     }
+}
+
+/// The pointer table and prefix sums copied to the device, and the address of `keep` (0
+/// without one).
+fn upload(
+    dev: &CudaDevice,
+    table: &[u64],
+    offsets: &[u64],
+    keep: Option<&Tensor>,
+) -> Result<(CudaSlice<u64>, CudaSlice<u64>, u64)> {
+    let stream = dev.cuda_stream();
+    let table = stream.clone_htod(table).map_err(candle_core::Error::wrap)?;
+    let offsets = stream
+        .clone_htod(offsets)
+        .map_err(candle_core::Error::wrap)?;
+    let keep = keep.map(|k| address(k, dev)).transpose()?.unwrap_or(0);
+    Ok((table, offsets, keep))
 }
 
 /// Prefix sums of the weights' element counts (`tensors + 1` entries).
@@ -125,14 +144,7 @@ pub(crate) fn adam_update_many(
             table.push(launch.out_address + 4 * (k * total + offsets[t]));
         }
     }
-    let stream = dev.cuda_stream();
-    let table_dev = stream
-        .clone_htod(&table)
-        .map_err(candle_core::Error::wrap)?;
-    let offsets_dev = stream
-        .clone_htod(&offsets)
-        .map_err(candle_core::Error::wrap)?;
-    let keep_address = keep.map(|k| address(k, &dev)).transpose()?.unwrap_or(0);
+    let (table_dev, offsets_dev, keep_address) = upload(&dev, &table, &offsets, keep)?;
     let func = dev.get_or_load_custom_func("adam_multi_f32", MODULE, PTX)?;
     let tensors = items.len() as i32;
     let (alpha, b1, omb1) = (
@@ -220,14 +232,7 @@ pub(crate) fn sgd_update_many(
             0
         });
     }
-    let stream = dev.cuda_stream();
-    let table_dev = stream
-        .clone_htod(&table)
-        .map_err(candle_core::Error::wrap)?;
-    let offsets_dev = stream
-        .clone_htod(&offsets)
-        .map_err(candle_core::Error::wrap)?;
-    let keep_address = keep.map(|k| address(k, &dev)).transpose()?.unwrap_or(0);
+    let (table_dev, offsets_dev, keep_address) = upload(&dev, &table, &offsets, keep)?;
     let func = dev.get_or_load_custom_func("sgd_multi_f32", MODULE, PTX)?;
     let tensors = items.len() as i32;
     let (lr, momentum) = (step.learning_rate as f32, step.momentum as f32);
