@@ -285,8 +285,17 @@ fn col2im<T: Element>(
                     let dst = &mut plane[iy * s.w..][..s.w];
                     let src = &src_row[oy * s.ow + x_lo..oy * s.ow + x_hi];
                     let ix0 = x_lo * stride + kj * dil - pl;
-                    for (d, &v) in dst[ix0..].iter_mut().step_by(stride).zip(src) {
-                        *d += v;
+                    if stride == 1 {
+                        // Contiguous on both sides: a plain slice loop, which vectorizes
+                        // (`step_by` does not; at 32x32 maps this loop was a third of the
+                        // backward pass).
+                        for (d, &v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, &v) in dst[ix0..].iter_mut().step_by(stride).zip(src) {
+                            *d += v;
+                        }
                     }
                 }
             }
