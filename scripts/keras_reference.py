@@ -51,7 +51,14 @@ Run from the repository root:
         OUT_DIR/resnet_io.safetensors, for the ignored test
         keras_import_article_resnet (CANDLE_FUNCTIONAL_KERAS_RESNET=OUT_DIR).
 
-All subcommands are deterministic: re-running them rewrites identical files.
+    <venv>/bin/python scripts/keras_reference.py keras-applications OUT_DIR
+        Saves keras.applications' MobileNetV2 and ResNet50 (64x64 input, 10
+        logits, random weights and BatchNorm statistics) as OUT_DIR/*.keras with
+        inputs and Keras's outputs, for the ignored test keras_import_applications
+        (CANDLE_FUNCTIONAL_KERAS_APPS=OUT_DIR).
+
+All subcommands are deterministic: re-running them rewrites identical files (the
+.keras archives differ only in the save date Keras writes into them).
 """
 
 import argparse
@@ -839,6 +846,32 @@ def cmd_keras_resnet(args):
     print(f"wrote {args.out_dir}/resnet.keras and resnet_io.safetensors")
 
 
+def cmd_keras_applications(args):
+    """keras.applications' MobileNetV2 and ResNet50 (Keras's random initial weights, random
+    BatchNorm statistics, logits out) saved as .keras with an input batch and Keras's outputs,
+    for the ignored test keras_import_applications (too big to commit)."""
+    keras.utils.set_random_seed(31)
+    os.makedirs(args.out_dir, exist_ok=True)
+    rng = np.random.default_rng(32)
+    for name, make in [("mobilenetv2", keras.applications.MobileNetV2),
+                       ("resnet50", keras.applications.ResNet50)]:
+        model = make(weights=None, input_shape=(64, 64, 3), classes=10,
+                     classifier_activation=None)
+        for layer in model.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32")
+                                   if i in (0, 3) else
+                                   rng.uniform(-0.2, 0.2, w.shape).astype("float32")
+                                   for i, w in enumerate(layer.get_weights())])
+        model.save(os.path.join(args.out_dir, f"{name}.keras"))
+        x = rng.standard_normal((2, 64, 64, 3)).astype("float32")
+        y = keras_outputs(model, [x])[0]
+        write_safetensors({"input": to_nchw(x), "output": y},
+                          os.path.join(args.out_dir, f"{name}_io.safetensors"),
+                          {"keras": keras.__version__})
+        print(f"wrote {args.out_dir}/{name}.keras ({len(model.layers)} layers)")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -853,10 +886,14 @@ def main():
     resnet = sub.add_parser("keras-resnet",
                             help="save the article's ResNet as .keras with outputs")
     resnet.add_argument("out_dir")
+    apps = sub.add_parser("keras-applications",
+                          help="save keras.applications MobileNetV2 and ResNet50 as .keras")
+    apps.add_argument("out_dir")
     args = parser.parse_args()
     {"counts": cmd_counts, "parity": cmd_parity, "layers": cmd_layers,
      "keras-import": cmd_keras_import,
-     "keras-resnet": cmd_keras_resnet}[args.command](args)
+     "keras-resnet": cmd_keras_resnet,
+     "keras-applications": cmd_keras_applications}[args.command](args)
 
 if __name__ == "__main__":
     main()

@@ -138,3 +138,34 @@ fn keras_import_article_resnet() {
         "features: max abs diff {feature_diff}"
     );
 }
+
+/// keras.applications' MobileNetV2 and ResNet50 saved by Keras (10 and 95 MB, not committed):
+/// `scripts/keras_reference.py keras-applications DIR`, then
+/// `CANDLE_FUNCTIONAL_KERAS_APPS=DIR cargo test --release --test keras_import -- --ignored`.
+#[test]
+#[ignore = "needs keras.applications models saved by Keras: CANDLE_FUNCTIONAL_KERAS_APPS=DIR"]
+fn keras_import_applications() {
+    let dir = PathBuf::from(
+        std::env::var("CANDLE_FUNCTIONAL_KERAS_APPS")
+            .expect("set CANDLE_FUNCTIONAL_KERAS_APPS to the keras-applications output folder"),
+    );
+    for name in ["mobilenetv2", "resnet50"] {
+        let model = Model::from_keras(dir.join(format!("{name}.keras")), &Device::Cpu).unwrap();
+        let io = candle_core::safetensors::load(
+            dir.join(format!("{name}_io.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = model.forward(&[io["input"].clone()], Mode::Eval).unwrap();
+        let diff = max_abs_diff(&y[0], &io["output"]);
+        let scale = common::max_abs(&io["output"]);
+        println!(
+            "{name}: {} layers imported, max abs difference {diff:e} (largest |logit| {scale:.3})",
+            model.layers().len()
+        );
+        assert!(
+            diff <= TOLERANCE * scale.max(1.0),
+            "{name}: max abs diff {diff}"
+        );
+    }
+}
