@@ -904,6 +904,11 @@ impl Importer<'_> {
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
+            if nodes.is_empty() {
+                // Keras saves only the layers its graph calls: a config without calls is
+                // not one Keras wrote.
+                return Err(self.layer_error(&name, class, "the layer is never called"));
+            }
             let mut calls = Vec::new();
             let mut first_inputs = Vec::new();
             for (k, node) in nodes.iter().enumerate() {
