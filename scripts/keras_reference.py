@@ -41,7 +41,7 @@ Run from the repository root:
 
     <venv>/bin/python scripts/keras_reference.py keras-import
         Saves small functional models with random weights as Keras 3 .keras
-        files (tests/fixtures/keras_import_{cnn,blocks,unsupported}.keras) and
+        files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported}.keras) and
         writes an input batch and Keras's outputs, NCHW, to
         tests/fixtures/keras_import.safetensors, for Model::from_keras.
 
@@ -774,6 +774,23 @@ def import_blocks():
     return keras.Model([img, meta], [seg, cls, score], name="blocks")
 
 
+def import_nested():
+    """A functional base model nested in a functional model and called on two inputs
+    (shared weights), as a keras.applications base is used for transfer learning."""
+    x_in = keras.Input((8, 8, 3), name="patch")
+    h = layers.Conv2D(6, 3, padding="same", name="conv")(x_in)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.ReLU(max_value=6.0, name="relu6")(h)
+    h = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    base = keras.Model(x_in, h, name="base")
+    left = keras.Input((8, 8, 3), name="left")
+    right = keras.Input((8, 8, 3), name="right")
+    joined = layers.Concatenate(name="join")([base(left), base(right)])
+    out = layers.Dense(3, name="head")(joined)
+    return keras.Model([left, right], out, name="siamese")
+
+
 def import_unsupported():
     x_in = keras.Input((6,), name="x")
     h = layers.Dense(4, name="dense")(x_in)
@@ -800,6 +817,7 @@ def cmd_keras_import(_args):
     for name, make, shapes in [
         ("cnn", import_cnn, [(2, 9, 8, 3)]),
         ("blocks", import_blocks, [(2, 8, 8, 3), (2, 6)]),
+        ("nested", import_nested, [(2, 8, 8, 3), (2, 8, 8, 3)]),
         ("unsupported", import_unsupported, [(2, 6)]),
     ]:
         model = make()

@@ -169,3 +169,20 @@ fn keras_import_applications() {
         );
     }
 }
+
+#[test]
+fn a_nested_functional_model_called_twice_imports_with_shared_weights() {
+    let model = assert_matches_keras("nested", 2, 1);
+    let names: Vec<String> = model
+        .weights()
+        .unwrap()
+        .iter()
+        .map(|w| w.name().to_string())
+        .collect();
+    assert!(names.contains(&"base.conv.kernel".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"base.bn.moving_variance".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(model.get_layer("base").unwrap().calls(), 2);
+}

@@ -125,11 +125,22 @@ struct KerasTensor {
 /// The translator: the file, and the Flatten outputs whose feature order differs.
 struct Importer<'a> {
     path: &'a Path,
-    /// Tensors holding the features of a channels-last `(h, w, c)` map flattened.
+    /// Tensors holding the features of a channels-last `(h, w, c)` map flattened, by their
+    /// full name (nested models' layers prefixed with `<model>.`).
     flattened: HashMap<TensorRef, (usize, usize, usize)>,
+    /// The prefix of the (nested) model being translated: `""` at the top.
+    scope: String,
 }
 
 impl Importer<'_> {
+    /// The `(h, w, c)` of a channels-last Flatten whose features `t` carries, if any.
+    fn flag(&self, t: &KerasTensor) -> Option<(usize, usize, usize)> {
+        let (layer, node, index) = &t.history;
+        self.flattened
+            .get(&(format!("{}{layer}", self.scope), *node, *index))
+            .copied()
+    }
+
     fn error(&self, message: String) -> Error {
         Error::KerasImport {
             path: self.path.to_path_buf(),
@@ -228,10 +239,8 @@ impl Importer<'_> {
         };
         let ranks: Vec<usize> = inputs.iter().map(|t| t.shape.len()).collect();
         let rank = ranks.first().copied().unwrap_or(0);
-        let flattened: Vec<Option<(usize, usize, usize)>> = inputs
-            .iter()
-            .map(|t| self.flattened.get(&t.history).copied())
-            .collect();
+        let flattened: Vec<Option<(usize, usize, usize)>> =
+            inputs.iter().map(|t| self.flag(t)).collect();
         // Layers that reorder or regroup features cannot take a channels-last Flatten's
         // output: its feature order is not this crate's.
         let element_wise = matches!(
@@ -615,9 +624,9 @@ impl Importer<'_> {
                     )?
                 }
             }
-            "Functional" | "Sequential" | "Model" => {
+            "Sequential" | "Model" => {
                 return Err(bad(
-                    "nested models are not imported yet: flatten the model in Keras first".into(),
+                    "nested Sequential models are not imported yet: build the inner model with the functional API".into(),
                 ));
             }
             other => {
@@ -686,26 +695,57 @@ fn zip_entry(
 /// its `vars` group (Keras 3.15 writes it), else by its group name (`conv2d_1`).
 fn read_weights(h5: Vec<u8>) -> std::result::Result<HashMap<String, LayerVars>, String> {
     let file = hdf5_pure::File::from_bytes(h5).map_err(|e| format!("model.weights.h5: {e}"))?;
-    let root = file.root();
     let mut out = HashMap::new();
-    let Ok(layers) = root.group("layers") else {
-        return Ok(out);
-    };
-    let groups = layers.groups().map_err(|e| format!("layers: {e}"))?;
+    if let Ok(layers) = file.root().group("layers") {
+        read_layer_groups(&layers, "layers", "", 0, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Nesting depth beyond which a weights file is taken as corrupt (a cycle of group links).
+const MAX_NESTING: usize = 32;
+
+/// The variables of every layer group under `layers` (at `path`), keyed by `prefix` and the
+/// group's `name` attribute (else its group name); a nested model's group holds a `layers`
+/// group of its own, read with `<model name>.` added to the prefix.
+fn read_layer_groups(
+    layers: &hdf5_pure::Group,
+    path: &str,
+    prefix: &str,
+    depth: usize,
+    out: &mut HashMap<String, LayerVars>,
+) -> std::result::Result<(), String> {
+    if depth > MAX_NESTING {
+        return Err(format!("{path}: models nested deeper than {MAX_NESTING}"));
+    }
+    let groups = layers.groups().map_err(|e| format!("{path}: {e}"))?;
     for group_name in groups {
-        let path = format!("layers/{group_name}");
+        let path = format!("{path}/{group_name}");
         let group = layers
             .group(&group_name)
             .map_err(|e| format!("{path}: {e}"))?;
-        let Ok(vars) = group.group("vars") else {
+        let vars = group.group("vars").ok();
+        let name = match &vars {
+            Some(vars) => vars
+                .attrs()
+                .map_err(|e| format!("{path}/vars: {e}"))?
+                .get("name")
+                .and_then(|v| v.as_str())
+                .map_or_else(|| group_name.clone(), str::to_owned),
+            None => group_name.clone(),
+        };
+        if let Ok(inner) = group.group("layers") {
+            read_layer_groups(
+                &inner,
+                &format!("{path}/layers"),
+                &format!("{prefix}{name}."),
+                depth + 1,
+                out,
+            )?;
+        }
+        let Some(vars) = vars else {
             continue;
         };
-        let name = vars
-            .attrs()
-            .map_err(|e| format!("{path}/vars: {e}"))?
-            .get("name")
-            .and_then(|v| v.as_str())
-            .map_or_else(|| group_name.clone(), str::to_owned);
         let mut datasets = vars.datasets().map_err(|e| format!("{path}/vars: {e}"))?;
         // h5py lists `10` before `2`: order numerically.
         datasets.sort_by_key(|n| n.parse::<usize>().unwrap_or(usize::MAX));
@@ -733,9 +773,9 @@ fn read_weights(h5: Vec<u8>) -> std::result::Result<HashMap<String, LayerVars>, 
             }
             values.push((shape, data));
         }
-        out.insert(name, values);
+        out.insert(format!("{prefix}{name}"), values);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A dataset as f32: f32/f64/integers directly, float16 (2-byte HDF5 float) and bfloat16 (a
@@ -804,6 +844,7 @@ impl Model {
         let importer = Importer {
             path,
             flattened: HashMap::new(),
+            scope: String::new(),
         };
         let (config, weights) = {
             let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
@@ -835,13 +876,33 @@ impl Importer<'_> {
                 "the model is a `{class}`: only functional models are imported"
             )));
         }
-        let model_config = &config["config"];
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let graph = self.graph(&config["config"], weights, device, &mut tensors)?;
+        let model = build_graph(&graph, &LayerRegistry::new()).map_err(|e| match e {
+            Error::Config { message, .. } => self.error(message),
+            other => other,
+        })?;
+        let source = self.path.display().to_string();
+        check_fits_unbuilt(&model, &tensors, &source)?;
+        let model = model.build(device, DType::F32, 0)?;
+        model.set_weights_from(&tensors, &source)?;
+        Ok(model)
+    }
+
+    /// Translates one functional graph (the model's, or a nested model's in `self.scope`),
+    /// adding its converted weights to `tensors`.
+    fn graph(
+        &mut self,
+        model_config: &Value,
+        weights: &HashMap<String, LayerVars>,
+        device: &Device,
+        tensors: &mut HashMap<String, Tensor>,
+    ) -> Result<GraphConfig> {
         let keras_layers = model_config
             .get("layers")
             .and_then(Value::as_array)
             .ok_or_else(|| self.error("config.json has no layer list".into()))?;
         let mut entries = Vec::new();
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
         // Keras names weight groups `<snake_case class>[_n]`, counted per class in layer
         // order: the fallback key for files without the groups' `name` attributes.
         let mut class_counts: HashMap<String, usize> = HashMap::new();
@@ -926,6 +987,37 @@ impl Importer<'_> {
                     first_inputs = inputs;
                 }
             }
+            if class == "Functional" {
+                // A nested model: its own graph, translated in its own scope, weights under
+                // `<model>.<layer>`. Its inputs must not carry a Flatten's channels-last
+                // feature order: the inner layers would not know it.
+                if nodes.iter().any(|node| {
+                    let mut inputs = Vec::new();
+                    keras_tensors(node.get("args").unwrap_or(&Value::Null), &mut inputs);
+                    inputs.iter().any(|t| self.flag(t).is_some())
+                }) {
+                    return Err(self.layer_error(
+                        &name,
+                        class,
+                        "it reads the output of a Flatten of a channels-last map: not supported",
+                    ));
+                }
+                let outer = std::mem::take(&mut self.scope);
+                self.scope = format!("{outer}{name}.");
+                let inner = self.graph(layer_config, weights, device, tensors);
+                self.scope = outer;
+                entries.push(LayerEntry {
+                    name,
+                    class_name: "Functional".into(),
+                    config: serde_json::to_value(inner?).map_err(|e| self.error(e.to_string()))?,
+                    trainable: layer_config
+                        .get("trainable")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true),
+                    calls,
+                });
+                continue;
+            }
             let translated = self.translate(&name, class, layer_config, &first_inputs)?;
             // Feature order after a channels-last Flatten, passed along element-wise layers.
             for (k, node) in nodes.iter().enumerate() {
@@ -936,14 +1028,17 @@ impl Importer<'_> {
                         Some((t.shape[1], t.shape[2], t.shape[3]))
                     }
                     ("Dense" | "Flatten" | "Concatenate", _) => None,
-                    (_, Some(t)) => self.flattened.get(&t.history).copied(),
+                    (_, Some(t)) => self.flag(t),
                     _ => None,
                 };
                 if let Some(hwc) = from {
-                    self.flattened.insert((name.clone(), k, 0), hwc);
+                    self.flattened
+                        .insert((format!("{}{name}", self.scope), k, 0), hwc);
                 }
             }
-            let vars = weights.get(&name).or_else(|| weights.get(&group));
+            let vars = weights
+                .get(&format!("{}{name}", self.scope))
+                .or_else(|| weights.get(&format!("{}{group}", self.scope)));
             for (param, index, convert) in &translated.weights {
                 let (shape, data) = vars.and_then(|v| v.get(*index)).ok_or_else(|| {
                     self.layer_error(
@@ -953,7 +1048,10 @@ impl Importer<'_> {
                     )
                 })?;
                 let value = Tensor::from_vec(data.clone(), shape.as_slice(), device)?;
-                tensors.insert(format!("{name}.{param}"), convert.apply(value)?);
+                tensors.insert(
+                    format!("{}{name}.{param}", self.scope),
+                    convert.apply(value)?,
+                );
             }
             entries.push(LayerEntry {
                 name,
@@ -983,14 +1081,6 @@ impl Importer<'_> {
             inputs: ends("input_layers")?,
             outputs: ends("output_layers")?,
         };
-        let model = build_graph(&graph, &LayerRegistry::new()).map_err(|e| match e {
-            Error::Config { message, .. } => self.error(message),
-            other => other,
-        })?;
-        let source = self.path.display().to_string();
-        check_fits_unbuilt(&model, &tensors, &source)?;
-        let model = model.build(device, DType::F32, 0)?;
-        model.set_weights_from(&tensors, &source)?;
-        Ok(model)
+        Ok(graph)
     }
 }
