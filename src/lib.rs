@@ -57,7 +57,7 @@ pub use graph::{
     Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
     StateUpdates, SymbolicTensor,
 };
-pub use models::{Model, NamedWeight, ParamCounts};
+pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts};
 
 /// Everything needed to write a model: `use candle_functional::prelude::*;`.
 pub mod prelude {

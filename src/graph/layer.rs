@@ -663,7 +663,7 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
     /// ([`Model::to_json`](crate::Model::to_json), [`Model::save`](crate::Model::save)).
     /// Built-in layers return their config struct (serde); a custom layer that should be
     /// saved returns its own and is registered by [`type_name`](Self::type_name) in a
-    /// [`LayerRegistry`](crate::models::LayerRegistry) to be loaded. `None` (the default)
+    /// [`LayerRegistry`](crate::LayerRegistry) to be loaded. `None` (the default)
     /// means the layer cannot be saved: saving a model that holds it fails, naming it.
     fn to_config(&self) -> Option<serde_json::Value> {
         None

@@ -237,6 +237,20 @@ impl Importer<'_> {
                 "data_format {other}: only channels_last models are imported"
             ))),
         };
+        // One axis, given as an integer or a one-element list; in this crate's numbering.
+        let one_axis = || -> Result<isize> {
+            let axis = match field("axis") {
+                Value::Array(v) if v.len() == 1 => v[0].as_i64(),
+                v => v.as_i64(),
+            }
+            .ok_or_else(|| bad(format!("axis {} is not supported", field("axis"))))?;
+            self.axis(
+                name,
+                class,
+                axis,
+                inputs.first().map_or(0, |t| t.shape.len()),
+            )
+        };
         let ranks: Vec<usize> = inputs.iter().map(|t| t.shape.len()).collect();
         let rank = ranks.first().copied().unwrap_or(0);
         let flattened: Vec<Option<(usize, usize, usize)>> =
@@ -372,12 +386,7 @@ impl Importer<'_> {
                 }
             }
             "BatchNormalization" => {
-                let axis = match field("axis") {
-                    Value::Array(v) if v.len() == 1 => v[0].as_i64(),
-                    v => v.as_i64(),
-                }
-                .ok_or_else(|| bad(format!("axis {} is not supported", field("axis"))))?;
-                let axis = self.axis(name, class, axis, rank)?;
+                let axis = one_axis()?;
                 if axis != 1 {
                     return Err(bad(format!(
                         "normalizing over axis {} (this crate's layout) is not supported: only the channel axis",
@@ -490,17 +499,8 @@ impl Importer<'_> {
                 },
             )?,
             "Softmax" => {
-                let axis = match field("axis") {
-                    Value::Array(v) if v.len() == 1 => v[0].as_i64(),
-                    v => v.as_i64(),
-                }
-                .ok_or_else(|| bad(format!("axis {} is not supported", field("axis"))))?;
-                Translated::new(
-                    "Softmax",
-                    SoftmaxConfig {
-                        axis: self.axis(name, class, axis, rank)?,
-                    },
-                )?
+                let axis = one_axis()?;
+                Translated::new("Softmax", SoftmaxConfig { axis })?
             }
             "Add" | "Subtract" | "Multiply" | "Average" | "Maximum" | "Minimum" => {
                 if flattened.iter().any(|f| *f != flattened[0]) {

@@ -324,31 +324,9 @@ pub fn conv_transpose2d(
     dilation: usize,
 ) -> Result<Tensor> {
     const OP: &str = "conv_transpose2d";
-    let &[_, c, _, _] = x.dims() else {
-        return Err(invalid(
-            OP,
-            "x",
-            format!("expected NCHW (rank 4), got shape {:?}", x.dims()),
-        ));
-    };
-    let &[kc, o, kh, kw] = kernel.dims() else {
-        return Err(invalid(
-            OP,
-            "kernel",
-            format!(
-                "expected (in, out, kh, kw) (rank 4), got shape {:?}",
-                kernel.dims()
-            ),
-        ));
-    };
-    same_device(OP, "kernel", kernel, x)?;
-    if kernel.dtype() != x.dtype() {
-        return Err(invalid(
-            OP,
-            "kernel",
-            format!("dtype {:?}, but x is {:?}", kernel.dtype(), x.dtype()),
-        ));
-    }
+    let [_, c, _, _] = rank4(OP, "x", x, "NCHW")?;
+    let [kc, o, kh, kw] = rank4(OP, "kernel", kernel, "(in, out, kh, kw)")?;
+    same_device_and_dtype(OP, "kernel", kernel, x)?;
     if kc != c || o == 0 || kh == 0 || kw == 0 {
         return Err(invalid(
             OP,
@@ -712,31 +690,42 @@ fn same_device(
     ))
 }
 
+/// The four dimensions of a rank-4 argument laid out as `layout`, or an error naming it.
+fn rank4(op: &'static str, argument: &'static str, t: &Tensor, layout: &str) -> Result<[usize; 4]> {
+    match *t.dims() {
+        [a, b, c, d] => Ok([a, b, c, d]),
+        _ => Err(invalid(
+            op,
+            argument,
+            format!("expected {layout} (rank 4), got shape {:?}", t.dims()),
+        )),
+    }
+}
+
+/// `tensor` must be on `x`'s device and of its dtype.
+fn same_device_and_dtype(
+    op: &'static str,
+    argument: &'static str,
+    tensor: &Tensor,
+    x: &Tensor,
+) -> Result<()> {
+    same_device(op, argument, tensor, x)?;
+    if tensor.dtype() != x.dtype() {
+        return Err(invalid(
+            op,
+            argument,
+            format!("dtype {:?}, but x is {:?}", tensor.dtype(), x.dtype()),
+        ));
+    }
+    Ok(())
+}
+
 /// The checks of [`conv2d`] and [`reference::conv2d`].
 pub(crate) fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
     const OP: &str = "conv2d";
-    let &[_, c, h, w] = x.dims() else {
-        return Err(invalid(
-            OP,
-            "x",
-            format!("expected NCHW (rank 4), got shape {:?}", x.dims()),
-        ));
-    };
-    let &[o, kc, kh, kw] = kernel.dims() else {
-        return Err(invalid(
-            OP,
-            "kernel",
-            format!("expected OIHW (rank 4), got shape {:?}", kernel.dims()),
-        ));
-    };
-    same_device(OP, "kernel", kernel, x)?;
-    if kernel.dtype() != x.dtype() {
-        return Err(invalid(
-            OP,
-            "kernel",
-            format!("dtype {:?}, but x is {:?}", kernel.dtype(), x.dtype()),
-        ));
-    }
+    let [_, c, h, w] = rank4(OP, "x", x, "NCHW")?;
+    let [o, kc, kh, kw] = rank4(OP, "kernel", kernel, "OIHW")?;
+    same_device_and_dtype(OP, "kernel", kernel, x)?;
     if g.groups == 0 {
         return Err(invalid(OP, "geometry", "groups must be positive".into()));
     }
@@ -861,15 +850,7 @@ pub(crate) fn check_bias_add(x: &Tensor, bias: &Tensor) -> Result<()> {
             ),
         ));
     }
-    same_device(OP, "bias", bias, x)?;
-    if bias.dtype() != x.dtype() {
-        return Err(invalid(
-            OP,
-            "bias",
-            format!("dtype {:?}, but x is {:?}", bias.dtype(), x.dtype()),
-        ));
-    }
-    Ok(())
+    same_device_and_dtype(OP, "bias", bias, x)
 }
 
 /// Half-precision activations are normalized in f32 (their statistics would lose too much in

@@ -293,6 +293,32 @@ fn decay_factor(lr: f64, weight_decay: f64) -> f64 {
     }
 }
 
+/// The variables that have a gradient, each with it detached (gradients carry the step's
+/// graph: the slots keep values, not history) and in the variable's dtype.
+fn with_gradients<'a>(
+    vars: &'a [(String, Var)],
+    grads: &GradStore,
+) -> Result<Vec<(&'a String, &'a Var, Tensor)>> {
+    vars.iter()
+        .filter_map(|(name, var)| {
+            let g = grads.get(var.as_tensor())?;
+            Some(
+                g.detach()
+                    .to_dtype(var.dtype())
+                    .map(|g| (name, var, g))
+                    .map_err(Into::into),
+            )
+        })
+        .collect()
+}
+
+/// The divergence verdict as the u8 scalar the fused updates take.
+fn keep_u8(keep: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(keep
+        .map(|k| k.to_dtype(candle_core::DType::U8))
+        .transpose()?)
+}
+
 /// `value` must be finite and positive (or zero, with `zero_ok`).
 fn check_positive(name: &str, value: f64, zero_ok: bool) -> Result<()> {
     if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
@@ -388,34 +414,19 @@ impl Adam {
             epsilon: c.epsilon,
             decay: decay_factor(lr, c.weight_decay),
         };
-        let mut stepped = Vec::new();
-        let mut inputs = Vec::new();
-        for (name, var) in vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            // Gradients carry the step's graph: detached, the slots keep values, not history.
-            let g = g.detach().to_dtype(var.dtype())?;
-            inputs.push([
-                var.as_tensor().detach(),
-                g,
-                self.m.get(name, var)?,
-                self.v.get(name, var)?,
-            ]);
-            stepped.push((name, var));
-        }
+        let stepped = with_gradients(vars, grads)?;
+        let inputs = stepped
+            .iter()
+            .map(|(name, var, g)| {
+                let w = var.as_tensor().detach();
+                Ok([w, g.clone(), self.m.get(name, var)?, self.v.get(name, var)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
         // One fused pass per weight on the CPU, one kernel for all of them on CUDA; nothing
         // is written until every weight is computed.
         let refs: Vec<[&Tensor; 4]> = inputs.iter().map(|[w, g, m, v]| [w, g, m, v]).collect();
-        let keep = keep
-            .map(|k| k.to_dtype(candle_core::DType::U8))
-            .transpose()?;
-        let new = ops::adam_update_many(&refs, step, keep.as_ref())?;
-        let updates = stepped
-            .into_iter()
-            .zip(new)
-            .map(|((name, var), (w, m_new, v_new))| (name, var, m_new, v_new, w));
-        for (name, var, m_new, v_new, w) in updates {
+        let new = ops::adam_update_many(&refs, step, keep_u8(keep)?.as_ref())?;
+        for ((name, var, _), (w, m_new, v_new)) in stepped.into_iter().zip(new) {
             self.m.by_var.insert(name.clone(), m_new);
             self.v.by_var.insert(name.clone(), v_new);
             var.set(&w)?;
@@ -595,35 +606,24 @@ impl Sgd {
             nesterov: c.nesterov,
             decay: decay_factor(lr, c.weight_decay),
         };
-        let mut stepped = Vec::new();
-        let mut inputs = Vec::new();
-        for (name, var) in vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            // Gradients carry the step's graph: detached, the slots keep values, not history.
-            let g = g.detach().to_dtype(var.dtype())?;
-            let u_old = if c.momentum > 0.0 {
-                Some(self.velocity.get(name, var)?)
-            } else {
-                None
-            };
-            inputs.push((var.as_tensor().detach(), g, u_old));
-            stepped.push((name, var));
-        }
+        let stepped = with_gradients(vars, grads)?;
+        let inputs = stepped
+            .iter()
+            .map(|(name, var, g)| {
+                let velocity = if c.momentum > 0.0 {
+                    Some(self.velocity.get(name, var)?)
+                } else {
+                    None
+                };
+                Ok((var.as_tensor().detach(), g.clone(), velocity))
+            })
+            .collect::<Result<Vec<_>>>()?;
         // One fused pass per weight on the CPU, one kernel for all of them on CUDA; nothing
         // is written until every weight is computed.
         let refs: Vec<(&Tensor, &Tensor, Option<&Tensor>)> =
             inputs.iter().map(|(w, g, u)| (w, g, u.as_ref())).collect();
-        let keep = keep
-            .map(|k| k.to_dtype(candle_core::DType::U8))
-            .transpose()?;
-        let new = ops::sgd_update_many(&refs, step, keep.as_ref())?;
-        let updates = stepped
-            .into_iter()
-            .zip(new)
-            .map(|((name, var), (w, velocity))| (name, var, w, velocity));
-        for (name, var, w, velocity) in updates {
+        let new = ops::sgd_update_many(&refs, step, keep_u8(keep)?.as_ref())?;
+        for ((name, var, _), (w, velocity)) in stepped.into_iter().zip(new) {
             if let Some(u) = velocity {
                 self.velocity.by_var.insert(name.clone(), u);
             }
