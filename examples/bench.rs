@@ -7,6 +7,9 @@
 //! ```
 //! `scripts/compare-cpu.sh` runs it alternately with the PyTorch and Keras references.
 
+#[path = "common/allocator.rs"]
+mod allocator;
+
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -54,6 +57,7 @@ struct Args {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    allocator::keep_freed_memory();
     let args = Args::parse();
     let device = select_device(&args.device)?;
     let config = ResNetConfig::default()
@@ -96,7 +100,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     println!(
-        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}}}",
+        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}}}",
         device.location(),
         match args.model {
             Net::Resnet => "resnet",
@@ -112,6 +116,13 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         times[times.len() - 1],
         args.batch_size as f64 / (median / 1e3),
         candle_core::utils::get_num_threads(),
+        if cfg!(system_allocator) {
+            "system"
+        } else {
+            "mimalloc"
+        },
+        args.stages,
+        args.width_divisor,
     );
     Ok(())
 }

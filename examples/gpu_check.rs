@@ -17,6 +17,9 @@
 //! ```
 //! `scripts/gpu-check.sh` runs it on the GPU machine next to the PyTorch reference.
 
+#[path = "common/allocator.rs"]
+mod allocator;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -418,6 +421,7 @@ fn profile(args: &Args, device: &Device) -> Result<String> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    allocator::keep_freed_memory();
     let args = Args::parse();
     let device = select_device(&args.device)?;
     // TF32 for f32 matrix products on CUDA (a no-op on the CPU).

@@ -13,6 +13,9 @@
 //! output's shape), the gradient reaching the input and every weight, as inside a network. GFLOP/s is given for convolutions and Dense, at 2
 //! FLOPs per multiply-add; backward does twice the forward's (input and kernel gradients).
 
+#[path = "common/allocator.rs"]
+mod allocator;
+
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -206,6 +209,7 @@ fn time_adam(args: &Args, device: &Device) -> Result<(f64, usize)> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    allocator::keep_freed_memory();
     let args = Args::parse();
     let device = Device::Cpu;
     let cpu = cpu_model();

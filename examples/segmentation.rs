@@ -10,6 +10,9 @@
 //! cargo run --release --example segmentation -- --out masks.png
 //! ```
 
+#[path = "common/allocator.rs"]
+mod allocator;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -151,6 +154,7 @@ fn write_png(path: &PathBuf, images: &Tensor, truth: &Tensor, predicted: &Tensor
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    allocator::keep_freed_memory();
     let mut args = Args::parse();
     if args.quick {
         args.images = args.images.min(320);

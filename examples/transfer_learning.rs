@@ -15,6 +15,9 @@
 //!     --weights runs/resnet/weights.safetensors
 //! ```
 
+#[path = "common/allocator.rs"]
+mod allocator;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
@@ -85,6 +88,7 @@ fn adam(learning_rate: f64) -> AdamConfig {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    allocator::keep_freed_memory();
     let mut args = Args::parse();
     if args.quick {
         args.width_divisor = args.width_divisor.max(4);

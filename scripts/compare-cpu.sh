@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CPU speed, side by side: the crate's benchmark (examples/bench.rs) and the PyTorch and Keras
 # references (scripts/torch_reference.py, scripts/keras_bench.py) on the article's ResNet and
-# PlainNet, run alternately on this machine, round after round, so that drifts in machine load
+# PlainNet, full-width and shrunken (16-32-64-128 filters, one block a stage: the networks of
+# docs/RESULTS.md), training at batch 32 and 128, inference at batch 128 and at batch 1
+# (latency). The frameworks run alternately, round after round, so that drifts in machine load
 # hit all three alike. Prints every measurement as a JSON line (with peak memory and the load
 # average before the run), then a table of medians and the crate/PyTorch and crate/Keras ratios.
 #
@@ -9,16 +11,20 @@
 #   TORCH_PY=/path/to/venv/bin/python KERAS_PY=/path/to/tf-venv/bin/python scripts/compare-cpu.sh 3
 #
 # Environment: TORCH_PY / KERAS_PY (interpreters with torch / tensorflow-cpu; a missing one is
-# skipped and said so), STEPS (timed steps, default 3), WARMUP (default 1), THREADS (default 2),
-# MODELS (default "resnet plain"), OUT (default runs/compare-cpu).
+# skipped and said so), STEPS (timed steps, default 10), WARMUP (default 2; Keras traces its
+# function in the first), THREADS (default 2), MODELS (default "resnet plain"), NETS (default
+# "full small"), CASES (default "train 32,train 128,infer 128,infer 1"), OUT (default
+# runs/compare-cpu).
 # Measure on an idle machine: PyTorch's threads busy-wait and collapse under any other load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
-STEPS=${STEPS:-3}
-WARMUP=${WARMUP:-1}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 MODELS=${MODELS:-"resnet plain"}
+NETS=${NETS:-"full small"}
+CASES=${CASES:-"train 32,train 128,infer 128,infer 1"}
 OUT=${OUT:-runs/compare-cpu}
 TORCH_PY=${TORCH_PY:-python3}
 KERAS_PY=${KERAS_PY:-python3}
@@ -42,13 +48,21 @@ measure() {
 
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 for round in $(seq "$ROUNDS"); do
-  for model in $MODELS; do
-    for cfg in "train 32" "train 128" "infer 128"; do
-      set -- $cfg
-      common=(--model "$model" --mode "$1" --batch-size "$2" --steps "$STEPS" --warmup "$WARMUP")
-      measure ./target/release/examples/bench "${common[@]}" --device cpu
-      [ $have_torch = 1 ] && measure "$TORCH_PY" scripts/torch_reference.py bench "${common[@]}" --threads "$THREADS"
-      [ $have_keras = 1 ] && measure "$KERAS_PY" scripts/keras_bench.py bench "${common[@]}" --threads "$THREADS"
+  for net in $NETS; do
+    case $net in
+      full) shape=(--stages 2,5,5,2 --width-divisor 1) ;;
+      small) shape=(--stages 1,1,1,1 --width-divisor 4) ;;
+      *) echo "NETS: full or small, not $net" >&2; exit 2 ;;
+    esac
+    for model in $MODELS; do
+      IFS=, read -ra cases <<< "$CASES"
+      for cfg in "${cases[@]}"; do
+        set -- $cfg
+        common=(--model "$model" --mode "$1" --batch-size "$2" --steps "$STEPS" --warmup "$WARMUP" "${shape[@]}")
+        measure ./target/release/examples/bench "${common[@]}" --device cpu
+        if [ $have_torch = 1 ]; then measure "$TORCH_PY" scripts/torch_reference.py bench "${common[@]}" --threads "$THREADS"; fi
+        if [ $have_keras = 1 ]; then measure "$KERAS_PY" scripts/keras_bench.py bench "${common[@]}" --threads "$THREADS"; fi
+      done
     done
   done
 done
@@ -56,20 +70,23 @@ done
 python3 - "$RESULTS" <<'PY'
 import collections, json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def net(r):
+    return "full" if r.get("width_divisor", 1) == 1 and r.get("stages", [2, 5, 5, 2]) == [2, 5, 5, 2] \
+        else "x".join(map(str, r["stages"])) + "/" + str(r["width_divisor"])
 groups = collections.defaultdict(list)
 for r in rows:
-    groups[(r["model"], r["mode"], r["batch_size"], r["framework"])].append(r)
+    groups[(r["model"], net(r), r["mode"], r["batch_size"], r["framework"])].append(r)
 print()
-print("| model | mode | batch | framework | img/s (median of runs) | step ms | peak RSS MiB | vs PyTorch | vs Keras |")
-print("|---|---|---|---|---|---|---|---|---|")
-keys = sorted({k[:3] for k in groups})
+print("| model | net | mode | batch | framework | img/s (median of runs) | step ms | peak RSS MiB | vs PyTorch | vs Keras |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+keys = sorted({k[:4] for k in groups})
 for key in keys:
-    ips = {fw: statistics.median(r["images_per_sec"] for r in groups[key + (fw,)])
-           for (m, mo, b, fw) in groups if (m, mo, b) == key}
+    ips = {k[4]: statistics.median(r["images_per_sec"] for r in groups[k])
+           for k in groups if k[:4] == key}
     for fw in sorted(ips):
         rs = groups[key + (fw,)]
         ms = statistics.median(r["median_ms"] for r in rs)
         mem = max((r.get("peak_rss_mib") or 0) for r in rs)
         ratio = lambda ref: f"{ips[fw] / ips[ref]:.2f}" if ref in ips and fw != ref else ""
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {fw} | {ips[fw]:.1f} | {ms:.0f} | {mem} | {ratio('pytorch')} | {ratio('keras')} |")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {fw} | {ips[fw]:.1f} | {ms:.1f} | {mem} | {ratio('pytorch')} | {ratio('keras')} |")
 PY

@@ -93,10 +93,30 @@ fn batches_split_into_several_chunks() {
 }
 
 #[test]
+fn products_split_into_column_blocks_with_a_ragged_last_block() {
+    // On two or more threads a product of at most 512 rows and at least 128 columns is cut
+    // into one block of columns per thread (rounded to 16): 3 images of 7x9 positions are 189
+    // columns, blocks of 96 and 93; the kernel gradient's 5x3x3 = 45 columns stay whole; the
+    // input gradient of 64 channels x 3 x 3 = 576 rows goes to the `gemm` crate's threads.
+    compare((3, 5, 7, 9), (8, 5, 3, 3), geometry((1, 1, 1, 1), 1, 1, 1));
+    compare(
+        (3, 5, 14, 18),
+        (8, 5, 3, 3),
+        geometry((0, 1, 0, 1), 2, 1, 1),
+    );
+    compare(
+        (2, 64, 6, 6),
+        (16, 64, 3, 3),
+        geometry((1, 1, 1, 1), 1, 1, 1),
+    );
+}
+
+#[test]
 fn f64_is_supported() {
     let dev = Device::Cpu;
     let g = geometry((0, 1, 0, 1), 2, 1, 1);
-    let x = Tensor::randn(0f64, 1.0, (1, 2, 6, 6), &dev).unwrap();
+    // 4 images of 7x7 output positions: 196 columns, cut into column blocks.
+    let x = Tensor::randn(0f64, 1.0, (4, 2, 14, 14), &dev).unwrap();
     let k = Tensor::randn(0f64, 1.0, (3, 2, 3, 3), &dev).unwrap();
     let d = max_abs_diff(
         &conv2d(&x, &k, g).unwrap().to_dtype(DType::F32).unwrap(),

@@ -16,6 +16,9 @@
 
 mod plot;
 
+#[path = "../common/allocator.rs"]
+mod allocator;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
@@ -148,6 +151,7 @@ fn schedule(s: &str) -> Result<LrSchedule, String> {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -175,21 +175,95 @@ fn matmul<T: Element>(
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
     debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
-    // SAFETY: the callers size every slice for the strides given (checked in debug builds
-    // above for dst; lhs and rhs are whole matrices of the stated shapes).
+    let threads = candle_core::utils::get_num_threads();
+    if threads < 2 || m > MAX_BLOCK_ROWS || n < threads * MIN_BLOCK_COLUMNS {
+        // SAFETY: as in `matmul_block`, for the whole product.
+        unsafe {
+            matmul_block(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                dst_rs,
+                accumulate,
+                lhs.as_ptr(),
+                (lhs_rs, lhs_cs),
+                rhs.as_ptr(),
+                (rhs_rs, rhs_cs),
+                parallelism(),
+            )
+        };
+        return;
+    }
+    // One block of columns per thread, each a single-threaded product: the `gemm` crate's own
+    // threading splits a product with few rows badly (the first stage's forward, 64 filters ×
+    // 14,336 positions × 576, ran at 47-59 GFLOP/s on two threads and 76-103 in two column
+    // blocks, its kernel gradient 45-88 against 70-102; up to 512 rows the blocks are never
+    // slower, with more rows (the input gradient's channels × kernel) they are not faster;
+    // `examples/gemm_blocks.rs`, docs/PERFORMANCE.md).
+    let per = n.div_ceil(threads).next_multiple_of(16);
+    let dst_at = dst.as_mut_ptr() as usize;
+    (0..n.div_ceil(per)).into_par_iter().for_each(|b| {
+        let j0 = b * per;
+        let nb = per.min(n - j0);
+        // SAFETY: the blocks write disjoint columns `j0..j0 + nb` of `dst` (each row's
+        // columns are disjoint ranges of the slice), and read `rhs`'s matching columns.
+        unsafe {
+            matmul_block(
+                m,
+                nb,
+                k,
+                (dst_at as *mut T).add(j0),
+                dst_rs,
+                accumulate,
+                lhs.as_ptr(),
+                (lhs_rs, lhs_cs),
+                rhs.as_ptr().add(j0 * rhs_cs),
+                (rhs_rs, rhs_cs),
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// Products with fewer columns per thread than this are left to the `gemm` crate's threads.
+const MIN_BLOCK_COLUMNS: usize = 64;
+/// So are products with more rows than this.
+const MAX_BLOCK_ROWS: usize = 512;
+
+/// One `gemm` call.
+///
+/// # Safety
+/// `dst` must hold `m` rows of `n` elements at row stride `dst_rs` that nothing else touches
+/// during the call, and `lhs`/`rhs` `m × k`/`k × n` matrices at the strides given.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_block<T: Element>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,
-            lhs.as_ptr(),
+            lhs,
             lhs_cs as isize,
             lhs_rs as isize,
-            rhs.as_ptr(),
+            rhs,
             rhs_cs as isize,
             rhs_rs as isize,
             T::ONE,
@@ -197,7 +271,7 @@ fn matmul<T: Element>(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         )
     }
 }
