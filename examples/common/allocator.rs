@@ -4,9 +4,9 @@
 //! time. glibc's malloc hands blocks of that size back to the OS when they are freed, and
 //! mimalloc does after a delay (a second) that a step of several seconds outlasts, so either
 //! way every step page-faults its buffers in again; with two threads writing the fresh pages
-//! the faults contend for the page-table lock. That cost a third of an element-wise layer's
-//! backward pass and more than a tenth of a training step here (docs/PERFORMANCE.md). A
-//! binary of your own that trains with the crate gains from the same lines.
+//! the faults contend for the page-table lock. That was most of an element-wise layer's
+//! backward pass and about a tenth of a training step here (docs/PERFORMANCE.md). A binary
+//! of your own that trains with the crate gains from the same lines.
 //!
 //! `RUSTFLAGS="--cfg system_allocator"` builds the examples on the system allocator instead,
 //! to measure the difference.
