@@ -152,13 +152,6 @@ fn valid_range(
     (lo.min(hi), hi)
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, each given by (pointer, row
 /// stride, column stride).
 #[allow(clippy::too_many_arguments)]
@@ -177,6 +170,11 @@ fn matmul<T: Element>(
     debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
     let threads = candle_core::utils::get_num_threads();
     if threads < 2 || m > MAX_BLOCK_ROWS || n < threads * MIN_BLOCK_COLUMNS {
+        let parallelism = if threads < 2 {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads)
+        };
         // SAFETY: as in `matmul_block`, for the whole product.
         unsafe {
             matmul_block(
@@ -190,7 +188,7 @@ fn matmul<T: Element>(
                 (lhs_rs, lhs_cs),
                 rhs.as_ptr(),
                 (rhs_rs, rhs_cs),
-                parallelism(),
+                parallelism,
             )
         };
         return;
