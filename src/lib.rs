@@ -55,7 +55,7 @@ pub use device::{keep_freed_gpu_memory, select_device};
 pub use error::{Error, Result};
 pub use graph::{
     Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
-    StateUpdates, SymbolicTensor,
+    Prologue, StateUpdates, SymbolicTensor,
 };
 pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts};
 

@@ -426,3 +426,211 @@ fn fused_relu_matches_candle_and_passes_no_gradient_at_zero() {
         [0.0, 0.0, 1.0]
     );
 }
+
+#[test]
+fn fused_batch_norm_matches_add_relu_then_batch_norm() {
+    use candle_functional::ops::{self, reference};
+    let dev = Device::Cpu;
+    let shape = (4, 3, 5, 2);
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
+        // Values on both sides of zero, some sums exactly zero (no gradient there).
+        let a = Tensor::randn(0f64, 1.0, shape, &dev)
+            .unwrap()
+            .affine(3.0, 0.5)
+            .unwrap();
+        let keep = a.abs().unwrap().ge(0.3).unwrap();
+        let a = var(keep
+            .where_cond(&a, &a.zeros_like().unwrap())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let b = Tensor::randn(0f64, 1.0, shape, &dev).unwrap();
+        let b = var(keep
+            .where_cond(&b, &b.zeros_like().unwrap())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let gamma = var(Tensor::new(&[1.5f64, 0.5, -2.0], &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let beta = var(Tensor::new(&[0.1f64, -0.2, 0.3], &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap());
+        let upstream = Tensor::randn(0f64, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let (g, bt) = (Some(gamma.as_tensor()), Some(beta.as_tensor()));
+        let close = |x: &Tensor, r: &Tensor, what: &str| {
+            assert!(
+                max_abs_diff(x, r) < tol * common::max_abs(r).max(1.0),
+                "{dtype:?} {what}"
+            );
+        };
+        let sum = (a.as_tensor() + b.as_tensor()).unwrap();
+        for (inputs, relu) in [(1, true), (2, false), (2, true)] {
+            let case = format!("{inputs} input(s), relu {relu}");
+            let (given, vars, operand): (Vec<&Tensor>, Vec<&Var>, Tensor) = if inputs == 1 {
+                (
+                    vec![a.as_tensor()],
+                    vec![&a, &gamma, &beta],
+                    a.as_tensor().clone(),
+                )
+            } else {
+                (
+                    vec![a.as_tensor(), b.as_tensor()],
+                    vec![&a, &b, &gamma, &beta],
+                    sum.clone(),
+                )
+            };
+            let operand = if relu {
+                ops::relu(&operand).unwrap()
+            } else {
+                operand
+            };
+
+            let fused = ops::fused_batch_norm_train(&given, relu, g, bt, 1e-3).unwrap();
+            let composed = reference::batch_norm_train(&operand, g, bt, 1e-3).unwrap();
+            close(&fused.0, &composed.0, &format!("{case}: train y"));
+            close(&fused.1, &composed.1, &format!("{case}: train mean"));
+            close(&fused.2, &composed.2, &format!("{case}: train var"));
+            let gf = with_grads(&fused.0, &upstream, &vars);
+            let gc = with_grads(&composed.0, &upstream, &vars);
+            for (i, (x, r)) in gf.iter().zip(&gc).enumerate() {
+                close(x, r, &format!("{case}: train gradient {i}"));
+            }
+            if relu {
+                // Where the ReLU's argument is ≤ 0 nothing flows back, exactly.
+                let argument = if inputs == 1 { a.as_tensor() } else { &sum };
+                let blocked = argument.le(0.0).unwrap().to_dtype(dtype).unwrap();
+                let leaked = (&gf[0] * &blocked)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert_eq!(leaked, 0.0, "{dtype:?} {case}: gradient where blocked");
+            }
+
+            let (mean, variance) = (composed.1.clone(), (&composed.2 + 0.5).unwrap());
+            let fused =
+                ops::fused_batch_norm_eval(&given, relu, g, bt, &mean, &variance, 1e-3).unwrap();
+            let composed =
+                reference::batch_norm_eval(&operand, g, bt, &mean, &variance, 1e-3).unwrap();
+            close(&fused, &composed, &format!("{case}: eval y"));
+            let gf = with_grads(&fused, &upstream, &vars);
+            let gc = with_grads(&composed, &upstream, &vars);
+            for (i, (x, r)) in gf.iter().zip(&gc).enumerate() {
+                close(x, r, &format!("{case}: eval gradient {i}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_batch_norm_refuses_bad_inputs() {
+    use candle_functional::ops;
+    let dev = Device::Cpu;
+    let a = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+    let other_shape = Tensor::zeros((2, 3, 5), DType::F32, &dev).unwrap();
+    let other_dtype = Tensor::zeros((2, 3, 4), DType::F64, &dev).unwrap();
+    for (inputs, wanted) in [
+        (vec![], "one or two"),
+        (vec![&a, &a, &a], "one or two"),
+        (vec![&a, &other_shape], "shapes"),
+        (vec![&a, &other_dtype], "dtype"),
+    ] {
+        let err = ops::fused_batch_norm_train(&inputs, true, None, None, 1e-3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fused_batch_norm_train") && err.contains(wanted),
+            "{err}"
+        );
+    }
+}
+
+/// Two inputs → Add → ReLU → BatchNorm (the end of a residual block). `keep` 0: only the
+/// BatchNorm's output is a model output (the plan folds the Add and the ReLU into it); 1: the
+/// Add's output too (only the ReLU is folded); 2: the ReLU's as well (nothing is folded).
+fn add_relu_bn_model(keep: usize) -> Model {
+    let (a, b) = (Input::new([3, 4, 4]), Input::new([3, 4, 4]));
+    let s = Add::new().call_many(&[a.clone(), b.clone()]).unwrap();
+    let r = ReLU::new().call(&s).unwrap();
+    let y = BatchNorm::new().momentum(0.5).call(&r).unwrap();
+    let outputs = [y, s, r];
+    let model = Model::new(&[a, b], &outputs[..=keep])
+        .unwrap()
+        .build(&Device::Cpu, DType::F64, 0)
+        .unwrap();
+    let mut w = model.weight_map().unwrap();
+    w.insert(
+        "batch_normalization.gamma".into(),
+        Tensor::new(&[1.5f64, 0.5, -2.0], &Device::Cpu).unwrap(),
+    );
+    w.insert(
+        "batch_normalization.beta".into(),
+        Tensor::new(&[0.1f64, -0.2, 0.3], &Device::Cpu).unwrap(),
+    );
+    model.set_weights(&w).unwrap();
+    model
+}
+
+#[test]
+fn folded_layers_give_the_values_gradients_and_statistics_of_the_separate_ones() {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f64, 2.0, (5, 3, 4, 4), &dev).unwrap();
+    let b = Tensor::randn(0f64, 1.0, (5, 3, 4, 4), &dev).unwrap();
+    let upstream = Tensor::randn(0f64, 1.0, (5, 3, 4, 4), &dev).unwrap();
+    for mode in [Mode::Train, Mode::Eval] {
+        let run = |model: &Model| {
+            let (av, bv) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+            let y = model
+                .forward(&[av.as_tensor().clone(), bv.as_tensor().clone()], mode)
+                .unwrap()
+                .remove(0);
+            let grads = (&y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut got = vec![
+                y,
+                grads.get(av.as_tensor()).unwrap().clone(),
+                grads.get(bv.as_tensor()).unwrap().clone(),
+            ];
+            let weights = model.weight_map().unwrap();
+            for name in ["gamma", "beta", "moving_mean", "moving_variance"] {
+                let w = &weights[&format!("batch_normalization.{name}")];
+                got.push(w.clone());
+                if let Some(g) = grads.get(w) {
+                    got.push(g.clone());
+                }
+            }
+            got
+        };
+        let separate = run(&add_relu_bn_model(2));
+        // y, da, db, then gamma, (dgamma,) beta, (dbeta,) and the two moving statistics: an
+        // inference pass tracks no gradient for the weights.
+        let expected = if mode == Mode::Train { 9 } else { 7 };
+        assert_eq!(separate.len(), expected, "{mode:?}");
+        for keep in [0, 1] {
+            let folded = run(&add_relu_bn_model(keep));
+            assert_eq!(folded.len(), expected, "{mode:?} keep {keep}");
+            for (i, (f, s)) in folded.iter().zip(&separate).enumerate() {
+                assert!(
+                    max_abs_diff(f, s) < 1e-12,
+                    "{mode:?} keep {keep}: value {i}"
+                );
+            }
+        }
+    }
+}

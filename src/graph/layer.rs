@@ -694,6 +694,95 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
     fn sublayers(&self) -> &[LayerRef] {
         &[]
     }
+
+    /// The element-wise function this layer is, when it is nothing more (a plain `ReLU` is
+    /// [`Prologue::Relu`], `Add` is [`Prologue::Add`] when called on two tensors). When the
+    /// layer's output has one reader, and that layer [`accepts_prologue`](Self::accepts_prologue),
+    /// a model's plan leaves this layer out and has the reader apply the function inside its
+    /// own kernel. `None` (the default): never.
+    fn as_prologue(&self) -> Option<Prologue> {
+        None
+    }
+
+    /// `true` when [`forward_after`](Self::forward_after) can apply `prologue` in place of
+    /// this layer's one input. `false` (the default) for every prologue.
+    fn accepts_prologue(&self, _prologue: Prologue) -> bool {
+        false
+    }
+
+    /// [`forward`](Self::forward) of `prologue` applied to `inputs` (its
+    /// [`arity`](Prologue::arity) of them), the same values and gradients as running the
+    /// layers one after the other. Called only where
+    /// [`accepts_prologue`](Self::accepts_prologue) says so; the default is an error.
+    fn forward_after(
+        &self,
+        prologue: Prologue,
+        _inputs: &[Tensor],
+        _params: &Params,
+    ) -> Result<Vec<Tensor>> {
+        Err(Error::InvalidArgument(format!(
+            "{} does not apply the prologue {prologue:?}",
+            self.type_name()
+        )))
+    }
+}
+
+/// An element-wise function that a layer can apply to its input inside its own kernel, in
+/// place of the separate layer that computes it ([`LayerOp::as_prologue`]): one pass over
+/// memory fewer each way, and the intermediate tensor is never kept for the backward pass.
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// use candle_functional::Prologue;
+/// assert_eq!(ReLU::new().config().as_prologue(), Some(Prologue::Relu));
+/// assert!(BatchNorm::new().config().accepts_prologue(Prologue::Relu));
+/// # use candle_functional::LayerOp;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Prologue {
+    /// `max(x, 0)` of one input, with no gradient where `x ≤ 0`.
+    Relu,
+    /// `a + b` of two inputs of one shape.
+    Add,
+    /// `max(a + b, 0)` of two inputs: an Add read only by a ReLU.
+    AddRelu,
+}
+
+impl Prologue {
+    /// How many inputs the function takes.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::Prologue;
+    /// assert_eq!((Prologue::Relu.arity(), Prologue::AddRelu.arity()), (1, 2));
+    /// ```
+    pub fn arity(self) -> usize {
+        match self {
+            Prologue::Relu => 1,
+            Prologue::Add | Prologue::AddRelu => 2,
+        }
+    }
+
+    /// `self` applied first, then `next` (`None`: nothing), as one prologue where one exists:
+    /// an Add then a ReLU is [`Prologue::AddRelu`].
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::Prologue;
+    /// assert_eq!(Prologue::Add.then(Some(Prologue::Relu)), Some(Prologue::AddRelu));
+    /// assert_eq!(Prologue::Relu.then(Some(Prologue::Add)), None);
+    /// ```
+    pub fn then(self, next: Option<Prologue>) -> Option<Prologue> {
+        match (self, next) {
+            (first, None) => Some(first),
+            // A ReLU of a ReLU is the ReLU.
+            (Prologue::Relu, Some(Prologue::Relu)) => Some(Prologue::Relu),
+            (Prologue::Add, Some(Prologue::Relu)) => Some(Prologue::AddRelu),
+            _ => None,
+        }
+    }
 }
 
 /// `Conv2D` -> `conv2d`, `GlobalAveragePooling2D` -> `global_average_pooling2d`,
@@ -1129,7 +1218,12 @@ impl LayerRef {
     }
 
     /// Runs the layer on concrete tensors.
-    pub(crate) fn forward(&self, inputs: &[Tensor], pass: Pass) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(
+        &self,
+        inputs: &[Tensor],
+        pass: Pass,
+        prologue: Option<Prologue>,
+    ) -> Result<Vec<Tensor>> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
         let (specs, vars): (&[ParamSpec], &[Var]) = match guard.as_ref() {
             Some(w) => (&w.specs, &w.vars),
@@ -1144,7 +1238,10 @@ impl LayerRef {
             .with_compute_dtype(pass.compute_dtype)
             .with_trainable(self.trainable())
             .with_state_updates(pass.state_updates);
-        self.0.op.forward(inputs, &params)
+        match prologue {
+            None => self.0.op.forward(inputs, &params),
+            Some(prologue) => self.0.op.forward_after(prologue, inputs, &params),
+        }
     }
 }
 

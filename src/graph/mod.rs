@@ -10,6 +10,7 @@ pub(crate) mod symbolic;
 
 pub use init::Initializer;
 pub use layer::{
-    Configured, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, StateUpdates,
+    Configured, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params, Prologue,
+    StateUpdates,
 };
 pub use symbolic::{Input, SymbolicTensor};

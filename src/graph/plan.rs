@@ -6,13 +6,19 @@
 //! ("graph disconnected" otherwise), order the nodes topologically, give the layers unique
 //! names, and number every intermediate tensor with an integer slot. Each step also lists the
 //! slots it is the last reader of, so the executor frees activations as early as possible.
+//!
+//! One rewrite, where it changes no value or gradient: an element-wise layer whose output has
+//! one reader that can apply it itself (a ReLU read only by a BatchNorm: the article's
+//! `relu_bn`; the residual Add before it) is left out of the steps, and its reader runs on its
+//! inputs with the function as a [`Prologue`]: one pass over memory fewer each way, and one
+//! activation fewer kept for the backward pass.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::graph::layer::{LayerRef, Pass};
+use crate::graph::layer::{LayerRef, Pass, Prologue};
 use crate::graph::symbolic::{Node, SymbolicTensor};
 use crate::support::seed::mix;
 use crate::{Error, Result};
@@ -24,6 +30,11 @@ pub(crate) struct Step {
     pub(crate) input_slots: Vec<usize>,
     pub(crate) output_slots: Vec<usize>,
     pub(crate) free_after: Vec<usize>,
+    /// The element-wise layer folded into this one: applied to the inputs first.
+    pub(crate) prologue: Option<Prologue>,
+    /// The node's place in topological order, which seeds its randomness: the same with and
+    /// without folded steps.
+    pub(crate) order: usize,
 }
 
 /// A graph ready to run.
@@ -95,7 +106,7 @@ impl Plan {
             slot_of.insert(t.key(), next);
         }
         let mut steps = Vec::with_capacity(nodes.len());
-        for node in &nodes {
+        for (order, node) in nodes.iter().enumerate() {
             let input_slots = node.inputs().iter().map(|t| slot_of[&t.key()]).collect();
             let output_slots = (0..node.output_shapes().len())
                 .map(|i| {
@@ -109,9 +120,12 @@ impl Plan {
                 input_slots,
                 output_slots,
                 free_after: Vec::new(),
+                prologue: None,
+                order,
             });
         }
         let output_slots: Vec<usize> = outputs.iter().map(|t| slot_of[&t.key()]).collect();
+        let mut steps = fold_prologues(steps, &output_slots);
 
         // The last reader of a slot frees it, unless it is a model output.
         let mut last_reader: HashMap<usize, usize> = HashMap::new();
@@ -170,17 +184,17 @@ impl Plan {
             };
             slots[slot] = Some(t);
         }
-        for (index, step) in self.steps.iter().enumerate() {
+        for step in &self.steps {
             let args = step
                 .input_slots
                 .iter()
                 .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
                 .collect::<Result<Vec<_>>>()?;
             let step_pass = Pass {
-                seed: mix(pass.seed, index as u64),
+                seed: mix(pass.seed, step.order as u64),
                 ..pass
             };
-            let outputs = step.node.layer().forward(&args, step_pass)?;
+            let outputs = step.node.layer().forward(&args, step_pass, step.prologue)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }
@@ -235,6 +249,60 @@ impl Plan {
 }
 
 /// Distinct layers in order of first appearance (inputs' layers first), with their nodes.
+/// Leaves out each element-wise step ([`LayerOp::as_prologue`], as many inputs as its
+/// function takes, one output) whose output is read once, by a step of one input that is not
+/// a model output and [`accepts_prologue`](crate::LayerOp::accepts_prologue) the function
+/// (composed with what it already applies: an Add folded behind a folded ReLU is one
+/// [`Prologue::AddRelu`]); that reader takes the step's inputs and the function as its
+/// prologue.
+///
+/// [`LayerOp::as_prologue`]: crate::LayerOp::as_prologue
+fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
+    // Folding moves reads from the folded step to its reader: the counts stay right.
+    let mut reads: HashMap<usize, usize> = HashMap::new();
+    for step in &steps {
+        for &s in &step.input_slots {
+            *reads.entry(s).or_default() += 1;
+        }
+    }
+    let producer: HashMap<usize, usize> = steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, step)| step.output_slots.iter().map(move |&s| (s, i)))
+        .collect();
+    let mut folded = vec![false; steps.len()];
+    for reader in 0..steps.len() {
+        // Fold backwards from the reader as long as there is something to fold.
+        while let [slot] = steps[reader].input_slots[..] {
+            let Some(&elementwise) = producer.get(&slot) else {
+                break;
+            };
+            let producing = &steps[elementwise];
+            let Some(own) = producing.node.layer().op().as_prologue() else {
+                break;
+            };
+            let composed = own.then(steps[reader].prologue);
+            let fits = producing.input_slots.len() == own.arity()
+                && producing.output_slots.len() == 1
+                && producing.prologue.is_none()
+                && reads[&slot] == 1
+                && !model_outputs.contains(&slot)
+                && composed.is_some_and(|p| steps[reader].node.layer().op().accepts_prologue(p));
+            if !fits {
+                break;
+            }
+            folded[elementwise] = true;
+            steps[reader].input_slots = steps[elementwise].input_slots.clone();
+            steps[reader].prologue = composed;
+        }
+    }
+    steps
+        .into_iter()
+        .zip(folded)
+        .filter_map(|(step, folded)| (!folded).then_some(step))
+        .collect()
+}
+
 fn collect_layers(
     inputs: &[SymbolicTensor],
     nodes: &[Arc<Node>],

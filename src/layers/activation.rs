@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, LayerOp, Params};
+use crate::graph::{Configured, LayerOp, Params, Prologue};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::{Error, Result};
 
@@ -190,6 +190,10 @@ impl LayerOp for ActivationConfig {
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
         Ok(vec![self.function.apply(&inputs[0])?])
     }
+
+    fn as_prologue(&self) -> Option<Prologue> {
+        (self.function == ActivationFn::Relu).then_some(Prologue::Relu)
+    }
 }
 
 /// Config of a [`ReLU`] layer, with Keras's options.
@@ -282,6 +286,11 @@ impl LayerOp for ReLUConfig {
             y = y.minimum(max)?;
         }
         Ok(vec![y])
+    }
+
+    /// A plain ReLU (no slope, no clip) can run inside the layer that reads it.
+    fn as_prologue(&self) -> Option<Prologue> {
+        (self.negative_slope == 0.0 && self.max_value.is_none()).then_some(Prologue::Relu)
     }
 }
 

@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, Prologue};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::ops;
 use crate::{Error, Result};
@@ -200,22 +200,63 @@ impl LayerOp for BatchNormConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        let x = &inputs[0];
-        let axis = self.full_axis("", x.rank().saturating_sub(1))?;
+        self.normalize(&inputs[..1], params, false)
+    }
+
+    /// A ReLU, an Add or both, read only by this layer, run inside its kernels (the article's
+    /// `relu_bn`, and the residual block's `Add → relu_bn`).
+    fn accepts_prologue(&self, prologue: Prologue) -> bool {
+        matches!(prologue, Prologue::Relu | Prologue::Add | Prologue::AddRelu)
+    }
+
+    fn forward_after(
+        &self,
+        prologue: Prologue,
+        inputs: &[Tensor],
+        params: &Params,
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != prologue.arity() {
+            return Err(Error::InvalidArgument(format!(
+                "BatchNorm after {prologue:?}: {} inputs expected, got {}",
+                prologue.arity(),
+                inputs.len()
+            )));
+        }
+        let relu = matches!(prologue, Prologue::Relu | Prologue::AddRelu);
+        self.normalize(inputs, params, relu)
+    }
+}
+
+impl BatchNormConfig {
+    /// The layer's output for the sum of `inputs` (one or two tensors of one shape), or for
+    /// `max(sum, 0)` with `relu`.
+    fn normalize(&self, inputs: &[Tensor], params: &Params, relu: bool) -> Result<Vec<Tensor>> {
+        let axis = self.full_axis("", inputs[0].rank().saturating_sub(1))?;
         // The kernels take channels on axis 1 (NCHW); another channel axis is moved there
         // and back.
-        let x = if axis == 1 {
-            x.clone()
-        } else {
-            x.transpose(1, axis)?
-        };
+        let inputs = inputs
+            .iter()
+            .map(|x| {
+                if axis == 1 {
+                    Ok(x.clone())
+                } else {
+                    x.transpose(1, axis)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inputs: Vec<&Tensor> = inputs.iter().collect();
         // Weights and statistics in their stored dtype: f32 under bf16 mixed precision.
         let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
         let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
         // A frozen BatchNorm runs in inference mode even in a training step (Keras 3).
         let y = if params.updates_state() {
-            let (y, batch_mean, batch_var) =
-                ops::batch_norm_train(&x, gamma.as_ref(), beta.as_ref(), self.epsilon)?;
+            let (y, batch_mean, batch_var) = ops::fused_batch_norm_train(
+                &inputs,
+                relu,
+                gamma.as_ref(),
+                beta.as_ref(),
+                self.epsilon,
+            )?;
             // Keras's rule: the old value keeps `momentum`; the variance is the biased one.
             for (name, batch) in [("moving_mean", batch_mean), ("moving_variance", batch_var)] {
                 let moving = params.state(name)?;
@@ -225,8 +266,9 @@ impl LayerOp for BatchNormConfig {
             }
             y
         } else {
-            ops::batch_norm_eval(
-                &x,
+            ops::fused_batch_norm_eval(
+                &inputs,
+                relu,
                 gamma.as_ref(),
                 beta.as_ref(),
                 &params.get_stored("moving_mean")?,

@@ -7,7 +7,7 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, LayerOp, Params};
+use crate::graph::{Configured, LayerOp, Params, Prologue};
 use crate::{Error, Result};
 
 /// Shape rule shared by the merge layers: at least `min` inputs (exactly `exact` if set),
@@ -58,6 +58,7 @@ macro_rules! merge_layer {
     (
         $(#[$doc:meta])*
         $alias:ident, $config:ident, $type_name:literal, exact = $exact:expr,
+        $(prologue = $prologue:expr,)?
         |$inputs:ident| $body:expr
     ) => {
         #[doc = concat!("Config of a [`", stringify!($alias), "`] layer (it has no options).")]
@@ -102,6 +103,12 @@ macro_rules! merge_layer {
             fn forward(&self, $inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
                 Ok(vec![$body])
             }
+
+            $(
+                fn as_prologue(&self) -> Option<Prologue> {
+                    $prologue
+                }
+            )?
         }
     };
 }
@@ -118,6 +125,8 @@ merge_layer!(
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     Add, AddConfig, "Add", exact = None,
+    // Of two inputs, it can run inside a BatchNorm that reads it (the residual block's end).
+    prologue = Some(Prologue::Add),
     |inputs| fold(inputs, |a, b| a + b)?
 );
 

@@ -850,3 +850,82 @@ impl Layer for Model {
             .clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Prologue;
+    use crate::prelude::*;
+
+    /// The plan's steps as `(type name, prologue)`.
+    fn steps(model: &Model) -> Vec<(&'static str, Option<Prologue>)> {
+        model
+            .plan
+            .steps
+            .iter()
+            .map(|s| (s.node.layer().op().type_name(), s.prologue))
+            .collect()
+    }
+
+    #[test]
+    fn a_relu_read_only_by_a_batch_norm_is_folded_into_it() {
+        let x = Input::new([3, 4, 4]);
+        let r = ReLU::new().call(&x).unwrap();
+        let y = BatchNorm::new().call(&r).unwrap();
+        let input = std::slice::from_ref(&x);
+        let folded = Model::new(input, std::slice::from_ref(&y)).unwrap();
+        assert_eq!(
+            steps(&folded),
+            [("BatchNormalization", Some(Prologue::Relu))]
+        );
+        // The ReLU's output is needed as it is: a model output, a second reader, a leaky ReLU.
+        let kept = Model::new(input, &[y.clone(), r.clone()]).unwrap();
+        assert_eq!(steps(&kept).len(), 2);
+        let z = Add::new().call_many(&[y, r]).unwrap();
+        assert_eq!(steps(&Model::new(input, &[z]).unwrap()).len(), 3);
+        let leaky = ReLU::new().negative_slope(0.1).call(&x).unwrap();
+        let y = BatchNorm::new().call(&leaky).unwrap();
+        assert_eq!(steps(&Model::new(input, &[y]).unwrap()).len(), 2);
+    }
+
+    #[test]
+    fn an_add_read_only_by_a_folded_relu_is_folded_too() {
+        let (a, b) = (Input::new([3, 4, 4]), Input::new([3, 4, 4]));
+        let sum = Add::new().call_many(&[a.clone(), b.clone()]).unwrap();
+        let y = BatchNorm::new()
+            .call(&ReLU::new().call(&sum).unwrap())
+            .unwrap();
+        let model = Model::new(&[a.clone(), b.clone()], &[y]).unwrap();
+        assert_eq!(
+            steps(&model),
+            [("BatchNormalization", Some(Prologue::AddRelu))]
+        );
+        assert_eq!(model.plan.steps[0].input_slots, [0, 1]);
+        // An Add alone, and an Add of three (no fused kernel for it).
+        let y = BatchNorm::new().call(&sum).unwrap();
+        let model = Model::new(&[a.clone(), b.clone()], &[y]).unwrap();
+        assert_eq!(steps(&model), [("BatchNormalization", Some(Prologue::Add))]);
+        let c = Input::new([3, 4, 4]);
+        let sum3 = Add::new()
+            .call_many(&[a.clone(), b.clone(), c.clone()])
+            .unwrap();
+        let y = BatchNorm::new()
+            .call(&ReLU::new().call(&sum3).unwrap())
+            .unwrap();
+        let model = Model::new(&[a, b, c], &[y]).unwrap();
+        assert_eq!(
+            steps(&model),
+            [("Add", None), ("BatchNormalization", Some(Prologue::Relu))]
+        );
+    }
+
+    #[test]
+    fn the_article_resnet_folds_every_relu_bn_and_residual_add() {
+        let model = crate::models::create_res_net().unwrap();
+        let steps = steps(&model);
+        let count = |p: Prologue| steps.iter().filter(|s| s.1 == Some(p)).count();
+        // The stem's relu_bn and the first of each block's; then each block's Add → relu_bn.
+        assert_eq!(count(Prologue::Relu), 1 + 14);
+        assert_eq!(count(Prologue::AddRelu), 14);
+        assert!(!steps.iter().any(|s| s.0 == "ReLU" || s.0 == "Add"));
+    }
+}

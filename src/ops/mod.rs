@@ -9,6 +9,7 @@
 //! | [`conv2d`] | im2col + GEMM, own backward (`cpu/conv2d.rs`) | cuDNN forward, backward data and filter (`cudnn/conv2d.rs`) | [`reference::conv2d`] |
 //! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
+//! | [`fused_batch_norm_train`], [`fused_batch_norm_eval`] | the batch-norm kernels reading `max(x, 0)`, `a + b` or `max(a + b, 0)` | candle's add, [`relu`], then batch norm | the same |
 //! | [`bias_add`] | fused per-channel add and gradient sum (`cpu/bias.rs`) | [`reference::bias_add`] | [`reference::bias_add`] |
 //! | [`conv_transpose2d`] | candle's kernel | candle's kernel | candle's kernel |
 //! | [`relu`] | one pass forward, one backward (`cpu/relu.rs`) | candle's `relu` | candle's `relu` |
@@ -199,6 +200,51 @@ pub fn batch_norm_train(
     beta: Option<&Tensor>,
     epsilon: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_of(x, &[], gamma, beta, epsilon, false)
+}
+
+/// [`batch_norm_train`] of `max(x, 0)` (with `relu`), of `a + b` or of `max(a + b, 0)` (two
+/// `inputs` of one shape, dtype and device): the article's `relu_bn` and the residual block's
+/// `Add → relu_bn` as one op. On the CPU the ReLU and the sum run inside the batch-norm
+/// kernels: no pass of their own either way, and their outputs are never stored (the
+/// backward pass reads the inputs). Elsewhere it is candle's add, [`relu`] and
+/// [`batch_norm_train`]. The gradient is zero where the ReLU's argument is `≤ 0`, as
+/// [`relu`]'s; with two inputs both get the same gradient.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::fused_batch_norm_train;
+/// let a = Tensor::new(&[[-1f32, 3.0], [3.0, 7.0]], &Device::Cpu)?; // (N = 2, C = 2)
+/// let (_, mean, var) = fused_batch_norm_train(&[&a], true, None, None, 1e-3)?;
+/// assert_eq!(mean.to_vec1::<f32>()?, [1.5, 5.0]); // the first channel is [0, 3]
+/// assert_eq!(var.to_vec1::<f32>()?, [2.25, 4.0]);
+/// let b = Tensor::new(&[[-1f32, 1.0], [-5.0, 1.0]], &Device::Cpu)?;
+/// let (_, mean, _) = fused_batch_norm_train(&[&a, &b], true, None, None, 1e-3)?;
+/// assert_eq!(mean.to_vec1::<f32>()?, [0.0, 6.0]); // relu(a + b) is [[0, 4], [0, 8]]
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn fused_batch_norm_train(
+    inputs: &[&Tensor],
+    relu: bool,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    epsilon: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = check_summands("fused_batch_norm_train", inputs)?;
+    batch_norm_train_of(x, &inputs[1..], gamma, beta, epsilon, relu)
+}
+
+/// [`batch_norm_train`] of `x + Σ more` (`more` checked: at most one more tensor like `x`),
+/// through `max(·, 0)` with `relu`.
+fn batch_norm_train_of(
+    x: &Tensor,
+    more: &[&Tensor],
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    epsilon: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let channels = check_batch_norm(BatchNormMode::Train, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
     let (gamma, beta) = affine(gamma, beta, channels, &xs)?;
@@ -206,8 +252,14 @@ pub fn batch_norm_train(
     const CUDNN_BN: &[DType] = &[DType::F32];
     #[cfg(not(feature = "cudnn"))]
     const CUDNN_BN: &[DType] = &[];
-    let (y, mean, var) = match backend(&xs, CPU_FLOATS, CUDNN_BN) {
-        Backend::Cpu => cpu::batch_norm::train(&xs, &gamma, &beta, epsilon)?,
+    let backend = backend(&xs, CPU_FLOATS, CUDNN_BN);
+    if let Backend::Cpu = backend {
+        let inputs = summands(xs, more)?;
+        let (y, mean, var) = cpu::batch_norm::train(&inputs, &gamma, &beta, epsilon, relu)?;
+        return Ok((y.to_dtype(out_dtype)?, mean, var));
+    }
+    let xs = composed_operand(xs, more, relu)?;
+    let (y, mean, var) = match backend {
         #[cfg(feature = "cudnn")]
         Backend::Cudnn if cudnn::batch_norm::applies(&xs) => {
             cudnn::batch_norm::train(&xs, &gamma, &beta, epsilon)?
@@ -239,13 +291,60 @@ pub fn batch_norm_eval(
     var: &Tensor,
     epsilon: f64,
 ) -> Result<Tensor> {
+    batch_norm_eval_of(x, &[], gamma, beta, mean, var, epsilon, false)
+}
+
+/// [`batch_norm_eval`] of `max(x, 0)`, `a + b` or `max(a + b, 0)`, as one op on the CPU (see
+/// [`fused_batch_norm_train`]).
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::fused_batch_norm_eval;
+/// let x = Tensor::new(&[[-3f32], [5.0]], &Device::Cpu)?;
+/// let (mean, var) = (Tensor::new(&[1f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?);
+/// let y = fused_batch_norm_eval(&[&x], true, None, None, &mean, &var, 1e-12)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [-0.5, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn fused_batch_norm_eval(
+    inputs: &[&Tensor],
+    relu: bool,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    mean: &Tensor,
+    var: &Tensor,
+    epsilon: f64,
+) -> Result<Tensor> {
+    let x = check_summands("fused_batch_norm_eval", inputs)?;
+    batch_norm_eval_of(x, &inputs[1..], gamma, beta, mean, var, epsilon, relu)
+}
+
+/// [`batch_norm_eval`] of `x + Σ more`, through `max(·, 0)` with `relu`.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_eval_of(
+    x: &Tensor,
+    more: &[&Tensor],
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    mean: &Tensor,
+    var: &Tensor,
+    epsilon: f64,
+    relu: bool,
+) -> Result<Tensor> {
     let channels = check_batch_norm(BatchNormMode::Eval { mean, var }, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
     let (gamma, beta) = affine(gamma, beta, channels, &xs)?;
     let (mean, var) = (mean.to_dtype(xs.dtype())?, var.to_dtype(xs.dtype())?);
     let y = match backend(&xs, CPU_FLOATS, &[]) {
-        Backend::Cpu => cpu::batch_norm::eval(&xs, &gamma, &beta, &mean, &var, epsilon)?,
-        _ => reference::batch_norm_eval(&xs, Some(&gamma), Some(&beta), &mean, &var, epsilon)?,
+        Backend::Cpu => {
+            let inputs = summands(xs, more)?;
+            cpu::batch_norm::eval(&inputs, &gamma, &beta, &mean, &var, epsilon, relu)?
+        }
+        _ => {
+            let xs = composed_operand(xs, more, relu)?;
+            reference::batch_norm_eval(&xs, Some(&gamma), Some(&beta), &mean, &var, epsilon)?
+        }
     };
     Ok(y.to_dtype(out_dtype)?)
 }
@@ -851,6 +950,52 @@ pub(crate) fn check_bias_add(x: &Tensor, bias: &Tensor) -> Result<()> {
         ));
     }
     same_device_and_dtype(OP, "bias", bias, x)
+}
+
+/// The checks of the fused batch-norm functions' `inputs`: one or two tensors of one shape,
+/// dtype and device. Returns the first.
+fn check_summands<'a>(op: &'static str, inputs: &[&'a Tensor]) -> Result<&'a Tensor> {
+    let (first, more) = match inputs {
+        [first, more @ ..] if more.len() <= 1 => (*first, more),
+        _ => {
+            return Err(invalid(
+                op,
+                "inputs",
+                format!("one or two tensors expected, got {}", inputs.len()),
+            ));
+        }
+    };
+    for t in more {
+        if t.dims() != first.dims() {
+            return Err(invalid(
+                op,
+                "inputs",
+                format!("shapes {:?} and {:?} differ", first.dims(), t.dims()),
+            ));
+        }
+        same_device_and_dtype(op, "inputs", t, first)?;
+    }
+    Ok(first)
+}
+
+/// `xs` and the further summands in `xs`'s dtype, for the CPU kernels.
+fn summands(xs: Tensor, more: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let dtype = xs.dtype();
+    let mut all = vec![xs];
+    for t in more {
+        all.push(t.to_dtype(dtype)?);
+    }
+    Ok(all)
+}
+
+/// `xs + Σ more`, through [`relu`] with `relu`, from candle's ops (the backends without the
+/// fused kernels).
+fn composed_operand(xs: Tensor, more: &[&Tensor], relu: bool) -> Result<Tensor> {
+    let mut sum = xs;
+    for t in more {
+        sum = (&sum + t.to_dtype(sum.dtype())?)?;
+    }
+    if relu { self::relu(&sum) } else { Ok(sum) }
 }
 
 /// Half-precision activations are normalized in f32 (their statistics would lose too much in

@@ -5,60 +5,171 @@
 //! NCHW tensor several times (mean, variance, and the backward of every broadcast). Here: one
 //! pass for the batch moments, one to normalize, and two for the backward pass (the
 //! per-channel sums, then the input gradient).
+//!
+//! The kernels can also normalize `max(x, 0)`, `a + b` or `max(a + b, 0)` (an [`Operand`]),
+//! reading the ReLU's or the Add's inputs: the article's `relu_bn` and its residual
+//! `Add → relu_bn` in the same passes, without the ReLU's and the Add's own passes either way,
+//! and without keeping their outputs alive until the backward pass.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{
-    Float, channel_sums, dispatch_pair, float_dispatch, map_rows, slice, split, to_vec_f64,
-};
+use super::{Float, contiguous_slice, split};
 use crate::Result;
 
 /// Training mode (arguments checked by [`crate::ops::batch_norm_train`]): `(y, batch mean,
-/// biased batch variance)`.
+/// biased batch variance)` of the sum of `inputs` (one or two tensors of one shape), passed
+/// through `max(·, 0)` with `relu`.
 pub(crate) fn train(
-    x: &Tensor,
+    inputs: &[Tensor],
     gamma: &Tensor,
     beta: &Tensor,
     epsilon: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let x = x.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&ChannelMoments)?;
-    let y = normalize(&x, &stats, gamma, beta, epsilon, true)?;
+    let inputs = contiguous(inputs)?;
+    let moments = Moments { relu };
+    let stats = match &inputs[..] {
+        [x] => x.apply_op1_no_bwd(&moments)?,
+        [a, b] => a.apply_op2_no_bwd(b, &moments)?,
+        _ => return Err(candle_core::Error::Msg("batch norm: one or two inputs".into()).into()),
+    };
+    let y = normalize(&inputs, &stats, gamma, beta, epsilon, true, relu)?;
     Ok((y, stats.get(0)?, stats.get(1)?))
 }
 
-/// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]).
+/// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]),
+/// of the sum of `inputs`, through `max(·, 0)` with `relu`.
 pub(crate) fn eval(
-    x: &Tensor,
+    inputs: &[Tensor],
     gamma: &Tensor,
     beta: &Tensor,
     mean: &Tensor,
     var: &Tensor,
     epsilon: f64,
+    relu: bool,
 ) -> Result<Tensor> {
     let stats = Tensor::stack(&[mean, var], 0)?;
-    normalize(x, &stats, gamma, beta, epsilon, false)
+    normalize(
+        &contiguous(inputs)?,
+        &stats,
+        gamma,
+        beta,
+        epsilon,
+        false,
+        relu,
+    )
 }
 
-/// Normalizes `x` with `stats = [mean; var]` `(2, C)`, then scales and shifts.
+fn contiguous(inputs: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    inputs.iter().map(|t| t.contiguous()).collect()
+}
+
+/// Normalizes the operand of `inputs` with `stats = [mean; var]` `(2, C)`, then scales and
+/// shifts.
 fn normalize(
-    x: &Tensor,
+    inputs: &[Tensor],
     stats: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     epsilon: f64,
     batch_stats: bool,
+    relu: bool,
 ) -> Result<Tensor> {
-    let affine = Tensor::stack(&[gamma, beta], 0)?;
-    Ok(x.contiguous()?.apply_op3(
-        stats,
-        &affine,
-        Normalize {
-            epsilon,
-            batch_stats,
-        },
-    )?)
+    // One `(4, C)` tensor of per-channel values, so that two inputs fit a three-operand op;
+    // the statistics carry no gradient, gamma's and beta's rows do.
+    let packed = Tensor::cat(&[stats, &Tensor::stack(&[gamma, beta], 0)?], 0)?;
+    let op = Normalize {
+        epsilon,
+        batch_stats,
+        relu,
+    };
+    Ok(match inputs {
+        [x] => x.apply_op2(&packed, op)?,
+        [a, b] => a.apply_op3(b, &packed, op)?,
+        _ => return Err(candle_core::Error::Msg("batch norm: one or two inputs".into()).into()),
+    })
+}
+
+/// What the kernels normalize, element by element: `a`, or `a + b` (added in the tensors' own
+/// float type, as the Add layer would), then `max(·, 0)` with `relu` (NaN stays NaN, as in
+/// [`crate::ops::relu`]).
+#[derive(Clone, Copy)]
+struct Operand<'a, T> {
+    a: &'a [T],
+    b: Option<&'a [T]>,
+    relu: bool,
+}
+
+impl<'a, T: Float> Operand<'a, T> {
+    /// `a` alone or `a + b` from one or two slices.
+    fn new(parts: &[&'a [T]], relu: bool) -> Self {
+        Self {
+            a: parts[0],
+            b: parts.get(1).copied(),
+            relu,
+        }
+    }
+
+    /// Elements `start..start + len`: a slice of `a`, or `a + b` written into `scratch`. The
+    /// ReLU is left to the caller's loop ([`load`]).
+    fn row<'s>(&'s self, start: usize, len: usize, scratch: &'s mut Vec<T>) -> &'s [T] {
+        let a = &self.a[start..start + len];
+        match self.b {
+            None => a,
+            Some(b) => {
+                scratch.clear();
+                scratch.extend(a.iter().zip(&b[start..start + len]).map(|(&u, &v)| u + v));
+                scratch
+            }
+        }
+    }
+}
+
+/// `max(v, 0)` with `relu` (NaN stays NaN), else `v`, in f64.
+#[inline(always)]
+fn load<T: Float>(v: T, relu: bool) -> f64 {
+    let v = v.to_f64();
+    if relu && v < 0.0 { 0.0 } else { v }
+}
+
+/// The f32 or f64 elements of contiguous CPU storages of one float type.
+enum Slices<'a> {
+    F32(Vec<&'a [f32]>),
+    F64(Vec<&'a [f64]>),
+}
+
+fn slices<'a>(parts: &[(&'a CpuStorage, &'a Layout)]) -> candle_core::Result<Slices<'a>> {
+    let kernel = "batch norm";
+    let mut out = match parts[0].0 {
+        CpuStorage::F32(_) => Slices::F32(Vec::new()),
+        CpuStorage::F64(_) => Slices::F64(Vec::new()),
+        _ => candle_core::bail!("{kernel}: f32 or f64 expected"),
+    };
+    for &(s, l) in parts {
+        match (&mut out, s) {
+            (Slices::F32(v), CpuStorage::F32(d)) => v.push(contiguous_slice(d, l, kernel)?),
+            (Slices::F64(v), CpuStorage::F64(d)) => v.push(contiguous_slice(d, l, kernel)?),
+            _ => candle_core::bail!("{kernel}: tensors of one float type expected"),
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the generic `$kernel(slices, args…)` on the storages `$parts` as f32 or f64, wrapping
+/// the `Vec` it returns into the storage of that type.
+macro_rules! on_slices {
+    ($parts:expr, |$s:ident| $body:expr) => {
+        match slices($parts)? {
+            Slices::F32($s) => CpuStorage::F32($body),
+            Slices::F64($s) => CpuStorage::F64($body),
+        }
+    };
+}
+
+/// The per-channel values of a `(k, C)` tensor as f64, row after row.
+fn per_channel(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
 
 /// `1 / sqrt(var + epsilon)` per channel.
@@ -70,49 +181,149 @@ fn to_float<T: Float>(values: Vec<f64>) -> Vec<T> {
     values.into_iter().map(T::from_f64).collect()
 }
 
-/// Per-channel batch mean and biased variance, as a `(2, C)` tensor (no gradient).
-struct ChannelMoments;
+/// Per-channel batch mean and biased variance of the operand, as a `(2, C)` tensor (no
+/// gradient): of `x` (one input) or of `a + b` (two), through `max(·, 0)` with `relu`.
+struct Moments {
+    relu: bool,
+}
 
-impl CustomOp1 for ChannelMoments {
-    fn name(&self) -> &'static str {
-        "channel-moments"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = split(l.dims());
-        let count = (dims.0 * dims.2) as f64;
-        let moments = |sums: Vec<(f64, f64)>| -> Vec<f64> {
-            let mean: Vec<f64> = sums.iter().map(|s| s.0 / count).collect();
-            let var: Vec<f64> = sums
-                .iter()
-                .zip(&mean)
-                .map(|(s, m)| (s.1 / count - m * m).max(0.0))
-                .collect();
-            mean.into_iter().chain(var).collect()
-        };
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(
-                moments(channel_sums(slice(v, l)?, None, dims))
-                    .into_iter()
-                    .map(|x| x as f32)
-                    .collect(),
-            ),
-            CpuStorage::F64(v) => CpuStorage::F64(moments(channel_sums(slice(v, l)?, None, dims))),
-            _ => candle_core::bail!("batch norm: f32 or f64 expected"),
-        };
+impl Moments {
+    fn compute(
+        &self,
+        parts: &[(&CpuStorage, &Layout)],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = split(parts[0].1.dims());
+        let out = on_slices!(parts, |s| moments(Operand::new(&s, self.relu), dims));
         Ok((out, Shape::from((2, dims.1))))
     }
 }
 
-/// `y = (x - mean) · rstd · gamma + beta` with `stats = [mean; var]` and `affine = [gamma;
-/// beta]`, both `(2, C)`. With `batch_stats` the statistics are the batch's own, and the
-/// backward pass accounts for them; otherwise they are constants (inference).
+impl CustomOp1 for Moments {
+    fn name(&self) -> &'static str {
+        "batch-norm-moments"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.compute(&[(s, l)])
+    }
+}
+
+impl CustomOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "batch-norm-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.compute(&[(sa, la), (sb, lb)])
+    }
+}
+
+/// `[mean; var]` per channel (biased variance, in the operand's type).
+fn moments<T: Float>(x: Operand<T>, (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+    let count = (n * inner) as f64;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            let mut scratch = Vec::new();
+            for i in 0..n {
+                for &v in x.row((i * c + ch) * inner, inner, &mut scratch) {
+                    let v = load(v, x.relu);
+                    s1 += v;
+                    s2 += v * v;
+                }
+            }
+            (s1, s2)
+        })
+        .collect();
+    let mean: Vec<f64> = sums.iter().map(|s| s.0 / count).collect();
+    let var = sums
+        .iter()
+        .zip(&mean)
+        .map(|(s, m)| (s.1 / count - m * m).max(0.0));
+    to_float(mean.iter().copied().chain(var).collect())
+}
+
+/// `y = (x - mean) · rstd · gamma + beta` of the operand `x`, with `packed = [mean; var;
+/// gamma; beta]` `(4, C)`. With `batch_stats` the statistics are the batch's own, and the
+/// backward pass accounts for them; otherwise they are constants (inference). Where the
+/// operand has a ReLU, the input gradient is zero where its argument is `≤ 0`; with two inputs
+/// both get the same gradient.
 struct Normalize {
     epsilon: f64,
     batch_stats: bool,
+    relu: bool,
 }
 
-impl CustomOp3 for Normalize {
+impl Normalize {
+    fn compute(
+        &self,
+        parts: &[(&CpuStorage, &Layout)],
+        packed: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = split(parts[0].1.dims());
+        let c = dims.1;
+        let p = super::to_vec_f64(packed.0, packed.1)?;
+        let rstd = inverse_std(&p[c..2 * c], self.epsilon);
+        let scale: Vec<f64> = (0..c).map(|ch| rstd[ch] * p[2 * c + ch]).collect();
+        let shift: Vec<f64> = (0..c).map(|ch| p[3 * c + ch] - p[ch] * scale[ch]).collect();
+        let relu = self.relu;
+        let out = on_slices!(parts, |s| {
+            let x = Operand::new(&s, relu);
+            let mut out = vec![Float::from_f64(0.0); x.a.len()];
+            out.par_chunks_mut(c * dims.2)
+                .enumerate()
+                .for_each(|(i, img)| {
+                    let mut scratch = Vec::new();
+                    for (ch, dst) in img.chunks_mut(dims.2).enumerate() {
+                        let (a, b) = (scale[ch], shift[ch]);
+                        let src = x.row((i * c + ch) * dims.2, dims.2, &mut scratch);
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = Float::from_f64(load(v, relu) * a + b);
+                        }
+                    }
+                });
+            out
+        });
+        Ok((out, Shape::from(parts[0].1.dims())))
+    }
+
+    /// The gradients of the inputs (one tensor, for each input) and of `packed`.
+    fn backward(
+        &self,
+        inputs: &[&Tensor],
+        packed: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dy = dy.contiguous()?;
+        let c = packed.dim(1)?;
+        let ops = GradOps {
+            epsilon: self.epsilon,
+            batch_stats: self.batch_stats,
+            relu: self.relu,
+            packed: packed.clone(),
+            sums: None,
+        };
+        // [Σ dy·x̂ ; Σ dy] is exactly [dgamma ; dbeta].
+        let sums = ops.apply(&dy, inputs)?;
+        let dx = GradOps {
+            sums: Some(sums.clone()),
+            ..ops
+        }
+        .apply(&dy, inputs)?;
+        let no_stats = Tensor::zeros((2, c), sums.dtype(), sums.device())?;
+        let dpacked = Tensor::cat(&[&no_stats, &sums], 0)?.to_dtype(packed.dtype())?;
+        Ok((dx, dpacked))
+    }
+}
+
+impl CustomOp2 for Normalize {
     fn name(&self) -> &'static str {
         "batch-norm-normalize"
     }
@@ -121,111 +332,121 @@ impl CustomOp3 for Normalize {
         &self,
         sx: &CpuStorage,
         lx: &Layout,
-        ss: &CpuStorage,
-        ls: &Layout,
-        sa: &CpuStorage,
-        la: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = split(lx.dims());
-        let c = dims.1;
-        let (stats, affine) = (to_vec_f64(ss, ls)?, to_vec_f64(sa, la)?);
-        let rstd = inverse_std(&stats[c..], self.epsilon);
-        let scale: Vec<f64> = (0..c).map(|ch| rstd[ch] * affine[ch]).collect();
-        let shift: Vec<f64> = (0..c)
-            .map(|ch| affine[c + ch] - stats[ch] * scale[ch])
-            .collect();
-        let out = float_dispatch!(sx, "batch norm", |v| {
-            let x = slice(v, lx)?;
-            map_rows(x, dims, |ch, src, dst| {
-                let (a, b) = (scale[ch], shift[ch]);
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = Float::from_f64(s.to_f64() * a + b);
-                }
-            })
-        });
-        Ok((out, Shape::from(lx.dims())))
+        self.compute(&[(sx, lx)], (sp, lp))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        stats: &Tensor,
-        affine: &Tensor,
+        packed: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dpacked) = self.backward(&[x], packed, dy)?;
+        Ok((Some(dx), Some(dpacked)))
+    }
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "batch-norm-normalize-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.compute(&[(sa, la), (sb, lb)], (sp, lp))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        packed: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        // [Σ dy·x̂ ; Σ dy] is exactly [dgamma ; dbeta].
-        let sums = dy.apply_op2_no_bwd(
-            x,
-            &GradSums {
-                epsilon: self.epsilon,
-                stats: stats.clone(),
-            },
-        )?;
-        let packed = Tensor::cat(&[stats, &affine.to_dtype(stats.dtype())?, &sums], 0)?;
-        let dx = dy.apply_op2_no_bwd(
-            x,
-            &InputGrad {
-                epsilon: self.epsilon,
-                batch_stats: self.batch_stats,
-                packed,
-            },
-        )?;
-        Ok((Some(dx), None, Some(sums.to_dtype(affine.dtype())?)))
+        let (dx, dpacked) = self.backward(&[a, b], packed, dy)?;
+        Ok((Some(dx.clone()), Some(dx), Some(dpacked)))
     }
 }
 
-/// `(dy, x)` → `[Σ dy·x̂ ; Σ dy]` per channel.
-struct GradSums {
-    epsilon: f64,
-    stats: Tensor,
-}
-
-impl CustomOp2 for GradSums {
-    fn name(&self) -> &'static str {
-        "batch-norm-grad-sums"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sg: &CpuStorage,
-        lg: &Layout,
-        sx: &CpuStorage,
-        lx: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = split(lx.dims());
-        let c = dims.1;
-        let stats = self
-            .stats
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let rstd = inverse_std(&stats[c..], self.epsilon);
-        let mean = &stats[..c];
-        let collect = |sums: Vec<(f64, f64)>| -> Vec<f64> {
-            sums.iter()
-                .map(|s| s.1)
-                .chain(sums.iter().map(|s| s.0))
-                .collect()
-        };
-        let out = dispatch_pair!(sg, lg, sx, lx, "batch norm", |g, x| {
-            to_float(collect(channel_sums(g, Some((x, mean, &rstd)), dims)))
-        });
-        Ok((out, Shape::from((2, c))))
-    }
-}
-
-/// `(dy, x)` → dx, given `[mean; var; gamma; beta; Σ dy·x̂; Σ dy]` packed as `(6, C)`.
-struct InputGrad {
+/// The backward kernels on `(dy, operand…)`: without `sums`, `[Σ dy·x̂ ; Σ dy]` per channel
+/// `(2, C)`; with them (that result), the input gradient.
+#[derive(Clone)]
+struct GradOps {
     epsilon: f64,
     batch_stats: bool,
+    relu: bool,
     packed: Tensor,
+    sums: Option<Tensor>,
 }
 
-impl CustomOp2 for InputGrad {
+impl GradOps {
+    fn apply(&self, dy: &Tensor, inputs: &[&Tensor]) -> candle_core::Result<Tensor> {
+        match inputs {
+            [x] => dy.apply_op2_no_bwd(x, self),
+            [a, b] => dy.apply_op3_no_bwd(a, b, self),
+            _ => candle_core::bail!("batch norm: one or two inputs expected"),
+        }
+    }
+
+    fn compute(
+        &self,
+        parts: &[(&CpuStorage, &Layout)],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = split(parts[0].1.dims());
+        let c = dims.1;
+        let p = per_channel(&self.packed)?;
+        let (mean, rstd, gamma) = (
+            &p[..c],
+            inverse_std(&p[c..2 * c], self.epsilon),
+            &p[2 * c..3 * c],
+        );
+        let relu = self.relu;
+        let Some(sums) = &self.sums else {
+            let out = on_slices!(parts, |s| {
+                to_float(grad_sums(
+                    s[0],
+                    Operand::new(&s[1..], relu),
+                    mean,
+                    &rstd,
+                    dims,
+                ))
+            });
+            return Ok((out, Shape::from((2, c))));
+        };
+        let sums = per_channel(sums)?;
+        let grads = InputGradArgs {
+            mean,
+            rstd: &rstd,
+            gamma,
+            sum_dy_xhat: &sums[..c],
+            sum_dy: &sums[c..],
+            batch_stats: self.batch_stats,
+        };
+        let out = on_slices!(parts, |s| input_grad(
+            s[0],
+            Operand::new(&s[1..], relu),
+            dims,
+            &grads
+        ));
+        Ok((out, Shape::from(parts[0].1.dims())))
+    }
+}
+
+impl CustomOp2 for GradOps {
     fn name(&self) -> &'static str {
-        "batch-norm-input-grad"
+        "batch-norm-backward"
     }
 
     fn cpu_fwd(
@@ -235,68 +456,110 @@ impl CustomOp2 for InputGrad {
         sx: &CpuStorage,
         lx: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = split(lx.dims());
-        let c = dims.1;
-        let p = self
-            .packed
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let (mean, var, gamma) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c]);
-        let (sum_dy_xhat, sum_dy) = (&p[4 * c..5 * c], &p[5 * c..6 * c]);
-        let count = (dims.0 * dims.2) as f64;
-        let rstd = inverse_std(var, self.epsilon);
-        let batch = self.batch_stats;
-        let out = dispatch_pair!(sg, lg, sx, lx, "batch norm", |g, x| {
-            input_grad(
-                g,
-                x,
-                dims,
-                mean,
-                &rstd,
-                gamma,
-                sum_dy,
-                sum_dy_xhat,
-                count,
-                batch,
-            )
-        });
-        Ok((out, Shape::from(lx.dims())))
+        self.compute(&[(sg, lg), (sx, lx)])
     }
+}
+
+impl CustomOp3 for GradOps {
+    fn name(&self) -> &'static str {
+        "batch-norm-backward-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.compute(&[(sg, lg), (sa, la), (sb, lb)])
+    }
+}
+
+/// `[Σ dy·x̂ ; Σ dy]` per channel, `x̂ = (x - mean) · rstd` of the operand `x`.
+fn grad_sums<T: Float>(
+    dy: &[T],
+    x: Operand<T>,
+    mean: &[f64],
+    rstd: &[f64],
+    (n, c, inner): (usize, usize, usize),
+) -> Vec<f64> {
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            let mut scratch = Vec::new();
+            for i in 0..n {
+                let off = (i * c + ch) * inner;
+                let xs = x.row(off, inner, &mut scratch);
+                for (&g, &xv) in dy[off..off + inner].iter().zip(xs) {
+                    let g = g.to_f64();
+                    s1 += g;
+                    s2 += g * (load(xv, x.relu) - mean[ch]) * rstd[ch];
+                }
+            }
+            (s1, s2)
+        })
+        .collect();
+    sums.iter()
+        .map(|s| s.1)
+        .chain(sums.iter().map(|s| s.0))
+        .collect()
+}
+
+/// What the input gradient needs per channel.
+struct InputGradArgs<'a> {
+    mean: &'a [f64],
+    rstd: &'a [f64],
+    gamma: &'a [f64],
+    sum_dy_xhat: &'a [f64],
+    sum_dy: &'a [f64],
+    batch_stats: bool,
 }
 
 /// `dx = gamma · rstd · (dy - Σdy/M - x̂ · Σ(dy·x̂)/M)` with batch statistics (M values per
-/// channel), or `gamma · rstd · dy` with constant statistics.
-#[allow(clippy::too_many_arguments)]
+/// channel), or `gamma · rstd · dy` with constant statistics; where the operand has a ReLU,
+/// zero where its argument is not positive (no gradient at 0, as [`crate::ops::relu`]).
 fn input_grad<T: Float>(
     dy: &[T],
-    x: &[T],
-    (_, c, inner): (usize, usize, usize),
-    mean: &[f64],
-    rstd: &[f64],
-    gamma: &[f64],
-    sum_dy: &[f64],
-    sum_dy_xhat: &[f64],
-    count: f64,
-    batch: bool,
+    x: Operand<T>,
+    (n, c, inner): (usize, usize, usize),
+    g: &InputGradArgs,
 ) -> Vec<T> {
+    let count = (n * inner) as f64;
+    let relu = x.relu;
     let mut out = vec![T::from_f64(0.0); dy.len()];
     out.par_chunks_mut(c * inner)
         .enumerate()
         .for_each(|(i, img)| {
-            for ch in 0..c {
+            let mut scratch = Vec::new();
+            for (ch, dst) in img.chunks_mut(inner).enumerate() {
                 let off = (i * c + ch) * inner;
-                let k = gamma[ch] * rstd[ch];
-                let dst = &mut img[ch * inner..(ch + 1) * inner];
-                let (g, xs) = (&dy[off..off + inner], &x[off..off + inner]);
-                if batch {
-                    let (a, b) = (sum_dy[ch] / count, sum_dy_xhat[ch] / count);
-                    for ((d, &gv), &xv) in dst.iter_mut().zip(g).zip(xs) {
-                        let xhat = (xv.to_f64() - mean[ch]) * rstd[ch];
-                        *d = T::from_f64(k * (gv.to_f64() - a - xhat * b));
+                let k = g.gamma[ch] * g.rstd[ch];
+                let dys = &dy[off..off + inner];
+                let xs = x.row(off, inner, &mut scratch);
+                // Not `x <= 0`: NaN passes no gradient either.
+                let blocked = |xv: T| {
+                    let passes = xv.to_f64() > 0.0;
+                    relu && !passes
+                };
+                if g.batch_stats {
+                    let (a, b) = (g.sum_dy[ch] / count, g.sum_dy_xhat[ch] / count);
+                    let (mean, rstd) = (g.mean[ch], g.rstd[ch]);
+                    for ((d, &gv), &xv) in dst.iter_mut().zip(dys).zip(xs) {
+                        let xhat = (load(xv, relu) - mean) * rstd;
+                        let dz = k * (gv.to_f64() - a - xhat * b);
+                        *d = T::from_f64(if blocked(xv) { 0.0 } else { dz });
+                    }
+                } else if relu {
+                    for ((d, &gv), &xv) in dst.iter_mut().zip(dys).zip(xs) {
+                        let dz = k * gv.to_f64();
+                        *d = T::from_f64(if blocked(xv) { 0.0 } else { dz });
                     }
                 } else {
-                    for (d, &gv) in dst.iter_mut().zip(g) {
+                    for (d, &gv) in dst.iter_mut().zip(dys) {
                         *d = T::from_f64(k * gv.to_f64());
                     }
                 }

@@ -65,17 +65,12 @@ impl CustomOp1 for ChannelSum {
         let dims = split(l.dims());
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(
-                channel_sums(slice(v, l)?, None, dims)
-                    .iter()
-                    .map(|s| s.0 as f32)
+                channel_sums(slice(v, l)?, dims)
+                    .into_iter()
+                    .map(|s| s as f32)
                     .collect(),
             ),
-            CpuStorage::F64(v) => CpuStorage::F64(
-                channel_sums(slice(v, l)?, None, dims)
-                    .iter()
-                    .map(|s| s.0)
-                    .collect(),
-            ),
+            CpuStorage::F64(v) => CpuStorage::F64(channel_sums(slice(v, l)?, dims)),
             _ => candle_core::bail!("channel sum: f32 or f64 expected"),
         };
         Ok((out, Shape::from(dims.1)))

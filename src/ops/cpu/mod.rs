@@ -81,7 +81,7 @@ pub(crate) fn to_vec_f64(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<
 }
 
 /// Float types of the per-channel kernels, accumulated in f64.
-pub(crate) trait Float: Copy + Send + Sync + 'static {
+pub(crate) trait Float: Copy + Send + Sync + std::ops::Add<Output = Self> + 'static {
     fn to_f64(self) -> f64;
     fn from_f64(v: f64) -> Self;
 }
@@ -102,39 +102,19 @@ impl Float for f64 {
     }
 }
 
-/// Per channel `(Σ a, Σ a·b)` where `b` is optional (then `Σ a²`), over all rows of `c`.
-pub(crate) fn channel_sums<T: Float>(
-    a: &[T],
-    b: Option<(&[T], &[f64], &[f64])>,
-    (n, c, inner): (usize, usize, usize),
-) -> Vec<(f64, f64)> {
+/// Per channel `Σ a`, over all rows of `c`.
+pub(crate) fn channel_sums<T: Float>(a: &[T], (n, c, inner): (usize, usize, usize)) -> Vec<f64> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            let mut sum = 0.0f64;
             for i in 0..n {
                 let off = (i * c + ch) * inner;
-                let row = &a[off..off + inner];
-                match b {
-                    None => {
-                        for &v in row {
-                            let v = v.to_f64();
-                            s1 += v;
-                            s2 += v * v;
-                        }
-                    }
-                    // Σ dy and Σ dy · x̂ with x̂ = (x - mean) · rstd.
-                    Some((x, mean, rstd)) => {
-                        let xrow = &x[off..off + inner];
-                        for (&g, &xv) in row.iter().zip(xrow) {
-                            let g = g.to_f64();
-                            s1 += g;
-                            s2 += g * (xv.to_f64() - mean[ch]) * rstd[ch];
-                        }
-                    }
+                for &v in &a[off..off + inner] {
+                    sum += v.to_f64();
                 }
             }
-            (s1, s2)
+            sum
         })
         .collect()
 }
