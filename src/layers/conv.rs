@@ -219,11 +219,10 @@ impl LayerOp for Conv2DConfig {
             dilation: self.dilation,
             groups: self.groups,
         };
-        let y = ops::conv2d(x, &kernel, geometry)?;
         let y = if self.use_bias {
-            ops::bias_add(&y, &params.get("bias")?)?
+            ops::conv2d_bias(x, &kernel, &params.get("bias")?, geometry)?
         } else {
-            y
+            ops::conv2d(x, &kernel, geometry)?
         };
         Ok(vec![self.activation.apply(&y)?])
     }

@@ -192,7 +192,7 @@ impl Depthwise {
         .fans(kh * kw * in_channels, kh * kw * self.depth_multiplier)
     }
 
-    fn forward(&self, x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
         let pads = |len, k| match self.padding {
             Padding::Valid => (0, 0),
@@ -206,7 +206,10 @@ impl Depthwise {
             dilation: self.dilation,
             groups: c,
         };
-        ops::conv2d(x, kernel, geometry)
+        match bias {
+            Some(bias) => ops::conv2d_bias(x, kernel, bias, geometry),
+            None => ops::conv2d(x, kernel, geometry),
+        }
     }
 }
 
@@ -263,12 +266,10 @@ impl LayerOp for DepthwiseConv2DConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        let mut y = self
+        let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
+        let y = self
             .depthwise()
-            .forward(&inputs[0], &params.get("kernel")?)?;
-        if self.use_bias {
-            y = ops::bias_add(&y, &params.get("bias")?)?;
-        }
+            .forward(&inputs[0], &params.get("kernel")?, bias.as_ref())?;
         Ok(vec![self.activation.apply(&y)?])
     }
 }
@@ -315,17 +316,19 @@ impl LayerOp for SeparableConv2DConfig {
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
         let mid = self
             .depthwise()
-            .forward(&inputs[0], &params.get("depthwise_kernel")?)?;
+            .forward(&inputs[0], &params.get("depthwise_kernel")?, None)?;
         let pointwise = Conv2dGeometry {
             pad: (0, 0, 0, 0),
             stride: 1,
             dilation: 1,
             groups: 1,
         };
-        let mut y = ops::conv2d(&mid, &params.get("pointwise_kernel")?, pointwise)?;
-        if self.use_bias {
-            y = ops::bias_add(&y, &params.get("bias")?)?;
-        }
+        let kernel = params.get("pointwise_kernel")?;
+        let y = if self.use_bias {
+            ops::conv2d_bias(&mid, &kernel, &params.get("bias")?, pointwise)?
+        } else {
+            ops::conv2d(&mid, &kernel, pointwise)?
+        };
         Ok(vec![self.activation.apply(&y)?])
     }
 }

@@ -7,6 +7,7 @@
 //! | function | CPU, f32/f64 | CUDA, feature `cudnn` | anything else |
 //! |---|---|---|---|
 //! | [`conv2d`] | im2col + GEMM, own backward (`cpu/conv2d.rs`) | cuDNN forward, backward data and filter (`cudnn/conv2d.rs`) | [`reference::conv2d`] |
+//! | [`conv2d_bias`] | the same op, the bias added as the output is written | [`conv2d`], then [`bias_add`] | the same |
 //! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
 //! | [`fused_batch_norm_train`], [`fused_batch_norm_eval`] | the batch-norm kernels reading `max(x, 0)`, `a + b` or `max(a + b, 0)` | candle's add, [`relu`], then batch norm | the same |
@@ -173,6 +174,48 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<T
         #[cfg(feature = "cudnn")]
         Backend::Cudnn => cudnn::conv2d::conv2d(x, kernel, geometry),
         Backend::Reference => reference::conv2d(x, kernel, geometry),
+    }
+}
+
+/// [`conv2d`] plus a per-filter `bias` (`(filters,)`, `x`'s dtype and device), differentiable
+/// with respect to all three. On the CPU one op: the bias is added as the product is written
+/// out and its gradient is summed from the same `dY`, so no second activation-sized tensor is
+/// made (or kept for the backward pass); elsewhere [`conv2d`] then [`bias_add`].
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{conv2d_bias, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((2, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let y = conv2d_bias(&x, &k, &b, g)?;
+/// assert_eq!(y.get(0)?.get(1)?.flatten_all()?.to_vec1::<f32>()?, [3.0, 1.0, 1.0, 0.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv2d_bias(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: &Tensor,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    check_conv2d(x, kernel, &geometry)?;
+    let filters = kernel.dim(0)?;
+    if bias.dims() != [filters] {
+        return Err(invalid(
+            "conv2d_bias",
+            "bias",
+            format!(
+                "expected shape [{filters}] (the kernel's filters), got {:?}",
+                bias.dims()
+            ),
+        ));
+    }
+    same_device_and_dtype("conv2d_bias", "bias", bias, x)?;
+    match backend(x, CPU_FLOATS, &[]) {
+        Backend::Cpu => cpu::conv2d::conv2d_bias(x, kernel, bias, geometry),
+        _ => bias_add(&conv2d(x, kernel, geometry)?, bias),
     }
 }
 

@@ -48,9 +48,14 @@ impl CustomOp2 for ChannelBias {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let sums = dy.apply_op1_no_bwd(&ChannelSum)?;
+        let sums = channel_sum(&dy)?;
         Ok((Some(dy), Some(sums)))
     }
+}
+
+/// The per-channel sum `(C,)` of a contiguous `(N, C, …)` gradient: a bias's gradient.
+pub(crate) fn channel_sum(dy: &Tensor) -> candle_core::Result<Tensor> {
+    dy.apply_op1_no_bwd(&ChannelSum)
 }
 
 /// Per-channel sum `(C,)`.

@@ -13,15 +13,17 @@
 //!
 //! The buffers are built for a chunk of images at a time (so each product is large and the
 //! buffer stays bounded), with TensorFlow's asymmetric 'same' padding folded in (no padded
-//! copy of the input).
+//! copy of the input). A per-filter bias is added while the product's rows are copied into
+//! the output, in the same op: a separate bias op would cost a pass each way, and candle
+//! would keep the unbiased output alive for the backward pass as well as the biased one.
 
 use std::cell::RefCell;
 use std::ops::AddAssign;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dispatch_pair;
+use super::{Float, dispatch_pair};
 use crate::Result;
 use crate::ops::Conv2dGeometry;
 
@@ -30,6 +32,21 @@ use crate::ops::Conv2dGeometry;
 pub(crate) fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
     Ok(x.contiguous()?
         .apply_op2(&kernel.contiguous()?, Conv2dGemm { geometry })?)
+}
+
+/// [`conv2d`] plus a `(filters,)` bias, as one op (arguments checked by
+/// [`crate::ops::conv2d_bias`]).
+pub(crate) fn conv2d_bias(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: &Tensor,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(
+        &kernel.contiguous()?,
+        &bias.contiguous()?,
+        Conv2dGemm { geometry },
+    )?)
 }
 
 /// Sizes of one convolution.
@@ -87,7 +104,7 @@ impl Sizes {
 }
 
 /// Float types the GEMM path handles.
-trait Element: Copy + Default + AddAssign + Send + Sync + 'static {
+trait Element: Float + Default + AddAssign {
     const ONE: Self;
     /// This thread's reusable work buffer for this type.
     fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>>;
@@ -386,17 +403,36 @@ fn gather_rows<T: Element>(dy: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, 
 }
 
 /// The inverse of [`gather_rows`]: copies `og` rows of `nc · oh · ow` back into NCHW `y`.
-fn scatter_rows<T: Element>(rows: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, y: &mut [T]) {
+/// Copies a chunk's product rows (filters of group `g` × positions of images `n0..n0 + nc`)
+/// into `y`, adding each filter's bias where `bias` is not empty.
+fn scatter_rows<T: Element>(
+    rows: &[T],
+    s: &Sizes,
+    (g, n0, nc): (usize, usize, usize),
+    bias: &[f64],
+    y: &mut [T],
+) {
     let ohw = s.ohw();
     for nl in 0..nc {
         for o in 0..s.og() {
-            let dst = &mut y[((n0 + nl) * s.o + g * s.og() + o) * ohw..][..ohw];
-            dst.copy_from_slice(&rows[o * nc * ohw + nl * ohw..][..ohw]);
+            let filter = g * s.og() + o;
+            let dst = &mut y[((n0 + nl) * s.o + filter) * ohw..][..ohw];
+            let src = &rows[o * nc * ohw + nl * ohw..][..ohw];
+            match bias.get(filter) {
+                None => dst.copy_from_slice(src),
+                // Rounded once, as the separate bias kernel does.
+                Some(&b) => {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = T::from_f64(v.to_f64() + b);
+                    }
+                }
+            }
         }
     }
 }
 
-fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+/// `Y = W · col(X)` (+ the per-filter `bias`, when not empty).
+fn forward<T: Element>(x: &[T], k: &[T], bias: &[f64], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = vec![T::default(); s.n * s.o * ohw];
     let chunk = s.chunk().clamp(1, s.n.max(1));
@@ -422,7 +458,7 @@ fn forward<T: Element>(x: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec
                         col,
                         (cols, 1),
                     );
-                    scatter_rows(&out[..og * cols], s, g, n0, nc, &mut y);
+                    scatter_rows(&out[..og * cols], s, (g, n0, nc), bias, &mut y);
                 }
             }
         },
@@ -501,9 +537,53 @@ fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometr
     dk
 }
 
-/// The convolution as a candle op with its own backward.
+/// The convolution as a candle op with its own backward: `(X, W)`, or `(X, W, bias)` as a
+/// three-operand op.
 struct Conv2dGemm {
     geometry: Conv2dGeometry,
+}
+
+impl Conv2dGemm {
+    fn compute(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: &[f64],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
+        let out = dispatch_pair!(s1, l1, s2, l2, "conv2d", |x, k| forward(
+            x,
+            k,
+            bias,
+            &s,
+            &self.geometry
+        ));
+        Ok((out, Shape::from((s.n, s.o, s.oh, s.ow))))
+    }
+
+    /// `(dX, dW)`.
+    fn gradients(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dx = dy.apply_op2_no_bwd(
+            kernel,
+            &Conv2dInputGrad {
+                geometry: self.geometry,
+                input: x.dims().to_vec(),
+            },
+        )?;
+        let dk = x.apply_op2_no_bwd(
+            dy,
+            &Conv2dKernelGrad {
+                geometry: self.geometry,
+                kernel: kernel.dims().to_vec(),
+            },
+        )?;
+        Ok((dx, dk))
+    }
 }
 
 impl CustomOp2 for Conv2dGemm {
@@ -518,14 +598,7 @@ impl CustomOp2 for Conv2dGemm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
-        let out = dispatch_pair!(s1, l1, s2, l2, "conv2d", |x, k| forward(
-            x,
-            k,
-            &s,
-            &self.geometry
-        ));
-        Ok((out, Shape::from((s.n, s.o, s.oh, s.ow))))
+        self.compute((s1, l1), (s2, l2), &[])
     }
 
     fn bwd(
@@ -535,22 +608,39 @@ impl CustomOp2 for Conv2dGemm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(
-            kernel,
-            &Conv2dInputGrad {
-                geometry: self.geometry,
-                input: x.dims().to_vec(),
-            },
-        )?;
-        let dk = x.apply_op2_no_bwd(
-            &dy,
-            &Conv2dKernelGrad {
-                geometry: self.geometry,
-                kernel: kernel.dims().to_vec(),
-            },
-        )?;
+        let (dx, dk) = self.gradients(x, kernel, &dy.contiguous()?)?;
         Ok((Some(dx), Some(dk)))
+    }
+}
+
+impl CustomOp3 for Conv2dGemm {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.compute((s1, l1), (s2, l2), &super::to_vec_f64(s3, l3)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _bias: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (dx, dk) = self.gradients(x, kernel, &dy)?;
+        Ok((Some(dx), Some(dk), Some(super::bias::channel_sum(&dy)?)))
     }
 }
 
