@@ -149,6 +149,20 @@ fn var(t: Tensor) -> Var {
     Var::from_tensor(&t).unwrap()
 }
 
+/// A BatchNorm's `gamma` and `beta` for three channels, as variables of `dtype`.
+fn gamma_beta(dtype: DType) -> (Var, Var) {
+    let per_channel = |v: &[f64]| {
+        var(Tensor::new(v, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap())
+    };
+    (
+        per_channel(&[1.5, 0.5, -2.0]),
+        per_channel(&[0.1, -0.2, 0.3]),
+    )
+}
+
 #[test]
 fn batch_norm_kernels_match_the_reference() {
     use candle_functional::ops::{self, reference};
@@ -161,14 +175,7 @@ fn batch_norm_kernels_match_the_reference() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap());
-        let gamma = var(Tensor::new(&[1.5f64, 0.5, -2.0], &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap());
-        let beta = var(Tensor::new(&[0.1f64, -0.2, 0.3], &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap());
+        let (gamma, beta) = gamma_beta(dtype);
         let upstream = Tensor::randn(0f64, 1.0, (4, 3, 5, 2), &dev)
             .unwrap()
             .to_dtype(dtype)
@@ -451,14 +458,7 @@ fn fused_batch_norm_matches_add_relu_then_batch_norm() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap());
-        let gamma = var(Tensor::new(&[1.5f64, 0.5, -2.0], &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap());
-        let beta = var(Tensor::new(&[0.1f64, -0.2, 0.3], &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap());
+        let (gamma, beta) = gamma_beta(dtype);
         let upstream = Tensor::randn(0f64, 1.0, shape, &dev)
             .unwrap()
             .to_dtype(dtype)

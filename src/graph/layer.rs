@@ -734,10 +734,9 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
 /// # Examples
 /// ```
 /// use candle_functional::prelude::*;
-/// use candle_functional::Prologue;
+/// use candle_functional::{LayerOp, Prologue};
 /// assert_eq!(ReLU::new().config().as_prologue(), Some(Prologue::Relu));
 /// assert!(BatchNorm::new().config().accepts_prologue(Prologue::Relu));
-/// # use candle_functional::LayerOp;
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -248,7 +248,6 @@ impl Plan {
     }
 }
 
-/// Distinct layers in order of first appearance (inputs' layers first), with their nodes.
 /// Leaves out each element-wise step ([`LayerOp::as_prologue`], as many inputs as its
 /// function takes, one output) whose output is read once, by a step of one input that is not
 /// a model output and [`accepts_prologue`](crate::LayerOp::accepts_prologue) the function
@@ -303,6 +302,7 @@ fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
         .collect()
 }
 
+/// Distinct layers in order of first appearance (inputs' layers first), with their nodes.
 fn collect_layers(
     inputs: &[SymbolicTensor],
     nodes: &[Arc<Node>],
