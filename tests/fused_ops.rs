@@ -435,7 +435,7 @@ fn fused_relu_matches_candle_and_passes_no_gradient_at_zero() {
 }
 
 #[test]
-fn fused_batch_norm_matches_add_relu_then_batch_norm() {
+fn fused_batch_norm_matches_add_relu_batch_norm_relu_composed() {
     use candle_functional::ops::{self, reference};
     let dev = Device::Cpu;
     let shape = (4, 3, 5, 2);
@@ -471,8 +471,20 @@ fn fused_batch_norm_matches_add_relu_then_batch_norm() {
             );
         };
         let sum = (a.as_tensor() + b.as_tensor()).unwrap();
-        for (inputs, relu) in [(1, true), (2, false), (2, true)] {
-            let case = format!("{inputs} input(s), relu {relu}");
+        let cases = [
+            (1, true, false),
+            (2, false, false),
+            (2, true, false),
+            (1, false, true),
+            (2, true, true),
+        ];
+        for (inputs, relu, after) in cases {
+            let case = format!("{inputs} input(s), relu before {relu}, after {after}");
+            let relus = ops::BatchNormRelus {
+                before: relu,
+                after,
+            };
+            let relu_after = |y: Tensor| if after { ops::relu(&y).unwrap() } else { y };
             let (given, vars, operand): (Vec<&Tensor>, Vec<&Var>, Tensor) = if inputs == 1 {
                 (
                     vec![a.as_tensor()],
@@ -492,8 +504,9 @@ fn fused_batch_norm_matches_add_relu_then_batch_norm() {
                 operand
             };
 
-            let fused = ops::fused_batch_norm_train(&given, relu, g, bt, 1e-3).unwrap();
+            let fused = ops::fused_batch_norm_train(&given, relus, g, bt, 1e-3).unwrap();
             let composed = reference::batch_norm_train(&operand, g, bt, 1e-3).unwrap();
+            let composed = (relu_after(composed.0), composed.1, composed.2);
             close(&fused.0, &composed.0, &format!("{case}: train y"));
             close(&fused.1, &composed.1, &format!("{case}: train mean"));
             close(&fused.2, &composed.2, &format!("{case}: train var"));
@@ -502,7 +515,7 @@ fn fused_batch_norm_matches_add_relu_then_batch_norm() {
             for (i, (x, r)) in gf.iter().zip(&gc).enumerate() {
                 close(x, r, &format!("{case}: train gradient {i}"));
             }
-            if relu {
+            if relu && !after {
                 // Where the ReLU's argument is ≤ 0 nothing flows back, exactly.
                 let argument = if inputs == 1 { a.as_tensor() } else { &sum };
                 let blocked = argument.le(0.0).unwrap().to_dtype(dtype).unwrap();
@@ -521,9 +534,10 @@ fn fused_batch_norm_matches_add_relu_then_batch_norm() {
 
             let (mean, variance) = (composed.1.clone(), (&composed.2 + 0.5).unwrap());
             let fused =
-                ops::fused_batch_norm_eval(&given, relu, g, bt, &mean, &variance, 1e-3).unwrap();
-            let composed =
-                reference::batch_norm_eval(&operand, g, bt, &mean, &variance, 1e-3).unwrap();
+                ops::fused_batch_norm_eval(&given, relus, g, bt, &mean, &variance, 1e-3).unwrap();
+            let composed = relu_after(
+                reference::batch_norm_eval(&operand, g, bt, &mean, &variance, 1e-3).unwrap(),
+            );
             close(&fused, &composed, &format!("{case}: eval y"));
             let gf = with_grads(&fused, &upstream, &vars);
             let gc = with_grads(&composed, &upstream, &vars);
@@ -547,7 +561,8 @@ fn fused_batch_norm_refuses_bad_inputs() {
         (vec![&a, &other_shape], "shapes"),
         (vec![&a, &other_dtype], "dtype"),
     ] {
-        let err = ops::fused_batch_norm_train(&inputs, true, None, None, 1e-3)
+        let relus = ops::BatchNormRelus::default();
+        let err = ops::fused_batch_norm_train(&inputs, relus, None, None, 1e-3)
             .unwrap_err()
             .to_string();
         assert!(
@@ -712,5 +727,60 @@ fn conv2d_with_bias_matches_convolution_then_bias_add() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("conv2d_bias") && err.contains(wanted), "{err}");
+    }
+}
+
+/// Conv → BatchNorm → ReLU (the usual order, and the U-Net example's), with the BatchNorm's
+/// output also a model output when `keep_bn` (then the ReLU cannot be folded into it).
+fn conv_bn_relu_model(keep_bn: bool) -> Model {
+    let x = Input::new([2, 6, 6]);
+    let c = Conv2D::new(3, 3).padding(Padding::Same).call(&x).unwrap();
+    let n = BatchNorm::new().momentum(0.5).call(&c).unwrap();
+    let y = ReLU::new().call(&n).unwrap();
+    let outputs = if keep_bn { vec![y, n] } else { vec![y] };
+    Model::new(&[x], &outputs)
+        .unwrap()
+        .build(&Device::Cpu, DType::F64, 7)
+        .unwrap()
+}
+
+#[test]
+fn a_relu_folded_after_a_batch_norm_gives_the_values_and_gradients_of_the_two_layers() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f64, 1.0, (4, 2, 6, 6), &dev).unwrap();
+    let upstream = Tensor::randn(0f64, 1.0, (4, 3, 6, 6), &dev).unwrap();
+    let (folded, separate) = (conv_bn_relu_model(false), conv_bn_relu_model(true));
+    for mode in [Mode::Train, Mode::Eval] {
+        let run = |model: &Model| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = model
+                .forward(&[xv.as_tensor().clone()], mode)
+                .unwrap()
+                .remove(0);
+            let grads = (&y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut got = vec![y, grads.get(xv.as_tensor()).unwrap().clone()];
+            let mut weights: Vec<_> = model.weight_map().unwrap().into_iter().collect();
+            weights.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, w) in weights {
+                got.push(w.clone());
+                if let Some(g) = grads.get(&w) {
+                    got.push(g.clone());
+                }
+            }
+            got
+        };
+        let (a, b) = (run(&folded), run(&separate));
+        // y, dx, then the kernel, bias, gamma, beta (with their gradients when training) and
+        // the two moving statistics.
+        let expected = if mode == Mode::Train { 12 } else { 8 };
+        assert_eq!((a.len(), b.len()), (expected, expected), "{mode:?}");
+        for (i, (f, s)) in a.iter().zip(&b).enumerate() {
+            assert!(max_abs_diff(f, s) < 1e-12, "{mode:?} value {i}");
+        }
     }
 }

@@ -704,32 +704,43 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
         None
     }
 
-    /// `true` when [`forward_after`](Self::forward_after) can apply `prologue` in place of
+    /// `true` when [`forward_fused`](Self::forward_fused) can apply `prologue` in place of
     /// this layer's one input. `false` (the default) for every prologue.
     fn accepts_prologue(&self, _prologue: Prologue) -> bool {
         false
     }
 
-    /// [`forward`](Self::forward) of `prologue` applied to `inputs` (its
-    /// [`arity`](Prologue::arity) of them), the same values and gradients as running the
-    /// layers one after the other. Called only where
-    /// [`accepts_prologue`](Self::accepts_prologue) says so; the default is an error.
-    fn forward_after(
+    /// `true` when [`forward_fused`](Self::forward_fused) can apply the one-input function
+    /// `epilogue` to this layer's one output (a ReLU after a BatchNorm): the plan then leaves
+    /// out the element-wise layer that is this layer's output's only reader. `false` (the
+    /// default) for every function.
+    fn accepts_epilogue(&self, _epilogue: Prologue) -> bool {
+        false
+    }
+
+    /// [`forward`](Self::forward) with `prologue` applied to `inputs` first (its
+    /// [`arity`](Prologue::arity) of them) and `epilogue` to the output after, the same values
+    /// and gradients as running the layers one after the other. Called only where
+    /// [`accepts_prologue`](Self::accepts_prologue) and
+    /// [`accepts_epilogue`](Self::accepts_epilogue) say so; the default is an error.
+    fn forward_fused(
         &self,
-        prologue: Prologue,
+        prologue: Option<Prologue>,
+        epilogue: Option<Prologue>,
         _inputs: &[Tensor],
         _params: &Params,
     ) -> Result<Vec<Tensor>> {
         Err(Error::InvalidArgument(format!(
-            "{} does not apply the prologue {prologue:?}",
+            "{} does not fuse {prologue:?} before it or {epilogue:?} after it",
             self.type_name()
         )))
     }
 }
 
-/// An element-wise function that a layer can apply to its input inside its own kernel, in
-/// place of the separate layer that computes it ([`LayerOp::as_prologue`]): one pass over
-/// memory fewer each way, and the intermediate tensor is never kept for the backward pass.
+/// An element-wise function that a layer can apply inside its own kernel, to its input (a
+/// prologue) or to its output (an epilogue), in place of the separate layer that computes it
+/// ([`LayerOp::as_prologue`]): one pass over memory fewer each way, and the intermediate
+/// tensor is never kept for the backward pass.
 ///
 /// # Examples
 /// ```
@@ -1221,7 +1232,7 @@ impl LayerRef {
         &self,
         inputs: &[Tensor],
         pass: Pass,
-        prologue: Option<Prologue>,
+        (prologue, epilogue): (Option<Prologue>, Option<Prologue>),
     ) -> Result<Vec<Tensor>> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
         let (specs, vars): (&[ParamSpec], &[Var]) = match guard.as_ref() {
@@ -1237,9 +1248,9 @@ impl LayerRef {
             .with_compute_dtype(pass.compute_dtype)
             .with_trainable(self.trainable())
             .with_state_updates(pass.state_updates);
-        match prologue {
-            None => self.0.op.forward(inputs, &params),
-            Some(prologue) => self.0.op.forward_after(prologue, inputs, &params),
+        match (prologue, epilogue) {
+            (None, None) => self.0.op.forward(inputs, &params),
+            _ => self.0.op.forward_fused(prologue, epilogue, inputs, &params),
         }
     }
 }

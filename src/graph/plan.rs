@@ -32,6 +32,8 @@ pub(crate) struct Step {
     pub(crate) free_after: Vec<usize>,
     /// The element-wise layer folded into this one: applied to the inputs first.
     pub(crate) prologue: Option<Prologue>,
+    /// The element-wise layer folded into this one: applied to the output after.
+    pub(crate) epilogue: Option<Prologue>,
     /// The node's place in topological order, which seeds its randomness: the same with and
     /// without folded steps.
     pub(crate) order: usize,
@@ -121,6 +123,7 @@ impl Plan {
                 output_slots,
                 free_after: Vec::new(),
                 prologue: None,
+                epilogue: None,
                 order,
             });
         }
@@ -194,7 +197,8 @@ impl Plan {
                 seed: mix(pass.seed, step.order as u64),
                 ..pass
             };
-            let outputs = step.node.layer().forward(&args, step_pass, step.prologue)?;
+            let fused = (step.prologue, step.epilogue);
+            let outputs = step.node.layer().forward(&args, step_pass, fused)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }
@@ -253,7 +257,9 @@ impl Plan {
 /// a model output and [`accepts_prologue`](crate::LayerOp::accepts_prologue) the function
 /// (composed with what it already applies: an Add folded behind a folded ReLU is one
 /// [`Prologue::AddRelu`]); that reader takes the step's inputs and the function as its
-/// prologue.
+/// prologue. Then each one-input element-wise step left whose input is read only by it and is
+/// the one output of a step that [`accepts_epilogue`](crate::LayerOp::accepts_epilogue) the
+/// function: that step takes over its output, with the function as its epilogue.
 ///
 /// [`LayerOp::as_prologue`]: crate::LayerOp::as_prologue
 fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
@@ -293,6 +299,36 @@ fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
             folded[elementwise] = true;
             steps[reader].input_slots = steps[elementwise].input_slots.clone();
             steps[reader].prologue = composed;
+        }
+    }
+    // What is left of the one-input element-wise steps may fold into the step before them,
+    // when that step's one output is read only by them (BatchNorm → ReLU).
+    for elementwise in 0..steps.len() {
+        let step = &steps[elementwise];
+        let (Some(function), false, &[slot], 1) = (
+            step.node.layer().op().as_prologue(),
+            folded[elementwise],
+            &step.input_slots[..],
+            step.output_slots.len(),
+        ) else {
+            continue;
+        };
+        let Some(&producing) = producer.get(&slot) else {
+            continue;
+        };
+        let before = &steps[producing];
+        let fits = function.arity() == 1
+            && step.prologue.is_none()
+            && !folded[producing]
+            && before.output_slots.len() == 1
+            && before.epilogue.is_none()
+            && reads[&slot] == 1
+            && !model_outputs.contains(&slot)
+            && before.node.layer().op().accepts_epilogue(function);
+        if fits {
+            folded[elementwise] = true;
+            steps[producing].output_slots = steps[elementwise].output_slots.clone();
+            steps[producing].epilogue = Some(function);
         }
     }
     steps

@@ -200,7 +200,7 @@ impl LayerOp for BatchNormConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        self.normalize(&inputs[..1], params, false)
+        self.normalize(&inputs[..1], params, ops::BatchNormRelus::default())
     }
 
     /// A ReLU, an Add or both, read only by this layer, run inside its kernels (the article's
@@ -209,28 +209,44 @@ impl LayerOp for BatchNormConfig {
         matches!(prologue, Prologue::Relu | Prologue::Add | Prologue::AddRelu)
     }
 
-    fn forward_after(
+    /// A ReLU that reads only this layer's output runs inside its kernel too (Conv →
+    /// BatchNorm → ReLU).
+    fn accepts_epilogue(&self, epilogue: Prologue) -> bool {
+        epilogue == Prologue::Relu
+    }
+
+    fn forward_fused(
         &self,
-        prologue: Prologue,
+        prologue: Option<Prologue>,
+        epilogue: Option<Prologue>,
         inputs: &[Tensor],
         params: &Params,
     ) -> Result<Vec<Tensor>> {
-        if inputs.len() != prologue.arity() {
+        let arity = prologue.map_or(1, Prologue::arity);
+        if inputs.len() != arity || epilogue.is_some_and(|e| e != Prologue::Relu) {
             return Err(Error::InvalidArgument(format!(
-                "BatchNorm after {prologue:?}: {} inputs expected, got {}",
-                prologue.arity(),
+                "BatchNorm after {prologue:?}, before {epilogue:?}: {arity} inputs and at most \
+                 a ReLU after expected, got {} inputs",
                 inputs.len()
             )));
         }
-        let relu = matches!(prologue, Prologue::Relu | Prologue::AddRelu);
-        self.normalize(inputs, params, relu)
+        let relus = ops::BatchNormRelus {
+            before: matches!(prologue, Some(Prologue::Relu | Prologue::AddRelu)),
+            after: epilogue.is_some(),
+        };
+        self.normalize(inputs, params, relus)
     }
 }
 
 impl BatchNormConfig {
-    /// The layer's output for the sum of `inputs` (one or two tensors of one shape), or for
-    /// `max(sum, 0)` with `relu`.
-    fn normalize(&self, inputs: &[Tensor], params: &Params, relu: bool) -> Result<Vec<Tensor>> {
+    /// The layer's output for the sum of `inputs` (one or two tensors of one shape), with the
+    /// ReLUs of `relus` before and after.
+    fn normalize(
+        &self,
+        inputs: &[Tensor],
+        params: &Params,
+        relus: ops::BatchNormRelus,
+    ) -> Result<Vec<Tensor>> {
         let axis = self.full_axis("", inputs[0].rank().saturating_sub(1))?;
         // The kernels take channels on axis 1 (NCHW); another channel axis is moved there
         // and back.
@@ -252,7 +268,7 @@ impl BatchNormConfig {
         let y = if params.updates_state() {
             let (y, batch_mean, batch_var) = ops::fused_batch_norm_train(
                 &inputs,
-                relu,
+                relus,
                 gamma.as_ref(),
                 beta.as_ref(),
                 self.epsilon,
@@ -268,7 +284,7 @@ impl BatchNormConfig {
         } else {
             ops::fused_batch_norm_eval(
                 &inputs,
-                relu,
+                relus,
                 gamma.as_ref(),
                 beta.as_ref(),
                 &params.get_stored("moving_mean")?,

@@ -919,6 +919,39 @@ mod tests {
     }
 
     #[test]
+    fn a_relu_read_only_after_a_batch_norm_is_folded_into_it() {
+        let x = Input::new([3, 4, 4]);
+        let n = BatchNorm::new().call(&x).unwrap();
+        let y = ReLU::new().call(&n).unwrap();
+        let input = std::slice::from_ref(&x);
+        let model = Model::new(input, std::slice::from_ref(&y)).unwrap();
+        let step = &model.plan.steps[..];
+        assert_eq!(step.len(), 1);
+        assert_eq!(step[0].epilogue, Some(Prologue::Relu));
+        assert_eq!(step[0].output_slots, model.plan.output_slots);
+        // The BatchNorm's output is needed as it is: no fold.
+        let kept = Model::new(input, &[y, n]).unwrap();
+        assert_eq!(steps(&kept).len(), 2);
+        // A ReLU between two BatchNorms is the second one's prologue, not the first's epilogue.
+        let n2 = BatchNorm::new()
+            .call(
+                &ReLU::new()
+                    .call(&BatchNorm::new().call(&x).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+        let model = Model::new(input, &[n2]).unwrap();
+        assert_eq!(
+            steps(&model),
+            [
+                ("BatchNormalization", None),
+                ("BatchNormalization", Some(Prologue::Relu))
+            ]
+        );
+        assert!(model.plan.steps.iter().all(|s| s.epilogue.is_none()));
+    }
+
+    #[test]
     fn the_article_resnet_folds_every_relu_bn_and_residual_add() {
         let model = crate::models::create_res_net().unwrap();
         let steps = steps(&model);

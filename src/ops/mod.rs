@@ -243,50 +243,72 @@ pub fn batch_norm_train(
     beta: Option<&Tensor>,
     epsilon: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    batch_norm_train_of(x, &[], gamma, beta, epsilon, false)
+    batch_norm_train_of(x, &[], gamma, beta, epsilon, BatchNormRelus::default())
 }
 
-/// [`batch_norm_train`] of `max(x, 0)` (with `relu`), of `a + b` or of `max(a + b, 0)` (two
-/// `inputs` of one shape, dtype and device): the article's `relu_bn` and the residual block's
-/// `Add → relu_bn` as one op. On the CPU the ReLU and the sum run inside the batch-norm
-/// kernels: no pass of their own either way, and their outputs are never stored (the
-/// backward pass reads the inputs). Elsewhere it is candle's add, [`relu`] and
-/// [`batch_norm_train`]. The gradient is zero where the ReLU's argument is `≤ 0`, as
+/// The ReLUs a fused batch normalization applies inside its kernels: to its operand before
+/// normalizing (`before`: the article's ReLU → BatchNorm) and to its result (`after`: the
+/// common Conv → BatchNorm → ReLU). Default: none.
+///
+/// # Examples
+/// ```
+/// use candle_functional::ops::BatchNormRelus;
+/// let relus = BatchNormRelus { after: true, ..Default::default() };
+/// assert!(!relus.before);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchNormRelus {
+    /// `max(·, 0)` of the operand (`x` or `a + b`) before normalizing.
+    pub before: bool,
+    /// `max(·, 0)` of the result.
+    pub after: bool,
+}
+
+/// [`batch_norm_train`] of `x` or of `a + b` (two `inputs` of one shape, dtype and device),
+/// with a ReLU before (`relus.before`) and/or after (`relus.after`): the article's `relu_bn`,
+/// the residual block's `Add → relu_bn` and the usual `BatchNorm → ReLU` as one op. On the
+/// CPU the sum and the ReLUs run inside the batch-norm kernels: no pass of their own either
+/// way, and the intermediate tensors are never stored. Elsewhere it is candle's add, [`relu`],
+/// [`batch_norm_train`] and [`relu`]. Gradients are zero where a ReLU's argument is `≤ 0`, as
 /// [`relu`]'s; with two inputs both get the same gradient.
 ///
 /// # Examples
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use candle_functional::ops::fused_batch_norm_train;
+/// use candle_functional::ops::{BatchNormRelus, fused_batch_norm_train};
 /// let a = Tensor::new(&[[-1f32, 3.0], [3.0, 7.0]], &Device::Cpu)?; // (N = 2, C = 2)
-/// let (_, mean, var) = fused_batch_norm_train(&[&a], true, None, None, 1e-3)?;
+/// let before = BatchNormRelus { before: true, after: false };
+/// let (_, mean, var) = fused_batch_norm_train(&[&a], before, None, None, 1e-3)?;
 /// assert_eq!(mean.to_vec1::<f32>()?, [1.5, 5.0]); // the first channel is [0, 3]
 /// assert_eq!(var.to_vec1::<f32>()?, [2.25, 4.0]);
 /// let b = Tensor::new(&[[-1f32, 1.0], [-5.0, 1.0]], &Device::Cpu)?;
-/// let (_, mean, _) = fused_batch_norm_train(&[&a, &b], true, None, None, 1e-3)?;
+/// let (_, mean, _) = fused_batch_norm_train(&[&a, &b], before, None, None, 1e-3)?;
 /// assert_eq!(mean.to_vec1::<f32>()?, [0.0, 6.0]); // relu(a + b) is [[0, 4], [0, 8]]
+/// let after = BatchNormRelus { before: false, after: true };
+/// let (y, _, _) = fused_batch_norm_train(&[&a], after, None, None, 1e-3)?;
+/// assert_eq!(y.min(0)?.to_vec1::<f32>()?, [0.0, 0.0]); // the normalized values' negative half
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn fused_batch_norm_train(
     inputs: &[&Tensor],
-    relu: bool,
+    relus: BatchNormRelus,
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     epsilon: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let x = check_summands("fused_batch_norm_train", inputs)?;
-    batch_norm_train_of(x, &inputs[1..], gamma, beta, epsilon, relu)
+    batch_norm_train_of(x, &inputs[1..], gamma, beta, epsilon, relus)
 }
 
 /// [`batch_norm_train`] of `x + Σ more` (`more` checked: at most one more tensor like `x`),
-/// through `max(·, 0)` with `relu`.
+/// with the ReLUs of `relus`.
 fn batch_norm_train_of(
     x: &Tensor,
     more: &[&Tensor],
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     epsilon: f64,
-    relu: bool,
+    relus: BatchNormRelus,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let channels = check_batch_norm(BatchNormMode::Train, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
@@ -298,10 +320,10 @@ fn batch_norm_train_of(
     let backend = backend(&xs, CPU_FLOATS, CUDNN_BN);
     if let Backend::Cpu = backend {
         let inputs = summands(xs, more)?;
-        let (y, mean, var) = cpu::batch_norm::train(&inputs, &gamma, &beta, epsilon, relu)?;
+        let (y, mean, var) = cpu::batch_norm::train(&inputs, &gamma, &beta, epsilon, relus)?;
         return Ok((y.to_dtype(out_dtype)?, mean, var));
     }
-    let xs = composed_operand(xs, more, relu)?;
+    let xs = composed_operand(xs, more, relus.before)?;
     let (y, mean, var) = match backend {
         #[cfg(feature = "cudnn")]
         Backend::Cudnn if cudnn::batch_norm::applies(&xs) => {
@@ -309,6 +331,7 @@ fn batch_norm_train_of(
         }
         _ => reference::batch_norm_train(&xs, Some(&gamma), Some(&beta), epsilon)?,
     };
+    let y = if relus.after { relu(&y)? } else { y };
     Ok((y.to_dtype(out_dtype)?, mean, var))
 }
 
@@ -334,25 +357,27 @@ pub fn batch_norm_eval(
     var: &Tensor,
     epsilon: f64,
 ) -> Result<Tensor> {
-    batch_norm_eval_of(x, &[], gamma, beta, mean, var, epsilon, false)
+    let relus = BatchNormRelus::default();
+    batch_norm_eval_of(x, &[], gamma, beta, mean, var, epsilon, relus)
 }
 
-/// [`batch_norm_eval`] of `max(x, 0)`, `a + b` or `max(a + b, 0)`, as one op on the CPU (see
-/// [`fused_batch_norm_train`]).
+/// [`batch_norm_eval`] of `x` or `a + b`, with a ReLU before and/or after, as one op on the
+/// CPU (see [`fused_batch_norm_train`]).
 ///
 /// # Examples
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use candle_functional::ops::fused_batch_norm_eval;
+/// use candle_functional::ops::{BatchNormRelus, fused_batch_norm_eval};
 /// let x = Tensor::new(&[[-3f32], [5.0]], &Device::Cpu)?;
 /// let (mean, var) = (Tensor::new(&[1f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?);
-/// let y = fused_batch_norm_eval(&[&x], true, None, None, &mean, &var, 1e-12)?;
+/// let relus = BatchNormRelus { before: true, after: false };
+/// let y = fused_batch_norm_eval(&[&x], relus, None, None, &mean, &var, 1e-12)?;
 /// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [-0.5, 2.0]);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn fused_batch_norm_eval(
     inputs: &[&Tensor],
-    relu: bool,
+    relus: BatchNormRelus,
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     mean: &Tensor,
@@ -360,10 +385,10 @@ pub fn fused_batch_norm_eval(
     epsilon: f64,
 ) -> Result<Tensor> {
     let x = check_summands("fused_batch_norm_eval", inputs)?;
-    batch_norm_eval_of(x, &inputs[1..], gamma, beta, mean, var, epsilon, relu)
+    batch_norm_eval_of(x, &inputs[1..], gamma, beta, mean, var, epsilon, relus)
 }
 
-/// [`batch_norm_eval`] of `x + Σ more`, through `max(·, 0)` with `relu`.
+/// [`batch_norm_eval`] of `x + Σ more`, with the ReLUs of `relus`.
 #[allow(clippy::too_many_arguments)]
 fn batch_norm_eval_of(
     x: &Tensor,
@@ -373,7 +398,7 @@ fn batch_norm_eval_of(
     mean: &Tensor,
     var: &Tensor,
     epsilon: f64,
-    relu: bool,
+    relus: BatchNormRelus,
 ) -> Result<Tensor> {
     let channels = check_batch_norm(BatchNormMode::Eval { mean, var }, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
@@ -382,11 +407,13 @@ fn batch_norm_eval_of(
     let y = match backend(&xs, CPU_FLOATS, &[]) {
         Backend::Cpu => {
             let inputs = summands(xs, more)?;
-            cpu::batch_norm::eval(&inputs, &gamma, &beta, &mean, &var, epsilon, relu)?
+            cpu::batch_norm::eval(&inputs, &gamma, &beta, &mean, &var, epsilon, relus)?
         }
         _ => {
-            let xs = composed_operand(xs, more, relu)?;
-            reference::batch_norm_eval(&xs, Some(&gamma), Some(&beta), &mean, &var, epsilon)?
+            let xs = composed_operand(xs, more, relus.before)?;
+            let y =
+                reference::batch_norm_eval(&xs, Some(&gamma), Some(&beta), &mean, &var, epsilon)?;
+            if relus.after { relu(&y)? } else { y }
         }
     };
     Ok(y.to_dtype(out_dtype)?)

@@ -7,6 +7,7 @@
 //! per-channel sums, then the input gradient).
 //!
 //! The kernels can also normalize `max(x, 0)`, `a + b` or `max(a + b, 0)` (an [`Operand`]),
+//! and return `max(y, 0)` (the usual Conv → BatchNorm → ReLU),
 //! reading the ReLU's or the Add's inputs: the article's `relu_bn` and its residual
 //! `Add → relu_bn` in the same passes, without the ReLU's and the Add's own passes either way,
 //! and without keeping their outputs alive until the backward pass.
@@ -16,30 +17,31 @@ use rayon::prelude::*;
 
 use super::{Float, contiguous_slice, split};
 use crate::Result;
+use crate::ops::BatchNormRelus;
 
 /// Training mode (arguments checked by [`crate::ops::batch_norm_train`]): `(y, batch mean,
 /// biased batch variance)` of the sum of `inputs` (one or two tensors of one shape), passed
-/// through `max(·, 0)` with `relu`.
+/// through `max(·, 0)` with `relus.before`; `y` through `max(·, 0)` with `relus.after`.
 pub(crate) fn train(
     inputs: &[Tensor],
     gamma: &Tensor,
     beta: &Tensor,
     epsilon: f64,
-    relu: bool,
+    relus: BatchNormRelus,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let inputs = contiguous(inputs)?;
-    let moments = Moments { relu };
+    let moments = Moments { relu: relus.before };
     let stats = match &inputs[..] {
         [x] => x.apply_op1_no_bwd(&moments)?,
         [a, b] => a.apply_op2_no_bwd(b, &moments)?,
         _ => return Err(candle_core::Error::Msg("batch norm: one or two inputs".into()).into()),
     };
-    let y = normalize(&inputs, &stats, gamma, beta, epsilon, true, relu)?;
+    let y = normalize(&inputs, &stats, gamma, beta, epsilon, true, relus)?;
     Ok((y, stats.get(0)?, stats.get(1)?))
 }
 
 /// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]),
-/// of the sum of `inputs`, through `max(·, 0)` with `relu`.
+/// of the sum of `inputs`, with the ReLUs of `relus`.
 pub(crate) fn eval(
     inputs: &[Tensor],
     gamma: &Tensor,
@@ -47,7 +49,7 @@ pub(crate) fn eval(
     mean: &Tensor,
     var: &Tensor,
     epsilon: f64,
-    relu: bool,
+    relus: BatchNormRelus,
 ) -> Result<Tensor> {
     let stats = Tensor::stack(&[mean, var], 0)?;
     normalize(
@@ -57,7 +59,7 @@ pub(crate) fn eval(
         beta,
         epsilon,
         false,
-        relu,
+        relus,
     )
 }
 
@@ -74,7 +76,7 @@ fn normalize(
     beta: &Tensor,
     epsilon: f64,
     batch_stats: bool,
-    relu: bool,
+    relus: BatchNormRelus,
 ) -> Result<Tensor> {
     // One `(4, C)` tensor of per-channel values, so that two inputs fit a three-operand op;
     // the statistics carry no gradient, gamma's and beta's rows do.
@@ -82,7 +84,8 @@ fn normalize(
     let op = Normalize {
         epsilon,
         batch_stats,
-        relu,
+        relu: relus.before,
+        relu_out: relus.after,
     };
     Ok(match inputs {
         [x] => x.apply_op2(&packed, op)?,
@@ -254,11 +257,13 @@ fn moments<T: Float>(x: Operand<T>, (n, c, inner): (usize, usize, usize)) -> Vec
 /// gamma; beta]` `(4, C)`. With `batch_stats` the statistics are the batch's own, and the
 /// backward pass accounts for them; otherwise they are constants (inference). Where the
 /// operand has a ReLU, the input gradient is zero where its argument is `≤ 0`; with two inputs
-/// both get the same gradient.
+/// both get the same gradient. With `relu_out` the result is `max(y, 0)`, and the gradient
+/// reaching `y` is zero where the result is not positive.
 struct Normalize {
     epsilon: f64,
     batch_stats: bool,
     relu: bool,
+    relu_out: bool,
 }
 
 impl Normalize {
@@ -273,7 +278,7 @@ impl Normalize {
         let rstd = inverse_std(&p[c..2 * c], self.epsilon);
         let scale: Vec<f64> = (0..c).map(|ch| rstd[ch] * p[2 * c + ch]).collect();
         let shift: Vec<f64> = (0..c).map(|ch| p[3 * c + ch] - p[ch] * scale[ch]).collect();
-        let relu = self.relu;
+        let (relu, relu_out) = (self.relu, self.relu_out);
         let out = on_slices!(parts, |s| {
             let x = Operand::new(&s, relu);
             let mut out = vec![Float::from_f64(0.0); x.a.len()];
@@ -285,7 +290,9 @@ impl Normalize {
                         let (a, b) = (scale[ch], shift[ch]);
                         let src = x.row((i * c + ch) * dims.2, dims.2, &mut scratch);
                         for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = Float::from_f64(load(v, relu) * a + b);
+                            let y = load(v, relu) * a + b;
+                            // NaN stays NaN, as in `ops::relu`.
+                            *d = Float::from_f64(if relu_out && y < 0.0 { 0.0 } else { y });
                         }
                     }
                 });
@@ -299,9 +306,13 @@ impl Normalize {
         &self,
         inputs: &[&Tensor],
         packed: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let dy = dy.contiguous()?;
+        let dy = match self.relu_out {
+            true => super::relu::grad(dy, y)?,
+            false => dy.contiguous()?,
+        };
         let c = packed.dim(1)?;
         let ops = GradOps {
             epsilon: self.epsilon,
@@ -342,10 +353,10 @@ impl CustomOp2 for Normalize {
         &self,
         x: &Tensor,
         packed: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dpacked) = self.backward(&[x], packed, dy)?;
+        let (dx, dpacked) = self.backward(&[x], packed, y, dy)?;
         Ok((Some(dx), Some(dpacked)))
     }
 }
@@ -372,10 +383,10 @@ impl CustomOp3 for Normalize {
         a: &Tensor,
         b: &Tensor,
         packed: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dpacked) = self.backward(&[a, b], packed, dy)?;
+        let (dx, dpacked) = self.backward(&[a, b], packed, y, dy)?;
         Ok((Some(dx.clone()), Some(dx), Some(dpacked)))
     }
 }

@@ -48,8 +48,14 @@ impl CustomOp1 for Relu {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // The gradient passes where the output is positive; `y` is contiguous (made above).
-        Ok(Some(dy.contiguous()?.apply_op2_no_bwd(y, &ReluGrad)?))
+        Ok(Some(grad(dy, y)?))
     }
+}
+
+/// `dy` where the ReLU's output `y` is positive, 0 elsewhere.
+pub(crate) fn grad(dy: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    dy.contiguous()?
+        .apply_op2_no_bwd(&y.contiguous()?, &ReluGrad)
 }
 
 /// `dy` where `y > 0`, 0 elsewhere.
