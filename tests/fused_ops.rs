@@ -572,6 +572,44 @@ fn fused_batch_norm_refuses_bad_inputs() {
     }
 }
 
+/// One training or inference pass of `model` on `inputs` and the backward pass of
+/// `sum(y · upstream)` for its first output: `[y, d input…, then per weight (by name): the
+/// weight, and its gradient where one was tracked]`. An inference pass tracks no gradient for
+/// the weights, and a training pass moves the moving statistics: both show in the list.
+fn pass_with_gradients(
+    model: &Model,
+    inputs: &[&Tensor],
+    upstream: &Tensor,
+    mode: Mode,
+) -> Vec<Tensor> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let given: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = model.forward(&given, mode).unwrap().remove(0);
+    let grads = (&y * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut got = vec![y];
+    got.extend(
+        vars.iter()
+            .map(|v| grads.get(v.as_tensor()).unwrap().clone()),
+    );
+    let mut weights: Vec<_> = model.weight_map().unwrap().into_iter().collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, w) in weights {
+        if let Some(g) = grads.get(&w) {
+            got.push(g.clone());
+        }
+        got.push(w);
+    }
+    got
+}
+
 /// Two inputs → Add → ReLU → BatchNorm (the end of a residual block). `keep` 0: only the
 /// BatchNorm's output is a model output (the plan folds the Add and the ReLU into it); 1: the
 /// Add's output too (only the ReLU is folded); 2: the ReLU's as well (nothing is folded).
@@ -605,36 +643,9 @@ fn folded_layers_give_the_values_gradients_and_statistics_of_the_separate_ones()
     let b = Tensor::randn(0f64, 1.0, (5, 3, 4, 4), &dev).unwrap();
     let upstream = Tensor::randn(0f64, 1.0, (5, 3, 4, 4), &dev).unwrap();
     for mode in [Mode::Train, Mode::Eval] {
-        let run = |model: &Model| {
-            let (av, bv) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
-            let y = model
-                .forward(&[av.as_tensor().clone(), bv.as_tensor().clone()], mode)
-                .unwrap()
-                .remove(0);
-            let grads = (&y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let mut got = vec![
-                y,
-                grads.get(av.as_tensor()).unwrap().clone(),
-                grads.get(bv.as_tensor()).unwrap().clone(),
-            ];
-            let weights = model.weight_map().unwrap();
-            for name in ["gamma", "beta", "moving_mean", "moving_variance"] {
-                let w = &weights[&format!("batch_normalization.{name}")];
-                got.push(w.clone());
-                if let Some(g) = grads.get(w) {
-                    got.push(g.clone());
-                }
-            }
-            got
-        };
+        let run = |model: &Model| pass_with_gradients(model, &[&a, &b], &upstream, mode);
         let separate = run(&add_relu_bn_model(2));
-        // y, da, db, then gamma, (dgamma,) beta, (dbeta,) and the two moving statistics: an
-        // inference pass tracks no gradient for the weights.
+        // y, da, db, then (dbeta,) beta, (dgamma,) gamma and the two moving statistics.
         let expected = if mode == Mode::Train { 9 } else { 7 };
         assert_eq!(separate.len(), expected, "{mode:?}");
         for keep in [0, 1] {
@@ -651,7 +662,7 @@ fn folded_layers_give_the_values_gradients_and_statistics_of_the_separate_ones()
 }
 
 #[test]
-fn conv2d_with_bias_matches_convolution_then_bias_add() {
+fn fused_conv2d_matches_convolution_bias_add_and_relu() {
     use candle_functional::ops::{self, Conv2dGeometry, reference};
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
@@ -685,29 +696,44 @@ fn conv2d_with_bias_matches_convolution_then_bias_add() {
         ] {
             // Even sizes: the reference's backward (candle's) miscounts odd ones at stride 2.
             let (x, k, b) = (data(&[3, 4, 8, 6]), data(&[6, kernel_in, 3, 3]), data(&[6]));
-            let fused =
-                ops::conv2d_bias(x.as_tensor(), k.as_tensor(), b.as_tensor(), geometry).unwrap();
-            let composed = reference::bias_add(
-                &reference::conv2d(x.as_tensor(), k.as_tensor(), geometry).unwrap(),
-                b.as_tensor(),
-            )
-            .unwrap();
-            let scale = common::max_abs(&composed);
-            assert!(
-                max_abs_diff(&fused, &composed) < tol * scale,
-                "{dtype:?} {geometry:?}"
-            );
-            let upstream = Tensor::randn(0f64, 1.0, composed.dims(), &dev)
-                .unwrap()
-                .to_dtype(dtype)
+            // The bias alone (conv2d_bias), then fused_conv2d with a ReLU, with and without it.
+            for (with_bias, relu) in [(true, false), (true, true), (false, true)] {
+                let case = format!("{dtype:?} {geometry:?} bias {with_bias} relu {relu}");
+                let bias = with_bias.then(|| b.as_tensor());
+                let fused = match (bias, relu) {
+                    (Some(bias), false) => {
+                        ops::conv2d_bias(x.as_tensor(), k.as_tensor(), bias, geometry)
+                    }
+                    _ => ops::fused_conv2d(x.as_tensor(), k.as_tensor(), bias, relu, geometry),
+                }
                 .unwrap();
-            let gf = with_grads(&fused, &upstream, &[&x, &k, &b]);
-            let gc = with_grads(&composed, &upstream, &[&x, &k, &b]);
-            for ((what, f), c) in ["dx", "dkernel", "dbias"].iter().zip(&gf).zip(&gc) {
-                assert!(
-                    max_abs_diff(f, c) < tol * common::max_abs(c).max(1.0),
-                    "{dtype:?} {geometry:?} {what}"
-                );
+                let mut composed =
+                    reference::conv2d(x.as_tensor(), k.as_tensor(), geometry).unwrap();
+                if let Some(bias) = bias {
+                    composed = reference::bias_add(&composed, bias).unwrap();
+                }
+                if relu {
+                    composed = ops::relu(&composed).unwrap();
+                }
+                let scale = common::max_abs(&composed);
+                assert!(max_abs_diff(&fused, &composed) < tol * scale, "{case}");
+                let upstream = Tensor::randn(0f64, 1.0, composed.dims(), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let vars = if with_bias {
+                    vec![&x, &k, &b]
+                } else {
+                    vec![&x, &k]
+                };
+                let gf = with_grads(&fused, &upstream, &vars);
+                let gc = with_grads(&composed, &upstream, &vars);
+                for ((what, f), c) in ["dx", "dkernel", "dbias"].iter().zip(&gf).zip(&gc) {
+                    assert!(
+                        max_abs_diff(f, c) < tol * common::max_abs(c).max(1.0),
+                        "{case} {what}"
+                    );
+                }
             }
         }
     }
@@ -751,29 +777,7 @@ fn a_relu_folded_after_a_batch_norm_gives_the_values_and_gradients_of_the_two_la
     let upstream = Tensor::randn(0f64, 1.0, (4, 3, 6, 6), &dev).unwrap();
     let (folded, separate) = (conv_bn_relu_model(false), conv_bn_relu_model(true));
     for mode in [Mode::Train, Mode::Eval] {
-        let run = |model: &Model| {
-            let xv = Var::from_tensor(&x).unwrap();
-            let y = model
-                .forward(&[xv.as_tensor().clone()], mode)
-                .unwrap()
-                .remove(0);
-            let grads = (&y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let mut got = vec![y, grads.get(xv.as_tensor()).unwrap().clone()];
-            let mut weights: Vec<_> = model.weight_map().unwrap().into_iter().collect();
-            weights.sort_by(|a, b| a.0.cmp(&b.0));
-            for (_, w) in weights {
-                got.push(w.clone());
-                if let Some(g) = grads.get(&w) {
-                    got.push(g.clone());
-                }
-            }
-            got
-        };
+        let run = |model: &Model| pass_with_gradients(model, &[&x], &upstream, mode);
         let (a, b) = (run(&folded), run(&separate));
         // y, dx, then the kernel, bias, gamma, beta (with their gradients when training) and
         // the two moving statistics.
@@ -781,6 +785,42 @@ fn a_relu_folded_after_a_batch_norm_gives_the_values_and_gradients_of_the_two_la
         assert_eq!((a.len(), b.len()), (expected, expected), "{mode:?}");
         for (i, (f, s)) in a.iter().zip(&b).enumerate() {
             assert!(max_abs_diff(f, s) < 1e-12, "{mode:?} value {i}");
+        }
+    }
+}
+
+/// Conv → ReLU, written three ways: the ReLU a layer of its own and the only reader (folded
+/// into the convolution), the same with the convolution's output also a model output (not
+/// folded), and Keras's `activation="relu"`.
+fn conv_relu_model(way: usize) -> Model {
+    let x = Input::new([2, 6, 6]);
+    let conv = Conv2D::new(3, 3).padding(Padding::Same).name("conv");
+    let outputs = match way {
+        0 | 1 => {
+            let c = conv.call(&x).unwrap();
+            let y = ReLU::new().call(&c).unwrap();
+            if way == 0 { vec![y] } else { vec![y, c] }
+        }
+        _ => vec![conv.activation(ActivationFn::Relu).call(&x).unwrap()],
+    };
+    Model::new(&[x], &outputs)
+        .unwrap()
+        .build(&Device::Cpu, DType::F64, 11)
+        .unwrap()
+}
+
+#[test]
+fn a_relu_folded_into_a_convolution_gives_the_values_and_gradients_of_the_two_layers() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f64, 1.0, (4, 2, 6, 6), &dev).unwrap();
+    let upstream = Tensor::randn(0f64, 1.0, (4, 3, 6, 6), &dev).unwrap();
+    let run = |model: &Model| pass_with_gradients(model, &[&x], &upstream, Mode::Train);
+    let separate = run(&conv_relu_model(1));
+    // y, dx, then dbias, bias, dkernel, kernel.
+    assert_eq!(separate.len(), 6);
+    for way in [0, 2] {
+        for (i, (f, s)) in run(&conv_relu_model(way)).iter().zip(&separate).enumerate() {
+            assert!(max_abs_diff(f, s) < 1e-12, "way {way}: value {i}");
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, Prologue};
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
@@ -210,7 +210,34 @@ impl LayerOp for Conv2DConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        let x = &inputs[0];
+        self.convolve(&inputs[0], params, false)
+    }
+
+    /// A ReLU that is the only reader of this layer's output runs inside the convolution's op
+    /// (when the layer has no activation of its own).
+    fn accepts_epilogue(&self, epilogue: Prologue) -> bool {
+        epilogue == Prologue::Relu && self.activation == ActivationFn::Linear
+    }
+
+    fn forward_fused(
+        &self,
+        prologue: Option<Prologue>,
+        epilogue: Option<Prologue>,
+        inputs: &[Tensor],
+        params: &Params,
+    ) -> Result<Vec<Tensor>> {
+        if prologue.is_some() || epilogue != Some(Prologue::Relu) {
+            return Err(Error::InvalidArgument(format!(
+                "Conv2D fuses only a ReLU after it, not {prologue:?} before and {epilogue:?} after"
+            )));
+        }
+        self.convolve(&inputs[0], params, true)
+    }
+}
+
+impl Conv2DConfig {
+    /// The layer's output for `x`, passed through a ReLU with `relu_after`.
+    fn convolve(&self, x: &Tensor, params: &Params, relu_after: bool) -> Result<Vec<Tensor>> {
         let kernel = params.get("kernel")?;
         let (_, _, h, w) = x.dims4()?;
         let geometry = Conv2dGeometry {
@@ -219,11 +246,10 @@ impl LayerOp for Conv2DConfig {
             dilation: self.dilation,
             groups: self.groups,
         };
-        let y = if self.use_bias {
-            ops::conv2d_bias(x, &kernel, &params.get("bias")?, geometry)?
-        } else {
-            ops::conv2d(x, &kernel, geometry)?
-        };
-        Ok(vec![self.activation.apply(&y)?])
+        // Keras's `activation="relu"` runs inside the convolution's op too.
+        let relu = relu_after || self.activation == ActivationFn::Relu;
+        let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
+        let y = ops::fused_conv2d(x, &kernel, bias.as_ref(), relu, geometry)?;
+        Ok(vec![if relu { y } else { self.activation.apply(&y)? }])
     }
 }

@@ -952,6 +952,30 @@ mod tests {
     }
 
     #[test]
+    fn a_relu_read_only_after_a_plain_convolution_is_folded_into_it() {
+        let x = Input::new([3, 8, 8]);
+        let input = std::slice::from_ref(&x);
+        let y = ReLU::new()
+            .call(&Conv2D::new(4, 3).call(&x).unwrap())
+            .unwrap();
+        let model = Model::new(input, &[y]).unwrap();
+        assert_eq!(steps(&model), [("Conv2D", None)]);
+        assert_eq!(model.plan.steps[0].epilogue, Some(Prologue::Relu));
+        // Not behind a convolution with its own activation; behind a BatchNorm it is the
+        // BatchNorm's, which comes after the convolution.
+        let sigmoid = Conv2D::new(4, 3).activation(ActivationFn::Sigmoid);
+        let y = ReLU::new().call(&sigmoid.call(&x).unwrap()).unwrap();
+        assert_eq!(steps(&Model::new(input, &[y]).unwrap()).len(), 2);
+        let n = BatchNorm::new()
+            .call(&Conv2D::new(4, 3).call(&x).unwrap())
+            .unwrap();
+        let y = ReLU::new().call(&n).unwrap();
+        let model = Model::new(input, &[y]).unwrap();
+        let epilogues: Vec<_> = model.plan.steps.iter().map(|s| s.epilogue).collect();
+        assert_eq!(epilogues, [None, Some(Prologue::Relu)]);
+    }
+
+    #[test]
     fn the_article_resnet_folds_every_relu_bn_and_residual_add() {
         let model = crate::models::create_res_net().unwrap();
         let steps = steps(&model);

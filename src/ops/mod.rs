@@ -7,7 +7,7 @@
 //! | function | CPU, f32/f64 | CUDA, feature `cudnn` | anything else |
 //! |---|---|---|---|
 //! | [`conv2d`] | im2col + GEMM, own backward (`cpu/conv2d.rs`) | cuDNN forward, backward data and filter (`cudnn/conv2d.rs`) | [`reference::conv2d`] |
-//! | [`conv2d_bias`] | the same op, the bias added as the output is written | [`conv2d`], then [`bias_add`] | the same |
+//! | [`conv2d_bias`], [`fused_conv2d`] | the same op, the bias and a ReLU applied as the output is written | [`conv2d`], then [`bias_add`], [`relu`] | the same |
 //! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
 //! | [`fused_batch_norm_train`], [`fused_batch_norm_eval`] | the batch-norm kernels reading `max(x, 0)`, `a + b` or `max(a + b, 0)` | candle's add, [`relu`], then batch norm | the same |
@@ -170,7 +170,7 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<T
     #[cfg(not(feature = "cudnn"))]
     const CUDNN_CONV: &[DType] = &[];
     match backend(x, CPU_FLOATS, CUDNN_CONV) {
-        Backend::Cpu => cpu::conv2d::conv2d(x, kernel, geometry),
+        Backend::Cpu => cpu::conv2d::conv2d(x, kernel, None, false, geometry),
         #[cfg(feature = "cudnn")]
         Backend::Cudnn => cudnn::conv2d::conv2d(x, kernel, geometry),
         Backend::Reference => reference::conv2d(x, kernel, geometry),
@@ -200,23 +200,71 @@ pub fn conv2d_bias(
     bias: &Tensor,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
+    conv2d_then("conv2d_bias", x, kernel, Some(bias), false, geometry)
+}
+
+/// [`conv2d`], plus a per-filter `bias` where given, then `max(·, 0)` with `relu`: a
+/// convolution with Keras's `activation="relu"`, or one whose output only a ReLU reads. On the
+/// CPU one op (the bias and the ReLU applied as the product is written out, `dY` masked by the
+/// output before the convolution's backward), so neither the unbiased nor the pre-ReLU output
+/// exists; elsewhere [`conv2d`], [`bias_add`] and [`relu`]. The gradient is zero where the
+/// output is 0, as [`relu`]'s.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{fused_conv2d, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[-2.5f32], &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let y = fused_conv2d(&x, &k, Some(&b), true, g)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.5, 0.0, 0.0, 0.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn fused_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    conv2d_then("fused_conv2d", x, kernel, bias, relu, geometry)
+}
+
+/// The checks and dispatch of [`conv2d_bias`] and [`fused_conv2d`]; `op` names the function in
+/// errors.
+fn conv2d_then(
+    op: &'static str,
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
     check_conv2d(x, kernel, &geometry)?;
-    let filters = kernel.dim(0)?;
-    if bias.dims() != [filters] {
-        return Err(invalid(
-            "conv2d_bias",
-            "bias",
-            format!(
-                "expected shape [{filters}] (the kernel's filters), got {:?}",
-                bias.dims()
-            ),
-        ));
+    if let Some(bias) = bias {
+        let filters = kernel.dim(0)?;
+        if bias.dims() != [filters] {
+            return Err(invalid(
+                op,
+                "bias",
+                format!(
+                    "expected shape [{filters}] (the kernel's filters), got {:?}",
+                    bias.dims()
+                ),
+            ));
+        }
+        same_device_and_dtype(op, "bias", bias, x)?;
     }
-    same_device_and_dtype("conv2d_bias", "bias", bias, x)?;
-    match backend(x, CPU_FLOATS, &[]) {
-        Backend::Cpu => cpu::conv2d::conv2d_bias(x, kernel, bias, geometry),
-        _ => bias_add(&conv2d(x, kernel, geometry)?, bias),
+    if let Backend::Cpu = backend(x, CPU_FLOATS, &[]) {
+        return cpu::conv2d::conv2d(x, kernel, bias, relu, geometry);
     }
+    let mut y = conv2d(x, kernel, geometry)?;
+    if let Some(bias) = bias {
+        y = bias_add(&y, bias)?;
+    }
+    if relu { self::relu(&y) } else { Ok(y) }
 }
 
 /// Training-mode batch normalization over axis 1 of `x` (`(N, C, …)`): normalizes with the

@@ -27,26 +27,22 @@ use super::{Float, dispatch_pair};
 use crate::Result;
 use crate::ops::Conv2dGeometry;
 
-/// The GEMM convolution of contiguous f32 or f64 CPU tensors (arguments checked by
-/// [`crate::ops::conv2d`]).
-pub(crate) fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
-    Ok(x.contiguous()?
-        .apply_op2(&kernel.contiguous()?, Conv2dGemm { geometry })?)
-}
-
-/// [`conv2d`] plus a `(filters,)` bias, as one op (arguments checked by
-/// [`crate::ops::conv2d_bias`]).
-pub(crate) fn conv2d_bias(
+/// The GEMM convolution of contiguous f32 or f64 CPU tensors, plus a `(filters,)` bias where
+/// given, then `max(·, 0)` with `relu`, as one op (arguments checked by
+/// [`crate::ops::fused_conv2d`]).
+pub(crate) fn conv2d(
     x: &Tensor,
     kernel: &Tensor,
-    bias: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3(
-        &kernel.contiguous()?,
-        &bias.contiguous()?,
-        Conv2dGemm { geometry },
-    )?)
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    let op = Conv2dGemm { geometry, relu };
+    Ok(match bias {
+        None => x.apply_op2(&kernel, op)?,
+        Some(bias) => x.apply_op3(&kernel, &bias.contiguous()?, op)?,
+    })
 }
 
 /// Sizes of one convolution.
@@ -404,12 +400,13 @@ fn gather_rows<T: Element>(dy: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, 
 
 /// The inverse of [`gather_rows`]: copies `og` rows of `nc · oh · ow` back into NCHW `y`.
 /// Copies a chunk's product rows (filters of group `g` × positions of images `n0..n0 + nc`)
-/// into `y`, adding each filter's bias where `bias` is not empty.
+/// into `y`, adding each filter's bias where `bias` is not empty, then `max(·, 0)` with
+/// `relu` (NaN stays NaN, as in `ops::relu`).
 fn scatter_rows<T: Element>(
     rows: &[T],
     s: &Sizes,
     (g, n0, nc): (usize, usize, usize),
-    bias: &[f64],
+    (bias, relu): (&[f64], bool),
     y: &mut [T],
 ) {
     let ohw = s.ohw();
@@ -418,12 +415,14 @@ fn scatter_rows<T: Element>(
             let filter = g * s.og() + o;
             let dst = &mut y[((n0 + nl) * s.o + filter) * ohw..][..ohw];
             let src = &rows[o * nc * ohw + nl * ohw..][..ohw];
-            match bias.get(filter) {
-                None => dst.copy_from_slice(src),
+            match (bias.get(filter), relu) {
+                (None, false) => dst.copy_from_slice(src),
                 // Rounded once, as the separate bias kernel does.
-                Some(&b) => {
+                (b, _) => {
+                    let b = b.copied().unwrap_or(0.0);
                     for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = T::from_f64(v.to_f64() + b);
+                        let y = v.to_f64() + b;
+                        *d = T::from_f64(if relu && y < 0.0 { 0.0 } else { y });
                     }
                 }
             }
@@ -431,8 +430,14 @@ fn scatter_rows<T: Element>(
     }
 }
 
-/// `Y = W · col(X)` (+ the per-filter `bias`, when not empty).
-fn forward<T: Element>(x: &[T], k: &[T], bias: &[f64], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+/// `Y = W · col(X)` (+ the per-filter `bias`, when not empty; then `max(·, 0)` with `relu`).
+fn forward<T: Element>(
+    x: &[T],
+    k: &[T],
+    epilogue: (&[f64], bool),
+    s: &Sizes,
+    geo: &Conv2dGeometry,
+) -> Vec<T> {
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = vec![T::default(); s.n * s.o * ohw];
     let chunk = s.chunk().clamp(1, s.n.max(1));
@@ -458,7 +463,7 @@ fn forward<T: Element>(x: &[T], k: &[T], bias: &[f64], s: &Sizes, geo: &Conv2dGe
                         col,
                         (cols, 1),
                     );
-                    scatter_rows(&out[..og * cols], s, (g, n0, nc), bias, &mut y);
+                    scatter_rows(&out[..og * cols], s, (g, n0, nc), epilogue, &mut y);
                 }
             }
         },
@@ -538,9 +543,10 @@ fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometr
 }
 
 /// The convolution as a candle op with its own backward: `(X, W)`, or `(X, W, bias)` as a
-/// three-operand op.
+/// three-operand op; with `relu` the output is `max(Y, 0)` and `dY` is masked by it first.
 struct Conv2dGemm {
     geometry: Conv2dGeometry,
+    relu: bool,
 }
 
 impl Conv2dGemm {
@@ -554,14 +560,22 @@ impl Conv2dGemm {
         let out = dispatch_pair!(s1, l1, s2, l2, "conv2d", |x, k| forward(
             x,
             k,
-            bias,
+            (bias, self.relu),
             &s,
             &self.geometry
         ));
         Ok((out, Shape::from((s.n, s.o, s.oh, s.ow))))
     }
 
-    /// `(dX, dW)`.
+    /// The gradient reaching the product: `dY`, masked where a fused ReLU's output `y` is 0.
+    fn product_grad(&self, y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        match self.relu {
+            true => super::relu::grad(dy, y),
+            false => dy.contiguous(),
+        }
+    }
+
+    /// `(dX, dW)` from the product's gradient.
     fn gradients(
         &self,
         x: &Tensor,
@@ -605,10 +619,10 @@ impl CustomOp2 for Conv2dGemm {
         &self,
         x: &Tensor,
         kernel: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dk) = self.gradients(x, kernel, &dy.contiguous()?)?;
+        let (dx, dk) = self.gradients(x, kernel, &self.product_grad(y, dy)?)?;
         Ok((Some(dx), Some(dk)))
     }
 }
@@ -635,10 +649,10 @@ impl CustomOp3 for Conv2dGemm {
         x: &Tensor,
         kernel: &Tensor,
         _bias: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+        let dy = self.product_grad(y, dy)?;
         let (dx, dk) = self.gradients(x, kernel, &dy)?;
         Ok((Some(dx), Some(dk), Some(super::bias::channel_sum(&dy)?)))
     }
