@@ -10,7 +10,7 @@
 //! | [`conv2d_bias`], [`fused_conv2d`] | the same op, the bias and a ReLU applied as the output is written | [`conv2d`], then [`bias_add`], [`relu`] | the same |
 //! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
-//! | [`fused_batch_norm_train`], [`fused_batch_norm_eval`] | the batch-norm kernels reading `max(x, 0)`, `a + b` or `max(a + b, 0)` | candle's add, [`relu`], then batch norm | the same |
+//! | [`fused_batch_norm_train`], [`fused_batch_norm_eval`] | the batch-norm kernels reading `max(x, 0)`, `a + b` or `max(a + b, 0)` and writing `max(y, 0)` ([`BatchNormRelus`]) | candle's add, [`relu`], batch norm, [`relu`] | the same |
 //! | [`bias_add`] | fused per-channel add and gradient sum (`cpu/bias.rs`) | [`reference::bias_add`] | [`reference::bias_add`] |
 //! | [`conv_transpose2d`] | candle's kernel | candle's kernel | candle's kernel |
 //! | [`relu`] | one pass forward, one backward (`cpu/relu.rs`) | candle's `relu` | candle's `relu` |

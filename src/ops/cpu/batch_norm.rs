@@ -6,16 +6,16 @@
 //! pass for the batch moments, one to normalize, and two for the backward pass (the
 //! per-channel sums, then the input gradient).
 //!
-//! The kernels can also normalize `max(x, 0)`, `a + b` or `max(a + b, 0)` (an [`Operand`]),
-//! and return `max(y, 0)` (the usual Conv → BatchNorm → ReLU),
-//! reading the ReLU's or the Add's inputs: the article's `relu_bn` and its residual
-//! `Add → relu_bn` in the same passes, without the ReLU's and the Add's own passes either way,
-//! and without keeping their outputs alive until the backward pass.
+//! The kernels can also normalize `max(x, 0)`, `a + b` or `max(a + b, 0)` (an [`Operand`],
+//! read from the ReLU's or the Add's inputs: the article's `relu_bn` and its residual
+//! `Add → relu_bn`), and return `max(y, 0)` (the usual Conv → BatchNorm → ReLU), all in the
+//! same passes: the ReLU's and the Add's own passes are gone either way, and their outputs
+//! are never kept alive until the backward pass.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Float, contiguous_slice, split};
+use super::{Float, contiguous_slice, relu_if, split};
 use crate::Result;
 use crate::ops::BatchNormRelus;
 
@@ -129,11 +129,10 @@ impl<'a, T: Float> Operand<'a, T> {
     }
 }
 
-/// `max(v, 0)` with `relu` (NaN stays NaN), else `v`, in f64.
+/// An operand element in f64, through [`relu_if`].
 #[inline(always)]
 fn load<T: Float>(v: T, relu: bool) -> f64 {
-    let v = v.to_f64();
-    if relu && v < 0.0 { 0.0 } else { v }
+    relu_if(v.to_f64(), relu)
 }
 
 /// The f32 or f64 elements of contiguous CPU storages of one float type.
@@ -290,9 +289,7 @@ impl Normalize {
                         let (a, b) = (scale[ch], shift[ch]);
                         let src = x.row((i * c + ch) * dims.2, dims.2, &mut scratch);
                         for (d, &v) in dst.iter_mut().zip(src) {
-                            let y = load(v, relu) * a + b;
-                            // NaN stays NaN, as in `ops::relu`.
-                            *d = Float::from_f64(if relu_out && y < 0.0 { 0.0 } else { y });
+                            *d = Float::from_f64(relu_if(load(v, relu) * a + b, relu_out));
                         }
                     }
                 });

@@ -23,7 +23,7 @@ use std::ops::AddAssign;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Float, dispatch_pair};
+use super::{Float, dispatch_pair, relu_if};
 use crate::Result;
 use crate::ops::Conv2dGeometry;
 
@@ -398,10 +398,9 @@ fn gather_rows<T: Element>(dy: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, 
     }
 }
 
-/// The inverse of [`gather_rows`]: copies `og` rows of `nc · oh · ow` back into NCHW `y`.
-/// Copies a chunk's product rows (filters of group `g` × positions of images `n0..n0 + nc`)
-/// into `y`, adding each filter's bias where `bias` is not empty, then `max(·, 0)` with
-/// `relu` (NaN stays NaN, as in `ops::relu`).
+/// The inverse of [`gather_rows`]: copies a chunk's product rows (filters of group `g` ×
+/// positions of images `n0..n0 + nc`) back into NCHW `y`, adding each filter's bias where
+/// `bias` is not empty, then `max(·, 0)` with `relu`.
 fn scatter_rows<T: Element>(
     rows: &[T],
     s: &Sizes,
@@ -421,8 +420,7 @@ fn scatter_rows<T: Element>(
                 (b, _) => {
                     let b = b.copied().unwrap_or(0.0);
                     for (d, &v) in dst.iter_mut().zip(src) {
-                        let y = v.to_f64() + b;
-                        *d = T::from_f64(if relu && y < 0.0 { 0.0 } else { y });
+                        *d = T::from_f64(relu_if(v.to_f64() + b, relu));
                     }
                 }
             }

@@ -80,6 +80,13 @@ pub(crate) fn to_vec_f64(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<
     })
 }
 
+/// `max(v, 0)` where `relu`, else `v`: the ReLU that the batch-norm and convolution kernels
+/// apply inside their own passes. NaN stays NaN, as in [`crate::ops::relu`].
+#[inline(always)]
+pub(crate) fn relu_if(v: f64, relu: bool) -> f64 {
+    if relu && v < 0.0 { 0.0 } else { v }
+}
+
 /// Float types of the per-channel kernels, accumulated in f64.
 pub(crate) trait Float: Copy + Send + Sync + std::ops::Add<Output = Self> + 'static {
     fn to_f64(self) -> f64;
