@@ -2,13 +2,21 @@
 //! inference, on synthetic CIFAR-shaped data. Prints one JSON line per measurement with the
 //! median, minimum and maximum step time and images per second.
 //!
+//! With `--counts`, the line also holds `counts_per_step`: what one training step would
+//! launch on a GPU, counted on any device (tensor buffers, allocations and bytes, host reads;
+//! `common/step_counts.rs`), with the GPU's divergence check (`NanCheck::OnDevice`). The
+//! counts do not depend on the batch size (the bytes do), so a small batch measures them fast.
+//!
 //! ```text
 //! cargo run --release --example bench -- --model resnet --mode train --batch-size 128 --steps 5
+//! cargo run --release --example bench -- --counts --batch-size 8 --steps 1 --warmup 0
 //! ```
 //! `scripts/compare-cpu.sh` runs it alternately with the PyTorch and Keras references.
 
 #[path = "common/allocator.rs"]
 mod allocator;
+#[path = "common/step_counts.rs"]
+mod step_counts;
 
 use std::time::Instant;
 
@@ -17,7 +25,7 @@ use candle_functional::data::Batch;
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::select_device;
-use candle_functional::train::{AdamConfig, Loss, Trainer};
+use candle_functional::train::{AdamConfig, Loss, NanCheck, Trainer};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -54,6 +62,9 @@ struct Args {
     stages: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     width_divisor: usize,
+    /// Also count what one training step launches (see the module docs).
+    #[arg(long)]
+    counts: bool,
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -71,11 +82,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let x = (Tensor::rand(0f32, 1.0, (args.batch_size, 3, 32, 32), &device)? * 255.0)?;
     let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
     let labels = Tensor::from_vec(labels, args.batch_size, &device)?;
-    let mut trainer = Trainer::new(
-        model.clone(),
-        AdamConfig::default(),
-        Loss::SparseCategoricalCrossentropy { from_logits: false },
-    )?;
+    const LOSS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
+    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), LOSS)?;
 
     let batch = Batch::new(vec![x.clone()], vec![labels.clone()]);
     let mut times = Vec::new();
@@ -99,8 +107,19 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
+    let counts = if args.counts {
+        // A fresh trainer with the GPU's check, so that the counts are a GPU step's.
+        let mut counted =
+            Trainer::new(model.clone(), AdamConfig::default(), LOSS)?.nan_check(NanCheck::OnDevice);
+        format!(
+            ", \"counts_per_step\": {}",
+            step_counts::step_counts(&model, &mut counted, &batch, LOSS)?
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}}}",
+        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}{counts}}}",
         device.location(),
         match args.model {
             Net::Resnet => "resnet",

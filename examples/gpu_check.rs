@@ -9,7 +9,11 @@
 //! 2. **throughput**: training steps of the article's ResNet at batch 128 in f32 (TF32 matrix
 //!    products) and in bf16 mixed precision (f32 master weights), median of timed steps;
 //! 3. **epoch time**: one epoch over 50,000 synthetic CIFAR-shaped images through
-//!    `Trainer::fit` with the data loader (one host-to-device copy per batch).
+//!    `Trainer::fit` with the data loader (one host-to-device copy per batch); its start and
+//!    end times (Unix seconds) are printed, so that `scripts/gpu-check.sh` can check the
+//!    device memory it samples meanwhile for growth;
+//! 4. **counts**: what one training step of the ResNet launches on this device
+//!    (`common/step_counts.rs`: tensor buffers, allocations, host reads).
 //!
 //! ```text
 //! cargo run --release --features cudnn --example gpu_check -- --device cuda
@@ -19,12 +23,15 @@
 
 #[path = "common/allocator.rs"]
 mod allocator;
+#[path = "common/step_counts.rs"]
+mod step_counts;
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_functional::data::{Batch, DataLoader, ImageDataset};
 use candle_functional::models::ResNetConfig;
+use candle_functional::ops::{AdamStep, SgdStep};
 use candle_functional::prelude::*;
 use candle_functional::select_device;
 use candle_functional::train::{AdamConfig, Loss, Trainer};
@@ -120,8 +127,8 @@ fn compare_devices(
     Ok((out_diff, grad_diff, results[0].1.len()))
 }
 
-/// A small residual network: the article's blocks.
-fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
+/// A small residual network of the article's blocks, and a batch for it (on the CPU).
+fn small_res_net() -> Result<(ResNetConfig, Tensor, Tensor)> {
     let config = ResNetConfig {
         input_shape: [3, 16, 16],
         stages: vec![1, 1],
@@ -129,7 +136,12 @@ fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
         ..Default::default()
     };
     let x = (Tensor::rand(0f32, 255.0, (8, 3, 16, 16), &Device::Cpu)?).to_dtype(DType::F32)?;
-    let y = labels(8, &Device::Cpu)?;
+    Ok((config, x, labels(8, &Device::Cpu)?))
+}
+
+/// A small residual network: the article's blocks.
+fn correctness(device: &Device) -> Result<(f64, f64, usize)> {
+    let (config, x, y) = small_res_net()?;
     compare_devices(
         device,
         || config.res_net(),
@@ -181,16 +193,30 @@ fn sgd_refs(v: &[[Tensor; 4]]) -> Vec<(&Tensor, &Tensor, Option<&Tensor>)> {
     v.iter().map(|t| (&t[0], &t[1], Some(&t[2]))).collect()
 }
 
-/// The multi-tensor optimizer kernels (one launch for all weights on CUDA) against the CPU's
-/// fused updates on the same values: Adam with weight decay and a skipped step, SGD with
-/// Nesterov momentum. Returns the largest relative difference (0 when bit-identical).
-fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
-    use candle_functional::ops::{AdamStep, SgdStep, adam_update_many, sgd_update_many};
+/// The optimizer steps the kernel checks compare: Adam with weight decay, SGD with Nesterov
+/// momentum.
+const ADAM: AdamStep = AdamStep {
+    alpha: 3e-4,
+    beta_1: 0.9,
+    beta_2: 0.999,
+    epsilon: 1e-7,
+    decay: 0.99996,
+};
+const SGD: SgdStep = SgdStep {
+    learning_rate: 0.01,
+    momentum: 0.9,
+    nesterov: true,
+    decay: 0.9999,
+};
+
+/// `[w, g, m, v]` on the CPU for three weights of the shapes of a convolution kernel, a bias
+/// and a dense kernel, with the magnitudes of a training run.
+fn optimizer_operands() -> Result<Vec<[Tensor; 4]>> {
     let shapes: [&[usize]; 3] = [&[64, 3, 3, 3], &[64], &[1000, 10]];
-    let make = |shape: &[usize], seed: f64| -> Result<Tensor> {
-        Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * seed)?)
+    let make = |shape: &[usize], scale: f64| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * scale)?)
     };
-    let cpu: Vec<[Tensor; 4]> = shapes
+    shapes
         .iter()
         .map(|s| {
             Ok([
@@ -200,7 +226,15 @@ fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
                 make(s, 0.001)?.abs()?,
             ])
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// The multi-tensor optimizer kernels (one launch for all weights on CUDA) against the CPU's
+/// fused updates on the same values: Adam with weight decay and a skipped step, SGD with
+/// Nesterov momentum. Returns the largest relative difference (0 when bit-identical).
+fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
+    use candle_functional::ops::{adam_update_many, sgd_update_many};
+    let cpu = optimizer_operands()?;
     let on_device: Vec<[Tensor; 4]> = cpu
         .iter()
         .map(|ts| {
@@ -212,19 +246,12 @@ fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
             ])
         })
         .collect::<Result<_>>()?;
-    let adam = AdamStep {
-        alpha: 3e-4,
-        beta_1: 0.9,
-        beta_2: 0.999,
-        epsilon: 1e-7,
-        decay: 0.99996,
-    };
     let mut worst = 0f64;
     for keep in [1u8, 0] {
         let k_cpu = Tensor::new(keep, &Device::Cpu)?;
         let k_dev = k_cpu.to_device(device)?;
-        let a = adam_update_many(&adam_refs(&cpu), adam, Some(&k_cpu))?;
-        let b = adam_update_many(&adam_refs(&on_device), adam, Some(&k_dev))?;
+        let a = adam_update_many(&adam_refs(&cpu), ADAM, Some(&k_cpu))?;
+        let b = adam_update_many(&adam_refs(&on_device), ADAM, Some(&k_dev))?;
         for (x, y) in a.iter().zip(&b) {
             worst = worst
                 .max(rel_diff(&y.0, &x.0)?)
@@ -232,14 +259,8 @@ fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
                 .max(rel_diff(&y.2, &x.2)?);
         }
     }
-    let sgd = SgdStep {
-        learning_rate: 0.01,
-        momentum: 0.9,
-        nesterov: true,
-        decay: 0.9999,
-    };
-    let a = sgd_update_many(&sgd_refs(&cpu), sgd, None)?;
-    let b = sgd_update_many(&sgd_refs(&on_device), sgd, None)?;
+    let a = sgd_update_many(&sgd_refs(&cpu), SGD, None)?;
+    let b = sgd_update_many(&sgd_refs(&on_device), SGD, None)?;
     for (x, y) in a.iter().zip(&b) {
         worst = worst.max(rel_diff(&y.0, &x.0)?);
         if let (Some(u), Some(v)) = (&x.1, &y.1) {
@@ -249,7 +270,99 @@ fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
     Ok(worst)
 }
 
-fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64)> {
+/// The end-of-step kernels that write in place, and whole training steps: the same values on
+/// the CPU and on `device`. Returns (in-place Adam and SGD, the finite check and `assign_if`
+/// as one largest relative difference (0 when bit-identical, 1 when a verdict differs), the
+/// largest relative difference of every weight and statistic after three training steps of
+/// a small ResNet, and whether a NaN step was refused on the device).
+fn correctness_in_place(device: &Device) -> Result<(f64, f64, bool)> {
+    use candle_core::Var;
+    use candle_functional::ops::{
+        adam_update_in_place, all_finite, assign_if, sgd_update_in_place,
+    };
+    let values = optimizer_operands()?;
+    let mut results: Vec<Vec<Tensor>> = Vec::new();
+    for dev in [Device::Cpu, device.clone()] {
+        let vars = |k: usize| -> Result<Vec<Var>> {
+            values
+                .iter()
+                .map(|v| Ok(Var::from_tensor(&v[k].to_device(&dev)?)?))
+                .collect()
+        };
+        let (w, m, v, u) = (vars(0)?, vars(2)?, vars(3)?, vars(2)?);
+        let g: Vec<Tensor> = values
+            .iter()
+            .map(|v| v[1].to_device(&dev))
+            .collect::<candle_core::Result<_>>()?;
+        let items: Vec<_> = (0..w.len()).map(|i| (&w[i], &g[i], &m[i], &v[i])).collect();
+        adam_update_in_place(&items, ADAM, None)?;
+        // A skipped step changes nothing.
+        adam_update_in_place(&items, ADAM, Some(&Tensor::new(0u8, &dev)?))?;
+        let sgd_items: Vec<_> = (0..w.len()).map(|i| (&w[i], &g[i], Some(&u[i]))).collect();
+        sgd_update_in_place(&sgd_items, SGD, None)?;
+        let mut nan = g[2].to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        nan[999][9] = f32::NAN;
+        let nan = Tensor::new(nan, &dev)?;
+        let verdicts = [
+            all_finite(&g.iter().collect::<Vec<_>>())?,
+            all_finite(&[&g[0], &nan, &g[1]])?,
+        ];
+        let stats = Var::zeros(64, DType::F32, &dev)?;
+        assign_if(&[(&stats, &g[1])], Some(&Tensor::new(1u8, &dev)?))?;
+        let mut out: Vec<Tensor> = Vec::new();
+        out.extend(
+            w.iter()
+                .chain(&m)
+                .chain(&v)
+                .chain(&u)
+                .map(|x| x.as_tensor().clone()),
+        );
+        out.extend(
+            verdicts
+                .iter()
+                .map(|t| t.to_dtype(DType::F32))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        );
+        out.push(stats.as_tensor().clone());
+        results.push(out);
+    }
+    let mut kernels = 0f64;
+    for (a, b) in results[0].iter().zip(&results[1]) {
+        kernels = kernels.max(rel_diff(b, a)?);
+    }
+    // Three training steps of a small ResNet, each device with its default divergence check
+    // (the CPU reads its verdict, CUDA keeps it on the device), then a NaN batch.
+    let (config, x, y) = small_res_net()?;
+    let mut weights = Vec::new();
+    let mut refused = true;
+    for dev in [Device::Cpu, device.clone()] {
+        let model = config.res_net()?.build(&dev, DType::F32, 7)?;
+        let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
+        let batch = Batch::new(vec![x.to_device(&dev)?], vec![y.to_device(&dev)?]);
+        for _ in 0..3 {
+            trainer.train_step(&batch, 1e-3)?;
+        }
+        let before = trainer.model().weight_map()?;
+        if !dev.is_cpu() {
+            let nan_x = (x.to_device(&dev)? * f64::NAN)?;
+            let nan_batch = Batch::new(vec![nan_x], vec![y.to_device(&dev)?]);
+            trainer.train_step(&nan_batch, 1e-3)?;
+            let after = trainer.model().weight_map()?;
+            for (name, w) in &before {
+                refused &= rel_diff(&after[name], w)? == 0.0;
+            }
+            refused &= trainer.check_divergence().is_err();
+        }
+        weights.push(before);
+    }
+    let mut steps = 0f64;
+    for (name, w) in &weights[0] {
+        steps = steps.max(rel_diff(&weights[1][name], w)?);
+    }
+    Ok((kernels, steps, refused))
+}
+
+fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64, String)> {
     let config = ResNetConfig::default()
         .stages(args.stages.clone())
         .width_divisor(args.width_divisor);
@@ -271,10 +384,21 @@ fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
-    Ok((median * 1e3, args.batch_size as f64 / median))
+    let model = trainer.model().clone();
+    let counts = step_counts::step_counts(&model, &mut trainer, &batch, PROBS)?;
+    Ok((median * 1e3, args.batch_size as f64 / median, counts))
 }
 
-fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize)> {
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One epoch through `fit`: (seconds, images/s, images, Unix start, Unix end).
+fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize, f64, f64)> {
     let n = args.epoch_images;
     let mut s = 1u64;
     let images: Vec<u8> = (0..n * 3072)
@@ -293,10 +417,16 @@ fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize)> {
         .width_divisor(args.width_divisor);
     let model = config.res_net()?.build(device, DType::F32, 0)?;
     let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
-    let start = Instant::now();
+    let (start, unix_start) = (Instant::now(), unix_now());
     let history = trainer.fit(&loader, None, 1, &mut [])?;
     let seconds = start.elapsed().as_secs_f64();
-    Ok((seconds, history.epochs()[0].images_per_sec, n))
+    Ok((
+        seconds,
+        history.epochs()[0].images_per_sec,
+        n,
+        unix_start,
+        unix_now(),
+    ))
 }
 
 /// Median milliseconds of `f` (which must wait for the device itself).
@@ -438,8 +568,12 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     );
     let optimizer_diff = correctness_fused_optimizer(&device)?;
     eprintln!("correctness, multi-tensor optimizer kernels: {optimizer_diff:.2e}");
+    let (in_place, steps, refused) = correctness_in_place(&device)?;
+    eprintln!(
+        "correctness, in-place kernels {in_place:.2e}, three training steps {steps:.2e}, NaN step refused on the device: {refused}"
+    );
     let decoder_json = format!(
-        "{{\"max_rel_diff_outputs\": {dec_out:.3e}, \"max_rel_diff_gradients\": {dec_grad:.3e}, \"gradient_tensors\": {dec_n}}}"
+        "{{\"max_rel_diff_outputs\": {dec_out:.3e}, \"max_rel_diff_gradients\": {dec_grad:.3e}, \"gradient_tensors\": {dec_n}}}, \"in_place_kernels_max_rel_diff\": {in_place:.3e}, \"train_steps_max_rel_diff\": {steps:.3e}, \"nan_step_refused\": {refused}"
     );
     if args.correctness_only {
         println!(
@@ -447,7 +581,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    let (f32_ms, f32_ips) = throughput(&args, &device, None)?;
+    let (f32_ms, f32_ips, counts) = throughput(&args, &device, None)?;
+    eprintln!("per-step counts (f32): {counts}");
     eprintln!("f32/tf32: {f32_ms:.1} ms/step, {f32_ips:.0} img/s");
     let candle_conv = if args.compare_candle_conv {
         let r = conv_comparison(&args, &device)?;
@@ -462,7 +597,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let bf16 = if device.is_cpu() {
         None // candle's CPU convolution has no bf16 kernel
     } else {
-        Some(throughput(&args, &device, Some(DType::BF16))?)
+        let (ms, ips, _) = throughput(&args, &device, Some(DType::BF16))?;
+        Some((ms, ips))
     };
     if let Some((ms, ips)) = bf16 {
         eprintln!("bf16 mixed: {ms:.1} ms/step, {ips:.0} img/s");
@@ -472,7 +608,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    if let Some((secs, ips, n)) = epoch {
+    if let Some((secs, ips, n, _, _)) = epoch {
         eprintln!("epoch of {n} images: {secs:.1} s ({ips:.0} img/s in fit)");
     }
     let opt = |v: Option<f64>| {
@@ -485,7 +621,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
          \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
          \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
          \"conv3x3_fwd_bwd_ms\": {{\"ops\": {}, \"candle_reference\": {}}}, \
-         \"epoch\": {{\"images\": {}, \"seconds\": {}, \"images_per_sec\": {}}}}}",
+         \"epoch\": {{\"images\": {}, \"seconds\": {}, \"images_per_sec\": {}, \"unix_start\": {}, \"unix_end\": {}}}, \
+         \"counts_per_step\": {counts}}}",
         device.location(),
         args.batch_size,
         args.stages,
@@ -497,6 +634,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         epoch.map(|e| e.2).unwrap_or(0),
         opt(epoch.map(|e| e.0)),
         opt(epoch.map(|e| e.1)),
+        opt(epoch.map(|e| e.3)),
+        opt(epoch.map(|e| e.4)),
     );
     Ok(())
 }

@@ -6,7 +6,7 @@
 #
 #   scripts/build-cuda.sh                      # builds --features cudnn, examples gpu_check bench train_cifar10
 #   FEATURES=cuda EXAMPLES=bench scripts/build-cuda.sh
-#   PACK=1 scripts/build-cuda.sh               # also writes gpu/<example>.xz to carry to the GPU machine
+#   PACK=1 scripts/build-cuda.sh               # also writes gpu/<example>.xz (debug info stripped) to carry to the GPU machine
 #   CLIPPY=1 scripts/build-cuda.sh             # then lints every target with the same features (CI)
 #
 # Environment: CUDA_SDK_DIR (wheel cache, default ~/.cache/candle-functional-cuda),
@@ -61,11 +61,15 @@ if [ "${CLIPPY:-0}" = 1 ]; then
   cargo clippy --release --all-targets --features "$FEATURES" -- -D warnings
 fi
 
-# 4. Optionally pack the binaries (xz: ~50 MB each becomes ~6 MB) for the GPU machine.
+# 4. Optionally pack the binaries for the GPU machine: debug sections stripped (the release
+# profile keeps line tables, 80 of a binary's 145 MB), then xz: about 6 MB each, so that two
+# binaries and the data set fit in what one call carries (64 MiB).
 if [ "${PACK:-0}" = 1 ]; then
   mkdir -p gpu
   for e in $EXAMPLES; do
-    xz -6 -T2 -c "$CARGO_TARGET_DIR/release/examples/$e" > "gpu/$e.xz"
+    strip --strip-debug -o "gpu/$e.stripped" "$CARGO_TARGET_DIR/release/examples/$e"
+    xz -6 -T2 -c "gpu/$e.stripped" > "gpu/$e.xz"
+    rm "gpu/$e.stripped"
   done
   ls -l gpu
 fi

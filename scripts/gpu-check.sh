@@ -3,19 +3,29 @@
 # `PACK=1 scripts/build-cuda.sh`) and the PyTorch reference on the same GPU in one call, and
 # prints one JSON object: correctness (CPU vs CUDA outputs and gradients), training
 # throughput of the article's ResNet at batch 128 in f32/TF32 and bf16 mixed precision, one
-# synthetic epoch, PyTorch's numbers, and the crate/PyTorch ratios.
+# epoch of 50,000 synthetic images with the device memory sampled through it (the check fails
+# when it grows), what a step launches (the crate's counts and PyTorch's profiler), PyTorch's
+# numbers, and the crate/PyTorch ratios.
 #
 #   bash scripts/gpu-check.sh [extra gpu_check args]
-#   DRY_RUN=1 bash scripts/gpu-check.sh   # on a CPU machine: checks the plumbing with tiny sizes
+#   COMPILE=1 bash scripts/gpu-check.sh    # also torch.compile'd PyTorch (about a minute each)
+#   DRY_RUN=1 TORCH_PY=... bash scripts/gpu-check.sh   # on a CPU machine: the plumbing, tiny sizes
+#
+# The memory sampler runs in the background and is stopped by its PID before the script
+# reads its samples; nothing waits on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
+PY=${TORCH_PY:-${PYTHON:-python3}}
+# Growth of device memory allowed between the first fifth of the epoch and its end (MiB):
+# a leak of one step's graph is about 2 GB a step.
+GROWTH_LIMIT_MIB=${GROWTH_LIMIT_MIB:-512}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
   CHECK=(./target/release/examples/gpu_check --device cpu --steps 1 --warmup 1 --epoch-images 256 --batch-size 8 --stages 1 --width-divisor 16)
   TORCH=(--device cpu --steps 1 --warmup 1 --batch-size 8 --stages 1 --width-divisor 16 --threads 2)
+  sample_memory() { echo "0"; }
 else
   # CUDA libraries: the ones PyTorch's wheels installed (cu13 and cuDNN).
   NVLIBS=$("$PY" -c 'import os, nvidia; print(":".join(os.path.join(r, s) for r in nvidia.__path__ for s in ("cu13/lib", "cudnn/lib") if os.path.isdir(os.path.join(r, s))))')
@@ -26,41 +36,77 @@ else
   if ldd "$OUT/gpu_check" | grep 'not found' >&2; then echo "missing CUDA libraries" >&2; exit 127; fi
   CHECK=("$OUT/gpu_check" --device cuda --compare-candle-conv)
   TORCH=(--device cuda --steps 20 --warmup 5 --batch-size 128)
+  sample_memory() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1; }
 fi
 
-# Correctness with full-f32 products (TF32 off), then everything with TF32 on.
+# Correctness with full-f32 products (TF32 off), then everything with TF32 on, with device
+# memory sampled every 250 ms (Unix time, MiB) in the background.
 NVIDIA_TF32_OVERRIDE=0 "${CHECK[@]}" --correctness-only > "$OUT/correctness.json" 2> "$OUT/correctness.log"
+echo "correctness exit $?" >&2
+(while :; do echo "$(date +%s.%N) $(sample_memory)"; sleep 0.25; done) > "$OUT/memory.txt" 2>/dev/null &
+SAMPLER=$!
 "${CHECK[@]}" "$@" > "$OUT/crate.json" 2> "$OUT/crate.log"
-echo "crate exit $?" >&2; cat "$OUT/crate.log" >&2
+echo "crate exit $?" >&2
+kill "$SAMPLER" 2>/dev/null
+cat "$OUT/crate.log" >&2
 : > "$OUT/torch.jsonl"
-for extra in "--tf32" "--tf32 --amp bf16" "--tf32 --amp bf16 --channels-last" "--tf32 --compile" "--tf32 --amp bf16 --compile"; do
+variants=("--tf32 --count" "--tf32 --amp bf16" "--tf32 --cudnn-benchmark" "--tf32 --amp bf16 --channels-last")
+if [ "${COMPILE:-0}" = 1 ]; then variants+=("--tf32 --compile" "--tf32 --amp bf16 --compile"); fi
+for extra in "${variants[@]}"; do
   # shellcheck disable=SC2086
   "$PY" scripts/torch_reference.py bench --model resnet --mode train "${TORCH[@]}" $extra 2>> "$OUT/torch.log" | tail -n 1 >> "$OUT/torch.jsonl"
 done
 
-"$PY" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" <<'PY'
+"${PYTHON:-python3}" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" "$OUT/memory.txt" "$GROWTH_LIMIT_MIB" <<'PY'
 import json, sys
-crate = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-crate["correctness_tf32_off"] = json.loads(open(sys.argv[3]).read().strip().splitlines()[-1])
-torch = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
-def pick(amp, cl, compiled=False):
+def last_json(path):
+    try:
+        return json.loads(open(path).read().strip().splitlines()[-1])
+    except Exception as e:
+        return {"error": f"{path}: {e}"}
+crate = last_json(sys.argv[1])
+crate["correctness_tf32_off"] = last_json(sys.argv[3])
+torch = [json.loads(l) for l in open(sys.argv[2]) if l.strip().startswith("{")]
+def pick(amp, cl=False, compiled=False, bench=False):
     for t in torch:
-        if t.get("amp") == amp and bool(t.get("channels_last")) == cl and bool(t.get("compile")) == compiled:
+        if (t.get("amp") == amp and bool(t.get("channels_last")) == cl
+                and bool(t.get("compile")) == compiled and bool(t.get("cudnn_benchmark")) == bench):
             return t
-ref_f32, ref_bf16, ref_bf16_cl = pick("none", False), pick("bf16", False), pick("bf16", True)
-ref_f32_compiled, ref_bf16_compiled = pick("none", False, True), pick("bf16", False, True)
+ref_f32, ref_bf16 = pick("none"), pick("bf16")
 ratio = lambda a, b: round(a / b, 3) if a and b else None
+ips = lambda r: (r or {}).get("images_per_sec")
+
+# Device memory through the timed epoch: the first fifth against the rest.
+epoch = crate.get("epoch") or {}
+memory = {"samples": 0}
+try:
+    start, end = float(epoch["unix_start"]), float(epoch["unix_end"])
+    samples = [tuple(map(float, l.split()[:2])) for l in open(sys.argv[4]) if len(l.split()) >= 2]
+    during = [(t, m) for t, m in samples if start <= t <= end]
+    cut = start + (end - start) / 5
+    early = [m for t, m in during if t <= cut]
+    late = [m for t, m in during if t > cut]
+    memory = {"samples": len(during), "peak_mib": max(m for _, m in during),
+              "early_max_mib": max(early), "late_max_mib": max(late),
+              "growth_mib": max(late) - max(early), "limit_mib": float(sys.argv[5])}
+    memory["flat"] = memory["growth_mib"] <= memory["limit_mib"]
+except Exception as e:
+    memory["error"] = f"no samples inside the epoch: {e}"
+
 out = {
     "crate": crate,
-    "pytorch": {"f32_tf32": ref_f32, "bf16": ref_bf16, "bf16_channels_last": ref_bf16_cl,
-                "f32_tf32_compiled": ref_f32_compiled, "bf16_compiled": ref_bf16_compiled},
+    "device_memory_during_epoch": memory,
+    "pytorch": {"f32_tf32": ref_f32, "bf16": ref_bf16,
+                "f32_tf32_cudnn_benchmark": pick("none", bench=True),
+                "bf16_channels_last": pick("bf16", cl=True),
+                "f32_tf32_compiled": pick("none", compiled=True),
+                "bf16_compiled": pick("bf16", compiled=True)},
     "ratio_crate_over_pytorch": {
-        "f32_tf32": ratio(crate["train_f32_tf32"]["images_per_sec"], (ref_f32 or {}).get("images_per_sec")),
-        "bf16": ratio((crate["train_bf16_mixed"] or {}).get("images_per_sec"), (ref_bf16 or {}).get("images_per_sec")),
-        "f32_tf32_vs_compiled": ratio(crate["train_f32_tf32"]["images_per_sec"], (ref_f32_compiled or {}).get("images_per_sec")),
-        "bf16_vs_compiled": ratio((crate["train_bf16_mixed"] or {}).get("images_per_sec"), (ref_bf16_compiled or {}).get("images_per_sec")),
+        "f32_tf32": ratio(ips(crate.get("train_f32_tf32")), ips(ref_f32)),
+        "bf16": ratio(ips(crate.get("train_bf16_mixed")), ips(ref_bf16)),
     },
     "conv3x3_speedup_over_candle_own": ratio((crate.get("conv3x3_fwd_bwd_ms") or {}).get("candle_reference"), (crate.get("conv3x3_fwd_bwd_ms") or {}).get("ops")),
 }
 print(json.dumps(out, indent=1))
+sys.exit(0 if memory.get("flat", True) else 1)
 PY

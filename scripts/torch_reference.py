@@ -455,6 +455,76 @@ def cmd_train(args):
 # `bench`
 # ---------------------------------------------------------------------------
 
+# Operations that only describe memory (views, metadata, fresh uninitialised tensors):
+# no kernel runs for them on a GPU.
+VIEW_OPS = {
+    "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
+    "aten::expand", "aten::reshape", "aten::permute", "aten::unsqueeze", "aten::squeeze",
+    "aten::select", "aten::slice", "aten::alias", "aten::detach", "aten::detach_",
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_",
+    "aten::lift_fresh", "aten::result_type", "aten::flatten", "aten::contiguous",
+    "aten::to", "aten::_reshape_alias", "aten::expand_as", "aten::view_as",
+    "aten::set_", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
+}
+
+
+def count_step(phases, sync, cuda):
+    """What one step launches, from PyTorch's profiler (after the warm-up).
+
+    `phases` is a list of (name, function), run in order, the device
+    synchronised after each.  On CUDA: the kernels the GPU ran, the copies and
+    fills, and the caching allocator's allocation requests and bytes.  On the
+    CPU: the aten operations that do work (leaves of the call tree, views and
+    fresh empty tensors left out: each would be a kernel on a GPU), per phase.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        before = torch.cuda.memory_stats()
+    with profile(activities=activities) as prof:
+        for name, run in phases:
+            with record_function("phase:" + name):
+                run()
+                sync()
+    events = prof.events()
+    ranges = {e.name[len("phase:"):]: e.time_range for e in events
+              if e.name.startswith("phase:")}
+
+    def per_phase(selected):
+        out = {name: 0 for name in ranges}
+        for e in selected:
+            for name, r in ranges.items():
+                if r.start <= e.time_range.start <= r.end:
+                    out[name] += 1
+        return out
+
+    if cuda:
+        after = torch.cuda.memory_stats()
+        device = [e for e in events if e.device_type == DeviceType.CUDA]
+        copies = [e for e in device if e.name.startswith(("Memcpy", "Memset"))]
+        kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]
+        # No split by phase here: the kernels' device timestamps and the phases' host
+        # ranges are different clocks (one H200 run put 414 of 707 kernels in no phase).
+        return {
+            "cuda_kernels": len(kernels),
+            "memcpy_memset": len(copies),
+            "allocations": after["allocation.all.allocated"] - before["allocation.all.allocated"],
+            "allocated_bytes": after["allocated_bytes.all.allocated"]
+            - before["allocated_bytes.all.allocated"],
+            "source": "torch.profiler CUDA activity; torch.cuda.memory_stats",
+        }
+    aten = [e for e in events if e.name.startswith("aten::")]
+    leaves = [e for e in aten
+              if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    work = [e for e in leaves if e.name not in VIEW_OPS]
+    return {
+        "aten_ops_doing_work": len(work), "aten_ops_doing_work_per_phase": per_phase(work),
+        "source": "torch.profiler CPU activity: leaf aten ops without views "
+                  "(each would be a kernel on a GPU)",
+    }
+
+
 def cmd_bench(args):
     setup_threads(args.threads)
     device = torch.device(args.device)
@@ -520,6 +590,19 @@ def cmd_bench(args):
         sync()  # CUDA kernels run asynchronously: wait before reading time
         times.append(time.perf_counter() - t0)
 
+    counts = None
+    if args.count and args.mode == "train":
+        state = {}
+
+        def forward():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                state["loss"] = F.cross_entropy(model(x), y)
+
+        phases = [("forward", forward), ("backward", lambda: state["loss"].backward()),
+                  ("optimizer", opt.step)]
+        counts = count_step(phases, sync, cuda)
+
     median = statistics.median(times)
     result = {
         "framework": "pytorch", "torch": torch.__version__,
@@ -536,6 +619,8 @@ def cmd_bench(args):
         "compile": args.compile,
         "stages": list(args.stages), "width_divisor": args.width_divisor,
     }
+    if counts is not None:
+        result["counts_per_step"] = counts
     print(json.dumps(result), flush=True)
 
 
@@ -700,6 +785,9 @@ def main():
                    "(off by default: plain f32)")
     b.add_argument("--cudnn-benchmark", action="store_true",
                    help="CUDA only: let cuDNN autotune conv algorithms")
+    b.add_argument("--count", action="store_true",
+                   help="also profile one step: kernels (CUDA) or aten ops doing work "
+                   "(CPU) and allocations per step, as counts_per_step")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the model (a second, faster reference; the "
                    "warm-up steps include the compilation)")

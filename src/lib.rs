@@ -34,7 +34,8 @@
 //! | [`models`] | `Model` (build, forward, summary, weights) and the article's ResNet helpers |
 //! | [`train`] | `Trainer` (fit, evaluate, predict, checkpoints) for any inputs and outputs, losses, metrics, optimizers, schedules, callbacks |
 //! | [`data`] | the `Dataset` trait, tensor datasets, image folders, the CIFAR-10 reader and batch loader |
-//! | [`ops`] | the kernels and the one place that picks a backend: convolution, batch norm, bias (GEMM on CPU, cuDNN on CUDA, candle's ops elsewhere) |
+//! | [`ops`] | the kernels and the one place that picks a backend: convolution, batch norm, bias (GEMM on CPU, cuDNN on CUDA, candle's ops elsewhere), the multi-tensor end of a training step |
+//! | [`profile`] | counts that predict GPU speed on any device: tensor buffers and bytes a step allocates (with [`profile::CountingAllocator`]), reads back to the host |
 //!
 //! Features: `cuda`, `cudnn` (candle's CUDA backend; cuDNN convolutions and batch norm
 //! forward and backward), `download` (fetch CIFAR-10). [`select_device`] picks a device.
@@ -48,6 +49,7 @@ pub mod graph;
 pub mod layers;
 pub mod models;
 pub mod ops;
+pub mod profile;
 mod support;
 pub mod train;
 

@@ -600,7 +600,7 @@ fn optimizer_slots_follow_variable_names() {
         .unwrap();
     adam.step(&[("layer.kernel".to_string(), w.clone())], &grads, 0.1)
         .unwrap();
-    let slots = adam.state().slots;
+    let slots = adam.state().unwrap().slots;
     // Slots hold values, not the step's autograd graph (which would keep every step's
     // activations alive from one step to the next).
     assert!(
@@ -621,7 +621,11 @@ fn optimizer_slots_follow_variable_names() {
     sgd.step(&[("layer.kernel".to_string(), w.clone())], &grads, 0.1)
         .unwrap();
     assert!(
-        sgd.state().slots.iter().all(|(_, t)| !t.track_op()),
+        sgd.state()
+            .unwrap()
+            .slots
+            .iter()
+            .all(|(_, t)| !t.track_op()),
         "a velocity tracks its history"
     );
     let wrong = OptimizerState {

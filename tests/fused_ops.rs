@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::prelude::*;
-use common::max_abs_diff;
+use common::{assert_same, max_abs_diff, varied};
 
 /// A one-BatchNorm model over `shape` with channel axis `axis`, weights set to fixed values.
 fn bn_model(shape: [usize; 2], axis: isize, gamma: &Tensor, beta: &Tensor) -> Model {
@@ -262,40 +262,6 @@ fn bias_add_kernel_matches_the_reference() {
         for (a, r) in ga.iter().zip(&gr) {
             assert!(max_abs_diff(a, r) < 1e-5, "{shape:?} gradients");
         }
-    }
-}
-
-/// Values of every kind an optimizer meets: signs, tiny and large magnitudes, zeros.
-fn varied(n: usize, seed: u64, dtype: DType) -> Tensor {
-    let mut s = seed | 1;
-    let v: Vec<f64> = (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
-            match i % 7 {
-                0 => 0.0,
-                1 => u * 1e-6,
-                2 => u * 1e3,
-                _ => u,
-            }
-        })
-        .collect();
-    Tensor::from_vec(v, n, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
-    let (a, b) = (
-        a.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
-        b.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
-    );
-    assert_eq!(a.len(), b.len());
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(x == y, "{what}[{i}]: fused {x} vs reference {y}");
     }
 }
 

@@ -8,12 +8,24 @@
 //! backward pass and about a tenth of a training step here (docs/PERFORMANCE.md). A binary
 //! of your own that trains with the crate gains from the same lines.
 //!
+//! It is wrapped in the crate's [`CountingAllocator`], which counts allocations, bytes and
+//! candle's tensor buffers for the step counts that `bench --counts` and `gpu_check` print
+//! (a few relaxed atomic additions per allocation).
+//!
 //! `RUSTFLAGS="--cfg system_allocator"` builds the examples on the system allocator instead,
 //! to measure the difference.
 
+use candle_functional::profile::CountingAllocator;
+
 #[cfg(not(system_allocator))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: CountingAllocator<mimalloc::MiMalloc> =
+    CountingAllocator::new(mimalloc::MiMalloc);
+
+#[cfg(system_allocator)]
+#[global_allocator]
+static ALLOCATOR: CountingAllocator<std::alloc::System> =
+    CountingAllocator::new(std::alloc::System);
 
 /// mimalloc's `mi_option_purge_delay` (its position in mimalloc.h's `mi_option_e`;
 /// `libmimalloc-sys` names the option only for mimalloc v2).

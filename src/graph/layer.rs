@@ -286,6 +286,31 @@ impl StateUpdates {
         self.lock().is_empty()
     }
 
+    /// The held-back values, one per variable: the latest (a layer called twice in one pass
+    /// computes its second update from its first), in the order the variables were first
+    /// updated. Writing these is the same as [`StateUpdates::apply`]; a caller that writes
+    /// them all at once (the trainer, with [`crate::ops::assign_if`]) takes them this way.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::StateUpdates;
+    /// assert!(StateUpdates::default().into_latest().is_empty());
+    /// ```
+    pub fn into_latest(self) -> Vec<(Var, Tensor)> {
+        let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut latest: Vec<(Var, Tensor)> = Vec::with_capacity(updates.len());
+        for (var, value) in updates {
+            match latest
+                .iter_mut()
+                .find(|(v, _)| v.as_tensor().id() == var.as_tensor().id())
+            {
+                Some(slot) => slot.1 = value,
+                None => latest.push((var, value)),
+            }
+        }
+        latest
+    }
+
     /// Writes every held-back value into its variable, in the order they were computed.
     ///
     /// # Examples

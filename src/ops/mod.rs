@@ -16,6 +16,9 @@
 //! | [`relu`] | one pass forward, one backward (`cpu/relu.rs`) | candle's `relu` | candle's `relu` |
 //! | [`adam_update`], [`sgd_update`] | one fused pass per weight (`cpu/optimizer.rs`) | [`reference::adam_update`], [`reference::sgd_update`] | the same |
 //! | [`adam_update_many`], [`sgd_update_many`] | the fused pass, weight by weight | one multi-tensor kernel for all weights (`cuda/optimizer.cu`, feature `cuda`, f32) | the reference, weight by weight |
+//! | [`adam_update_in_place`], [`sgd_update_in_place`] | the fused pass, written into the weight and its slots | the multi-tensor kernel, writing in place (feature `cuda`, f32) | the reference, then copied |
+//! | [`all_finite`] | one parallel pass per tensor | one multi-tensor kernel (`cuda/multi_tensor.cu`, feature `cuda`, f32) | `x·0 == 0`, reduced |
+//! | [`assign_if`] | copies, when `keep` is 1 | one multi-tensor kernel (feature `cuda`, f32) | `where_cond`, then copies |
 //!
 //! [`reference`](mod@reference) composes the same functions from candle's own differentiable ops: it runs on
 //! every device and dtype, and it is the oracle the kernels are tested against. Layers call
@@ -33,7 +36,10 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn;
+mod multi_tensor;
 pub mod reference;
+
+pub use multi_tensor::{adam_update_in_place, all_finite, assign_if, sgd_update_in_place};
 
 /// Where and how a convolution's window moves: padding on each side, stride, dilation and
 /// channel groups.

@@ -112,12 +112,51 @@ impl Loss {
         batch: usize,
         output: &str,
     ) -> Result<()> {
-        let bad = |message: String| {
-            Err(Error::InvalidInput {
-                layer: output.to_string(),
-                message: format!("target for {}: {message}", self.name()),
-            })
+        self.check_target_layout(output_shape, target, batch, output)?;
+        let Some(&classes) = output_shape.first() else {
+            return Ok(());
         };
+        if !matches!(self, Loss::SparseCategoricalCrossentropy { .. }) || target.elem_count() == 0 {
+            return Ok(());
+        }
+        // One read of the extremes (one host synchronisation on a GPU); unsigned labels need
+        // only their maximum.
+        let flat = target.flatten_all()?.to_dtype(DType::F64)?;
+        let (min, max) = if matches!(target.dtype(), DType::U8 | DType::U32) {
+            (0.0, crate::profile::read_scalar::<f64>(&flat.max(0)?)?)
+        } else {
+            let both =
+                crate::profile::read_vec::<f64>(&Tensor::stack(&[flat.min(0)?, flat.max(0)?], 0)?)?;
+            (both[0], both[1])
+        };
+        if min < 0.0 || max >= classes as f64 {
+            return Err(self.bad_target(
+                output,
+                format!(
+                    "labels must be in 0..{classes} (the output's classes), found {min}..={max}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The error of a target that does not fit its output.
+    fn bad_target(&self, output: &str, message: String) -> Error {
+        Error::InvalidInput {
+            layer: output.to_string(),
+            message: format!("target for {}: {message}", self.name()),
+        }
+    }
+
+    /// [`Loss::check_target`] without reading values: dtype and shape only.
+    pub(crate) fn check_target_layout(
+        &self,
+        output_shape: &[usize],
+        target: &Tensor,
+        batch: usize,
+        output: &str,
+    ) -> Result<()> {
+        let bad = |message: String| Err(self.bad_target(output, message));
         let dims = target.dims();
         if dims.first() != Some(&batch) {
             return bad(format!(
@@ -126,7 +165,7 @@ impl Loss {
         }
         match self {
             Loss::SparseCategoricalCrossentropy { .. } => {
-                let Some((&classes, positions)) = output_shape.split_first() else {
+                let Some((_, positions)) = output_shape.split_first() else {
                     return bad("the output has no class axis".into());
                 };
                 if &dims[1..] != positions {
@@ -140,23 +179,6 @@ impl Loss {
                         "integer class labels expected, got {:?} (use CategoricalCrossentropy for one-hot targets)",
                         target.dtype()
                     ));
-                }
-                if target.elem_count() > 0 {
-                    // One read of the extremes (one host synchronisation on a GPU); unsigned
-                    // labels need only their maximum.
-                    let flat = target.flatten_all()?.to_dtype(DType::F64)?;
-                    let (min, max) = if matches!(target.dtype(), DType::U8 | DType::U32) {
-                        (0.0, flat.max(0)?.to_scalar::<f64>()?)
-                    } else {
-                        let both =
-                            Tensor::stack(&[flat.min(0)?, flat.max(0)?], 0)?.to_vec1::<f64>()?;
-                        (both[0], both[1])
-                    };
-                    if min < 0.0 || max >= classes as f64 {
-                        return bad(format!(
-                            "labels must be in 0..{classes} (the output's classes), found {min}..={max}"
-                        ));
-                    }
                 }
             }
             _ => {
@@ -172,6 +194,36 @@ impl Loss {
             }
         }
         Ok(())
+    }
+
+    /// The label-range check of [`Loss::check_target`] decided on the device, for a target
+    /// whose layout was checked: `None` unless sparse labels; else a u8 scalar (1 when every
+    /// label is in `0..classes`) and the labels clamped into that range, so that the loss of
+    /// a bad batch indexes nothing out of bounds while the verdict keeps its step from being
+    /// applied. Nothing is read back.
+    pub(crate) fn labels_on_device(
+        &self,
+        output_shape: &[usize],
+        target: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (Loss::SparseCategoricalCrossentropy { .. }, Some(&classes)) =
+            (self, output_shape.first())
+        else {
+            return Ok(None);
+        };
+        if target.elem_count() == 0 || classes == 0 {
+            return Ok(None);
+        }
+        let top = (classes - 1) as f64;
+        let (ok, clamped) = if matches!(target.dtype(), DType::U8 | DType::U32) {
+            let ok = target.flatten_all()?.max(0)?.le(top)?;
+            (ok, target.minimum(top)?)
+        } else {
+            let flat = target.flatten_all()?;
+            let ok = (flat.min(0)?.ge(0.0)? * flat.max(0)?.le(top)?)?;
+            (ok, target.clamp(0.0, top)?)
+        };
+        Ok(Some((ok, clamped)))
     }
 
     /// The mean loss of `outputs` against `targets` (a scalar, f32 for f32/bf16/f16 outputs).

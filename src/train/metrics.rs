@@ -50,7 +50,8 @@ struct Mean {
 
 impl Mean {
     fn add(&mut self, sum: Tensor, count: usize) -> Result<()> {
-        let sum = sum.to_dtype(DType::F64)?;
+        // Detached: the running sum lives across steps and must not hold a step's graph.
+        let sum = sum.detach().to_dtype(DType::F64)?;
         self.sum = Some(match self.sum.take() {
             Some(s) => (s + sum)?,
             None => sum,
@@ -61,7 +62,7 @@ impl Mean {
 
     fn value(&self) -> Result<f64> {
         match &self.sum {
-            Some(s) if self.count > 0.0 => Ok(s.to_scalar::<f64>()? / self.count),
+            Some(s) if self.count > 0.0 => Ok(crate::profile::read_scalar::<f64>(s)? / self.count),
             _ => Ok(f64::NAN),
         }
     }
@@ -414,7 +415,11 @@ impl Metric for MeanIoU {
                 predictions.dim(0)?
             )));
         }
-        let counts = labels.t()?.matmul(&predictions)?.to_dtype(DType::F64)?;
+        let counts = labels
+            .t()?
+            .matmul(&predictions)?
+            .to_dtype(DType::F64)?
+            .detach();
         self.confusion = Some(match self.confusion.take() {
             Some(c) => (c + counts)?,
             None => counts,
@@ -426,7 +431,10 @@ impl Metric for MeanIoU {
         let Some(confusion) = &self.confusion else {
             return Ok(f64::NAN);
         };
-        let m = confusion.to_vec2::<f64>()?;
+        let m: Vec<Vec<f64>> = crate::profile::read_vec::<f64>(confusion)?
+            .chunks(self.classes.max(1))
+            .map(<[f64]>::to_vec)
+            .collect();
         let mut sum = 0.0;
         let mut present = 0usize;
         for c in 0..self.classes {

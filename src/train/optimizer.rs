@@ -43,7 +43,7 @@ pub struct OptimizerState {
 /// let loss = w.as_tensor().sqr()?.sum_all()?;
 /// opt.step(&[("w".to_string(), w.clone())], &loss.backward()?, 0.25)?;
 /// assert_eq!(w.to_vec1::<f32>()?, [1.0]);
-/// assert_eq!(opt.state().iterations, 1);
+/// assert_eq!(opt.state()?.iterations, 1);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub trait Optimizer: Send {
@@ -62,7 +62,7 @@ pub trait Optimizer: Send {
         lr: f64,
         keep: &Tensor,
     ) -> Result<()> {
-        if keep.to_dtype(candle_core::DType::U8)?.to_scalar::<u8>()? != 0 {
+        if crate::profile::read_scalar::<u8>(&keep.to_dtype(candle_core::DType::U8)?)? != 0 {
             self.step(vars, grads, lr)?;
         }
         Ok(())
@@ -71,8 +71,9 @@ pub trait Optimizer: Send {
     /// The base learning rate of its config (a schedule scales from it).
     fn learning_rate(&self) -> f64;
 
-    /// Its state, for checkpoints.
-    fn state(&self) -> OptimizerState;
+    /// A copy of its state, for checkpoints (the slots themselves change in place at every
+    /// step).
+    fn state(&self) -> Result<OptimizerState>;
 
     /// Checks that `state` fits `vars` (every slot names one of them, with its shape) without
     /// changing anything.
@@ -82,11 +83,11 @@ pub trait Optimizer: Send {
     fn load_state(&mut self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()>;
 }
 
-/// Slot tensors of one kind (`m`, `v`, `momentum`) by variable name.
+/// Slot variables of one kind (`m`, `v`, `momentum`) by variable name, updated in place.
 #[derive(Debug, Default)]
 struct Slots {
     kind: &'static str,
-    by_var: BTreeMap<String, Tensor>,
+    by_var: BTreeMap<String, Var>,
 }
 
 impl Slots {
@@ -97,18 +98,25 @@ impl Slots {
         }
     }
 
-    /// The slot of `name`, zeros like `var` the first time.
-    fn get(&self, name: &str, var: &Var) -> Result<Tensor> {
+    /// The slot of `name`; the first time, zeros like `var`, also pushed to `fresh` so that
+    /// the caller keeps it only if the step succeeds.
+    fn get(&self, name: &str, var: &Var, fresh: &mut Vec<(String, Var)>) -> Result<Var> {
         Ok(match self.by_var.get(name) {
-            Some(t) => t.clone(),
-            None => var.as_tensor().zeros_like()?.detach(),
+            Some(slot) => slot.clone(),
+            None => {
+                let slot = Var::zeros(var.shape(), var.dtype(), var.device())?;
+                fresh.push((name.to_string(), slot.clone()));
+                slot
+            }
         })
     }
 
-    fn saved(&self) -> impl Iterator<Item = (String, Tensor)> + '_ {
+    /// Copies of the slots (the variables change in place at the next step).
+    fn saved(&self) -> Result<Vec<(String, Tensor)>> {
         self.by_var
             .iter()
-            .map(|(n, t)| (format!("{}.{n}", self.kind), t.clone()))
+            .map(|(n, v)| Ok((format!("{}.{n}", self.kind), v.as_tensor().detach().copy()?)))
+            .collect()
     }
 }
 
@@ -152,7 +160,7 @@ fn load_slots(
     let kinds: Vec<&str> = slots.iter().map(|s| s.kind).collect();
     check_slots(&kinds, state, vars)?;
     let by_name: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    let mut loaded: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); slots.len()];
+    let mut loaded: Vec<BTreeMap<String, Var>> = vec![BTreeMap::new(); slots.len()];
     for (name, t) in &state.slots {
         for (i, kind) in kinds.iter().enumerate() {
             if let Some(var) = name.strip_prefix(kind).and_then(|r| r.strip_prefix('.')) {
@@ -161,7 +169,7 @@ fn load_slots(
                     .to_device(target.device())?
                     .to_dtype(target.dtype())?
                     .copy()?;
-                loaded[i].insert(var.to_string(), value);
+                loaded[i].insert(var.to_string(), Var::from_tensor(&value)?);
             }
         }
     }
@@ -209,7 +217,7 @@ impl OptimizerConfig {
     /// ```
     /// use candle_functional::train::{AdamConfig, OptimizerConfig};
     /// let opt = OptimizerConfig::from(AdamConfig::default()).build()?;
-    /// assert_eq!(opt.state().iterations, 0);
+    /// assert_eq!(opt.state()?.iterations, 0);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn build(&self) -> Result<Box<dyn Optimizer>> {
@@ -415,22 +423,26 @@ impl Adam {
             decay: decay_factor(lr, c.weight_decay),
         };
         let stepped = with_gradients(vars, grads)?;
-        let inputs = stepped
+        let (mut fresh_m, mut fresh_v) = (Vec::new(), Vec::new());
+        let slots = stepped
             .iter()
-            .map(|(name, var, g)| {
-                let w = var.as_tensor().detach();
-                Ok([w, g.clone(), self.m.get(name, var)?, self.v.get(name, var)?])
+            .map(|(name, var, _)| {
+                Ok((
+                    self.m.get(name, var, &mut fresh_m)?,
+                    self.v.get(name, var, &mut fresh_v)?,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
-        // One fused pass per weight on the CPU, one kernel for all of them on CUDA; nothing
-        // is written until every weight is computed.
-        let refs: Vec<[&Tensor; 4]> = inputs.iter().map(|[w, g, m, v]| [w, g, m, v]).collect();
-        let new = ops::adam_update_many(&refs, step, keep_u8(keep)?.as_ref())?;
-        for ((name, var, _), (w, m_new, v_new)) in stepped.into_iter().zip(new) {
-            self.m.by_var.insert(name.clone(), m_new);
-            self.v.by_var.insert(name.clone(), v_new);
-            var.set(&w)?;
-        }
+        // Written in place: one fused pass per weight on the CPU, one kernel for all of them
+        // on CUDA; every operand is checked before anything is written.
+        let items: Vec<(&Var, &Tensor, &Var, &Var)> = stepped
+            .iter()
+            .zip(&slots)
+            .map(|((_, var, g), (m, v))| (*var, g, m, v))
+            .collect();
+        ops::adam_update_in_place(&items, step, keep_u8(keep)?.as_ref())?;
+        self.m.by_var.extend(fresh_m);
+        self.v.by_var.extend(fresh_v);
         self.iterations += 1;
         Ok(())
     }
@@ -455,11 +467,11 @@ impl Optimizer for Adam {
         self.config.learning_rate
     }
 
-    fn state(&self) -> OptimizerState {
-        OptimizerState {
+    fn state(&self) -> Result<OptimizerState> {
+        Ok(OptimizerState {
             iterations: self.iterations,
-            slots: self.m.saved().chain(self.v.saved()).collect(),
-        }
+            slots: [self.m.saved()?, self.v.saved()?].concat(),
+        })
     }
 
     fn check_state(&self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {
@@ -607,28 +619,23 @@ impl Sgd {
             decay: decay_factor(lr, c.weight_decay),
         };
         let stepped = with_gradients(vars, grads)?;
-        let inputs = stepped
+        let mut fresh = Vec::new();
+        let velocities = stepped
             .iter()
-            .map(|(name, var, g)| {
-                let velocity = if c.momentum > 0.0 {
-                    Some(self.velocity.get(name, var)?)
-                } else {
-                    None
-                };
-                Ok((var.as_tensor().detach(), g.clone(), velocity))
+            .map(|(name, var, _)| {
+                (c.momentum > 0.0)
+                    .then(|| self.velocity.get(name, var, &mut fresh))
+                    .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
-        // One fused pass per weight on the CPU, one kernel for all of them on CUDA; nothing
-        // is written until every weight is computed.
-        let refs: Vec<(&Tensor, &Tensor, Option<&Tensor>)> =
-            inputs.iter().map(|(w, g, u)| (w, g, u.as_ref())).collect();
-        let new = ops::sgd_update_many(&refs, step, keep_u8(keep)?.as_ref())?;
-        for ((name, var, _), (w, velocity)) in stepped.into_iter().zip(new) {
-            if let Some(u) = velocity {
-                self.velocity.by_var.insert(name.clone(), u);
-            }
-            var.set(&w)?;
-        }
+        // Written in place, as Adam's.
+        let items: Vec<(&Var, &Tensor, Option<&Var>)> = stepped
+            .iter()
+            .zip(&velocities)
+            .map(|((_, var, g), u)| (*var, g, u.as_ref()))
+            .collect();
+        ops::sgd_update_in_place(&items, step, keep_u8(keep)?.as_ref())?;
+        self.velocity.by_var.extend(fresh);
         self.iterations += 1;
         Ok(())
     }
@@ -653,11 +660,11 @@ impl Optimizer for Sgd {
         self.config.learning_rate
     }
 
-    fn state(&self) -> OptimizerState {
-        OptimizerState {
+    fn state(&self) -> Result<OptimizerState> {
+        Ok(OptimizerState {
             iterations: self.iterations,
-            slots: self.velocity.saved().collect(),
-        }
+            slots: self.velocity.saved()?,
+        })
     }
 
     fn check_state(&self, state: &OptimizerState, vars: &[(String, Var)]) -> Result<()> {

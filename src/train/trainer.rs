@@ -5,12 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::data::{Batch, Dataset};
 use crate::graph::{Mode, StateUpdates};
 use crate::models::Model;
+use crate::ops;
+use crate::profile::read_vec;
 use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
 use crate::train::callbacks::{Callback, run_callbacks};
 use crate::train::metrics::{Metric, default_metrics};
@@ -188,19 +190,24 @@ pub enum NanCheck {
     /// Decide on the device and never wait for it (the GPU's default): the step's updates are
     /// applied only where a device flag says every step so far was finite, so the first bad
     /// step and all after it change nothing; the error is raised where the trainer reads the
-    /// loss anyway (progress, end of epoch) or at [`Trainer::check_divergence`].
+    /// loss anyway (progress, end of epoch) or at [`Trainer::check_divergence`]. Sparse
+    /// labels are range-checked the same way, on the device (clamped for the step's loss, so
+    /// that nothing is indexed out of bounds), instead of being read before the step.
     OnDevice,
     /// No check (Keras without `TerminateOnNaN`).
     Off,
 }
 
-/// The device-side record of [`NanCheck::OnDevice`].
+/// The device-side record of [`NanCheck::OnDevice`], detached from every step's autograd
+/// graph (it is carried from step to step: anything it referenced would stay alive).
 struct DivergenceFlag {
-    /// u8 scalar: 1 while every step was finite.
+    /// u8 scalar: 1 while every step was finite (and its labels in range).
     alive: Tensor,
-    /// f64 scalar: the epoch and step of the first non-finite step, encoded
+    /// f64 scalar: the epoch and step of the first rejected step, encoded
     /// `epoch · 2³² + step` (0: none).
     first_bad: Tensor,
+    /// u8 scalar: 1 when the first rejected step's labels were out of range.
+    bad_labels: Tensor,
 }
 
 const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
@@ -286,7 +293,8 @@ impl Totals {
     }
 
     fn add(&mut self, loss: &Tensor, per_output: &[Tensor], samples: usize) -> Result<()> {
-        let weighted = |t: &Tensor| t.to_dtype(DType::F64)?.affine(samples as f64, 0.0);
+        // Detached: a sum carried over a whole epoch must not hold any step's graph.
+        let weighted = |t: &Tensor| t.detach().to_dtype(DType::F64)?.affine(samples as f64, 0.0);
         self.loss = (&self.loss + weighted(loss)?)?;
         for (total, l) in self.per_output.iter_mut().zip(per_output) {
             *total = (&*total + weighted(l)?)?;
@@ -296,7 +304,7 @@ impl Totals {
     }
 
     fn mean(&self, t: &Tensor) -> Result<f64> {
-        Ok(t.to_scalar::<f64>()? / self.samples.max(1) as f64)
+        Ok(crate::profile::read_scalar::<f64>(t)? / self.samples.max(1) as f64)
     }
 }
 
@@ -408,8 +416,9 @@ impl Trainer {
 
     /// With [`NanCheck::OnDevice`]: reads the device's verdict (one scalar) and fails with
     /// [`Error::NonFinite`] if a step since the start of this `fit` (or of the trainer) was
-    /// not finite. `fit` calls it where it reads the loss anyway; call it after your own
-    /// `train_step` loop. Always `Ok` with the other checks.
+    /// not finite, or with [`Error::InvalidInput`] if its labels were out of range (the
+    /// check the other modes make before the step). `fit` calls it where it reads the loss
+    /// anyway; call it after your own `train_step` loop. Always `Ok` with the other checks.
     ///
     /// # Examples
     /// ```no_run
@@ -422,13 +431,22 @@ impl Trainer {
         let Some(flag) = &self.divergence else {
             return Ok(());
         };
-        let code = flag.first_bad.to_scalar::<f64>()? as u64;
+        let code = crate::profile::read_scalar::<f64>(&flag.first_bad)? as u64;
         if code == 0 {
             return Ok(());
         }
+        let (epoch, step) = ((code >> 32) as usize, (code & 0xFFFF_FFFF) as usize);
+        if crate::profile::read_scalar::<u8>(&flag.bad_labels)? != 0 {
+            return Err(Error::InvalidInput {
+                layer: self.output_names.join(", "),
+                message: format!(
+                    "epoch {epoch}, step {step}: labels out of range (not below the output's classes); the step and any after it were not applied"
+                ),
+            });
+        }
         Err(Error::NonFinite {
-            epoch: (code >> 32) as usize,
-            step: (code & 0xFFFF_FFFF) as usize,
+            epoch,
+            step,
             what: "the loss or the gradients".into(),
         })
     }
@@ -562,21 +580,36 @@ impl Trainer {
         lr: f64,
         position: (usize, usize),
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        self.check_targets(batch)?;
+        let on_device = self.nan_check == NanCheck::OnDevice;
+        // Off the device check, labels are range-checked before the step (a host read);
+        // on it, the verdict joins the divergence flag.
+        let (targets, labels_ok) = if on_device {
+            self.targets_checked_on_device(batch)?
+        } else {
+            self.check_targets(batch)?;
+            (batch.targets.clone(), None)
+        };
         let inputs = self.cast_inputs(&batch.inputs)?;
         let updates = StateUpdates::default();
         let outputs = self
             .model
             .forward_deferred(&inputs, Mode::Train, &updates)?;
-        let (total, per_output) = self.losses_of(&outputs, &batch.targets)?;
+        let (total, per_output) = self.losses_of(&outputs, &targets)?;
         let grads = total.backward()?;
         let vars = self.model.trainable_weights()?;
+        let gradients: Vec<&Tensor> = vars
+            .iter()
+            .filter_map(|(_, v)| grads.get(v.as_tensor()))
+            .collect();
         let keep = match self.nan_check {
             NanCheck::EveryStep => {
                 // One read of both verdicts.
-                let flags = Tensor::stack(&finite_flags(&total, &grads, &vars)?, 0)?;
-                let what = match flags.to_vec1::<u8>()?.as_slice() {
-                    [0, _] => Some("the loss"),
+                let mut verdicts = vec![ops::all_finite(&[&total])?];
+                if !gradients.is_empty() {
+                    verdicts.push(ops::all_finite(&gradients)?);
+                }
+                let what = match read_vec::<u8>(&Tensor::stack(&verdicts, 0)?)?.as_slice() {
+                    [0, ..] => Some("the loss"),
                     [_, 0] => Some("the gradients"),
                     _ => None,
                 };
@@ -589,56 +622,116 @@ impl Trainer {
                 }
                 None
             }
-            NanCheck::OnDevice => Some(self.record_divergence(&total, &grads, &vars, position)?),
+            NanCheck::OnDevice => {
+                let mut checked = vec![&total];
+                checked.extend(&gradients);
+                let finite = ops::all_finite(&checked)?;
+                Some(self.record_divergence(finite, labels_ok, position)?)
+            }
             NanCheck::Off => None,
         };
-        update_metrics(&mut self.metrics, &outputs, &batch.targets)?;
+        update_metrics(&mut self.metrics, &outputs, &targets)?;
         match &keep {
-            Some(keep) => {
-                self.optimizer.step_if(&vars, &grads, lr, keep)?;
-                updates.apply_if(keep)?;
-            }
-            None => {
-                self.optimizer.step(&vars, &grads, lr)?;
-                updates.apply()?;
-            }
+            Some(keep) => self.optimizer.step_if(&vars, &grads, lr, keep)?,
+            None => self.optimizer.step(&vars, &grads, lr)?,
         }
+        // The held-back state (BatchNorm's moving statistics): one launch on CUDA.
+        let state = updates.into_latest();
+        let assignments: Vec<(&Var, &Tensor)> =
+            state.iter().map(|(var, value)| (var, value)).collect();
+        ops::assign_if(&assignments, keep.as_ref())?;
         Ok((total.detach(), per_output))
     }
 
-    /// [`NanCheck::OnDevice`]: folds this step's verdict into the device flag and returns the
-    /// u8 scalar that says whether its updates apply (every step so far finite).
+    /// [`NanCheck::OnDevice`]: folds this step's verdicts (finite loss and gradients, labels
+    /// in range) into the device flag and returns the u8 scalar that says whether its updates
+    /// apply (every step so far good). Every tensor kept is detached.
     fn record_divergence(
         &mut self,
-        loss: &Tensor,
-        grads: &candle_core::backprop::GradStore,
-        vars: &[(String, candle_core::Var)],
+        finite: Tensor,
+        labels_ok: Option<Tensor>,
         (epoch, step): (usize, usize),
     ) -> Result<Tensor> {
-        let [loss_ok, squares_ok] = finite_flags(loss, grads, vars)?;
-        let ok = (loss_ok * squares_ok)?;
-        let device = loss.device();
+        let device = finite.device().clone();
+        let ok = match &labels_ok {
+            Some(labels) => (&finite * labels)?,
+            None => finite,
+        };
         let flag = match self.divergence.take() {
             Some(flag) => flag,
             None => DivergenceFlag {
-                alive: Tensor::new(1u8, device)?,
-                first_bad: Tensor::new(0f64, device)?,
+                alive: Tensor::new(1u8, &device)?,
+                first_bad: Tensor::new(0f64, &device)?,
+                bad_labels: Tensor::new(0u8, &device)?,
             },
         };
-        let keep = (&flag.alive * &ok)?;
-        // The first step that turns `alive` off is recorded: alive · (1 - ok) is 1 just then.
-        let turned_off = (&flag.alive - &keep)?.to_dtype(DType::F64)?;
+        let keep = (&flag.alive * &ok)?.detach();
+        // The first step that turns `alive` off is recorded: alive - keep is 1 just then.
+        let turned_off = (&flag.alive - &keep)?;
         let code = ((epoch as u64) << 32 | step as u64) as f64;
-        let first_bad = (&flag.first_bad + (turned_off * code)?)?;
+        let first_bad = (&flag.first_bad + turned_off.to_dtype(DType::F64)?.affine(code, 0.0)?)?;
+        let bad_labels = match labels_ok {
+            // alive - keep is 1 only at the first bad step; 1 - labels_ok is 1 if its labels
+            // were the cause.
+            Some(labels) => (&flag.bad_labels + (&turned_off * labels.eq(0u8)?)?)?,
+            None => flag.bad_labels,
+        };
         self.divergence = Some(DivergenceFlag {
             alive: keep.clone(),
-            first_bad,
+            first_bad: first_bad.detach(),
+            bad_labels: bad_labels.detach(),
         });
         Ok(keep)
     }
 
+    /// [`Trainer::check_targets`] without reading values: shapes and dtypes checked at once,
+    /// sparse labels range-checked on the device. Returns the targets to train on (sparse
+    /// labels clamped into range) and the labels' verdict (a u8 scalar), if any.
+    fn targets_checked_on_device(&self, batch: &Batch) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let n = self.check_batch_layout(batch)?;
+        let mut targets = Vec::with_capacity(batch.targets.len());
+        let mut verdict: Option<Tensor> = None;
+        for (shape, target, loss, name) in self.targets_of(batch) {
+            loss.check_target_layout(shape, target, n, name)?;
+            match loss.labels_on_device(shape, target)? {
+                Some((ok, clamped)) => {
+                    verdict = Some(match verdict {
+                        Some(v) => (v * ok)?,
+                        None => ok,
+                    });
+                    targets.push(clamped);
+                }
+                None => targets.push(target.clone()),
+            }
+        }
+        Ok((targets, verdict))
+    }
+
     /// Checks the batch's targets against the model's outputs, before anything runs.
     fn check_targets(&self, batch: &Batch) -> Result<()> {
+        let n = self.check_batch_layout(batch)?;
+        for (shape, target, loss, name) in self.targets_of(batch) {
+            loss.check_target(shape, target, n, name)?;
+        }
+        Ok(())
+    }
+
+    /// Each output's per-sample shape, target, loss and name.
+    fn targets_of<'a>(
+        &'a self,
+        batch: &'a Batch,
+    ) -> impl Iterator<Item = (&'a [usize], &'a Tensor, &'a Loss, &'a str)> {
+        self.model
+            .outputs()
+            .iter()
+            .zip(&batch.targets)
+            .zip(&self.losses)
+            .zip(&self.output_names)
+            .map(|(((output, target), loss), name)| (output.shape(), target, loss, name.as_str()))
+    }
+
+    /// One target per output and a non-empty batch; returns the batch size.
+    fn check_batch_layout(&self, batch: &Batch) -> Result<usize> {
         let outputs = self.model.outputs();
         if batch.targets.len() != outputs.len() {
             return Err(Error::InvalidArgument(format!(
@@ -654,15 +747,7 @@ impl Trainer {
                 "an empty batch: there is nothing to train or score".into(),
             ));
         }
-        for (((output, target), loss), name) in outputs
-            .iter()
-            .zip(&batch.targets)
-            .zip(&self.losses)
-            .zip(&self.output_names)
-        {
-            loss.check_target(output.shape(), target, n, name)?;
-        }
-        Ok(())
+        Ok(n)
     }
 
     /// The weighted total and each output's loss.
@@ -972,7 +1057,7 @@ impl Trainer {
             .into_iter()
             .map(|(k, v)| (format!("model.{k}"), v))
             .collect();
-        let state = self.optimizer.state();
+        let state = self.optimizer.state()?;
         for (name, t) in state.slots {
             tensors.insert(format!("optimizer.{name}"), t);
         }
@@ -1082,27 +1167,6 @@ impl Trainer {
         self.batches_per_epoch = batches_per_epoch;
         Ok(())
     }
-}
-
-/// Two u8 device scalars: 1 when the loss is finite, 1 when every gradient is (their summed
-/// squares overflow to a non-finite value with any of them). `x · 0` is 0 exactly for finite
-/// `x` (NaN for NaN and infinities).
-fn finite_flags(
-    loss: &Tensor,
-    grads: &candle_core::backprop::GradStore,
-    vars: &[(String, candle_core::Var)],
-) -> Result<[Tensor; 2]> {
-    let mut squares = Tensor::zeros((), DType::F64, loss.device())?;
-    for (_, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            squares = (squares + g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
-        }
-    }
-    let finite = |t: Tensor| -> Result<Tensor> { Ok((t * 0.0)?.eq(0.0)?) };
-    Ok([
-        finite(loss.detach().to_dtype(DType::F64)?)?,
-        finite(squares)?,
-    ])
 }
 
 /// Adds a batch to each output's metrics.

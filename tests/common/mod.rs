@@ -68,3 +68,38 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn max_abs(t: &Tensor) -> f64 {
     max_abs_diff(t, &t.zeros_like().unwrap()).max(1.0)
 }
+
+/// Values of every kind an optimizer meets: signs, tiny and large magnitudes, zeros.
+pub fn varied(n: usize, seed: u64, dtype: DType) -> Tensor {
+    let mut s = seed | 1;
+    let v: Vec<f64> = (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            match i % 7 {
+                0 => 0.0,
+                1 => u * 1e-6,
+                2 => u * 1e3,
+                _ => u,
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, n, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Asserts two tensors hold the same values, bit for bit (compared as f64).
+pub fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+        b.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(x == y, "{what}[{i}]: {x} vs {y}");
+    }
+}

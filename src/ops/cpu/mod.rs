@@ -12,6 +12,7 @@ use rayon::prelude::*;
 pub(crate) mod batch_norm;
 pub(crate) mod bias;
 pub(crate) mod conv2d;
+pub(crate) mod finite;
 pub(crate) mod optimizer;
 pub(crate) mod relu;
 

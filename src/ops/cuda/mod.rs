@@ -1,24 +1,28 @@
-//! The crate's own CUDA kernels (feature `cuda`): multi-tensor optimizer updates, one launch
-//! for every weight of a model. `build.rs` compiles `optimizer.cu` to PTX with nvcc; the driver
-//! JIT-compiles it on first use. Arguments are checked by [`crate::ops`] before they get here.
+//! The crate's own CUDA kernels (feature `cuda`), each one launch for every tensor of a list:
+//! optimizer updates (`optimizer.cu`: into fresh buffers, or in place), the finite check of a
+//! step's loss and gradients and the in-place copy of held-back state (`multi_tensor.cu`).
+//! `build.rs` compiles the `.cu` files to PTX with nvcc; the driver JIT-compiles them on first
+//! use. Arguments are checked by [`crate::ops`] before they get here.
 
 use candle_core::cuda::cudarc::driver::{
     CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, Storage, Tensor, Var};
 
 use crate::Result;
 use crate::ops::{AdamStep, SgdStep};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx"));
 const MODULE: &str = "candle_functional_optimizer";
+const MULTI_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/multi_tensor.ptx"));
+const MULTI_MODULE: &str = "candle_functional_multi_tensor";
 const THREADS: u32 = 256;
 /// Blocks of a grid-stride launch: enough to fill any current GPU several times over.
 const MAX_BLOCKS: u64 = 8192;
 
 fn fail(message: String) -> crate::Error {
-    candle_core::Error::Msg(format!("multi-tensor update: {message}")).into()
+    candle_core::Error::Msg(format!("multi-tensor kernel: {message}")).into()
 }
 
 /// The device address of the first element of a contiguous f32 (or, for `keep`, u8) CUDA
@@ -46,12 +50,20 @@ fn address(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     })
 }
 
-/// One output buffer for `3 * total` (or `2 * total`) elements, its address, and the launch
-/// shape of a grid-stride loop over `total` elements.
+/// One output buffer for `3 * total` (or `2 * total`) elements and its address.
 struct Launch {
     out: CudaSlice<f32>,
     out_address: u64,
-    config: LaunchConfig,
+}
+
+/// The launch shape of a grid-stride loop over `total` elements.
+fn grid(total: u64) -> LaunchConfig {
+    let blocks = total.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl Launch {
@@ -59,17 +71,7 @@ impl Launch {
         // SAFETY: the kernel writes every element of every output before anything reads it.
         let mut out = unsafe { dev.alloc::<f32>(outputs.max(1)) }?;
         let out_address = out.device_ptr_mut(&dev.cuda_stream()).0;
-        let total = outputs as u64;
-        let blocks = total.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32;
-        Ok(Self {
-            out,
-            out_address,
-            config: LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        })
+        Ok(Self { out, out_address })
     }
 
     /// The output buffer as a flat tensor.
@@ -110,41 +112,41 @@ fn offsets(sizes: impl Iterator<Item = usize>) -> Vec<u64> {
     out
 }
 
-/// `(w', m', v')` of every weight in one launch; with `keep` (a device u8), the old values
-/// where it is 0.
-pub(crate) fn adam_update_many(
-    items: &[[&Tensor; 4]],
-    step: &AdamStep,
-    keep: Option<&Tensor>,
-) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
-    let Some(first) = items.first() else {
-        return Ok(Vec::new());
-    };
-    let dev = first[0].device().as_cuda_device()?.clone();
-    let items: Vec<[Tensor; 4]> = items
+/// Contiguous copies (or the tensors themselves, when contiguous) of every operand.
+fn contiguous<const N: usize>(items: &[[&Tensor; N]]) -> Result<Vec<[Tensor; N]>> {
+    items
         .iter()
         .map(|ts| {
-            Ok([
-                ts[0].contiguous()?,
-                ts[1].contiguous()?,
-                ts[2].contiguous()?,
-                ts[3].contiguous()?,
-            ])
+            let mut out = Vec::with_capacity(N);
+            for t in ts {
+                out.push(t.contiguous()?);
+            }
+            out.try_into().map_err(|_| fail("operand count".into()))
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// Launches `adam_multi_f32` over `items` (`[w, g, m, v]`, contiguous), writing weight `t`'s
+/// result `k` (0: w', 1: m', 2: v') at `destination(t, k)`.
+fn launch_adam(
+    dev: &CudaDevice,
+    items: &[[Tensor; 4]],
+    step: &AdamStep,
+    keep: Option<&Tensor>,
+    destination: impl Fn(usize, usize) -> Result<u64>,
+) -> Result<()> {
     let offsets = offsets(items.iter().map(|ts| ts[0].elem_count()));
     let total = offsets[offsets.len() - 1];
-    let launch = Launch::new(&dev, 3 * total as usize)?;
     let mut table = Vec::with_capacity(7 * items.len());
     for (t, ts) in items.iter().enumerate() {
         for x in ts {
-            table.push(address(x, &dev)?);
+            table.push(address(x, dev)?);
         }
         for k in 0..3 {
-            table.push(launch.out_address + 4 * (k * total + offsets[t]));
+            table.push(destination(t, k)?);
         }
     }
-    let (table_dev, offsets_dev, keep_address) = upload(&dev, &table, &offsets, keep)?;
+    let (table_dev, offsets_dev, keep_address) = upload(dev, &table, &offsets, keep)?;
     let func = dev.get_or_load_custom_func("adam_multi_f32", MODULE, PTX)?;
     let tensors = items.len() as i32;
     let (alpha, b1, omb1) = (
@@ -173,11 +175,32 @@ pub(crate) fn adam_update_many(
         .arg(&decay)
         .arg(&decays)
         .arg(&keep_address);
-    let config = launch.config;
     // SAFETY: the table holds live device buffers of the sizes the prefix sums state (inputs
-    // contiguous f32, outputs inside the fresh buffer), the argument list matches the kernel's
-    // signature, and `keep` is null or a device u8.
-    unsafe { builder.launch(config) }.map_err(candle_core::Error::wrap)?;
+    // contiguous f32; each destination either a fresh buffer's slice or, in place, the input
+    // it replaces, which only the thread that reads an element writes), the argument list
+    // matches the kernel's signature, and `keep` is null or a device u8.
+    unsafe { builder.launch(grid(total)) }.map_err(candle_core::Error::wrap)?;
+    Ok(())
+}
+
+/// `(w', m', v')` of every weight in one launch; with `keep` (a device u8), the old values
+/// where it is 0.
+pub(crate) fn adam_update_many(
+    items: &[[&Tensor; 4]],
+    step: &AdamStep,
+    keep: Option<&Tensor>,
+) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let dev = first[0].device().as_cuda_device()?.clone();
+    let items = contiguous(items)?;
+    let offsets = offsets(items.iter().map(|ts| ts[0].elem_count()));
+    let total = offsets[offsets.len() - 1];
+    let launch = Launch::new(&dev, 3 * total as usize)?;
+    launch_adam(&dev, &items, step, keep, |t, k| {
+        Ok(launch.out_address + 4 * (k as u64 * total + offsets[t]))
+    })?;
     let out = launch.into_tensor(&dev);
     let mut results = Vec::with_capacity(items.len());
     for (t, ts) in items.iter().enumerate() {
@@ -190,49 +213,50 @@ pub(crate) fn adam_update_many(
     Ok(results)
 }
 
-/// `(w', velocity')` of every weight in one launch (velocities with momentum only).
-pub(crate) fn sgd_update_many(
-    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+/// One Adam step of every weight in one launch, written into `w`, `m` and `v` themselves
+/// (contiguous f32 variables: checked by the caller).
+pub(crate) fn adam_update_in_place(
+    items: &[[&Tensor; 4]],
+    step: &AdamStep,
+    keep: Option<&Tensor>,
+) -> Result<()> {
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    let dev = first[0].device().as_cuda_device()?.clone();
+    let items = contiguous(items)?;
+    // w' over w, m' over m, v' over v: operands 0, 2 and 3.
+    launch_adam(&dev, &items, step, keep, |t, k| {
+        address(&items[t][[0, 2, 3][k]], &dev)
+    })
+}
+
+/// Launches `sgd_multi_f32` over `items` (`(w, g, velocity)`, contiguous), writing weight
+/// `t`'s new weight (`k` 0) and velocity (`k` 1) at `destination(t, k)`.
+fn launch_sgd(
+    dev: &CudaDevice,
+    items: &[(Tensor, Tensor, Option<Tensor>)],
     step: &SgdStep,
     keep: Option<&Tensor>,
-) -> Result<Vec<(Tensor, Option<Tensor>)>> {
-    let Some(first) = items.first() else {
-        return Ok(Vec::new());
-    };
-    let dev = first.0.device().as_cuda_device()?.clone();
-    let with_velocity = step.momentum != 0.0;
-    let items: Vec<(Tensor, Tensor, Option<Tensor>)> = items
-        .iter()
-        .map(|(w, g, u)| {
-            Ok((
-                w.contiguous()?,
-                g.contiguous()?,
-                u.map(Tensor::contiguous).transpose()?,
-            ))
-        })
-        .collect::<Result<_>>()?;
+    destination: impl Fn(usize, usize) -> Result<u64>,
+) -> Result<()> {
     let offsets = offsets(items.iter().map(|(w, _, _)| w.elem_count()));
     let total = offsets[offsets.len() - 1];
-    let outputs = if with_velocity { 2 } else { 1 };
-    let launch = Launch::new(&dev, outputs * total as usize)?;
+    let with_velocity = step.momentum != 0.0;
     let mut table = Vec::with_capacity(5 * items.len());
     for (t, (w, g, u)) in items.iter().enumerate() {
-        table.push(address(w, &dev)?);
-        table.push(address(g, &dev)?);
+        table.push(address(w, dev)?);
+        table.push(address(g, dev)?);
         table.push(
             u.as_ref()
-                .map(|u| address(u, &dev))
+                .map(|u| address(u, dev))
                 .transpose()?
                 .unwrap_or(0),
         );
-        table.push(launch.out_address + 4 * offsets[t]);
-        table.push(if with_velocity {
-            launch.out_address + 4 * (total + offsets[t])
-        } else {
-            0
-        });
+        table.push(destination(t, 0)?);
+        table.push(if with_velocity { destination(t, 1)? } else { 0 });
     }
-    let (table_dev, offsets_dev, keep_address) = upload(&dev, &table, &offsets, keep)?;
+    let (table_dev, offsets_dev, keep_address) = upload(dev, &table, &offsets, keep)?;
     let func = dev.get_or_load_custom_func("sgd_multi_f32", MODULE, PTX)?;
     let tensors = items.len() as i32;
     let (lr, momentum) = (step.learning_rate as f32, step.momentum as f32);
@@ -250,10 +274,47 @@ pub(crate) fn sgd_update_many(
         .arg(&decay)
         .arg(&decays)
         .arg(&keep_address);
-    let config = launch.config;
-    // SAFETY: as in `adam_update_many`; a null velocity pointer means no momentum, which the
+    // SAFETY: as in `launch_adam`; a null velocity pointer means no momentum, which the
     // kernel checks before reading it.
-    unsafe { builder.launch(config) }.map_err(candle_core::Error::wrap)?;
+    unsafe { builder.launch(grid(total)) }.map_err(candle_core::Error::wrap)?;
+    Ok(())
+}
+
+/// Contiguous copies of the SGD operands.
+fn contiguous_sgd(
+    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+) -> Result<Vec<(Tensor, Tensor, Option<Tensor>)>> {
+    items
+        .iter()
+        .map(|(w, g, u)| {
+            Ok((
+                w.contiguous()?,
+                g.contiguous()?,
+                u.map(Tensor::contiguous).transpose()?,
+            ))
+        })
+        .collect()
+}
+
+/// `(w', velocity')` of every weight in one launch (velocities with momentum only).
+pub(crate) fn sgd_update_many(
+    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+    step: &SgdStep,
+    keep: Option<&Tensor>,
+) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let dev = first.0.device().as_cuda_device()?.clone();
+    let with_velocity = step.momentum != 0.0;
+    let items = contiguous_sgd(items)?;
+    let offsets = offsets(items.iter().map(|(w, _, _)| w.elem_count()));
+    let total = offsets[offsets.len() - 1];
+    let outputs = if with_velocity { 2 } else { 1 };
+    let launch = Launch::new(&dev, outputs * total as usize)?;
+    launch_sgd(&dev, &items, step, keep, |t, k| {
+        Ok(launch.out_address + 4 * (k as u64 * total + offsets[t]))
+    })?;
     let out = launch.into_tensor(&dev);
     let mut results = Vec::with_capacity(items.len());
     for (t, (w, _, _)) in items.iter().enumerate() {
@@ -267,4 +328,100 @@ pub(crate) fn sgd_update_many(
         results.push((w_new, u_new));
     }
     Ok(results)
+}
+
+/// One SGD step of every weight in one launch, written into `w` and its velocity.
+pub(crate) fn sgd_update_in_place(
+    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+    step: &SgdStep,
+    keep: Option<&Tensor>,
+) -> Result<()> {
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    let dev = first.0.device().as_cuda_device()?.clone();
+    let items = contiguous_sgd(items)?;
+    launch_sgd(&dev, &items, step, keep, |t, k| match (k, &items[t]) {
+        (0, (w, _, _)) => address(w, &dev),
+        (_, (_, _, Some(u))) => address(u, &dev),
+        _ => Err(fail("a velocity expected".into())),
+    })
+}
+
+/// Launches `name`, one of `multi_tensor.cu`'s kernels, whose arguments are all alike: the
+/// pointer table, the prefix sums of the element counts, the number of tensors, their total
+/// elements and one flag's device address.
+fn launch_multi(
+    dev: &CudaDevice,
+    name: &str,
+    table: &[u64],
+    offsets: &[u64],
+    flag: u64,
+) -> Result<()> {
+    let (table_dev, offsets_dev, _) = upload(dev, table, offsets, None)?;
+    let func = dev.get_or_load_custom_func(name, MULTI_MODULE, MULTI_PTX)?;
+    let (tensors, total) = ((offsets.len() - 1) as i32, offsets[offsets.len() - 1]);
+    let mut builder = func.builder();
+    builder
+        .arg(&table_dev)
+        .arg(&offsets_dev)
+        .arg(&tensors)
+        .arg(&total)
+        .arg(&flag);
+    // SAFETY: the callers fill the table with live contiguous f32 device buffers of the sizes
+    // the prefix sums state (destinations distinct from sources), `flag` is a device u8 (or
+    // null where the kernel allows it), and the argument list matches the kernels' signature.
+    unsafe { builder.launch(grid(total)) }.map_err(candle_core::Error::wrap)?;
+    Ok(())
+}
+
+/// A u8 device scalar: 1 when every element of every f32 tensor is finite. One upload of the
+/// pointer table and the flag, one launch; nothing is read back.
+pub(crate) fn all_finite(tensors: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = tensors.first() else {
+        return Err(fail("no tensors".into()));
+    };
+    let dev = first.device().as_cuda_device()?.clone();
+    let tensors: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let offsets = offsets(tensors.iter().map(Tensor::elem_count));
+    let table = tensors
+        .iter()
+        .map(|t| address(t, &dev))
+        .collect::<Result<Vec<_>>>()?;
+    let stream = dev.cuda_stream();
+    let ok = stream
+        .clone_htod(&[1u8])
+        .map_err(candle_core::Error::wrap)?;
+    let ok_address = ok.device_ptr(&stream).0;
+    launch_multi(&dev, "all_finite_f32", &table, &offsets, ok_address)?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(ok, dev.clone())),
+        (),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// Copies each value into its variable, all or none as the device u8 `keep` says (without
+/// `keep`, all), in one launch.
+pub(crate) fn assign_if(targets: &[(&Var, &Tensor)], keep: Option<&Tensor>) -> Result<()> {
+    let Some((first, _)) = targets.first() else {
+        return Ok(());
+    };
+    let dev = first.device().as_cuda_device()?.clone();
+    let values: Vec<Tensor> = targets
+        .iter()
+        .map(|(_, t)| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let offsets = offsets(values.iter().map(Tensor::elem_count));
+    let mut table = Vec::with_capacity(2 * targets.len());
+    for ((var, _), value) in targets.iter().zip(&values) {
+        table.push(address(var.as_tensor(), &dev)?);
+        table.push(address(value, &dev)?);
+    }
+    let keep_address = keep.map(|k| address(k, &dev)).transpose()?.unwrap_or(0);
+    launch_multi(&dev, "assign_if_f32", &table, &offsets, keep_address)
 }

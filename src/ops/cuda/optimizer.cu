@@ -1,25 +1,17 @@
 // Multi-tensor optimizer updates: one launch updates every weight of a model (Adam/AdamW,
 // SGD with or without momentum), instead of a dozen element-wise kernels per weight.
 //
-// The weights are described by a table of device pointers (per weight: inputs, then outputs)
-// and the prefix sums of their element counts; a grid-stride loop walks all elements, finding
-// each one's weight by binary search in the prefix sums. The arithmetic uses the explicitly
+// The weights are described by a table of device pointers (per weight: inputs, then outputs,
+// which for an update in place are the inputs themselves: each element is read, then written,
+// by the one thread that owns it) and the prefix sums of their element counts
+// (pointer_table.cuh). The arithmetic uses the explicitly
 // rounded intrinsics (__fmul_rn, __fadd_rn, ...) so that nvcc cannot contract it into fused
 // multiply-adds: the results are the CPU kernel's and the reference's, bit for bit.
 //
 // `keep` (a device u8, or null) is the divergence check's verdict: where it is 0 the old
 // values are written back, so a non-finite step changes nothing, with no host synchronisation.
 
-typedef unsigned long long u64;
-
-__device__ __forceinline__ int owner(const u64* offsets, int tensors, u64 i) {
-    int lo = 0, hi = tensors;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (offsets[mid] <= i) lo = mid; else hi = mid;
-    }
-    return lo;
-}
+#include "pointer_table.cuh"
 
 // ptrs: 7 per weight: w, g, m, v (inputs), w', m', v' (outputs).
 extern "C" __global__ void adam_multi_f32(

@@ -1,0 +1,324 @@
+//! The end of a training step, in as few device operations as the backend allows: the finite
+//! check of the loss and every gradient in one pass ([`all_finite`]), and updates written in
+//! place, never into fresh tensors that are then copied over the old ones ([`assign_if`] for
+//! held-back state such as BatchNorm's moving statistics, [`adam_update_in_place`] and
+//! [`sgd_update_in_place`] for the optimizers).
+//!
+//! On CUDA (feature `cuda`, f32) each is one kernel launch for all its tensors
+//! (`cuda/multi_tensor.cu`, `cuda/optimizer.cu`), without a host synchronisation; on the CPU
+//! one pass per tensor; elsewhere candle's ops. Every argument of every tensor is checked
+//! before anything is written, so a call that fails changes nothing.
+
+use candle_core::{DType, Tensor, Var};
+
+use super::{AdamStep, SgdStep, check_keep, check_update, cpu, invalid, reference, same_device};
+use crate::Result;
+
+/// A u8 scalar on the tensors' device: 1 when every element of every tensor is finite, 0 when
+/// one is NaN or infinite. Nothing is read back to the host: the verdict can gate updates on
+/// the device ([`adam_update_in_place`]'s `keep`). Tensors may differ in shape and float
+/// dtype, not in device.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::all_finite;
+/// let a = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[[0f64, f64::NAN]], &Device::Cpu)?;
+/// assert_eq!(all_finite(&[&a])?.to_scalar::<u8>()?, 1);
+/// assert_eq!(all_finite(&[&a, &b])?.to_scalar::<u8>()?, 0);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn all_finite(tensors: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "all_finite";
+    let Some(first) = tensors.first() else {
+        return Err(invalid(
+            OP,
+            "tensors",
+            "at least one tensor expected".into(),
+        ));
+    };
+    for t in tensors {
+        same_device(OP, "tensors", t, first)?;
+        if !t.dtype().is_float() {
+            return Err(invalid(
+                OP,
+                "tensors",
+                format!("float tensors expected, got {:?}", t.dtype()),
+            ));
+        }
+    }
+    let device = first.device();
+    if device.is_cpu()
+        && let Some(finite) = cpu::finite::all_finite(tensors)?
+    {
+        return Ok(Tensor::new(u8::from(finite), device)?);
+    }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && tensors.iter().all(|t| t.dtype() == DType::F32) {
+        return super::cuda::all_finite(tensors);
+    }
+    // x·0 is 0 exactly for finite x, NaN for NaN and infinities.
+    let mut verdicts = Vec::with_capacity(tensors.len());
+    for t in tensors.iter().filter(|t| t.elem_count() > 0) {
+        let zero_if_finite = t.detach().flatten_all()?.affine(0.0, 0.0)?;
+        verdicts.push(zero_if_finite.eq(0.0)?.min(0)?);
+    }
+    if verdicts.is_empty() {
+        return Ok(Tensor::new(1u8, device)?);
+    }
+    Ok(Tensor::stack(&verdicts, 0)?.min(0)?)
+}
+
+/// An address that tells two tensors' storages apart (two tensors share a storage when they
+/// are views of one another).
+fn storage_address(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    std::ptr::from_ref(&*storage).addr()
+}
+
+/// The tensors that an in-place call writes must not share a storage with any other operand:
+/// the write would change an input mid-pass (and on the CPU the locks would wait on
+/// themselves).
+fn check_distinct(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<()> {
+    let addresses: Vec<usize> = tensors.iter().map(|(_, t)| storage_address(t)).collect();
+    for (i, a) in addresses.iter().enumerate() {
+        if let Some(j) = addresses[..i].iter().position(|b| b == a) {
+            return Err(invalid(
+                op,
+                tensors[i].0,
+                format!(
+                    "shares its storage with `{}`: the tensors written in place must be distinct",
+                    tensors[j].0
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The value of the u8 scalar `keep` on the CPU (reading it there costs nothing): `false`
+/// when it is 0.
+fn keep_on_cpu(keep: Option<&Tensor>) -> Result<bool> {
+    match keep {
+        None => Ok(true),
+        Some(k) => Ok(k.flatten_all()?.to_vec1::<u8>()?.first() != Some(&0)),
+    }
+}
+
+/// `new` where the u8 scalar `keep` is 1, `old` (a copy) where it is 0, chosen on the device.
+fn select(keep: Option<&Tensor>, new: &Tensor, old: &Var) -> Result<Tensor> {
+    let old = old.as_tensor().detach();
+    Ok(match keep {
+        None => new.clone(),
+        Some(k) => k
+            .flatten_all()?
+            .reshape(())?
+            .broadcast_as(new.shape())?
+            .where_cond(new, &old)?,
+    })
+}
+
+/// `true` when every tensor is an f32 or f64 CPU tensor (the fused CPU kernels' case; the
+/// weights' operands were checked to be like them).
+fn cpu_floats<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
+    tensors.all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64))
+}
+
+/// `true` when every tensor is an f32 CUDA tensor (the multi-tensor kernels' case).
+#[cfg(feature = "cuda")]
+fn cuda_f32<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
+    tensors.all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+}
+
+/// Writes each `value` into its variable where the u8 scalar `keep` is 1 (all of them, or
+/// none when it is 0; without `keep`, all). The held-back updates of a training step (the
+/// moving statistics of BatchNorm layers) are written this way, decided on the device. Each
+/// value must have its variable's shape, dtype and device, and not be a view of it.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_functional::ops::assign_if;
+/// let stat = Var::new(&[0f32, 0.0], &Device::Cpu)?;
+/// let new = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+/// assign_if(&[(&stat, &new)], Some(&Tensor::new(0u8, &Device::Cpu)?))?;
+/// assert_eq!(stat.to_vec1::<f32>()?, [0.0, 0.0]); // not kept
+/// assign_if(&[(&stat, &new)], None)?;
+/// assert_eq!(stat.to_vec1::<f32>()?, [1.0, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn assign_if(targets: &[(&Var, &Tensor)], keep: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "assign_if";
+    for (var, value) in targets {
+        check_update(OP, var.as_tensor(), &[("value", value)])?;
+        check_distinct(OP, &[("var", var.as_tensor()), ("value", value)])?;
+    }
+    let Some((first, _)) = targets.first() else {
+        return Ok(());
+    };
+    check_keep(OP, Some(first.as_tensor()), keep)?;
+    let device = first.device();
+    #[cfg(feature = "cuda")]
+    if cuda_f32(targets.iter().flat_map(|(v, t)| [v.as_tensor(), *t])) {
+        return super::cuda::assign_if(targets, keep);
+    }
+    if device.is_cpu() {
+        if keep_on_cpu(keep)? {
+            for (var, value) in targets {
+                var.set(value)?;
+            }
+        }
+        return Ok(());
+    }
+    let chosen = targets
+        .iter()
+        .map(|(var, value)| select(keep, value, var))
+        .collect::<Result<Vec<_>>>()?;
+    for ((var, _), value) in targets.iter().zip(chosen) {
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
+/// One Adam step of many weights, written in place: each `(w, g, m, v)` is a weight, its
+/// gradient and its two moment slots (the slots are variables too, so that they can be
+/// written). With `keep` (a u8 scalar on the weights' device, the divergence check's
+/// verdict) nothing changes where it is 0, decided on the device. The arithmetic is
+/// [`adam_update`](super::adam_update)'s, bit for bit. On CUDA (feature `cuda`, f32) one
+/// kernel launch for every weight; on the CPU one fused pass per weight; elsewhere the
+/// reference.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_functional::ops::{adam_update_in_place, AdamStep};
+/// let w = Var::new(&[1f32, -1.0], &Device::Cpu)?;
+/// let (m, v) = (Var::zeros(2, candle_core::DType::F32, &Device::Cpu)?, Var::zeros(2, candle_core::DType::F32, &Device::Cpu)?);
+/// let g = Tensor::new(&[0.5f32, -0.5], &Device::Cpu)?;
+/// let step = AdamStep { alpha: 0.1, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, decay: 1.0 };
+/// adam_update_in_place(&[(&w, &g, &m, &v)], step, None)?;
+/// assert_eq!(m.to_vec1::<f32>()?, [0.05, -0.05]);
+/// assert!(w.to_vec1::<f32>()?[0] < 1.0);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn adam_update_in_place(
+    items: &[(&Var, &Tensor, &Var, &Var)],
+    step: AdamStep,
+    keep: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "adam_update_in_place";
+    for (w, g, m, v) in items {
+        let (w, m, v) = (w.as_tensor(), m.as_tensor(), v.as_tensor());
+        check_update(OP, w, &[("g", g), ("m", m), ("v", v)])?;
+        check_distinct(OP, &[("w", w), ("g", g), ("m", m), ("v", v)])?;
+    }
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    check_keep(OP, Some(first.0.as_tensor()), keep)?;
+    #[cfg(feature = "cuda")]
+    if cuda_f32(items.iter().map(|i| i.0.as_tensor())) {
+        let tensors: Vec<[&Tensor; 4]> = items
+            .iter()
+            .map(|(w, g, m, v)| [w.as_tensor(), *g, m.as_tensor(), v.as_tensor()])
+            .collect();
+        return super::cuda::adam_update_in_place(&tensors, &step, keep);
+    }
+    if cpu_floats(items.iter().map(|i| i.0.as_tensor())) {
+        if keep_on_cpu(keep)? {
+            for (w, g, m, v) in items {
+                cpu::optimizer::adam_update_in_place(w, g, m, v, &step)?;
+            }
+        }
+        return Ok(());
+    }
+    let mut new = Vec::with_capacity(items.len());
+    for (w, g, m, v) in items {
+        let (w1, m1, v1) = reference::adam_update(w, g, m, v, step)?;
+        new.push([
+            select(keep, &w1, w)?,
+            select(keep, &m1, m)?,
+            select(keep, &v1, v)?,
+        ]);
+    }
+    for ((w, _, m, v), [w1, m1, v1]) in items.iter().zip(new) {
+        w.set(&w1)?;
+        m.set(&m1)?;
+        v.set(&v1)?;
+    }
+    Ok(())
+}
+
+/// One SGD step of many weights, written in place: each `(w, g, velocity)`, the velocity a
+/// variable, given exactly when the step has momentum. `keep` as in
+/// [`adam_update_in_place`]; the arithmetic is [`sgd_update`](super::sgd_update)'s.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_functional::ops::{sgd_update_in_place, SgdStep};
+/// let w = Var::new(&[1f32], &Device::Cpu)?;
+/// let g = Tensor::new(&[2f32], &Device::Cpu)?;
+/// let step = SgdStep { learning_rate: 0.5, momentum: 0.0, nesterov: false, decay: 1.0 };
+/// sgd_update_in_place(&[(&w, &g, None)], step, None)?;
+/// assert_eq!(w.to_vec1::<f32>()?, [0.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn sgd_update_in_place(
+    items: &[(&Var, &Tensor, Option<&Var>)],
+    step: SgdStep,
+    keep: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "sgd_update_in_place";
+    for (w, g, u) in items {
+        let u = u.map(|u| u.as_tensor());
+        check_update(OP, w.as_tensor(), &super::sgd_operands(g, u))?;
+        if (step.momentum != 0.0) != u.is_some() {
+            return Err(invalid(
+                OP,
+                "velocity",
+                "a velocity goes with momentum, and only with it".into(),
+            ));
+        }
+        let mut operands = vec![("w", w.as_tensor()), ("g", *g)];
+        operands.extend(u.map(|u| ("velocity", u)));
+        check_distinct(OP, &operands)?;
+    }
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    check_keep(OP, Some(first.0.as_tensor()), keep)?;
+    #[cfg(feature = "cuda")]
+    if cuda_f32(items.iter().map(|i| i.0.as_tensor())) {
+        let tensors: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = items
+            .iter()
+            .map(|(w, g, u)| (w.as_tensor(), *g, u.map(|u| u.as_tensor())))
+            .collect();
+        return super::cuda::sgd_update_in_place(&tensors, &step, keep);
+    }
+    if cpu_floats(items.iter().map(|i| i.0.as_tensor())) {
+        if keep_on_cpu(keep)? {
+            for (w, g, u) in items {
+                cpu::optimizer::sgd_update_in_place(w, g, u.map(|u| u.as_tensor()), &step)?;
+            }
+        }
+        return Ok(());
+    }
+    let mut new = Vec::with_capacity(items.len());
+    for (w, g, u) in items {
+        let (w1, u1) = reference::sgd_update(w, g, u.map(|u| u.as_tensor()), step)?;
+        let u1 = match (u1, u) {
+            (Some(u1), Some(u)) => Some(select(keep, &u1, u)?),
+            _ => None,
+        };
+        new.push((select(keep, &w1, w)?, u1));
+    }
+    for ((w, _, u), (w1, u1)) in items.iter().zip(new) {
+        w.set(&w1)?;
+        if let (Some(u), Some(u1)) = (u, u1) {
+            u.set(&u1)?;
+        }
+    }
+    Ok(())
+}
