@@ -289,7 +289,7 @@ impl StateUpdates {
     /// The held-back values, one per variable: the latest (a layer called twice in one pass
     /// computes its second update from its first), in the order the variables were first
     /// updated. Writing these is the same as [`StateUpdates::apply`]; a caller that writes
-    /// them all at once (the trainer, with [`crate::ops::assign_if`]) takes them this way.
+    /// them all at once (the trainer, with `ops::assign_if`) takes them this way.
     ///
     /// # Examples
     /// ```
