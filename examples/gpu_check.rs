@@ -79,16 +79,28 @@ fn labels(n: usize, device: &Device) -> candle_core::Result<Tensor> {
 }
 
 /// Max |a - b| / max(1, max |b|) over a pair of tensors.
+/// NaN when any element of either differs from the other by NaN or infinity (a NaN or
+/// infinite value on one side only, or NaNs on both).
 fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let diff = (&a - &b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?;
+    let diffs = (&a - &b)?.abs()?.flatten_all()?;
+    // candle's `max` skips NaNs; their sum does not.
+    if !diffs.sum_all()?.to_scalar::<f64>()?.is_finite() {
+        return Ok(f64::NAN);
+    }
+    let diff = diffs.max(0)?.to_scalar::<f64>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1.0);
     Ok(diff / scale)
+}
+
+/// The larger of two differences, NaN if either is (`f64::max` would drop it).
+fn worse(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// The outputs, the gradients of every trainable weight and the state after one training
@@ -122,7 +134,7 @@ fn compare_devices(
     let out_diff = rel_diff(&results[1].0, &results[0].0)?;
     let mut grad_diff = 0f64;
     for ((_, a), (_, b)) in results[1].1.iter().zip(&results[0].1) {
-        grad_diff = grad_diff.max(rel_diff(a, b)?);
+        grad_diff = worse(grad_diff, rel_diff(a, b)?);
     }
     Ok((out_diff, grad_diff, results[0].1.len()))
 }
@@ -253,18 +265,17 @@ fn correctness_fused_optimizer(device: &Device) -> Result<f64> {
         let a = adam_update_many(&adam_refs(&cpu), ADAM, Some(&k_cpu))?;
         let b = adam_update_many(&adam_refs(&on_device), ADAM, Some(&k_dev))?;
         for (x, y) in a.iter().zip(&b) {
-            worst = worst
-                .max(rel_diff(&y.0, &x.0)?)
-                .max(rel_diff(&y.1, &x.1)?)
-                .max(rel_diff(&y.2, &x.2)?);
+            for (new, old) in [(&y.0, &x.0), (&y.1, &x.1), (&y.2, &x.2)] {
+                worst = worse(worst, rel_diff(new, old)?);
+            }
         }
     }
     let a = sgd_update_many(&sgd_refs(&cpu), SGD, None)?;
     let b = sgd_update_many(&sgd_refs(&on_device), SGD, None)?;
     for (x, y) in a.iter().zip(&b) {
-        worst = worst.max(rel_diff(&y.0, &x.0)?);
+        worst = worse(worst, rel_diff(&y.0, &x.0)?);
         if let (Some(u), Some(v)) = (&x.1, &y.1) {
-            worst = worst.max(rel_diff(v, u)?);
+            worst = worse(worst, rel_diff(v, u)?);
         }
     }
     Ok(worst)
@@ -328,7 +339,7 @@ fn correctness_in_place(device: &Device) -> Result<(f64, f64, bool)> {
     }
     let mut kernels = 0f64;
     for (a, b) in results[0].iter().zip(&results[1]) {
-        kernels = kernels.max(rel_diff(b, a)?);
+        kernels = worse(kernels, rel_diff(b, a)?);
     }
     // Three training steps of a small ResNet, each device with its default divergence check
     // (the CPU reads its verdict, CUDA keeps it on the device), then a NaN batch.
@@ -342,13 +353,20 @@ fn correctness_in_place(device: &Device) -> Result<(f64, f64, bool)> {
         for _ in 0..3 {
             trainer.train_step(&batch, 1e-3)?;
         }
-        let before = trainer.model().weight_map()?;
+        // Copies: `weight_map` shares its tensors' storage with the weights.
+        let before: std::collections::HashMap<String, Tensor> = trainer
+            .model()
+            .weight_map()?
+            .into_iter()
+            .map(|(n, w)| Ok((n, w.copy()?)))
+            .collect::<Result<_>>()?;
         if !dev.is_cpu() {
             let nan_x = (x.to_device(&dev)? * f64::NAN)?;
             let nan_batch = Batch::new(vec![nan_x], vec![y.to_device(&dev)?]);
             trainer.train_step(&nan_batch, 1e-3)?;
             let after = trainer.model().weight_map()?;
             for (name, w) in &before {
+                // A NaN difference (a NaN weight) fails too: `== 0.0` is false for NaN.
                 refused &= rel_diff(&after[name], w)? == 0.0;
             }
             refused &= trainer.check_divergence().is_err();
@@ -357,7 +375,7 @@ fn correctness_in_place(device: &Device) -> Result<(f64, f64, bool)> {
     }
     let mut steps = 0f64;
     for (name, w) in &weights[0] {
-        steps = steps.max(rel_diff(&weights[1][name], w)?);
+        steps = worse(steps, rel_diff(&weights[1][name], w)?);
     }
     Ok((kernels, steps, refused))
 }

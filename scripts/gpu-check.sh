@@ -19,7 +19,8 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 PY=${TORCH_PY:-${PYTHON:-python3}}
 # Growth of device memory allowed between the first fifth of the epoch and its end (MiB):
-# a leak of one step's graph is about 2 GB a step.
+# a leak of one step's graph is about 2 GB a step. The script exits 1 on growth, on no
+# samples inside the epoch, or when a crate run failed.
 GROWTH_LIMIT_MIB=${GROWTH_LIMIT_MIB:-512}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -42,11 +43,14 @@ fi
 # Correctness with full-f32 products (TF32 off), then everything with TF32 on, with device
 # memory sampled every 250 ms (Unix time, MiB) in the background.
 NVIDIA_TF32_OVERRIDE=0 "${CHECK[@]}" --correctness-only > "$OUT/correctness.json" 2> "$OUT/correctness.log"
-echo "correctness exit $?" >&2
+CORRECTNESS_RC=$?
+echo "correctness exit $CORRECTNESS_RC" >&2
+# Every 250 ms plus nvidia-smi's own time (about 280 ms in all on the H200).
 (while :; do echo "$(date +%s.%N) $(sample_memory)"; sleep 0.25; done) > "$OUT/memory.txt" 2>/dev/null &
 SAMPLER=$!
 "${CHECK[@]}" "$@" > "$OUT/crate.json" 2> "$OUT/crate.log"
-echo "crate exit $?" >&2
+CRATE_RC=$?
+echo "crate exit $CRATE_RC" >&2
 kill "$SAMPLER" 2>/dev/null
 cat "$OUT/crate.log" >&2
 : > "$OUT/torch.jsonl"
@@ -57,7 +61,7 @@ for extra in "${variants[@]}"; do
   "$PY" scripts/torch_reference.py bench --model resnet --mode train "${TORCH[@]}" $extra 2>> "$OUT/torch.log" | tail -n 1 >> "$OUT/torch.jsonl"
 done
 
-"${PYTHON:-python3}" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" "$OUT/memory.txt" "$GROWTH_LIMIT_MIB" <<'PY'
+"${PYTHON:-python3}" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" "$OUT/memory.txt" "$GROWTH_LIMIT_MIB" "$CORRECTNESS_RC" "$CRATE_RC" "${DRY_RUN:-0}" <<'PY'
 import json, sys
 def last_json(path):
     try:
@@ -107,6 +111,10 @@ out = {
     },
     "conv3x3_speedup_over_candle_own": ratio((crate.get("conv3x3_fwd_bwd_ms") or {}).get("candle_reference"), (crate.get("conv3x3_fwd_bwd_ms") or {}).get("ops")),
 }
+out["exit_codes"] = {"correctness": int(sys.argv[6]), "crate": int(sys.argv[7])}
 print(json.dumps(out, indent=1))
-sys.exit(0 if memory.get("flat", True) else 1)
+# Fails when a run failed, or when the memory check found growth or had nothing to check
+# (a dry run on the CPU has no device memory to sample).
+memory_ok = memory.get("flat", False) or sys.argv[8] == "1"
+sys.exit(0 if memory_ok and sys.argv[6] == "0" and sys.argv[7] == "0" else 1)
 PY

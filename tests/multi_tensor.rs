@@ -95,6 +95,7 @@ fn adam_in_place_is_bit_identical_to_the_fused_and_reference_updates() {
             let skip = Tensor::new(0u8, &CPU).unwrap();
             adam_update_in_place(&[(&w, &g, &m, &v)], step, Some(&skip)).unwrap();
             assert_same(w.as_tensor(), &want.0, "w after a skipped step");
+            assert_same(m.as_tensor(), &want.1, "m after a skipped step");
             assert_same(v.as_tensor(), &want.2, "v after a skipped step");
         }
     }
@@ -161,6 +162,23 @@ fn in_place_updates_check_every_weight_before_writing_any() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("`v`") && err.contains("`m`"), "{err}");
+    // Across items: one weight twice, or one item's gradient being another's weight.
+    let err = adam_update_in_place(
+        &[(&w1, &g, &m1, &v1), (&w1, &g, &m2, &v2)],
+        adam_step(1.0),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("item 1") && err.contains("item 0"), "{err}");
+    let err = adam_update_in_place(
+        &[(&w1, &g, &m1, &v1), (&w2, w1.as_tensor(), &m2, &v2)],
+        adam_step(1.0),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`g`") && err.contains("`w`"), "{err}");
     let sgd = SgdStep {
         learning_rate: 0.1,
         momentum: 0.9,

@@ -190,7 +190,14 @@ fn on_device_labels_out_of_range_are_refused_without_a_read() {
     let mut t = trainer(AdamConfig::default());
     let mut bad = batch(0);
     bad.targets[0] = Tensor::new(&[0u32, 1, 7, 2], &CPU).unwrap();
-    let before = t.model().weight_map().unwrap();
+    // Copies: `weight_map` shares its tensors' storage with the weights.
+    let snapshot = |t: &Trainer| -> Vec<(String, Tensor)> {
+        let map = t.model().weight_map().unwrap();
+        map.iter()
+            .map(|(n, w)| (n.clone(), w.copy().unwrap()))
+            .collect()
+    };
+    let before = snapshot(&t);
     let reads = host_reads();
     // Clamped for the loss: the step runs, applies nothing, and fails at the next check.
     t.train_step(&bad, 1e-3).unwrap();
@@ -200,6 +207,16 @@ fn on_device_labels_out_of_range_are_refused_without_a_read() {
         let diff = common::max_abs_diff(w, &after[name]);
         assert_eq!(diff, 0.0, "{name} changed in a step with bad labels");
     }
+    // The same batch with good labels does move them (so the comparison can fail).
+    let mut fresh = trainer(AdamConfig::default());
+    let start = snapshot(&fresh);
+    fresh.train_step(&batch(0), 1e-3).unwrap();
+    let moved = fresh.model().weight_map().unwrap();
+    assert!(
+        start
+            .iter()
+            .any(|(n, w)| common::max_abs_diff(w, &moved[n]) > 0.0)
+    );
     let err = t.check_divergence().unwrap_err().to_string();
     assert!(
         err.contains("labels out of range") && err.contains("step 1"),

@@ -7,7 +7,10 @@
 //! On CUDA (feature `cuda`, f32) each is one kernel launch for all its tensors
 //! (`cuda/multi_tensor.cu`, `cuda/optimizer.cu`), without a host synchronisation; on the CPU
 //! one pass per tensor; elsewhere candle's ops. Every argument of every tensor is checked
-//! before anything is written, so a call that fails changes nothing.
+//! before anything is written, so a call that fails changes nothing; among the checks, across
+//! all items, no storage written may be written twice or read as another operand.
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 
@@ -77,21 +80,35 @@ fn storage_address(t: &Tensor) -> usize {
     std::ptr::from_ref(&*storage).addr()
 }
 
-/// The tensors that an in-place call writes must not share a storage with any other operand:
-/// the write would change an input mid-pass (and on the CPU the locks would wait on
-/// themselves).
-fn check_distinct(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<()> {
-    let addresses: Vec<usize> = tensors.iter().map(|(_, t)| storage_address(t)).collect();
-    for (i, a) in addresses.iter().enumerate() {
-        if let Some(j) = addresses[..i].iter().position(|b| b == a) {
-            return Err(invalid(
-                op,
-                tensors[i].0,
-                format!(
-                    "shares its storage with `{}`: the tensors written in place must be distinct",
-                    tensors[j].0
-                ),
-            ));
+/// One operand of an in-place call: its name, its item, whether it is written, the tensor.
+type Operand<'a> = (&'static str, usize, bool, &'a Tensor);
+
+/// Across all the items of an in-place call, every storage written must be written once and
+/// read by nothing else: a write would change another operand mid-pass (on CUDA, another
+/// thread's element; on the CPU the locks would wait on themselves), and a weight written
+/// twice would be updated twice.
+fn check_aliasing(op: &'static str, operands: &[Operand<'_>]) -> Result<()> {
+    let mut written: HashMap<usize, (&'static str, usize)> = HashMap::new();
+    let clash = |(name, item): (&'static str, usize),
+                 (other, other_item): (&'static str, usize)| {
+        invalid(
+            op,
+            name,
+            format!(
+                "(item {item}) shares its storage with `{other}` (item {other_item}): a tensor \
+                 written in place must be distinct from every other operand"
+            ),
+        )
+    };
+    for &(name, item, _, t) in operands.iter().filter(|o| o.2) {
+        if let Some(&first) = written.get(&storage_address(t)) {
+            return Err(clash((name, item), first));
+        }
+        written.insert(storage_address(t), (name, item));
+    }
+    for &(name, item, _, t) in operands.iter().filter(|o| !o.2) {
+        if let Some(&w) = written.get(&storage_address(t)) {
+            return Err(clash((name, item), w));
         }
     }
     Ok(())
@@ -131,6 +148,21 @@ fn cuda_f32<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
     tensors.all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
 }
 
+/// Every check [`assign_if`] makes before writing, without writing: a caller that must not
+/// write anything else unless the assignment will be made (the trainer, before its optimizer
+/// step) runs it first.
+pub(crate) fn check_assignments(targets: &[(&Var, &Tensor)], keep: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "assign_if";
+    let mut operands = Vec::with_capacity(2 * targets.len());
+    for (i, (var, value)) in targets.iter().enumerate() {
+        check_update(OP, var.as_tensor(), &[("value", value)])?;
+        operands.push(("var", i, true, var.as_tensor()));
+        operands.push(("value", i, false, *value));
+    }
+    check_aliasing(OP, &operands)?;
+    check_keep(OP, targets.first().map(|(v, _)| v.as_tensor()), keep)
+}
+
 /// Writes each `value` into its variable where the u8 scalar `keep` is 1 (all of them, or
 /// none when it is 0; without `keep`, all). The held-back updates of a training step (the
 /// moving statistics of BatchNorm layers) are written this way, decided on the device. Each
@@ -149,15 +181,10 @@ fn cuda_f32<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn assign_if(targets: &[(&Var, &Tensor)], keep: Option<&Tensor>) -> Result<()> {
-    const OP: &str = "assign_if";
-    for (var, value) in targets {
-        check_update(OP, var.as_tensor(), &[("value", value)])?;
-        check_distinct(OP, &[("var", var.as_tensor()), ("value", value)])?;
-    }
+    check_assignments(targets, keep)?;
     let Some((first, _)) = targets.first() else {
         return Ok(());
     };
-    check_keep(OP, Some(first.as_tensor()), keep)?;
     let device = first.device();
     #[cfg(feature = "cuda")]
     if cuda_f32(targets.iter().flat_map(|(v, t)| [v.as_tensor(), *t])) {
@@ -208,11 +235,18 @@ pub fn adam_update_in_place(
     keep: Option<&Tensor>,
 ) -> Result<()> {
     const OP: &str = "adam_update_in_place";
-    for (w, g, m, v) in items {
+    let mut operands = Vec::with_capacity(4 * items.len());
+    for (i, (w, g, m, v)) in items.iter().enumerate() {
         let (w, m, v) = (w.as_tensor(), m.as_tensor(), v.as_tensor());
         check_update(OP, w, &[("g", g), ("m", m), ("v", v)])?;
-        check_distinct(OP, &[("w", w), ("g", g), ("m", m), ("v", v)])?;
+        operands.extend([
+            ("w", i, true, w),
+            ("g", i, false, *g),
+            ("m", i, true, m),
+            ("v", i, true, v),
+        ]);
     }
+    check_aliasing(OP, &operands)?;
     let Some(first) = items.first() else {
         return Ok(());
     };
@@ -271,7 +305,8 @@ pub fn sgd_update_in_place(
     keep: Option<&Tensor>,
 ) -> Result<()> {
     const OP: &str = "sgd_update_in_place";
-    for (w, g, u) in items {
+    let mut operands = Vec::with_capacity(3 * items.len());
+    for (i, (w, g, u)) in items.iter().enumerate() {
         let u = u.map(|u| u.as_tensor());
         check_update(OP, w.as_tensor(), &super::sgd_operands(g, u))?;
         if (step.momentum != 0.0) != u.is_some() {
@@ -281,10 +316,10 @@ pub fn sgd_update_in_place(
                 "a velocity goes with momentum, and only with it".into(),
             ));
         }
-        let mut operands = vec![("w", w.as_tensor()), ("g", *g)];
-        operands.extend(u.map(|u| ("velocity", u)));
-        check_distinct(OP, &operands)?;
+        operands.extend([("w", i, true, w.as_tensor()), ("g", i, false, *g)]);
+        operands.extend(u.map(|u| ("velocity", i, true, u)));
     }
+    check_aliasing(OP, &operands)?;
     let Some(first) = items.first() else {
         return Ok(());
     };

@@ -7,7 +7,10 @@
 //! device allocation filled by a kernel. Counting the cells on the CPU therefore counts the
 //! device allocations, and nearly all the kernel launches, that the same step makes on a GPU.
 //! In-place writes (`Var::set`, the crate's in-place optimizer and state kernels) create no
-//! cell and are not counted.
+//! cell and are not counted. A cell is told by its layout alone (size and alignment), so any
+//! other allocation of exactly that layout counts too: the count is an upper bound, exact for
+//! candle's own operations (the crate's tests check single operations, views and tracked
+//! operations).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};

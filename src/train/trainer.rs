@@ -217,9 +217,10 @@ const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
 /// weight and metrics, frozen layers. Deterministic on CPU for a given model seed and data
 /// seed.
 ///
-/// A training step checks every target against its output (dtype, shape, label range)
-/// before the forward pass, and writes nothing (weights, optimizer state, BatchNorm
-/// statistics) unless the whole step succeeds.
+/// A training step checks every target against its output (dtype, shape, label range; under
+/// [`NanCheck::OnDevice`] the label range on the device, refusing the step) before the
+/// forward pass, and writes nothing (weights, optimizer state, BatchNorm statistics, the
+/// divergence flag) unless the whole step succeeds.
 ///
 /// # Examples
 /// ```
@@ -626,44 +627,60 @@ impl Trainer {
                 let mut checked = vec![&total];
                 checked.extend(&gradients);
                 let finite = ops::all_finite(&checked)?;
-                Some(self.record_divergence(finite, labels_ok, position)?)
+                Some(self.next_divergence(finite, labels_ok, position)?)
             }
             NanCheck::Off => None,
         };
-        update_metrics(&mut self.metrics, &outputs, &targets)?;
-        match &keep {
-            Some(keep) => self.optimizer.step_if(&vars, &grads, lr, keep)?,
-            None => self.optimizer.step(&vars, &grads, lr)?,
-        }
-        // The held-back state (BatchNorm's moving statistics): one launch on CUDA.
+        let keep = keep.map(|flag| {
+            let keep = flag.alive.clone();
+            (flag, keep)
+        });
+        // The held-back state (BatchNorm's moving statistics), checked before the optimizer
+        // writes anything: the step is applied whole or not at all.
         let state = updates.into_latest();
         let assignments: Vec<(&Var, &Tensor)> =
             state.iter().map(|(var, value)| (var, value)).collect();
-        ops::assign_if(&assignments, keep.as_ref())?;
+        let keep_flag = keep.as_ref().map(|(_, k)| k);
+        ops::check_assignments(&assignments, keep_flag)?;
+        update_metrics(&mut self.metrics, &outputs, &targets)?;
+        match keep_flag {
+            Some(keep) => self.optimizer.step_if(&vars, &grads, lr, keep)?,
+            None => self.optimizer.step(&vars, &grads, lr)?,
+        }
+        // One launch on CUDA.
+        ops::assign_if(&assignments, keep_flag)?;
+        if let Some((flag, _)) = keep {
+            self.divergence = Some(flag);
+        }
         Ok((total.detach(), per_output))
     }
 
-    /// [`NanCheck::OnDevice`]: folds this step's verdicts (finite loss and gradients, labels
-    /// in range) into the device flag and returns the u8 scalar that says whether its updates
-    /// apply (every step so far good). Every tensor kept is detached.
-    fn record_divergence(
-        &mut self,
+    /// [`NanCheck::OnDevice`]: this step's verdicts (finite loss and gradients, labels in
+    /// range) folded into the device flag, which the caller keeps once the step is applied;
+    /// its `alive` (u8) says whether the step's updates apply (every step so far good).
+    /// Every tensor in it is detached.
+    fn next_divergence(
+        &self,
         finite: Tensor,
         labels_ok: Option<Tensor>,
         (epoch, step): (usize, usize),
-    ) -> Result<Tensor> {
+    ) -> Result<DivergenceFlag> {
         let device = finite.device().clone();
         let ok = match &labels_ok {
             Some(labels) => (&finite * labels)?,
             None => finite,
         };
-        let flag = match self.divergence.take() {
+        let start;
+        let flag = match &self.divergence {
             Some(flag) => flag,
-            None => DivergenceFlag {
-                alive: Tensor::new(1u8, &device)?,
-                first_bad: Tensor::new(0f64, &device)?,
-                bad_labels: Tensor::new(0u8, &device)?,
-            },
+            None => {
+                start = DivergenceFlag {
+                    alive: Tensor::new(1u8, &device)?,
+                    first_bad: Tensor::new(0f64, &device)?,
+                    bad_labels: Tensor::new(0u8, &device)?,
+                };
+                &start
+            }
         };
         let keep = (&flag.alive * &ok)?.detach();
         // The first step that turns `alive` off is recorded: alive - keep is 1 just then.
@@ -674,14 +691,13 @@ impl Trainer {
             // alive - keep is 1 only at the first bad step; 1 - labels_ok is 1 if its labels
             // were the cause.
             Some(labels) => (&flag.bad_labels + (&turned_off * labels.eq(0u8)?)?)?,
-            None => flag.bad_labels,
+            None => flag.bad_labels.clone(),
         };
-        self.divergence = Some(DivergenceFlag {
-            alive: keep.clone(),
+        Ok(DivergenceFlag {
+            alive: keep,
             first_bad: first_bad.detach(),
             bad_labels: bad_labels.detach(),
-        });
-        Ok(keep)
+        })
     }
 
     /// [`Trainer::check_targets`] without reading values: shapes and dtypes checked at once,
