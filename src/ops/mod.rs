@@ -39,8 +39,8 @@ pub(crate) mod cudnn;
 mod multi_tensor;
 pub mod reference;
 
-pub(crate) use multi_tensor::check_assignments;
 pub use multi_tensor::{adam_update_in_place, all_finite, assign_if, sgd_update_in_place};
+pub(crate) use multi_tensor::{assign_checked, check_assignments};
 
 /// Where and how a convolution's window moves: padding on each side, stride, dilation and
 /// channel groups.

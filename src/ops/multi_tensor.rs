@@ -182,6 +182,12 @@ pub(crate) fn check_assignments(targets: &[(&Var, &Tensor)], keep: Option<&Tenso
 /// ```
 pub fn assign_if(targets: &[(&Var, &Tensor)], keep: Option<&Tensor>) -> Result<()> {
     check_assignments(targets, keep)?;
+    assign_checked(targets, keep)
+}
+
+/// [`assign_if`] after [`check_assignments`] has passed (the trainer checks before its
+/// optimizer step and writes after it, without checking twice).
+pub(crate) fn assign_checked(targets: &[(&Var, &Tensor)], keep: Option<&Tensor>) -> Result<()> {
     let Some((first, _)) = targets.first() else {
         return Ok(());
     };

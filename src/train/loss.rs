@@ -196,12 +196,11 @@ impl Loss {
         Ok(())
     }
 
-    /// The label-range check of [`Loss::check_target`] decided on the device, for a target
-    /// whose layout was checked: `None` unless sparse labels; else a u8 scalar (1 when every
-    /// label is in `0..classes`) and the labels clamped into that range, so that the loss of
-    /// a bad batch indexes nothing out of bounds while the verdict keeps its step from being
-    /// applied. Nothing is read back.
-    pub(crate) fn labels_on_device(
+    /// The bounds of sparse labels for an output of per-sample shape `output_shape`, as
+    /// scalars of `target`'s dtype on its device: `(0, classes - 1)`; `None` for other
+    /// losses. Made once and kept by the caller, so that the check on the device uploads
+    /// nothing per step.
+    pub(crate) fn label_bounds(
         &self,
         output_shape: &[usize],
         target: &Tensor,
@@ -211,19 +210,38 @@ impl Loss {
         else {
             return Ok(None);
         };
-        if target.elem_count() == 0 || classes == 0 {
+        if classes == 0 {
             return Ok(None);
         }
-        let top = (classes - 1) as f64;
-        let (ok, clamped) = if matches!(target.dtype(), DType::U8 | DType::U32) {
-            let ok = target.flatten_all()?.max(0)?.le(top)?;
-            (ok, target.minimum(top)?)
-        } else {
-            let flat = target.flatten_all()?;
-            let ok = (flat.min(0)?.ge(0.0)? * flat.max(0)?.le(top)?)?;
-            (ok, target.clamp(0.0, top)?)
+        let scalar = |v: f64| -> Result<Tensor> {
+            Ok(Tensor::new(v, &candle_core::Device::Cpu)?
+                .to_dtype(target.dtype())?
+                .to_device(target.device())?)
         };
-        Ok(Some((ok, clamped)))
+        // A bound beyond the dtype's range saturates, which is still every label it holds.
+        Ok(Some((scalar(0.0)?, scalar(classes as f64 - 1.0)?)))
+    }
+
+    /// The label-range check of [`Loss::check_target`] decided on the device, for a target
+    /// whose layout was checked, with the bounds of [`Loss::label_bounds`]: a u8 scalar (1
+    /// when every label is in `0..classes`) and the labels clamped into that range, so that
+    /// the loss of a bad batch indexes nothing out of bounds while the verdict keeps its step
+    /// from being applied. Nothing is read back; `None` for an empty target.
+    pub(crate) fn labels_on_device(
+        target: &Tensor,
+        (zero, top): &(Tensor, Tensor),
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if target.elem_count() == 0 {
+            return Ok(None);
+        }
+        let flat = target.flatten_all()?;
+        let below_top = flat.max(0)?.le(top)?;
+        Ok(Some(if matches!(target.dtype(), DType::U8 | DType::U32) {
+            (below_top, target.broadcast_minimum(top)?)
+        } else {
+            let ok = (flat.min(0)?.ge(zero)? * below_top)?;
+            (ok, target.broadcast_maximum(zero)?.broadcast_minimum(top)?)
+        }))
     }
 
     /// The mean loss of `outputs` against `targets` (a scalar, f32 for f32/bf16/f16 outputs).

@@ -269,6 +269,9 @@ pub struct Trainer {
     dtype: DType,
     nan_check: NanCheck,
     divergence: Option<DivergenceFlag>,
+    /// Per output, the bounds of its sparse labels on the device (`Loss::label_bounds`),
+    /// made at the first step that checks labels on the device.
+    label_bounds: Vec<Option<(Tensor, Tensor)>>,
     optimizer_config: OptimizerConfig,
     /// Batches an epoch of the run so far (restored from a checkpoint): resuming with other
     /// data or another batch size would not continue the same run.
@@ -369,6 +372,7 @@ impl Trainer {
                 NanCheck::EveryStep
             },
             divergence: None,
+            label_bounds: Vec::new(),
             dtype,
         })
     }
@@ -602,7 +606,7 @@ impl Trainer {
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
             .collect();
-        let keep = match self.nan_check {
+        let next_flag = match self.nan_check {
             NanCheck::EveryStep => {
                 // One read of both verdicts.
                 let mut verdicts = vec![ops::all_finite(&[&total])?];
@@ -631,26 +635,24 @@ impl Trainer {
             }
             NanCheck::Off => None,
         };
-        let keep = keep.map(|flag| {
-            let keep = flag.alive.clone();
-            (flag, keep)
-        });
+        // Whether the step applies: the new flag's `alive` (the flag itself is kept only once
+        // the step is written).
+        let keep = next_flag.as_ref().map(|flag| &flag.alive);
         // The held-back state (BatchNorm's moving statistics), checked before the optimizer
         // writes anything: the step is applied whole or not at all.
         let state = updates.into_latest();
         let assignments: Vec<(&Var, &Tensor)> =
             state.iter().map(|(var, value)| (var, value)).collect();
-        let keep_flag = keep.as_ref().map(|(_, k)| k);
-        ops::check_assignments(&assignments, keep_flag)?;
+        ops::check_assignments(&assignments, keep)?;
         update_metrics(&mut self.metrics, &outputs, &targets)?;
-        match keep_flag {
+        match keep {
             Some(keep) => self.optimizer.step_if(&vars, &grads, lr, keep)?,
             None => self.optimizer.step(&vars, &grads, lr)?,
         }
         // One launch on CUDA.
-        ops::assign_if(&assignments, keep_flag)?;
-        if let Some((flag, _)) = keep {
-            self.divergence = Some(flag);
+        ops::assign_checked(&assignments, keep)?;
+        if next_flag.is_some() {
+            self.divergence = next_flag;
         }
         Ok((total.detach(), per_output))
     }
@@ -688,9 +690,10 @@ impl Trainer {
         let code = ((epoch as u64) << 32 | step as u64) as f64;
         let first_bad = (&flag.first_bad + turned_off.to_dtype(DType::F64)?.affine(code, 0.0)?)?;
         let bad_labels = match labels_ok {
-            // alive - keep is 1 only at the first bad step; 1 - labels_ok is 1 if its labels
-            // were the cause.
-            Some(labels) => (&flag.bad_labels + (&turned_off * labels.eq(0u8)?)?)?,
+            // alive - keep is 1 only at the first bad step; that times (1 - labels_ok), written
+            // turned_off - turned_off · labels_ok (u8, never negative), is 1 if its labels were
+            // the cause.
+            Some(labels) => (&flag.bad_labels + (&turned_off - (&turned_off * labels)?)?)?,
             None => flag.bad_labels.clone(),
         };
         Ok(DivergenceFlag {
@@ -703,13 +706,29 @@ impl Trainer {
     /// [`Trainer::check_targets`] without reading values: shapes and dtypes checked at once,
     /// sparse labels range-checked on the device. Returns the targets to train on (sparse
     /// labels clamped into range) and the labels' verdict (a u8 scalar), if any.
-    fn targets_checked_on_device(&self, batch: &Batch) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    fn targets_checked_on_device(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let n = self.check_batch_layout(batch)?;
+        let mut bounds = std::mem::take(&mut self.label_bounds);
+        bounds.resize(batch.targets.len(), None);
         let mut targets = Vec::with_capacity(batch.targets.len());
         let mut verdict: Option<Tensor> = None;
-        for (shape, target, loss, name) in self.targets_of(batch) {
+        for ((shape, target, loss, name), bound) in self.targets_of(batch).zip(&mut bounds) {
             loss.check_target_layout(shape, target, n, name)?;
-            match loss.labels_on_device(shape, target)? {
+            // Made again only when the labels' dtype or device changes.
+            let stale = bound.as_ref().is_none_or(|(zero, _)| {
+                zero.dtype() != target.dtype() || !zero.device().same_device(target.device())
+            });
+            if stale {
+                *bound = loss.label_bounds(shape, target)?;
+            }
+            let checked = match bound {
+                Some(b) => Loss::labels_on_device(target, b)?,
+                None => None,
+            };
+            match checked {
                 Some((ok, clamped)) => {
                     verdict = Some(match verdict {
                         Some(v) => (v * ok)?,
@@ -720,6 +739,7 @@ impl Trainer {
                 None => targets.push(target.clone()),
             }
         }
+        self.label_bounds = bounds;
         Ok((targets, verdict))
     }
 

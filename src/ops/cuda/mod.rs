@@ -50,7 +50,7 @@ fn address(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     })
 }
 
-/// One output buffer for `3 * total` (or `2 * total`) elements and its address.
+/// One output buffer for `3 * total` (or `2 * total`, or `total`) elements and its address.
 struct Launch {
     out: CudaSlice<f32>,
     out_address: u64,
@@ -67,7 +67,13 @@ fn grid(total: u64) -> LaunchConfig {
 }
 
 impl Launch {
-    fn new(dev: &CudaDevice, outputs: usize) -> Result<Self> {
+    /// A buffer for `per_element` outputs of each of `total` elements: the size checked, so
+    /// that an overflow cannot shrink the buffer the kernel then writes past.
+    fn new(dev: &CudaDevice, per_element: usize, total: u64) -> Result<Self> {
+        let outputs = usize::try_from(total)
+            .ok()
+            .and_then(|t| t.checked_mul(per_element))
+            .ok_or_else(|| fail(format!("{per_element} × {total} outputs overflow")))?;
         // SAFETY: the kernel writes every element of every output before anything reads it.
         let mut out = unsafe { dev.alloc::<f32>(outputs.max(1)) }?;
         let out_address = out.device_ptr_mut(&dev.cuda_stream()).0;
@@ -197,7 +203,7 @@ pub(crate) fn adam_update_many(
     let items = contiguous(items)?;
     let offsets = offsets(items.iter().map(|ts| ts[0].elem_count()));
     let total = offsets[offsets.len() - 1];
-    let launch = Launch::new(&dev, 3 * total as usize)?;
+    let launch = Launch::new(&dev, 3, total)?;
     launch_adam(&dev, &items, step, keep, |t, k| {
         Ok(launch.out_address + 4 * (k as u64 * total + offsets[t]))
     })?;
@@ -224,10 +230,11 @@ pub(crate) fn adam_update_in_place(
         return Ok(());
     };
     let dev = first[0].device().as_cuda_device()?.clone();
-    let items = contiguous(items)?;
-    // w' over w, m' over m, v' over v: operands 0, 2 and 3.
-    launch_adam(&dev, &items, step, keep, |t, k| {
-        address(&items[t][[0, 2, 3][k]], &dev)
+    let operands = contiguous(items)?;
+    // w' over w, m' over m, v' over v: operands 0, 2 and 3 as given, never a contiguous copy
+    // (a write into a copy would be lost; `address` refuses a non-contiguous destination).
+    launch_adam(&dev, &operands, step, keep, |t, k| {
+        address(items[t][[0, 2, 3][k]], &dev)
     })
 }
 
@@ -311,7 +318,7 @@ pub(crate) fn sgd_update_many(
     let offsets = offsets(items.iter().map(|(w, _, _)| w.elem_count()));
     let total = offsets[offsets.len() - 1];
     let outputs = if with_velocity { 2 } else { 1 };
-    let launch = Launch::new(&dev, outputs * total as usize)?;
+    let launch = Launch::new(&dev, outputs, total)?;
     launch_sgd(&dev, &items, step, keep, |t, k| {
         Ok(launch.out_address + 4 * (k as u64 * total + offsets[t]))
     })?;
@@ -340,8 +347,9 @@ pub(crate) fn sgd_update_in_place(
         return Ok(());
     };
     let dev = first.0.device().as_cuda_device()?.clone();
-    let items = contiguous_sgd(items)?;
-    launch_sgd(&dev, &items, step, keep, |t, k| match (k, &items[t]) {
+    let operands = contiguous_sgd(items)?;
+    // The destinations as given, never a contiguous copy (see `adam_update_in_place`).
+    launch_sgd(&dev, &operands, step, keep, |t, k| match (k, items[t]) {
         (0, (w, _, _)) => address(w, &dev),
         (_, (_, _, Some(u))) => address(u, &dev),
         _ => Err(fail("a velocity expected".into())),
