@@ -143,7 +143,8 @@ pub enum Error {
         unexpected: Vec<String>,
         /// Tensors whose shape is wrong: (name, expected, got).
         mis_shaped: Vec<(String, Vec<usize>, Vec<usize>)>,
-        /// Tensors of a float weight stored with an integer dtype: (name, stored dtype).
+        /// Tensors of a float weight stored with a dtype it cannot be loaded from (an integer,
+        /// or a packed 4-, 6- or 8-bit format): (name, stored dtype).
         mis_typed: Vec<(String, String)>,
     },
 
@@ -198,7 +199,8 @@ pub enum Error {
         epoch: usize,
         /// The step (1-based, within the epoch in `fit`).
         step: usize,
-        /// What was not finite (`the loss`, `the gradients`).
+        /// What was not finite (`the loss`, `the gradients`, `the BatchNorm statistics`, `the
+        /// updated weights or optimizer state`).
         what: String,
     },
 
@@ -272,7 +274,7 @@ fn weights_report(
     }
     for (name, dtype) in mis_typed {
         out.push_str(&format!(
-            " `{name}` is stored as {dtype}, but the weight is a float;"
+            " `{name}` is stored as {dtype}, which a float weight cannot be loaded from;"
         ));
     }
     out.pop();

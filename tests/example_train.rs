@@ -109,6 +109,29 @@ fn trains_both_models_and_writes_every_artifact() {
     let png = fs::read(out.join("comparison.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
+    // Resuming under another seed (other shuffles, other augmentation) is refused, naming both.
+    let other = train(
+        &data,
+        &out,
+        "3",
+        &[
+            "--augment",
+            "--schedule",
+            "cosine",
+            "--resume",
+            "--model",
+            "resnet",
+            "--seed",
+            "5",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--seed") && stderr.contains("5"),
+        "{stderr}"
+    );
+
     // Resuming continues from the checkpoint instead of starting over.
     let more = train(
         &data,

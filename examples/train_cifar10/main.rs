@@ -291,6 +291,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let checkpoint = ModelCheckpoint::new(&dir);
         if args.resume && checkpoint.last_path().is_file() {
             trainer.load_checkpoint(checkpoint.last_path())?;
+            // The seed also shuffles and augments the data: another one would not continue
+            // the run.
+            let saved = trainer.model().seed();
+            if saved != args.seed {
+                return Err(format!(
+                    "{}: written by a run with --seed {saved}, this one has --seed {}: resume with the same seed",
+                    checkpoint.last_path().display(),
+                    args.seed
+                )
+                .into());
+            }
             eprintln!("{name}: resumed after epoch {}", trainer.epochs_done());
         }
         let mut callbacks: Vec<Box<dyn Callback>> = vec![

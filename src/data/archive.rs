@@ -100,7 +100,22 @@ pub fn extract_cifar10_archive(
     // Check every file before it is put in place.
     if let Err(e) = Cifar10::load(&unpacked) {
         let _ = fs::remove_dir_all(&staging);
-        return Err(e);
+        // The staging folder is gone: name the archive and the member at fault instead.
+        return Err(match e {
+            Error::Data {
+                path,
+                record,
+                message,
+            } => {
+                let member = path.strip_prefix(&staging).unwrap_or(&path);
+                Error::Data {
+                    path: archive.to_path_buf(),
+                    record,
+                    message: format!("member {}: {message}", member.display()),
+                }
+            }
+            other => other,
+        });
     }
     let target = dest.join(CIFAR10_FOLDER);
     let _ = fs::remove_dir_all(&target);

@@ -13,7 +13,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::data::{Batch, Dataset};
+use crate::support::dtype::Cast;
 use crate::support::seed::mix;
+use crate::support::sizes;
 use crate::{Error, Result};
 
 /// Images with one `u8` label each, held as records `[label, pixels…]`.
@@ -43,12 +45,7 @@ impl ImageDataset {
     /// assert!(ImageDataset::from_records(vec![0u8; 6], [1, 2, 2]).is_err());
     /// ```
     pub fn from_records(records: Vec<u8>, image_shape: [usize; 3]) -> Result<Self> {
-        if image_shape.contains(&0) {
-            return Err(Error::InvalidArgument(format!(
-                "image shape {image_shape:?}: every dimension must be positive"
-            )));
-        }
-        let record = 1 + image_shape.iter().product::<usize>();
+        let record = 1 + image_bytes(image_shape)?;
         if !records.len().is_multiple_of(record) {
             return Err(Error::InvalidArgument(format!(
                 "{} bytes are not a whole number of {record}-byte records",
@@ -71,20 +68,16 @@ impl ImageDataset {
     /// assert!(ImageDataset::from_parts(&[], &[1], [1, 0, 2]).is_err());
     /// ```
     pub fn from_parts(images: &[u8], labels: &[u8], image_shape: [usize; 3]) -> Result<Self> {
-        if image_shape.contains(&0) {
-            return Err(Error::InvalidArgument(format!(
-                "image shape {image_shape:?}: every dimension must be positive"
-            )));
-        }
-        let size: usize = image_shape.iter().product();
-        if images.len() != labels.len() * size {
+        let size = image_bytes(image_shape)?;
+        // `images` exists, so its length counts; compare by division, which cannot overflow.
+        if images.len() / size != labels.len() || !images.len().is_multiple_of(size) {
             return Err(Error::InvalidArgument(format!(
                 "{} image bytes for {} labels of {size}-byte images",
                 images.len(),
                 labels.len()
             )));
         }
-        let mut records = Vec::with_capacity(labels.len() * (size + 1));
+        let mut records = Vec::with_capacity(images.len() + labels.len());
         for (label, image) in labels.iter().zip(images.chunks_exact(size)) {
             records.push(*label);
             records.extend_from_slice(image);
@@ -192,8 +185,26 @@ impl ImageDataset {
     }
 
     fn record_bytes(&self) -> usize {
+        // Checked by `image_bytes` when the dataset was made.
         1 + self.image_shape.iter().product::<usize>()
     }
+}
+
+/// The bytes of one image of `image_shape`: an error for a 0 in the shape, or a product that
+/// does not fit a record (one byte is the label).
+fn image_bytes(image_shape: [usize; 3]) -> Result<usize> {
+    if image_shape.contains(&0) {
+        return Err(Error::InvalidArgument(format!(
+            "image shape {image_shape:?}: every dimension must be positive"
+        )));
+    }
+    sizes::elements(&image_shape)
+        .filter(|&n| n < usize::MAX)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "image shape {image_shape:?}: more bytes than a usize can count"
+            ))
+        })
 }
 
 /// How pixels are scaled before the model sees them.
@@ -514,10 +525,10 @@ impl DataLoader {
         }
         // The one host-to-device copy of the batch: labels and pixels together.
         let records = Tensor::from_vec(bytes, (indices.len(), record), &self.device)?;
-        let labels = records.narrow(1, 0, 1)?.squeeze(1)?.to_dtype(DType::U32)?;
+        let labels = records.narrow(1, 0, 1)?.squeeze(1)?.cast(DType::U32)?;
         let pixels = records
             .narrow(1, 1, record - 1)?
-            .to_dtype(DType::F32)?
+            .cast(DType::F32)?
             .reshape((indices.len(), c, h, w))?;
         let inputs = match self.normalization {
             Normalization::Raw => pixels,

@@ -15,6 +15,8 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::graph::init::{Initializer, layer_rng};
 use crate::graph::symbolic::{SymbolicTensor, record_call};
+use crate::support::dtype::Cast;
+use crate::support::sizes;
 use crate::{Error, Result};
 
 /// Whether a forward pass trains (batch statistics, dropout on) or infers.
@@ -174,7 +176,7 @@ impl ParamSpec {
         self.fans
     }
 
-    /// Number of scalars.
+    /// Number of scalars (`usize::MAX` for a shape too large to count).
     ///
     /// # Examples
     /// ```
@@ -182,7 +184,8 @@ impl ParamSpec {
     /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).numel(), 35);
     /// ```
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // Saturating: a configured shape may be too large to count (it is refused at build).
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
 }
 
@@ -340,7 +343,7 @@ impl StateUpdates {
     pub fn apply_if(self, keep: &Tensor) -> Result<()> {
         let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
         for (var, value) in updates {
-            let keep = keep.to_dtype(DType::U8)?.broadcast_as(value.shape())?;
+            let keep = keep.cast(DType::U8)?.broadcast_as(value.shape())?;
             var.set(&keep.where_cond(&value, &var.as_tensor().detach())?)?;
         }
         Ok(())
@@ -458,7 +461,7 @@ impl<'a> Params<'a> {
     /// ```
     pub fn set_state(&self, name: &str, value: Tensor) -> Result<()> {
         let var = self.var(name)?;
-        let value = value.detach().to_dtype(var.dtype())?;
+        let value = value.detach().cast(var.dtype())?;
         if value.dims() != var.dims() {
             return Err(Error::ShapeMismatch {
                 layer: String::new(),
@@ -551,7 +554,7 @@ impl<'a> Params<'a> {
         Ok(if t.dtype() == dtype {
             t
         } else {
-            t.to_dtype(dtype)?
+            t.cast(dtype)?
         })
     }
 
@@ -882,6 +885,16 @@ pub(crate) fn check_named_weights<'a>(
     )
 }
 
+/// Whether a float weight can take values stored as `dtype`: the float dtypes candle
+/// converts from (not integers, and not the packed F4, F6 and F8_E8M0 formats, which candle
+/// reads but cannot convert).
+pub(crate) fn loadable_float(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::F8E4M3
+    )
+}
+
 /// [`check_named_weights`] against shapes alone: `(name, shape, is a float weight)`, for
 /// checking a file against a model that is not built yet (nothing allocated for a file that
 /// does not fit).
@@ -898,8 +911,9 @@ pub(crate) fn check_named_shapes(
             Some(t) if t.dims() != shape.as_slice() => {
                 mis_shaped.push((name.clone(), shape, t.dims().to_vec()))
             }
-            // An integer tensor would be cast silently (an I64 bias of 4.3e18).
-            Some(t) if is_float && !t.dtype().is_float() => {
+            // An integer tensor would be cast silently (an I64 bias of 4.3e18), and the
+            // packed 4- and 6-bit formats cannot be converted at all.
+            Some(t) if is_float && !loadable_float(t.dtype()) => {
                 mis_typed.push((name.clone(), format!("{:?}", t.dtype())))
             }
             Some(_) => {}
@@ -1200,11 +1214,19 @@ impl LayerRef {
             &format!("for layer `{}`", self.display_name()),
         )?;
         let vars = self.weights().map(|w| w.vars).unwrap_or_default();
-        for ((name, _), var) in weights.iter().zip(vars) {
-            let value = values[name]
-                .to_device(var.device())?
-                .to_dtype(var.dtype())?;
-            var.set(&value.copy()?)?;
+        // All converted before any is set: a failure leaves the layer as it was.
+        let converted = weights
+            .iter()
+            .zip(&vars)
+            .map(|((name, _), var)| {
+                Ok(values[name]
+                    .to_device(var.device())?
+                    .cast(var.dtype())?
+                    .copy()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (var, value) in vars.iter().zip(converted) {
+            var.set(&value)?;
         }
         Ok(())
     }
@@ -1240,12 +1262,24 @@ impl LayerRef {
             return Ok(());
         }
         let specs = self.param_specs();
+        // A configuration can ask for any shape (a kernel size near `usize::MAX` from a JSON
+        // file); refuse what cannot be allocated before the initializer tries to.
+        for spec in &specs {
+            // Initial values are drawn in f32 or f64 before the cast to `dtype`.
+            let value_bytes = dtype.size_in_bytes().max(8);
+            if let Some(why) = sizes::unallocatable(spec.shape(), value_bytes, device.is_cpu()) {
+                return Err(Error::InvalidConfig {
+                    layer: self.display_name(),
+                    message: format!("parameter `{}`: {why}", spec.name()),
+                });
+            }
+        }
         let mut rng = layer_rng(seed, rng_key);
         let vars = specs
             .iter()
             .map(|spec| {
                 let t = spec.initializer().sample(spec, &mut rng, device)?;
-                Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
+                Ok(Var::from_tensor(&t.cast(dtype)?)?)
             })
             .collect::<Result<Vec<_>>>()?;
         *guard = Some(LayerWeights { vars, specs });

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::graph::layer::{LayerRef, Pass, Prologue};
-use crate::graph::symbolic::{Node, SymbolicTensor};
+use crate::graph::symbolic::{Node, SymbolicTensor, check_sample_shape};
+use crate::support::dtype::Cast;
 use crate::support::seed::mix;
 use crate::{Error, Result};
 
@@ -58,6 +59,7 @@ impl Plan {
     pub(crate) fn new(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> Result<Self> {
         let mut input_keys = HashMap::new();
         for (i, t) in inputs.iter().enumerate() {
+            check_sample_shape(&t.layer().display_name(), "the input", t.shape())?;
             if input_keys.insert(t.key(), i).is_some() {
                 return Err(Error::DuplicateInput {
                     input: t.layer().display_name(),
@@ -182,7 +184,7 @@ impl Plan {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (&slot, t) in self.input_slots.iter().zip(inputs) {
             let t = match pass.compute_dtype {
-                Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.to_dtype(dtype)?,
+                Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.cast(dtype)?,
                 _ => t.clone(),
             };
             slots[slot] = Some(t);
@@ -246,6 +248,15 @@ impl Plan {
                     expected: sym.shape().to_vec(),
                     got: t.dims().to_vec(),
                 });
+            }
+            // Every layer computes in floats; candle's integer kernels would wrap (or panic in
+            // a debug build) on what a float model does to its input.
+            if !t.dtype().is_float() {
+                return Err(Error::InvalidArgument(format!(
+                    "model `{model}`: input `{}` is {:?}, but the model computes in floats: convert it first (`to_dtype(DType::F32)`)",
+                    sym.layer().display_name(),
+                    t.dtype()
+                )));
             }
         }
         Ok(())

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::graph::layer::{LayerOp, LayerRef, Params, next_id};
+use crate::support::sizes;
 use crate::{Error, Result};
 
 /// One call of a layer: its inputs and the shapes of its outputs.
@@ -178,7 +179,13 @@ pub(crate) fn record_call(
     inputs: &[SymbolicTensor],
 ) -> Result<Vec<SymbolicTensor>> {
     let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+    for (i, shape) in shapes.iter().enumerate() {
+        check_sample_shape(&layer.display_name(), &format!("input {i}"), shape)?;
+    }
     let output_shapes = layer.op().output_shapes(&layer.display_name(), &shapes)?;
+    for (i, shape) in output_shapes.iter().enumerate() {
+        check_sample_shape(&layer.display_name(), &format!("output {i}"), shape)?;
+    }
     layer.check_call_shapes(&shapes)?;
     let node = Arc::new(Node {
         id: next_id(),
@@ -193,6 +200,23 @@ pub(crate) fn record_call(
             index,
         })
         .collect())
+}
+
+/// A per-sample shape must hold at least one value and no more than a `usize` can count: a
+/// zero-sized axis (`Input::new([0, 8, 8])`) has nothing for a layer to compute on, and an
+/// uncountable one would wrap every size computed from it.
+pub(crate) fn check_sample_shape(layer: &str, what: &str, shape: &[usize]) -> Result<()> {
+    let message = if shape.contains(&0) {
+        format!("{what} has shape {shape:?}: every axis needs at least one value")
+    } else if sizes::elements(shape).is_none() {
+        format!("{what} has shape {shape:?}: more values than a usize can count")
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidInput {
+        layer: layer.to_string(),
+        message,
+    })
 }
 
 /// The entry point of a graph: `Input::new([3, 32, 32])` is a symbolic tensor of per-sample

@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, Prologue};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::ops;
+use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
 /// Configuration of a [`BatchNorm`] layer; defaults are Keras's.
@@ -276,7 +277,7 @@ impl BatchNormConfig {
             // Keras's rule: the old value keeps `momentum`; the variance is the biased one.
             for (name, batch) in [("moving_mean", batch_mean), ("moving_variance", batch_var)] {
                 let moving = params.state(name)?;
-                let batch = batch.to_dtype(moving.dtype())?;
+                let batch = batch.cast(moving.dtype())?;
                 let kept = (moving * self.momentum)?;
                 params.set_state(name, (kept + (batch * (1.0 - self.momentum))?)?)?;
             }

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::non_batch_axis;
+use crate::layers::padding::{checked_size, non_batch_axis};
 use crate::{Error, Result};
 
 /// Configuration of a [`Concatenate`] layer.
@@ -100,7 +100,11 @@ impl LayerOp for ConcatenateConfig {
                     got: other.clone(),
                 });
             }
-            out[axis] += other[axis];
+            out[axis] = checked_size(
+                layer,
+                "the concatenated length",
+                out[axis].checked_add(other[axis]),
+            )?;
         }
         Ok(vec![out])
     }

@@ -190,14 +190,18 @@ impl LayerOp for Conv2DConfig {
         let in_channels = inputs.first().and_then(|s| s.first()).copied().unwrap_or(1);
         let per_group = in_channels / self.groups.max(1);
         let (kh, kw) = self.kernel_size;
-        let receptive = kh * kw;
+        // Saturating: a shape too large to count is refused when the model is built.
+        let receptive = kh.saturating_mul(kw);
         let mut specs = vec![
             ParamSpec::new(
                 "kernel",
                 vec![self.filters, per_group, kh, kw],
                 self.kernel_initializer.clone(),
             )
-            .fans(receptive * per_group, receptive * self.filters),
+            .fans(
+                receptive.saturating_mul(per_group),
+                receptive.saturating_mul(self.filters),
+            ),
         ];
         if self.use_bias {
             specs.push(ParamSpec::new(

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
-use crate::layers::padding::{expect_chw, expect_positive, one_input};
+use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
 use crate::layers::window_builders::window_builders;
 use crate::layers::{ActivationFn, Padding};
 use crate::ops;
@@ -125,13 +125,26 @@ impl Conv2DTranspose {
 impl Conv2DTransposeConfig {
     /// Keras's output length along one axis and the rows cut from the top of the full
     /// transposed convolution.
-    fn output_len(&self, len: usize, kernel: usize) -> (usize, usize) {
-        let span = self.dilation * (kernel - 1) + 1;
-        let excess = span.saturating_sub(self.strides);
-        match self.padding {
-            Padding::Valid => (len * self.strides + excess, 0),
-            Padding::Same => (len * self.strides, excess / 2),
-        }
+    /// An error naming `layer` when a configured size makes that length overflow.
+    fn output_len(&self, layer: &str, len: usize, kernel: usize) -> Result<(usize, usize)> {
+        let span = kernel
+            .checked_sub(1)
+            .and_then(|k| k.checked_mul(self.dilation))
+            .and_then(|s| s.checked_add(1));
+        let excess = span.map(|s| s.saturating_sub(self.strides));
+        let scaled = len.checked_mul(self.strides);
+        let (out, start) = match self.padding {
+            Padding::Valid => (
+                scaled.zip(excess).and_then(|(a, b)| a.checked_add(b)),
+                Some(0),
+            ),
+            Padding::Same => (scaled.filter(|_| excess.is_some()), excess.map(|e| e / 2)),
+        };
+        let what = "the output length (input × strides + kernel span)";
+        Ok((
+            checked_size(layer, what, out)?,
+            checked_size(layer, what, start)?,
+        ))
     }
 
     /// Crops (or zero-pads at the end) the full result along `axis` to `len` rows from `start`.
@@ -165,8 +178,8 @@ impl LayerOp for Conv2DTransposeConfig {
         )?;
         Ok(vec![vec![
             self.filters,
-            self.output_len(h, kh).0,
-            self.output_len(w, kw).0,
+            self.output_len(layer, h, kh)?.0,
+            self.output_len(layer, w, kw)?.0,
         ]])
     }
 
@@ -179,7 +192,10 @@ impl LayerOp for Conv2DTransposeConfig {
                 vec![in_channels, self.filters, kh, kw],
                 self.kernel_initializer.clone(),
             )
-            .fans(kh * kw * self.filters, kh * kw * in_channels),
+            .fans(
+                kh.saturating_mul(kw).saturating_mul(self.filters),
+                kh.saturating_mul(kw).saturating_mul(in_channels),
+            ),
         ];
         if self.use_bias {
             specs.push(ParamSpec::new(
@@ -195,8 +211,8 @@ impl LayerOp for Conv2DTransposeConfig {
         let x = &inputs[0];
         let (_, _, h, w) = x.dims4()?;
         let full = ops::conv_transpose2d(x, &params.get("kernel")?, self.strides, self.dilation)?;
-        let (oh, top) = self.output_len(h, self.kernel_size.0);
-        let (ow, left) = self.output_len(w, self.kernel_size.1);
+        let (oh, top) = self.output_len("conv2d_transpose", h, self.kernel_size.0)?;
+        let (ow, left) = self.output_len("conv2d_transpose", w, self.kernel_size.1)?;
         let mut y = Self::fit(Self::fit(full, 2, top, oh)?, 3, left, ow)?;
         if self.use_bias {
             y = ops::bias_add(&y, &params.get("bias")?)?;

@@ -14,7 +14,9 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
-use crate::layers::padding::{expect_chw, expect_positive, one_input, window_output_len};
+use crate::layers::padding::{
+    checked_size, expect_chw, expect_positive, one_input, window_output_len,
+};
 use crate::layers::window_builders::window_builders;
 use crate::layers::{ActivationFn, Padding, same_padding};
 use crate::ops::{self, Conv2dGeometry};
@@ -178,7 +180,12 @@ impl Depthwise {
         )?;
         let oh = window_output_len(layer, h, kh, self.strides, self.dilation, self.padding)?;
         let ow = window_output_len(layer, w, kw, self.strides, self.dilation, self.padding)?;
-        Ok(vec![c * self.depth_multiplier, oh, ow])
+        let channels = c.checked_mul(self.depth_multiplier);
+        Ok(vec![
+            checked_size(layer, "channels × depth multiplier", channels)?,
+            oh,
+            ow,
+        ])
     }
 
     fn kernel_spec(&self, name: &str, inputs: &[Vec<usize>], init: &Initializer) -> ParamSpec {
@@ -186,10 +193,13 @@ impl Depthwise {
         let (kh, kw) = self.kernel_size;
         ParamSpec::new(
             name,
-            vec![in_channels * self.depth_multiplier, 1, kh, kw],
+            vec![in_channels.saturating_mul(self.depth_multiplier), 1, kh, kw],
             init.clone(),
         )
-        .fans(kh * kw * in_channels, kh * kw * self.depth_multiplier)
+        .fans(
+            kh.saturating_mul(kw).saturating_mul(in_channels),
+            kh.saturating_mul(kw).saturating_mul(self.depth_multiplier),
+        )
     }
 
     fn forward(&self, x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::padding::one_input;
+use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
 /// Config of a [`Dropout`] layer.
@@ -94,7 +95,7 @@ impl LayerOp for DropoutConfig {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.cast(x.dtype())?;
         Ok(vec![(x * mask)?])
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::padding::{non_batch_axis, one_input};
+use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
 /// Configuration of a [`LayerNormalization`] layer; defaults are Keras's.
@@ -187,7 +188,7 @@ impl LayerOp for LayerNormalizationConfig {
         // Statistics in f32 at least, as Keras does under mixed precision.
         let dtype = x.dtype();
         let xf = match dtype {
-            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            DType::F16 | DType::BF16 => x.cast(DType::F32)?,
             _ => x.clone(),
         };
         let mean = xf.mean_keepdim(axes.as_slice())?;
@@ -211,6 +212,6 @@ impl LayerOp for LayerNormalizationConfig {
                 .reshape(broadcast_shape.as_slice())?;
             y = y.broadcast_add(&beta)?;
         }
-        Ok(vec![y.to_dtype(dtype)?])
+        Ok(vec![y.cast(dtype)?])
     }
 }

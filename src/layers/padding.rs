@@ -38,9 +38,15 @@ pub enum Padding {
 /// assert_eq!(same_padding(8, 1, 2, 1), (0, 0));
 /// ```
 pub fn same_padding(len: usize, kernel: usize, stride: usize, dilation: usize) -> (usize, usize) {
-    let span = (kernel - 1) * dilation + 1;
-    let out = len.div_ceil(stride);
-    let total = ((out - 1) * stride + span).saturating_sub(len);
+    // Saturating, not wrapping: a span too large to count pads by `usize::MAX`, which the
+    // convolution's own size check then refuses.
+    let span = window_span(kernel, dilation);
+    let out = len.div_ceil(stride.max(1));
+    let total = out
+        .saturating_sub(1)
+        .saturating_mul(stride)
+        .saturating_add(span)
+        .saturating_sub(len);
     (total / 2, total - total / 2)
 }
 
@@ -64,7 +70,7 @@ pub fn window_output_len(
     dilation: usize,
     padding: Padding,
 ) -> Result<usize> {
-    let span = (kernel - 1) * dilation + 1;
+    let span = window_span(kernel, dilation);
     match padding {
         Padding::Same => Ok(len.div_ceil(stride)),
         Padding::Valid if len >= span => Ok((len - span) / stride + 1),
@@ -172,4 +178,22 @@ pub(crate) fn element_count(layer: &str, shape: &[usize]) -> Result<usize> {
             layer: layer.to_string(),
             message: format!("shape {shape:?} has more elements than a usize can count"),
         })
+}
+
+/// Positions covered by `kernel` taps spaced `dilation` apart, `usize::MAX` when that
+/// overflows (no input is that long, so such a window never fits).
+fn window_span(kernel: usize, dilation: usize) -> usize {
+    kernel
+        .saturating_sub(1)
+        .saturating_mul(dilation)
+        .saturating_add(1)
+}
+
+/// `value`, or an error naming `layer` and `what` when the arithmetic that made it overflowed:
+/// the shape rules' sums and products of configured sizes.
+pub(crate) fn checked_size(layer: &str, what: &str, value: Option<usize>) -> Result<usize> {
+    value.ok_or_else(|| Error::InvalidInput {
+        layer: layer.to_string(),
+        message: format!("{what} is larger than a usize can count"),
+    })
 }

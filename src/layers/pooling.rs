@@ -81,7 +81,7 @@ impl Pool2DConfig {
             Padding::Same => same_padding(w, pw, sw, 1),
             Padding::Valid => (0, 0),
         };
-        if (ph, pw) == (sh, sw) && top + bottom + left + right == 0 {
+        if (ph, pw) == (sh, sw) && (top, bottom, left, right) == (0, 0, 0, 0) {
             let covered = x.narrow(2, 0, oh * sh)?.narrow(3, 0, ow * sw)?;
             return Ok(match reduce {
                 // candle 0.11's max_pool2d backward scales the gradient by the share of the
@@ -98,6 +98,8 @@ impl Pool2DConfig {
                 Reduce::Mean => covered.avg_pool2d((ph, pw))?,
             });
         }
+        // 'Same' padding of a huge window is huge even when the output is small.
+        crate::ops::check_padded("pooling", x, (top, bottom, left, right))?;
         let padded = x
             .pad_with_zeros(2, top, bottom)?
             .pad_with_zeros(3, left, right)?;
@@ -144,7 +146,8 @@ fn masked_for_max(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// Elements `offset, offset + stride, ...` (`count` of them) along `dim`, by reshaping a
 /// contiguous run into `(count, stride)` and keeping the first column: differentiable.
 fn strided(x: &Tensor, dim: usize, offset: usize, count: usize, stride: usize) -> Result<Tensor> {
-    if stride == 1 {
+    // One element needs no stride (and a stride far past the input would pad it hugely).
+    if stride == 1 || count == 1 {
         return Ok(x.narrow(dim, offset, count)?);
     }
     let len = x.dim(dim)?;

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::{element_count, expect_chw, one_input};
+use crate::layers::padding::{checked_size, element_count, expect_chw, one_input};
 use crate::{Error, Result};
 
 /// Config of a [`Flatten`] layer (no options).
@@ -141,7 +141,13 @@ impl LayerOp for ZeroPadding2DConfig {
         let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         let ((t, b), (l, r)) = self.padding;
-        Ok(vec![vec![c, h + t + b, w + l + r]])
+        let what = "the padded size";
+        let grow = |len: usize, a: usize, b: usize| len.checked_add(a)?.checked_add(b);
+        Ok(vec![vec![
+            c,
+            checked_size(layer, what, grow(h, t, b))?,
+            checked_size(layer, what, grow(w, l, r))?,
+        ]])
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
@@ -222,7 +228,8 @@ impl LayerOp for Cropping2DConfig {
         let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         let ((t, b), (l, r)) = self.cropping;
-        if t + b >= h || l + r >= w {
+        let keeps = |len: usize, a: usize, b: usize| a.checked_add(b).is_some_and(|cut| cut < len);
+        if !keeps(h, t, b) || !keeps(w, l, r) {
             return Err(Error::InvalidInput {
                 layer: layer.to_string(),
                 message: format!(

@@ -10,7 +10,8 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::padding::{expect_chw, expect_positive, one_input};
+use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
+use crate::support::dtype::Cast;
 
 /// How new pixels are computed.
 ///
@@ -122,7 +123,12 @@ impl LayerOp for UpSampling2DConfig {
         let x = one_input(layer, inputs)?;
         let (c, h, w) = expect_chw(layer, x)?;
         expect_positive(layer, "upsampling factors", &[self.size.0, self.size.1])?;
-        Ok(vec![vec![c, h * self.size.0, w * self.size.1]])
+        let what = "the upsampled size";
+        Ok(vec![vec![
+            c,
+            checked_size(layer, what, h.checked_mul(self.size.0))?,
+            checked_size(layer, what, w.checked_mul(self.size.1))?,
+        ]])
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
@@ -159,7 +165,7 @@ fn linear_along(x: &Tensor, axis: usize, factor: usize) -> Result<Tensor> {
     let out_len = len * factor;
     let mut shape = vec![1; x.rank()];
     shape[axis] = out_len;
-    let weight = Tensor::from_vec(weight, shape, device)?.to_dtype(x.dtype())?;
+    let weight = Tensor::from_vec(weight, shape, device)?.cast(x.dtype())?;
     let pick = |index: Vec<u32>| -> Result<Tensor> {
         Ok(x.index_select(&Tensor::from_vec(index, out_len, device)?, axis)?)
     };

@@ -643,7 +643,11 @@ fn keras_tensors(args: &Value, out: &mut Vec<KerasTensor>) {
         Value::Object(map)
             if map.get("class_name").and_then(Value::as_str) == Some("__keras_tensor__") =>
         {
-            let config = &map["config"];
+            // A tensor without a config is left out; the layer then has too few inputs,
+            // which the graph stage reports with the file's name.
+            let Some(config) = map.get("config") else {
+                return;
+            };
             let history = config.get("keras_history").and_then(|h| {
                 Some((
                     h.get(0)?.as_str()?.to_string(),
@@ -878,13 +882,17 @@ impl Importer<'_> {
         }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         let graph = self.graph(&config["config"], weights, device, &mut tensors)?;
+        // Every error of the graph stage names the file: a shape that does not fit, a
+        // dangling reference, a layer that cannot be built.
         let model = build_graph(&graph, &LayerRegistry::new()).map_err(|e| match e {
             Error::Config { message, .. } => self.error(message),
-            other => other,
+            other => self.error(other.to_string()),
         })?;
         let source = self.path.display().to_string();
         check_fits_unbuilt(&model, &tensors, &source)?;
-        let model = model.build(device, DType::F32, 0)?;
+        let model = model
+            .build(device, DType::F32, 0)
+            .map_err(|e| self.error(e.to_string()))?;
         model.set_weights_from(&tensors, &source)?;
         Ok(model)
     }

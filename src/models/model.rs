@@ -234,6 +234,25 @@ impl Model {
         Ok(self)
     }
 
+    /// The seed given to [`Model::build`] (0 before), or the one of the checkpoint
+    /// [`Trainer::load_checkpoint`](crate::train::Trainer::load_checkpoint) restored: random
+    /// layers draw from it, and a checkpoint records it so that a run resumes with the same
+    /// draws.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 7)?;
+    /// assert_eq!(model.seed(), 7);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn seed(&self) -> u64 {
+        self.rng.seed.load(Ordering::Relaxed)
+    }
+
     /// `true` when every layer has its weights.
     ///
     /// # Examples
@@ -621,6 +640,11 @@ impl Model {
             .compute_dtype
             .read()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the seed random layers draw from (a resumed checkpoint's).
+    pub(crate) fn set_seed(&self, seed: u64) {
+        self.rng.seed.store(seed, Ordering::Relaxed);
     }
 
     /// Sets the forward-call counter (see [`Model::forward_calls`]).

@@ -10,10 +10,11 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::Result;
 use crate::graph::layer::check_named_weights;
 use crate::models::Model;
+use crate::support::dtype::Cast;
 use crate::support::files::{read_safetensors, to_safetensors_bytes, write_atomically};
+use crate::{Error, Result};
 
 impl Model {
     /// The weights as a map from stable names to tensors (sharing storage with the model).
@@ -106,13 +107,15 @@ impl Model {
         source: &str,
     ) -> Result<()> {
         self.check_weights(tensors, source)?;
-        for w in &self.weights()? {
-            let value = tensors[w.name()]
-                .to_device(w.var().device())?
-                .to_dtype(w.var().dtype())?;
-            // A value taken from this model (`weight_map`) shares the variable's storage,
-            // which `Var::set` refuses: give it its own copy.
-            w.var().set(&value.copy()?)?;
+        let weights = self.weights()?;
+        // Every value converted before any is set: a conversion that fails half-way through
+        // must not leave the model half loaded.
+        let values = weights
+            .iter()
+            .map(|w| converted(&tensors[w.name()], w.var().as_tensor(), w.name(), source))
+            .collect::<Result<Vec<_>>>()?;
+        for (w, value) in weights.iter().zip(values) {
+            w.var().set(&value)?;
         }
         Ok(())
     }
@@ -131,4 +134,27 @@ impl Model {
             source,
         )
     }
+}
+
+/// `value` on `like`'s device and in its dtype, in storage of its own (a value taken from this
+/// model by `weight_map` shares the variable's storage, which `Var::set` refuses); an error
+/// naming `source` and the tensor `name` when it cannot be converted.
+pub(crate) fn converted(value: &Tensor, like: &Tensor, name: &str, source: &str) -> Result<Tensor> {
+    let convert = || -> candle_core::Result<Tensor> {
+        value.to_device(like.device())?.cast(like.dtype())?.copy()
+    };
+    convert().map_err(|e| Error::WeightsMismatch {
+        source_name: source.into(),
+        missing: Vec::new(),
+        unexpected: Vec::new(),
+        mis_shaped: Vec::new(),
+        mis_typed: vec![(
+            name.to_string(),
+            format!(
+                "{:?} ({e}; the weight is {:?})",
+                value.dtype(),
+                like.dtype()
+            ),
+        )],
+    })
 }

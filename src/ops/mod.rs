@@ -29,6 +29,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::support::dtype::Cast;
+use crate::support::sizes;
 use crate::{Error, Result};
 
 pub(crate) mod cpu;
@@ -39,7 +41,10 @@ pub(crate) mod cudnn;
 mod multi_tensor;
 pub mod reference;
 
-pub use multi_tensor::{adam_update_in_place, all_finite, assign_if, sgd_update_in_place};
+pub use multi_tensor::{
+    adam_update_in_place, adam_update_is_finite, all_finite, assign_if, sgd_update_in_place,
+    sgd_update_is_finite,
+};
 pub(crate) use multi_tensor::{assign_checked, check_assignments};
 
 /// Where and how a convolution's window moves: padding on each side, stride, dilation and
@@ -94,9 +99,29 @@ impl Conv2dGeometry {
             }
         }
         let (t, b, l, r) = self.pad;
-        let axis = |len: usize, pad: usize, k: usize, name: &str| {
-            let span = (k - 1) * self.dilation + 1;
-            (len + pad)
+        // Every sum and product here is checked: a padding, stride or dilation near
+        // `usize::MAX` is an error, never a wrapped size handed to a kernel.
+        let axis = |len: usize, before: usize, after: usize, k: usize, name: &str| {
+            let overflow = || {
+                invalid(
+                    OP,
+                    "geometry",
+                    format!(
+                        "the padded input {name} ({len} + {before} + {after}) or the kernel's \
+                         span ({k} taps, dilation {}) overflows",
+                        self.dilation
+                    ),
+                )
+            };
+            let span = (k - 1)
+                .checked_mul(self.dilation)
+                .and_then(|s| s.checked_add(1))
+                .ok_or_else(overflow)?;
+            let padded = len
+                .checked_add(before)
+                .and_then(|p| p.checked_add(after))
+                .ok_or_else(overflow)?;
+            padded
                 .checked_sub(span)
                 .map(|room| room / self.stride + 1)
                 .ok_or_else(|| {
@@ -104,13 +129,12 @@ impl Conv2dGeometry {
                         OP,
                         "x",
                         format!(
-                            "input {name} {len} (padded {}) is smaller than the kernel's span {span}",
-                            len + pad
+                            "input {name} {len} (padded {padded}) is smaller than the kernel's span {span}"
                         ),
                     )
                 })
         };
-        Ok((axis(h, t + b, kh, "height")?, axis(w, l + r, kw, "width")?))
+        Ok((axis(h, t, b, kh, "height")?, axis(w, l, r, kw, "width")?))
     }
 
     /// The input padded explicitly where a backend's symmetric padding cannot express this
@@ -127,6 +151,7 @@ impl Conv2dGeometry {
         if t == b && l == r && (t == l || !one_padding) {
             return Ok((x.clone(), (t, l)));
         }
+        check_padded("conv2d", x, self.pad)?;
         Ok((x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, (0, 0)))
     }
 }
@@ -143,9 +168,15 @@ enum Backend {
 }
 
 /// Picks the backend for `x`: `cpu` and `cudnn` list the dtypes the crate's CPU kernel and
-/// its cuDNN kernel take for this op (the latter only counts in a `cudnn` build).
+/// its cuDNN kernel take for this op (the latter only counts in a `cudnn` build); an empty `x`
+/// always takes the reference.
 #[cfg_attr(not(feature = "cudnn"), allow(unused_variables))]
 fn backend(x: &Tensor, cpu: &[DType], cudnn: &[DType]) -> Backend {
+    // The crate's kernels split their work by channel and image; an empty tensor has no
+    // pieces to split, and candle's element-wise ops handle it as it is.
+    if x.elem_count() == 0 {
+        return Backend::Reference;
+    }
     match x.device() {
         Device::Cpu if cpu.contains(&x.dtype()) => Backend::Cpu,
         #[cfg(feature = "cudnn")]
@@ -172,6 +203,9 @@ const CPU_FLOATS: &[DType] = &[DType::F32, DType::F64];
 /// ```
 pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
     check_conv2d(x, kernel, &geometry)?;
+    if let Some(y) = empty_conv2d(x, kernel, geometry)? {
+        return Ok(y);
+    }
     #[cfg(feature = "cudnn")]
     const CUDNN_CONV: &[DType] = &[DType::F32, DType::BF16, DType::F16];
     #[cfg(not(feature = "cudnn"))]
@@ -272,6 +306,31 @@ fn conv2d_then(
         y = bias_add(&y, bias)?;
     }
     if relu { self::relu(&y) } else { Ok(y) }
+}
+
+/// The output of a convolution of an empty batch or of no input channels, where there is
+/// nothing to multiply: zeros of the output's shape (a sum over nothing), made here so that no
+/// backend kernel sees an empty operand.
+pub(crate) fn empty_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    geometry: Conv2dGeometry,
+) -> Result<Option<Tensor>> {
+    if x.elem_count() != 0 && kernel.elem_count() != 0 {
+        return Ok(None);
+    }
+    let [n, _, h, w] = rank4("conv2d", "x", x, "NCHW")?;
+    let [o, _, kh, kw] = rank4("conv2d", "kernel", kernel, "OIHW")?;
+    let (oh, ow) = geometry.output_size(h, w, kh, kw)?;
+    // A term joined to both operands, broadcast to the output's shape, so their gradients
+    // are zeros of their shapes. It is exactly 0 wherever the output has elements (both
+    // operands are then empty: no input channels), and an empty output holds none. `s - s`,
+    // not `s * 0`: candle's backward drops the operand of a multiplication by 0. Broadcast,
+    // not added: candle's binary ops return an empty left operand as it is, unlinked.
+    let sum = (x.sum_all()? + kernel.sum_all()?)?;
+    #[allow(clippy::eq_op)] // `s - s` on purpose: see above.
+    let join = (&sum - &sum)?;
+    Ok(Some(join.broadcast_as((n, o, oh, ow))?.contiguous()?))
 }
 
 /// Training-mode batch normalization over axis 1 of `x` (`(N, C, …)`): normalizes with the
@@ -376,7 +435,7 @@ fn batch_norm_train_of(
     if let Backend::Cpu = backend {
         let inputs = summands(xs, more)?;
         let (y, mean, var) = cpu::batch_norm::train(&inputs, &gamma, &beta, epsilon, relus)?;
-        return Ok((y.to_dtype(out_dtype)?, mean, var));
+        return Ok((y.cast(out_dtype)?, mean, var));
     }
     let xs = composed_operand(xs, more, relus.before)?;
     let (y, mean, var) = match backend {
@@ -387,7 +446,7 @@ fn batch_norm_train_of(
         _ => reference::batch_norm_train(&xs, Some(&gamma), Some(&beta), epsilon)?,
     };
     let y = if relus.after { relu(&y)? } else { y };
-    Ok((y.to_dtype(out_dtype)?, mean, var))
+    Ok((y.cast(out_dtype)?, mean, var))
 }
 
 /// Inference-mode batch normalization over axis 1 of `x` with given statistics: `y = (x -
@@ -458,7 +517,7 @@ fn batch_norm_eval_of(
     let channels = check_batch_norm(BatchNormMode::Eval { mean, var }, x, gamma, beta, epsilon)?;
     let (xs, out_dtype) = statistics_dtype(x)?;
     let (gamma, beta) = affine(gamma, beta, channels, &xs)?;
-    let (mean, var) = (mean.to_dtype(xs.dtype())?, var.to_dtype(xs.dtype())?);
+    let (mean, var) = (mean.cast(xs.dtype())?, var.cast(xs.dtype())?);
     let y = match backend(&xs, CPU_FLOATS, &[]) {
         Backend::Cpu => {
             let inputs = summands(xs, more)?;
@@ -471,7 +530,7 @@ fn batch_norm_eval_of(
             if relus.after { relu(&y)? } else { y }
         }
     };
-    Ok(y.to_dtype(out_dtype)?)
+    Ok(y.cast(out_dtype)?)
 }
 
 /// `x + bias`, the `(C,)` bias broadcast over axis 1 of `x` (`(N, C, …)`), with the bias
@@ -548,8 +607,9 @@ pub fn conv_transpose2d(
     dilation: usize,
 ) -> Result<Tensor> {
     const OP: &str = "conv_transpose2d";
-    let [_, c, _, _] = rank4(OP, "x", x, "NCHW")?;
+    let [n, c, h, w] = rank4(OP, "x", x, "NCHW")?;
     let [kc, o, kh, kw] = rank4(OP, "kernel", kernel, "(in, out, kh, kw)")?;
+    float_only(OP, x)?;
     same_device_and_dtype(OP, "kernel", kernel, x)?;
     if kc != c || o == 0 || kh == 0 || kw == 0 {
         return Err(invalid(
@@ -565,14 +625,38 @@ pub fn conv_transpose2d(
             format!("stride ({stride}) and dilation ({dilation}) must be positive"),
         ));
     }
-    if x.dim(0)? == 0 {
-        let (_, _, h, w) = x.dims4()?;
-        let full = |n: usize, k: usize| (n.max(1) - 1) * stride + dilation * (k - 1) + 1;
-        return Ok(Tensor::zeros(
-            (0, o, full(h, kh), full(w, kw)),
-            x.dtype(),
-            x.device(),
-        )?);
+    // `(len - 1) · stride + dilation · (k - 1) + 1`, every step checked: a stride or dilation
+    // near `usize::MAX` is an error here, not a wrapped shape for candle's kernel.
+    let full = |len: usize, k: usize, name: &str| {
+        if len == 0 {
+            return Err(invalid(
+                OP,
+                "x",
+                format!(
+                    "input {name} is 0: a transposed convolution needs at least one row and column"
+                ),
+            ));
+        }
+        (len - 1)
+            .checked_mul(stride)
+            .zip((k - 1).checked_mul(dilation))
+            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|s| s.checked_add(1))
+            .ok_or_else(|| {
+                invalid(
+                    OP,
+                    "geometry",
+                    format!(
+                        "the output {name} ({len} rows, stride {stride}, {k} taps, dilation {dilation}) overflows"
+                    ),
+                )
+            })
+    };
+    let out = [n, o, full(h, kh, "height")?, full(w, kw, "width")?];
+    check_size(OP, "geometry", &out, x)?;
+    if x.elem_count() == 0 {
+        // No batch or no input channels: the sum over nothing is 0.
+        return Ok(Tensor::zeros(&out, x.dtype(), x.device())?);
     }
     Ok(x.contiguous()?
         .conv_transpose2d(&kernel.contiguous()?, 0, 0, stride, dilation)?)
@@ -893,6 +977,39 @@ fn invalid(op: &'static str, argument: &'static str, message: String) -> Error {
     }
 }
 
+/// An NCHW `x` padded by `(top, bottom, left, right)` must fit in memory: a padding can be
+/// huge where the output is small (a huge dilation needs it).
+pub(crate) fn check_padded(
+    op: &'static str,
+    x: &Tensor,
+    (top, bottom, left, right): (usize, usize, usize, usize),
+) -> Result<()> {
+    let [n, c, h, w] = rank4(op, "x", x, "NCHW")?;
+    let grown = |len: usize, a: usize, b: usize| len.checked_add(a)?.checked_add(b);
+    match (grown(h, top, bottom), grown(w, left, right)) {
+        (Some(h), Some(w)) => check_size(op, "geometry", &[n, c, h, w], x),
+        _ => Err(invalid(
+            op,
+            "geometry",
+            format!(
+                "padding {:?} overflows the input's size",
+                (top, bottom, left, right)
+            ),
+        )),
+    }
+}
+
+/// A tensor of `dims` in `x`'s dtype must be makeable on `x`'s device: its element and byte
+/// counts must not overflow, and on the CPU a buffer past 1 GiB must be available (a failed
+/// host allocation aborts the process; a failed device allocation is already an error).
+fn check_size(op: &'static str, argument: &'static str, dims: &[usize], x: &Tensor) -> Result<()> {
+    let why = sizes::unallocatable(dims, x.dtype().size_in_bytes(), x.device().is_cpu());
+    match why {
+        Some(why) => Err(invalid(op, argument, why)),
+        None => Ok(()),
+    }
+}
+
 /// `tensor` must be on `x`'s device.
 fn same_device(
     op: &'static str,
@@ -944,11 +1061,25 @@ fn same_device_and_dtype(
     Ok(())
 }
 
+/// `x` must hold floats: candle's integer kernels wrap on overflow (and panic on it in a
+/// debug build), and nothing here means integer arithmetic.
+fn float_only(op: &'static str, x: &Tensor) -> Result<()> {
+    if x.dtype().is_float() {
+        return Ok(());
+    }
+    Err(invalid(
+        op,
+        "x",
+        format!("dtype {:?}: this op takes floats", x.dtype()),
+    ))
+}
+
 /// The checks of [`conv2d`] and [`reference::conv2d`].
 pub(crate) fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
     const OP: &str = "conv2d";
     let [_, c, h, w] = rank4(OP, "x", x, "NCHW")?;
     let [o, kc, kh, kw] = rank4(OP, "kernel", kernel, "OIHW")?;
+    float_only(OP, x)?;
     same_device_and_dtype(OP, "kernel", kernel, x)?;
     if g.groups == 0 {
         return Err(invalid(OP, "geometry", "groups must be positive".into()));
@@ -974,8 +1105,11 @@ pub(crate) fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> R
             ),
         ));
     }
-    g.output_size(h, w, kh, kw)?;
-    Ok(())
+    let (oh, ow) = g.output_size(h, w, kh, kw)?;
+    let n = x.dim(0)?;
+    check_size(OP, "geometry", &[n, o, oh, ow], x)?;
+    // The CPU kernel's im2col buffer holds one image's patches at least.
+    check_size(OP, "geometry", &[kc, kh, kw, oh, ow], x)
 }
 
 /// Which batch normalization is being checked: training needs a non-empty batch, inference
@@ -1063,6 +1197,7 @@ pub(crate) fn check_bias_add(x: &Tensor, bias: &Tensor) -> Result<()> {
             format!("expected (N, C, ...), got shape {:?}", x.dims()),
         ));
     }
+    float_only(OP, x)?;
     if bias.dims() != [x.dim(1)?] {
         return Err(invalid(
             OP,
@@ -1108,7 +1243,7 @@ fn summands(xs: Tensor, more: &[&Tensor]) -> Result<Vec<Tensor>> {
     let dtype = xs.dtype();
     let mut all = vec![xs];
     for t in more {
-        all.push(t.to_dtype(dtype)?);
+        all.push(t.cast(dtype)?);
     }
     Ok(all)
 }
@@ -1118,7 +1253,7 @@ fn summands(xs: Tensor, more: &[&Tensor]) -> Result<Vec<Tensor>> {
 fn composed_operand(xs: Tensor, more: &[&Tensor], relu: bool) -> Result<Tensor> {
     let mut sum = xs;
     for t in more {
-        sum = (&sum + t.to_dtype(sum.dtype())?)?;
+        sum = (&sum + t.cast(sum.dtype())?)?;
     }
     if relu { self::relu(&sum) } else { Ok(sum) }
 }
@@ -1127,7 +1262,7 @@ fn composed_operand(xs: Tensor, more: &[&Tensor], relu: bool) -> Result<Tensor> 
 /// bf16): `x` as the statistics' dtype, and the dtype to return `y` in.
 fn statistics_dtype(x: &Tensor) -> Result<(Tensor, DType)> {
     Ok(match x.dtype() {
-        DType::BF16 | DType::F16 => (x.to_dtype(DType::F32)?, x.dtype()),
+        DType::BF16 | DType::F16 => (x.cast(DType::F32)?, x.dtype()),
         dtype => (x.clone(), dtype),
     })
 }
@@ -1142,8 +1277,8 @@ fn affine(
 ) -> Result<(Tensor, Tensor)> {
     let or_constant = |t: Option<&Tensor>, value: f64| -> Result<Tensor> {
         Ok(match t {
-            Some(t) => t.to_dtype(x.dtype())?,
-            None => Tensor::full(value, channels, x.device())?.to_dtype(x.dtype())?,
+            Some(t) => t.cast(x.dtype())?,
+            None => Tensor::full(value, channels, x.device())?.cast(x.dtype())?,
         })
     };
     Ok((or_constant(gamma, 1.0)?, or_constant(beta, 0.0)?))

@@ -2,7 +2,8 @@
 //! check of the loss and every gradient in one pass ([`all_finite`]), and updates written in
 //! place, never into fresh tensors that are then copied over the old ones ([`assign_if`] for
 //! held-back state such as BatchNorm's moving statistics, [`adam_update_in_place`] and
-//! [`sgd_update_in_place`] for the optimizers).
+//! [`sgd_update_in_place`] for the optimizers), and the check that an update would write
+//! only finite values ([`adam_update_is_finite`], [`sgd_update_is_finite`]).
 //!
 //! On CUDA (feature `cuda`, f32) each is one kernel launch for all its tensors
 //! (`cuda/multi_tensor.cu`, `cuda/optimizer.cu`), without a host synchronisation; on the CPU
@@ -290,6 +291,113 @@ pub fn adam_update_in_place(
     Ok(())
 }
 
+/// Whether one Adam step of every `(w, g, m, v)` (as [`adam_update_in_place`] takes them)
+/// would write only finite values: a u8 scalar on the weights' device, 1 or 0, computed with
+/// the update's own arithmetic and nothing written. A finite loss and finite gradients can
+/// still make an infinite weight (a learning rate of 1e38); the trainer folds this verdict
+/// into its divergence check so that such a step writes nothing. One pass per weight on the
+/// CPU, one kernel on CUDA (f32).
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_functional::ops::{adam_update_is_finite, AdamStep};
+/// let w = Var::new(&[3e38f32], &Device::Cpu)?;
+/// let (m, v) = (Var::zeros(1, candle_core::DType::F32, &Device::Cpu)?, Var::zeros(1, candle_core::DType::F32, &Device::Cpu)?);
+/// let g = Tensor::new(&[-1f32], &Device::Cpu)?;
+/// let calm = AdamStep { alpha: 1e-3, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, decay: 1.0 };
+/// let wild = AdamStep { alpha: 1e38, ..calm };
+/// assert_eq!(adam_update_is_finite(&[(&w, &g, &m, &v)], calm)?.to_scalar::<u8>()?, 1);
+/// assert_eq!(adam_update_is_finite(&[(&w, &g, &m, &v)], wild)?.to_scalar::<u8>()?, 0);
+/// assert_eq!(w.to_vec1::<f32>()?, [3e38]); // nothing written
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn adam_update_is_finite(
+    items: &[(&Var, &Tensor, &Var, &Var)],
+    step: AdamStep,
+) -> Result<Tensor> {
+    const OP: &str = "adam_update_is_finite";
+    for (w, g, m, v) in items {
+        let (m, v) = (m.as_tensor(), v.as_tensor());
+        check_update(OP, w.as_tensor(), &[("g", g), ("m", m), ("v", v)])?;
+    }
+    let Some(first) = items.first() else {
+        return Err(invalid(OP, "items", "at least one weight expected".into()));
+    };
+    let device = first.0.device();
+    #[cfg(feature = "cuda")]
+    if cuda_f32(items.iter().map(|i| i.0.as_tensor())) {
+        let tensors: Vec<[&Tensor; 4]> = items
+            .iter()
+            .map(|(w, g, m, v)| [w.as_tensor(), *g, m.as_tensor(), v.as_tensor()])
+            .collect();
+        return super::cuda::adam_update_is_finite(&tensors, &step);
+    }
+    if cpu_floats(items.iter().map(|i| i.0.as_tensor())) {
+        let mut finite = true;
+        for (w, g, m, v) in items {
+            finite = finite && cpu::optimizer::adam_update_is_finite(w, g, m, v, &step)?;
+        }
+        return Ok(Tensor::new(u8::from(finite), device)?);
+    }
+    let mut new = Vec::with_capacity(3 * items.len());
+    for (w, g, m, v) in items {
+        let (w1, m1, v1) = reference::adam_update(w, g, m, v, step)?;
+        new.extend([w1, m1, v1]);
+    }
+    all_finite(&new.iter().collect::<Vec<_>>())
+}
+
+/// [`adam_update_is_finite`] for SGD: whether one step of every `(w, g, velocity)` (as
+/// [`sgd_update_in_place`] takes them) would write only finite values; nothing is written.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_functional::ops::{sgd_update_is_finite, SgdStep};
+/// let w = Var::new(&[1f32], &Device::Cpu)?;
+/// let g = Tensor::new(&[1e30f32], &Device::Cpu)?;
+/// let step = SgdStep { learning_rate: 1e10, momentum: 0.0, nesterov: false, decay: 1.0 };
+/// assert_eq!(sgd_update_is_finite(&[(&w, &g, None)], step)?.to_scalar::<u8>()?, 0);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn sgd_update_is_finite(
+    items: &[(&Var, &Tensor, Option<&Var>)],
+    step: SgdStep,
+) -> Result<Tensor> {
+    const OP: &str = "sgd_update_is_finite";
+    for (w, g, u) in items {
+        check_sgd_item(OP, w, g, *u, &step)?;
+    }
+    let Some(first) = items.first() else {
+        return Err(invalid(OP, "items", "at least one weight expected".into()));
+    };
+    let device = first.0.device();
+    #[cfg(feature = "cuda")]
+    if cuda_f32(items.iter().map(|i| i.0.as_tensor())) {
+        let tensors: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = items
+            .iter()
+            .map(|(w, g, u)| (w.as_tensor(), *g, u.map(|u| u.as_tensor())))
+            .collect();
+        return super::cuda::sgd_update_is_finite(&tensors, &step);
+    }
+    if cpu_floats(items.iter().map(|i| i.0.as_tensor())) {
+        let mut finite = true;
+        for (w, g, u) in items {
+            let u = u.map(|u| u.as_tensor());
+            finite = finite && cpu::optimizer::sgd_update_is_finite(w, g, u, &step)?;
+        }
+        return Ok(Tensor::new(u8::from(finite), device)?);
+    }
+    let mut new = Vec::new();
+    for (w, g, u) in items {
+        let (w1, u1) = reference::sgd_update(w, g, u.map(|u| u.as_tensor()), step)?;
+        new.push(w1);
+        new.extend(u1);
+    }
+    all_finite(&new.iter().collect::<Vec<_>>())
+}
+
 /// One SGD step of many weights, written in place: each `(w, g, velocity)`, the velocity a
 /// variable, given exactly when the step has momentum. `keep` as in
 /// [`adam_update_in_place`]; the arithmetic is [`sgd_update`](super::sgd_update)'s.
@@ -313,15 +421,8 @@ pub fn sgd_update_in_place(
     const OP: &str = "sgd_update_in_place";
     let mut operands = Vec::with_capacity(3 * items.len());
     for (i, (w, g, u)) in items.iter().enumerate() {
+        check_sgd_item(OP, w, g, *u, &step)?;
         let u = u.map(|u| u.as_tensor());
-        check_update(OP, w.as_tensor(), &super::sgd_operands(g, u))?;
-        if (step.momentum != 0.0) != u.is_some() {
-            return Err(invalid(
-                OP,
-                "velocity",
-                "a velocity goes with momentum, and only with it".into(),
-            ));
-        }
         operands.extend([("w", i, true, w.as_tensor()), ("g", i, false, *g)]);
         operands.extend(u.map(|u| ("velocity", i, true, u)));
     }
@@ -360,6 +461,27 @@ pub fn sgd_update_in_place(
         if let (Some(u), Some(u1)) = (u, u1) {
             u.set(&u1)?;
         }
+    }
+    Ok(())
+}
+
+/// The checks of one `(w, g, velocity)` of an SGD step: operands like `w`, and a velocity
+/// exactly when there is momentum.
+fn check_sgd_item(
+    op: &'static str,
+    w: &Var,
+    g: &Tensor,
+    u: Option<&Var>,
+    step: &SgdStep,
+) -> Result<()> {
+    let u = u.map(|u| u.as_tensor());
+    check_update(op, w.as_tensor(), &super::sgd_operands(g, u))?;
+    if (step.momentum != 0.0) != u.is_some() {
+        return Err(invalid(
+            op,
+            "velocity",
+            "a velocity goes with momentum, and only with it".into(),
+        ));
     }
     Ok(())
 }

@@ -12,8 +12,9 @@ use candle_core::{D, Tensor};
 use crate::Result;
 use crate::ops::{
     AdamStep, BatchNormMode, Conv2dGeometry, SgdStep, check_batch_norm, check_bias_add,
-    check_conv2d,
+    check_conv2d, check_padded, empty_conv2d,
 };
+use crate::support::dtype::Cast;
 
 /// candle's own convolution (cuDNN forward with the `cudnn` feature, candle's backward),
 /// after an explicit pad where the padding is not the same on all four sides.
@@ -31,7 +32,31 @@ use crate::ops::{
 /// ```
 pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
     check_conv2d(x, kernel, &geometry)?;
-    let (x, (pad, _)) = geometry.symmetric_padding(x, true)?;
+    // candle's CPU convolution and padding index past an empty operand.
+    if let Some(y) = empty_conv2d(x, kernel, geometry)? {
+        return Ok(y);
+    }
+    let (mut x, (mut pad, _)) = geometry.symmetric_padding(x, true)?;
+    // candle's backward recovers the input's size as `(out - 1)·stride + span - 2·pad`,
+    // unchecked: where the windows step over the whole input (a stride past it, with padding)
+    // that is negative. The padding is then made explicit, which leaves nothing to recover.
+    if pad > 0 {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = kernel.dims4()?;
+        let (oh, ow) = geometry.output_size(h, w, kh, kw)?;
+        let covered = |out: usize, k: usize| {
+            (out - 1)
+                .checked_mul(geometry.stride)
+                .and_then(|a| a.checked_add((k - 1).checked_mul(geometry.dilation)?))
+                .and_then(|a| a.checked_add(1))
+                .is_some_and(|a| a >= 2 * pad)
+        };
+        if !covered(oh, kh) || !covered(ow, kw) {
+            check_padded("conv2d", &x, (pad, pad, pad, pad))?;
+            x = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+            pad = 0;
+        }
+    }
     Ok(x.conv2d(
         kernel,
         pad,
@@ -95,7 +120,7 @@ pub fn batch_norm_eval(
     epsilon: f64,
 ) -> Result<Tensor> {
     check_batch_norm(BatchNormMode::Eval { mean, var }, x, gamma, beta, epsilon)?;
-    let as_x = |t: &Tensor| t.to_dtype(x.dtype());
+    let as_x = |t: &Tensor| t.cast(x.dtype());
     let centered = x.broadcast_sub(&channel_view(&as_x(mean)?, x.rank())?)?;
     scale_and_shift(
         &centered,
@@ -144,7 +169,7 @@ fn scale_and_shift(
     epsilon: f64,
 ) -> Result<Tensor> {
     let rank = centered.rank();
-    let as_channels = |t: &Tensor| channel_view(&t.to_dtype(centered.dtype())?, rank);
+    let as_channels = |t: &Tensor| channel_view(&t.cast(centered.dtype())?, rank);
     let mut factor = (var + epsilon)?.sqrt()?.recip()?;
     if let Some(gamma) = gamma {
         factor = factor.broadcast_mul(&as_channels(gamma)?)?;

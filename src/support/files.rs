@@ -202,3 +202,10 @@ pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<S
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(parse_safetensors(&bytes, path, device)?.0)
 }
+
+/// The metadata of safetensors `bytes`, or `None` when they are not a safetensors file (no
+/// checksum check: for deciding which file to keep, not for loading one).
+pub(crate) fn metadata_of(bytes: &[u8]) -> Option<HashMap<String, String>> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    header.metadata().clone()
+}

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::support::files::{metadata_of, write_atomically};
 use crate::train::{EpochLog, History, Trainer};
 use crate::{Error, Result};
 
@@ -205,6 +206,36 @@ impl ModelCheckpoint {
     }
 }
 
+impl ModelCheckpoint {
+    /// Makes `best.ckpt` the restored history's best epoch again where a kill left it behind.
+    /// `last.ckpt` is written before `best.ckpt`, so a run killed between the two writes of an
+    /// epoch that improved resumes with that epoch in its history (from `last.ckpt`) and an
+    /// older `best.ckpt`; the best epoch is then the last one, whose state `last.ckpt` holds
+    /// (before this epoch overwrites it): it is copied over `best.ckpt`, atomically.
+    fn repair_best(&self, best_epoch: usize, last_epoch: usize) -> Result<()> {
+        let epochs_done = |bytes: &[u8]| -> Option<usize> {
+            metadata_of(bytes)?.get("epochs_done")?.parse().ok()
+        };
+        if best_epoch != last_epoch {
+            return Ok(());
+        }
+        let last_path = self.last_path();
+        let last = match std::fs::read(&last_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&last_path, e)),
+        };
+        if epochs_done(&last) != Some(last_epoch) {
+            return Ok(());
+        }
+        let best = std::fs::read(self.best_path()).ok();
+        if best.as_deref().and_then(epochs_done) == Some(best_epoch) {
+            return Ok(());
+        }
+        write_atomically(&self.best_path(), &last)
+    }
+}
+
 impl Callback for ModelCheckpoint {
     fn on_epoch_end(&mut self, end: &mut EpochEnd<'_>) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
@@ -213,15 +244,23 @@ impl Callback for ModelCheckpoint {
         let goal = Goal::for_metric(&self.monitor);
         if self.best.is_none() {
             // A resumed run: the best so far is in the restored history, not in this value.
-            let earlier = end
+            let earlier: Vec<_> = end
                 .history()
                 .epochs()
                 .iter()
-                .filter(|e| e.epoch < end.log.epoch);
-            for v in earlier.filter_map(|e| e.metric(&self.monitor)) {
-                if goal.improves(v, self.best, 0.0) {
+                .filter(|e| e.epoch < end.log.epoch)
+                .collect();
+            let mut best_epoch = None;
+            for e in &earlier {
+                if let Some(v) = e.metric(&self.monitor)
+                    && goal.improves(v, self.best, 0.0)
+                {
                     self.best = Some(v);
+                    best_epoch = Some(e.epoch);
                 }
+            }
+            if let (Some(best), Some(last)) = (best_epoch, earlier.last()) {
+                self.repair_best(best, last.epoch)?;
             }
         }
         if goal.improves(value, self.best, 0.0) {
@@ -351,5 +390,43 @@ impl Callback for HistoryLogger {
             end.history().write_csv(path)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// A checkpoint file as `repair_best` sees it: its `epochs_done`.
+    fn fake_checkpoint(path: &std::path::Path, epochs_done: usize) {
+        let meta = HashMap::from([("epochs_done".to_string(), epochs_done.to_string())]);
+        let none: Vec<(&str, safetensors::tensor::TensorView<'_>)> = Vec::new();
+        safetensors::serialize_to_file(none, Some(meta), path).unwrap();
+    }
+
+    #[test]
+    fn a_best_checkpoint_left_behind_by_a_kill_is_replaced_by_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = ModelCheckpoint::new(dir.path());
+        fake_checkpoint(&ckpt.last_path(), 2);
+        fake_checkpoint(&ckpt.best_path(), 1);
+        // The history's best is epoch 1: best.ckpt is right, nothing changes.
+        ckpt.repair_best(1, 2).unwrap();
+        let best = std::fs::read(ckpt.best_path()).unwrap();
+        assert_ne!(best, std::fs::read(ckpt.last_path()).unwrap());
+        // The history's best is its last epoch, 2, which best.ckpt missed: copied over.
+        ckpt.repair_best(2, 2).unwrap();
+        let best = std::fs::read(ckpt.best_path()).unwrap();
+        assert_eq!(best, std::fs::read(ckpt.last_path()).unwrap());
+        // A last.ckpt of another epoch (another run's folder) is never copied.
+        fake_checkpoint(&ckpt.last_path(), 5);
+        ckpt.repair_best(3, 3).unwrap();
+        assert_eq!(best, std::fs::read(ckpt.best_path()).unwrap());
+        // No best.ckpt yet: made from last.ckpt when that is the best epoch.
+        std::fs::remove_file(ckpt.best_path()).unwrap();
+        ckpt.repair_best(5, 5).unwrap();
+        assert!(ckpt.best_path().is_file());
     }
 }

@@ -6,6 +6,7 @@
 
 use candle_core::{D, DType, Tensor};
 
+use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
 /// A training loss, reduced to the mean over the batch (and over positions, for outputs with
@@ -121,7 +122,7 @@ impl Loss {
         }
         // One read of the extremes (one host synchronisation on a GPU); unsigned labels need
         // only their maximum.
-        let flat = target.flatten_all()?.to_dtype(DType::F64)?;
+        let flat = target.flatten_all()?.cast(DType::F64)?;
         let (min, max) = if matches!(target.dtype(), DType::U8 | DType::U32) {
             (0.0, crate::profile::read_scalar::<f64>(&flat.max(0)?)?)
         } else {
@@ -215,7 +216,7 @@ impl Loss {
         }
         let scalar = |v: f64| -> Result<Tensor> {
             Ok(Tensor::new(v, &candle_core::Device::Cpu)?
-                .to_dtype(target.dtype())?
+                .cast(target.dtype())?
                 .to_device(target.device())?)
         };
         // A bound beyond the dtype's range saturates, which is still every label it holds.
@@ -263,14 +264,14 @@ impl Loss {
         let outputs = if outputs.dtype() == DType::F64 {
             outputs.clone()
         } else {
-            outputs.to_dtype(DType::F32)?
+            outputs.cast(DType::F32)?
         };
         let dtype = outputs.dtype();
-        let float_targets = || targets.to_dtype(dtype);
+        let float_targets = || targets.cast(dtype);
         Ok(match *self {
             Loss::SparseCategoricalCrossentropy { from_logits } => {
                 let log_probs = class_log_probs(&outputs, from_logits)?;
-                let labels = targets.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
+                let labels = targets.cast(DType::U32)?.unsqueeze(1)?.contiguous()?;
                 log_probs.gather(&labels, 1)?.mean_all()?.neg()?
             }
             Loss::CategoricalCrossentropy { from_logits } => {
@@ -343,7 +344,7 @@ fn class_log_probs(outputs: &Tensor, from_logits: bool) -> Result<Tensor> {
 pub fn correct_predictions(outputs: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(outputs
         .argmax(1)?
-        .eq(&labels.to_dtype(DType::U32)?)?
-        .to_dtype(DType::F32)?
+        .eq(&labels.cast(DType::U32)?)?
+        .cast(DType::F32)?
         .sum_all()?)
 }

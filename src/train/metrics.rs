@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::support::dtype::Cast;
 use crate::train::loss::correct_predictions;
 use crate::{Error, Result};
 
@@ -51,7 +52,7 @@ struct Mean {
 impl Mean {
     fn add(&mut self, sum: Tensor, count: usize) -> Result<()> {
         // Detached: the running sum lives across steps and must not hold a step's graph.
-        let sum = sum.detach().to_dtype(DType::F64)?;
+        let sum = sum.detach().cast(DType::F64)?;
         self.sum = Some(match self.sum.take() {
             Some(s) => (s + sum)?,
             None => sum,
@@ -174,13 +175,13 @@ impl Metric for Accuracy {
             AccuracyKind::Sparse => (correct_predictions(outputs, targets)?, targets.elem_count()),
             AccuracyKind::Categorical => {
                 let hits = outputs.argmax(1)?.eq(&targets.argmax(1)?)?;
-                (hits.to_dtype(DType::F32)?.sum_all()?, hits.elem_count())
+                (hits.cast(DType::F32)?.sum_all()?, hits.elem_count())
             }
             AccuracyKind::Binary { threshold } => {
-                let predicted = outputs.to_dtype(DType::F32)?.gt(threshold)?;
-                let truth = targets.to_dtype(DType::F32)?.gt(0.5)?;
+                let predicted = outputs.cast(DType::F32)?.gt(threshold)?;
+                let truth = targets.cast(DType::F32)?.gt(0.5)?;
                 let hits = predicted.eq(&truth)?;
-                (hits.to_dtype(DType::F32)?.sum_all()?, hits.elem_count())
+                (hits.cast(DType::F32)?.sum_all()?, hits.elem_count())
             }
         };
         self.mean.add(correct, count)
@@ -245,14 +246,14 @@ impl Metric for TopKAccuracy {
     }
 
     fn update(&mut self, outputs: &Tensor, targets: &Tensor) -> Result<()> {
-        let outputs = outputs.to_dtype(DType::F32)?;
-        let labels = targets.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
+        let outputs = outputs.cast(DType::F32)?;
+        let labels = targets.cast(DType::U32)?.unsqueeze(1)?.contiguous()?;
         let own = outputs.gather(&labels, 1)?;
         // Outputs strictly above the label's own: fewer than k means it is in the top k.
-        let above = outputs.broadcast_gt(&own)?.to_dtype(DType::F32)?.sum(1)?;
+        let above = outputs.broadcast_gt(&own)?.cast(DType::F32)?.sum(1)?;
         let hits = above.lt(self.k as f64)?;
         self.mean
-            .add(hits.to_dtype(DType::F32)?.sum_all()?, hits.elem_count())
+            .add(hits.cast(DType::F32)?.sum_all()?, hits.elem_count())
     }
 
     fn result(&self) -> Result<f64> {
@@ -334,7 +335,7 @@ impl Metric for MeanError {
     }
 
     fn update(&mut self, outputs: &Tensor, targets: &Tensor) -> Result<()> {
-        let diff = (outputs.to_dtype(DType::F32)? - targets.to_dtype(DType::F32)?)?;
+        let diff = (outputs.cast(DType::F32)? - targets.cast(DType::F32)?)?;
         let errors = match self.kind {
             ErrorKind::Absolute => diff.abs()?,
             ErrorKind::Squared => diff.sqr()?,
@@ -404,8 +405,8 @@ impl Metric for MeanIoU {
         let device = outputs.device();
         let classes = Tensor::arange(0u32, self.classes as u32, device)?.unsqueeze(0)?;
         let one_hot = |ids: &Tensor| -> Result<Tensor> {
-            let ids = ids.to_dtype(DType::U32)?.flatten_all()?.unsqueeze(1)?;
-            Ok(ids.broadcast_eq(&classes)?.to_dtype(DType::F32)?)
+            let ids = ids.cast(DType::U32)?.flatten_all()?.unsqueeze(1)?;
+            Ok(ids.broadcast_eq(&classes)?.cast(DType::F32)?)
         };
         let (labels, predictions) = (one_hot(targets)?, one_hot(&outputs.argmax(1)?)?);
         if labels.dim(0)? != predictions.dim(0)? {
@@ -415,11 +416,7 @@ impl Metric for MeanIoU {
                 predictions.dim(0)?
             )));
         }
-        let counts = labels
-            .t()?
-            .matmul(&predictions)?
-            .to_dtype(DType::F64)?
-            .detach();
+        let counts = labels.t()?.matmul(&predictions)?.cast(DType::F64)?.detach();
         self.confusion = Some(match self.confusion.take() {
             Some(c) => (c + counts)?,
             None => counts,

@@ -11,6 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::ops;
+use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
 /// The state an optimizer needs to resume: a step count and named slot tensors.
@@ -62,10 +63,25 @@ pub trait Optimizer: Send {
         lr: f64,
         keep: &Tensor,
     ) -> Result<()> {
-        if crate::profile::read_scalar::<u8>(&keep.to_dtype(candle_core::DType::U8)?)? != 0 {
+        if crate::profile::read_scalar::<u8>(&keep.cast(candle_core::DType::U8)?)? != 0 {
             self.step(vars, grads, lr)?;
         }
         Ok(())
+    }
+
+    /// Whether [`Optimizer::step`] with these arguments would write only finite values: a
+    /// u8 scalar on the variables' device (1 or 0), computed without writing anything, or
+    /// `None` when this optimizer cannot tell (the default) or nothing would be stepped. The
+    /// trainer's divergence check folds it in, so a step whose loss and gradients are finite
+    /// but whose update overflows (a huge learning rate) writes nothing and stops training.
+    fn step_is_finite(
+        &self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+    ) -> Result<Option<Tensor>> {
+        let _ = (vars, grads, lr);
+        Ok(None)
     }
 
     /// The base learning rate of its config (a schedule scales from it).
@@ -165,10 +181,7 @@ fn load_slots(
         for (i, kind) in kinds.iter().enumerate() {
             if let Some(var) = name.strip_prefix(kind).and_then(|r| r.strip_prefix('.')) {
                 let target = by_name[var];
-                let value = t
-                    .to_device(target.device())?
-                    .to_dtype(target.dtype())?
-                    .copy()?;
+                let value = t.to_device(target.device())?.cast(target.dtype())?.copy()?;
                 loaded[i].insert(var.to_string(), Var::from_tensor(&value)?);
             }
         }
@@ -312,7 +325,7 @@ fn with_gradients<'a>(
             let g = grads.get(var.as_tensor())?;
             Some(
                 g.detach()
-                    .to_dtype(var.dtype())
+                    .cast(var.dtype())
                     .map(|g| (name, var, g))
                     .map_err(Into::into),
             )
@@ -322,9 +335,7 @@ fn with_gradients<'a>(
 
 /// The divergence verdict as the u8 scalar the fused updates take.
 fn keep_u8(keep: Option<&Tensor>) -> Result<Option<Tensor>> {
-    Ok(keep
-        .map(|k| k.to_dtype(candle_core::DType::U8))
-        .transpose()?)
+    Ok(keep.map(|k| k.cast(candle_core::DType::U8)).transpose()?)
 }
 
 /// `value` must be finite and positive (or zero, with `zero_ok`).
@@ -403,15 +414,23 @@ impl Adam {
     }
 }
 
+/// One step's operands, gathered before anything is written: the constants, each variable
+/// with a gradient, its slots, and the slots made for it now (kept only if the step is).
+struct Prepared<'a, S, Slot> {
+    step: S,
+    stepped: Vec<(&'a String, &'a Var, Tensor)>,
+    slots: Vec<Slot>,
+    fresh: Vec<Vec<(String, Var)>>,
+}
+
 impl Adam {
-    /// One step; with `keep`, every new value is chosen on the device between new and old.
-    fn update(
-        &mut self,
-        vars: &[(String, Var)],
+    /// The operands of one step with learning rate `lr`.
+    fn prepare<'a>(
+        &self,
+        vars: &'a [(String, Var)],
         grads: &GradStore,
         lr: f64,
-        keep: Option<&Tensor>,
-    ) -> Result<()> {
+    ) -> Result<Prepared<'a, ops::AdamStep, (Var, Var)>> {
         let c = &self.config;
         let t = (self.iterations + 1) as i32;
         let alpha = lr * (1.0 - c.beta_2.powi(t)).sqrt() / (1.0 - c.beta_1.powi(t));
@@ -433,6 +452,28 @@ impl Adam {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
+        Ok(Prepared {
+            step,
+            stepped,
+            slots,
+            fresh: vec![fresh_m, fresh_v],
+        })
+    }
+
+    /// One step; with `keep`, every new value is chosen on the device between new and old.
+    fn update(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: Option<&Tensor>,
+    ) -> Result<()> {
+        let Prepared {
+            step,
+            stepped,
+            slots,
+            fresh,
+        } = self.prepare(vars, grads, lr)?;
         // Written in place: one fused pass per weight on the CPU, one kernel for all of them
         // on CUDA; every operand is checked before anything is written.
         let items: Vec<(&Var, &Tensor, &Var, &Var)> = stepped
@@ -441,8 +482,9 @@ impl Adam {
             .map(|((_, var, g), (m, v))| (*var, g, m, v))
             .collect();
         ops::adam_update_in_place(&items, step, keep_u8(keep)?.as_ref())?;
-        self.m.by_var.extend(fresh_m);
-        self.v.by_var.extend(fresh_v);
+        for (slots, fresh) in [&mut self.m, &mut self.v].into_iter().zip(fresh) {
+            slots.by_var.extend(fresh);
+        }
         self.iterations += 1;
         Ok(())
     }
@@ -461,6 +503,25 @@ impl Optimizer for Adam {
         keep: &Tensor,
     ) -> Result<()> {
         self.update(vars, grads, lr, Some(keep))
+    }
+
+    fn step_is_finite(
+        &self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+    ) -> Result<Option<Tensor>> {
+        let prepared = self.prepare(vars, grads, lr)?;
+        let items: Vec<(&Var, &Tensor, &Var, &Var)> = prepared
+            .stepped
+            .iter()
+            .zip(&prepared.slots)
+            .map(|((_, var, g), (m, v))| (*var, g, m, v))
+            .collect();
+        if items.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ops::adam_update_is_finite(&items, prepared.step)?))
     }
 
     fn learning_rate(&self) -> f64 {
@@ -603,14 +664,13 @@ impl Sgd {
 }
 
 impl Sgd {
-    /// One step; with `keep`, every new value is chosen on the device between new and old.
-    fn update(
-        &mut self,
-        vars: &[(String, Var)],
+    /// The operands of one step with learning rate `lr`.
+    fn prepare<'a>(
+        &self,
+        vars: &'a [(String, Var)],
         grads: &GradStore,
         lr: f64,
-        keep: Option<&Tensor>,
-    ) -> Result<()> {
+    ) -> Result<Prepared<'a, ops::SgdStep, Option<Var>>> {
         let c = &self.config;
         let step = ops::SgdStep {
             learning_rate: lr,
@@ -620,7 +680,7 @@ impl Sgd {
         };
         let stepped = with_gradients(vars, grads)?;
         let mut fresh = Vec::new();
-        let velocities = stepped
+        let slots = stepped
             .iter()
             .map(|(name, var, _)| {
                 (c.momentum > 0.0)
@@ -628,14 +688,36 @@ impl Sgd {
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
+        Ok(Prepared {
+            step,
+            stepped,
+            slots,
+            fresh: vec![fresh],
+        })
+    }
+
+    /// One step; with `keep`, every new value is chosen on the device between new and old.
+    fn update(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+        keep: Option<&Tensor>,
+    ) -> Result<()> {
+        let Prepared {
+            step,
+            stepped,
+            slots,
+            fresh,
+        } = self.prepare(vars, grads, lr)?;
         // Written in place, as Adam's.
         let items: Vec<(&Var, &Tensor, Option<&Var>)> = stepped
             .iter()
-            .zip(&velocities)
+            .zip(&slots)
             .map(|((_, var, g), u)| (*var, g, u.as_ref()))
             .collect();
         ops::sgd_update_in_place(&items, step, keep_u8(keep)?.as_ref())?;
-        self.velocity.by_var.extend(fresh);
+        self.velocity.by_var.extend(fresh.into_iter().flatten());
         self.iterations += 1;
         Ok(())
     }
@@ -654,6 +736,25 @@ impl Optimizer for Sgd {
         keep: &Tensor,
     ) -> Result<()> {
         self.update(vars, grads, lr, Some(keep))
+    }
+
+    fn step_is_finite(
+        &self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        lr: f64,
+    ) -> Result<Option<Tensor>> {
+        let prepared = self.prepare(vars, grads, lr)?;
+        let items: Vec<(&Var, &Tensor, Option<&Var>)> = prepared
+            .stepped
+            .iter()
+            .zip(&prepared.slots)
+            .map(|((_, var, g), u)| (*var, g, u.as_ref()))
+            .collect();
+        if items.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ops::sgd_update_is_finite(&items, prepared.step)?))
     }
 
     fn learning_rate(&self) -> f64 {

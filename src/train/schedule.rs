@@ -70,6 +70,53 @@ impl LrSchedule {
         }
     }
 
+    /// Checks the schedule's settings: a step schedule decays every 1 or more epochs by a
+    /// positive finite `gamma`; a cosine schedule ends at a `min_fraction` in `[0, 1]`; a
+    /// one-cycle schedule warms up over a `pct_start` in `(0, 1)` and divides by positive
+    /// finite factors. [`Trainer::fit`](crate::train::Trainer::fit) refuses a schedule that
+    /// fails this before its first step (a NaN factor would otherwise write NaN into every
+    /// weight).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::LrSchedule;
+    /// assert!(LrSchedule::one_cycle().validate().is_ok());
+    /// assert!(LrSchedule::Step { every_epochs: 5, gamma: f64::NAN }.validate().is_err());
+    /// let cycle = LrSchedule::OneCycle { pct_start: 0.3, div_factor: 0.0, final_div_factor: 1e4 };
+    /// assert!(cycle.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let problem = match *self {
+            LrSchedule::Constant => None,
+            LrSchedule::Step {
+                every_epochs,
+                gamma,
+            } => (every_epochs == 0 || !positive(gamma))
+                .then_some("every_epochs must be at least 1 and gamma positive and finite"),
+            LrSchedule::Cosine { min_fraction, .. } => {
+                (!(0.0..=1.0).contains(&min_fraction)).then_some("min_fraction must be in [0, 1]")
+            }
+            LrSchedule::OneCycle {
+                pct_start,
+                div_factor,
+                final_div_factor,
+            } => (!(pct_start > 0.0
+                && pct_start < 1.0
+                && positive(div_factor)
+                && positive(final_div_factor)))
+            .then_some(
+                "pct_start must be in (0, 1), div_factor and final_div_factor positive and finite",
+            ),
+        };
+        match problem {
+            Some(problem) => Err(Error::InvalidArgument(format!(
+                "learning-rate schedule {self:?}: {problem}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The rate for a step (and the epoch it belongs to) of a run of `total_steps`.
     ///
     /// # Examples

@@ -11,8 +11,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data::{Batch, Dataset};
 use crate::graph::{Mode, StateUpdates};
 use crate::models::Model;
+use crate::models::weights::converted;
 use crate::ops;
 use crate::profile::read_vec;
+use crate::support::dtype::Cast;
 use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
 use crate::train::callbacks::{Callback, run_callbacks};
 use crate::train::metrics::{Metric, default_metrics};
@@ -276,6 +278,9 @@ pub struct Trainer {
     /// Batches an epoch of the run so far (restored from a checkpoint): resuming with other
     /// data or another batch size would not continue the same run.
     batches_per_epoch: Option<usize>,
+    /// Whether the next `fit` continues a run restored by `load_checkpoint` (and so must see
+    /// the same number of batches an epoch); a second `fit` in one process may take new data.
+    resumed: bool,
 }
 
 /// Sums over one pass through a data set, kept on the device.
@@ -298,7 +303,7 @@ impl Totals {
 
     fn add(&mut self, loss: &Tensor, per_output: &[Tensor], samples: usize) -> Result<()> {
         // Detached: a sum carried over a whole epoch must not hold any step's graph.
-        let weighted = |t: &Tensor| t.detach().to_dtype(DType::F64)?.affine(samples as f64, 0.0);
+        let weighted = |t: &Tensor| t.detach().cast(DType::F64)?.affine(samples as f64, 0.0);
         self.loss = (&self.loss + weighted(loss)?)?;
         for (total, l) in self.per_output.iter_mut().zip(per_output) {
             *total = (&*total + weighted(l)?)?;
@@ -356,6 +361,7 @@ impl Trainer {
             optimizer: optimizer_config.build()?,
             optimizer_config,
             batches_per_epoch: None,
+            resumed: false,
             metrics: losses.iter().map(default_metrics).collect(),
             losses,
             loss_weights,
@@ -452,7 +458,8 @@ impl Trainer {
         Err(Error::NonFinite {
             epoch,
             step,
-            what: "the loss or the gradients".into(),
+            // One device flag holds every verdict: say everything it covers.
+            what: "the loss, the gradients, the BatchNorm statistics or the updated weights".into(),
         })
     }
 
@@ -585,6 +592,13 @@ impl Trainer {
         lr: f64,
         position: (usize, usize),
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        // A NaN or infinite rate would write NaN into every weight; a negative one climbs.
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "learning rate {lr} at epoch {}, step {}: it must be finite and not negative",
+                position.0, position.1
+            )));
+        }
         let on_device = self.nan_check == NanCheck::OnDevice;
         // Off the device check, labels are range-checked before the step (a host read);
         // on it, the verdict joins the divergence flag.
@@ -606,23 +620,41 @@ impl Trainer {
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
             .collect();
+        // The held-back state (BatchNorm's moving statistics) and what the optimizer would
+        // write are checked with the loss and the gradients, before anything is written: the
+        // step is applied whole or not at all, and nothing non-finite is ever applied.
+        let state = updates.into_latest();
+        let new_state: Vec<&Tensor> = state.iter().map(|(_, value)| value).collect();
         let next_flag = match self.nan_check {
             NanCheck::EveryStep => {
-                // One read of both verdicts.
+                // One read of all the verdicts, in the order of `WHAT`.
+                const WHAT: [&str; 4] = [
+                    "the loss",
+                    "the gradients",
+                    "the BatchNorm statistics",
+                    "the updated weights or optimizer state",
+                ];
                 let mut verdicts = vec![ops::all_finite(&[&total])?];
-                if !gradients.is_empty() {
-                    verdicts.push(ops::all_finite(&gradients)?);
-                }
-                let what = match read_vec::<u8>(&Tensor::stack(&verdicts, 0)?)?.as_slice() {
-                    [0, ..] => Some("the loss"),
-                    [_, 0] => Some("the gradients"),
-                    _ => None,
-                };
-                if let Some(what) = what {
+                let one = || Tensor::new(1u8, total.device());
+                verdicts.push(match gradients.is_empty() {
+                    true => one()?,
+                    false => ops::all_finite(&gradients)?,
+                });
+                verdicts.push(match new_state.is_empty() {
+                    true => one()?,
+                    false => ops::all_finite(&new_state)?,
+                });
+                let update = self.optimizer.step_is_finite(&vars, &grads, lr)?;
+                verdicts.push(match update {
+                    Some(verdict) => verdict,
+                    None => one()?,
+                });
+                let read = read_vec::<u8>(&Tensor::stack(&verdicts, 0)?)?;
+                if let Some(bad) = read.iter().position(|&v| v == 0) {
                     return Err(Error::NonFinite {
                         epoch: position.0,
                         step: position.1,
-                        what: what.into(),
+                        what: WHAT[bad].into(),
                     });
                 }
                 None
@@ -630,7 +662,11 @@ impl Trainer {
             NanCheck::OnDevice => {
                 let mut checked = vec![&total];
                 checked.extend(&gradients);
-                let finite = ops::all_finite(&checked)?;
+                checked.extend(new_state.iter().copied());
+                let mut finite = ops::all_finite(&checked)?;
+                if let Some(update) = self.optimizer.step_is_finite(&vars, &grads, lr)? {
+                    finite = (finite * update)?;
+                }
                 Some(self.next_divergence(finite, labels_ok, position)?)
             }
             NanCheck::Off => None,
@@ -638,9 +674,6 @@ impl Trainer {
         // Whether the step applies: the new flag's `alive` (the flag itself is kept only once
         // the step is written).
         let keep = next_flag.as_ref().map(|flag| &flag.alive);
-        // The held-back state (BatchNorm's moving statistics), checked before the optimizer
-        // writes anything: the step is applied whole or not at all.
-        let state = updates.into_latest();
         let assignments: Vec<(&Var, &Tensor)> =
             state.iter().map(|(var, value)| (var, value)).collect();
         ops::check_assignments(&assignments, keep)?;
@@ -688,7 +721,7 @@ impl Trainer {
         // The first step that turns `alive` off is recorded: alive - keep is 1 just then.
         let turned_off = (&flag.alive - &keep)?;
         let code = ((epoch as u64) << 32 | step as u64) as f64;
-        let first_bad = (&flag.first_bad + turned_off.to_dtype(DType::F64)?.affine(code, 0.0)?)?;
+        let first_bad = (&flag.first_bad + turned_off.cast(DType::F64)?.affine(code, 0.0)?)?;
         let bad_labels = match labels_ok {
             // alive - keep is 1 only at the first bad step; that times (1 - labels_ok), written
             // turned_off - turned_off · labels_ok (u8, never negative), is 1 if its labels were
@@ -820,7 +853,7 @@ impl Trainer {
             .map(|t| {
                 // Float inputs take the model's dtype; integer inputs (indices) stay as they are.
                 Ok(if t.dtype().is_float() {
-                    t.to_dtype(dtype)?
+                    t.cast(dtype)?
                 } else {
                     t.clone()
                 })
@@ -885,15 +918,18 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::InvalidArgument("no training data".into()));
         }
-        match self.batches_per_epoch {
-            Some(n) if self.epochs_done > 0 && n != train.len() => {
-                return Err(Error::InvalidArgument(format!(
-                    "the run being resumed had {n} batches an epoch, this data has {}: resume with the same data and batch size",
-                    train.len()
-                )));
-            }
-            _ => self.batches_per_epoch = Some(train.len()),
+        self.schedule.validate()?;
+        if let Some(n) = self.batches_per_epoch
+            && self.resumed
+            && n != train.len()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the run resumed from a checkpoint had {n} batches an epoch, this data has {}: resume with the same data and batch size",
+                train.len()
+            )));
         }
+        self.batches_per_epoch = Some(train.len());
+        self.resumed = false;
         self.divergence = None;
         let total_steps = epochs * train.len();
         let base_lr = self.optimizer.learning_rate();
@@ -1103,6 +1139,7 @@ impl Trainer {
             ("steps_done", self.steps_done.to_string()),
             ("optimizer_iterations", state.iterations.to_string()),
             ("forward_calls", self.model.forward_calls().to_string()),
+            ("seed", self.model.seed().to_string()),
             ("history", self.history.to_json()?),
             ("optimizer", format!("{:?}", self.optimizer_config)),
         ]
@@ -1118,8 +1155,11 @@ impl Trainer {
 
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model and
     /// optimizer; `fit` then continues where the run stopped. Strict: the weights and the
-    /// optimizer state are both checked (names, shapes) before either is written, so a
-    /// checkpoint that does not fit changes nothing.
+    /// optimizer state are both checked (names, shapes) and converted before either is
+    /// written, so a checkpoint that does not fit changes nothing. The model takes the
+    /// checkpoint's seed and forward-call count, so its random layers (Dropout) draw what the
+    /// uninterrupted run would have drawn, whatever seed it was built with; compare
+    /// [`Model::seed`](crate::Model::seed) afterwards to refuse a resume under another seed.
     ///
     /// # Examples
     /// ```
@@ -1180,27 +1220,65 @@ impl Trainer {
             .map(|v| v.parse::<usize>())
             .transpose()
             .map_err(|_| bad("metadata `batches_per_epoch` is not a number".into()))?;
-        let state = OptimizerState {
-            iterations: number("optimizer_iterations")?,
-            slots,
-        };
+        let source = path.display().to_string();
+        // The model's seed draws its dropout masks: the run continues with the checkpoint's.
+        let seed = meta
+            .get("seed")
+            .map(|v| v.parse::<u64>())
+            .transpose()
+            .map_err(|_| bad("metadata `seed` is not a number".into()))?;
         let (epochs_done, steps_done, calls) = (
             number("epochs_done")?,
             number("steps_done")?,
             number("forward_calls")?,
         );
-        // Check everything before changing anything.
-        self.model
-            .check_weights(&weights, &path.display().to_string())?;
+        // Check and convert everything before changing anything: a tensor that cannot take
+        // the weight's dtype must not leave new weights beside the old optimizer state.
+        self.model.check_weights(&weights, &source)?;
         let vars = self.model.trainable_weights()?;
+        let state = OptimizerState {
+            iterations: number("optimizer_iterations")?,
+            slots,
+        };
         self.optimizer.check_state(&state, &vars)?;
-        self.model.set_weights(&weights)?;
+        let var_by_name: HashMap<&str, &candle_core::Var> =
+            vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let slots = state
+            .slots
+            .iter()
+            .map(|(name, t)| {
+                let var = name.split_once('.').and_then(|(_, v)| var_by_name.get(v));
+                Ok(match var {
+                    Some(var) => {
+                        let full = format!("optimizer.{name}");
+                        (name.clone(), converted(t, var.as_tensor(), &full, &source)?)
+                    }
+                    None => (name.clone(), t.clone()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let state = OptimizerState { slots, ..state };
+        let weights = self
+            .model
+            .weights()?
+            .iter()
+            .map(|w| {
+                let full = format!("model.{}", w.name());
+                let value = converted(&weights[w.name()], w.var().as_tensor(), &full, &source)?;
+                Ok((w.name().to_string(), value))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
+        self.model.set_weights_from(&weights, &source)?;
         self.optimizer.load_state(&state, &vars)?;
         self.model.set_forward_calls(calls);
+        if let Some(seed) = seed {
+            self.model.set_seed(seed);
+        }
         self.epochs_done = epochs_done as usize;
         self.steps_done = steps_done as usize;
         self.history = history;
         self.batches_per_epoch = batches_per_epoch;
+        self.resumed = true;
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use super::{Float, contiguous_slice, relu_if, split};
 use crate::Result;
 use crate::ops::BatchNormRelus;
+use crate::support::dtype::Cast;
 
 /// Training mode (arguments checked by [`crate::ops::batch_norm_train`]): `(y, batch mean,
 /// biased batch variance)` of the sum of `inputs` (one or two tensors of one shape), passed
@@ -171,7 +172,7 @@ macro_rules! on_slices {
 
 /// The per-channel values of a `(k, C)` tensor as f64, row after row.
 fn per_channel(t: &Tensor) -> candle_core::Result<Vec<f64>> {
-    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+    t.flatten_all()?.cast(DType::F64)?.to_vec1::<f64>()
 }
 
 /// `1 / sqrt(var + epsilon)` per channel.
@@ -326,7 +327,7 @@ impl Normalize {
         }
         .apply(&dy, inputs)?;
         let no_stats = Tensor::zeros((2, c), sums.dtype(), sums.device())?;
-        let dpacked = Tensor::cat(&[&no_stats, &sums], 0)?.to_dtype(packed.dtype())?;
+        let dpacked = Tensor::cat(&[&no_stats, &sums], 0)?.cast(packed.dtype())?;
         Ok((dx, dpacked))
     }
 }

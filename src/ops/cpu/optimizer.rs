@@ -49,53 +49,121 @@ fn with_values<R>(tensors: &[&Tensor], f: impl FnOnce(&[Values<'_>]) -> Result<R
 }
 
 /// Defines the Adam kernel for one float type, in place, in the reference's operation order:
-/// `m' = m·β1 + g·(1-β1)`, `v' = v·β2 + g²·(1-β2)`, `w' = w·decay - α·m' / (√v' + ε)`.
+/// `m' = m·β1 + g·(1-β1)`, `v' = v·β2 + g²·(1-β2)`, `w' = w·decay - α·m' / (√v' + ε)`; and
+/// `$finite`, the same arithmetic read-only, telling whether every new value is finite (the
+/// divergence check of the values a step would write).
 macro_rules! adam_kernel {
-    ($name:ident, $t:ty) => {
+    ($name:ident, $finite:ident, $t:ty) => {
+        fn $finite(w: &[$t], g: &[$t], m: &[$t], v: &[$t], s: &AdamStep) -> bool {
+            let new = adam_element!($t, s);
+            w.par_chunks(CHUNK)
+                .zip(m.par_chunks(CHUNK))
+                .zip(v.par_chunks(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .all(|(((w, m), v), g)| {
+                    (0..w.len()).all(|j| {
+                        let (wn, mn, vn) = new(w[j], g[j], m[j], v[j]);
+                        wn.is_finite() && mn.is_finite() && vn.is_finite()
+                    })
+                })
+        }
+
         fn $name(w: &mut [$t], g: &[$t], m: &mut [$t], v: &mut [$t], s: &AdamStep) {
-            let (b1, omb1) = (s.beta_1 as $t, (1.0 - s.beta_1) as $t);
-            let (b2, omb2) = (s.beta_2 as $t, (1.0 - s.beta_2) as $t);
-            let (eps, alpha, decay) = (s.epsilon as $t, s.alpha as $t, s.decay as $t);
-            let decays = s.decay != 1.0;
+            let new = adam_element!($t, s);
             w.par_chunks_mut(CHUNK)
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK))
                 .for_each(|(((w, m), v), g)| {
                     for j in 0..w.len() {
-                        let gj = g[j];
-                        let mn = m[j] * b1 + gj * omb1;
-                        let vn = v[j] * b2 + (gj * gj) * omb2;
-                        let wd = if decays { w[j] * decay } else { w[j] };
-                        let update = mn / (vn.sqrt() + eps);
-                        w[j] = wd - update * alpha;
-                        m[j] = mn;
-                        v[j] = vn;
+                        (w[j], m[j], v[j]) = new(w[j], g[j], m[j], v[j]);
                     }
                 });
         }
     };
 }
 
-adam_kernel!(adam_f32, f32);
-adam_kernel!(adam_f64, f64);
+/// The Adam update of one element as a closure `(w, g, m, v) -> (w', m', v')` over the
+/// step's constants in type `$t`: one definition for the writing and the checking kernels.
+macro_rules! adam_element {
+    ($t:ty, $s:expr) => {{
+        let s: &AdamStep = $s;
+        let (b1, omb1) = (s.beta_1 as $t, (1.0 - s.beta_1) as $t);
+        let (b2, omb2) = (s.beta_2 as $t, (1.0 - s.beta_2) as $t);
+        let (eps, alpha, decay) = (s.epsilon as $t, s.alpha as $t, s.decay as $t);
+        let decays = s.decay != 1.0;
+        move |w: $t, g: $t, m: $t, v: $t| -> ($t, $t, $t) {
+            let mn = m * b1 + g * omb1;
+            let vn = v * b2 + (g * g) * omb2;
+            let wd = if decays { w * decay } else { w };
+            let update = mn / (vn.sqrt() + eps);
+            (wd - update * alpha, mn, vn)
+        }
+    }};
+}
 
-/// Defines the SGD kernel for one float type, in place, in the reference's operation order:
-/// `u' = u·μ - g·lr`, `w' = w·decay + u'` (Nesterov: `w·decay + u'·μ - g·lr`); without
-/// momentum `w' = w·decay - g·lr`.
+adam_kernel!(adam_f32, adam_finite_f32, f32);
+adam_kernel!(adam_f64, adam_finite_f64, f64);
+
+/// The SGD update of one element as a closure `(w, g, u) -> (w', u')` over the step's
+/// constants in type `$t`, in the reference's operation order: `u' = u·μ - g·lr`,
+/// `w' = w·decay + u'` (Nesterov: `w·decay + u'·μ - g·lr`); without momentum (`u` unused)
+/// `w' = w·decay - g·lr`.
+macro_rules! sgd_element {
+    ($t:ty, $s:expr, $momentum:expr) => {{
+        let s: &SgdStep = $s;
+        let (lr, mu, decay) = (s.learning_rate as $t, s.momentum as $t, s.decay as $t);
+        let (decays, nesterov, momentum) = (s.decay != 1.0, s.nesterov, $momentum);
+        move |w: $t, g: $t, u: $t| -> ($t, $t) {
+            let wd = if decays { w * decay } else { w };
+            if !momentum {
+                return (wd - g * lr, u);
+            }
+            let step = g * lr;
+            let un = u * mu - step;
+            let wn = if nesterov {
+                (wd + un * mu) - step
+            } else {
+                wd + un
+            };
+            (wn, un)
+        }
+    }};
+}
+
+/// Defines the SGD kernel for one float type, in place (see [`sgd_element`]), and `$finite`,
+/// the same arithmetic read-only, telling whether every new value is finite.
 macro_rules! sgd_kernel {
-    ($name:ident, $t:ty) => {
+    ($name:ident, $finite:ident, $t:ty) => {
+        fn $finite(w: &[$t], g: &[$t], u: Option<&[$t]>, s: &SgdStep) -> bool {
+            let new = sgd_element!($t, s, u.is_some());
+            match u {
+                None => w
+                    .par_chunks(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .all(|(w, g)| (0..w.len()).all(|j| new(w[j], g[j], 0.0).0.is_finite())),
+                Some(u) => w
+                    .par_chunks(CHUNK)
+                    .zip(u.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .all(|((w, u), g)| {
+                        (0..w.len()).all(|j| {
+                            let (wn, un) = new(w[j], g[j], u[j]);
+                            wn.is_finite() && un.is_finite()
+                        })
+                    }),
+            }
+        }
+
         fn $name(w: &mut [$t], g: &[$t], u: Option<&mut [$t]>, s: &SgdStep) {
-            let (lr, mu, decay) = (s.learning_rate as $t, s.momentum as $t, s.decay as $t);
-            let decays = s.decay != 1.0;
+            let new = sgd_element!($t, s, u.is_some());
             match u {
                 None => w
                     .par_chunks_mut(CHUNK)
                     .zip(g.par_chunks(CHUNK))
                     .for_each(|(w, g)| {
                         for j in 0..w.len() {
-                            let wd = if decays { w[j] * decay } else { w[j] };
-                            w[j] = wd - g[j] * lr;
+                            w[j] = new(w[j], g[j], 0.0).0;
                         }
                     }),
                 Some(u) => w
@@ -104,15 +172,7 @@ macro_rules! sgd_kernel {
                     .zip(g.par_chunks(CHUNK))
                     .for_each(|((w, u), g)| {
                         for j in 0..w.len() {
-                            let step = g[j] * lr;
-                            let un = u[j] * mu - step;
-                            let wd = if decays { w[j] * decay } else { w[j] };
-                            w[j] = if s.nesterov {
-                                (wd + un * mu) - step
-                            } else {
-                                wd + un
-                            };
-                            u[j] = un;
+                            (w[j], u[j]) = new(w[j], g[j], u[j]);
                         }
                     }),
             }
@@ -120,8 +180,8 @@ macro_rules! sgd_kernel {
     };
 }
 
-sgd_kernel!(sgd_f32, f32);
-sgd_kernel!(sgd_f64, f64);
+sgd_kernel!(sgd_f32, sgd_finite_f32, f32);
+sgd_kernel!(sgd_f64, sgd_finite_f64, f64);
 
 /// Elements of one float type, owned: the out-of-place updates run the in-place kernels on
 /// copies.
@@ -332,5 +392,56 @@ pub(crate) fn sgd_update_in_place(
                 Some(u) => with_mut(u, |u| run(Some(u))),
             }
         })?)
+    })
+}
+
+/// Whether the fused Adam step of `(w, g, m, v)` (checked by
+/// [`crate::ops::adam_update_is_finite`]) would write only finite values; nothing is written.
+pub(crate) fn adam_update_is_finite(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: &AdamStep,
+) -> Result<bool> {
+    let operands = [
+        w.contiguous()?,
+        g.contiguous()?,
+        m.contiguous()?,
+        v.contiguous()?,
+    ];
+    with_values(&operands.iter().collect::<Vec<_>>(), |vals| match vals {
+        [
+            Values::F32(w),
+            Values::F32(g),
+            Values::F32(m),
+            Values::F32(v),
+        ] => Ok(adam_finite_f32(w, g, m, v, step)),
+        [
+            Values::F64(w),
+            Values::F64(g),
+            Values::F64(m),
+            Values::F64(v),
+        ] => Ok(adam_finite_f64(w, g, m, v, step)),
+        _ => Err(one_dtype_expected()),
+    })
+}
+
+/// Whether the fused SGD step of `(w, g, u)` (checked by
+/// [`crate::ops::sgd_update_is_finite`]) would write only finite values; nothing is written.
+pub(crate) fn sgd_update_is_finite(
+    w: &Tensor,
+    g: &Tensor,
+    u: Option<&Tensor>,
+    step: &SgdStep,
+) -> Result<bool> {
+    let mut operands = vec![w.contiguous()?, g.contiguous()?];
+    operands.extend(u.map(Tensor::contiguous).transpose()?);
+    with_values(&operands.iter().collect::<Vec<_>>(), |vals| match vals {
+        [Values::F32(w), Values::F32(g)] => Ok(sgd_finite_f32(w, g, None, step)),
+        [Values::F32(w), Values::F32(g), Values::F32(u)] => Ok(sgd_finite_f32(w, g, Some(u), step)),
+        [Values::F64(w), Values::F64(g)] => Ok(sgd_finite_f64(w, g, None, step)),
+        [Values::F64(w), Values::F64(g), Values::F64(u)] => Ok(sgd_finite_f64(w, g, Some(u), step)),
+        _ => Err(one_dtype_expected()),
     })
 }

@@ -1,6 +1,7 @@
 //! The crate's own CUDA kernels (feature `cuda`), each one launch for every tensor of a list:
-//! optimizer updates (`optimizer.cu`: into fresh buffers, or in place), the finite check of a
-//! step's loss and gradients and the in-place copy of held-back state (`multi_tensor.cu`).
+//! optimizer updates (`optimizer.cu`: into fresh buffers, in place, or as a check that the
+//! new values would be finite, writing nothing), the finite check of a step's loss and
+//! gradients and the in-place copy of held-back state (`multi_tensor.cu`).
 //! `build.rs` compiles the `.cu` files to PTX with nvcc; the driver JIT-compiles them on first
 //! use. Arguments are checked by [`crate::ops`] before they get here.
 
@@ -138,7 +139,7 @@ fn launch_adam(
     dev: &CudaDevice,
     items: &[[Tensor; 4]],
     step: &AdamStep,
-    keep: Option<&Tensor>,
+    (keep, finite): (Option<&Tensor>, u64),
     destination: impl Fn(usize, usize) -> Result<u64>,
 ) -> Result<()> {
     let offsets = offsets(items.iter().map(|ts| ts[0].elem_count()));
@@ -180,11 +181,13 @@ fn launch_adam(
         .arg(&eps)
         .arg(&decay)
         .arg(&decays)
-        .arg(&keep_address);
+        .arg(&keep_address)
+        .arg(&finite);
     // SAFETY: the table holds live device buffers of the sizes the prefix sums state (inputs
     // contiguous f32; each destination either a fresh buffer's slice or, in place, the input
     // it replaces, which only the thread that reads an element writes), the argument list
-    // matches the kernel's signature, and `keep` is null or a device u8.
+    // matches the kernel's signature, and `keep` and `finite` are null or device u8s (with
+    // `finite` set, the kernel writes nothing but that flag).
     unsafe { builder.launch(grid(total)) }.map_err(candle_core::Error::wrap)?;
     Ok(())
 }
@@ -204,7 +207,7 @@ pub(crate) fn adam_update_many(
     let offsets = offsets(items.iter().map(|ts| ts[0].elem_count()));
     let total = offsets[offsets.len() - 1];
     let launch = Launch::new(&dev, 3, total)?;
-    launch_adam(&dev, &items, step, keep, |t, k| {
+    launch_adam(&dev, &items, step, (keep, 0), |t, k| {
         Ok(launch.out_address + 4 * (k as u64 * total + offsets[t]))
     })?;
     let out = launch.into_tensor(&dev);
@@ -233,7 +236,7 @@ pub(crate) fn adam_update_in_place(
     let operands = contiguous(items)?;
     // w' over w, m' over m, v' over v: operands 0, 2 and 3 as given, never a contiguous copy
     // (a write into a copy would be lost; `address` refuses a non-contiguous destination).
-    launch_adam(&dev, &operands, step, keep, |t, k| {
+    launch_adam(&dev, &operands, step, (keep, 0), |t, k| {
         address(items[t][[0, 2, 3][k]], &dev)
     })
 }
@@ -244,7 +247,7 @@ fn launch_sgd(
     dev: &CudaDevice,
     items: &[(Tensor, Tensor, Option<Tensor>)],
     step: &SgdStep,
-    keep: Option<&Tensor>,
+    (keep, finite): (Option<&Tensor>, u64),
     destination: impl Fn(usize, usize) -> Result<u64>,
 ) -> Result<()> {
     let offsets = offsets(items.iter().map(|(w, _, _)| w.elem_count()));
@@ -280,8 +283,9 @@ fn launch_sgd(
         .arg(&nesterov)
         .arg(&decay)
         .arg(&decays)
-        .arg(&keep_address);
-    // SAFETY: as in `launch_adam`; a null velocity pointer means no momentum, which the
+        .arg(&keep_address)
+        .arg(&finite);
+    // SAFETY: as in `launch_adam` (`finite` likewise); a null velocity pointer means no momentum, which the
     // kernel checks before reading it.
     unsafe { builder.launch(grid(total)) }.map_err(candle_core::Error::wrap)?;
     Ok(())
@@ -319,7 +323,7 @@ pub(crate) fn sgd_update_many(
     let total = offsets[offsets.len() - 1];
     let outputs = if with_velocity { 2 } else { 1 };
     let launch = Launch::new(&dev, outputs, total)?;
-    launch_sgd(&dev, &items, step, keep, |t, k| {
+    launch_sgd(&dev, &items, step, (keep, 0), |t, k| {
         Ok(launch.out_address + 4 * (k as u64 * total + offsets[t]))
     })?;
     let out = launch.into_tensor(&dev);
@@ -349,10 +353,12 @@ pub(crate) fn sgd_update_in_place(
     let dev = first.0.device().as_cuda_device()?.clone();
     let operands = contiguous_sgd(items)?;
     // The destinations as given, never a contiguous copy (see `adam_update_in_place`).
-    launch_sgd(&dev, &operands, step, keep, |t, k| match (k, items[t]) {
-        (0, (w, _, _)) => address(w, &dev),
-        (_, (_, _, Some(u))) => address(u, &dev),
-        _ => Err(fail("a velocity expected".into())),
+    launch_sgd(&dev, &operands, step, (keep, 0), |t, k| {
+        match (k, items[t]) {
+            (0, (w, _, _)) => address(w, &dev),
+            (_, (_, _, Some(u))) => address(u, &dev),
+            _ => Err(fail("a velocity expected".into())),
+        }
     })
 }
 
@@ -399,18 +405,66 @@ pub(crate) fn all_finite(tensors: &[&Tensor]) -> Result<Tensor> {
         .iter()
         .map(|t| address(t, &dev))
         .collect::<Result<Vec<_>>>()?;
+    let (ok, ok_address) = true_flag(&dev)?;
+    launch_multi(&dev, "all_finite_f32", &table, &offsets, ok_address)?;
+    Ok(flag_tensor(ok, &dev))
+}
+
+/// A device u8 set to 1, and its address, for a kernel to clear.
+fn true_flag(dev: &CudaDevice) -> Result<(CudaSlice<u8>, u64)> {
     let stream = dev.cuda_stream();
     let ok = stream
         .clone_htod(&[1u8])
         .map_err(candle_core::Error::wrap)?;
-    let ok_address = ok.device_ptr(&stream).0;
-    launch_multi(&dev, "all_finite_f32", &table, &offsets, ok_address)?;
-    Ok(Tensor::from_storage(
+    let address = ok.device_ptr(&stream).0;
+    Ok((ok, address))
+}
+
+/// The flag of [`true_flag`] as a u8 scalar tensor.
+fn flag_tensor(ok: CudaSlice<u8>, dev: &CudaDevice) -> Tensor {
+    Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(ok, dev.clone())),
         (),
         BackpropOp::none(),
         false,
-    ))
+    )
+}
+
+/// A u8 device scalar: 1 when one Adam step of every `[w, g, m, v]` would write only finite
+/// values. The update kernel runs as a check: it computes and writes nothing.
+pub(crate) fn adam_update_is_finite(items: &[[&Tensor; 4]], step: &AdamStep) -> Result<Tensor> {
+    let Some(first) = items.first() else {
+        return Err(fail("no tensors".into()));
+    };
+    let dev = first[0].device().as_cuda_device()?.clone();
+    let operands = contiguous(items)?;
+    let (ok, ok_address) = true_flag(&dev)?;
+    // The destinations are never written in a check; the inputs' addresses stand in.
+    launch_adam(&dev, &operands, step, (None, ok_address), |t, k| {
+        address(&operands[t][[0, 2, 3][k]], &dev)
+    })?;
+    Ok(flag_tensor(ok, &dev))
+}
+
+/// [`adam_update_is_finite`] for SGD's `(w, g, velocity)`.
+pub(crate) fn sgd_update_is_finite(
+    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+    step: &SgdStep,
+) -> Result<Tensor> {
+    let Some(first) = items.first() else {
+        return Err(fail("no tensors".into()));
+    };
+    let dev = first.0.device().as_cuda_device()?.clone();
+    let operands = contiguous_sgd(items)?;
+    let (ok, ok_address) = true_flag(&dev)?;
+    launch_sgd(&dev, &operands, step, (None, ok_address), |t, k| {
+        match (k, &operands[t]) {
+            (0, (w, _, _)) => address(w, &dev),
+            (_, (_, _, Some(u))) => address(u, &dev),
+            _ => Err(fail("a velocity expected".into())),
+        }
+    })?;
+    Ok(flag_tensor(ok, &dev))
 }
 
 /// Copies each value into its variable, all or none as the device u8 `keep` says (without

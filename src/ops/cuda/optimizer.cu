@@ -10,6 +10,11 @@
 //
 // `keep` (a device u8, or null) is the divergence check's verdict: where it is 0 the old
 // values are written back, so a non-finite step changes nothing, with no host synchronisation.
+//
+// `finite` (a device u8 set to 1 by the host, or null) turns a launch into a check: nothing is
+// written, and any thread whose new values are not all finite writes 0 there (every writer
+// writes the same value, so the race is benign). The trainer folds it into `keep`, so a step
+// that would write an infinity (a learning rate that overflows a weight) writes nothing.
 
 #include "pointer_table.cuh"
 
@@ -17,7 +22,7 @@
 extern "C" __global__ void adam_multi_f32(
     const u64* ptrs, const u64* offsets, int tensors, u64 total,
     float alpha, float b1, float omb1, float b2, float omb2, float eps, float decay, int decays,
-    const unsigned char* keep) {
+    const unsigned char* keep, unsigned char* finite) {
     const bool write_new = keep == 0 || *keep != 0;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total;
          i += (u64)blockDim.x * gridDim.x) {
@@ -33,6 +38,10 @@ extern "C" __global__ void adam_multi_f32(
         const float wd = decays ? __fmul_rn(w, decay) : w;
         const float update = __fdiv_rn(mn, __fadd_rn(__fsqrt_rn(vn), eps));
         const float wn = __fsub_rn(wd, __fmul_rn(update, alpha));
+        if (finite != 0) {
+            if (!isfinite(wn) || !isfinite(mn) || !isfinite(vn)) *finite = 0;
+            continue;
+        }
         ((float*)p[4])[j] = write_new ? wn : w;
         ((float*)p[5])[j] = write_new ? mn : m;
         ((float*)p[6])[j] = write_new ? vn : v;
@@ -43,7 +52,7 @@ extern "C" __global__ void adam_multi_f32(
 extern "C" __global__ void sgd_multi_f32(
     const u64* ptrs, const u64* offsets, int tensors, u64 total,
     float lr, float momentum, int nesterov, float decay, int decays,
-    const unsigned char* keep) {
+    const unsigned char* keep, unsigned char* finite) {
     const bool write_new = keep == 0 || *keep != 0;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total;
          i += (u64)blockDim.x * gridDim.x) {
@@ -55,12 +64,21 @@ extern "C" __global__ void sgd_multi_f32(
         const float step = __fmul_rn(g, lr);
         const float wd = decays ? __fmul_rn(w, decay) : w;
         if (p[2] == 0) {
-            ((float*)p[3])[j] = write_new ? __fsub_rn(wd, step) : w;
+            const float wn = __fsub_rn(wd, step);
+            if (finite != 0) {
+                if (!isfinite(wn)) *finite = 0;
+                continue;
+            }
+            ((float*)p[3])[j] = write_new ? wn : w;
         } else {
             const float u = ((const float*)p[2])[j];
             const float un = __fsub_rn(__fmul_rn(u, momentum), step);
             const float wn = nesterov ? __fsub_rn(__fadd_rn(wd, __fmul_rn(un, momentum)), step)
                                       : __fadd_rn(wd, un);
+            if (finite != 0) {
+                if (!isfinite(wn) || !isfinite(un)) *finite = 0;
+                continue;
+            }
             ((float*)p[3])[j] = write_new ? wn : w;
             ((float*)p[4])[j] = write_new ? un : u;
         }
