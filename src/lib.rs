@@ -29,6 +29,7 @@
 //!
 //! | module | what is in it |
 //! |---|---|
+//! | [`fusion`] | the element-wise functions a kernel applies before or after its op, from the plan down to the kernels |
 //! | [`graph`] | `Input`, `SymbolicTensor`, the `Layer` trait, `LayerOp` and `Params` for custom layers, initializers |
 //! | [`layers`] | the built-in layers and their configs, padding |
 //! | [`models`] | `Model` (build, forward, summary, weights) and the article's ResNet helpers |
@@ -45,6 +46,7 @@
 pub mod data;
 mod device;
 mod error;
+pub mod fusion;
 pub mod graph;
 pub mod layers;
 pub mod models;
@@ -55,9 +57,10 @@ pub mod train;
 
 pub use device::{keep_freed_gpu_memory, select_device};
 pub use error::{Error, Result};
+pub use fusion::{ElementWise, Fusion};
 pub use graph::{
     Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
-    Prologue, StateUpdates, SymbolicTensor,
+    StateUpdates, SymbolicTensor,
 };
 pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts};
 

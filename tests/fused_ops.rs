@@ -7,6 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::prelude::*;
+use candle_functional::{ElementWise, Fusion};
 use common::{assert_same, max_abs_diff, varied};
 
 /// A one-BatchNorm model over `shape` with channel axis `axis`, weights set to fixed values.
@@ -446,10 +447,19 @@ fn fused_batch_norm_matches_add_relu_batch_norm_relu_composed() {
         ];
         for (inputs, relu, after) in cases {
             let case = format!("{inputs} input(s), relu before {relu}, after {after}");
-            let relus = ops::BatchNormRelus {
-                before: relu,
-                after,
+            let prologue = match (inputs, relu) {
+                (1, false) => None,
+                (1, true) => Some(ElementWise::Relu),
+                (_, false) => Some(ElementWise::Add),
+                (_, true) => Some(ElementWise::AddRelu),
             };
+            let mut relus = Fusion::new();
+            if let Some(prologue) = prologue {
+                relus = relus.with_prologue(prologue);
+            }
+            if after {
+                relus = relus.with_epilogue(ElementWise::Relu);
+            }
             let relu_after = |y: Tensor| if after { ops::relu(&y).unwrap() } else { y };
             let (given, vars, operand): (Vec<&Tensor>, Vec<&Var>, Tensor) = if inputs == 1 {
                 (
@@ -521,14 +531,18 @@ fn fused_batch_norm_refuses_bad_inputs() {
     let a = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
     let other_shape = Tensor::zeros((2, 3, 5), DType::F32, &dev).unwrap();
     let other_dtype = Tensor::zeros((2, 3, 4), DType::F64, &dev).unwrap();
-    for (inputs, wanted) in [
-        (vec![], "one or two"),
-        (vec![&a, &a, &a], "one or two"),
-        (vec![&a, &other_shape], "shapes"),
-        (vec![&a, &other_dtype], "dtype"),
+    let add = Fusion::new().with_prologue(ElementWise::Add);
+    let add_after = Fusion::new().with_epilogue(ElementWise::Add);
+    for (inputs, fusion, wanted) in [
+        (vec![], Fusion::new(), "1 tensor(s) expected"),
+        (vec![&a, &a, &a], add, "2 tensor(s) expected"),
+        (vec![&a], add, "2 tensor(s) expected"),
+        (vec![&a, &a], Fusion::new(), "1 tensor(s) expected"),
+        (vec![&a], add_after, "only a ReLU can follow"),
+        (vec![&a, &other_shape], add, "shapes"),
+        (vec![&a, &other_dtype], add, "dtype"),
     ] {
-        let relus = ops::BatchNormRelus::default();
-        let err = ops::fused_batch_norm_train(&inputs, relus, None, None, 1e-3)
+        let err = ops::fused_batch_norm_train(&inputs, fusion, None, None, 1e-3)
             .unwrap_err()
             .to_string();
         assert!(
@@ -670,7 +684,10 @@ fn fused_conv2d_matches_convolution_bias_add_and_relu() {
                     (Some(bias), false) => {
                         ops::conv2d_bias(x.as_tensor(), k.as_tensor(), bias, geometry)
                     }
-                    _ => ops::fused_conv2d(x.as_tensor(), k.as_tensor(), bias, relu, geometry),
+                    _ => {
+                        let fusion = Fusion::new().with_epilogue(ElementWise::Relu);
+                        ops::fused_conv2d(x.as_tensor(), k.as_tensor(), bias, fusion, geometry)
+                    }
                 }
                 .unwrap();
                 let mut composed =

@@ -14,6 +14,7 @@ use candle_functional::prelude::*;
 use candle_functional::train::{
     AdamConfig, Callback, Loss, Losses, LrSchedule, ModelCheckpoint, NanCheck, SgdConfig, Trainer,
 };
+use candle_functional::{ElementWise, Fusion};
 
 const CPU: Device = Device::Cpu;
 const HUGE: usize = 1 << 62;
@@ -91,7 +92,7 @@ fn convolution_sizes_that_overflow_are_refused_before_any_kernel() {
     let k = zeros(&[2, 0, 1, 1], DType::F32);
     let g = geometry((2, 1, HUGE, 1), 1, 1);
     refused(
-        ops::fused_conv2d(&x, &k, None, false, g),
+        ops::fused_conv2d(&x, &k, None, Fusion::new(), g),
         "conv2d",
         "geometry",
     );
@@ -200,7 +201,7 @@ fn empty_tensors_pass_through_every_kernel() {
         &zeros(&[0, 2, 3, 3], DType::F16),
         &zeros(&[2, 1, 1, 1], DType::F16),
         None,
-        true,
+        Fusion::new().with_epilogue(ElementWise::Relu),
         g,
     )
     .unwrap();
@@ -211,7 +212,7 @@ fn empty_tensors_pass_through_every_kernel() {
         &zeros(&[1, 0, 3, 3], DType::F32),
         &zeros(&[2, 0, 2, 2], DType::F32),
         Some(&bias),
-        true,
+        Fusion::new().with_epilogue(ElementWise::Relu),
         geometry((0, 0, 0, 0), 1, 1),
     )
     .unwrap();

@@ -8,16 +8,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::data::Cifar10;
+use crate::data::cifar10::{CIFAR10_FOLDER, Cifar10};
+#[cfg(feature = "download")]
+use crate::data::cifar10::{CIFAR10_SHA256, CIFAR10_URL};
 use crate::support::files::process_is_gone;
 use crate::{Error, Result};
-
-/// Where the official binary archive lives.
-pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
-/// Its SHA-256.
-pub const CIFAR10_SHA256: &str = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd";
-/// The folder the archive unpacks to.
-pub const CIFAR10_FOLDER: &str = "cifar-10-batches-bin";
 
 /// Hex SHA-256 of a file, read in chunks.
 ///

@@ -8,6 +8,13 @@ use std::path::{Path, PathBuf};
 use crate::data::ImageDataset;
 use crate::{Error, Result};
 
+/// Where the official binary archive lives.
+pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+/// Its SHA-256.
+pub const CIFAR10_SHA256: &str = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd";
+/// The folder the archive unpacks to.
+pub const CIFAR10_FOLDER: &str = "cifar-10-batches-bin";
+
 /// Bytes of one record: a label and a 3×32×32 image.
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 /// Bytes of one image.
@@ -128,8 +135,8 @@ impl Cifar10 {
              then pass --data-dir path/to/cifar-10-batches-bin \
              (or build with `--features download` to fetch it automatically).",
             dir.as_ref().display(),
-            url = crate::data::archive::CIFAR10_URL,
-            sha = crate::data::archive::CIFAR10_SHA256,
+            url = CIFAR10_URL,
+            sha = CIFAR10_SHA256,
         )
     }
 }

@@ -11,10 +11,8 @@ pub(crate) mod loader;
 
 #[cfg(feature = "download")]
 pub use archive::download_cifar10;
-pub use archive::{
-    CIFAR10_FOLDER, CIFAR10_SHA256, CIFAR10_URL, extract_cifar10_archive, sha256_file,
-};
-pub use cifar10::Cifar10;
+pub use archive::{extract_cifar10_archive, sha256_file};
+pub use cifar10::{CIFAR10_FOLDER, CIFAR10_SHA256, CIFAR10_URL, Cifar10};
 pub use dataset::{Batch, Dataset, TensorDataset};
 pub use image_folder::{ImageFolder, ImageFolderConfig};
 pub use loader::{Augmentation, DataLoader, ImageDataset, Normalization};

@@ -1,4 +1,5 @@
-//! Weight initializers, with Keras's definitions and defaults.
+//! Weights before they exist: a [`ParamSpec`] (name, shape, initializer, trainable) and the
+//! [`Initializer`]s, with Keras's definitions and defaults.
 //!
 //! Values are drawn on the host from a generator seeded per layer, then copied to the device
 //! once at build time, so a seed gives the same weights on every device.
@@ -9,8 +10,146 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal, StandardNormal};
 
 use crate::Result;
-use crate::graph::ParamSpec;
 use crate::support::seed::{hash_name, mix};
+
+/// One weight tensor a layer needs, described before it exists.
+///
+/// # Examples
+/// ```
+/// use candle_functional::{Initializer, ParamSpec};
+/// let spec = ParamSpec::new("bias", vec![10], Initializer::Zeros);
+/// assert!(spec.trainable());
+/// assert_eq!(spec.numel(), 10);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    name: String,
+    shape: Vec<usize>,
+    init: Initializer,
+    trainable: bool,
+    fans: (usize, usize),
+}
+
+impl ParamSpec {
+    /// A trainable parameter whose fans (for Glorot/He initializers) are taken from a
+    /// `[fan_in, fan_out]`-like shape; use [`ParamSpec::fans`] to set them explicitly.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Initializer, ParamSpec};
+    /// let k = ParamSpec::new("kernel", vec![4, 3], Initializer::GlorotUniform);
+    /// assert_eq!(k.fan_in_out(), (4, 3));
+    /// ```
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, init: Initializer) -> Self {
+        let fans = match shape.as_slice() {
+            [] => (1, 1),
+            [n] => (*n, *n),
+            [a, b, ..] => (*a, *b),
+        };
+        Self {
+            name: name.into(),
+            shape,
+            init,
+            trainable: true,
+            fans,
+        }
+    }
+
+    /// Marks the tensor as non-trainable state (BatchNorm's moving statistics): it is saved
+    /// and loaded with the weights, but never handed to an optimizer.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Initializer, ParamSpec};
+    /// let s = ParamSpec::new("moving_mean", vec![8], Initializer::Zeros).non_trainable();
+    /// assert!(!s.trainable());
+    /// ```
+    pub fn non_trainable(mut self) -> Self {
+        self.trainable = false;
+        self
+    }
+
+    /// Sets the fan-in and fan-out used by variance-scaling initializers.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Initializer, ParamSpec};
+    /// let k = ParamSpec::new("kernel", vec![8, 3, 3, 3], Initializer::GlorotUniform).fans(27, 72);
+    /// assert_eq!(k.fan_in_out(), (27, 72));
+    /// ```
+    pub fn fans(mut self, fan_in: usize, fan_out: usize) -> Self {
+        self.fans = (fan_in, fan_out);
+        self
+    }
+
+    /// The parameter's short name (`kernel`, `bias`, `gamma`, ...).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("bias", vec![2], Initializer::Zeros).name(), "bias");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tensor's shape.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("bias", vec![2], Initializer::Zeros).shape(), &[2]);
+    /// ```
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// How the tensor is filled when the model is built.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{Initializer, ParamSpec};
+    /// let s = ParamSpec::new("bias", vec![2], Initializer::Zeros);
+    /// assert_eq!(s.initializer(), &Initializer::Zeros);
+    /// ```
+    pub fn initializer(&self) -> &Initializer {
+        &self.init
+    }
+
+    /// Whether an optimizer updates it.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{Initializer, ParamSpec};
+    /// assert!(ParamSpec::new("bias", vec![2], Initializer::Zeros).trainable());
+    /// ```
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// `(fan_in, fan_out)` for variance-scaling initializers.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).fan_in_out(), (5, 7));
+    /// ```
+    pub fn fan_in_out(&self) -> (usize, usize) {
+        self.fans
+    }
+
+    /// Number of scalars (`usize::MAX` for a shape too large to count).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::{Initializer, ParamSpec};
+    /// assert_eq!(ParamSpec::new("k", vec![5, 7], Initializer::Zeros).numel(), 35);
+    /// ```
+    pub fn numel(&self) -> usize {
+        // Saturating: a configured shape may be too large to count (it is refused at build).
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
+    }
+}
 
 /// How a weight is filled when a model is built.
 ///

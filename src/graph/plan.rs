@@ -10,7 +10,8 @@
 //! One rewrite, where it changes no value or gradient: an element-wise layer whose output has
 //! one reader that can apply it itself (a ReLU read only by a BatchNorm: the article's
 //! `relu_bn`; the residual Add before it) is left out of the steps, and its reader runs on its
-//! inputs with the function as a [`Prologue`]: one pass over memory fewer each way, and one
+//! inputs with the function as its [`Fusion`]'s prologue (a ReLU after a BatchNorm becomes its
+//! epilogue): one pass over memory fewer each way, and one
 //! activation fewer kept for the backward pass.
 
 use std::collections::{HashMap, HashSet};
@@ -18,7 +19,9 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::graph::layer::{LayerRef, Pass, Prologue};
+use crate::fusion::Fusion;
+use crate::graph::op::LayerRef;
+use crate::graph::params::Pass;
 use crate::graph::symbolic::{Node, SymbolicTensor, check_sample_shape};
 use crate::support::dtype::Cast;
 use crate::support::seed::mix;
@@ -31,10 +34,9 @@ pub(crate) struct Step {
     pub(crate) input_slots: Vec<usize>,
     pub(crate) output_slots: Vec<usize>,
     pub(crate) free_after: Vec<usize>,
-    /// The element-wise layer folded into this one: applied to the inputs first.
-    pub(crate) prologue: Option<Prologue>,
-    /// The element-wise layer folded into this one: applied to the output after.
-    pub(crate) epilogue: Option<Prologue>,
+    /// The element-wise layers folded into this one: applied to the inputs first (the
+    /// prologue) and to the output after (the epilogue).
+    pub(crate) fusion: Fusion,
     /// The node's place in topological order, which seeds its randomness: the same with and
     /// without folded steps.
     pub(crate) order: usize,
@@ -124,13 +126,12 @@ impl Plan {
                 input_slots,
                 output_slots,
                 free_after: Vec::new(),
-                prologue: None,
-                epilogue: None,
+                fusion: Fusion::new(),
                 order,
             });
         }
         let output_slots: Vec<usize> = outputs.iter().map(|t| slot_of[&t.key()]).collect();
-        let mut steps = fold_prologues(steps, &output_slots);
+        let mut steps = fold_element_wise(steps, &output_slots);
 
         // The last reader of a slot frees it, unless it is a model output.
         let mut last_reader: HashMap<usize, usize> = HashMap::new();
@@ -199,8 +200,7 @@ impl Plan {
                 seed: mix(pass.seed, step.order as u64),
                 ..pass
             };
-            let fused = (step.prologue, step.epilogue);
-            let outputs = step.node.layer().forward(&args, step_pass, fused)?;
+            let outputs = step.node.layer().forward(&args, step_pass, step.fusion)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }
@@ -263,17 +263,17 @@ impl Plan {
     }
 }
 
-/// Leaves out each element-wise step ([`LayerOp::as_prologue`], as many inputs as its
+/// Leaves out each element-wise step ([`LayerOp::as_element_wise`], as many inputs as its
 /// function takes, one output) whose output is read once, by a step of one input that is not
 /// a model output and [`accepts_prologue`](crate::LayerOp::accepts_prologue) the function
 /// (composed with what it already applies: an Add folded behind a folded ReLU is one
-/// [`Prologue::AddRelu`]); that reader takes the step's inputs and the function as its
+/// [`ElementWise::AddRelu`](crate::ElementWise::AddRelu)); that reader takes the step's inputs and the function as its
 /// prologue. Then each one-input element-wise step left whose input is read only by it and is
 /// the one output of a step that [`accepts_epilogue`](crate::LayerOp::accepts_epilogue) the
 /// function: that step takes over its output, with the function as its epilogue.
 ///
-/// [`LayerOp::as_prologue`]: crate::LayerOp::as_prologue
-fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
+/// [`LayerOp::as_element_wise`]: crate::LayerOp::as_element_wise
+fn fold_element_wise(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
     // Folding moves reads from the folded step to its reader: the counts stay right.
     let mut reads: HashMap<usize, usize> = HashMap::new();
     for step in &steps {
@@ -294,13 +294,13 @@ fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
                 break;
             };
             let producing = &steps[elementwise];
-            let Some(own) = producing.node.layer().op().as_prologue() else {
+            let Some(own) = producing.node.layer().op().as_element_wise() else {
                 break;
             };
-            let composed = own.then(steps[reader].prologue);
+            let composed = own.then(steps[reader].fusion.prologue());
             let fits = producing.input_slots.len() == own.arity()
                 && producing.output_slots.len() == 1
-                && producing.prologue.is_none()
+                && producing.fusion.prologue().is_none()
                 && reads[&slot] == 1
                 && !model_outputs.contains(&slot)
                 && composed.is_some_and(|p| steps[reader].node.layer().op().accepts_prologue(p));
@@ -309,7 +309,9 @@ fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
             }
             folded[elementwise] = true;
             steps[reader].input_slots = steps[elementwise].input_slots.clone();
-            steps[reader].prologue = composed;
+            if let Some(composed) = composed {
+                steps[reader].fusion = steps[reader].fusion.with_prologue(composed);
+            }
         }
     }
     // What is left of the one-input element-wise steps may fold into the step before them,
@@ -317,7 +319,7 @@ fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
     for elementwise in 0..steps.len() {
         let step = &steps[elementwise];
         let (Some(function), false, &[slot], 1) = (
-            step.node.layer().op().as_prologue(),
+            step.node.layer().op().as_element_wise(),
             folded[elementwise],
             &step.input_slots[..],
             step.output_slots.len(),
@@ -329,17 +331,17 @@ fn fold_prologues(mut steps: Vec<Step>, model_outputs: &[usize]) -> Vec<Step> {
         };
         let before = &steps[producing];
         let fits = function.arity() == 1
-            && step.prologue.is_none()
+            && step.fusion.prologue().is_none()
             && !folded[producing]
             && before.output_slots.len() == 1
-            && before.epilogue.is_none()
+            && before.fusion.epilogue().is_none()
             && reads[&slot] == 1
             && !model_outputs.contains(&slot)
             && before.node.layer().op().accepts_epilogue(function);
         if fits {
             folded[elementwise] = true;
             steps[producing].output_slots = steps[elementwise].output_slots.clone();
-            steps[producing].epilogue = Some(function);
+            steps[producing].fusion = steps[producing].fusion.with_epilogue(function);
         }
     }
     steps

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::graph::layer::{LayerOp, LayerRef, Params, next_id};
+use crate::graph::op::{LayerOp, LayerRef, next_id};
+use crate::graph::params::Params;
 use crate::support::sizes;
 use crate::{Error, Result};
 

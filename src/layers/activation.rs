@@ -6,7 +6,8 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, LayerOp, Params, Prologue};
+use crate::fusion::ElementWise;
+use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::{Error, Result};
 
@@ -191,8 +192,8 @@ impl LayerOp for ActivationConfig {
         Ok(vec![self.function.apply(&inputs[0])?])
     }
 
-    fn as_prologue(&self) -> Option<Prologue> {
-        (self.function == ActivationFn::Relu).then_some(Prologue::Relu)
+    fn as_element_wise(&self) -> Option<ElementWise> {
+        (self.function == ActivationFn::Relu).then_some(ElementWise::Relu)
     }
 }
 
@@ -289,8 +290,8 @@ impl LayerOp for ReLUConfig {
     }
 
     /// A plain ReLU (no slope, no clip) can run inside the layer that reads it.
-    fn as_prologue(&self) -> Option<Prologue> {
-        (self.negative_slope == 0.0 && self.max_value.is_none()).then_some(Prologue::Relu)
+    fn as_element_wise(&self) -> Option<ElementWise> {
+        (self.negative_slope == 0.0 && self.max_value.is_none()).then_some(ElementWise::Relu)
     }
 }
 

@@ -9,7 +9,8 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, Prologue};
+use crate::fusion::{ElementWise, Fusion};
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::ops;
 use crate::support::dtype::Cast;
@@ -201,53 +202,39 @@ impl LayerOp for BatchNormConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        self.normalize(&inputs[..1], params, ops::BatchNormRelus::default())
+        self.normalize(&inputs[..1], params, Fusion::new())
     }
 
     /// A ReLU, an Add or both, read only by this layer, run inside its kernels (the article's
     /// `relu_bn`, and the residual block's `Add → relu_bn`).
-    fn accepts_prologue(&self, prologue: Prologue) -> bool {
-        matches!(prologue, Prologue::Relu | Prologue::Add | Prologue::AddRelu)
+    fn accepts_prologue(&self, function: ElementWise) -> bool {
+        matches!(
+            function,
+            ElementWise::Relu | ElementWise::Add | ElementWise::AddRelu
+        )
     }
 
     /// A ReLU that reads only this layer's output runs inside its kernel too (Conv →
     /// BatchNorm → ReLU).
-    fn accepts_epilogue(&self, epilogue: Prologue) -> bool {
-        epilogue == Prologue::Relu
+    fn accepts_epilogue(&self, function: ElementWise) -> bool {
+        function == ElementWise::Relu
     }
 
+    /// The kernels check the inputs against the fusion (`ops::fused_batch_norm_train`).
     fn forward_fused(
         &self,
-        prologue: Option<Prologue>,
-        epilogue: Option<Prologue>,
+        fusion: Fusion,
         inputs: &[Tensor],
         params: &Params,
     ) -> Result<Vec<Tensor>> {
-        let arity = prologue.map_or(1, Prologue::arity);
-        if inputs.len() != arity || epilogue.is_some_and(|e| e != Prologue::Relu) {
-            return Err(Error::InvalidArgument(format!(
-                "BatchNorm after {prologue:?}, before {epilogue:?}: {arity} inputs and at most \
-                 a ReLU after expected, got {} inputs",
-                inputs.len()
-            )));
-        }
-        let relus = ops::BatchNormRelus {
-            before: matches!(prologue, Some(Prologue::Relu | Prologue::AddRelu)),
-            after: epilogue.is_some(),
-        };
-        self.normalize(inputs, params, relus)
+        self.normalize(inputs, params, fusion)
     }
 }
 
 impl BatchNormConfig {
-    /// The layer's output for the sum of `inputs` (one or two tensors of one shape), with the
-    /// ReLUs of `relus` before and after.
-    fn normalize(
-        &self,
-        inputs: &[Tensor],
-        params: &Params,
-        relus: ops::BatchNormRelus,
-    ) -> Result<Vec<Tensor>> {
+    /// The layer's output for `inputs` (one, or two of one shape summed by the prologue), with
+    /// the element-wise functions of `fusion` before and after.
+    fn normalize(&self, inputs: &[Tensor], params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
         let axis = self.full_axis("", inputs[0].rank().saturating_sub(1))?;
         // The kernels take channels on axis 1 (NCHW); another channel axis is moved there
         // and back.
@@ -269,7 +256,7 @@ impl BatchNormConfig {
         let y = if params.updates_state() {
             let (y, batch_mean, batch_var) = ops::fused_batch_norm_train(
                 &inputs,
-                relus,
+                fusion,
                 gamma.as_ref(),
                 beta.as_ref(),
                 self.epsilon,
@@ -285,7 +272,7 @@ impl BatchNormConfig {
         } else {
             ops::fused_batch_norm_eval(
                 &inputs,
-                relus,
+                fusion,
                 gamma.as_ref(),
                 beta.as_ref(),
                 &params.get_stored("moving_mean")?,

@@ -6,7 +6,8 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, Prologue};
+use crate::fusion::{ElementWise, Fusion};
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
@@ -214,34 +215,33 @@ impl LayerOp for Conv2DConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        self.convolve(&inputs[0], params, false)
+        self.convolve(&inputs[0], params, Fusion::new())
     }
 
     /// A ReLU that is the only reader of this layer's output runs inside the convolution's op
     /// (when the layer has no activation of its own).
-    fn accepts_epilogue(&self, epilogue: Prologue) -> bool {
-        epilogue == Prologue::Relu && self.activation == ActivationFn::Linear
+    fn accepts_epilogue(&self, function: ElementWise) -> bool {
+        function == ElementWise::Relu && self.activation == ActivationFn::Linear
     }
 
     fn forward_fused(
         &self,
-        prologue: Option<Prologue>,
-        epilogue: Option<Prologue>,
+        fusion: Fusion,
         inputs: &[Tensor],
         params: &Params,
     ) -> Result<Vec<Tensor>> {
-        if prologue.is_some() || epilogue != Some(Prologue::Relu) {
+        if fusion.prologue().is_some() || fusion.epilogue() != Some(ElementWise::Relu) {
             return Err(Error::InvalidArgument(format!(
-                "Conv2D fuses only a ReLU after it, not {prologue:?} before and {epilogue:?} after"
+                "Conv2D fuses only a ReLU after it, not {fusion:?}"
             )));
         }
-        self.convolve(&inputs[0], params, true)
+        self.convolve(&inputs[0], params, fusion)
     }
 }
 
 impl Conv2DConfig {
-    /// The layer's output for `x`, passed through a ReLU with `relu_after`.
-    fn convolve(&self, x: &Tensor, params: &Params, relu_after: bool) -> Result<Vec<Tensor>> {
+    /// The layer's output for `x`, passed through the epilogue of `fusion` (a folded ReLU).
+    fn convolve(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
         let kernel = params.get("kernel")?;
         let (_, _, h, w) = x.dims4()?;
         let geometry = Conv2dGeometry {
@@ -251,9 +251,17 @@ impl Conv2DConfig {
             groups: self.groups,
         };
         // Keras's `activation="relu"` runs inside the convolution's op too.
-        let relu = relu_after || self.activation == ActivationFn::Relu;
+        let fusion = if self.activation == ActivationFn::Relu {
+            fusion.with_epilogue(ElementWise::Relu)
+        } else {
+            fusion
+        };
         let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
-        let y = ops::fused_conv2d(x, &kernel, bias.as_ref(), relu, geometry)?;
-        Ok(vec![if relu { y } else { self.activation.apply(&y)? }])
+        let y = ops::fused_conv2d(x, &kernel, bias.as_ref(), fusion, geometry)?;
+        Ok(vec![if fusion.relu_after() {
+            y
+        } else {
+            self.activation.apply(&y)?
+        }])
     }
 }

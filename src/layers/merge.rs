@@ -7,7 +7,8 @@
 
 use candle_core::Tensor;
 
-use crate::graph::{Configured, LayerOp, Params, Prologue};
+use crate::fusion::ElementWise;
+use crate::graph::{Configured, LayerOp, Params};
 use crate::{Error, Result};
 
 /// Shape rule shared by the merge layers: at least `min` inputs (exactly `exact` if set),
@@ -58,7 +59,7 @@ macro_rules! merge_layer {
     (
         $(#[$doc:meta])*
         $alias:ident, $config:ident, $type_name:literal, exact = $exact:expr,
-        $(prologue = $prologue:expr,)?
+        $(element_wise = $element_wise:expr,)?
         |$inputs:ident| $body:expr
     ) => {
         #[doc = concat!("Config of a [`", stringify!($alias), "`] layer (it has no options).")]
@@ -105,8 +106,8 @@ macro_rules! merge_layer {
             }
 
             $(
-                fn as_prologue(&self) -> Option<Prologue> {
-                    $prologue
+                fn as_element_wise(&self) -> Option<ElementWise> {
+                    $element_wise
                 }
             )?
         }
@@ -126,7 +127,7 @@ merge_layer!(
     /// ```
     Add, AddConfig, "Add", exact = None,
     // Of two inputs, it can run inside a BatchNorm that reads it (the residual block's end).
-    prologue = Some(Prologue::Add),
+    element_wise = Some(ElementWise::Add),
     |inputs| fold(inputs, |a, b| a + b)?
 );
 

@@ -18,8 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::graph::layer::{check_named_shapes, weight_holders};
+use crate::graph::op::weight_holders;
 use crate::graph::symbolic::record_call;
+use crate::graph::weight_check::check_named_shapes;
 use crate::graph::{Input, Layer, LayerOp, LayerRef, SymbolicTensor};
 use crate::layers::*;
 use crate::models::Model;

@@ -29,7 +29,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 
-use crate::graph::layer::snake_case;
+use crate::graph::op::snake_case;
 use crate::layers::*;
 use crate::models::Model;
 use crate::models::architecture::{

@@ -6,9 +6,12 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::graph::layer::{LayerRef, Pass, weight_holders};
+use crate::graph::LayerRef;
+use crate::graph::op::weight_holders;
+use crate::graph::params::Pass;
 use crate::graph::plan::Plan;
-use crate::graph::{Layer, LayerOp, Mode, Params, StateUpdates, SymbolicTensor};
+use crate::graph::{Mode, StateUpdates, SymbolicTensor};
+use crate::models::model_layer::ModelLayer;
 use crate::support::seed::mix;
 use crate::{Error, Result};
 
@@ -17,7 +20,7 @@ use crate::{Error, Result};
 ///
 /// `Model::new` checks the graph (disconnected or unused inputs, duplicate names) and names
 /// the layers; [`Model::build`] creates the weights on a device; [`Model::forward`] runs it.
-/// A model is itself a [`Layer`]: call it on symbolic tensors to nest it in another graph,
+/// A model is itself a [`Layer`](crate::Layer): call it on symbolic tensors to nest it in another graph,
 /// sharing its weights. Clones share everything.
 ///
 /// # Examples
@@ -37,9 +40,10 @@ use crate::{Error, Result};
 /// ```
 #[derive(Clone, Debug)]
 pub struct Model {
-    plan: Arc<Plan>,
-    name: Option<String>,
-    identity: Arc<OnceLock<LayerRef>>,
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) name: Option<String>,
+    /// The identity the model has as a layer of another graph (`models/nesting.rs`).
+    pub(crate) identity: Arc<OnceLock<LayerRef>>,
     rng: Arc<ForwardRng>,
 }
 
@@ -416,10 +420,7 @@ impl Model {
             .zip(&self.plan.layer_nodes)
             .find(|(l, _)| l.name() == Some(name));
         match found {
-            Some((layer, nodes)) => Ok(ModelLayer {
-                layer: layer.clone(),
-                nodes: nodes.clone(),
-            }),
+            Some((layer, nodes)) => Ok(ModelLayer::new(layer.clone(), nodes.clone())),
             None => {
                 let names: Vec<String> =
                     self.plan.layers.iter().map(|l| l.display_name()).collect();
@@ -663,230 +664,18 @@ impl Model {
     }
 }
 
-/// A layer of a model together with the calls it makes in that model (from
-/// [`Model::get_layer`]).
-///
-/// # Examples
-/// ```
-/// use candle_functional::prelude::*;
-/// let x = Input::new([4]);
-/// let shared = Dense::new(4).name("shared");
-/// let y = shared.call(&shared.call(&x)?)?;
-/// let model = Model::new(&[x], &[y])?;
-/// let layer = model.get_layer("shared")?;
-/// assert_eq!(layer.calls(), 2);
-/// assert!(layer.output().is_err()); // two calls: say which
-/// assert_eq!(layer.outputs(1)?[0].shape(), &[4]);
-/// # Ok::<(), candle_functional::Error>(())
-/// ```
-#[derive(Clone, Debug)]
-pub struct ModelLayer {
-    layer: LayerRef,
-    nodes: Vec<Arc<crate::graph::symbolic::Node>>,
-}
-
-impl ModelLayer {
-    /// The layer (its name, op, weights, trainable flag).
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let x = Input::new([4]);
-    /// let y = Dense::new(2).name("head").call(&x)?;
-    /// assert_eq!(Model::new(&[x], &[y])?.get_layer("head")?.layer().name(), Some("head"));
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn layer(&self) -> &LayerRef {
-        &self.layer
-    }
-
-    /// How many times the model calls the layer (1 unless it is shared).
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let x = Input::new([4]);
-    /// let y = Dense::new(2).name("head").call(&x)?;
-    /// assert_eq!(Model::new(&[x], &[y])?.get_layer("head")?.calls(), 1);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn calls(&self) -> usize {
-        self.nodes.len()
-    }
-
-    fn node(&self, call: usize) -> Result<&Arc<crate::graph::symbolic::Node>> {
-        self.nodes.get(call).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "layer `{}` is called {} time(s) in this model, not {}",
-                self.layer.display_name(),
-                self.nodes.len(),
-                call + 1
-            ))
-        })
-    }
-
-    /// The outputs of call `call` (0-based).
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let x = Input::new([4]);
-    /// let y = Dense::new(2).name("head").call(&x)?;
-    /// let model = Model::new(&[x], &[y])?;
-    /// assert_eq!(model.get_layer("head")?.outputs(0)?[0].shape(), &[2]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn outputs(&self, call: usize) -> Result<Vec<SymbolicTensor>> {
-        Ok(SymbolicTensor::outputs_of(self.node(call)?))
-    }
-
-    /// The inputs of call `call` (for an `Input` layer: the input itself).
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let x = Input::new([4]);
-    /// let y = Dense::new(2).name("head").call(&x)?;
-    /// let model = Model::new(&[x], &[y])?;
-    /// assert_eq!(model.get_layer("head")?.inputs(0)?[0].shape(), &[4]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn inputs(&self, call: usize) -> Result<Vec<SymbolicTensor>> {
-        let node = self.node(call)?;
-        Ok(if node.is_input() {
-            SymbolicTensor::outputs_of(node)
-        } else {
-            node.inputs().to_vec()
-        })
-    }
-
-    /// The one output of the layer's one call (Keras's `layer.output`); an error for a shared
-    /// layer or a layer with several outputs.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let x = Input::new([4]);
-    /// let y = Dense::new(2).name("head").call(&x)?;
-    /// let model = Model::new(&[x], &[y])?;
-    /// assert_eq!(model.get_layer("head")?.output()?.shape(), &[2]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn output(&self) -> Result<SymbolicTensor> {
-        self.single(self.outputs(0)?, "output", "outputs")
-    }
-
-    /// The one input of the layer's one call (Keras's `layer.input`).
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::prelude::*;
-    /// let x = Input::new([4]);
-    /// let y = Dense::new(2).name("head").call(&x)?;
-    /// let model = Model::new(&[x], &[y])?;
-    /// assert_eq!(model.get_layer("head")?.input()?.shape(), &[4]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn input(&self) -> Result<SymbolicTensor> {
-        self.single(self.inputs(0)?, "input", "inputs")
-    }
-
-    fn single(
-        &self,
-        mut tensors: Vec<SymbolicTensor>,
-        one: &str,
-        all: &str,
-    ) -> Result<SymbolicTensor> {
-        if self.nodes.len() != 1 || tensors.len() != 1 {
-            return Err(Error::InvalidArgument(format!(
-                "layer `{}` has {} call(s) with {} {all} each: use `{all}(call)` to say which {one}",
-                self.layer.display_name(),
-                self.nodes.len(),
-                tensors.len()
-            )));
-        }
-        Ok(tensors.remove(0))
-    }
-}
-
-impl LayerOp for Model {
-    fn type_name(&self) -> &'static str {
-        "Functional"
-    }
-
-    fn to_config(&self) -> Option<serde_json::Value> {
-        crate::models::architecture::nested_config(self)
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-
-    fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        if inputs.len() != self.plan.inputs.len() {
-            return Err(Error::InvalidInput {
-                layer: layer.to_string(),
-                message: format!(
-                    "model expects {} input(s), got {}",
-                    self.plan.inputs.len(),
-                    inputs.len()
-                ),
-            });
-        }
-        for (shape, sym) in inputs.iter().zip(&self.plan.inputs) {
-            if shape.as_slice() != sym.shape() {
-                return Err(Error::ShapeMismatch {
-                    layer: layer.to_string(),
-                    what: format!("input `{}`", sym.layer().display_name()),
-                    expected: sym.shape().to_vec(),
-                    got: shape.clone(),
-                });
-            }
-        }
-        Ok(self
-            .plan
-            .outputs
-            .iter()
-            .map(|t| t.shape().to_vec())
-            .collect())
-    }
-
-    fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        // A nested model runs with its caller's seed and compute dtype.
-        self.plan.run(self.name(), inputs, Pass::of(params))
-    }
-
-    fn sublayers(&self) -> &[LayerRef] {
-        &self.plan.layers
-    }
-}
-
-impl Layer for Model {
-    fn layer_ref(&self) -> LayerRef {
-        self.identity
-            .get_or_init(|| {
-                // The copy inside the layer gets its own identity cell, so that it does not
-                // hold the cell that holds it.
-                let mut inner = self.clone();
-                inner.identity = Arc::default();
-                LayerRef::new(Arc::new(inner), self.name.clone())
-            })
-            .clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::Prologue;
+    use crate::ElementWise;
     use crate::prelude::*;
 
     /// The plan's steps as `(type name, prologue)`.
-    fn steps(model: &Model) -> Vec<(&'static str, Option<Prologue>)> {
+    fn steps(model: &Model) -> Vec<(&'static str, Option<ElementWise>)> {
         model
             .plan
             .steps
             .iter()
-            .map(|s| (s.node.layer().op().type_name(), s.prologue))
+            .map(|s| (s.node.layer().op().type_name(), s.fusion.prologue()))
             .collect()
     }
 
@@ -899,7 +688,7 @@ mod tests {
         let folded = Model::new(input, std::slice::from_ref(&y)).unwrap();
         assert_eq!(
             steps(&folded),
-            [("BatchNormalization", Some(Prologue::Relu))]
+            [("BatchNormalization", Some(ElementWise::Relu))]
         );
         // The ReLU's output is needed as it is: a model output, a second reader, a leaky ReLU.
         let kept = Model::new(input, &[y.clone(), r.clone()]).unwrap();
@@ -921,13 +710,16 @@ mod tests {
         let model = Model::new(&[a.clone(), b.clone()], &[y]).unwrap();
         assert_eq!(
             steps(&model),
-            [("BatchNormalization", Some(Prologue::AddRelu))]
+            [("BatchNormalization", Some(ElementWise::AddRelu))]
         );
         assert_eq!(model.plan.steps[0].input_slots, [0, 1]);
         // An Add alone, and an Add of three (no fused kernel for it).
         let y = BatchNorm::new().call(&sum).unwrap();
         let model = Model::new(&[a.clone(), b.clone()], &[y]).unwrap();
-        assert_eq!(steps(&model), [("BatchNormalization", Some(Prologue::Add))]);
+        assert_eq!(
+            steps(&model),
+            [("BatchNormalization", Some(ElementWise::Add))]
+        );
         let c = Input::new([3, 4, 4]);
         let sum3 = Add::new()
             .call_many(&[a.clone(), b.clone(), c.clone()])
@@ -938,7 +730,10 @@ mod tests {
         let model = Model::new(&[a, b, c], &[y]).unwrap();
         assert_eq!(
             steps(&model),
-            [("Add", None), ("BatchNormalization", Some(Prologue::Relu))]
+            [
+                ("Add", None),
+                ("BatchNormalization", Some(ElementWise::Relu))
+            ]
         );
     }
 
@@ -951,7 +746,7 @@ mod tests {
         let model = Model::new(input, std::slice::from_ref(&y)).unwrap();
         let step = &model.plan.steps[..];
         assert_eq!(step.len(), 1);
-        assert_eq!(step[0].epilogue, Some(Prologue::Relu));
+        assert_eq!(step[0].fusion.epilogue(), Some(ElementWise::Relu));
         assert_eq!(step[0].output_slots, model.plan.output_slots);
         // The BatchNorm's output is needed as it is: no fold.
         let kept = Model::new(input, &[y, n]).unwrap();
@@ -969,10 +764,16 @@ mod tests {
             steps(&model),
             [
                 ("BatchNormalization", None),
-                ("BatchNormalization", Some(Prologue::Relu))
+                ("BatchNormalization", Some(ElementWise::Relu))
             ]
         );
-        assert!(model.plan.steps.iter().all(|s| s.epilogue.is_none()));
+        assert!(
+            model
+                .plan
+                .steps
+                .iter()
+                .all(|s| s.fusion.epilogue().is_none())
+        );
     }
 
     #[test]
@@ -984,7 +785,10 @@ mod tests {
             .unwrap();
         let model = Model::new(input, &[y]).unwrap();
         assert_eq!(steps(&model), [("Conv2D", None)]);
-        assert_eq!(model.plan.steps[0].epilogue, Some(Prologue::Relu));
+        assert_eq!(
+            model.plan.steps[0].fusion.epilogue(),
+            Some(ElementWise::Relu)
+        );
         // Not behind a convolution with its own activation; behind a BatchNorm it is the
         // BatchNorm's, which comes after the convolution.
         let sigmoid = Conv2D::new(4, 3).activation(ActivationFn::Sigmoid);
@@ -995,18 +799,23 @@ mod tests {
             .unwrap();
         let y = ReLU::new().call(&n).unwrap();
         let model = Model::new(input, &[y]).unwrap();
-        let epilogues: Vec<_> = model.plan.steps.iter().map(|s| s.epilogue).collect();
-        assert_eq!(epilogues, [None, Some(Prologue::Relu)]);
+        let epilogues: Vec<_> = model
+            .plan
+            .steps
+            .iter()
+            .map(|s| s.fusion.epilogue())
+            .collect();
+        assert_eq!(epilogues, [None, Some(ElementWise::Relu)]);
     }
 
     #[test]
     fn the_article_resnet_folds_every_relu_bn_and_residual_add() {
         let model = crate::models::create_res_net().unwrap();
         let steps = steps(&model);
-        let count = |p: Prologue| steps.iter().filter(|s| s.1 == Some(p)).count();
+        let count = |p: ElementWise| steps.iter().filter(|s| s.1 == Some(p)).count();
         // The stem's relu_bn and the first of each block's; then each block's Add → relu_bn.
-        assert_eq!(count(Prologue::Relu), 1 + 14);
-        assert_eq!(count(Prologue::AddRelu), 14);
+        assert_eq!(count(ElementWise::Relu), 1 + 14);
+        assert_eq!(count(ElementWise::AddRelu), 14);
         assert!(!steps.iter().any(|s| s.0 == "ReLU" || s.0 == "Add"));
     }
 }

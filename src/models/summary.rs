@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::graph::layer::weight_holders;
+use crate::graph::op::weight_holders;
 use crate::graph::symbolic::format_batch_shape;
 use crate::models::Model;
 

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::graph::layer::check_named_weights;
+use crate::graph::weight_check::check_named_weights;
 use crate::models::Model;
 use crate::support::dtype::Cast;
 use crate::support::files::{read_safetensors, to_safetensors_bytes, write_atomically};

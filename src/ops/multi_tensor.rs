@@ -15,7 +15,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::{AdamStep, SgdStep, check_keep, check_update, cpu, invalid, reference, same_device};
+use super::arguments::{AdamStep, SgdStep, check_keep, check_update, invalid, same_device};
+use super::{cpu, reference};
 use crate::Result;
 
 /// A u8 scalar on the tensors' device: 1 when every element of every tensor is finite, 0 when
@@ -475,7 +476,7 @@ fn check_sgd_item(
     step: &SgdStep,
 ) -> Result<()> {
     let u = u.map(|u| u.as_tensor());
-    check_update(op, w.as_tensor(), &super::sgd_operands(g, u))?;
+    check_update(op, w.as_tensor(), &super::arguments::sgd_operands(g, u))?;
     if (step.momentum != 0.0) != u.is_some() {
         return Err(invalid(
             op,

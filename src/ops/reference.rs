@@ -10,7 +10,7 @@
 use candle_core::{D, Tensor};
 
 use crate::Result;
-use crate::ops::{
+use crate::ops::arguments::{
     AdamStep, BatchNormMode, Conv2dGeometry, SgdStep, check_batch_norm, check_bias_add,
     check_conv2d, check_padded, empty_conv2d,
 };
@@ -202,7 +202,7 @@ pub fn adam_update(
     v: &Tensor,
     step: AdamStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    crate::ops::check_update("adam_update", w, &[("g", g), ("m", m), ("v", v)])?;
+    crate::ops::arguments::check_update("adam_update", w, &[("g", g), ("m", m), ("v", v)])?;
     let m_new = ((m * step.beta_1)? + (g * (1.0 - step.beta_1))?)?;
     let v_new = ((v * step.beta_2)? + (g.sqr()? * (1.0 - step.beta_2))?)?;
     let w = if step.decay != 1.0 {
@@ -233,7 +233,11 @@ pub fn sgd_update(
     velocity: Option<&Tensor>,
     step: SgdStep,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    crate::ops::check_update("sgd_update", w, &crate::ops::sgd_operands(g, velocity))?;
+    crate::ops::arguments::check_update(
+        "sgd_update",
+        w,
+        &crate::ops::arguments::sgd_operands(g, velocity),
+    )?;
     let w = if step.decay != 1.0 {
         (w * step.decay)?
     } else {

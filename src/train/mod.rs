@@ -2,7 +2,11 @@
 //! inputs and outputs, optimizers with Keras's rules ([`Adam`], [`Sgd`]), losses per output
 //! ([`Loss`], [`Losses`]), [`Metric`]s, learning-rate schedules, callbacks and the history.
 
+pub(crate) mod callback;
 pub(crate) mod callbacks;
+pub(crate) mod checkpoint;
+pub(crate) mod compile;
+pub(crate) mod fit;
 pub(crate) mod history;
 pub(crate) mod loss;
 pub(crate) mod metrics;
@@ -10,10 +14,12 @@ pub(crate) mod optimizer;
 pub(crate) mod schedule;
 pub(crate) mod trainer;
 
-pub use callbacks::{Callback, EarlyStopping, EpochEnd, Goal, HistoryLogger, ModelCheckpoint};
+pub use callback::{Callback, EpochEnd};
+pub use callbacks::{EarlyStopping, Goal, HistoryLogger, ModelCheckpoint};
+pub use compile::{Evaluation, Losses, NanCheck, Progress};
 pub use history::{EpochLog, History};
 pub use loss::{Loss, correct_predictions};
 pub use metrics::{Accuracy, AccuracyKind, ErrorKind, MeanError, MeanIoU, Metric, TopKAccuracy};
 pub use optimizer::{Adam, AdamConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
 pub use schedule::LrSchedule;
-pub use trainer::{Evaluation, Losses, NanCheck, Progress, Trainer};
+pub use trainer::Trainer;

@@ -1,208 +1,22 @@
 //! [`Trainer`]: Keras's `compile`/`fit`/`evaluate`/`predict` for a [`Model`], with
 //! checkpoints that resume a run exactly.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::time::Instant;
-
 use candle_core::{DType, Tensor, Var};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::data::{Batch, Dataset};
+use crate::data::Batch;
 use crate::graph::{Mode, StateUpdates};
 use crate::models::Model;
-use crate::models::weights::converted;
 use crate::ops;
 use crate::profile::read_vec;
 use crate::support::dtype::Cast;
-use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
-use crate::train::callbacks::{Callback, run_callbacks};
+use crate::train::compile::{Losses, NanCheck, Progress};
 use crate::train::metrics::{Metric, default_metrics};
-use crate::train::{
-    EpochLog, History, Loss, LrSchedule, Optimizer, OptimizerConfig, OptimizerState,
-};
+use crate::train::{History, Loss, LrSchedule, Optimizer, OptimizerConfig};
 use crate::{Error, Result};
-
-/// How `fit` reports progress. The library prints nothing unless asked.
-///
-/// # Examples
-/// ```
-/// assert_eq!(candle_functional::train::Progress::default(), candle_functional::train::Progress::Quiet);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Progress {
-    /// Nothing.
-    #[default]
-    Quiet,
-    /// A live bar per epoch on stderr: loss, accuracy, images/s, ETA.
-    Bar,
-    /// One line per epoch on stderr (for logs and CI).
-    Lines,
-}
-
-/// The loss and metrics over a data set, by Keras's names (`loss`, `accuracy`, and for
-/// several outputs `<output>_loss`, `<output>_accuracy`, ...).
-///
-/// # Examples
-/// ```
-/// let e = candle_functional::train::Evaluation::default().with("accuracy", 0.9);
-/// assert_eq!(e.metric("accuracy"), Some(0.9));
-/// ```
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Evaluation {
-    /// Mean loss (the weighted sum over the outputs).
-    pub loss: f64,
-    /// Every other value by name.
-    pub metrics: BTreeMap<String, f64>,
-}
-
-impl Evaluation {
-    /// A value by name (`loss` or a metric).
-    ///
-    /// # Examples
-    /// ```
-    /// let e = candle_functional::train::Evaluation { loss: 0.5, ..Default::default() };
-    /// assert_eq!(e.metric("loss"), Some(0.5));
-    /// ```
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        match name {
-            "loss" => Some(self.loss),
-            other => self.metrics.get(other).copied(),
-        }
-    }
-
-    /// Adds a value (builder style).
-    ///
-    /// # Examples
-    /// ```
-    /// let e = candle_functional::train::Evaluation::default().with("mae", 0.25);
-    /// assert_eq!(e.metrics["mae"], 0.25);
-    /// ```
-    pub fn with(mut self, name: impl Into<String>, value: f64) -> Self {
-        self.metrics.insert(name.into(), value);
-        self
-    }
-}
-
-/// The losses of a model's outputs and their weights (Keras's `compile(loss=…,
-/// loss_weights=…)`): one loss for every output, or one per output, summed with weights
-/// (default 1) into the loss that is minimized.
-///
-/// # Examples
-/// ```
-/// use candle_functional::train::{Loss, Losses};
-/// let one = Losses::from(Loss::MeanSquaredError);
-/// let two = Losses::per_output(vec![
-///     Loss::SparseCategoricalCrossentropy { from_logits: true },
-///     Loss::MeanSquaredError,
-/// ])
-/// .weights(vec![1.0, 0.5]);
-/// assert_eq!(two.losses().len(), 2);
-/// ```
-#[derive(Clone, Debug, PartialEq)]
-pub struct Losses {
-    losses: Vec<Loss>,
-    weights: Option<Vec<f64>>,
-}
-
-impl Losses {
-    /// One loss per output, in the order of the model's outputs.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::train::{Loss, Losses};
-    /// let l = Losses::per_output(vec![Loss::MeanAbsoluteError, Loss::MeanSquaredError]);
-    /// assert_eq!(l.losses()[1], Loss::MeanSquaredError);
-    /// ```
-    pub fn per_output(losses: Vec<Loss>) -> Self {
-        Self {
-            losses,
-            weights: None,
-        }
-    }
-
-    /// Weights of the outputs' losses in the total (default 1 each).
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::train::{Loss, Losses};
-    /// let l = Losses::from(Loss::MeanSquaredError).weights(vec![2.0]);
-    /// ```
-    pub fn weights(mut self, weights: Vec<f64>) -> Self {
-        self.weights = Some(weights);
-        self
-    }
-
-    /// The losses as given.
-    ///
-    /// # Examples
-    /// ```
-    /// use candle_functional::train::{Loss, Losses};
-    /// assert_eq!(Losses::from(Loss::MeanSquaredError).losses(), &[Loss::MeanSquaredError]);
-    /// ```
-    pub fn losses(&self) -> &[Loss] {
-        &self.losses
-    }
-
-    /// One loss and one weight per output of a model with `outputs` outputs.
-    fn resolve(&self, outputs: usize) -> Result<(Vec<Loss>, Vec<f64>)> {
-        let losses = match self.losses.as_slice() {
-            [one] => vec![*one; outputs],
-            many if many.len() == outputs => many.to_vec(),
-            many => {
-                return Err(Error::InvalidArgument(format!(
-                    "{} losses for a model with {outputs} outputs",
-                    many.len()
-                )));
-            }
-        };
-        let weights = match &self.weights {
-            None => vec![1.0; outputs],
-            Some(w) if w.len() == outputs && w.iter().all(|x| x.is_finite()) => w.clone(),
-            Some(w) => {
-                return Err(Error::InvalidArgument(format!(
-                    "loss weights {w:?} for a model with {outputs} outputs: one finite weight per output"
-                )));
-            }
-        };
-        Ok((losses, weights))
-    }
-}
-
-impl From<Loss> for Losses {
-    fn from(loss: Loss) -> Self {
-        Self::per_output(vec![loss])
-    }
-}
-
-/// How a [`Trainer`] watches for divergence (Keras's `TerminateOnNaN`): a step whose loss or
-/// gradients are NaN or infinite stops training with [`Error::NonFinite`], naming the epoch
-/// and the step, and nothing of that step is applied.
-///
-/// # Examples
-/// ```
-/// use candle_functional::train::NanCheck;
-/// assert_ne!(NanCheck::EveryStep, NanCheck::OnDevice);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NanCheck {
-    /// Read the verdict after every step, before anything is applied (the CPU's default:
-    /// reading two scalars costs nothing there).
-    EveryStep,
-    /// Decide on the device and never wait for it (the GPU's default): the step's updates are
-    /// applied only where a device flag says every step so far was finite, so the first bad
-    /// step and all after it change nothing; the error is raised where the trainer reads the
-    /// loss anyway (progress, end of epoch) or at [`Trainer::check_divergence`]. Sparse
-    /// labels are range-checked the same way, on the device (clamped for the step's loss, so
-    /// that nothing is indexed out of bounds), instead of being read before the step.
-    OnDevice,
-    /// No check (Keras without `TerminateOnNaN`).
-    Off,
-}
 
 /// The device-side record of [`NanCheck::OnDevice`], detached from every step's autograd
 /// graph (it is carried from step to step: anything it referenced would stay alive).
-struct DivergenceFlag {
+pub(super) struct DivergenceFlag {
     /// u8 scalar: 1 while every step was finite (and its labels in range).
     alive: Tensor,
     /// f64 scalar: the epoch and step of the first rejected step, encoded
@@ -211,8 +25,6 @@ struct DivergenceFlag {
     /// u8 scalar: 1 when the first rejected step's labels were out of range.
     bad_labels: Tensor,
 }
-
-const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
 
 /// Trains a model: Keras's `model.compile(optimizer, loss, loss_weights, metrics)` and what
 /// follows, for any functional model: several inputs, several outputs each with its loss,
@@ -257,64 +69,30 @@ const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub struct Trainer {
-    model: Model,
-    optimizer: Box<dyn Optimizer>,
-    losses: Vec<Loss>,
-    loss_weights: Vec<f64>,
-    metrics: Vec<Vec<Box<dyn Metric>>>,
-    output_names: Vec<String>,
-    schedule: LrSchedule,
-    progress: Progress,
-    history: History,
-    epochs_done: usize,
-    steps_done: usize,
-    dtype: DType,
-    nan_check: NanCheck,
-    divergence: Option<DivergenceFlag>,
+    pub(super) model: Model,
+    pub(super) optimizer: Box<dyn Optimizer>,
+    pub(super) losses: Vec<Loss>,
+    pub(super) loss_weights: Vec<f64>,
+    pub(super) metrics: Vec<Vec<Box<dyn Metric>>>,
+    pub(super) output_names: Vec<String>,
+    pub(super) schedule: LrSchedule,
+    pub(super) progress: Progress,
+    pub(super) history: History,
+    pub(super) epochs_done: usize,
+    pub(super) steps_done: usize,
+    pub(super) dtype: DType,
+    pub(super) nan_check: NanCheck,
+    pub(super) divergence: Option<DivergenceFlag>,
     /// Per output, the bounds of its sparse labels on the device (`Loss::label_bounds`),
     /// made at the first step that checks labels on the device.
-    label_bounds: Vec<Option<(Tensor, Tensor)>>,
-    optimizer_config: OptimizerConfig,
+    pub(super) label_bounds: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) optimizer_config: OptimizerConfig,
     /// Batches an epoch of the run so far (restored from a checkpoint): resuming with other
     /// data or another batch size would not continue the same run.
-    batches_per_epoch: Option<usize>,
+    pub(super) batches_per_epoch: Option<usize>,
     /// Whether the next `fit` continues a run restored by `load_checkpoint` (and so must see
     /// the same number of batches an epoch); a second `fit` in one process may take new data.
-    resumed: bool,
-}
-
-/// Sums over one pass through a data set, kept on the device.
-struct Totals {
-    loss: Tensor,
-    per_output: Vec<Tensor>,
-    samples: usize,
-}
-
-impl Totals {
-    fn new(outputs: usize, device: &candle_core::Device) -> Result<Self> {
-        // f64 sums: an epoch of f32 losses summed in f32 would lose digits.
-        let zero = Tensor::zeros((), DType::F64, device)?;
-        Ok(Self {
-            loss: zero.clone(),
-            per_output: vec![zero; outputs],
-            samples: 0,
-        })
-    }
-
-    fn add(&mut self, loss: &Tensor, per_output: &[Tensor], samples: usize) -> Result<()> {
-        // Detached: a sum carried over a whole epoch must not hold any step's graph.
-        let weighted = |t: &Tensor| t.detach().cast(DType::F64)?.affine(samples as f64, 0.0);
-        self.loss = (&self.loss + weighted(loss)?)?;
-        for (total, l) in self.per_output.iter_mut().zip(per_output) {
-            *total = (&*total + weighted(l)?)?;
-        }
-        self.samples += samples;
-        Ok(())
-    }
-
-    fn mean(&self, t: &Tensor) -> Result<f64> {
-        Ok(crate::profile::read_scalar::<f64>(t)? / self.samples.max(1) as f64)
-    }
+    pub(super) resumed: bool,
 }
 
 impl Trainer {
@@ -586,7 +364,7 @@ impl Trainer {
 
     /// [`Trainer::train_step`], also returning each output's (unweighted) loss. `position`
     /// (epoch, step) names the step in a divergence error.
-    fn step(
+    pub(super) fn step(
         &mut self,
         batch: &Batch,
         lr: f64,
@@ -694,7 +472,7 @@ impl Trainer {
     /// range) folded into the device flag, which the caller keeps once the step is applied;
     /// its `alive` (u8) says whether the step's updates apply (every step so far good).
     /// Every tensor in it is detached.
-    fn next_divergence(
+    pub(super) fn next_divergence(
         &self,
         finite: Tensor,
         labels_ok: Option<Tensor>,
@@ -739,7 +517,7 @@ impl Trainer {
     /// [`Trainer::check_targets`] without reading values: shapes and dtypes checked at once,
     /// sparse labels range-checked on the device. Returns the targets to train on (sparse
     /// labels clamped into range) and the labels' verdict (a u8 scalar), if any.
-    fn targets_checked_on_device(
+    pub(super) fn targets_checked_on_device(
         &mut self,
         batch: &Batch,
     ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
@@ -777,7 +555,7 @@ impl Trainer {
     }
 
     /// Checks the batch's targets against the model's outputs, before anything runs.
-    fn check_targets(&self, batch: &Batch) -> Result<()> {
+    pub(super) fn check_targets(&self, batch: &Batch) -> Result<()> {
         let n = self.check_batch_layout(batch)?;
         for (shape, target, loss, name) in self.targets_of(batch) {
             loss.check_target(shape, target, n, name)?;
@@ -786,7 +564,7 @@ impl Trainer {
     }
 
     /// Each output's per-sample shape, target, loss and name.
-    fn targets_of<'a>(
+    pub(super) fn targets_of<'a>(
         &'a self,
         batch: &'a Batch,
     ) -> impl Iterator<Item = (&'a [usize], &'a Tensor, &'a Loss, &'a str)> {
@@ -800,7 +578,7 @@ impl Trainer {
     }
 
     /// One target per output and a non-empty batch; returns the batch size.
-    fn check_batch_layout(&self, batch: &Batch) -> Result<usize> {
+    pub(super) fn check_batch_layout(&self, batch: &Batch) -> Result<usize> {
         let outputs = self.model.outputs();
         if batch.targets.len() != outputs.len() {
             return Err(Error::InvalidArgument(format!(
@@ -820,7 +598,11 @@ impl Trainer {
     }
 
     /// The weighted total and each output's loss.
-    fn losses_of(&self, outputs: &[Tensor], targets: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+    pub(super) fn losses_of(
+        &self,
+        outputs: &[Tensor],
+        targets: &[Tensor],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut total: Option<Tensor> = None;
         let mut per_output = Vec::with_capacity(outputs.len());
         for (((out, target), loss), weight) in outputs
@@ -846,7 +628,7 @@ impl Trainer {
         Ok((total, per_output))
     }
 
-    fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    pub(super) fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let dtype = self.model.compute_dtype().unwrap_or(self.dtype);
         inputs
             .iter()
@@ -860,431 +642,10 @@ impl Trainer {
             })
             .collect()
     }
-
-    /// The key prefix of output `i`: none for a single output, `<output>_` otherwise.
-    fn prefix(&self, i: usize) -> String {
-        if self.output_names.len() == 1 {
-            String::new()
-        } else {
-            format!("{}_", self.output_names[i])
-        }
-    }
-
-    /// Every metric's value and each output's loss (several outputs), by Keras's names.
-    fn named_values(
-        &self,
-        metrics: &[Vec<Box<dyn Metric>>],
-        totals: &Totals,
-    ) -> Result<BTreeMap<String, f64>> {
-        let mut values = BTreeMap::new();
-        for (i, list) in metrics.iter().enumerate() {
-            let prefix = self.prefix(i);
-            if self.output_names.len() > 1 {
-                values.insert(format!("{prefix}loss"), totals.mean(&totals.per_output[i])?);
-            }
-            for metric in list {
-                values.insert(format!("{prefix}{}", metric.name()), metric.result()?);
-            }
-        }
-        Ok(values)
-    }
-
-    /// Trains until `epochs` epochs are done in total (a resumed trainer continues from its
-    /// checkpoint's epoch), evaluating on `validation` after each, and calling `callbacks`.
-    ///
-    /// # Examples
-    /// ```
-    /// # use candle_core::{DType, Device, Tensor};
-    /// # use candle_functional::data::{DataLoader, ImageDataset};
-    /// # use candle_functional::prelude::*;
-    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
-    /// # let x = Input::new([1, 2, 2]);
-    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
-    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
-    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-    /// let history = trainer.fit(&loader, Some(&loader), 2, &mut [])?;
-    /// assert!(history.last().unwrap().metric("val_accuracy").is_some());
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn fit(
-        &mut self,
-        train: &dyn Dataset,
-        validation: Option<&dyn Dataset>,
-        epochs: usize,
-        callbacks: &mut [Box<dyn Callback>],
-    ) -> Result<&History> {
-        if train.is_empty() {
-            return Err(Error::InvalidArgument("no training data".into()));
-        }
-        self.schedule.validate()?;
-        if let Some(n) = self.batches_per_epoch
-            && self.resumed
-            && n != train.len()
-        {
-            return Err(Error::InvalidArgument(format!(
-                "the run resumed from a checkpoint had {n} batches an epoch, this data has {}: resume with the same data and batch size",
-                train.len()
-            )));
-        }
-        self.batches_per_epoch = Some(train.len());
-        self.resumed = false;
-        self.divergence = None;
-        let total_steps = epochs * train.len();
-        let base_lr = self.optimizer.learning_rate();
-        // Where reading a value waits for a queue (a GPU), refresh the display less often.
-        let refresh = if crate::device::reads_wait_for_a_queue(train.device()) {
-            25
-        } else {
-            1
-        };
-        while self.epochs_done < epochs {
-            let epoch = self.epochs_done;
-            let bar = self.progress_bar(epoch + 1, epochs, train.len());
-            let start = Instant::now();
-            let mut totals = Totals::new(self.losses.len(), train.device())?;
-            self.metrics.iter_mut().flatten().for_each(|m| m.reset());
-            let mut lr = base_lr;
-            for (i, batch) in train.batches(epoch as u64).enumerate() {
-                let batch = batch?;
-                let n = batch.samples()?;
-                lr = self
-                    .schedule
-                    .learning_rate(base_lr, epoch, self.steps_done, total_steps);
-                let (loss, per_output) = self.step(&batch, lr, (epoch + 1, i + 1))?;
-                totals.add(&loss, &per_output, n)?;
-                self.steps_done += 1;
-                if let Some(bar) = &bar {
-                    bar.inc(1);
-                    if i % refresh == 0 || i + 1 == train.len() {
-                        self.check_divergence()?;
-                        let rate = totals.samples as f64 / start.elapsed().as_secs_f64();
-                        let mut message = format!("loss {:.4}", totals.mean(&totals.loss)?);
-                        if let Some(first) = self.metrics.iter().flatten().next() {
-                            message.push_str(&format!(" {} {:.4}", first.name(), first.result()?));
-                        }
-                        bar.set_message(format!("{message} {rate:.0} samples/s"));
-                    }
-                }
-            }
-            self.check_divergence()?;
-            let seconds = start.elapsed().as_secs_f64();
-            let mut log = EpochLog {
-                epoch: epoch + 1,
-                loss: totals.mean(&totals.loss)?,
-                metrics: self.named_values(&self.metrics, &totals)?,
-                learning_rate: lr,
-                seconds,
-                images_per_sec: totals.samples as f64 / seconds,
-                ..Default::default()
-            };
-            if let Some(v) = validation {
-                let val_start = Instant::now();
-                let val = self.evaluate(v)?;
-                log.val_loss = Some(val.loss);
-                log.metrics.extend(
-                    val.metrics
-                        .into_iter()
-                        .map(|(k, v)| (format!("val_{k}"), v)),
-                );
-                log.val_seconds = val_start.elapsed().as_secs_f64();
-            }
-            let line = format_epoch(&log, epochs);
-            match (&bar, self.progress) {
-                (Some(bar), _) => bar.finish_with_message(line),
-                (None, Progress::Lines) => eprintln!("{line}"),
-                _ => {}
-            }
-            self.history.push(log.clone());
-            self.epochs_done += 1;
-            if run_callbacks(callbacks, self, &log)? {
-                break;
-            }
-        }
-        Ok(&self.history)
-    }
-
-    fn progress_bar(&self, epoch: usize, epochs: usize, steps: usize) -> Option<ProgressBar> {
-        if self.progress != Progress::Bar {
-            return None;
-        }
-        let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_prefix(format!("epoch {epoch}/{epochs}"));
-        Some(bar)
-    }
-
-    /// The loss and metrics over a data set, in inference mode (fresh copies of the metrics:
-    /// the training ones are left alone).
-    ///
-    /// # Examples
-    /// ```
-    /// # use candle_core::{DType, Device, Tensor};
-    /// # use candle_functional::data::{DataLoader, ImageDataset};
-    /// # use candle_functional::prelude::*;
-    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
-    /// # let x = Input::new([1, 2, 2]);
-    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
-    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
-    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-    /// let scores = trainer.evaluate(&loader)?;
-    /// assert!((0.0..=1.0).contains(&scores.metric("accuracy").unwrap()));
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn evaluate(&self, data: &dyn Dataset) -> Result<Evaluation> {
-        let mut totals = Totals::new(self.losses.len(), data.device())?;
-        let mut fresh: Vec<Vec<Box<dyn Metric>>> = self
-            .metrics
-            .iter()
-            .map(|list| list.iter().map(|m| m.boxed_clone()).collect())
-            .collect();
-        for batch in data.batches(0) {
-            let batch = batch?;
-            self.check_targets(&batch)?;
-            let outputs = self
-                .model
-                .forward(&self.cast_inputs(&batch.inputs)?, Mode::Eval)?;
-            let (loss, per_output) = self.losses_of(&outputs, &batch.targets)?;
-            totals.add(&loss, &per_output, batch.samples()?)?;
-            update_metrics(&mut fresh, &outputs, &batch.targets)?;
-        }
-        if totals.samples == 0 {
-            return Err(Error::InvalidArgument("no evaluation data".into()));
-        }
-        Ok(Evaluation {
-            loss: totals.mean(&totals.loss)?,
-            metrics: self.named_values(&fresh, &totals)?,
-        })
-    }
-
-    /// Every output of the model for every sample, in order, in inference mode (targets, if
-    /// the data has any, are ignored).
-    ///
-    /// # Examples
-    /// ```
-    /// # use candle_core::{DType, Device, Tensor};
-    /// # use candle_functional::data::{DataLoader, ImageDataset};
-    /// # use candle_functional::prelude::*;
-    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
-    /// # let x = Input::new([1, 2, 2]);
-    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
-    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
-    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-    /// assert_eq!(trainer.predict(&loader)?[0].dims(), &[2, 2]);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn predict(&self, data: &dyn Dataset) -> Result<Vec<Tensor>> {
-        let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); self.model.outputs().len()];
-        for batch in data.batches(0) {
-            let inputs = self.cast_inputs(&batch?.inputs)?;
-            for (all, out) in per_output
-                .iter_mut()
-                .zip(self.model.forward(&inputs, Mode::Eval)?)
-            {
-                all.push(out);
-            }
-        }
-        per_output
-            .iter()
-            .map(|parts| Ok(Tensor::cat(parts, 0)?))
-            .collect()
-    }
-
-    /// Writes everything needed to resume: weights (with BatchNorm state), optimizer state,
-    /// completed epochs and steps, the forward-call counter (dropout masks) and the history.
-    /// Written to a temporary file and renamed.
-    ///
-    /// # Examples
-    /// ```
-    /// # use candle_core::{DType, Device, Tensor};
-    /// # use candle_functional::data::{DataLoader, ImageDataset};
-    /// # use candle_functional::prelude::*;
-    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
-    /// # let x = Input::new([1, 2, 2]);
-    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
-    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
-    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-    /// let path = std::env::temp_dir().join("cf_doc_trainer.ckpt");
-    /// trainer.fit(&loader, None, 1, &mut [])?;
-    /// trainer.save_checkpoint(&path)?;
-    /// trainer.load_checkpoint(&path)?;
-    /// assert_eq!(trainer.epochs_done(), 1);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let mut tensors: HashMap<String, Tensor> = self
-            .model
-            .weight_map()?
-            .into_iter()
-            .map(|(k, v)| (format!("model.{k}"), v))
-            .collect();
-        let state = self.optimizer.state()?;
-        for (name, t) in state.slots {
-            tensors.insert(format!("optimizer.{name}"), t);
-        }
-        let mut meta: HashMap<String, String> = [
-            ("format", CHECKPOINT_FORMAT.to_string()),
-            ("epochs_done", self.epochs_done.to_string()),
-            ("steps_done", self.steps_done.to_string()),
-            ("optimizer_iterations", state.iterations.to_string()),
-            ("forward_calls", self.model.forward_calls().to_string()),
-            ("seed", self.model.seed().to_string()),
-            ("history", self.history.to_json()?),
-            ("optimizer", format!("{:?}", self.optimizer_config)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        if let Some(n) = self.batches_per_epoch {
-            meta.insert("batches_per_epoch".into(), n.to_string());
-        }
-        let bytes = to_safetensors_bytes(&tensors, Some(meta), path)?;
-        write_atomically(path, &bytes)
-    }
-
-    /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model and
-    /// optimizer; `fit` then continues where the run stopped. Strict: the weights and the
-    /// optimizer state are both checked (names, shapes) and converted before either is
-    /// written, so a checkpoint that does not fit changes nothing. The model takes the
-    /// checkpoint's seed and forward-call count, so its random layers (Dropout) draw what the
-    /// uninterrupted run would have drawn, whatever seed it was built with; compare
-    /// [`Model::seed`](crate::Model::seed) afterwards to refuse a resume under another seed.
-    ///
-    /// # Examples
-    /// ```
-    /// # use candle_core::{DType, Device, Tensor};
-    /// # use candle_functional::data::{DataLoader, ImageDataset};
-    /// # use candle_functional::prelude::*;
-    /// # use candle_functional::train::{AdamConfig, Loss, Trainer};
-    /// # let x = Input::new([1, 2, 2]);
-    /// # let y = Dense::new(2).call(&Flatten::new().call(&x)?)?;
-    /// # let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
-    /// # let data = ImageDataset::from_parts(&[0, 0, 0, 0, 255, 255, 255, 255], &[0, 1], [1, 2, 2])?;
-    /// # let loader = DataLoader::new(data, 2, &Device::Cpu)?;
-    /// # let mut trainer = Trainer::new(model, AdamConfig::default(), Loss::SparseCategoricalCrossentropy { from_logits: true })?;
-    /// assert!(trainer.load_checkpoint("no/such.ckpt").is_err());
-    /// assert_eq!(trainer.epochs_done(), 0);
-    /// # Ok::<(), candle_functional::Error>(())
-    /// ```
-    pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |message: String| Error::Safetensors {
-            path: path.to_path_buf(),
-            message,
-        };
-        let device = self.model.device().unwrap_or(candle_core::Device::Cpu);
-        let (tensors, meta) = parse_safetensors(&bytes, path, &device)?;
-        if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
-            return Err(bad(format!("not a {CHECKPOINT_FORMAT} file")));
-        }
-        let optimizer = format!("{:?}", self.optimizer_config);
-        if let Some(saved) = meta.get("optimizer")
-            && saved != &optimizer
-        {
-            return Err(bad(format!(
-                "written by a run with optimizer {saved}, this trainer has {optimizer}: resume with the same settings"
-            )));
-        }
-        let number = |key: &str| -> Result<u64> {
-            meta.get(key)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad(format!("metadata `{key}` is missing or not a number")))
-        };
-        let mut weights = HashMap::new();
-        let mut slots = Vec::new();
-        for (name, t) in tensors {
-            if let Some(w) = name.strip_prefix("model.") {
-                weights.insert(w.to_string(), t);
-            } else if let Some(s) = name.strip_prefix("optimizer.") {
-                slots.push((s.to_string(), t));
-            } else {
-                return Err(bad(format!("unexpected tensor `{name}`")));
-            }
-        }
-        let history = History::from_json(meta.get("history").map(String::as_str).unwrap_or("{}"))
-            .map_err(|e| bad(e.to_string()))?;
-        let batches_per_epoch = meta
-            .get("batches_per_epoch")
-            .map(|v| v.parse::<usize>())
-            .transpose()
-            .map_err(|_| bad("metadata `batches_per_epoch` is not a number".into()))?;
-        let source = path.display().to_string();
-        // The model's seed draws its dropout masks: the run continues with the checkpoint's.
-        let seed = meta
-            .get("seed")
-            .map(|v| v.parse::<u64>())
-            .transpose()
-            .map_err(|_| bad("metadata `seed` is not a number".into()))?;
-        let (epochs_done, steps_done, calls) = (
-            number("epochs_done")?,
-            number("steps_done")?,
-            number("forward_calls")?,
-        );
-        // Check and convert everything before changing anything: a tensor that cannot take
-        // the weight's dtype must not leave new weights beside the old optimizer state.
-        self.model.check_weights(&weights, &source)?;
-        let vars = self.model.trainable_weights()?;
-        let state = OptimizerState {
-            iterations: number("optimizer_iterations")?,
-            slots,
-        };
-        self.optimizer.check_state(&state, &vars)?;
-        let var_by_name: HashMap<&str, &candle_core::Var> =
-            vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let slots = state
-            .slots
-            .iter()
-            .map(|(name, t)| {
-                let var = name.split_once('.').and_then(|(_, v)| var_by_name.get(v));
-                Ok(match var {
-                    Some(var) => {
-                        let full = format!("optimizer.{name}");
-                        (name.clone(), converted(t, var.as_tensor(), &full, &source)?)
-                    }
-                    None => (name.clone(), t.clone()),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let state = OptimizerState { slots, ..state };
-        let weights = self
-            .model
-            .weights()?
-            .iter()
-            .map(|w| {
-                let full = format!("model.{}", w.name());
-                let value = converted(&weights[w.name()], w.var().as_tensor(), &full, &source)?;
-                Ok((w.name().to_string(), value))
-            })
-            .collect::<Result<HashMap<_, _>>>()?;
-        self.model.set_weights_from(&weights, &source)?;
-        self.optimizer.load_state(&state, &vars)?;
-        self.model.set_forward_calls(calls);
-        if let Some(seed) = seed {
-            self.model.set_seed(seed);
-        }
-        self.epochs_done = epochs_done as usize;
-        self.steps_done = steps_done as usize;
-        self.history = history;
-        self.batches_per_epoch = batches_per_epoch;
-        self.resumed = true;
-        Ok(())
-    }
 }
 
 /// Adds a batch to each output's metrics.
-fn update_metrics(
+pub(super) fn update_metrics(
     metrics: &mut [Vec<Box<dyn Metric>>],
     outputs: &[Tensor],
     targets: &[Tensor],
@@ -1296,25 +657,4 @@ fn update_metrics(
         }
     }
     Ok(())
-}
-
-fn format_epoch(log: &EpochLog, epochs: usize) -> String {
-    let mut line = format!("epoch {}/{epochs}: loss {:.4}", log.epoch, log.loss);
-    // Training values first, then validation ones, each in name order.
-    let (val, train): (Vec<_>, Vec<_>) =
-        log.metrics.iter().partition(|(k, _)| k.starts_with("val_"));
-    for (name, value) in train {
-        line.push_str(&format!(" {name} {value:.4}"));
-    }
-    if let Some(l) = log.val_loss {
-        line.push_str(&format!(" val_loss {l:.4}"));
-    }
-    for (name, value) in val {
-        line.push_str(&format!(" {name} {value:.4}"));
-    }
-    line.push_str(&format!(
-        " lr {:.2e} ({:.1} s, {:.0} samples/s)",
-        log.learning_rate, log.seconds, log.images_per_sec
-    ));
-    line
 }

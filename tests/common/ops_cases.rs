@@ -14,8 +14,9 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_functional::ops::{self, AdamStep, BatchNormRelus, Conv2dGeometry, SgdStep};
+use candle_functional::ops::{self, AdamStep, Conv2dGeometry, SgdStep};
 use candle_functional::prelude::*;
+use candle_functional::{ElementWise, Fusion};
 
 /// Reads the case's bytes one at a time; past the end, zeros.
 pub struct Bytes<'a> {
@@ -227,7 +228,14 @@ pub fn run_case(data: &[u8]) -> Outcome {
                     Some(bias) => ops::conv2d_bias(x.as_tensor(), k.as_tensor(), bias, g),
                     None => return Outcome::NotBuilt,
                 },
-                2 => ops::fused_conv2d(x.as_tensor(), k.as_tensor(), bias.as_ref(), relu, g),
+                2 => {
+                    let fusion = if relu {
+                        Fusion::new().with_epilogue(ElementWise::Relu)
+                    } else {
+                        Fusion::new()
+                    };
+                    ops::fused_conv2d(x.as_tensor(), k.as_tensor(), bias.as_ref(), fusion, g)
+                }
                 _ => ops::reference::conv2d(x.as_tensor(), k.as_tensor(), g),
             };
             if let Ok(y) = &y {
@@ -271,10 +279,20 @@ pub fn run_case(data: &[u8]) -> Outcome {
             let (gamma, beta) = (per_channel(&mut b), per_channel(&mut b));
             let (mean, var) = (per_channel(&mut b), per_channel(&mut b));
             let epsilon = b.f64_or(1e-3);
-            let relus = BatchNormRelus {
-                before: b.flag(),
-                after: b.flag(),
+            // Any fusion, fitting the inputs or not: the op must refuse what does not fit.
+            let element_wise = |b: &mut Bytes| match b.byte() % 4 {
+                0 => None,
+                1 => Some(ElementWise::Relu),
+                2 => Some(ElementWise::Add),
+                _ => Some(ElementWise::AddRelu),
             };
+            let mut relus = Fusion::new();
+            if let Some(f) = element_wise(&mut b) {
+                relus = relus.with_prologue(f);
+            }
+            if let Some(f) = element_wise(&mut b) {
+                relus = relus.with_epilogue(f);
+            }
             let other = b.flag().then(|| b.tensor(&xd, dtype)).flatten();
             let mut inputs = vec![&x];
             inputs.extend(other.as_ref());

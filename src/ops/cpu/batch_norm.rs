@@ -17,32 +17,34 @@ use rayon::prelude::*;
 
 use super::{Float, contiguous_slice, relu_if, split};
 use crate::Result;
-use crate::ops::BatchNormRelus;
+use crate::fusion::Fusion;
 use crate::support::dtype::Cast;
 
 /// Training mode (arguments checked by [`crate::ops::batch_norm_train`]): `(y, batch mean,
 /// biased batch variance)` of the sum of `inputs` (one or two tensors of one shape), passed
-/// through `max(·, 0)` with `relus.before`; `y` through `max(·, 0)` with `relus.after`.
+/// through `max(·, 0)` with `fusion.relu_before()`; `y` through `max(·, 0)` with `fusion.relu_after()`.
 pub(crate) fn train(
     inputs: &[Tensor],
     gamma: &Tensor,
     beta: &Tensor,
     epsilon: f64,
-    relus: BatchNormRelus,
+    fusion: Fusion,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let inputs = contiguous(inputs)?;
-    let moments = Moments { relu: relus.before };
+    let moments = Moments {
+        relu: fusion.relu_before(),
+    };
     let stats = match &inputs[..] {
         [x] => x.apply_op1_no_bwd(&moments)?,
         [a, b] => a.apply_op2_no_bwd(b, &moments)?,
         _ => return Err(candle_core::Error::Msg("batch norm: one or two inputs".into()).into()),
     };
-    let y = normalize(&inputs, &stats, gamma, beta, epsilon, true, relus)?;
+    let y = normalize(&inputs, &stats, gamma, beta, epsilon, true, fusion)?;
     Ok((y, stats.get(0)?, stats.get(1)?))
 }
 
 /// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]),
-/// of the sum of `inputs`, with the ReLUs of `relus`.
+/// of the sum of `inputs`, with the ReLUs of `fusion`.
 pub(crate) fn eval(
     inputs: &[Tensor],
     gamma: &Tensor,
@@ -50,7 +52,7 @@ pub(crate) fn eval(
     mean: &Tensor,
     var: &Tensor,
     epsilon: f64,
-    relus: BatchNormRelus,
+    fusion: Fusion,
 ) -> Result<Tensor> {
     let stats = Tensor::stack(&[mean, var], 0)?;
     normalize(
@@ -60,7 +62,7 @@ pub(crate) fn eval(
         beta,
         epsilon,
         false,
-        relus,
+        fusion,
     )
 }
 
@@ -77,7 +79,7 @@ fn normalize(
     beta: &Tensor,
     epsilon: f64,
     batch_stats: bool,
-    relus: BatchNormRelus,
+    fusion: Fusion,
 ) -> Result<Tensor> {
     // One `(4, C)` tensor of per-channel values, so that two inputs fit a three-operand op;
     // the statistics carry no gradient, gamma's and beta's rows do.
@@ -85,8 +87,8 @@ fn normalize(
     let op = Normalize {
         epsilon,
         batch_stats,
-        relu: relus.before,
-        relu_out: relus.after,
+        relu: fusion.relu_before(),
+        relu_out: fusion.relu_after(),
     };
     Ok(match inputs {
         [x] => x.apply_op2(&packed, op)?,

@@ -1,0 +1,35 @@
+//! The one place that picks a backend for an op, from the tensor's device and dtype and what
+//! this build has.
+
+use candle_core::{DType, Device, Tensor};
+
+/// The backend a tensor's kernels run on.
+pub(crate) enum Backend {
+    /// The crate's own CPU kernels (f32 and f64).
+    Cpu,
+    /// cuDNN (feature `cudnn`).
+    #[cfg(feature = "cudnn")]
+    Cudnn,
+    /// [`reference`](mod@reference): candle's own ops.
+    Reference,
+}
+
+/// Picks the backend for `x`: `cpu` and `cudnn` list the dtypes the crate's CPU kernel and
+/// its cuDNN kernel take for this op (the latter only counts in a `cudnn` build); an empty `x`
+/// always takes the reference.
+#[cfg_attr(not(feature = "cudnn"), allow(unused_variables))]
+pub(crate) fn backend(x: &Tensor, cpu: &[DType], cudnn: &[DType]) -> Backend {
+    // The crate's kernels split their work by channel and image; an empty tensor has no
+    // pieces to split, and candle's element-wise ops handle it as it is.
+    if x.elem_count() == 0 {
+        return Backend::Reference;
+    }
+    match x.device() {
+        Device::Cpu if cpu.contains(&x.dtype()) => Backend::Cpu,
+        #[cfg(feature = "cudnn")]
+        Device::Cuda(_) if cudnn.contains(&x.dtype()) => Backend::Cudnn,
+        _ => Backend::Reference,
+    }
+}
+
+pub(crate) const CPU_FLOATS: &[DType] = &[DType::F32, DType::F64];

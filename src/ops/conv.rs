@@ -1,0 +1,232 @@
+//! Convolutions: [`conv2d`], [`conv2d_bias`], [`fused_conv2d`] (a bias and a ReLU inside the
+//! convolution's op) and [`conv_transpose2d`], each checked, then dispatched.
+
+use candle_core::{DType, Tensor};
+
+use crate::Result;
+use crate::fusion::{ElementWise, Fusion};
+
+use crate::ops::arguments::*;
+use crate::ops::backend::{Backend, CPU_FLOATS, backend};
+#[cfg(feature = "cudnn")]
+use crate::ops::cudnn;
+use crate::ops::pointwise::{bias_add, relu};
+use crate::ops::{cpu, reference};
+
+/// Convolves NCHW `x` with an OIHW `kernel` (`(filters, in_channels / groups, kh, kw)`), no
+/// bias, differentiable with respect to both.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{conv2d, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let y = conv2d(&x, &k, g)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [4.0, 2.0, 2.0, 1.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv2d(x: &Tensor, kernel: &Tensor, geometry: Conv2dGeometry) -> Result<Tensor> {
+    check_conv2d(x, kernel, &geometry)?;
+    if let Some(y) = empty_conv2d(x, kernel, geometry)? {
+        return Ok(y);
+    }
+    #[cfg(feature = "cudnn")]
+    const CUDNN_CONV: &[DType] = &[DType::F32, DType::BF16, DType::F16];
+    #[cfg(not(feature = "cudnn"))]
+    const CUDNN_CONV: &[DType] = &[];
+    match backend(x, CPU_FLOATS, CUDNN_CONV) {
+        Backend::Cpu => cpu::conv2d::conv2d(x, kernel, None, false, geometry),
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn => cudnn::conv2d::conv2d(x, kernel, geometry),
+        Backend::Reference => reference::conv2d(x, kernel, geometry),
+    }
+}
+
+/// [`conv2d`] plus a per-filter `bias` (`(filters,)`, `x`'s dtype and device), differentiable
+/// with respect to all three. On the CPU one op: the bias is added as the product is written
+/// out and its gradient is summed from the same `dY`, so no second activation-sized tensor is
+/// made (or kept for the backward pass); elsewhere [`conv2d`] then [`bias_add`].
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{conv2d_bias, Conv2dGeometry};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((2, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let y = conv2d_bias(&x, &k, &b, g)?;
+/// assert_eq!(y.get(0)?.get(1)?.flatten_all()?.to_vec1::<f32>()?, [3.0, 1.0, 1.0, 0.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv2d_bias(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: &Tensor,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    conv2d_then("conv2d_bias", x, kernel, Some(bias), false, geometry)
+}
+
+/// [`conv2d`], plus a per-filter `bias` where given, then the epilogue of `fusion` (none, or
+/// [`ElementWise::Relu`]: `max(·, 0)`): a convolution with Keras's `activation="relu"`, or one
+/// whose output only a ReLU reads. A prologue is refused. On the
+/// CPU one op (the bias and the ReLU applied as the product is written out, `dY` masked by the
+/// output before the convolution's backward), so neither the unbiased nor the pre-ReLU output
+/// exists; elsewhere [`conv2d`], [`bias_add`] and [`relu`]. The gradient is zero where the
+/// output is 0, as [`relu`]'s.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::{fused_conv2d, Conv2dGeometry};
+/// use candle_functional::{ElementWise, Fusion};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let k = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[-2.5f32], &Device::Cpu)?;
+/// let g = Conv2dGeometry { pad: (0, 1, 0, 1), stride: 2, dilation: 1, groups: 1 };
+/// let relu_after = Fusion::new().with_epilogue(ElementWise::Relu);
+/// let y = fused_conv2d(&x, &k, Some(&b), relu_after, g)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.5, 0.0, 0.0, 0.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn fused_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    fusion: Fusion,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    if fusion.prologue().is_some() || fusion.epilogue().is_some_and(|e| e != ElementWise::Relu) {
+        return Err(invalid(
+            "fused_conv2d",
+            "fusion",
+            format!("only a ReLU after the convolution is fused, got {fusion:?}"),
+        ));
+    }
+    conv2d_then(
+        "fused_conv2d",
+        x,
+        kernel,
+        bias,
+        fusion.relu_after(),
+        geometry,
+    )
+}
+
+/// The checks and dispatch of [`conv2d_bias`] and [`fused_conv2d`]; `op` names the function in
+/// errors.
+fn conv2d_then(
+    op: &'static str,
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    check_conv2d(x, kernel, &geometry)?;
+    if let Some(bias) = bias {
+        let filters = kernel.dim(0)?;
+        if bias.dims() != [filters] {
+            return Err(invalid(
+                op,
+                "bias",
+                format!(
+                    "expected shape [{filters}] (the kernel's filters), got {:?}",
+                    bias.dims()
+                ),
+            ));
+        }
+        same_device_and_dtype(op, "bias", bias, x)?;
+    }
+    if let Backend::Cpu = backend(x, CPU_FLOATS, &[]) {
+        return cpu::conv2d::conv2d(x, kernel, bias, relu, geometry);
+    }
+    let mut y = conv2d(x, kernel, geometry)?;
+    if let Some(bias) = bias {
+        y = bias_add(&y, bias)?;
+    }
+    if relu { self::relu(&y) } else { Ok(y) }
+}
+
+/// Transposed convolution (the gradient of a convolution with respect to its input) of NCHW
+/// `x` with a `(in_channels, filters, kh, kw)` kernel, no padding and no bias: the output has
+/// `(h - 1) * stride + dilation * (kh - 1) + 1` rows (columns likewise). Callers crop or pad
+/// that full result to their padding rule. Differentiable with respect to both arguments.
+///
+/// Candle's own kernel on every backend (its backward is candle's convolution); a cuDNN
+/// backward-data path is not written yet.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_functional::ops::conv_transpose2d;
+/// let x = Tensor::new(&[[[[1f32, 2.0]]]], &Device::Cpu)?; // (1, 1, 1, 2)
+/// let k = Tensor::ones((1, 1, 1, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let y = conv_transpose2d(&x, &k, 2, 1)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1.0, 1.0, 2.0, 2.0]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn conv_transpose2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    const OP: &str = "conv_transpose2d";
+    let [n, c, h, w] = rank4(OP, "x", x, "NCHW")?;
+    let [kc, o, kh, kw] = rank4(OP, "kernel", kernel, "(in, out, kh, kw)")?;
+    float_only(OP, x)?;
+    same_device_and_dtype(OP, "kernel", kernel, x)?;
+    if kc != c || o == 0 || kh == 0 || kw == 0 {
+        return Err(invalid(
+            OP,
+            "kernel",
+            format!("shape {:?} does not fit {c} input channels", kernel.dims()),
+        ));
+    }
+    if stride == 0 || dilation == 0 {
+        return Err(invalid(
+            OP,
+            "geometry",
+            format!("stride ({stride}) and dilation ({dilation}) must be positive"),
+        ));
+    }
+    // `(len - 1) · stride + dilation · (k - 1) + 1`, every step checked: a stride or dilation
+    // near `usize::MAX` is an error here, not a wrapped shape for candle's kernel.
+    let full = |len: usize, k: usize, name: &str| {
+        if len == 0 {
+            return Err(invalid(
+                OP,
+                "x",
+                format!(
+                    "input {name} is 0: a transposed convolution needs at least one row and column"
+                ),
+            ));
+        }
+        (len - 1)
+            .checked_mul(stride)
+            .zip((k - 1).checked_mul(dilation))
+            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|s| s.checked_add(1))
+            .ok_or_else(|| {
+                invalid(
+                    OP,
+                    "geometry",
+                    format!(
+                        "the output {name} ({len} rows, stride {stride}, {k} taps, dilation {dilation}) overflows"
+                    ),
+                )
+            })
+    };
+    let out = [n, o, full(h, kh, "height")?, full(w, kw, "width")?];
+    check_size(OP, "geometry", &out, x)?;
+    if x.elem_count() == 0 {
+        // No batch or no input channels: the sum over nothing is 0.
+        return Ok(Tensor::zeros(&out, x.dtype(), x.device())?);
+    }
+    Ok(x.contiguous()?
+        .conv_transpose2d(&kernel.contiguous()?, 0, 0, stride, dilation)?)
+}
