@@ -807,3 +807,30 @@ fn a_relu_folded_into_a_convolution_gives_the_values_and_gradients_of_the_two_la
         }
     }
 }
+
+#[test]
+fn forward_fused_refuses_inputs_that_do_not_fit_the_fusion() {
+    use candle_functional::{LayerOp, Params};
+    let params = Params::new(&[], &[], Mode::Eval, 0);
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let add = Fusion::new().with_prologue(ElementWise::Add);
+    let err = BatchNorm::new()
+        .config()
+        .forward_fused(add, std::slice::from_ref(&x), &params)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 input(s) expected, got 1"), "{err}");
+    let relu_after = Fusion::new().with_epilogue(ElementWise::Relu);
+    let err = Conv2D::new(2, 3)
+        .config()
+        .forward_fused(relu_after, &[], &params)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("on 0 input(s)"), "{err}");
+    let err = Conv2D::new(2, 3)
+        .config()
+        .forward_fused(add, &[x], &params)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only a ReLU after it"), "{err}");
+}

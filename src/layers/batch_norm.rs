@@ -220,13 +220,20 @@ impl LayerOp for BatchNormConfig {
         function == ElementWise::Relu
     }
 
-    /// The kernels check the inputs against the fusion (`ops::fused_batch_norm_train`).
+    /// The kernels check the rest of the fusion (`ops::fused_batch_norm_train`).
     fn forward_fused(
         &self,
         fusion: Fusion,
         inputs: &[Tensor],
         params: &Params,
     ) -> Result<Vec<Tensor>> {
+        if inputs.len() != fusion.arity() {
+            return Err(Error::InvalidArgument(format!(
+                "BatchNorm with {fusion:?}: {} input(s) expected, got {}",
+                fusion.arity(),
+                inputs.len()
+            )));
+        }
         self.normalize(inputs, params, fusion)
     }
 }

@@ -230,12 +230,14 @@ impl LayerOp for Conv2DConfig {
         inputs: &[Tensor],
         params: &Params,
     ) -> Result<Vec<Tensor>> {
-        if fusion.prologue().is_some() || fusion.epilogue() != Some(ElementWise::Relu) {
+        let ([x], None, Some(ElementWise::Relu)) = (inputs, fusion.prologue(), fusion.epilogue())
+        else {
             return Err(Error::InvalidArgument(format!(
-                "Conv2D fuses only a ReLU after it, not {fusion:?}"
+                "Conv2D fuses only a ReLU after it, on one input: not {fusion:?} on {} input(s)",
+                inputs.len()
             )));
-        }
-        self.convolve(&inputs[0], params, fusion)
+        };
+        self.convolve(x, params, fusion)
     }
 }
 

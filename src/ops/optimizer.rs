@@ -1,6 +1,8 @@
 //! The optimizers' updates of one weight ([`adam_update`], [`sgd_update`]) and of many
 //! ([`adam_update_many`], [`sgd_update_many`]), computed without writing.
 
+#[cfg(feature = "cuda")]
+use candle_core::DType;
 use candle_core::Tensor;
 
 use crate::Result;
