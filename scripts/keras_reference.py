@@ -41,9 +41,10 @@ Run from the repository root:
 
     <venv>/bin/python scripts/keras_reference.py keras-import
         Saves small functional models with random weights as Keras 3 .keras
-        files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported}.keras) and
-        writes an input batch and Keras's outputs, NCHW, to
-        tests/fixtures/keras_import.safetensors, for Model::from_keras.
+        files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported,more}.keras)
+        and writes an input batch and Keras's outputs, NCHW, to
+        tests/fixtures/keras_import.safetensors, for Model::from_keras. Given fixture
+        names (`keras-import more`), writes only those and keeps the others.
 
     <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
         Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
@@ -791,6 +792,28 @@ def import_nested():
     return keras.Model([left, right], out, name="siamese")
 
 
+def import_more():
+    """The merges, Reshape, Permute and Rescaling the other fixtures leave out, and
+    channels-last Flatten outputs merged element-wise before a Dense reads them."""
+    a = keras.Input((6,), name="a")
+    b = keras.Input((6,), name="b")
+    img = keras.Input((3, 2, 2), name="img")
+    d = layers.Subtract(name="sub")([a, b])
+    m = layers.Average(name="avg")([a, b, d])
+    hi = layers.Maximum(name="max")([a, d])
+    lo = layers.Minimum(name="min")([b, m])
+    r = layers.Reshape((2, 3), name="reshape")(layers.Multiply(name="mul")([hi, lo]))
+    p = layers.Permute((2, 1), name="permute")(r)             # (3, 2)
+    flat = layers.Reshape((6,), name="back")(p)
+    f1 = layers.Flatten(name="flat_a")(img)                    # (h, w, c) feature order
+    f1 = layers.Rescaling(0.5, offset=-0.25, name="rescale")(f1)
+    f2 = layers.Flatten(name="flat_b")(layers.Activation("tanh", name="tanh")(img))
+    f = layers.Subtract(name="sub_flat")([f1, layers.Dropout(0.5, name="drop")(f2)])
+    f = layers.BatchNormalization(name="bn_flat")(f)
+    out = layers.Dense(3, name="out")(layers.Concatenate(name="join")([flat, layers.Dense(4, name="mix")(f)]))
+    return keras.Model([a, b, img], [out, p], name="more")
+
+
 def import_unsupported():
     x_in = keras.Input((6,), name="x")
     h = layers.Dense(4, name="dense")(x_in)
@@ -809,17 +832,28 @@ def to_nchw(a):
     return nhwc_to_nchw(a) if a.ndim == 4 else np.ascontiguousarray(a)
 
 
-def cmd_keras_import(_args):
-    """Writes tests/fixtures/keras_import_*.keras and their inputs and Keras outputs."""
+def cmd_keras_import(args):
+    """Writes tests/fixtures/keras_import_*.keras and their inputs and Keras outputs; with
+    names, only those fixtures (the others' files and tensors are kept as they are)."""
     keras.utils.set_random_seed(11)
     rng = np.random.default_rng(12)
+    out = os.path.join(FIXTURES, "keras_import.safetensors")
     tensors = {}
+    if args.names:
+        from safetensors.numpy import load_file
+        tensors = {k: v for k, v in load_file(out).items()
+                   if k.split(".")[0] not in args.names}
     for name, make, shapes in [
         ("cnn", import_cnn, [(2, 9, 8, 3)]),
         ("blocks", import_blocks, [(2, 8, 8, 3), (2, 6)]),
         ("nested", import_nested, [(2, 8, 8, 3), (2, 8, 8, 3)]),
         ("unsupported", import_unsupported, [(2, 6)]),
+        ("more", import_more, [(2, 6), (2, 6), (2, 3, 2, 2)]),
     ]:
+        if args.names and name not in args.names:
+            for s in shapes:  # the same inputs for the others, whichever are written
+                rng.standard_normal(s)
+            continue
         model = make()
         randomize(model, seed=len(name))
         path = os.path.join(FIXTURES, f"keras_import_{name}.keras")
@@ -831,7 +865,6 @@ def cmd_keras_import(_args):
             for i, y in enumerate(keras_outputs(model, inputs)):
                 tensors[f"{name}.output_{i}"] = to_nchw(y)
         print(f"wrote {path} ({os.path.getsize(path)} bytes)")
-    out = os.path.join(FIXTURES, "keras_import.safetensors")
     write_safetensors(tensors, out, {"keras": keras.__version__})
     print(f"wrote {out}: {sorted(tensors)}")
 
@@ -899,8 +932,10 @@ def main():
                    help="write tests/fixtures/keras_parity.safetensors")
     sub.add_parser("layers",
                    help="write tests/fixtures/keras_layers.safetensors")
-    sub.add_parser("keras-import",
-                   help="write tests/fixtures/keras_import_*.keras and their outputs")
+    keras_import = sub.add_parser(
+        "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
+    keras_import.add_argument("names", nargs="*",
+                              help="only these fixtures (cnn, blocks, nested, unsupported, more)")
     resnet = sub.add_parser("keras-resnet",
                             help="save the article's ResNet as .keras with outputs")
     resnet.add_argument("out_dir")

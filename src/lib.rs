@@ -71,8 +71,8 @@ pub mod prelude {
         Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
         Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, Flatten,
         GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Lambda, LayerNormalization,
-        MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute, ReLU, Reshape, SeparableConv2D,
-        Softmax, Subtract, UpSampling2D, ZeroPadding2D,
+        MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute, ReLU, Rescaling, Reshape,
+        SeparableConv2D, Softmax, Subtract, UpSampling2D, ZeroPadding2D,
     };
     pub use crate::models::{Model, ResNetConfig};
     pub use crate::{Error, Result};

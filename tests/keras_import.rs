@@ -186,3 +186,64 @@ fn a_nested_functional_model_called_twice_imports_with_shared_weights() {
     );
     assert_eq!(model.get_layer("base").unwrap().calls(), 2);
 }
+
+#[test]
+fn merges_reshape_permute_and_flattened_maps_merged_match_keras() {
+    let model = assert_matches_keras("more", 3, 2);
+    // Two channels-last Flatten outputs, merged element-wise and normalized, reach the Dense
+    // `mix` in Keras's (h, w, c) order: its kernel rows were reordered on import.
+    assert!(model.get_layer("sub_flat").is_ok() && model.get_layer("mix").is_ok());
+}
+
+/// The fixtures `assert_matches_keras` compares with Keras's outputs.
+const CHECKED_FIXTURES: &[&str] = &["cnn", "blocks", "nested", "more"];
+
+/// Every layer class in a `.keras` file's architecture, nested models included.
+fn keras_classes_in(path: &Path) -> std::collections::BTreeSet<String> {
+    fn walk(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let (Some(class), Some(_)) = (
+                    map.get("class_name").and_then(|c| c.as_str()),
+                    map.get("inbound_nodes"),
+                ) {
+                    out.insert(class.to_string());
+                }
+                map.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let file = std::fs::File::open(path).unwrap();
+    let mut archive = zip::ZipArchive::new(file).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_reader(archive.by_name("config.json").unwrap()).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    walk(&config, &mut out);
+    out
+}
+
+#[test]
+fn every_keras_class_the_importer_translates_is_checked_against_keras() {
+    let mut checked = std::collections::BTreeSet::new();
+    for name in CHECKED_FIXTURES {
+        checked.extend(keras_classes_in(&fixture(&format!(
+            "keras_import_{name}.keras"
+        ))));
+    }
+    // The scan sees the layers (and only layers: not initializers or dtype policies).
+    assert!(checked.contains("Conv2D") && checked.contains("InputLayer"));
+    assert!(!checked.contains("GlorotUniform"));
+    let translated = Model::keras_classes();
+    assert!(translated.len() >= 29, "{translated:?}");
+    let unchecked: Vec<_> = translated
+        .iter()
+        .filter(|class| !checked.contains(**class))
+        .collect();
+    assert!(
+        unchecked.is_empty(),
+        "translated but in no fixture compared with Keras: {unchecked:?} (add them to a \
+         model in scripts/keras_reference.py keras-import)"
+    );
+}

@@ -554,3 +554,16 @@ fn reshape_and_permute_move_elements_in_nchw_order() {
     let out = model.forward(&[input], Mode::Eval).unwrap().remove(0);
     assert_eq!(out.to_vec2::<f32>().unwrap(), [[0., 3., 1., 4., 2., 5.]]);
 }
+
+#[test]
+fn rescaling_scales_then_offsets() {
+    let x = Input::new([2, 2]);
+    let y = Rescaling::new(1.0 / 127.5).offset(-1.0).call(&x).unwrap();
+    let model = build(&x, &y);
+    let floats = run(&model, &t(&[0.0, 127.5, 255.0, 63.75], &[1, 2, 2]));
+    assert_close(&values(&floats), &[-1.0, 0.0, 1.0, -0.5], 1e-6);
+
+    // A factor that would make every output NaN is refused when the graph is built.
+    let err = Rescaling::new(f64::NAN).call(&x).unwrap_err().to_string();
+    assert!(err.contains("finite"), "{err}");
+}

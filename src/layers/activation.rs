@@ -8,6 +8,8 @@ use candle_core::Tensor;
 
 use crate::fusion::ElementWise;
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::keras::{FeatureOrder, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::{Error, Result};
 
@@ -378,4 +380,72 @@ impl LayerOp for SoftmaxConfig {
         let axis = non_batch_axis("softmax", self.axis, x.rank() - 1)?;
         Ok(vec![candle_nn::ops::softmax(x, axis)?])
     }
+}
+
+/// `Activation`, `ReLU` and `Softmax`, saved and imported from Keras's `Activation`, `ReLU`,
+/// `LeakyReLU` (a `ReLU` with a negative slope) and `Softmax`; all act feature by feature,
+/// so they pass a channels-last Flatten's order on.
+pub(crate) const KINDS: &[LayerKind] = &[
+    LayerKind::of::<ActivationConfig>(|| {
+        LayerExample::new(&Activation::new(ActivationFn::Gelu), &[&[6]])
+    })
+    .keras(&[
+        KerasClass::new("Activation", activation_from_keras).feature_order(FeatureOrder::PassesOn)
+    ]),
+    LayerKind::of::<ReLUConfig>(|| {
+        LayerExample::new(
+            &ReLU::new().max_value(6.0).negative_slope(0.1),
+            &[&[2, 3, 3]],
+        )
+    })
+    .keras(&[
+        KerasClass::new("ReLU", relu_from_keras).feature_order(FeatureOrder::PassesOn),
+        KerasClass::new("LeakyReLU", leaky_relu_from_keras).feature_order(FeatureOrder::PassesOn),
+    ]),
+    LayerKind::of::<SoftmaxConfig>(|| LayerExample::new(&Softmax::new().axis(1), &[&[3, 2, 2]]))
+        .keras(&[
+            KerasClass::new("Softmax", softmax_from_keras).feature_order(FeatureOrder::PassesOn)
+        ]),
+];
+
+fn activation_from_keras(layer: &KerasLayer) -> Translation {
+    Translated::new(
+        "Activation",
+        ActivationConfig {
+            function: layer.named::<ActivationFn>("activation")?,
+        },
+    )
+}
+
+fn relu_from_keras(layer: &KerasLayer) -> Translation {
+    if layer.field("threshold").as_f64().unwrap_or(0.0) != 0.0 {
+        return Err("a non-zero threshold is not supported".into());
+    }
+    Translated::new(
+        "ReLU",
+        ReLUConfig {
+            max_value: layer.field("max_value").as_f64(),
+            negative_slope: layer.field("negative_slope").as_f64().unwrap_or(0.0),
+        },
+    )
+}
+
+fn leaky_relu_from_keras(layer: &KerasLayer) -> Translation {
+    Translated::new(
+        "ReLU",
+        ReLUConfig {
+            max_value: None,
+            // Keras's default slope for LeakyReLU.
+            negative_slope: layer.field("negative_slope").as_f64().unwrap_or(0.3),
+        },
+    )
+}
+
+fn softmax_from_keras(layer: &KerasLayer) -> Translation {
+    Translated::new(
+        "Softmax",
+        SoftmaxConfig {
+            axis: layer.one_axis()?,
+        },
+    )
 }

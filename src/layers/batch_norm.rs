@@ -11,6 +11,10 @@ use candle_core::Tensor;
 
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::layers::keras::{
+    Convert, FeatureOrder, KerasClass, KerasLayer, Translated, Translation,
+};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::ops;
 use crate::support::dtype::Cast;
@@ -289,4 +293,50 @@ impl BatchNormConfig {
         };
         Ok(vec![if axis == 1 { y } else { y.transpose(1, axis)? }])
     }
+}
+
+/// `BatchNormalization`, saved and imported from Keras's class of that name over the channel
+/// axis (after a channels-last Flatten too: its vectors are then reordered).
+pub(crate) const KINDS: &[LayerKind] = &[LayerKind::of::<BatchNormConfig>(|| {
+    LayerExample::new(&BatchNorm::new().momentum(0.9), &[&[3, 4, 4]])
+})
+.keras(
+    &[KerasClass::new("BatchNormalization", batch_norm_from_keras)
+        .feature_order(FeatureOrder::PassesOn)],
+)];
+
+fn batch_norm_from_keras(layer: &KerasLayer) -> Translation {
+    let axis = layer.one_axis()?;
+    if axis != 1 {
+        return Err(format!(
+            "normalizing over axis {axis} (this crate's layout) is not supported: only the channel axis"
+        ));
+    }
+    if layer.flag("renorm", false) || layer.flag("synchronized", false) {
+        return Err("renorm / synchronized are not supported".into());
+    }
+    let (scale, center) = (layer.flag("scale", true), layer.flag("center", true));
+    let convert = match layer.order() {
+        Some((h, w, c)) => Convert::FeaturesFromHwc(h, w, c),
+        None => Convert::Same,
+    };
+    let config = BatchNormConfig {
+        axis: 1,
+        momentum: layer.float("momentum")?,
+        epsilon: layer.float("epsilon")?,
+        center,
+        scale,
+        ..Default::default()
+    };
+    Ok(
+        Translated::new("BatchNormalization", config)?.optional_weights(
+            &[
+                (scale, "gamma"),
+                (center, "beta"),
+                (true, "moving_mean"),
+                (true, "moving_variance"),
+            ],
+            &convert,
+        ),
+    )
 }

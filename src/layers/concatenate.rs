@@ -3,6 +3,8 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{checked_size, non_batch_axis};
 use crate::{Error, Result};
 
@@ -113,4 +115,21 @@ impl LayerOp for ConcatenateConfig {
         let axis = self.sample_axis("", inputs[0].rank() - 1)? + 1;
         Ok(vec![Tensor::cat(inputs, axis)?])
     }
+}
+
+/// `Concatenate`, saved and imported from Keras's class of that name (Keras's channel axis
+/// `-1` becomes axis 1).
+pub(crate) const KINDS: &[LayerKind] = &[LayerKind::of::<ConcatenateConfig>(|| {
+    LayerExample::new(&Concatenate::new(1), &[&[2, 3, 3], &[4, 3, 3]])
+})
+.keras(&[KerasClass::new("Concatenate", concatenate_from_keras)])];
+
+fn concatenate_from_keras(layer: &KerasLayer) -> Translation {
+    let axis = layer.field("axis").as_i64().unwrap_or(-1);
+    Translated::new(
+        "Concatenate",
+        ConcatenateConfig {
+            axis: layer.axis(axis, layer.rank())?,
+        },
+    )
 }

@@ -8,6 +8,8 @@ use candle_core::Tensor;
 
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::layers::keras::{Convert, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
@@ -266,4 +268,40 @@ impl Conv2DConfig {
             self.activation.apply(&y)?
         }])
     }
+}
+
+/// `Conv2D`, saved and imported from Keras's `Conv2D` (`groups` included).
+pub(crate) const KINDS: &[LayerKind] = &[LayerKind::of::<Conv2DConfig>(|| {
+    LayerExample::new(
+        &Conv2D::new(4, 3).padding(Padding::Same).strides(2),
+        &[&[2, 5, 6]],
+    )
+})
+.keras(&[KerasClass::new("Conv2D", conv2d_from_keras)])];
+
+/// The window options Keras's convolutions share (`kernel_size`, `strides`, `padding`,
+/// `dilation_rate`, `use_bias`, `activation`) in this crate's field names, after refusing a
+/// channels-first layer or an input that is not a map; the convolution files add the rest.
+pub(crate) fn window_from_keras(
+    layer: &KerasLayer,
+) -> std::result::Result<serde_json::Value, String> {
+    layer.channels_last()?;
+    layer.needs_rank4()?;
+    Ok(serde_json::json!({
+        "kernel_size": layer.pair("kernel_size")?,
+        "strides": layer.square("strides")?,
+        "padding": layer.padding()?,
+        "dilation": layer.square("dilation_rate")?,
+        "use_bias": layer.flag("use_bias", true),
+        "activation": layer.named::<ActivationFn>("activation")?,
+    }))
+}
+
+fn conv2d_from_keras(layer: &KerasLayer) -> Translation {
+    let mut config = window_from_keras(layer)?;
+    config["filters"] = layer.int("filters")?.into();
+    config["groups"] = layer.field("groups").as_u64().unwrap_or(1).into();
+    Ok(Translated::new("Conv2D", config)?
+        .weight("kernel", 0, Convert::Kernel)
+        .bias(layer.flag("use_bias", true), 1))
 }

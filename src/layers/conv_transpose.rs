@@ -15,6 +15,9 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::layers::conv::window_from_keras;
+use crate::layers::keras::{Convert, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
 use crate::layers::window_builders::window_builders;
 use crate::layers::{ActivationFn, Padding};
@@ -219,4 +222,28 @@ impl LayerOp for Conv2DTransposeConfig {
         }
         Ok(vec![self.activation.apply(&y)?])
     }
+}
+
+/// `Conv2DTranspose`, saved and imported from Keras's `Conv2DTranspose` (without
+/// `output_padding`).
+pub(crate) const KINDS: &[LayerKind] = &[LayerKind::of::<Conv2DTransposeConfig>(|| {
+    LayerExample::new(
+        &Conv2DTranspose::new(3, 3).strides(2).padding(Padding::Same),
+        &[&[2, 4, 5]],
+    )
+})
+.keras(&[KerasClass::new(
+    "Conv2DTranspose",
+    conv2d_transpose_from_keras,
+)])];
+
+fn conv2d_transpose_from_keras(layer: &KerasLayer) -> Translation {
+    if !layer.field("output_padding").is_null() {
+        return Err("output_padding is not supported".into());
+    }
+    let mut config = window_from_keras(layer)?;
+    config["filters"] = layer.int("filters")?.into();
+    Ok(Translated::new("Conv2DTranspose", config)?
+        .weight("kernel", 0, Convert::Kernel)
+        .bias(layer.flag("use_bias", true), 1))
 }

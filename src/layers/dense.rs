@@ -8,6 +8,11 @@ use candle_core::Tensor;
 use crate::graph::Initializer;
 use crate::graph::{Configured, LayerOp, ParamSpec, Params};
 use crate::layers::ActivationFn;
+use crate::layers::Conv2DConfig;
+use crate::layers::keras::{
+    Convert, FeatureOrder, KerasClass, KerasLayer, Translated, Translation,
+};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -192,5 +197,52 @@ impl LayerOp for DenseConfig {
             y
         };
         Ok(vec![self.activation.apply(&y)?])
+    }
+}
+
+/// `Dense`, saved and imported from Keras's `Dense`: on vectors as itself (reading a
+/// channels-last Flatten through a kernel whose rows are reordered), on a map as the 1x1
+/// `Conv2D` Keras's channels-last Dense is.
+pub(crate) const KINDS: &[LayerKind] =
+    &[
+        LayerKind::of::<DenseConfig>(|| LayerExample::new(&Dense::new(3), &[&[5]])).keras(&[
+            KerasClass::new("Dense", dense_from_keras).feature_order(FeatureOrder::Absorbs),
+        ]),
+    ];
+
+fn dense_from_keras(layer: &KerasLayer) -> Translation {
+    let use_bias = layer.flag("use_bias", true);
+    let units = layer.int("units")?;
+    let activation = layer.named::<ActivationFn>("activation")?;
+    match layer.rank() {
+        2 => {
+            let convert = match layer.order() {
+                Some((h, w, c)) => Convert::DenseRowsFromHwc(h, w, c),
+                None => Convert::Same,
+            };
+            let config = DenseConfig {
+                units,
+                use_bias,
+                activation,
+                ..Default::default()
+            };
+            Ok(Translated::new("Dense", config)?
+                .weight("kernel", 0, convert)
+                .bias(use_bias, 1))
+        }
+        // Keras's Dense on a map acts on each pixel's channels: a 1x1 convolution.
+        4 => {
+            let config = Conv2DConfig {
+                filters: units,
+                kernel_size: (1, 1),
+                use_bias,
+                activation,
+                ..Default::default()
+            };
+            Ok(Translated::new("Conv2D", config)?
+                .weight("kernel", 0, Convert::DenseAsPointwise)
+                .bias(use_bias, 1))
+        }
+        rank => Err(format!("a Dense on a rank-{rank} input is not supported")),
     }
 }

@@ -14,6 +14,9 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::layers::conv::window_from_keras;
+use crate::layers::keras::{Convert, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{
     checked_size, expect_chw, expect_positive, one_input, window_output_len,
 };
@@ -435,4 +438,40 @@ impl SeparableConv2D {
             c.pointwise_initializer = pointwise;
         })
     }
+}
+
+/// `DepthwiseConv2D` and `SeparableConv2D`, saved and imported from Keras's classes of the
+/// same names.
+pub(crate) const KINDS: &[LayerKind] = &[
+    LayerKind::of::<DepthwiseConv2DConfig>(|| {
+        LayerExample::new(
+            &DepthwiseConv2D::new(3)
+                .depth_multiplier(2)
+                .padding(Padding::Same),
+            &[&[3, 5, 5]],
+        )
+    })
+    .keras(&[KerasClass::new("DepthwiseConv2D", depthwise_from_keras)]),
+    LayerKind::of::<SeparableConv2DConfig>(|| {
+        LayerExample::new(&SeparableConv2D::new(4, 3).strides(2), &[&[3, 7, 7]])
+    })
+    .keras(&[KerasClass::new("SeparableConv2D", separable_from_keras)]),
+];
+
+fn depthwise_from_keras(layer: &KerasLayer) -> Translation {
+    let mut config = window_from_keras(layer)?;
+    config["depth_multiplier"] = layer.int("depth_multiplier")?.into();
+    Ok(Translated::new("DepthwiseConv2D", config)?
+        .weight("kernel", 0, Convert::Depthwise)
+        .bias(layer.flag("use_bias", true), 1))
+}
+
+fn separable_from_keras(layer: &KerasLayer) -> Translation {
+    let mut config = window_from_keras(layer)?;
+    config["filters"] = layer.int("filters")?.into();
+    config["depth_multiplier"] = layer.int("depth_multiplier")?.into();
+    Ok(Translated::new("SeparableConv2D", config)?
+        .weight("depthwise_kernel", 0, Convert::Depthwise)
+        .weight("pointwise_kernel", 1, Convert::Kernel)
+        .bias(layer.flag("use_bias", true), 2))
 }

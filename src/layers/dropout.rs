@@ -8,6 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::keras::{FeatureOrder, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::one_input;
 use crate::support::dtype::Cast;
 use crate::{Error, Result};
@@ -98,4 +100,27 @@ impl LayerOp for DropoutConfig {
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.cast(x.dtype())?;
         Ok(vec![(x * mask)?])
     }
+}
+
+/// `Dropout`, saved and imported from Keras's class of that name (without `noise_shape`).
+pub(crate) const KINDS: &[LayerKind] =
+    &[
+        LayerKind::of::<DropoutConfig>(|| LayerExample::new(&Dropout::new(0.25), &[&[8]])).keras(
+            &[
+                KerasClass::new("Dropout", dropout_from_keras)
+                    .feature_order(FeatureOrder::PassesOn),
+            ],
+        ),
+    ];
+
+fn dropout_from_keras(layer: &KerasLayer) -> Translation {
+    if !layer.field("noise_shape").is_null() {
+        return Err("noise_shape is not supported".into());
+    }
+    Translated::new(
+        "Dropout",
+        DropoutConfig {
+            rate: layer.float("rate")?,
+        },
+    )
 }

@@ -7,6 +7,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::layers::keras::{Convert, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{non_batch_axis, one_input};
 use crate::support::dtype::Cast;
 use crate::{Error, Result};
@@ -214,4 +216,50 @@ impl LayerOp for LayerNormalizationConfig {
         }
         Ok(vec![y.cast(dtype)?])
     }
+}
+
+/// `LayerNormalization`, saved and imported from Keras's class of that name (one axis or
+/// several; not `rms_scaling`).
+pub(crate) const KINDS: &[LayerKind] = &[LayerKind::of::<LayerNormalizationConfig>(|| {
+    LayerExample::new(&LayerNormalization::new().axes([1, 2, 3]), &[&[3, 4, 5]])
+})
+.keras(&[KerasClass::new("LayerNormalization", layer_norm_from_keras)])];
+
+fn layer_norm_from_keras(layer: &KerasLayer) -> Translation {
+    if layer.flag("rms_scaling", false) {
+        return Err("rms_scaling is not supported".into());
+    }
+    let keras_axes: Vec<i64> = match layer.field("axis") {
+        serde_json::Value::Array(v) => v.iter().filter_map(serde_json::Value::as_i64).collect(),
+        v => v.as_i64().into_iter().collect(),
+    };
+    if keras_axes.is_empty() {
+        return Err(format!("axis {} is not supported", layer.field("axis")));
+    }
+    let ours = keras_axes
+        .iter()
+        .map(|&a| layer.axis(a, layer.rank()))
+        .collect::<std::result::Result<Vec<isize>, String>>()?;
+    let mut sorted = ours.clone();
+    sorted.sort_unstable();
+    // gamma and beta have Keras's axis order; this crate's follows the sorted axes.
+    let order: Vec<usize> = sorted
+        .iter()
+        .filter_map(|a| ours.iter().position(|b| b == a))
+        .collect();
+    let convert = if order.len() > 1 {
+        Convert::Permute(order)
+    } else {
+        Convert::Same
+    };
+    let (scale, center) = (layer.flag("scale", true), layer.flag("center", true));
+    let config = LayerNormalizationConfig {
+        axes: sorted,
+        epsilon: layer.float("epsilon")?,
+        center,
+        scale,
+        ..Default::default()
+    };
+    Ok(Translated::new("LayerNormalization", config)?
+        .optional_weights(&[(scale, "gamma"), (center, "beta")], &convert))
 }

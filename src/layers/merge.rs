@@ -9,6 +9,8 @@ use candle_core::Tensor;
 
 use crate::fusion::ElementWise;
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::keras::{FeatureOrder, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::{Error, Result};
 
 /// Shape rule shared by the merge layers: at least `min` inputs (exactly `exact` if set),
@@ -200,3 +202,37 @@ merge_layer!(
     Minimum, MinimumConfig, "Minimum", exact = None,
     |inputs| fold(inputs, |a, b| a.minimum(b))?
 );
+
+/// The merges, each saved and imported from Keras's class of the same name. They act
+/// element by element, so they pass a channels-last Flatten's order on when every input
+/// has the same one.
+pub(crate) const KINDS: &[LayerKind] = &[
+    merge_kind!(AddConfig, "Add"),
+    merge_kind!(SubtractConfig, "Subtract"),
+    merge_kind!(MultiplyConfig, "Multiply"),
+    merge_kind!(AverageConfig, "Average"),
+    merge_kind!(MaximumConfig, "Maximum"),
+    merge_kind!(MinimumConfig, "Minimum"),
+];
+
+/// The kind of merge `$config`, Keras's class `$class`; its example merges two `(3, 2, 2)`
+/// maps.
+macro_rules! merge_kind {
+    ($config:ident, $class:literal) => {
+        LayerKind::of::<$config>(|| {
+            LayerExample::new(&Configured::from_config($config), &[&[3, 2, 2], &[3, 2, 2]])
+        })
+        .keras(&[KerasClass::new($class, merge_from_keras).feature_order(FeatureOrder::PassesOn)])
+    };
+}
+use merge_kind;
+
+fn merge_from_keras(layer: &KerasLayer) -> Translation {
+    let first = layer.order();
+    if layer.inputs().iter().any(|t| t.order != first) {
+        return Err(
+            "it merges a channels-last Flatten's output with another tensor: not supported".into(),
+        );
+    }
+    Translated::new(layer.class(), serde_json::Value::Null)
+}

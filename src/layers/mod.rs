@@ -1,6 +1,11 @@
 //! The built-in layers, one file per layer or family, each a config struct (with Keras's
 //! defaults in `Default`) that implements [`LayerOp`](crate::LayerOp), exposed as a
 //! [`Configured`](crate::Configured) alias with a small constructor and builder methods.
+//!
+//! A layer file holds everything about its layers: config, shape rule, parameters, forward,
+//! and at its end a `KINDS` list (`kind.rs`): the name saved files use, the Keras classes that
+//! import as it (`keras.rs`) and a small example. `builtin_kinds` lists every file's
+//! `KINDS`; the registry of `Model::load` and the Keras importer are both made from it.
 
 pub(crate) mod activation;
 pub(crate) mod batch_norm;
@@ -10,11 +15,14 @@ pub(crate) mod conv_transpose;
 pub(crate) mod dense;
 pub(crate) mod depthwise;
 pub(crate) mod dropout;
+pub(crate) mod keras;
+pub(crate) mod kind;
 pub(crate) mod lambda;
 pub(crate) mod layer_norm;
 pub(crate) mod merge;
 pub(crate) mod padding;
 pub(crate) mod pooling;
+pub(crate) mod rescaling;
 pub(crate) mod reshape;
 pub(crate) mod upsampling;
 pub(crate) mod window_builders;
@@ -48,8 +56,37 @@ pub use pooling::{
     AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
+pub use rescaling::{Rescaling, RescalingConfig};
 pub use reshape::{
     Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, Permute, PermuteConfig, Reshape,
     ReshapeConfig, ZeroPadding2D, ZeroPadding2DConfig,
 };
 pub use upsampling::{Interpolation, UpSampling2D, UpSampling2DConfig};
+
+use kind::LayerKind;
+
+/// Every layer file's `KINDS`: the one list the registry of `Model::load` and the Keras
+/// importer read. A new layer file adds its `KINDS` here; `Lambda` holds a closure and cannot
+/// be saved, so it has none (the test `models::every_layer` checks that nothing else is
+/// missing).
+const BUILTIN_KINDS: &[&[LayerKind]] = &[
+    activation::KINDS,
+    batch_norm::KINDS,
+    concatenate::KINDS,
+    conv::KINDS,
+    conv_transpose::KINDS,
+    dense::KINDS,
+    depthwise::KINDS,
+    dropout::KINDS,
+    layer_norm::KINDS,
+    merge::KINDS,
+    pooling::KINDS,
+    rescaling::KINDS,
+    reshape::KINDS,
+    upsampling::KINDS,
+];
+
+/// Every saveable built-in layer kind, file by file.
+pub(crate) fn builtin_kinds() -> impl Iterator<Item = &'static LayerKind> {
+    BUILTIN_KINDS.iter().flat_map(|kinds| kinds.iter())
+}

@@ -11,6 +11,8 @@ use candle_core::{DType, Tensor};
 
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::Padding;
+use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
@@ -440,4 +442,60 @@ impl LayerOp for GlobalMaxPooling2DConfig {
             max
         }])
     }
+}
+
+/// The pooling layers, each saved and imported from Keras's class of the same name.
+pub(crate) const KINDS: &[LayerKind] = &[
+    LayerKind::of::<MaxPooling2DConfig>(|| {
+        let pool = MaxPooling2D::new(3).strides(2).padding(Padding::Same);
+        LayerExample::new(&pool, &[&[2, 5, 6]])
+    })
+    .keras(&[KerasClass::new("MaxPooling2D", pool_from_keras)]),
+    LayerKind::of::<AveragePooling2DConfig>(|| {
+        let pool = AveragePooling2D::new(2).padding(Padding::Same);
+        LayerExample::new(&pool, &[&[2, 5, 5]])
+    })
+    .keras(&[KerasClass::new("AveragePooling2D", pool_from_keras)]),
+    LayerKind::of::<GlobalAveragePooling2DConfig>(|| {
+        let pool = GlobalAveragePooling2D::new().keepdims(true);
+        LayerExample::new(&pool, &[&[3, 4, 4]])
+    })
+    .keras(&[KerasClass::new(
+        "GlobalAveragePooling2D",
+        global_pool_from_keras,
+    )]),
+    LayerKind::of::<GlobalMaxPooling2DConfig>(|| {
+        LayerExample::new(&GlobalMaxPooling2D::new(), &[&[3, 4, 4]])
+    })
+    .keras(&[KerasClass::new(
+        "GlobalMaxPooling2D",
+        global_pool_from_keras,
+    )]),
+];
+
+fn pool_from_keras(layer: &KerasLayer) -> Translation {
+    layer.channels_last()?;
+    layer.needs_rank4()?;
+    let pool = Pool2DConfig {
+        pool_size: layer.pair("pool_size")?,
+        strides: if layer.field("strides").is_null() {
+            None
+        } else {
+            Some(layer.pair("strides")?)
+        },
+        padding: layer.padding()?,
+    };
+    match layer.class() {
+        "MaxPooling2D" => Translated::new("MaxPooling2D", MaxPooling2DConfig(pool)),
+        _ => Translated::new("AveragePooling2D", AveragePooling2DConfig(pool)),
+    }
+}
+
+fn global_pool_from_keras(layer: &KerasLayer) -> Translation {
+    layer.channels_last()?;
+    layer.needs_rank4()?;
+    Translated::new(
+        layer.class(),
+        serde_json::json!({ "keepdims": layer.flag("keepdims", false) }),
+    )
 }

@@ -4,6 +4,8 @@
 use candle_core::Tensor;
 
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::keras::{FeatureOrder, KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{checked_size, element_count, expect_chw, one_input};
 use crate::{Error, Result};
 
@@ -438,4 +440,83 @@ impl LayerOp for PermuteConfig {
         order.extend(self.dims.iter().copied());
         Ok(vec![inputs[0].permute(order)?.contiguous()?])
     }
+}
+
+/// The shape-only layers, each saved and imported from Keras's class of the same name.
+/// Keras's `Flatten` of a map orders the features `(h, w, c)`: the importer follows that
+/// order to the layer that reads it. `Reshape` and `Permute` of maps are refused (the
+/// layouts differ).
+pub(crate) const KINDS: &[LayerKind] = &[
+    LayerKind::of::<FlattenConfig>(|| LayerExample::new(&Flatten::new(), &[&[2, 3, 4]])).keras(&[
+        KerasClass::new("Flatten", flatten_from_keras).feature_order(FeatureOrder::Flattens),
+    ]),
+    LayerKind::of::<ZeroPadding2DConfig>(|| {
+        let pad = ZeroPadding2D::asymmetric((1, 0), (0, 2));
+        LayerExample::new(&pad, &[&[2, 3, 3]])
+    })
+    .keras(&[KerasClass::new("ZeroPadding2D", sides_from_keras)]),
+    LayerKind::of::<Cropping2DConfig>(|| {
+        let crop = Cropping2D::asymmetric((0, 1), (2, 0));
+        LayerExample::new(&crop, &[&[2, 4, 5]])
+    })
+    .keras(&[KerasClass::new("Cropping2D", sides_from_keras)]),
+    LayerKind::of::<ReshapeConfig>(|| LayerExample::new(&Reshape::new([3, -1]), &[&[2, 6]]))
+        .keras(&[KerasClass::new("Reshape", reshape_from_keras)]),
+    LayerKind::of::<PermuteConfig>(|| LayerExample::new(&Permute::new([2, 1]), &[&[3, 5]]))
+        .keras(&[KerasClass::new("Permute", permute_from_keras)]),
+];
+
+fn flatten_from_keras(_layer: &KerasLayer) -> Translation {
+    Translated::new("Flatten", FlattenConfig)
+}
+
+/// `ZeroPadding2D`'s `padding` or `Cropping2D`'s `cropping`: `((top, bottom), (left, right))`.
+fn sides_from_keras(layer: &KerasLayer) -> Translation {
+    layer.channels_last()?;
+    layer.needs_rank4()?;
+    let key = match layer.class() {
+        "ZeroPadding2D" => "padding",
+        _ => "cropping",
+    };
+    let sides = |v: &serde_json::Value| -> Option<(usize, usize)> {
+        Some((v.get(0)?.as_u64()? as usize, v.get(1)?.as_u64()? as usize))
+    };
+    let field = layer.field(key);
+    let rows_cols = field
+        .get(0)
+        .and_then(sides)
+        .zip(field.get(1).and_then(sides))
+        .ok_or_else(|| format!("`{key}` {field} is not ((top, bottom), (left, right))"))?;
+    Translated::new(layer.class(), serde_json::json!({ key: rows_cols }))
+}
+
+/// Refuses a reshape from or to a `(batch, h, w, c)` map, whose layout differs here.
+fn no_maps(layer: &KerasLayer, target_key: &str) -> std::result::Result<(), String> {
+    let target_rank = layer.field(target_key).as_array().map_or(0, Vec::len) + 1;
+    if layer.rank() == 4 || target_rank == 4 {
+        return Err(
+            "reshaping or permuting (batch, h, w, c) maps is not supported: the layouts differ"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn reshape_from_keras(layer: &KerasLayer) -> Translation {
+    no_maps(layer, "target_shape")?;
+    let target_shape = layer
+        .field("target_shape")
+        .as_array()
+        .map_or_else(Vec::new, |v| {
+            v.iter().map(|d| d.as_i64().unwrap_or(-1)).collect()
+        });
+    Translated::new("Reshape", ReshapeConfig { target_shape })
+}
+
+fn permute_from_keras(layer: &KerasLayer) -> Translation {
+    no_maps(layer, "dims")?;
+    let dims = layer.field("dims").as_array().map_or_else(Vec::new, |v| {
+        v.iter().map(|d| d.as_u64().unwrap_or(0) as usize).collect()
+    });
+    Translated::new("Permute", PermuteConfig { dims })
 }

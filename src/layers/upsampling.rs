@@ -10,6 +10,8 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
+use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
 use crate::support::dtype::Cast;
 
@@ -172,4 +174,28 @@ fn linear_along(x: &Tensor, axis: usize, factor: usize) -> Result<Tensor> {
     let (low, high) = (pick(lower)?, pick(upper)?);
     // low + w · (high - low)
     Ok((&low + (high - &low)?.broadcast_mul(&weight)?)?)
+}
+
+/// `UpSampling2D`, saved and imported from Keras's class of that name (nearest or bilinear).
+pub(crate) const KINDS: &[LayerKind] = &[LayerKind::of::<UpSampling2DConfig>(|| {
+    let up = UpSampling2D::new(2).size(2, 3).bilinear();
+    LayerExample::new(&up, &[&[2, 3, 3]])
+})
+.keras(&[KerasClass::new("UpSampling2D", upsampling_from_keras)])];
+
+fn upsampling_from_keras(layer: &KerasLayer) -> Translation {
+    layer.channels_last()?;
+    layer.needs_rank4()?;
+    let interpolation = match layer.field("interpolation").as_str() {
+        Some("nearest") | None => Interpolation::Nearest,
+        Some("bilinear") => Interpolation::Bilinear,
+        Some(other) => return Err(format!("interpolation `{other}` is not supported")),
+    };
+    Translated::new(
+        "UpSampling2D",
+        UpSampling2DConfig {
+            size: layer.pair("size")?,
+            interpolation,
+        },
+    )
 }

@@ -22,7 +22,8 @@ use crate::graph::op::weight_holders;
 use crate::graph::symbolic::record_call;
 use crate::graph::weight_check::check_named_shapes;
 use crate::graph::{Input, Layer, LayerOp, LayerRef, SymbolicTensor};
-use crate::layers::*;
+use crate::layers::builtin_kinds;
+use crate::layers::kind::parse_config;
 use crate::models::Model;
 use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
 use crate::{Error, Result};
@@ -145,41 +146,13 @@ impl LayerRegistry {
         let mut registry = Self {
             constructors: HashMap::new(),
         };
-        macro_rules! builtin {
-            ($($config:ty),* $(,)?) => {
-                $( registry.register::<$config>(<$config>::default().type_name()); )*
-            };
+        for kind in builtin_kinds() {
+            let kind = *kind;
+            let constructor: Constructor = Arc::new(move |config: &Value| kind.load(config));
+            registry
+                .constructors
+                .insert(kind.type_name().to_string(), constructor);
         }
-        builtin!(
-            ActivationConfig,
-            AddConfig,
-            AverageConfig,
-            AveragePooling2DConfig,
-            BatchNormConfig,
-            ConcatenateConfig,
-            Conv2DConfig,
-            Conv2DTransposeConfig,
-            Cropping2DConfig,
-            DenseConfig,
-            DepthwiseConv2DConfig,
-            DropoutConfig,
-            FlattenConfig,
-            GlobalAveragePooling2DConfig,
-            GlobalMaxPooling2DConfig,
-            LayerNormalizationConfig,
-            MaxPooling2DConfig,
-            MaximumConfig,
-            MinimumConfig,
-            MultiplyConfig,
-            PermuteConfig,
-            ReLUConfig,
-            ReshapeConfig,
-            SeparableConv2DConfig,
-            SoftmaxConfig,
-            SubtractConfig,
-            UpSampling2DConfig,
-            ZeroPadding2DConfig,
-        );
         registry
     }
 
@@ -196,22 +169,8 @@ impl LayerRegistry {
     /// ```
     pub fn register<C: LayerOp + DeserializeOwned>(&mut self, type_name: &str) -> &mut Self {
         let name = type_name.to_string();
-        let constructor: Constructor = Arc::new(move |config: &Value| {
-            let op: C = serde_json::from_value(config.clone()).map_err(|e| Error::Config {
-                source_name: None,
-                message: format!("a `{name}` config does not parse: {e}"),
-            })?;
-            if op.type_name() != name {
-                return Err(Error::Config {
-                    source_name: None,
-                    message: format!(
-                        "`{name}` is registered with a config whose type name is `{}`",
-                        op.type_name()
-                    ),
-                });
-            }
-            Ok(Arc::new(op) as Arc<dyn LayerOp>)
-        });
+        let constructor: Constructor =
+            Arc::new(move |config: &Value| parse_config::<C>(&name, config));
         self.constructors.insert(type_name.to_string(), constructor);
         self
     }
@@ -517,7 +476,7 @@ fn parse_architecture(json: &str) -> Result<GraphConfig> {
 impl Model {
     /// The architecture as JSON (no weights): every layer's class, config and calls, the
     /// inputs and outputs, a format version. Fails naming the first layer that cannot be
-    /// saved (a [`Lambda`], a custom layer without [`LayerOp::to_config`]).
+    /// saved (a [`Lambda`](crate::layers::Lambda), a custom layer without [`LayerOp::to_config`]).
     ///
     /// # Examples
     /// ```

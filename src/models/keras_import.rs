@@ -21,16 +21,21 @@
 //!
 //! Layers or options without an exact equivalent are refused with an error naming the layer,
 //! its class and the option: nothing is silently approximated.
+//!
+//! This file reads the archive and walks the graph; each class's translation lives in its
+//! layer's file (`KINDS`, in the vocabulary of `layers/keras.rs`), found through
+//! `layers::builtin_kinds`.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::graph::op::snake_case;
-use crate::layers::*;
+use crate::layers::builtin_kinds;
+use crate::layers::keras::{FeatureOrder, KerasClass, KerasInput, KerasLayer};
 use crate::models::Model;
 use crate::models::architecture::{
     GraphConfig, InputConfig, LayerEntry, LayerRegistry, TensorRef, build_graph, check_fits_unbuilt,
@@ -39,80 +44,6 @@ use crate::{Error, Result};
 
 /// Variables of one Keras layer, in the file's order: shape and values (as f32).
 type LayerVars = Vec<(Vec<usize>, Vec<f32>)>;
-
-/// How a Keras variable becomes this crate's weight.
-#[derive(Clone, Debug)]
-enum Convert {
-    /// Same layout.
-    Same,
-    /// `(kh, kw, in, out)` or `(kh, kw, out, in)` to `(out, in, kh, kw)` / `(in, out, kh, kw)`.
-    Kernel,
-    /// `(kh, kw, in, multiplier)` to `(in * multiplier, 1, kh, kw)`.
-    Depthwise,
-    /// A Dense kernel `(h * w * c, out)` whose rows follow a channels-last Flatten, to rows in
-    /// `(c, h, w)` order.
-    DenseRowsFromHwc(usize, usize, usize),
-    /// A vector of `h * w * c` features in `(h, w, c)` order, to `(c, h, w)` order.
-    FeaturesFromHwc(usize, usize, usize),
-    /// A Dense kernel `(in, out)` used as a 1x1 convolution kernel `(out, in, 1, 1)`.
-    DenseAsPointwise,
-    /// Axes reordered (LayerNormalization over several axes).
-    Permute(Vec<usize>),
-}
-
-impl Convert {
-    fn apply(&self, t: Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Convert::Same => t,
-            Convert::Kernel => t.permute((3, 2, 0, 1))?,
-            Convert::Depthwise => {
-                let (kh, kw, cin, mult) = t.dims4()?;
-                t.reshape((kh, kw, cin * mult))?
-                    .permute((2, 0, 1))?
-                    .unsqueeze(1)?
-            }
-            Convert::DenseRowsFromHwc(h, w, c) => {
-                let out = t.dim(1)?;
-                t.reshape((*h, *w, *c, out))?
-                    .permute((2, 0, 1, 3))?
-                    .reshape((h * w * c, out))?
-            }
-            Convert::FeaturesFromHwc(h, w, c) => {
-                t.reshape((*h, *w, *c))?.permute((2, 0, 1))?.flatten_all()?
-            }
-            Convert::DenseAsPointwise => {
-                let (cin, out) = t.dims2()?;
-                t.t()?.reshape((out, cin, 1, 1))?
-            }
-            Convert::Permute(order) => t.permute(order.as_slice())?,
-        }
-        .contiguous()?)
-    }
-}
-
-/// One translated layer: this crate's class and config, and its weights.
-struct Translated {
-    class_name: String,
-    config: Value,
-    /// (this crate's weight name, Keras variable index, conversion).
-    weights: Vec<(&'static str, usize, Convert)>,
-}
-
-impl Translated {
-    fn new(class_name: &str, config: impl serde::Serialize) -> Result<Self> {
-        Ok(Self {
-            class_name: class_name.into(),
-            config: serde_json::to_value(config)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
-            weights: Vec::new(),
-        })
-    }
-
-    fn weight(mut self, name: &'static str, index: usize, convert: Convert) -> Self {
-        self.weights.push((name, index, convert));
-        self
-    }
-}
 
 /// A Keras tensor as a layer call sees it: where it comes from and its channels-last shape
 /// (batch first, `None` as 0).
@@ -151,489 +82,13 @@ impl Importer<'_> {
     fn layer_error(&self, layer: &str, class: &str, message: impl std::fmt::Display) -> Error {
         self.error(format!("layer `{layer}` ({class}): {message}"))
     }
+}
 
-    /// This crate's axis for Keras axis `axis` of a rank-`rank` tensor (batch included).
-    fn axis(&self, layer: &str, class: &str, axis: i64, rank: usize) -> Result<isize> {
-        let r = rank as i64;
-        let a = if axis < 0 { axis + r } else { axis };
-        if a < 1 || a >= r {
-            return Err(self.layer_error(
-                layer,
-                class,
-                format!("axis {axis} of a rank-{rank} tensor"),
-            ));
-        }
-        Ok(if rank == 4 {
-            [0, 2, 3, 1][a as usize]
-        } else {
-            a as isize
-        })
-    }
-
-    fn translate(
-        &self,
-        name: &str,
-        class: &str,
-        config: &Value,
-        inputs: &[KerasTensor],
-    ) -> Result<Translated> {
-        let bad = |message: String| self.layer_error(name, class, message);
-        let field = |key: &str| config.get(key).unwrap_or(&Value::Null);
-        let int = |key: &str| {
-            field(key).as_u64().map(|v| v as usize).ok_or_else(|| {
-                bad(format!(
-                    "`{key}` is not a non-negative integer: {}",
-                    field(key)
-                ))
-            })
-        };
-        let float = |key: &str| {
-            field(key)
-                .as_f64()
-                .ok_or_else(|| bad(format!("`{key}` is not a number: {}", field(key))))
-        };
-        let flag = |key: &str, default: bool| field(key).as_bool().unwrap_or(default);
-        let pair = |key: &str| -> Result<(usize, usize)> {
-            match field(key) {
-                Value::Array(v) if v.len() == 2 => match (v[0].as_u64(), v[1].as_u64()) {
-                    (Some(a), Some(b)) => Ok((a as usize, b as usize)),
-                    _ => Err(bad(format!(
-                        "`{key}` is not a pair of integers: {}",
-                        field(key)
-                    ))),
-                },
-                Value::Number(n) if n.as_u64().is_some() => {
-                    let v = n.as_u64().unwrap_or(0) as usize;
-                    Ok((v, v))
-                }
-                other => Err(bad(format!("`{key}` is not a pair of integers: {other}"))),
-            }
-        };
-        let square = |key: &str| -> Result<usize> {
-            let (a, b) = pair(key)?;
-            if a != b {
-                return Err(bad(format!(
-                    "`{key}` = ({a}, {b}): only equal values on both axes are supported"
-                )));
-            }
-            Ok(a)
-        };
-        let padding = || match field("padding").as_str() {
-            Some("valid") => Ok(Padding::Valid),
-            Some("same") => Ok(Padding::Same),
-            other => Err(bad(format!("padding {other:?} is not supported"))),
-        };
-        let activation = || match field("activation") {
-            Value::Null => Ok(ActivationFn::Linear),
-            Value::String(s) => s
-                .parse::<ActivationFn>()
-                .map_err(|_| bad(format!("activation `{s}` is not supported"))),
-            other => Err(bad(format!("activation {other} is not supported"))),
-        };
-        let channels_last = || match field("data_format") {
-            Value::Null => Ok(()),
-            Value::String(s) if s == "channels_last" => Ok(()),
-            other => Err(bad(format!(
-                "data_format {other}: only channels_last models are imported"
-            ))),
-        };
-        // One axis, given as an integer or a one-element list; in this crate's numbering.
-        let one_axis = || -> Result<isize> {
-            let axis = match field("axis") {
-                Value::Array(v) if v.len() == 1 => v[0].as_i64(),
-                v => v.as_i64(),
-            }
-            .ok_or_else(|| bad(format!("axis {} is not supported", field("axis"))))?;
-            self.axis(
-                name,
-                class,
-                axis,
-                inputs.first().map_or(0, |t| t.shape.len()),
-            )
-        };
-        let ranks: Vec<usize> = inputs.iter().map(|t| t.shape.len()).collect();
-        let rank = ranks.first().copied().unwrap_or(0);
-        let flattened: Vec<Option<(usize, usize, usize)>> =
-            inputs.iter().map(|t| self.flag(t)).collect();
-        // Layers that reorder or regroup features cannot take a channels-last Flatten's
-        // output: its feature order is not this crate's.
-        let element_wise = matches!(
-            class,
-            "Activation"
-                | "ReLU"
-                | "LeakyReLU"
-                | "Dropout"
-                | "Softmax"
-                | "Dense"
-                | "BatchNormalization"
-                | "Add"
-                | "Subtract"
-                | "Multiply"
-                | "Average"
-                | "Maximum"
-                | "Minimum"
-        );
-        if !element_wise && flattened.iter().any(Option::is_some) {
-            return Err(bad(
-                "it reads the output of a Flatten of a channels-last map, whose feature order differs in NCHW: not supported".into(),
-            ));
-        }
-        let needs_rank4 = |what: &str| -> Result<()> {
-            if rank != 4 {
-                return Err(bad(format!(
-                    "{what} needs a (batch, h, w, c) input, got rank {rank}"
-                )));
-            }
-            Ok(())
-        };
-        let bias_index = |use_bias: bool, index: usize, t: Translated| {
-            if use_bias {
-                t.weight("bias", index, Convert::Same)
-            } else {
-                t
-            }
-        };
-
-        Ok(match class {
-            "Conv2D" | "Conv2DTranspose" | "DepthwiseConv2D" | "SeparableConv2D" => {
-                channels_last()?;
-                needs_rank4(class)?;
-                if class == "Conv2DTranspose" && !field("output_padding").is_null() {
-                    return Err(bad("output_padding is not supported".into()));
-                }
-                let use_bias = flag("use_bias", true);
-                // The window options the four share, by this crate's field names; the rest
-                // by class. The registry checks the config when the graph is rebuilt.
-                let mut config = json!({
-                    "kernel_size": pair("kernel_size")?,
-                    "strides": square("strides")?,
-                    "padding": padding()?,
-                    "dilation": square("dilation_rate")?,
-                    "use_bias": use_bias,
-                    "activation": activation()?,
-                });
-                let weights: &[(&'static str, Convert)] = match class {
-                    "Conv2D" => {
-                        config["filters"] = json!(int("filters")?);
-                        config["groups"] = json!(field("groups").as_u64().unwrap_or(1));
-                        &[("kernel", Convert::Kernel)]
-                    }
-                    "Conv2DTranspose" => {
-                        config["filters"] = json!(int("filters")?);
-                        &[("kernel", Convert::Kernel)]
-                    }
-                    "DepthwiseConv2D" => {
-                        config["depth_multiplier"] = json!(int("depth_multiplier")?);
-                        &[("kernel", Convert::Depthwise)]
-                    }
-                    _ => {
-                        config["filters"] = json!(int("filters")?);
-                        config["depth_multiplier"] = json!(int("depth_multiplier")?);
-                        &[
-                            ("depthwise_kernel", Convert::Depthwise),
-                            ("pointwise_kernel", Convert::Kernel),
-                        ]
-                    }
-                };
-                let mut t = Translated::new(class, config)?;
-                for (index, (weight, convert)) in weights.iter().enumerate() {
-                    t = t.weight(weight, index, convert.clone());
-                }
-                bias_index(use_bias, weights.len(), t)
-            }
-            "Dense" => {
-                let use_bias = flag("use_bias", true);
-                let units = int("units")?;
-                let activation = activation()?;
-                match (rank, flattened[0]) {
-                    (2, hwc) => {
-                        let convert = match hwc {
-                            Some((h, w, c)) => Convert::DenseRowsFromHwc(h, w, c),
-                            None => Convert::Same,
-                        };
-                        let t = Translated::new(
-                            "Dense",
-                            DenseConfig {
-                                units,
-                                use_bias,
-                                activation,
-                                ..Default::default()
-                            },
-                        )?
-                        .weight("kernel", 0, convert);
-                        bias_index(use_bias, 1, t)
-                    }
-                    (4, _) => {
-                        // Keras's Dense on a map acts on each pixel's channels: a 1x1 conv.
-                        let t = Translated::new(
-                            "Conv2D",
-                            Conv2DConfig {
-                                filters: units,
-                                kernel_size: (1, 1),
-                                use_bias,
-                                activation,
-                                ..Default::default()
-                            },
-                        )?
-                        .weight("kernel", 0, Convert::DenseAsPointwise);
-                        bias_index(use_bias, 1, t)
-                    }
-                    _ => {
-                        return Err(bad(format!(
-                            "a Dense on a rank-{rank} input is not supported"
-                        )));
-                    }
-                }
-            }
-            "BatchNormalization" => {
-                let axis = one_axis()?;
-                if axis != 1 {
-                    return Err(bad(format!(
-                        "normalizing over axis {} (this crate's layout) is not supported: only the channel axis",
-                        axis
-                    )));
-                }
-                if flag("renorm", false) || flag("synchronized", false) {
-                    return Err(bad("renorm / synchronized are not supported".into()));
-                }
-                let (scale, center) = (flag("scale", true), flag("center", true));
-                let convert = match flattened[0] {
-                    Some((h, w, c)) => Convert::FeaturesFromHwc(h, w, c),
-                    None => Convert::Same,
-                };
-                let mut t = Translated::new(
-                    "BatchNormalization",
-                    BatchNormConfig {
-                        axis: 1,
-                        momentum: float("momentum")?,
-                        epsilon: float("epsilon")?,
-                        center,
-                        scale,
-                        ..Default::default()
-                    },
-                )?;
-                let mut index = 0;
-                for (present, weight) in [
-                    (scale, "gamma"),
-                    (center, "beta"),
-                    (true, "moving_mean"),
-                    (true, "moving_variance"),
-                ] {
-                    if present {
-                        t = t.weight(weight, index, convert.clone());
-                        index += 1;
-                    }
-                }
-                t
-            }
-            "LayerNormalization" => {
-                if flag("rms_scaling", false) {
-                    return Err(bad("rms_scaling is not supported".into()));
-                }
-                let keras_axes: Vec<i64> = match field("axis") {
-                    Value::Array(v) => v.iter().filter_map(Value::as_i64).collect(),
-                    v => v.as_i64().into_iter().collect(),
-                };
-                if keras_axes.is_empty() {
-                    return Err(bad(format!("axis {} is not supported", field("axis"))));
-                }
-                let ours = keras_axes
-                    .iter()
-                    .map(|&a| self.axis(name, class, a, rank))
-                    .collect::<Result<Vec<isize>>>()?;
-                let mut sorted = ours.clone();
-                sorted.sort_unstable();
-                // gamma/beta have Keras's axis order; this crate's follows the sorted axes.
-                let order: Vec<usize> = sorted
-                    .iter()
-                    .filter_map(|a| ours.iter().position(|b| b == a))
-                    .collect();
-                let convert = if order.len() > 1 {
-                    Convert::Permute(order)
-                } else {
-                    Convert::Same
-                };
-                let (scale, center) = (flag("scale", true), flag("center", true));
-                let mut t = Translated::new(
-                    "LayerNormalization",
-                    LayerNormalizationConfig {
-                        axes: sorted,
-                        epsilon: float("epsilon")?,
-                        center,
-                        scale,
-                        ..Default::default()
-                    },
-                )?;
-                let mut index = 0;
-                for (present, weight) in [(scale, "gamma"), (center, "beta")] {
-                    if present {
-                        t = t.weight(weight, index, convert.clone());
-                        index += 1;
-                    }
-                }
-                t
-            }
-            "Activation" => Translated::new(
-                "Activation",
-                ActivationConfig {
-                    function: activation()?,
-                },
-            )?,
-            "ReLU" => {
-                if field("threshold").as_f64().unwrap_or(0.0) != 0.0 {
-                    return Err(bad("a non-zero threshold is not supported".into()));
-                }
-                Translated::new(
-                    "ReLU",
-                    ReLUConfig {
-                        max_value: field("max_value").as_f64(),
-                        negative_slope: field("negative_slope").as_f64().unwrap_or(0.0),
-                    },
-                )?
-            }
-            "LeakyReLU" => Translated::new(
-                "ReLU",
-                ReLUConfig {
-                    max_value: None,
-                    negative_slope: field("negative_slope").as_f64().unwrap_or(0.3),
-                },
-            )?,
-            "Softmax" => {
-                let axis = one_axis()?;
-                Translated::new("Softmax", SoftmaxConfig { axis })?
-            }
-            "Add" | "Subtract" | "Multiply" | "Average" | "Maximum" | "Minimum" => {
-                if flattened.iter().any(|f| *f != flattened[0]) {
-                    return Err(bad(
-                        "it merges a channels-last Flatten's output with another tensor: not supported".into(),
-                    ));
-                }
-                Translated::new(class, Value::Null)?
-            }
-            "Concatenate" => Translated::new(
-                "Concatenate",
-                ConcatenateConfig {
-                    axis: self.axis(name, class, field("axis").as_i64().unwrap_or(-1), rank)?,
-                },
-            )?,
-            "Flatten" => Translated::new("Flatten", FlattenConfig)?,
-            "Dropout" => {
-                if !field("noise_shape").is_null() {
-                    return Err(bad("noise_shape is not supported".into()));
-                }
-                Translated::new(
-                    "Dropout",
-                    DropoutConfig {
-                        rate: float("rate")?,
-                    },
-                )?
-            }
-            "MaxPooling2D" | "AveragePooling2D" => {
-                channels_last()?;
-                needs_rank4(class)?;
-                let pool = Pool2DConfig {
-                    pool_size: pair("pool_size")?,
-                    strides: if field("strides").is_null() {
-                        None
-                    } else {
-                        Some(pair("strides")?)
-                    },
-                    padding: padding()?,
-                };
-                if class == "MaxPooling2D" {
-                    Translated::new(class, MaxPooling2DConfig(pool))?
-                } else {
-                    Translated::new(class, AveragePooling2DConfig(pool))?
-                }
-            }
-            "GlobalAveragePooling2D" | "GlobalMaxPooling2D" => {
-                channels_last()?;
-                needs_rank4(class)?;
-                Translated::new(class, json!({ "keepdims": flag("keepdims", false) }))?
-            }
-            "ZeroPadding2D" | "Cropping2D" => {
-                channels_last()?;
-                needs_rank4(class)?;
-                let key = if class == "ZeroPadding2D" {
-                    "padding"
-                } else {
-                    "cropping"
-                };
-                let sides = |v: &Value| -> Option<(usize, usize)> {
-                    Some((v.get(0)?.as_u64()? as usize, v.get(1)?.as_u64()? as usize))
-                };
-                let rows_cols = field(key)
-                    .get(0)
-                    .and_then(sides)
-                    .zip(field(key).get(1).and_then(sides))
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "`{key}` {} is not ((top, bottom), (left, right))",
-                            field(key)
-                        ))
-                    })?;
-                Translated::new(class, json!({ key: rows_cols }))?
-            }
-            "UpSampling2D" => {
-                channels_last()?;
-                needs_rank4(class)?;
-                let interpolation = match field("interpolation").as_str() {
-                    Some("nearest") | None => Interpolation::Nearest,
-                    Some("bilinear") => Interpolation::Bilinear,
-                    Some(other) => {
-                        return Err(bad(format!("interpolation `{other}` is not supported")));
-                    }
-                };
-                Translated::new(
-                    class,
-                    UpSampling2DConfig {
-                        size: pair("size")?,
-                        interpolation,
-                    },
-                )?
-            }
-            "Reshape" | "Permute" => {
-                let target_rank = match class {
-                    "Reshape" => field("target_shape").as_array().map_or(0, Vec::len) + 1,
-                    _ => field("dims").as_array().map_or(0, Vec::len) + 1,
-                };
-                if rank == 4 || target_rank == 4 {
-                    return Err(bad(
-                        "reshaping or permuting (batch, h, w, c) maps is not supported: the layouts differ".into(),
-                    ));
-                }
-                if class == "Reshape" {
-                    let target: Option<Vec<i64>> = field("target_shape")
-                        .as_array()
-                        .map(|v| v.iter().map(|d| d.as_i64().unwrap_or(-1)).collect());
-                    Translated::new(
-                        class,
-                        ReshapeConfig {
-                            target_shape: target.unwrap_or_default(),
-                        },
-                    )?
-                } else {
-                    let dims: Option<Vec<usize>> = field("dims")
-                        .as_array()
-                        .map(|v| v.iter().map(|d| d.as_u64().unwrap_or(0) as usize).collect());
-                    Translated::new(
-                        class,
-                        PermuteConfig {
-                            dims: dims.unwrap_or_default(),
-                        },
-                    )?
-                }
-            }
-            "Sequential" | "Model" => {
-                return Err(bad(
-                    "nested Sequential models are not imported yet: build the inner model with the functional API".into(),
-                ));
-            }
-            other => {
-                return Err(bad(format!("the layer class `{other}` is not supported")));
-            }
-        })
-    }
+/// The translation of Keras's `class`, from the layer files' `KINDS`.
+fn keras_class(class: &str) -> Option<&'static KerasClass> {
+    builtin_kinds()
+        .flat_map(|kind| kind.keras_classes())
+        .find(|k| k.class() == class)
 }
 
 /// Every `__keras_tensor__` in a node's `args`, in order.
@@ -864,6 +319,25 @@ impl Model {
     }
 }
 
+impl Model {
+    /// The Keras layer classes [`Model::from_keras`] translates (besides `InputLayer` and
+    /// nested functional models), sorted.
+    ///
+    /// # Examples
+    /// ```
+    /// let classes = candle_functional::Model::keras_classes();
+    /// assert!(classes.contains(&"Conv2D") && classes.contains(&"LeakyReLU"));
+    /// ```
+    pub fn keras_classes() -> Vec<&'static str> {
+        let mut classes: Vec<&'static str> = builtin_kinds()
+            .flat_map(|kind| kind.keras_classes())
+            .map(KerasClass::class)
+            .collect();
+        classes.sort_unstable();
+        classes
+    }
+}
+
 impl Importer<'_> {
     fn import(
         mut self,
@@ -978,8 +452,10 @@ impl Importer<'_> {
                 // not one Keras wrote.
                 return Err(self.layer_error(&name, class, "the layer is never called"));
             }
+            // Each call's inputs, with the feature order of a channels-last Flatten they
+            // carry, if any.
             let mut calls = Vec::new();
-            let mut first_inputs = Vec::new();
+            let mut node_inputs: Vec<Vec<KerasInput>> = Vec::new();
             for (k, node) in nodes.iter().enumerate() {
                 let mut inputs = Vec::new();
                 keras_tensors(node.get("args").unwrap_or(&Value::Null), &mut inputs);
@@ -991,19 +467,22 @@ impl Importer<'_> {
                     ));
                 }
                 calls.push(inputs.iter().map(|t| t.history.clone()).collect());
-                if k == 0 {
-                    first_inputs = inputs;
-                }
+                node_inputs.push(
+                    inputs
+                        .iter()
+                        .map(|t| KerasInput {
+                            shape: t.shape.clone(),
+                            order: self.flag(t),
+                        })
+                        .collect(),
+                );
             }
+            let flattened = |inputs: &Vec<KerasInput>| inputs.iter().any(|t| t.order.is_some());
             if class == "Functional" {
                 // A nested model: its own graph, translated in its own scope, weights under
                 // `<model>.<layer>`. Its inputs must not carry a Flatten's channels-last
                 // feature order: the inner layers would not know it.
-                if nodes.iter().any(|node| {
-                    let mut inputs = Vec::new();
-                    keras_tensors(node.get("args").unwrap_or(&Value::Null), &mut inputs);
-                    inputs.iter().any(|t| self.flag(t).is_some())
-                }) {
+                if node_inputs.iter().any(flattened) {
                     return Err(self.layer_error(
                         &name,
                         class,
@@ -1026,17 +505,53 @@ impl Importer<'_> {
                 });
                 continue;
             }
-            let translated = self.translate(&name, class, layer_config, &first_inputs)?;
+            let keras_class = keras_class(class).ok_or_else(|| match class {
+                "Sequential" | "Model" => self.layer_error(
+                    &name,
+                    class,
+                    "nested Sequential models are not imported yet: build the inner model with the functional API",
+                ),
+                other => self.layer_error(
+                    &name,
+                    class,
+                    format!("the layer class `{other}` is not supported"),
+                ),
+            })?;
+            if matches!(
+                keras_class.order(),
+                FeatureOrder::Refuses | FeatureOrder::Flattens
+            ) && node_inputs.iter().any(flattened)
+            {
+                return Err(self.layer_error(
+                    &name,
+                    class,
+                    "it reads the output of a Flatten of a channels-last map, whose feature order differs in NCHW: not supported",
+                ));
+            }
+            // The translation reads the first call; a shared layer whose calls see different
+            // feature orders would need two sets of weights.
+            let orders =
+                |inputs: &Vec<KerasInput>| -> Vec<_> { inputs.iter().map(|t| t.order).collect() };
+            if node_inputs
+                .iter()
+                .any(|inputs| orders(inputs) != orders(&node_inputs[0]))
+            {
+                return Err(self.layer_error(
+                    &name,
+                    class,
+                    "its calls read features in different orders (one of them a channels-last Flatten's): not supported",
+                ));
+            }
+            let translated = keras_class
+                .translate(&KerasLayer::new(class, layer_config, &node_inputs[0]))
+                .map_err(|message| self.layer_error(&name, class, message))?;
             // Feature order after a channels-last Flatten, passed along element-wise layers.
-            for (k, node) in nodes.iter().enumerate() {
-                let mut inputs = Vec::new();
-                keras_tensors(node.get("args").unwrap_or(&Value::Null), &mut inputs);
-                let from = match (class, inputs.first()) {
-                    ("Flatten", Some(t)) if t.shape.len() == 4 => {
+            for (k, inputs) in node_inputs.iter().enumerate() {
+                let from = match (keras_class.order(), inputs.first()) {
+                    (FeatureOrder::Flattens, Some(t)) if t.shape.len() == 4 => {
                         Some((t.shape[1], t.shape[2], t.shape[3]))
                     }
-                    ("Dense" | "Flatten" | "Concatenate", _) => None,
-                    (_, Some(t)) => self.flag(t),
+                    (FeatureOrder::PassesOn, Some(t)) => t.order,
                     _ => None,
                 };
                 if let Some(hwc) = from {

@@ -1,6 +1,8 @@
 //! Models: [`Model`] (graph, build, forward, summary, weights) and the article's networks.
 
 pub(crate) mod architecture;
+#[cfg(test)]
+mod every_layer;
 #[cfg(feature = "keras")]
 pub(crate) mod keras_import;
 pub(crate) mod model;
