@@ -41,7 +41,8 @@ Run from the repository root:
 
     <venv>/bin/python scripts/keras_reference.py keras-import
         Saves small functional models with random weights as Keras 3 .keras
-        files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported,more}.keras)
+        files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported,more,
+        mixed_orders}.keras)
         and writes an input batch and Keras's outputs, NCHW, to
         tests/fixtures/keras_import.safetensors, for Model::from_keras. Given fixture
         names (`keras-import more`), writes only those and keeps the others.
@@ -814,6 +815,16 @@ def import_more():
     return keras.Model([a, b, img], [out, p], name="more")
 
 
+def import_mixed_orders():
+    """One Dense called on a channels-last Flatten's output and on a plain vector: its
+    kernel rows cannot follow both feature orders, so the import must refuse it."""
+    img = keras.Input((2, 2, 3), name="img")
+    vec = keras.Input((12,), name="vec")
+    shared = layers.Dense(4, name="shared")
+    out = layers.Add(name="sum")([shared(layers.Flatten(name="flat")(img)), shared(vec)])
+    return keras.Model([img, vec], out, name="mixed_orders")
+
+
 def import_unsupported():
     x_in = keras.Input((6,), name="x")
     h = layers.Dense(4, name="dense")(x_in)
@@ -849,6 +860,7 @@ def cmd_keras_import(args):
         ("nested", import_nested, [(2, 8, 8, 3), (2, 8, 8, 3)]),
         ("unsupported", import_unsupported, [(2, 6)]),
         ("more", import_more, [(2, 6), (2, 6), (2, 3, 2, 2)]),
+        ("mixed_orders", import_mixed_orders, [(2, 2, 2, 3), (2, 12)]),
     ]:
         if args.names and name not in args.names:
             for s in shapes:  # the same inputs for the others, whichever are written
@@ -859,7 +871,7 @@ def cmd_keras_import(args):
         path = os.path.join(FIXTURES, f"keras_import_{name}.keras")
         model.save(path)
         inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
-        if name != "unsupported":
+        if name not in ("unsupported", "mixed_orders"):
             for i, x in enumerate(inputs):
                 tensors[f"{name}.input_{i}"] = to_nchw(x)
             for i, y in enumerate(keras_outputs(model, inputs)):
@@ -935,7 +947,7 @@ def main():
     keras_import = sub.add_parser(
         "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
     keras_import.add_argument("names", nargs="*",
-                              help="only these fixtures (cnn, blocks, nested, unsupported, more)")
+                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders)")
     resnet = sub.add_parser("keras-resnet",
                             help="save the article's ResNet as .keras with outputs")
     resnet.add_argument("out_dir")

@@ -195,6 +195,20 @@ fn merges_reshape_permute_and_flattened_maps_merged_match_keras() {
     assert!(model.get_layer("sub_flat").is_ok() && model.get_layer("mix").is_ok());
 }
 
+#[test]
+fn a_shared_layer_reading_two_feature_orders_is_refused() {
+    // `shared` is a Dense called on a channels-last Flatten's output and on a plain vector:
+    // one kernel cannot follow both orders.
+    let path = fixture("keras_import_mixed_orders.keras");
+    let message = Model::from_keras(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("`shared`") && message.contains("different orders"),
+        "{message}"
+    );
+}
+
 /// The fixtures `assert_matches_keras` compares with Keras's outputs.
 const CHECKED_FIXTURES: &[&str] = &["cnn", "blocks", "nested", "more"];
 
