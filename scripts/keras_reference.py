@@ -47,6 +47,11 @@ Run from the repository root:
         tests/fixtures/keras_import.safetensors, for Model::from_keras. Given fixture
         names (`keras-import more`), writes only those and keeps the others.
 
+    <venv>/bin/python scripts/keras_reference.py weighted-losses
+        Keras's losses reduced with sample weights (per sample and per pixel), and one
+        full-batch SGD step of fit with class_weight and with sample_weight, to
+        tests/fixtures/keras_weighted_losses.json.
+
     <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
         Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
         (about 60 MB: not committed) with an input batch and Keras's output in
@@ -881,6 +886,61 @@ def cmd_keras_import(args):
     print(f"wrote {out}: {sorted(tensors)}")
 
 
+def cmd_weighted_losses(_args):
+    """Keras's losses reduced with sample weights, and one SGD step of fit with class_weight
+    and sample_weight, written as JSON (channels-first where a tensor has positions)."""
+    rng = np.random.default_rng(5)
+    f32 = lambda *shape: rng.standard_normal(shape).astype("float32")
+    cases = []
+
+    def case(name, loss, output, target, weight, channels_last_output=False):
+        value = float(loss(target, output, sample_weight=weight))
+        out = np.moveaxis(output, -1, 1) if channels_last_output else output
+        cases.append({"name": name, "output": out.tolist(), "output_shape": list(out.shape),
+                      "target": np.asarray(target).tolist(), "target_shape": list(np.shape(target)),
+                      "weight": np.asarray(weight).tolist(), "weight_shape": list(np.shape(weight)),
+                      "loss": value})
+
+    losses = keras.losses
+    case("sparse_logits", losses.SparseCategoricalCrossentropy(from_logits=True),
+         f32(4, 3), np.array([0, 2, 1, 2]), np.array([1.0, 0.0, 2.5, 0.5], "float32"))
+    case("sparse_per_pixel", losses.SparseCategoricalCrossentropy(from_logits=True),
+         f32(2, 2, 2, 3), rng.integers(0, 3, (2, 2, 2)), rng.uniform(0, 2, (2, 2, 2)).astype("float32"),
+         channels_last_output=True)
+    probs = np.abs(f32(3, 4)) + 0.1
+    probs /= probs.sum(-1, keepdims=True)
+    case("categorical_probs", losses.CategoricalCrossentropy(), probs,
+         np.eye(4, dtype="float32")[[1, 3, 0]], np.array([2.0, 1.0, 0.0], "float32"))
+    case("binary_logits", losses.BinaryCrossentropy(from_logits=True), f32(4, 1),
+         np.array([[1.0], [0.0], [1.0], [0.0]], "float32"), np.array([1.0, 3.0, 0.5, 1.0], "float32"))
+    case("mse", losses.MeanSquaredError(), f32(3, 2), f32(3, 2), np.array([0.0, 1.0, 4.0], "float32"))
+    case("huber", losses.Huber(delta=0.5), f32(3, 2), f32(3, 2), np.array([1.0, 2.0, 3.0], "float32"))
+
+    # One full-batch SGD step of fit with class_weight, and one with sample_weight.
+    steps = []
+    x, y = f32(6, 4), np.array([0, 1, 0, 0, 1, 0])
+    kernel, bias = f32(4, 2) * 0.5, f32(2) * 0.1
+    for name, extra in [("class_weight", {"class_weight": {0: 1.0, 1: 9.0}}),
+                        ("sample_weight", {"sample_weight": np.array([1, 0, 2, 1, 3, 0.5], "float32")})]:
+        inp = keras.Input((4,))
+        model = keras.Model(inp, layers.Dense(2, name="dense")(inp))
+        model.get_layer("dense").set_weights([kernel, bias])
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0, **extra)
+        new_kernel, new_bias = model.get_layer("dense").get_weights()
+        steps.append({"name": name, "x": x.tolist(), "y": y.tolist(), "kernel": kernel.tolist(),
+                      "bias": bias.tolist(), "new_kernel": new_kernel.tolist(),
+                      "new_bias": new_bias.tolist(),
+                      "class_weight": [[k, v] for k, v in extra.get("class_weight", {}).items()],
+                      "sample_weight": extra.get("sample_weight", np.ones(6)).tolist()})
+    out = os.path.join(FIXTURES, "keras_weighted_losses.json")
+    with open(out, "w") as f:
+        json.dump({"keras": keras.__version__, "cases": cases, "steps": steps}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {out}")
+
+
 def cmd_keras_resnet(args):
     """The article's ResNet saved by Keras (too big to commit), with an input batch and its
     outputs, for the ignored test `keras_import_article_resnet`."""
@@ -948,6 +1008,8 @@ def main():
         "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
     keras_import.add_argument("names", nargs="*",
                               help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders)")
+    sub.add_parser("weighted-losses",
+                   help="write tests/fixtures/keras_weighted_losses.json")
     resnet = sub.add_parser("keras-resnet",
                             help="save the article's ResNet as .keras with outputs")
     resnet.add_argument("out_dir")
@@ -957,6 +1019,7 @@ def main():
     args = parser.parse_args()
     {"counts": cmd_counts, "parity": cmd_parity, "layers": cmd_layers,
      "keras-import": cmd_keras_import,
+     "weighted-losses": cmd_weighted_losses,
      "keras-resnet": cmd_keras_resnet,
      "keras-applications": cmd_keras_applications}[args.command](args)
 

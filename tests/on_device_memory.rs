@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::data::{Batch, Dataset, TensorDataset};
 use candle_functional::prelude::*;
 use candle_functional::profile::{AllocationCounts, CountingAllocator, host_reads};
-use candle_functional::train::{AdamConfig, Loss, MeanIoU, NanCheck, SgdConfig, Trainer};
+use candle_functional::train::{
+    AdamConfig, Loss, Losses, MeanIoU, NanCheck, OutputLoss, SgdConfig, Trainer,
+};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator<std::alloc::System> =
@@ -123,6 +125,47 @@ fn on_device_nan_check_keeps_memory_flat_over_train_steps() {
         );
         t.check_divergence().unwrap();
     }
+}
+
+#[test]
+fn on_device_weighted_and_custom_losses_keep_memory_flat() {
+    let _serial = serial();
+    // A class weight, sample weights on both outputs, and a user's loss (the built-in MSE
+    // behind the LossFunction trait): nothing of it may keep a step's graph.
+    let losses = Losses::per_output(vec![
+        OutputLoss::from(Loss::SparseCategoricalCrossentropy { from_logits: true }),
+        OutputLoss::custom(Loss::MeanSquaredError),
+    ]);
+    let mut t = Trainer::new(model(), AdamConfig::default(), losses)
+        .unwrap()
+        .nan_check(NanCheck::OnDevice)
+        .output_class_weight(0, [(1, 3.0)])
+        .unwrap();
+    let batches: Vec<Batch> = (0..3)
+        .map(|k| {
+            let w = Tensor::new(&[1f32, 2.0, 0.5, 1.0], &CPU).unwrap();
+            batch(k).with_sample_weights(vec![w.clone(), w])
+        })
+        .collect();
+    let mut early = AllocationCounts::default();
+    for i in 0..300 {
+        t.train_step(&batches[i % 3], 1e-3).unwrap();
+        if i + 1 == 20 {
+            early = AllocationCounts::now();
+        }
+    }
+    let change = AllocationCounts::now().since(&early);
+    assert!(
+        change.live_tensor_buffers() <= 0,
+        "{} tensor buffers more held after 300 steps than after 20",
+        change.live_tensor_buffers()
+    );
+    assert!(
+        change.live_bytes_change() < 16 * 1024,
+        "{} bytes",
+        change.live_bytes_change()
+    );
+    t.check_divergence().unwrap();
 }
 
 #[test]

@@ -30,6 +30,10 @@ pub struct Batch {
     /// One target per model output, in the order of the model's outputs (empty for
     /// prediction-only data).
     pub targets: Vec<Tensor>,
+    /// Keras's `sample_weight`: empty, or one float tensor per output, `(batch,)` (a weight
+    /// per sample) or of the output's per-position shape (a weight per pixel). Each
+    /// sample's loss is multiplied by its weight in training and evaluation.
+    pub sample_weights: Vec<Tensor>,
 }
 
 impl Batch {
@@ -44,7 +48,28 @@ impl Batch {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn new(inputs: Vec<Tensor>, targets: Vec<Tensor>) -> Self {
-        Self { inputs, targets }
+        Self {
+            inputs,
+            targets,
+            sample_weights: Vec::new(),
+        }
+    }
+
+    /// The batch with sample weights, one tensor per output (see [`Batch::sample_weights`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::data::Batch;
+    /// let x = Tensor::new(&[[1f32], [2.0]], &Device::Cpu)?;
+    /// let w = Tensor::new(&[1f32, 0.0], &Device::Cpu)?;
+    /// let b = Batch::new(vec![x.clone()], vec![x]).with_sample_weights(vec![w]);
+    /// assert_eq!(b.sample_weights.len(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn with_sample_weights(mut self, sample_weights: Vec<Tensor>) -> Self {
+        self.sample_weights = sample_weights;
+        self
     }
 
     /// The number of samples (the first input's batch dimension).
@@ -124,6 +149,7 @@ pub trait Dataset {
 pub struct TensorDataset {
     inputs: Vec<Tensor>,
     targets: Vec<Tensor>,
+    sample_weights: Vec<Tensor>,
     batch_size: usize,
     samples: usize,
     shuffle: bool,
@@ -182,12 +208,60 @@ impl TensorDataset {
         Ok(Self {
             inputs,
             targets,
+            sample_weights: Vec::new(),
             batch_size,
             samples,
             shuffle: false,
             seed: 0,
             device,
         })
+    }
+
+    /// Keras's `sample_weight`: one float tensor per target, `(samples,)` or of the target's
+    /// per-position shape, batched and shuffled with the rest.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::data::{Dataset, TensorDataset};
+    /// let x = Tensor::new(&[[0f32], [1.0], [2.0]], &Device::Cpu)?;
+    /// let y = Tensor::new(&[0u32, 1, 1], &Device::Cpu)?;
+    /// let w = Tensor::new(&[1f32, 9.0, 9.0], &Device::Cpu)?;
+    /// let data = TensorDataset::new(vec![x], vec![y], 2)?.sample_weights(vec![w])?;
+    /// let first = data.batches(0).next().unwrap()?;
+    /// assert_eq!(first.sample_weights[0].to_vec1::<f32>()?, [1.0, 9.0]);
+    /// // One per sample, like everything else.
+    /// let short = Tensor::new(&[1f32], &Device::Cpu)?;
+    /// assert!(data.clone().sample_weights(vec![short]).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn sample_weights(mut self, sample_weights: Vec<Tensor>) -> Result<Self> {
+        if sample_weights.len() != self.targets.len() {
+            return Err(Error::InvalidArgument(format!(
+                "TensorDataset: {} sample weight tensor(s) for {} target(s): give one per target",
+                sample_weights.len(),
+                self.targets.len()
+            )));
+        }
+        for w in &sample_weights {
+            if w.rank() == 0 || w.dim(0)? != self.samples || !w.dtype().is_float() {
+                return Err(Error::InvalidArgument(format!(
+                    "TensorDataset: sample weights must be floats with {} samples on their first axis, got {:?} of shape {:?}",
+                    self.samples,
+                    w.dtype(),
+                    w.dims()
+                )));
+            }
+            if !w.device().same_device(&self.device) {
+                return Err(Error::InvalidArgument(format!(
+                    "TensorDataset: sample weights are on {:?}, the inputs on {:?}",
+                    w.device().location(),
+                    self.device.location()
+                )));
+            }
+        }
+        self.sample_weights = sample_weights;
+        Ok(self)
     }
 
     /// Draws a new sample order every epoch (default off).
@@ -248,6 +322,11 @@ impl TensorDataset {
         Ok(Batch {
             inputs: self.inputs.iter().map(take).collect::<Result<_>>()?,
             targets: self.targets.iter().map(take).collect::<Result<_>>()?,
+            sample_weights: self
+                .sample_weights
+                .iter()
+                .map(take)
+                .collect::<Result<_>>()?,
         })
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::train::Loss;
+use crate::train::loss_function::OutputLoss;
 use crate::{Error, Result};
 
 /// How `fit` reports progress. The library prints nothing unless asked.
@@ -83,14 +84,15 @@ impl Evaluation {
 /// .weights(vec![1.0, 0.5]);
 /// assert_eq!(two.losses().len(), 2);
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Losses {
-    losses: Vec<Loss>,
+    losses: Vec<OutputLoss>,
     weights: Option<Vec<f64>>,
 }
 
 impl Losses {
-    /// One loss per output, in the order of the model's outputs.
+    /// One loss per output, in the order of the model's outputs: built-in [`Loss`]es, or
+    /// [`OutputLoss`]es to mix in your own ([`OutputLoss::custom`]).
     ///
     /// # Examples
     /// ```
@@ -98,9 +100,9 @@ impl Losses {
     /// let l = Losses::per_output(vec![Loss::MeanAbsoluteError, Loss::MeanSquaredError]);
     /// assert_eq!(l.losses()[1], Loss::MeanSquaredError);
     /// ```
-    pub fn per_output(losses: Vec<Loss>) -> Self {
+    pub fn per_output<L: Into<OutputLoss>>(losses: Vec<L>) -> Self {
         Self {
-            losses,
+            losses: losses.into_iter().map(Into::into).collect(),
             weights: None,
         }
     }
@@ -124,14 +126,14 @@ impl Losses {
     /// use candle_functional::train::{Loss, Losses};
     /// assert_eq!(Losses::from(Loss::MeanSquaredError).losses(), &[Loss::MeanSquaredError]);
     /// ```
-    pub fn losses(&self) -> &[Loss] {
+    pub fn losses(&self) -> &[OutputLoss] {
         &self.losses
     }
 
     /// One loss and one weight per output of a model with `outputs` outputs.
-    pub(super) fn resolve(&self, outputs: usize) -> Result<(Vec<Loss>, Vec<f64>)> {
+    pub(super) fn resolve(&self, outputs: usize) -> Result<(Vec<OutputLoss>, Vec<f64>)> {
         let losses = match self.losses.as_slice() {
-            [one] => vec![*one; outputs],
+            [one] => vec![one.clone(); outputs],
             many if many.len() == outputs => many.to_vec(),
             many => {
                 return Err(Error::InvalidArgument(format!(
@@ -155,6 +157,12 @@ impl Losses {
 
 impl From<Loss> for Losses {
     fn from(loss: Loss) -> Self {
+        Self::per_output(vec![loss])
+    }
+}
+
+impl From<OutputLoss> for Losses {
+    fn from(loss: OutputLoss) -> Self {
         Self::per_output(vec![loss])
     }
 }

@@ -241,7 +241,8 @@ impl Trainer {
             let outputs = self
                 .model
                 .forward(&self.cast_inputs(&batch.inputs)?, Mode::Eval)?;
-            let (loss, per_output) = self.losses_of(&outputs, &batch.targets)?;
+            let weights = self.weights_of(&batch, &batch.targets, false)?;
+            let (loss, per_output) = self.losses_of(&outputs, &batch.targets, &weights)?;
             totals.add(&loss, &per_output, batch.samples()?)?;
             update_metrics(&mut fresh, &outputs, &batch.targets)?;
         }

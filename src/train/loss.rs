@@ -245,7 +245,8 @@ impl Loss {
         }))
     }
 
-    /// The mean loss of `outputs` against `targets` (a scalar, f32 for f32/bf16/f16 outputs).
+    /// The mean loss of `outputs` against `targets` (a scalar, f32 for f32/bf16/f16 outputs):
+    /// the mean of [`Loss::per_sample`].
     ///
     /// # Examples
     /// ```
@@ -260,6 +261,24 @@ impl Loss {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn compute(&self, outputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.per_sample(outputs, targets)?.mean_all()?)
+    }
+
+    /// The loss at every sample and position, unreduced: `(batch, …)` with the output's
+    /// positions (the class axis summed away for the cross-entropies over classes). Its mean
+    /// is [`Loss::compute`]; sample and class weights multiply it before the mean.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::train::Loss;
+    /// let out = Tensor::new(&[[1f32, 1.0], [0.0, 0.0]], &Device::Cpu)?;
+    /// let target = Tensor::new(&[[0f32, 0.0], [0.0, 0.0]], &Device::Cpu)?;
+    /// let each = Loss::MeanSquaredError.per_sample(&out, &target)?;
+    /// assert_eq!(each.to_vec2::<f32>()?, vec![vec![1.0, 1.0], vec![0.0, 0.0]]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn per_sample(&self, outputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         // Losses are computed in f32 even for bf16/f16 models.
         let outputs = if outputs.dtype() == DType::F64 {
             outputs.clone()
@@ -272,37 +291,34 @@ impl Loss {
             Loss::SparseCategoricalCrossentropy { from_logits } => {
                 let log_probs = class_log_probs(&outputs, from_logits)?;
                 let labels = targets.cast(DType::U32)?.unsqueeze(1)?.contiguous()?;
-                log_probs.gather(&labels, 1)?.mean_all()?.neg()?
+                log_probs.gather(&labels, 1)?.squeeze(1)?.neg()?
             }
             Loss::CategoricalCrossentropy { from_logits } => {
                 let log_probs = class_log_probs(&outputs, from_logits)?;
-                (log_probs * float_targets()?)?
-                    .sum_keepdim(1)?
-                    .mean_all()?
-                    .neg()?
+                (log_probs * float_targets()?)?.sum(1)?.neg()?
             }
             Loss::BinaryCrossentropy { from_logits } => {
                 let t = float_targets()?;
                 if from_logits {
                     // max(x, 0) - x·t + log(1 + exp(-|x|)): stable for any logit.
                     let softplus = outputs.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-                    ((outputs.relu()? - (&outputs * &t)?)? + softplus)?.mean_all()?
+                    ((outputs.relu()? - (&outputs * &t)?)? + softplus)?
                 } else {
                     let p = outputs.clamp(PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)?;
                     let pos = (&t * p.log()?)?;
                     let neg = (t.affine(-1.0, 1.0)? * p.affine(-1.0, 1.0)?.log()?)?;
-                    (pos + neg)?.mean_all()?.neg()?
+                    (pos + neg)?.neg()?
                 }
             }
-            Loss::MeanSquaredError => (&outputs - float_targets()?)?.sqr()?.mean_all()?,
-            Loss::MeanAbsoluteError => (&outputs - float_targets()?)?.abs()?.mean_all()?,
+            Loss::MeanSquaredError => (&outputs - float_targets()?)?.sqr()?,
+            Loss::MeanAbsoluteError => (&outputs - float_targets()?)?.abs()?,
             Loss::Huber { delta } => {
                 let error = (&outputs - float_targets()?)?.abs()?;
                 // 0.5·min(e, d)² + d·(e - min(e, d)): quadratic inside, linear outside.
                 let inside = error.clamp(0.0, delta)?;
                 let quadratic = (inside.sqr()? * 0.5)?;
                 let linear = ((error - inside)? * delta)?;
-                (quadratic + linear)?.mean_all()?
+                (quadratic + linear)?
             }
         })
     }

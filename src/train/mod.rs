@@ -1,6 +1,6 @@
 //! Training: [`Trainer`] (`fit`, `evaluate`, `predict`, checkpoints) for models with any
 //! inputs and outputs, optimizers with Keras's rules ([`Adam`], [`Sgd`]), losses per output
-//! ([`Loss`], [`Losses`]), [`Metric`]s, learning-rate schedules, callbacks and the history.
+//! ([`Loss`], [`Losses`], your own [`LossFunction`]), sample and class weights, [`Metric`]s, learning-rate schedules, callbacks and the history.
 
 pub(crate) mod callback;
 pub(crate) mod callbacks;
@@ -9,6 +9,7 @@ pub(crate) mod compile;
 pub(crate) mod fit;
 pub(crate) mod history;
 pub(crate) mod loss;
+pub(crate) mod loss_function;
 pub(crate) mod metrics;
 pub(crate) mod optimizer;
 pub(crate) mod schedule;
@@ -19,6 +20,7 @@ pub use callbacks::{EarlyStopping, Goal, HistoryLogger, ModelCheckpoint};
 pub use compile::{Evaluation, Losses, NanCheck, Progress};
 pub use history::{EpochLog, History};
 pub use loss::{Loss, correct_predictions};
+pub use loss_function::{LossFunction, OutputLoss};
 pub use metrics::{Accuracy, AccuracyKind, ErrorKind, MeanError, MeanIoU, Metric, TopKAccuracy};
 pub use optimizer::{Adam, AdamConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
 pub use schedule::LrSchedule;

@@ -10,6 +10,7 @@ use crate::ops;
 use crate::profile::read_vec;
 use crate::support::dtype::Cast;
 use crate::train::compile::{Losses, NanCheck, Progress};
+use crate::train::loss_function::{OutputLoss, class_weights_of, weighted_mean};
 use crate::train::metrics::{Metric, default_metrics};
 use crate::train::{History, Loss, LrSchedule, Optimizer, OptimizerConfig};
 use crate::{Error, Result};
@@ -71,8 +72,10 @@ pub(super) struct DivergenceFlag {
 pub struct Trainer {
     pub(super) model: Model,
     pub(super) optimizer: Box<dyn Optimizer>,
-    pub(super) losses: Vec<Loss>,
+    pub(super) losses: Vec<OutputLoss>,
     pub(super) loss_weights: Vec<f64>,
+    /// Per output, Keras's `class_weight` as a `(classes,)` tensor on the model's device.
+    pub(super) class_weights: Vec<Option<Tensor>>,
     pub(super) metrics: Vec<Vec<Box<dyn Metric>>>,
     pub(super) output_names: Vec<String>,
     pub(super) schedule: LrSchedule,
@@ -140,7 +143,14 @@ impl Trainer {
             optimizer_config,
             batches_per_epoch: None,
             resumed: false,
-            metrics: losses.iter().map(default_metrics).collect(),
+            metrics: losses
+                .iter()
+                .map(|loss| {
+                    loss.builtin()
+                        .map_or_else(Vec::new, |l| default_metrics(&l))
+                })
+                .collect(),
+            class_weights: vec![None; losses.len()],
             losses,
             loss_weights,
             output_names,
@@ -185,6 +195,100 @@ impl Trainer {
             ))
         })?;
         *slot = metrics;
+        Ok(self)
+    }
+
+    /// Keras's `class_weight` for a model with one output: each sample's (or position's)
+    /// loss is multiplied by the weight of its class while training (`evaluate` is
+    /// unweighted, as in Keras). Classes not given weigh 1. The class is the sparse label,
+    /// the arg-max of a one-hot target, or the 0/1 target of a one-unit binary output.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    /// // The rare class 1 counts nine times.
+    /// let trainer = Trainer::new(model.clone(), SgdConfig::default(), loss)?.class_weight([(1, 9.0)])?;
+    /// // A class the output does not have is refused.
+    /// assert!(Trainer::new(model, SgdConfig::default(), loss)?.class_weight([(2, 1.0)]).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn class_weight(self, weights: impl IntoIterator<Item = (usize, f64)>) -> Result<Self> {
+        if self.losses.len() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "class_weight for a model with {} outputs: use output_class_weight(output, ..)",
+                self.losses.len()
+            )));
+        }
+        self.output_class_weight(0, weights)
+    }
+
+    /// [`Trainer::class_weight`] for output `output` of a model with several outputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::train::{Loss, Losses, SgdConfig, Trainer};
+    /// let x = Input::new([4]);
+    /// let (a, b) = (Dense::new(3).call(&x)?, Dense::new(1).call(&x)?);
+    /// let model = Model::new(&[x], &[a, b])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let losses = Losses::per_output(vec![
+    ///     Loss::SparseCategoricalCrossentropy { from_logits: true },
+    ///     Loss::MeanSquaredError,
+    /// ]);
+    /// let trainer = Trainer::new(model, SgdConfig::default(), losses)?;
+    /// let trainer = trainer.output_class_weight(0, [(0, 0.5), (2, 4.0)])?;
+    /// // Classes mean nothing to a regression output.
+    /// assert!(trainer.output_class_weight(1, [(0, 1.0)]).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn output_class_weight(
+        mut self,
+        output: usize,
+        weights: impl IntoIterator<Item = (usize, f64)>,
+    ) -> Result<Self> {
+        let outputs = self.model.outputs();
+        let (Some(loss), Some(symbolic)) = (self.losses.get(output), outputs.get(output)) else {
+            return Err(Error::InvalidArgument(format!(
+                "class weights for output {output} of a model with {} outputs",
+                outputs.len()
+            )));
+        };
+        let name = &self.output_names[output];
+        let shape = symbolic.shape();
+        let classes = match (loss.builtin(), shape.first()) {
+            (
+                Some(
+                    Loss::SparseCategoricalCrossentropy { .. }
+                    | Loss::CategoricalCrossentropy { .. },
+                ),
+                Some(&classes),
+            ) => classes,
+            (Some(Loss::BinaryCrossentropy { .. }), Some(1)) if shape.len() == 1 => 2,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "class weights for output `{name}` ({}, per-sample shape {shape:?}): they need a sparse or categorical cross-entropy, or a binary cross-entropy of one unit",
+                    loss.name()
+                )));
+            }
+        };
+        let mut dense = vec![1f32; classes];
+        for (class, weight) in weights {
+            if class >= classes || !weight.is_finite() || weight < 0.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "class weight {weight} for class {class} of output `{name}`: classes are 0..{classes}, weights finite and not negative"
+                )));
+            }
+            dense[class] = weight as f32;
+        }
+        let device = self.model.device().unwrap_or(candle_core::Device::Cpu);
+        self.class_weights[output] = Some(Tensor::from_vec(dense, classes, &device)?);
         Ok(self)
     }
 
@@ -391,7 +495,8 @@ impl Trainer {
         let outputs = self
             .model
             .forward_deferred(&inputs, Mode::Train, &updates)?;
-        let (total, per_output) = self.losses_of(&outputs, &targets)?;
+        let weights = self.weights_of(batch, &targets, true)?;
+        let (total, per_output) = self.losses_of(&outputs, &targets, &weights)?;
         let grads = total.backward()?;
         let vars = self.model.trainable_weights()?;
         let gradients: Vec<&Tensor> = vars
@@ -527,6 +632,12 @@ impl Trainer {
         let mut targets = Vec::with_capacity(batch.targets.len());
         let mut verdict: Option<Tensor> = None;
         for ((shape, target, loss, name), bound) in self.targets_of(batch).zip(&mut bounds) {
+            let Some(loss) = loss.builtin() else {
+                // A user's loss checks its target its own way (reading nothing, by default).
+                loss.function().check_target(shape, target, n, name)?;
+                targets.push(target.clone());
+                continue;
+            };
             loss.check_target_layout(shape, target, n, name)?;
             // Made again only when the labels' dtype or device changes.
             let stale = bound.as_ref().is_none_or(|(zero, _)| {
@@ -558,7 +669,7 @@ impl Trainer {
     pub(super) fn check_targets(&self, batch: &Batch) -> Result<()> {
         let n = self.check_batch_layout(batch)?;
         for (shape, target, loss, name) in self.targets_of(batch) {
-            loss.check_target(shape, target, n, name)?;
+            loss.function().check_target(shape, target, n, name)?;
         }
         Ok(())
     }
@@ -567,7 +678,7 @@ impl Trainer {
     pub(super) fn targets_of<'a>(
         &'a self,
         batch: &'a Batch,
-    ) -> impl Iterator<Item = (&'a [usize], &'a Tensor, &'a Loss, &'a str)> {
+    ) -> impl Iterator<Item = (&'a [usize], &'a Tensor, &'a OutputLoss, &'a str)> {
         self.model
             .outputs()
             .iter()
@@ -594,24 +705,83 @@ impl Trainer {
                 "an empty batch: there is nothing to train or score".into(),
             ));
         }
+        if !batch.sample_weights.is_empty() && batch.sample_weights.len() != outputs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "model `{}` has {} output(s), the batch has {} sample weight tensor(s) (give none, or one per output)",
+                self.model.name(),
+                outputs.len(),
+                batch.sample_weights.len()
+            )));
+        }
+        for (weights, name) in batch.sample_weights.iter().zip(&self.output_names) {
+            if weights.dims().first() != Some(&n) || !weights.dtype().is_float() {
+                return Err(Error::InvalidInput {
+                    layer: name.clone(),
+                    message: format!(
+                        "sample weights: a float tensor with the batch's {n} samples first expected, got {:?} of shape {:?}",
+                        weights.dtype(),
+                        weights.dims()
+                    ),
+                });
+            }
+        }
         Ok(n)
     }
 
-    /// The weighted total and each output's loss.
+    /// Each output's weights for this batch: its sample weights, times its class weights
+    /// when `training` (Keras applies `class_weight` in `fit` only); `None` for neither.
+    pub(super) fn weights_of(
+        &self,
+        batch: &Batch,
+        targets: &[Tensor],
+        training: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut all = Vec::with_capacity(targets.len());
+        for (k, target) in targets.iter().enumerate() {
+            let sample = batch
+                .sample_weights
+                .get(k)
+                .map(|w| w.cast(DType::F32))
+                .transpose()?;
+            let class = match (&self.class_weights[k], self.losses[k].builtin()) {
+                (Some(weights), Some(loss)) if training => {
+                    Some(class_weights_of(loss, weights, target)?)
+                }
+                _ => None,
+            };
+            all.push(match (sample, class) {
+                (Some(s), Some(c)) => {
+                    // A per-sample weight over a per-position class weight.
+                    let mut shape = vec![1; c.rank()];
+                    shape[0] = s.dim(0)?;
+                    let s = if s.rank() == 1 { s.reshape(shape)? } else { s };
+                    Some(c.broadcast_mul(&s)?)
+                }
+                (s, c) => s.or(c),
+            });
+        }
+        Ok(all)
+    }
+
+    /// The weighted total and each output's loss, each reduced Keras's way with its sample
+    /// and class weights (`weights`, one entry per output).
     pub(super) fn losses_of(
         &self,
         outputs: &[Tensor],
         targets: &[Tensor],
+        weights: &[Option<Tensor>],
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut total: Option<Tensor> = None;
         let mut per_output = Vec::with_capacity(outputs.len());
-        for (((out, target), loss), weight) in outputs
+        for ((((out, target), loss), weight), (sample_weights, name)) in outputs
             .iter()
             .zip(targets)
             .zip(&self.losses)
             .zip(&self.loss_weights)
+            .zip(weights.iter().zip(&self.output_names))
         {
-            let value = loss.compute(out, target)?;
+            let each = loss.function().per_sample(out, target)?;
+            let value = weighted_mean(&each, sample_weights.as_ref(), name)?;
             let weighted = if *weight == 1.0 {
                 value.clone()
             } else {
