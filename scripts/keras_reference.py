@@ -52,6 +52,11 @@ Run from the repository root:
         full-batch SGD step of fit with class_weight and with sample_weight, to
         tests/fixtures/keras_weighted_losses.json.
 
+    <venv>/bin/python scripts/keras_reference.py callbacks
+        ReduceLROnPlateau and EarlyStopping(restore_best_weights=True) fed scripted
+        monitor values: the learning rate after every epoch, the stopping epoch and
+        the restored epoch, to tests/fixtures/keras_callbacks.json.
+
     <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
         Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
         (about 60 MB: not committed) with an input batch and Keras's output in
@@ -941,6 +946,72 @@ def cmd_weighted_losses(_args):
     print(f"wrote {out}")
 
 
+def cmd_callbacks(_args):
+    """ReduceLROnPlateau and EarlyStopping driven by scripted monitor values: the learning
+    rate after every epoch, the epoch training stops at and the epoch whose weights
+    restore_best_weights brings back, written as JSON."""
+    def tiny_model():
+        inp = keras.Input((1,))
+        model = keras.Model(inp, layers.Dense(1, use_bias=False, name="dense")(inp))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        return model
+
+    def drive(callback, monitor, values, model):
+        callback.set_model(model)
+        callback.on_train_begin()
+        rates, stopped = [], None
+        for epoch, value in enumerate(values):
+            callback.on_epoch_begin(epoch)
+            # The model's one weight is the epoch's number: what restore_best_weights brings
+            # back says which epoch it kept.
+            model.get_layer("dense").set_weights([np.array([[float(epoch)]], "float32")])
+            callback.on_epoch_end(epoch, {monitor: value})
+            rates.append(float(np.array(model.optimizer.learning_rate)))
+            if model.stop_training:
+                stopped = epoch
+                break
+        callback.on_train_end()
+        restored = float(model.get_layer("dense").get_weights()[0][0, 0])
+        return rates, stopped, restored
+
+    rng = np.random.default_rng(11)
+    noisy_down = (1.0 / np.arange(1, 31) + rng.uniform(0, 0.05, 30)).tolist()
+    bumpy_up = np.minimum(0.99, np.cumsum(rng.uniform(-0.02, 0.05, 30)) + 0.3).tolist()
+    plateau = [1.0, 0.9, 0.9, 0.9, 0.89995, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+    sequences = {"noisy_down": ("val_loss", noisy_down), "bumpy_up": ("val_accuracy", bumpy_up),
+                 "plateau": ("val_loss", plateau)}
+    reduce_cases = []
+    for seq, (monitor, values) in sequences.items():
+        mode = "max" if "acc" in monitor else "min"
+        for settings in [dict(patience=2), dict(patience=1, factor=0.5, cooldown=2),
+                         dict(patience=0, factor=0.2, min_lr=1e-3, min_delta=0.01),
+                         dict(patience=3, factor=0.5, min_delta=0.0)]:
+            model = tiny_model()
+            cb = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, **settings)
+            rates, _, _ = drive(cb, monitor, values, model)
+            reduce_cases.append({"sequence": seq, "monitor": monitor, "values": values,
+                                 "settings": settings, "initial_lr": 0.1, "rates": rates})
+    stop_cases = []
+    for seq, (monitor, values) in sequences.items():
+        mode = "max" if "acc" in monitor else "min"
+        for settings in [dict(patience=2), dict(patience=3, min_delta=0.01),
+                         dict(patience=0), dict(patience=4, baseline=0.5),
+                         dict(patience=2, start_from_epoch=3)]:
+            model = tiny_model()
+            cb = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode,
+                                               restore_best_weights=True, **settings)
+            _, stopped, restored = drive(cb, monitor, values, model)
+            stop_cases.append({"sequence": seq, "monitor": monitor, "values": values,
+                               "settings": settings, "stopped_epoch": stopped,
+                               "restored_epoch": restored})
+    out = os.path.join(FIXTURES, "keras_callbacks.json")
+    with open(out, "w") as f:
+        json.dump({"keras": keras.__version__, "reduce_lr_on_plateau": reduce_cases,
+                   "early_stopping": stop_cases}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {out}")
+
+
 def cmd_keras_resnet(args):
     """The article's ResNet saved by Keras (too big to commit), with an input batch and its
     outputs, for the ignored test `keras_import_article_resnet`."""
@@ -1010,6 +1081,8 @@ def main():
                               help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders)")
     sub.add_parser("weighted-losses",
                    help="write tests/fixtures/keras_weighted_losses.json")
+    sub.add_parser("callbacks",
+                   help="write tests/fixtures/keras_callbacks.json")
     resnet = sub.add_parser("keras-resnet",
                             help="save the article's ResNet as .keras with outputs")
     resnet.add_argument("out_dir")
@@ -1020,6 +1093,7 @@ def main():
     {"counts": cmd_counts, "parity": cmd_parity, "layers": cmd_layers,
      "keras-import": cmd_keras_import,
      "weighted-losses": cmd_weighted_losses,
+     "callbacks": cmd_callbacks,
      "keras-resnet": cmd_keras_resnet,
      "keras-applications": cmd_keras_applications}[args.command](args)
 

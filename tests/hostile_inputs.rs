@@ -744,9 +744,9 @@ struct DieAt(usize);
 impl Callback for DieAt {
     fn on_epoch_end(
         &mut self,
-        end: &mut candle_functional::train::EpochEnd<'_>,
+        end: &mut candle_functional::train::FitContext<'_>,
     ) -> candle_functional::Result<()> {
-        if end.log.epoch == self.0 {
+        if end.epoch() == self.0 {
             return Err(Error::InvalidArgument("killed".into()));
         }
         Ok(())
@@ -794,9 +794,9 @@ struct SaveLastOnly(ModelCheckpoint);
 impl Callback for SaveLastOnly {
     fn on_epoch_end(
         &mut self,
-        end: &mut candle_functional::train::EpochEnd<'_>,
+        end: &mut candle_functional::train::FitContext<'_>,
     ) -> candle_functional::Result<()> {
-        end.trainer.save_checkpoint(self.0.last_path())
+        end.trainer().save_checkpoint(self.0.last_path())
     }
 }
 

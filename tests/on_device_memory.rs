@@ -168,23 +168,28 @@ fn on_device_weighted_and_custom_losses_keep_memory_flat() {
     t.check_divergence().unwrap();
 }
 
+/// `n` random samples for [`model`], in batches of 4.
+fn random_data(n: usize) -> TensorDataset {
+    TensorDataset::new(
+        vec![
+            Tensor::randn(0f32, 1.0, (n, 3, 8, 8), &CPU).unwrap(),
+            Tensor::randn(0f32, 1.0, (n, 2), &CPU).unwrap(),
+        ],
+        vec![
+            Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &CPU).unwrap(),
+            Tensor::ones((n, 1), DType::F32, &CPU).unwrap(),
+        ],
+        4,
+    )
+    .unwrap()
+}
+
 #[test]
 fn on_device_nan_check_keeps_peak_memory_flat_in_fit() {
     let _serial = serial();
     let peak_of = |batches: usize| -> u64 {
         let n = batches * 4;
-        let data = TensorDataset::new(
-            vec![
-                Tensor::randn(0f32, 1.0, (n, 3, 8, 8), &CPU).unwrap(),
-                Tensor::randn(0f32, 1.0, (n, 2), &CPU).unwrap(),
-            ],
-            vec![
-                Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &CPU).unwrap(),
-                Tensor::ones((n, 1), DType::F32, &CPU).unwrap(),
-            ],
-            4,
-        )
-        .unwrap();
+        let data = random_data(n);
         assert_eq!(data.len(), batches);
         let mut t = trainer(AdamConfig::default());
         AllocationCounts::reset_peak();
@@ -293,4 +298,47 @@ fn on_device_counting_allocator_counts_tensor_buffers() {
     let before = AllocationCounts::now();
     w.set(&a).unwrap();
     assert_eq!(AllocationCounts::now().since(&before).tensor_buffers(), 0);
+}
+
+#[test]
+fn on_device_steering_callbacks_keep_memory_flat() {
+    use std::sync::Arc;
+
+    use candle_functional::train::{Callback, EarlyStopping, LambdaCallback, ReduceLrOnPlateau};
+    let _serial = serial();
+    let n = 12;
+    let data = random_data(n);
+    // Live tensor buffers at the end of epoch 5 and of epoch 60: the best-weights snapshot,
+    // the plateau's state and every batch's loss read must not pile up.
+    let counts = Arc::new(Mutex::new(Vec::new()));
+    let sink = counts.clone();
+    let measure = LambdaCallback::new()
+        .batch_end(|ctx| ctx.batch_loss().map(|_| ()))
+        .epoch_end(move |ctx| {
+            if ctx.epoch() == 5 || ctx.epoch() == 60 {
+                sink.lock().unwrap().push(AllocationCounts::now());
+            }
+            Ok(())
+        });
+    let mut callbacks: Vec<Box<dyn Callback>> = vec![
+        Box::new(EarlyStopping::new("loss", 1000).restore_best_weights(true)),
+        Box::new(ReduceLrOnPlateau::new("loss").patience(2).min_delta(0.5)),
+        Box::new(measure),
+    ];
+    let mut t = trainer(AdamConfig::default());
+    t.fit(&data, None, 60, &mut callbacks).unwrap();
+    let counts = counts.lock().unwrap();
+    let change = counts[1].since(&counts[0]);
+    assert!(
+        change.live_tensor_buffers() <= 0,
+        "{} tensor buffers more held after 60 epochs than after 5",
+        change.live_tensor_buffers()
+    );
+    // The history's 55 new epochs are host bytes; tensors are what a leak would add.
+    assert!(
+        change.live_bytes_change() < 64 * 1024,
+        "{} bytes",
+        change.live_bytes_change()
+    );
+    assert!(t.learning_rate() < 1e-3, "the plateau lowered the rate");
 }

@@ -282,8 +282,8 @@ struct Interrupt {
 }
 
 impl Callback for Interrupt {
-    fn on_epoch_end(&mut self, end: &mut EpochEnd<'_>) -> candle_functional::Result<()> {
-        if end.log.epoch == self.after_epoch {
+    fn on_epoch_end(&mut self, end: &mut FitContext<'_>) -> candle_functional::Result<()> {
+        if end.epoch() == self.after_epoch {
             end.stop_training();
         }
         Ok(())

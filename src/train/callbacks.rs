@@ -1,13 +1,16 @@
-//! Hooks called by [`Trainer::fit`](crate::train::Trainer::fit) after every epoch:
-//! [`ModelCheckpoint`] (best and last, written atomically), [`EarlyStopping`] and
-//! [`HistoryLogger`] (JSON and CSV). The learning-rate schedule is the trainer's own
-//! ([`LrSchedule`](crate::train::LrSchedule)), evaluated at every step.
+//! Callbacks that act at the end of epochs: [`ModelCheckpoint`] (best and last, written
+//! atomically), [`EarlyStopping`] (with `restore_best_weights`) and [`HistoryLogger`]
+//! (JSON and CSV), and what they share ([`Goal`], reading a monitored value). The
+//! learning-rate callbacks are in `rate_callbacks.rs`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
+use candle_core::Tensor;
+
 use crate::support::files::{metadata_of, write_atomically};
-use crate::train::EpochLog;
-use crate::train::callback::{Callback, EpochEnd};
+use crate::train::callback::{Callback, FitContext};
+use crate::train::callback_state::CallbackState;
 use crate::{Error, Result};
 
 /// Whether a larger or a smaller value of a metric is better.
@@ -41,7 +44,9 @@ impl Goal {
         }
     }
 
-    fn improves(self, value: f64, best: Option<f64>, min_delta: f64) -> bool {
+    /// Keras's `_is_improvement`: better than `best` by more than `min_delta` (anything
+    /// finite improves on no value; NaN and infinities never do).
+    pub(crate) fn improves(self, value: f64, best: Option<f64>, min_delta: f64) -> bool {
         if !value.is_finite() {
             return false;
         }
@@ -53,10 +58,19 @@ impl Goal {
     }
 }
 
-fn read_metric(log: &EpochLog, monitor: &str) -> Result<f64> {
-    log.metric(monitor).ok_or_else(|| {
+/// The monitored value at an epoch's end; an error naming it when the log lacks it (Keras
+/// warns and goes on; a misspelt name would then silently never act).
+pub(crate) fn read_metric(ctx: &FitContext<'_>, monitor: &str) -> Result<f64> {
+    ctx.metric(monitor).ok_or_else(|| {
+        let known = ctx.log().map(|log| {
+            let mut names = vec!["loss".to_string()];
+            names.extend(log.val_loss.map(|_| "val_loss".to_string()));
+            names.extend(log.metrics.keys().cloned());
+            names.join(", ")
+        });
         Error::InvalidArgument(format!(
-            "metric `{monitor}` is not in the epoch's logs (validation data needed for val_*)"
+            "metric `{monitor}` is not in the epoch's logs (validation data needed for val_*); it has: {}",
+            known.unwrap_or_default()
         ))
     })
 }
@@ -159,10 +173,19 @@ impl ModelCheckpoint {
 }
 
 impl Callback for ModelCheckpoint {
-    fn on_epoch_end(&mut self, end: &mut EpochEnd<'_>) -> Result<()> {
+    fn name(&self) -> &str {
+        "model_checkpoint"
+    }
+
+    fn writes_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn on_epoch_end(&mut self, end: &mut FitContext<'_>) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        end.trainer.save_checkpoint(self.last_path())?;
-        let value = read_metric(end.log, &self.monitor)?;
+        end.trainer().save_checkpoint(self.last_path())?;
+        let value = read_metric(end, &self.monitor)?;
+        let epoch = end.epoch();
         let goal = Goal::for_metric(&self.monitor);
         if self.best.is_none() {
             // A resumed run: the best so far is in the restored history, not in this value.
@@ -170,7 +193,7 @@ impl Callback for ModelCheckpoint {
                 .history()
                 .epochs()
                 .iter()
-                .filter(|e| e.epoch < end.log.epoch)
+                .filter(|e| e.epoch < epoch)
                 .collect();
             let mut best_epoch = None;
             for e in &earlier {
@@ -187,43 +210,60 @@ impl Callback for ModelCheckpoint {
         }
         if goal.improves(value, self.best, 0.0) {
             self.best = Some(value);
-            end.trainer.save_checkpoint(self.best_path())?;
+            end.trainer().save_checkpoint(self.best_path())?;
         }
         Ok(())
     }
 }
 
 /// Stops training when the monitored metric has not improved by `min_delta` for `patience`
-/// epochs (Keras's `EarlyStopping`).
+/// epochs (Keras's `EarlyStopping`, with its `baseline`, `start_from_epoch` and
+/// `restore_best_weights`: at the end of training the model gets back the weights of its best
+/// epoch, BatchNorm statistics included). Its counters and the best weights are saved in
+/// checkpoints, so a resumed run stops where the uninterrupted one would.
 ///
 /// # Examples
 /// ```
 /// use candle_functional::train::EarlyStopping;
-/// let es = EarlyStopping::new("val_loss", 3).min_delta(1e-3);
+/// let es = EarlyStopping::new("val_loss", 3).min_delta(1e-3).restore_best_weights(true);
 /// ```
 #[derive(Clone, Debug)]
 pub struct EarlyStopping {
     monitor: String,
+    goal: Goal,
     patience: usize,
     min_delta: f64,
+    baseline: Option<f64>,
+    start_from_epoch: usize,
+    restore_best_weights: bool,
     best: Option<f64>,
+    best_epoch: usize,
     waited: usize,
+    best_weights: Option<HashMap<String, Tensor>>,
 }
 
 impl EarlyStopping {
-    /// Stop after `patience` epochs without improvement of `monitor`.
+    /// Stop after `patience` epochs without improvement of `monitor` (maximized if its name
+    /// holds `acc`, minimized otherwise: [`Goal::for_metric`]).
     ///
     /// # Examples
     /// ```
     /// let _ = candle_functional::train::EarlyStopping::new("val_accuracy", 5);
     /// ```
     pub fn new(monitor: impl Into<String>, patience: usize) -> Self {
+        let monitor = monitor.into();
         Self {
-            monitor: monitor.into(),
+            goal: Goal::for_metric(&monitor),
+            monitor,
             patience,
             min_delta: 0.0,
+            baseline: None,
+            start_from_epoch: 0,
+            restore_best_weights: false,
             best: None,
+            best_epoch: 0,
             waited: 0,
+            best_weights: None,
         }
     }
 
@@ -237,20 +277,150 @@ impl EarlyStopping {
         self.min_delta = min_delta.abs();
         self
     }
+
+    /// Whether larger or smaller is better (Keras's `mode`; by default from the name).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::train::{EarlyStopping, Goal};
+    /// let _ = EarlyStopping::new("val_dice", 3).goal(Goal::Maximize);
+    /// ```
+    pub fn goal(mut self, goal: Goal) -> Self {
+        self.goal = goal;
+        self
+    }
+
+    /// A value the metric must beat: until it does, the patience counter is not reset by
+    /// improvements.
+    ///
+    /// # Examples
+    /// ```
+    /// let _ = candle_functional::train::EarlyStopping::new("val_loss", 3).baseline(0.5);
+    /// ```
+    pub fn baseline(mut self, baseline: f64) -> Self {
+        self.baseline = Some(baseline);
+        self
+    }
+
+    /// Epochs (counted from 0) to let pass before watching the metric (a warm-up).
+    ///
+    /// # Examples
+    /// ```
+    /// let _ = candle_functional::train::EarlyStopping::new("val_loss", 3).start_from_epoch(5);
+    /// ```
+    pub fn start_from_epoch(mut self, epoch: usize) -> Self {
+        self.start_from_epoch = epoch;
+        self
+    }
+
+    /// At the end of training, give the model back the weights of the best epoch (Keras
+    /// 3's rule: whether or not training was stopped early).
+    ///
+    /// # Examples
+    /// ```
+    /// let _ = candle_functional::train::EarlyStopping::new("val_loss", 3).restore_best_weights(true);
+    /// ```
+    pub fn restore_best_weights(mut self, restore: bool) -> Self {
+        self.restore_best_weights = restore;
+        self
+    }
+
+    /// The best value seen in this run, if any.
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(candle_functional::train::EarlyStopping::new("loss", 1).best(), None);
+    /// ```
+    pub fn best(&self) -> Option<f64> {
+        self.best
+    }
+
+    /// A copy of the model's weights, detached from every graph (the model's variables are
+    /// updated in place, so a clone would follow them).
+    fn snapshot(ctx: &FitContext<'_>) -> Result<HashMap<String, Tensor>> {
+        ctx.trainer()
+            .model()
+            .weight_map()?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.copy()?.detach())))
+            .collect()
+    }
 }
 
 impl Callback for EarlyStopping {
-    fn on_epoch_end(&mut self, end: &mut EpochEnd<'_>) -> Result<()> {
-        let value = read_metric(end.log, &self.monitor)?;
-        if Goal::for_metric(&self.monitor).improves(value, self.best, self.min_delta) {
-            self.best = Some(value);
-            self.waited = 0;
-        } else {
-            self.waited += 1;
-            if self.waited >= self.patience {
-                end.stop_training();
-            }
+    fn name(&self) -> &str {
+        "early_stopping"
+    }
+
+    fn on_train_begin(&mut self, _ctx: &mut FitContext<'_>) -> Result<()> {
+        // Keras: an instance may be reused across `fit` calls.
+        self.waited = 0;
+        self.best = None;
+        self.best_epoch = 0;
+        self.best_weights = None;
+        Ok(())
+    }
+
+    fn on_epoch_end(&mut self, ctx: &mut FitContext<'_>) -> Result<()> {
+        let value = read_metric(ctx, &self.monitor)?;
+        let epoch = ctx.epoch().saturating_sub(1);
+        if epoch < self.start_from_epoch {
+            return Ok(());
         }
+        if self.restore_best_weights && self.best_weights.is_none() {
+            self.best_weights = Some(Self::snapshot(ctx)?);
+            self.best_epoch = epoch;
+        }
+        self.waited += 1;
+        if self.goal.improves(value, self.best, self.min_delta) {
+            self.best = Some(value);
+            self.best_epoch = epoch;
+            if self.restore_best_weights {
+                self.best_weights = Some(Self::snapshot(ctx)?);
+            }
+            if self
+                .baseline
+                .is_none_or(|b| self.goal.improves(value, Some(b), self.min_delta))
+            {
+                self.waited = 0;
+            }
+            return Ok(());
+        }
+        if self.waited >= self.patience && epoch > 0 {
+            ctx.stop_training();
+        }
+        Ok(())
+    }
+
+    fn on_train_end(&mut self, ctx: &mut FitContext<'_>) -> Result<()> {
+        if let (true, Some(weights)) = (self.restore_best_weights, &self.best_weights) {
+            ctx.trainer().model().set_weights(weights)?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<Option<CallbackState>> {
+        let mut state = CallbackState::new()
+            .with_value("waited", self.waited as f64)
+            .with_value("best_epoch", self.best_epoch as f64);
+        if let Some(best) = self.best {
+            state = state.with_value("best", best);
+        }
+        for (name, t) in self.best_weights.iter().flatten() {
+            state = state.with_tensor(name.clone(), t.clone());
+        }
+        Ok(Some(state))
+    }
+
+    fn restore_state(&mut self, state: &CallbackState) -> Result<()> {
+        self.waited = state.value("waited").unwrap_or(0.0) as usize;
+        self.best_epoch = state.value("best_epoch").unwrap_or(0.0) as usize;
+        self.best = state.value("best");
+        let weights: HashMap<String, Tensor> = state
+            .tensors()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        self.best_weights = (!weights.is_empty()).then_some(weights);
         Ok(())
     }
 }
@@ -304,7 +474,7 @@ impl HistoryLogger {
 }
 
 impl Callback for HistoryLogger {
-    fn on_epoch_end(&mut self, end: &mut EpochEnd<'_>) -> Result<()> {
+    fn on_epoch_end(&mut self, end: &mut FitContext<'_>) -> Result<()> {
         if let Some(path) = &self.json {
             end.history().write_json(path)?;
         }

@@ -2,13 +2,14 @@
 //! state, history, counters and seed, written to a temporary file and renamed) and
 //! [`Trainer::load_checkpoint`] (all or nothing).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::Tensor;
 
 use crate::models::weights::converted;
 use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
+use crate::train::callback_state::CallbackState;
 use crate::train::trainer::Trainer;
 use crate::train::{History, OptimizerState};
 use crate::{Error, Result};
@@ -17,8 +18,9 @@ const CHECKPOINT_FORMAT: &str = "candle-functional/checkpoint/1";
 
 impl Trainer {
     /// Writes everything needed to resume: weights (with BatchNorm state), optimizer state,
-    /// completed epochs and steps, the forward-call counter (dropout masks) and the history.
-    /// Written to a temporary file and renamed.
+    /// completed epochs and steps, the base learning rate (as callbacks left it), the
+    /// forward-call counter (dropout masks), the history and the state of the run's
+    /// callbacks (as of the last epoch's end). Written to a temporary file and renamed.
     ///
     /// # Examples
     /// ```
@@ -51,6 +53,15 @@ impl Trainer {
         for (name, t) in state.slots {
             tensors.insert(format!("optimizer.{name}"), t);
         }
+        let mut values = BTreeMap::new();
+        for (key, state) in &self.callback_states {
+            values.insert(key.clone(), state.values_as_text());
+            for (name, t) in state.tensors() {
+                tensors.insert(format!("callback.{key}.{name}"), t.clone());
+            }
+        }
+        let callbacks = serde_json::to_string(&values)
+            .map_err(|e| Error::InvalidArgument(format!("callback states: {e}")))?;
         let mut meta: HashMap<String, String> = [
             ("format", CHECKPOINT_FORMAT.to_string()),
             ("epochs_done", self.epochs_done.to_string()),
@@ -59,6 +70,9 @@ impl Trainer {
             ("forward_calls", self.model.forward_calls().to_string()),
             ("seed", self.model.seed().to_string()),
             ("history", self.history.to_json()?),
+            // Rust's shortest round-trip text: the rate comes back bit for bit.
+            ("learning_rate", self.learning_rate.to_string()),
+            ("callbacks", callbacks),
             ("optimizer", format!("{:?}", self.optimizer_config)),
         ]
         .into_iter()
@@ -120,6 +134,17 @@ impl Trainer {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| bad(format!("metadata `{key}` is missing or not a number")))
         };
+        let values: BTreeMap<String, BTreeMap<String, String>> = match meta.get("callbacks") {
+            Some(json) => {
+                serde_json::from_str(json).map_err(|e| bad(format!("metadata `callbacks`: {e}")))?
+            }
+            None => BTreeMap::new(),
+        };
+        let mut callback_states = values
+            .iter()
+            .map(|(key, v)| Ok((key.clone(), CallbackState::from_text(v)?)))
+            .collect::<Result<BTreeMap<_, _>>>()
+            .map_err(|e| bad(e.to_string()))?;
         let mut weights = HashMap::new();
         let mut slots = Vec::new();
         for (name, t) in tensors {
@@ -127,10 +152,25 @@ impl Trainer {
                 weights.insert(w.to_string(), t);
             } else if let Some(s) = name.strip_prefix("optimizer.") {
                 slots.push((s.to_string(), t));
+            } else if let Some((key, tensor)) = name
+                .strip_prefix("callback.")
+                .and_then(|rest| rest.split_once('.'))
+            {
+                let state = callback_states.remove(key).unwrap_or_default();
+                callback_states.insert(key.to_string(), state.with_tensor(tensor, t));
             } else {
                 return Err(bad(format!("unexpected tensor `{name}`")));
             }
         }
+        let learning_rate = match meta.get("learning_rate") {
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|lr| lr.is_finite() && *lr >= 0.0)
+                .ok_or_else(|| bad(format!("metadata `learning_rate` is not a rate: {v}")))?,
+            // Written before rates were kept: the optimizer's.
+            None => self.optimizer.learning_rate(),
+        };
         let history = History::from_json(meta.get("history").map(String::as_str).unwrap_or("{}"))
             .map_err(|e| bad(e.to_string()))?;
         let batches_per_epoch = meta
@@ -195,6 +235,8 @@ impl Trainer {
         self.epochs_done = epochs_done as usize;
         self.steps_done = steps_done as usize;
         self.history = history;
+        self.learning_rate = learning_rate;
+        self.callback_states = callback_states;
         self.batches_per_epoch = batches_per_epoch;
         self.resumed = true;
         Ok(())

@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data::Dataset;
 use crate::graph::Mode;
 use crate::support::dtype::Cast;
-use crate::train::callback::{Callback, run_callbacks};
+use crate::train::callback::{
+    Callback, FitContext, Hook, restore_callback_states, run_epoch_end, run_hook,
+};
 use crate::train::compile::{Evaluation, Progress};
 use crate::train::metrics::Metric;
 use crate::train::trainer::{Trainer, update_metrics};
@@ -81,7 +83,11 @@ impl Trainer {
     }
 
     /// Trains until `epochs` epochs are done in total (a resumed trainer continues from its
-    /// checkpoint's epoch), evaluating on `validation` after each, and calling `callbacks`.
+    /// checkpoint's epoch), evaluating on `validation` after each, and calling `callbacks`
+    /// (Keras's order: train begin; per epoch, epoch begin, batch begin and end around each
+    /// step, epoch end; train end). A callback may stop the run after a batch (the epoch is
+    /// then ended, validated and logged, as in Keras) or after an epoch. A run resumed from a
+    /// checkpoint hands each callback its saved state after `on_train_begin`.
     ///
     /// # Examples
     /// ```
@@ -120,32 +126,59 @@ impl Trainer {
             )));
         }
         self.batches_per_epoch = Some(train.len());
-        self.resumed = false;
+        let resumed = std::mem::replace(&mut self.resumed, false);
         self.divergence = None;
         let total_steps = epochs * train.len();
-        let base_lr = self.optimizer.learning_rate();
         // Where reading a value waits for a queue (a GPU), refresh the display less often.
         let refresh = if crate::device::reads_wait_for_a_queue(train.device()) {
             25
         } else {
             1
         };
-        while self.epochs_done < epochs {
+        let mut stop = false;
+        let first = self.epochs_done + 1;
+        run_hook(
+            callbacks,
+            Hook::TrainBegin,
+            &mut FitContext::new(self, first, &mut stop),
+        )?;
+        if resumed {
+            restore_callback_states(callbacks, &self.callback_states)?;
+        }
+        while self.epochs_done < epochs && !stop {
             let epoch = self.epochs_done;
             let bar = self.progress_bar(epoch + 1, epochs, train.len());
             let start = Instant::now();
             let mut totals = Totals::new(self.losses.len(), train.device())?;
             self.metrics.iter_mut().flatten().for_each(|m| m.reset());
-            let mut lr = base_lr;
+            run_hook(
+                callbacks,
+                Hook::EpochBegin,
+                &mut FitContext::new(self, epoch + 1, &mut stop),
+            )?;
+            let mut lr = self.learning_rate;
             for (i, batch) in train.batches(epoch as u64).enumerate() {
                 let batch = batch?;
                 let n = batch.samples()?;
-                lr = self
-                    .schedule
-                    .learning_rate(base_lr, epoch, self.steps_done, total_steps);
+                run_hook(
+                    callbacks,
+                    Hook::BatchBegin,
+                    &mut FitContext::new(self, epoch + 1, &mut stop).at_batch(i, None),
+                )?;
+                lr = self.schedule.learning_rate(
+                    self.learning_rate,
+                    epoch,
+                    self.steps_done,
+                    total_steps,
+                );
                 let (loss, per_output) = self.step(&batch, lr, (epoch + 1, i + 1))?;
                 totals.add(&loss, &per_output, n)?;
                 self.steps_done += 1;
+                run_hook(
+                    callbacks,
+                    Hook::BatchEnd,
+                    &mut FitContext::new(self, epoch + 1, &mut stop).at_batch(i, Some(&loss)),
+                )?;
                 if let Some(bar) = &bar {
                     bar.inc(1);
                     if i % refresh == 0 || i + 1 == train.len() {
@@ -157,6 +190,9 @@ impl Trainer {
                         }
                         bar.set_message(format!("{message} {rate:.0} samples/s"));
                     }
+                }
+                if stop {
+                    break;
                 }
             }
             self.check_divergence()?;
@@ -189,10 +225,14 @@ impl Trainer {
             }
             self.history.push(log.clone());
             self.epochs_done += 1;
-            if run_callbacks(callbacks, self, &log)? {
-                break;
-            }
+            run_epoch_end(callbacks, self, &log, &mut stop)?;
         }
+        let last = self.epochs_done;
+        run_hook(
+            callbacks,
+            Hook::TrainEnd,
+            &mut FitContext::new(self, last, &mut stop),
+        )?;
         Ok(&self.history)
     }
 

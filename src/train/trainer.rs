@@ -1,6 +1,8 @@
 //! [`Trainer`]: Keras's `compile`/`fit`/`evaluate`/`predict` for a [`Model`], with
 //! checkpoints that resume a run exactly.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor, Var};
 
 use crate::data::Batch;
@@ -9,6 +11,7 @@ use crate::models::Model;
 use crate::ops;
 use crate::profile::read_vec;
 use crate::support::dtype::Cast;
+use crate::train::callback_state::CallbackState;
 use crate::train::compile::{Losses, NanCheck, Progress};
 use crate::train::loss_function::{OutputLoss, class_weights_of, weighted_mean};
 use crate::train::metrics::{Metric, default_metrics};
@@ -79,6 +82,12 @@ pub struct Trainer {
     pub(super) metrics: Vec<Vec<Box<dyn Metric>>>,
     pub(super) output_names: Vec<String>,
     pub(super) schedule: LrSchedule,
+    /// The base learning rate (the optimizer's at first; callbacks may change it): the
+    /// schedule scales it at every step, and checkpoints keep it.
+    pub(super) learning_rate: f64,
+    /// The state of each callback of the run by key (taken at every epoch's end, before the
+    /// callbacks that write checkpoints run; restored from a checkpoint).
+    pub(super) callback_states: BTreeMap<String, CallbackState>,
     pub(super) progress: Progress,
     pub(super) history: History,
     pub(super) epochs_done: usize,
@@ -137,9 +146,12 @@ impl Trainer {
             .map(|t| t.layer().display_name())
             .collect();
         let optimizer_config = optimizer.into();
+        let optimizer = optimizer_config.build()?;
         let model_device = model.device().unwrap_or(candle_core::Device::Cpu);
         Ok(Self {
-            optimizer: optimizer_config.build()?,
+            learning_rate: optimizer.learning_rate(),
+            callback_states: BTreeMap::new(),
+            optimizer,
             optimizer_config,
             batches_per_epoch: None,
             resumed: false,
@@ -357,6 +369,55 @@ impl Trainer {
     pub fn schedule(mut self, schedule: LrSchedule) -> Self {
         self.schedule = schedule;
         self
+    }
+
+    /// The base learning rate: the optimizer's, unless changed by
+    /// [`Trainer::set_learning_rate`] or a callback, or restored from a checkpoint. The
+    /// schedule ([`Trainer::schedule`]) scales it at every step.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// let x = Input::new([2]);
+    /// let model = Model::new(&[x.clone()], &[Dense::new(1).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let sgd = SgdConfig { learning_rate: 0.05, ..Default::default() };
+    /// let mut trainer = Trainer::new(model, sgd, Loss::MeanSquaredError)?;
+    /// assert_eq!(trainer.learning_rate(), 0.05);
+    /// trainer.set_learning_rate(0.01)?;
+    /// assert_eq!(trainer.learning_rate(), 0.01);
+    /// assert!(trainer.set_learning_rate(f64::NAN).is_err());
+    /// assert_eq!(trainer.learning_rate(), 0.01);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn learning_rate(&self) -> f64 {
+        self.learning_rate
+    }
+
+    /// Sets the base learning rate from the next step on (Keras's
+    /// `optimizer.learning_rate = ...`); refused, changing nothing, unless finite and not
+    /// negative. See [`Trainer::learning_rate`].
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// # let x = Input::new([2]);
+    /// # let model = Model::new(&[x.clone()], &[Dense::new(1).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let mut trainer = Trainer::new(model, SgdConfig::default(), Loss::MeanSquaredError)?;
+    /// assert!(trainer.set_learning_rate(-1.0).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_learning_rate(&mut self, learning_rate: f64) -> Result<()> {
+        if !(learning_rate.is_finite() && learning_rate >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "learning rate {learning_rate}: it must be finite and not negative"
+            )));
+        }
+        self.learning_rate = learning_rate;
+        Ok(())
     }
 
     /// Sets how `fit` reports progress (default quiet).
