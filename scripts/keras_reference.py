@@ -57,6 +57,10 @@ Run from the repository root:
         monitor values: the learning rate after every epoch, the stopping epoch and
         the restored epoch, to tests/fixtures/keras_callbacks.json.
 
+    <venv>/bin/python scripts/keras_reference.py clipping
+        One full-batch SGD step of fit with clipnorm, global_clipnorm and clipvalue
+        (and none), to tests/fixtures/keras_clipping.json.
+
     <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
         Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
         (about 60 MB: not committed) with an input batch and Keras's output in
@@ -1012,6 +1016,35 @@ def cmd_callbacks(_args):
     print(f"wrote {out}")
 
 
+def cmd_clipping(_args):
+    """One full-batch SGD step of fit with each of Keras's gradient clippings (clipnorm,
+    global_clipnorm, clipvalue) set tight enough to act, written as JSON."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 4)).astype("float32") * 3.0
+    y = np.array([0, 1, 0, 0, 1, 1])
+    kernel = (rng.standard_normal((4, 2)) * 0.5).astype("float32")
+    bias = (rng.standard_normal(2) * 0.1).astype("float32")
+    steps = []
+    for name, value in [("clipnorm", 0.05), ("global_clipnorm", 0.05), ("clipvalue", 0.01),
+                        ("none", None)]:
+        inp = keras.Input((4,))
+        model = keras.Model(inp, layers.Dense(2, name="dense")(inp))
+        model.get_layer("dense").set_weights([kernel, bias])
+        extra = {} if value is None else {name: value}
+        model.compile(optimizer=keras.optimizers.SGD(0.1, **extra),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0)
+        new_kernel, new_bias = model.get_layer("dense").get_weights()
+        steps.append({"name": name, "value": value, "x": x.tolist(), "y": y.tolist(),
+                      "kernel": kernel.tolist(), "bias": bias.tolist(),
+                      "new_kernel": new_kernel.tolist(), "new_bias": new_bias.tolist()})
+    out = os.path.join(FIXTURES, "keras_clipping.json")
+    with open(out, "w") as f:
+        json.dump({"keras": keras.__version__, "steps": steps}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {out}")
+
+
 def cmd_keras_resnet(args):
     """The article's ResNet saved by Keras (too big to commit), with an input batch and its
     outputs, for the ignored test `keras_import_article_resnet`."""
@@ -1081,6 +1114,8 @@ def main():
                               help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders)")
     sub.add_parser("weighted-losses",
                    help="write tests/fixtures/keras_weighted_losses.json")
+    sub.add_parser("clipping",
+                   help="write tests/fixtures/keras_clipping.json")
     sub.add_parser("callbacks",
                    help="write tests/fixtures/keras_callbacks.json")
     resnet = sub.add_parser("keras-resnet",
@@ -1094,6 +1129,7 @@ def main():
      "keras-import": cmd_keras_import,
      "weighted-losses": cmd_weighted_losses,
      "callbacks": cmd_callbacks,
+     "clipping": cmd_clipping,
      "keras-resnet": cmd_keras_resnet,
      "keras-applications": cmd_keras_applications}[args.command](args)
 

@@ -118,6 +118,13 @@ pub enum Error {
         model: String,
     },
 
+    /// A layer's weights were needed before a model holding it was built.
+    #[error("layer `{layer}` has no weights yet: build a model that holds it (`Model::build`)")]
+    LayerNotBuilt {
+        /// The layer.
+        layer: String,
+    },
+
     /// A layer already holds weights on another device or dtype than the one asked for.
     #[error("layer `{layer}` already holds weights on {existing}, cannot build it on {requested}")]
     DeviceMismatch {
@@ -239,12 +246,59 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// An error from candle itself.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// An error from candle itself. Its message leaves out the backtrace candle attaches
+    /// when `RUST_BACKTRACE` is set (about a hundred frames inside the text);
+    /// [`Error::candle_backtrace`] still has it.
+    #[error("{}", candle_message(.0))]
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
+/// candle's message without its backtrace (which candle puts inside `Display`).
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_message(inner))
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_message(inner))
+        }
+        other => other.to_string(),
+    }
 }
 
 impl Error {
+    /// The backtrace candle captured for this error (when `RUST_BACKTRACE` was set), which the
+    /// message leaves out.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::Error;
+    /// let err = Error::from(candle_core::Error::Msg("no".into()));
+    /// assert_eq!(err.to_string(), "no");
+    /// assert!(err.candle_backtrace().is_none());
+    /// ```
+    pub fn candle_backtrace(&self) -> Option<&std::backtrace::Backtrace> {
+        let Error::Candle(e) = self else {
+            return None;
+        };
+        let mut e: &candle_core::Error = e;
+        loop {
+            match e {
+                candle_core::Error::WithBacktrace { backtrace, .. } => return Some(backtrace),
+                candle_core::Error::Context { inner, .. }
+                | candle_core::Error::WithPath { inner, .. } => e = inner,
+                _ => return None,
+            }
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

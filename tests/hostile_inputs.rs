@@ -801,21 +801,24 @@ impl Callback for SaveLastOnly {
 }
 
 #[test]
-fn integer_inputs_are_refused_naming_the_input() {
+fn integer_inputs_are_converted_to_floats_before_any_layer() {
     // A u8 image into average pooling once overflowed candle's integer sum (a panic in a
-    // debug build, wrapped values in a release one).
+    // debug build, wrapped values in a release one). Inputs now take the model's float dtype
+    // first, as Keras converts them.
     let x = Input::named("pixels", [1, 4, 4]);
     let y = AveragePooling2D::new(2).call(&x).unwrap();
     let model = Model::new(std::slice::from_ref(&x), &[y])
         .unwrap()
         .build(&CPU, DType::F32, 0)
         .unwrap();
+    let full = Tensor::full(255u8, (1, 1, 4, 4), &CPU).unwrap();
     for dtype in [DType::U8, DType::U32, DType::I64] {
-        let err = model
-            .forward(&[zeros(&[1, 1, 4, 4], dtype)], Mode::Eval)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`pixels`") && err.contains("floats"), "{err}");
+        let out = model
+            .forward(&[full.to_dtype(dtype).unwrap()], Mode::Eval)
+            .unwrap();
+        assert_eq!(out[0].dtype(), DType::F32);
+        let values = out[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values, [255.0; 4], "{dtype:?}");
     }
     assert!(
         model

@@ -300,7 +300,14 @@ fn concatenate_along_channels_and_last_axis() {
 
     let c = Input::new([1, 1, 1]);
     let d = Input::new([1, 1, 2]);
-    let y = Concatenate::new(-1)
+    // The width of (C, H, W) maps is axis 3 (a negative axis there is refused: Keras's -1
+    // means channels).
+    assert!(
+        Concatenate::new(-1)
+            .call_many(&[c.clone(), d.clone()])
+            .is_err()
+    );
+    let y = Concatenate::new(3)
         .call_many(&[c.clone(), d.clone()])
         .unwrap();
     assert_eq!(y.shape(), &[1, 1, 3]);

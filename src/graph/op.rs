@@ -419,8 +419,8 @@ impl LayerRef {
             if self.param_specs().is_empty() {
                 return Ok(Vec::new());
             }
-            return Err(Error::NotBuilt {
-                model: self.display_name(),
+            return Err(Error::LayerNotBuilt {
+                layer: self.display_name(),
             });
         };
         Ok(weights
@@ -543,8 +543,8 @@ impl LayerRef {
             Some(w) => (&w.specs, &w.vars),
             None if self.param_specs().is_empty() => (&[], &[]),
             None => {
-                return Err(Error::NotBuilt {
-                    model: self.display_name(),
+                return Err(Error::LayerNotBuilt {
+                    layer: self.display_name(),
                 });
             }
         };

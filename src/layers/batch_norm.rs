@@ -15,7 +15,7 @@ use crate::layers::keras::{
     Convert, FeatureOrder, KerasClass, KerasLayer, Translated, Translation,
 };
 use crate::layers::kind::{LayerExample, LayerKind};
-use crate::layers::padding::{non_batch_axis, one_input};
+use crate::layers::padding::{channel_axis, one_input};
 use crate::ops;
 use crate::support::dtype::Cast;
 use crate::{Error, Result};
@@ -32,7 +32,8 @@ use crate::{Error, Result};
 #[serde(default)]
 pub struct BatchNormConfig {
     /// The channel axis of the full tensor (batch is axis 0): 1 for NCHW; negative counts
-    /// from the end.
+    /// from the end, except on `(C, H, W)` maps, where Keras's `-1` (channels) and NCHW's
+    /// `-1` (width) differ: there it is refused, naming both.
     pub axis: isize,
     /// Weight of the old value in the running-statistics update.
     pub momentum: f64,
@@ -135,7 +136,7 @@ impl BatchNorm {
 impl BatchNormConfig {
     /// The channel axis in the full tensor (rank = per-sample rank + 1).
     fn full_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
-        non_batch_axis(layer, self.axis, sample_rank)
+        channel_axis(layer, self.axis, sample_rank)
     }
 }
 

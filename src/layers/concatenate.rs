@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
-use crate::layers::padding::{checked_size, non_batch_axis};
+use crate::layers::padding::{channel_axis, checked_size};
 use crate::{Error, Result};
 
 /// Configuration of a [`Concatenate`] layer.
@@ -19,7 +19,8 @@ use crate::{Error, Result};
 #[serde(default)]
 pub struct ConcatenateConfig {
     /// Axis of the full tensor (batch is axis 0, so 1 is the channel axis of NCHW); negative
-    /// counts from the end.
+    /// counts from the end, except on `(C, H, W)` maps, where Keras's `-1` (channels) and
+    /// NCHW's `-1` (width) differ: there it is refused, naming both.
     pub axis: isize,
 }
 
@@ -61,7 +62,7 @@ impl Concatenate {
 impl ConcatenateConfig {
     /// The axis as an index into per-sample shapes of rank `sample_rank`.
     fn sample_axis(&self, layer: &str, sample_rank: usize) -> Result<usize> {
-        Ok(non_batch_axis(layer, self.axis, sample_rank)? - 1)
+        Ok(channel_axis(layer, self.axis, sample_rank)? - 1)
     }
 }
 

@@ -49,7 +49,7 @@ pub use merge::{
     Multiply, MultiplyConfig, Subtract, SubtractConfig,
 };
 pub use padding::{
-    Padding, expect_chw, expect_positive, non_batch_axis, one_input, same_padding,
+    Padding, channel_axis, expect_chw, expect_positive, non_batch_axis, one_input, same_padding,
     window_output_len,
 };
 pub use pooling::{

@@ -149,6 +149,35 @@ pub fn non_batch_axis(layer: &str, axis: isize, sample_rank: usize) -> Result<us
     Ok(resolved as usize)
 }
 
+/// [`non_batch_axis`] for layers that Keras code ports with `axis=-1` meaning channels
+/// (`Concatenate`, `BatchNormalization`): on a `(C, H, W)` map a negative axis counts from
+/// the width in candle's NCHW layout, so it is refused with both readings spelt out instead
+/// of silently joining or normalizing along the width.
+///
+/// # Examples
+/// ```
+/// use candle_functional::layers::channel_axis;
+/// assert_eq!(channel_axis("concatenate", 1, 3)?, 1);
+/// assert_eq!(channel_axis("concatenate", 3, 3)?, 3);
+/// assert_eq!(channel_axis("concatenate", -1, 1)?, 1); // (features,) vectors: no doubt
+/// let err = channel_axis("concatenate", -1, 3).unwrap_err().to_string();
+/// assert!(err.contains("width") && err.contains("axis 1"), "{err}");
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn channel_axis(layer: &str, axis: isize, sample_rank: usize) -> Result<usize> {
+    let resolved = non_batch_axis(layer, axis, sample_rank)?;
+    if axis < 0 && sample_rank == 3 {
+        let name = ["channels", "height", "width"][resolved - 1];
+        return Err(Error::InvalidInput {
+            layer: layer.to_string(),
+            message: format!(
+                "axis {axis} of a (channels, height, width) map is its {name} in candle's NCHW layout, while in Keras's channels-last code it means the channels: write axis 1 for the channels (or {resolved} for the {name})"
+            ),
+        });
+    }
+    Ok(resolved)
+}
+
 /// Checks that every value is positive (filters, window sizes, strides); an
 /// [`Error::InvalidConfig`] naming `layer` and `what` otherwise.
 ///

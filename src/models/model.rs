@@ -274,9 +274,10 @@ impl Model {
     }
 
     /// Runs the model on concrete tensors (batch first), one per input, in the order given
-    /// to [`Model::new`]. Checks their count and shapes first. Intermediate activations are
-    /// dropped after their last use. An empty batch gives empty outputs (no layer runs and
-    /// nothing is updated).
+    /// to [`Model::new`]. Checks their count and shapes first; inputs of another dtype (f64
+    /// values, u8 pixels) are converted to the dtype the model computes in, as Keras does.
+    /// Intermediate activations are dropped after their last use. An empty batch gives empty
+    /// outputs (no layer runs and nothing is updated).
     ///
     /// # Examples
     /// ```
@@ -321,6 +322,13 @@ impl Model {
         mode: Mode,
         updates: &StateUpdates,
     ) -> Result<Vec<Tensor>> {
+        if !self.is_built() {
+            return Err(Error::NotBuilt {
+                model: self.name().to_string(),
+            });
+        }
+        let converted = self.converted_inputs(inputs)?;
+        let inputs = converted.as_deref().unwrap_or(inputs);
         let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
         let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
         let pass = Pass {
@@ -329,7 +337,55 @@ impl Model {
             compute_dtype: self.compute_dtype(),
             state_updates: Some(updates),
         };
-        self.plan.run(self.name(), inputs, pass)
+        self.plan
+            .run(self.name(), inputs, pass)
+            .map_err(|e| self.explain_missing_kernel(e, inputs))
+    }
+
+    /// Adds what to do to candle's bare "unsupported dtype BF16 for op …", which a model
+    /// computing in BF16 on the CPU meets at its first convolution (candle's CPU backend lacks
+    /// some BF16 kernels; its CUDA backend has them).
+    fn explain_missing_kernel(&self, e: Error, inputs: &[Tensor]) -> Error {
+        let message = e.to_string();
+        let on_cpu = inputs.iter().any(|t| t.device().is_cpu());
+        if !(on_cpu && matches!(e, Error::Candle(_)) && message.contains("unsupported dtype BF16"))
+        {
+            return e;
+        }
+        Error::InvalidArgument(format!(
+            "model `{}` computes in BF16 on the CPU, where candle lacks this kernel ({message}): on the CPU compute in F32 (build in F32, no mixed precision) or F16; BF16 runs on CUDA",
+            self.name()
+        ))
+    }
+
+    /// The dtype a forward pass computes in: the mixed-precision compute dtype, else the
+    /// weights' (`None` for a model without weights).
+    fn working_dtype(&self) -> Option<DType> {
+        self.compute_dtype().or_else(|| {
+            weight_holders(&self.plan.layers)
+                .iter()
+                .find_map(|(_, layer)| layer.weights()?.vars.first().map(|v| v.dtype()))
+        })
+    }
+
+    /// Keras's input conversion: every input takes the dtype the model computes in (an f64
+    /// batch, or u8 pixels, into an f32 model), and integer inputs of a model without weights
+    /// become f32. `None` when every input already fits.
+    fn converted_inputs(&self, inputs: &[Tensor]) -> Result<Option<Vec<Tensor>>> {
+        let dtype = self.working_dtype();
+        let target = |t: &Tensor| match dtype {
+            Some(d) => d,
+            None if t.dtype().is_float() => t.dtype(),
+            None => DType::F32,
+        };
+        if inputs.iter().all(|t| t.dtype() == target(t)) {
+            return Ok(None);
+        }
+        inputs
+            .iter()
+            .map(|t| Ok(t.to_dtype(target(t))?))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// The symbolic inputs.

@@ -131,6 +131,13 @@ impl Loss {
             (both[0], both[1])
         };
         if min < 0.0 || max >= classes as f64 {
+            // Unsigned labels were checked by their maximum alone: the error reads the true
+            // minimum too, so the message shows the range the batch held.
+            let min = if matches!(target.dtype(), DType::U8 | DType::U32) {
+                crate::profile::read_scalar::<f64>(&flat.min(0)?)?
+            } else {
+                min
+            };
             return Err(self.bad_target(
                 output,
                 format!(

@@ -864,7 +864,8 @@ impl Trainer {
         inputs
             .iter()
             .map(|t| {
-                // Float inputs take the model's dtype; integer inputs (indices) stay as they are.
+                // Float inputs take the model's dtype here; the model converts integer inputs
+                // itself (Keras's input conversion, `Model::forward`).
                 Ok(if t.dtype().is_float() {
                     t.cast(dtype)?
                 } else {
