@@ -264,6 +264,59 @@ impl TensorDataset {
         Ok(self)
     }
 
+    /// Keras's `validation_split`: the last `fraction` of the samples, taken before any
+    /// shuffling, become a validation set and the rest the training set (Keras's split:
+    /// the training set keeps the first `floor(samples · (1 − fraction))`). Both keep the
+    /// batch size and the sample weights of their samples; the training set keeps the
+    /// shuffling, the validation set is never shuffled. Refused unless `fraction` is in
+    /// `(0, 1)` and both sets get at least one sample.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_functional::data::TensorDataset;
+    /// let x = Tensor::arange(0f32, 10.0, &Device::Cpu)?.reshape((10, 1))?;
+    /// let y = Tensor::arange(0u32, 10, &Device::Cpu)?;
+    /// let data = TensorDataset::new(vec![x], vec![y], 4)?.shuffle(true);
+    /// let (train, val) = data.validation_split(0.25)?;
+    /// assert_eq!((train.samples(), val.samples()), (7, 3)); // floor(10 · 0.75) = 7
+    /// assert!(data.validation_split(1.0).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn validation_split(&self, fraction: f64) -> Result<(Self, Self)> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "validation_split {fraction}: it must be in (0, 1)"
+            )));
+        }
+        let split_at = (self.samples as f64 * (1.0 - fraction)).floor() as usize;
+        if split_at == 0 || split_at == self.samples {
+            return Err(Error::InvalidArgument(format!(
+                "validation_split {fraction} of {} samples leaves {split_at} for training and {} for validation: both need at least one",
+                self.samples,
+                self.samples - split_at
+            )));
+        }
+        let part = |start: usize, len: usize| -> Result<Self> {
+            let cut = |tensors: &[Tensor]| -> Result<Vec<Tensor>> {
+                tensors
+                    .iter()
+                    .map(|t| Ok(t.narrow(0, start, len)?))
+                    .collect()
+            };
+            Ok(Self {
+                inputs: cut(&self.inputs)?,
+                targets: cut(&self.targets)?,
+                sample_weights: cut(&self.sample_weights)?,
+                samples: len,
+                ..self.clone()
+            })
+        };
+        let train = part(0, split_at)?;
+        let validation = part(split_at, self.samples - split_at)?.shuffle(false);
+        Ok((train, validation))
+    }
+
     /// Draws a new sample order every epoch (default off).
     ///
     /// # Examples

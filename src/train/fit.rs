@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::data::Dataset;
 use crate::graph::Mode;
+use crate::models::Model;
 use crate::support::dtype::Cast;
 use crate::train::callback::{
     Callback, FitContext, Hook, restore_callback_states, run_epoch_end, run_hook,
@@ -296,7 +297,7 @@ impl Trainer {
     }
 
     /// Every output of the model for every sample, in order, in inference mode (targets, if
-    /// the data has any, are ignored).
+    /// the data has any, are ignored): [`Model::predict`] on the trainer's model.
     ///
     /// # Examples
     /// ```
@@ -314,15 +315,42 @@ impl Trainer {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn predict(&self, data: &dyn Dataset) -> Result<Vec<Tensor>> {
-        let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); self.model.outputs().len()];
+        self.model.predict(data)
+    }
+}
+
+impl Model {
+    /// Keras's `model.predict(x)`: every output for every sample of a data set, batch by
+    /// batch in inference mode, concatenated in order (one tensor per output; targets, if
+    /// the data has any, are ignored). No trainer needed.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::data::TensorDataset;
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let samples = Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?;
+    /// let data = TensorDataset::new(vec![samples], vec![], 2)?; // batches of 2, 2, 1
+    /// assert_eq!(model.predict(&data)?[0].dims(), &[5, 2]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn predict(&self, data: &dyn Dataset) -> Result<Vec<Tensor>> {
+        let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs().len()];
         for batch in data.batches(0) {
-            let inputs = self.cast_inputs(&batch?.inputs)?;
             for (all, out) in per_output
                 .iter_mut()
-                .zip(self.model.forward(&inputs, Mode::Eval)?)
+                .zip(self.forward(&batch?.inputs, Mode::Eval)?)
             {
                 all.push(out);
             }
+        }
+        if per_output.first().is_some_and(Vec::is_empty) {
+            return Err(Error::InvalidArgument(
+                "predict: the data set has no samples".into(),
+            ));
         }
         per_output
             .iter()

@@ -12,6 +12,7 @@ use crate::ops;
 use crate::profile::read_vec;
 use crate::support::dtype::Cast;
 use crate::train::callback_state::CallbackState;
+use crate::train::clipping::GradientClipping;
 use crate::train::compile::{Losses, NanCheck, Progress};
 use crate::train::loss_function::{OutputLoss, class_weights_of, weighted_mean};
 use crate::train::metrics::{Metric, default_metrics};
@@ -82,6 +83,8 @@ pub struct Trainer {
     pub(super) metrics: Vec<Vec<Box<dyn Metric>>>,
     pub(super) output_names: Vec<String>,
     pub(super) schedule: LrSchedule,
+    /// Keras's `clipnorm` / `global_clipnorm` / `clipvalue`, applied before the optimizer.
+    pub(super) clipping: Option<GradientClipping>,
     /// The base learning rate (the optimizer's at first; callbacks may change it): the
     /// schedule scales it at every step, and checkpoints keep it.
     pub(super) learning_rate: f64,
@@ -150,6 +153,7 @@ impl Trainer {
         let model_device = model.device().unwrap_or(candle_core::Device::Cpu);
         Ok(Self {
             learning_rate: optimizer.learning_rate(),
+            clipping: None,
             callback_states: BTreeMap::new(),
             optimizer,
             optimizer_config,
@@ -420,6 +424,27 @@ impl Trainer {
         Ok(())
     }
 
+    /// Clips the gradients of every step before the optimizer reads them (Keras's
+    /// `clipnorm`, `global_clipnorm` or `clipvalue` on the optimizer); refused unless the
+    /// threshold is positive and finite.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{GradientClipping, Loss, SgdConfig, Trainer};
+    /// # let x = Input::new([2]);
+    /// # let model = Model::new(&[x.clone()], &[Dense::new(1).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let trainer = Trainer::new(model, SgdConfig::default(), Loss::MeanSquaredError)?
+    ///     .gradient_clipping(GradientClipping::GlobalNorm(1.0))?; // Keras: global_clipnorm=1.0
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn gradient_clipping(mut self, clipping: GradientClipping) -> Result<Self> {
+        clipping.validate()?;
+        self.clipping = Some(clipping);
+        Ok(self)
+    }
+
     /// Sets how `fit` reports progress (default quiet).
     ///
     /// # Examples
@@ -558,8 +583,11 @@ impl Trainer {
             .forward_deferred(&inputs, Mode::Train, &updates)?;
         let weights = self.weights_of(batch, &targets, true)?;
         let (total, per_output) = self.losses_of(&outputs, &targets, &weights)?;
-        let grads = total.backward()?;
+        let mut grads = total.backward()?;
         let vars = self.model.trainable_weights()?;
+        if let Some(clipping) = &self.clipping {
+            clipping.clip(&mut grads, &vars)?;
+        }
         let gradients: Vec<&Tensor> = vars
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
