@@ -61,6 +61,11 @@ Run from the repository root:
         One full-batch SGD step of fit with clipnorm, global_clipnorm and clipvalue
         (and none), to tests/fixtures/keras_clipping.json.
 
+    <venv>/bin/python scripts/keras_reference.py regularizers
+        A small model with L1/L2/L1L2 weight penalties and a frozen penalized layer, as
+        tests/fixtures/keras_regularized.keras, and one SGD step of fit with it (loss
+        with the penalties, new weights) in tests/fixtures/keras_regularizers.json.
+
     <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
         Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
         (about 60 MB: not committed) with an input batch and Keras's output in
@@ -1045,6 +1050,55 @@ def cmd_clipping(_args):
     print(f"wrote {out}")
 
 
+def cmd_regularizers(_args):
+    """A small model with Keras's L1, L2 and L1L2 weight penalties (and a frozen penalized
+    layer), saved as tests/fixtures/keras_regularized.keras, and one full-batch SGD step of
+    fit with it: the reported loss, the penalties and the new weights, as JSON."""
+    keras.utils.set_random_seed(21)
+    rng = np.random.default_rng(22)
+    regs = keras.regularizers
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="conv",
+                      kernel_regularizer=regs.L2(0.01))(inp)
+    x = layers.BatchNormalization(name="bn", gamma_regularizer=regs.L1(0.005))(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    frozen = layers.Dense(5, name="frozen", kernel_regularizer=regs.L2(0.5))
+    x = frozen(x)
+    frozen.trainable = False
+    x = layers.Dense(3, name="head", kernel_regularizer=regs.L1L2(0.001, 0.003),
+                     bias_regularizer=regs.L1(0.02))(x)
+    model = keras.Model(inp, x)
+    randomize(model, seed=3)
+    path = os.path.join(FIXTURES, "keras_regularized.keras")
+    model.save(path)
+    x_data = rng.standard_normal((6, 8, 8, 3)).astype("float32")
+    y_data = np.array([0, 1, 2, 0, 1, 2])
+    penalty = float(sum(float(l) for l in model.losses))
+    before = {w.path: np.asarray(w) for w in model.weights}
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x_data, y_data, batch_size=6, epochs=1, shuffle=False, verbose=0)
+    after = {}
+    for w in model.weights:
+        a = np.asarray(w)
+        if a.ndim == 4:  # HWIO -> OIHW, as the importer stores conv kernels
+            a = a.transpose(3, 2, 0, 1)
+        after[w.path] = a.tolist()
+    out = os.path.join(FIXTURES, "keras_regularizers.json")
+    with open(out, "w") as f:
+        json.dump({"keras": keras.__version__, "x_nchw": nhwc_to_nchw(x_data).tolist(),
+                   "y": y_data.tolist(), "penalty_before": penalty,
+                   "loss": history.history["loss"][0], "weights_after": after,
+                   "changed": sorted(k for k in before
+                                     if not np.allclose(before[k], np.asarray(
+                                         model.get_layer(k.split("/")[0]).weights[
+                                             [w.path for w in model.get_layer(
+                                                 k.split("/")[0]).weights].index(k)])))},
+                  f, indent=1)
+        f.write("\n")
+    print(f"wrote {path} and {out}")
+
+
 def cmd_keras_resnet(args):
     """The article's ResNet saved by Keras (too big to commit), with an input batch and its
     outputs, for the ignored test `keras_import_article_resnet`."""
@@ -1116,6 +1170,8 @@ def main():
                    help="write tests/fixtures/keras_weighted_losses.json")
     sub.add_parser("clipping",
                    help="write tests/fixtures/keras_clipping.json")
+    sub.add_parser("regularizers",
+                   help="write tests/fixtures/keras_regularized.keras and keras_regularizers.json")
     sub.add_parser("callbacks",
                    help="write tests/fixtures/keras_callbacks.json")
     resnet = sub.add_parser("keras-resnet",
@@ -1130,6 +1186,7 @@ def main():
      "weighted-losses": cmd_weighted_losses,
      "callbacks": cmd_callbacks,
      "clipping": cmd_clipping,
+     "regularizers": cmd_regularizers,
      "keras-resnet": cmd_keras_resnet,
      "keras-applications": cmd_keras_applications}[args.command](args)
 

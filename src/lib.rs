@@ -60,7 +60,7 @@ pub use error::{Error, Result};
 pub use fusion::{ElementWise, Fusion};
 pub use graph::{
     Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
-    StateUpdates, SymbolicTensor,
+    Regularizer, StateUpdates, SymbolicTensor,
 };
 pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts};
 

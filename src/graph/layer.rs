@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::graph::op::{LayerOp, LayerRef};
+use crate::graph::regularizer::Regularizer;
 use crate::graph::symbolic::{SymbolicTensor, record_call};
 use crate::{Error, Result};
 
@@ -31,6 +32,7 @@ use crate::{Error, Result};
 pub struct Configured<C> {
     config: C,
     name: Option<String>,
+    regularizers: Vec<(String, Regularizer)>,
     identity: Arc<OnceLock<LayerRef>>,
 }
 
@@ -47,6 +49,7 @@ impl<C: LayerOp + Clone> Configured<C> {
         Self {
             config,
             name: None,
+            regularizers: Vec::new(),
             identity: Arc::default(),
         }
     }
@@ -78,6 +81,49 @@ impl<C: LayerOp + Clone> Configured<C> {
         self
     }
 
+    /// Penalizes one of the layer's weights, by name, in the training loss (Keras's
+    /// `<weight>_regularizer`); the result is a new layer. A name the layer has no weight of,
+    /// or factors that are negative or not finite, fail at the call, naming the layer.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{prelude::*, Regularizer};
+    /// let bn = BatchNorm::new().regularizer("gamma", Regularizer::l2(1e-5));
+    /// assert!(bn.call(&Input::new([4, 2, 2])).is_ok());
+    /// let wrong = Dense::new(2).regularizer("gamma", Regularizer::l2(1e-5));
+    /// assert!(wrong.call(&Input::new([4])).is_err());
+    /// ```
+    pub fn regularizer(mut self, weight: impl Into<String>, regularizer: Regularizer) -> Self {
+        let weight = weight.into();
+        self.regularizers.retain(|(name, _)| *name != weight);
+        self.regularizers.push((weight, regularizer));
+        self.identity = Arc::default();
+        self
+    }
+
+    /// Keras's `kernel_regularizer`: penalizes the weight named `kernel` (Dense, the
+    /// convolutions).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{prelude::*, Regularizer};
+    /// let conv = Conv2D::new(8, 3).kernel_regularizer(Regularizer::l2(1e-4));
+    /// ```
+    pub fn kernel_regularizer(self, regularizer: Regularizer) -> Self {
+        self.regularizer("kernel", regularizer)
+    }
+
+    /// Keras's `bias_regularizer`: penalizes the weight named `bias`.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{prelude::*, Regularizer};
+    /// let dense = Dense::new(8).bias_regularizer(Regularizer::l1(1e-5));
+    /// ```
+    pub fn bias_regularizer(self, regularizer: Regularizer) -> Self {
+        self.regularizer("bias", regularizer)
+    }
+
     /// Changes the config; the result is a new layer (new weights).
     ///
     /// # Examples
@@ -96,7 +142,13 @@ impl<C: LayerOp + Clone> Configured<C> {
 impl<C: LayerOp + Clone> Layer for Configured<C> {
     fn layer_ref(&self) -> LayerRef {
         self.identity
-            .get_or_init(|| LayerRef::new(Arc::new(self.config.clone()), self.name.clone()))
+            .get_or_init(|| {
+                LayerRef::new(
+                    Arc::new(self.config.clone()),
+                    self.name.clone(),
+                    self.regularizers.clone(),
+                )
+            })
             .clone()
     }
 }

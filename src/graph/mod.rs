@@ -20,6 +20,7 @@ pub(crate) mod layer;
 pub(crate) mod op;
 pub(crate) mod params;
 pub(crate) mod plan;
+pub(crate) mod regularizer;
 pub(crate) mod symbolic;
 pub(crate) mod weight_check;
 
@@ -27,4 +28,5 @@ pub use init::{Initializer, ParamSpec};
 pub use layer::{Configured, IntoLayer, Layer};
 pub use op::{LayerOp, LayerRef};
 pub use params::{Mode, Params, StateUpdates};
+pub use regularizer::Regularizer;
 pub use symbolic::{Input, SymbolicTensor};

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::init::{ParamSpec, layer_rng};
 use crate::graph::params::{Params, Pass};
+use crate::graph::regularizer::{LayerRegularizers, Regularizer};
 use crate::graph::weight_check::check_named_weights;
 use crate::support::dtype::Cast;
 use crate::support::sizes;
@@ -201,6 +202,8 @@ pub(crate) struct LayerCell {
     weights: RwLock<Option<LayerWeights>>,
     /// `false` once frozen: its weights are not trained, its BatchNorm runs in inference mode.
     trainable: AtomicBool,
+    /// Keras's `kernel_regularizer` and friends, by weight name.
+    regularizers: LayerRegularizers,
 }
 
 /// The identity of one layer in a graph: its behaviour, its name and its weights. Nodes that
@@ -228,7 +231,11 @@ pub(crate) fn next_id() -> u64 {
 }
 
 impl LayerRef {
-    pub(crate) fn new(op: Arc<dyn LayerOp>, name: Option<String>) -> Self {
+    pub(crate) fn new(
+        op: Arc<dyn LayerOp>,
+        name: Option<String>,
+        regularizers: Vec<(String, Regularizer)>,
+    ) -> Self {
         let cell = LayerCell {
             id: next_id(),
             op,
@@ -236,6 +243,7 @@ impl LayerRef {
             first_inputs: OnceLock::new(),
             weights: RwLock::new(None),
             trainable: AtomicBool::new(true),
+            regularizers: LayerRegularizers::new(regularizers),
         };
         if let Some(name) = name {
             let _ = cell.name.set(name);
@@ -296,6 +304,47 @@ impl LayerRef {
         for (_, inner) in weight_holders(self.op().sublayers()) {
             inner.0.trainable.store(trainable, Ordering::Relaxed);
         }
+    }
+
+    /// The weight penalties of the layer, by weight name (see [`Regularizer`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{prelude::*, Regularizer};
+    /// let y = Dense::new(3).kernel_regularizer(Regularizer::l2(1e-4)).call(&Input::new([4]))?;
+    /// assert_eq!(y.layer().regularizers(), [("kernel".to_string(), Regularizer::l2(1e-4))]);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn regularizers(&self) -> Vec<(String, Regularizer)> {
+        self.0.regularizers.get()
+    }
+
+    /// Sets (or, with `None`, removes) the penalty of one weight of a called layer, an
+    /// imported one included; refused, changing nothing, for a weight the layer does not
+    /// have or factors that are negative or not finite.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{prelude::*, Regularizer};
+    /// let y = Dense::new(3).call(&Input::new([4]))?;
+    /// y.layer().set_regularizer("bias", Some(Regularizer::l1(0.01)))?;
+    /// assert!(y.layer().set_regularizer("gamma", Some(Regularizer::l1(0.01))).is_err());
+    /// assert_eq!(y.layer().regularizers().len(), 1);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn set_regularizer(&self, weight: &str, regularizer: Option<Regularizer>) -> Result<()> {
+        let check = LayerRegularizers::new(
+            regularizer
+                .map(|r| vec![(weight.to_string(), r)])
+                .unwrap_or_default(),
+        );
+        let specs = self.param_specs();
+        check.check(
+            &self.display_name(),
+            &specs.iter().map(ParamSpec::name).collect::<Vec<_>>(),
+        )?;
+        self.0.regularizers.set(weight, regularizer);
+        Ok(())
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -375,6 +424,8 @@ impl LayerRef {
                     });
                 }
             }
+            let names: Vec<&str> = specs.iter().map(ParamSpec::name).collect();
+            self.0.regularizers.check(&self.display_name(), &names)?;
             let _ = self.0.first_inputs.set(shapes.to_vec());
             return Ok(());
         };

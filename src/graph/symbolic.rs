@@ -261,7 +261,7 @@ impl Input {
     }
 
     fn make(shape: Vec<usize>, name: Option<String>) -> SymbolicTensor {
-        let layer = LayerRef::new(Arc::new(InputLayer), name);
+        let layer = LayerRef::new(Arc::new(InputLayer), name, Vec::new());
         let node = Arc::new(Node {
             id: next_id(),
             is_input: true,

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::graph::op::weight_holders;
 use crate::graph::symbolic::record_call;
 use crate::graph::weight_check::check_named_shapes;
-use crate::graph::{Input, Layer, LayerOp, LayerRef, SymbolicTensor};
+use crate::graph::{Input, Layer, LayerOp, LayerRef, Regularizer, SymbolicTensor};
 use crate::layers::builtin_kinds;
 use crate::layers::kind::parse_config;
 use crate::models::Model;
@@ -68,6 +68,9 @@ pub(crate) struct LayerEntry {
     pub(crate) config: Value,
     #[serde(default = "yes")]
     pub(crate) trainable: bool,
+    /// Weight penalties by weight name (checked against the layer's weights at its call).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) regularizers: Vec<(String, Regularizer)>,
     /// The inputs of each call, in call order (empty for an `InputLayer`).
     #[serde(default)]
     pub(crate) calls: Vec<Vec<TensorRef>>,
@@ -264,6 +267,7 @@ fn graph_config(model: &Model) -> Result<GraphConfig> {
                 })
                 .map_err(json_error)?,
                 trainable: true,
+                regularizers: Vec::new(),
                 calls: Vec::new(),
             });
         }
@@ -307,6 +311,7 @@ fn graph_config(model: &Model) -> Result<GraphConfig> {
             class_name,
             config,
             trainable: layer.trainable(),
+            regularizers: layer.regularizers(),
             calls,
         });
     }
@@ -362,7 +367,11 @@ pub(crate) fn build_graph(config: &GraphConfig, registry: &LayerRegistry) -> Res
                 layers.push((entry, layer));
             }
             _ => {
-                let layer = LayerRef::new(registry.make(entry)?, Some(entry.name.clone()));
+                let layer = LayerRef::new(
+                    registry.make(entry)?,
+                    Some(entry.name.clone()),
+                    entry.regularizers.clone(),
+                );
                 layer.set_trainable(entry.trainable);
                 layers.push((entry, layer));
             }

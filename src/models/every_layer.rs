@@ -90,7 +90,7 @@ fn every_kind_saves_loads_and_gives_the_same_outputs() {
             .iter()
             .map(|s| Input::new(s.clone()))
             .collect();
-        let layer = LayerRef::new(example.op.clone(), Some("layer".into()));
+        let layer = LayerRef::new(example.op.clone(), Some("layer".into()), Vec::new());
         let outputs = record_call(&layer, &inputs).unwrap();
         let model = Model::new(&inputs, &outputs)
             .unwrap()

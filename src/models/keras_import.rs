@@ -33,6 +33,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use crate::graph::Regularizer;
 use crate::graph::op::snake_case;
 use crate::layers::builtin_kinds;
 use crate::layers::keras::{FeatureOrder, KerasClass, KerasInput, KerasLayer};
@@ -438,6 +439,7 @@ impl Importer<'_> {
                     config: serde_json::to_value(InputConfig { shape })
                         .map_err(|e| self.error(e.to_string()))?,
                     trainable: true,
+                    regularizers: Vec::new(),
                     calls: Vec::new(),
                 });
                 continue;
@@ -501,6 +503,7 @@ impl Importer<'_> {
                         .get("trainable")
                         .and_then(Value::as_bool)
                         .unwrap_or(true),
+                    regularizers: Vec::new(),
                     calls,
                 });
                 continue;
@@ -576,10 +579,14 @@ impl Importer<'_> {
                     convert.apply(value)?,
                 );
             }
+            let params: Vec<&str> = translated.weights.iter().map(|w| w.0).collect();
+            let regularizers = keras_regularizers(layer_config, &params)
+                .map_err(|message| self.layer_error(&name, class, message))?;
             entries.push(LayerEntry {
                 name,
                 class_name: translated.class_name,
                 config: translated.config,
+                regularizers,
                 trainable: layer_config
                     .get("trainable")
                     .and_then(Value::as_bool)
@@ -606,4 +613,65 @@ impl Importer<'_> {
         };
         Ok(graph)
     }
+}
+
+/// A Keras layer's weight penalties (from its `config`: `kernel_regularizer`, `bias_regularizer`, `gamma_…`,
+/// `depthwise_…`: `L1`, `L2`, `L1L2`), by the name of the weight in the translated layer.
+/// Anything else set (an activity regularizer, another class) is refused: a model that
+/// trained with it would silently train without it.
+fn keras_regularizers(
+    layer_config: &Value,
+    params: &[&str],
+) -> std::result::Result<Vec<(String, Regularizer)>, String> {
+    let Some(config) = layer_config.as_object() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (key, value) in config {
+        let Some(weight) = key.strip_suffix("_regularizer") else {
+            continue;
+        };
+        if value.is_null() {
+            continue;
+        }
+        let class = value
+            .get("class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        let factor = |name: &str| -> std::result::Result<f64, String> {
+            match value.get("config").and_then(|c| c.get(name)) {
+                None | Some(Value::Null) => Ok(0.0),
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| format!("`{key}`: `{name}` is not a number")),
+            }
+        };
+        let regularizer = match class {
+            "L1" => Regularizer::l1(factor("l1")?),
+            "L2" => Regularizer::l2(factor("l2")?),
+            "L1L2" => Regularizer::l1_l2(factor("l1")?, factor("l2")?),
+            other => {
+                return Err(format!(
+                    "`{key}` is a {other}: only L1, L2 and L1L2 are supported"
+                ));
+            }
+        };
+        let param = match weight {
+            "activity" => {
+                return Err(format!(
+                    "`{key}` (a penalty on the layer's outputs) is not supported"
+                ));
+            }
+            "depthwise" if params.contains(&"kernel") => "kernel",
+            w if params.contains(&w) => w,
+            _ => {
+                return Err(format!(
+                    "`{key}` is set, but the translated layer has no such weight (its weights: {})",
+                    params.join(", ")
+                ));
+            }
+        };
+        out.push((param.to_string(), regularizer));
+    }
+    Ok(out)
 }

@@ -72,7 +72,7 @@ impl Layer for Model {
                 // hold the cell that holds it.
                 let mut inner = self.clone();
                 inner.identity = Arc::default();
-                LayerRef::new(Arc::new(inner), self.name.clone())
+                LayerRef::new(Arc::new(inner), self.name.clone(), Vec::new())
             })
             .clone()
     }

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::graph::op::weight_holders;
 use crate::graph::weight_check::check_named_weights;
 use crate::models::Model;
 use crate::support::dtype::Cast;
@@ -35,6 +36,54 @@ impl Model {
             .into_iter()
             .map(|w| (w.name().to_string(), w.var().as_tensor().clone()))
             .collect())
+    }
+
+    /// The sum of the weight penalties ([`Regularizer`](crate::Regularizer)) of every
+    /// trainable weight, in the autograd graph of the weights: Keras's `sum(model.losses)`,
+    /// which `fit` adds to the loss it minimizes and reports. `None` when no trainable layer
+    /// has a penalty. A frozen layer's penalties are left out, as Keras leaves them out.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_functional::{prelude::*, Regularizer};
+    /// let x = Input::new([2]);
+    /// let y = Dense::new(1).kernel_regularizer(Regularizer::l2(0.5)).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let mut w = std::collections::HashMap::new();
+    /// w.insert("dense.kernel".to_string(), Tensor::new(&[[3f32], [4.0]], &Device::Cpu)?);
+    /// w.insert("dense.bias".to_string(), Tensor::new(&[1f32], &Device::Cpu)?);
+    /// model.set_weights(&w)?;
+    /// let penalty = model.regularization_loss()?.unwrap().to_scalar::<f32>()?;
+    /// assert_eq!(penalty, 12.5); // 0.5 · (9 + 16), the bias unpenalized
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for (_, layer) in weight_holders(&self.plan.layers) {
+            let penalties = layer.regularizers();
+            if penalties.is_empty() || !layer.trainable() {
+                continue;
+            }
+            let weights = layer.weights().ok_or_else(|| Error::NotBuilt {
+                model: self.name().to_string(),
+            })?;
+            for (name, regularizer) in penalties {
+                // The names were checked against the layer's weights at its call.
+                let Some(i) = weights.specs.iter().position(|s| s.name() == name) else {
+                    continue;
+                };
+                if !weights.specs[i].trainable() {
+                    continue;
+                }
+                let penalty = regularizer.penalty(weights.vars[i].as_tensor())?;
+                total = Some(match total {
+                    None => penalty,
+                    Some(t) => t.add(&penalty.to_dtype(t.dtype())?)?,
+                });
+            }
+        }
+        Ok(total)
     }
 
     /// Writes the weights (trainable and state) to a safetensors file, atomically.

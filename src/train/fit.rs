@@ -284,6 +284,7 @@ impl Trainer {
                 .forward(&self.cast_inputs(&batch.inputs)?, Mode::Eval)?;
             let weights = self.weights_of(&batch, &batch.targets, false)?;
             let (loss, per_output) = self.losses_of(&outputs, &batch.targets, &weights)?;
+            let loss = self.with_penalties(loss)?;
             totals.add(&loss, &per_output, batch.samples()?)?;
             update_metrics(&mut fresh, &outputs, &batch.targets)?;
         }

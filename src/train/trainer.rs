@@ -583,6 +583,7 @@ impl Trainer {
             .forward_deferred(&inputs, Mode::Train, &updates)?;
         let weights = self.weights_of(batch, &targets, true)?;
         let (total, per_output) = self.losses_of(&outputs, &targets, &weights)?;
+        let total = self.with_penalties(total)?;
         let mut grads = total.backward()?;
         let vars = self.model.trainable_weights()?;
         if let Some(clipping) = &self.clipping {
@@ -885,6 +886,15 @@ impl Trainer {
         let total =
             total.ok_or_else(|| Error::InvalidArgument("a model without outputs".into()))?;
         Ok((total, per_output))
+    }
+
+    /// Keras's total loss: the compiled losses plus every weight penalty
+    /// ([`Model::regularization_loss`]).
+    pub(super) fn with_penalties(&self, loss: Tensor) -> Result<Tensor> {
+        Ok(match self.model.regularization_loss()? {
+            Some(penalty) => loss.add(&penalty.to_dtype(loss.dtype())?)?,
+            None => loss,
+        })
     }
 
     pub(super) fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
