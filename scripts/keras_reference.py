@@ -42,7 +42,7 @@ Run from the repository root:
     <venv>/bin/python scripts/keras_reference.py keras-import
         Saves small functional models with random weights as Keras 3 .keras
         files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported,more,
-        mixed_orders}.keras)
+        mixed_orders,sequential,nested_sequential}.keras)
         and writes an input batch and Keras's outputs, NCHW, to
         tests/fixtures/keras_import.safetensors, for Model::from_keras. Given fixture
         names (`keras-import more`), writes only those and keeps the others.
@@ -834,6 +834,43 @@ def import_more():
     return keras.Model([a, b, img], [out, p], name="more")
 
 
+def import_sequential():
+    """A top-level Sequential CNN (Keras's most common model), Flatten into Dense."""
+    return keras.Sequential([
+        keras.Input((8, 8, 3), name="image"),
+        layers.Conv2D(4, 3, padding="same", name="conv"),
+        layers.BatchNormalization(name="bn"),
+        layers.ReLU(name="relu"),
+        layers.MaxPooling2D(2, name="pool"),
+        layers.Flatten(name="flat"),
+        layers.Dense(5, activation="relu", name="hidden"),
+        layers.Dense(3, name="logits"),
+    ], name="seq_cnn")
+
+
+def import_nested_sequential():
+    """Sequential blocks nested in a functional model (one shared by two inputs) and a
+    Sequential nested in that Sequential."""
+    inner = keras.Sequential([keras.Input((6,)), layers.Dense(6, activation="tanh", name="inner_dense")],
+                             name="inner")
+    block = keras.Sequential([
+        keras.Input((6,)),
+        layers.Dense(8, activation="relu", name="d1"),
+        layers.BatchNormalization(name="bn"),
+        inner_wrap(inner),
+        layers.Dense(4, name="d2"),
+    ], name="block")
+    a = keras.Input((6,), name="a")
+    b = keras.Input((6,), name="b")
+    joined = layers.Concatenate(name="join")([block(a), block(b)])
+    return keras.Model([a, b], layers.Dense(2, name="out")(joined), name="outer")
+
+
+def inner_wrap(inner):
+    """A Sequential whose input is 8 wide around `inner` (6 wide): Dense(6) then inner."""
+    return keras.Sequential([keras.Input((8,)), layers.Dense(6, name="to6"), inner], name="mid")
+
+
 def import_mixed_orders():
     """One Dense called on a channels-last Flatten's output and on a plain vector: its
     kernel rows cannot follow both feature orders, so the import must refuse it."""
@@ -880,6 +917,8 @@ def cmd_keras_import(args):
         ("unsupported", import_unsupported, [(2, 6)]),
         ("more", import_more, [(2, 6), (2, 6), (2, 3, 2, 2)]),
         ("mixed_orders", import_mixed_orders, [(2, 2, 2, 3), (2, 12)]),
+        ("sequential", import_sequential, [(2, 8, 8, 3)]),
+        ("nested_sequential", import_nested_sequential, [(2, 6), (2, 6)]),
     ]:
         if args.names and name not in args.names:
             for s in shapes:  # the same inputs for the others, whichever are written
@@ -1165,7 +1204,7 @@ def main():
     keras_import = sub.add_parser(
         "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
     keras_import.add_argument("names", nargs="*",
-                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders)")
+                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential)")
     sub.add_parser("weighted-losses",
                    help="write tests/fixtures/keras_weighted_losses.json")
     sub.add_parser("clipping",

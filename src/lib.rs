@@ -62,7 +62,7 @@ pub use graph::{
     Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
     Regularizer, StateUpdates, SymbolicTensor,
 };
-pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts};
+pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts, Sequential};
 
 /// Everything needed to write a model: `use candle_functional::prelude::*;`.
 pub mod prelude {
@@ -74,6 +74,6 @@ pub mod prelude {
         MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute, ReLU, Rescaling, Reshape,
         SeparableConv2D, Softmax, Subtract, UpSampling2D, ZeroPadding2D,
     };
-    pub use crate::models::{Model, ResNetConfig};
+    pub use crate::models::{Model, ResNetConfig, Sequential};
     pub use crate::{Error, Result};
 }

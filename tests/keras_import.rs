@@ -46,6 +46,18 @@ fn assert_matches_keras(name: &str, inputs: usize, outputs: usize) -> Model {
 }
 
 #[test]
+fn sequential_models_match_keras_top_level_and_nested() {
+    // Keras's most common model: a Sequential CNN, Flatten into Dense.
+    let model = assert_matches_keras("sequential", 1, 1);
+    assert_eq!(model.name(), "seq_cnn");
+    assert_eq!(model.inputs()[0].shape(), &[3, 8, 8]);
+    // A Sequential block shared by two inputs of a functional model, holding a Sequential
+    // that holds another.
+    let model = assert_matches_keras("nested_sequential", 2, 1);
+    assert!(model.get_layer("block").is_ok());
+}
+
+#[test]
 fn conv_bn_add_concat_pooling_flatten_dense_match_keras() {
     let model = assert_matches_keras("cnn", 1, 1);
     // Keras's names and the NCHW input shape.

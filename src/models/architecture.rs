@@ -188,7 +188,7 @@ impl LayerRegistry {
         self.constructors.contains_key(type_name)
     }
 
-    fn make(&self, entry: &LayerEntry) -> Result<Arc<dyn LayerOp>> {
+    pub(crate) fn make(&self, entry: &LayerEntry) -> Result<Arc<dyn LayerOp>> {
         let constructor = self
             .constructors
             .get(&entry.class_name)

@@ -51,7 +51,9 @@ type LayerVars = Vec<(Vec<usize>, Vec<f32>)>;
 #[derive(Clone, Debug)]
 struct KerasTensor {
     history: TensorRef,
-    shape: Vec<usize>,
+    /// Keras's shape (batch first); absent in the nodes made for a `Sequential`'s layers
+    /// that Keras saved without an input shape (weightless ones), found by `shape_of`.
+    shape: Option<Vec<usize>>,
 }
 
 /// The translator: the file, and the Flatten outputs whose feature order differs.
@@ -62,6 +64,10 @@ struct Importer<'a> {
     flattened: HashMap<TensorRef, (usize, usize, usize)>,
     /// The prefix of the (nested) model being translated: `""` at the top.
     scope: String,
+    /// Keras's output shape (batch first, channels last) of each call translated so far, by
+    /// full layer name and call: the input shape of a `Sequential`'s layer Keras saved
+    /// without one, worked out by the translated layer's own shape rule.
+    shapes: HashMap<(String, usize), Vec<usize>>,
 }
 
 impl Importer<'_> {
@@ -71,6 +77,51 @@ impl Importer<'_> {
         self.flattened
             .get(&(format!("{}{layer}", self.scope), *node, *index))
             .copied()
+    }
+
+    /// The shape `t` has: its own, or the one recorded for the call that made it.
+    fn shape_of(&self, t: &KerasTensor, layer: &str, class: &str) -> Result<Vec<usize>> {
+        let (from, node, _) = &t.history;
+        t.shape
+            .clone()
+            .or_else(|| {
+                self.shapes
+                    .get(&(format!("{}{from}", self.scope), *node))
+                    .cloned()
+            })
+            .ok_or_else(|| {
+                self.layer_error(
+                    layer,
+                    class,
+                    format!(
+                        "its input shape is not in the file and cannot be worked out after `{from}`"
+                    ),
+                )
+            })
+    }
+
+    /// Records the Keras shape of each call's output from the translated layer's shape rule
+    /// (a layer whose rule fails records nothing: the graph stage reports it).
+    fn record_shapes(&mut self, name: &str, entry: &LayerEntry, node_inputs: &[Vec<KerasInput>]) {
+        let Ok(op) = LayerRegistry::new().make(entry) else {
+            return;
+        };
+        for (k, inputs) in node_inputs.iter().enumerate() {
+            let per_sample: Vec<Vec<usize>> = inputs
+                .iter()
+                .map(|t| channels_first(&t.shape[1.min(t.shape.len())..]))
+                .collect();
+            if let Some(first) = op
+                .output_shapes(name, &per_sample)
+                .ok()
+                .and_then(|outs| outs.into_iter().next())
+            {
+                let mut keras = vec![0];
+                keras.extend(channels_last(&first));
+                self.shapes
+                    .insert((format!("{}{name}", self.scope), k), keras);
+            }
+        }
     }
 
     fn error(&self, message: String) -> Error {
@@ -115,7 +166,7 @@ fn keras_tensors(args: &Value, out: &mut Vec<KerasTensor>) {
                 .get("shape")
                 .and_then(Value::as_array)
                 .map(|s| s.iter().map(|d| d.as_u64().unwrap_or(0) as usize).collect());
-            if let (Some(history), Some(shape)) = (history, shape) {
+            if let Some(history) = history {
                 out.push(KerasTensor { history, shape });
             }
         }
@@ -305,6 +356,7 @@ impl Model {
             path,
             flattened: HashMap::new(),
             scope: String::new(),
+            shapes: HashMap::new(),
         };
         let (config, weights) = {
             let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
@@ -350,13 +402,19 @@ impl Importer<'_> {
             .get("class_name")
             .and_then(Value::as_str)
             .unwrap_or("?");
-        if class != "Functional" {
-            return Err(self.error(format!(
-                "the model is a `{class}`: only functional models are imported"
-            )));
-        }
+        let model_config = match class {
+            "Functional" => config["config"].clone(),
+            "Sequential" => {
+                sequential_as_functional(&config["config"]).map_err(|m| self.error(m))?
+            }
+            _ => {
+                return Err(self.error(format!(
+                    "the model is a `{class}`: only functional and Sequential models are imported"
+                )));
+            }
+        };
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        let graph = self.graph(&config["config"], weights, device, &mut tensors)?;
+        let graph = self.graph(&model_config, weights, device, &mut tensors)?;
         // Every error of the graph stage names the file: a shape that does not fit, a
         // dangling reference, a layer that cannot be built.
         let model = build_graph(&graph, &LayerRegistry::new()).map_err(|e| match e {
@@ -429,10 +487,11 @@ impl Importer<'_> {
                         format!("input shape {shape:?}: every size but the batch must be known"),
                     )
                 })?;
-                let shape = match dims.as_slice() {
-                    [h, w, c] => vec![*c, *h, *w],
-                    _ => dims,
-                };
+                let mut keras_shape = vec![0];
+                keras_shape.extend(&dims);
+                self.shapes
+                    .insert((format!("{}{name}", self.scope), 0), keras_shape);
+                let shape = channels_first(&dims);
                 entries.push(LayerEntry {
                     name,
                     class_name: "InputLayer".into(),
@@ -472,15 +531,17 @@ impl Importer<'_> {
                 node_inputs.push(
                     inputs
                         .iter()
-                        .map(|t| KerasInput {
-                            shape: t.shape.clone(),
-                            order: self.flag(t),
+                        .map(|t| {
+                            Ok(KerasInput {
+                                shape: self.shape_of(t, &name, class)?,
+                                order: self.flag(t),
+                            })
                         })
-                        .collect(),
+                        .collect::<Result<_>>()?,
                 );
             }
             let flattened = |inputs: &Vec<KerasInput>| inputs.iter().any(|t| t.order.is_some());
-            if class == "Functional" {
+            if class == "Functional" || class == "Sequential" {
                 // A nested model: its own graph, translated in its own scope, weights under
                 // `<model>.<layer>`. Its inputs must not carry a Flatten's channels-last
                 // feature order: the inner layers would not know it.
@@ -493,12 +554,28 @@ impl Importer<'_> {
                 }
                 let outer = std::mem::take(&mut self.scope);
                 self.scope = format!("{outer}{name}.");
-                let inner = self.graph(layer_config, weights, device, tensors);
+                let inner = match class {
+                    "Sequential" => sequential_as_functional(layer_config)
+                        .map_err(|m| self.layer_error(&name, class, m))
+                        .and_then(|c| self.graph(&c, weights, device, tensors)),
+                    _ => self.graph(layer_config, weights, device, tensors),
+                };
                 self.scope = outer;
+                let inner = inner?;
+                // The nested model's output shape, for a Sequential layer after it.
+                if let [(out, node, 0)] = inner.outputs.as_slice() {
+                    let key = (format!("{}{name}.{out}", self.scope), *node);
+                    if let Some(shape) = self.shapes.get(&key).cloned() {
+                        for k in 0..calls.len() {
+                            self.shapes
+                                .insert((format!("{}{name}", self.scope), k), shape.clone());
+                        }
+                    }
+                }
                 entries.push(LayerEntry {
                     name,
                     class_name: "Functional".into(),
-                    config: serde_json::to_value(inner?).map_err(|e| self.error(e.to_string()))?,
+                    config: serde_json::to_value(inner).map_err(|e| self.error(e.to_string()))?,
                     trainable: layer_config
                         .get("trainable")
                         .and_then(Value::as_bool)
@@ -509,10 +586,10 @@ impl Importer<'_> {
                 continue;
             }
             let keras_class = keras_class(class).ok_or_else(|| match class {
-                "Sequential" | "Model" => self.layer_error(
+                "Model" => self.layer_error(
                     &name,
                     class,
-                    "nested Sequential models are not imported yet: build the inner model with the functional API",
+                    "a nested subclassed `Model` has no graph in its config: rebuild it with the functional API or Sequential",
                 ),
                 other => self.layer_error(
                     &name,
@@ -582,7 +659,7 @@ impl Importer<'_> {
             let params: Vec<&str> = translated.weights.iter().map(|w| w.0).collect();
             let regularizers = keras_regularizers(layer_config, &params)
                 .map_err(|message| self.layer_error(&name, class, message))?;
-            entries.push(LayerEntry {
+            let entry = LayerEntry {
                 name,
                 class_name: translated.class_name,
                 config: translated.config,
@@ -592,7 +669,9 @@ impl Importer<'_> {
                     .and_then(Value::as_bool)
                     .unwrap_or(true),
                 calls,
-            });
+            };
+            self.record_shapes(&entry.name.clone(), &entry, &node_inputs);
+            entries.push(entry);
         }
         let ends = |key: &str| {
             tensor_refs(model_config.get(key).unwrap_or(&Value::Null)).ok_or_else(|| {
@@ -674,4 +753,93 @@ fn keras_regularizers(
         out.push((param.to_string(), regularizer));
     }
     Ok(out)
+}
+
+/// A Keras `Sequential` config rewritten as the functional config it stands for: its
+/// `InputLayer` (or one made from `build_input_shape`), then every layer called on the
+/// previous one's output, with the input shape Keras recorded for it (`build_config`), if
+/// any.
+fn sequential_as_functional(config: &Value) -> std::result::Result<Value, String> {
+    let layers = config
+        .get("layers")
+        .and_then(Value::as_array)
+        .ok_or("a Sequential config without a layer list")?;
+    let model_name = config
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("sequential");
+    let name_of = |layer: &Value| -> Option<String> {
+        layer
+            .get("name")
+            .or_else(|| layer["config"].get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let mut out = Vec::new();
+    let mut rest = layers.as_slice();
+    let input_name = match layers.first() {
+        Some(first) if first.get("class_name").and_then(Value::as_str) == Some("InputLayer") => {
+            rest = &layers[1..];
+            out.push(first.clone());
+            name_of(first).ok_or("a Sequential's InputLayer has no name")?
+        }
+        _ => {
+            let shape = config
+                .get("build_input_shape")
+                .filter(|s| s.is_array())
+                .ok_or("a Sequential without an InputLayer or a build_input_shape")?;
+            let name = format!("{model_name}_input");
+            out.push(serde_json::json!({
+                "class_name": "InputLayer",
+                "config": {"name": name, "batch_shape": shape},
+            }));
+            name
+        }
+    };
+    let mut previous = input_name.clone();
+    for layer in rest {
+        let name = name_of(layer).ok_or("a layer of a Sequential has no name")?;
+        // Keras records the input shape of the layers it built (those with weights); the
+        // others' is worked out from the layer before (`Importer::shape_of`).
+        let mut tensor = serde_json::json!({"keras_history": [previous, 0, 0]});
+        if let Some(shape) = layer
+            .get("build_config")
+            .and_then(|b| b.get("input_shape"))
+            .filter(|s| s.is_array())
+        {
+            tensor["shape"] = shape.clone();
+        }
+        let mut called = layer.clone();
+        called["inbound_nodes"] = serde_json::json!([{
+            "args": [{"class_name": "__keras_tensor__", "config": tensor}],
+            "kwargs": {},
+        }]);
+        out.push(called);
+        previous = name;
+    }
+    if rest.is_empty() {
+        return Err("a Sequential without layers".into());
+    }
+    Ok(serde_json::json!({
+        "name": model_name,
+        "layers": out,
+        "input_layers": [[input_name, 0, 0]],
+        "output_layers": [[previous, 0, 0]],
+    }))
+}
+
+/// A per-sample shape in candle's layout: `(h, w, c)` maps become `(c, h, w)`.
+fn channels_first(shape: &[usize]) -> Vec<usize> {
+    match shape {
+        [h, w, c] => vec![*c, *h, *w],
+        other => other.to_vec(),
+    }
+}
+
+/// The inverse of [`channels_first`].
+fn channels_last(shape: &[usize]) -> Vec<usize> {
+    match shape {
+        [c, h, w] => vec![*h, *w, *c],
+        other => other.to_vec(),
+    }
 }

@@ -1,4 +1,5 @@
-//! Models: [`Model`] (graph, build, forward, summary, weights) and the article's networks.
+//! Models: [`Model`] (graph, build, forward, summary, weights), [`Sequential`] and the
+//! article's networks.
 
 pub(crate) mod architecture;
 #[cfg(test)]
@@ -10,6 +11,7 @@ pub(crate) mod model_layer;
 pub(crate) mod nesting;
 pub(crate) mod plot;
 pub(crate) mod resnet;
+pub(crate) mod sequential;
 pub(crate) mod summary;
 pub(crate) mod weights;
 
@@ -20,3 +22,4 @@ pub use plot::PlotOptions;
 pub use resnet::{
     ResNetConfig, create_plain_net, create_res_net, plain_block, relu_bn, residual_block,
 };
+pub use sequential::Sequential;
