@@ -42,7 +42,7 @@ Run from the repository root:
     <venv>/bin/python scripts/keras_reference.py keras-import
         Saves small functional models with random weights as Keras 3 .keras
         files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported,more,
-        mixed_orders,sequential,nested_sequential}.keras)
+        mixed_orders,sequential,nested_sequential,flatten_concat}.keras)
         and writes an input batch and Keras's outputs, NCHW, to
         tests/fixtures/keras_import.safetensors, for Model::from_keras. Given fixture
         names (`keras-import more`), writes only those and keeps the others.
@@ -834,6 +834,21 @@ def import_more():
     return keras.Model([a, b, img], [out, p], name="more")
 
 
+def import_flatten_concat():
+    """Channels-last Flatten outputs that no Dense absorbs: one joined by a Concatenate
+    before the Dense, one a model output through a Dropout; and one read by a Dense directly
+    (the kernel-row path) for contrast."""
+    img = keras.Input((4, 4, 3), name="img")
+    meta = keras.Input((5,), name="meta")
+    x = layers.Conv2D(2, 3, padding="same", name="conv")(img)
+    flat = layers.Flatten(name="flat")(x)
+    joined = layers.Concatenate(name="join")([flat, meta])
+    out = layers.Dense(3, name="head")(joined)
+    features = layers.Dropout(0.5, name="drop")(layers.Flatten(name="flat_out")(x))
+    direct = layers.Dense(2, name="direct")(layers.Flatten(name="flat_dense")(img))
+    return keras.Model([img, meta], [out, features, direct], name="flatten_concat")
+
+
 def import_sequential():
     """A top-level Sequential CNN (Keras's most common model), Flatten into Dense."""
     return keras.Sequential([
@@ -873,7 +888,8 @@ def inner_wrap(inner):
 
 def import_mixed_orders():
     """One Dense called on a channels-last Flatten's output and on a plain vector: its
-    kernel rows cannot follow both feature orders, so the import must refuse it."""
+    kernel rows cannot follow both feature orders, so the Flatten needs the exact
+    translation."""
     img = keras.Input((2, 2, 3), name="img")
     vec = keras.Input((12,), name="vec")
     shared = layers.Dense(4, name="shared")
@@ -919,6 +935,7 @@ def cmd_keras_import(args):
         ("mixed_orders", import_mixed_orders, [(2, 2, 2, 3), (2, 12)]),
         ("sequential", import_sequential, [(2, 8, 8, 3)]),
         ("nested_sequential", import_nested_sequential, [(2, 6), (2, 6)]),
+        ("flatten_concat", import_flatten_concat, [(2, 4, 4, 3), (2, 5)]),
     ]:
         if args.names and name not in args.names:
             for s in shapes:  # the same inputs for the others, whichever are written
@@ -929,7 +946,7 @@ def cmd_keras_import(args):
         path = os.path.join(FIXTURES, f"keras_import_{name}.keras")
         model.save(path)
         inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
-        if name not in ("unsupported", "mixed_orders"):
+        if name != "unsupported":
             for i, x in enumerate(inputs):
                 tensors[f"{name}.input_{i}"] = to_nchw(x)
             for i, y in enumerate(keras_outputs(model, inputs)):
@@ -1204,7 +1221,7 @@ def main():
     keras_import = sub.add_parser(
         "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
     keras_import.add_argument("names", nargs="*",
-                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential)")
+                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential, flatten_concat)")
     sub.add_parser("weighted-losses",
                    help="write tests/fixtures/keras_weighted_losses.json")
     sub.add_parser("clipping",

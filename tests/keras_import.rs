@@ -46,6 +46,19 @@ fn assert_matches_keras(name: &str, inputs: usize, outputs: usize) -> Model {
 }
 
 #[test]
+fn a_flatten_no_dense_absorbs_is_translated_exactly() {
+    // A channels-last Flatten joined by a Concatenate, and one that is a model output
+    // (through a Dropout): their features must come out in Keras's (h, w, c) order. The
+    // output one once imported silently in (c, h, w) order.
+    let model = assert_matches_keras("flatten_concat", 2, 3);
+    // Those two read a Permute to (h, w, c); the one a Dense reads directly keeps the free
+    // path (the Dense's kernel rows reordered instead).
+    assert!(model.get_layer("flat_to_hwc").is_ok());
+    assert!(model.get_layer("flat_out_to_hwc").is_ok());
+    assert!(model.get_layer("flat_dense_to_hwc").is_err());
+}
+
+#[test]
 fn sequential_models_match_keras_top_level_and_nested() {
     // Keras's most common model: a Sequential CNN, Flatten into Dense.
     let model = assert_matches_keras("sequential", 1, 1);
@@ -208,21 +221,24 @@ fn merges_reshape_permute_and_flattened_maps_merged_match_keras() {
 }
 
 #[test]
-fn a_shared_layer_reading_two_feature_orders_is_refused() {
+fn a_shared_dense_reading_two_feature_orders_matches_keras() {
     // `shared` is a Dense called on a channels-last Flatten's output and on a plain vector:
-    // one kernel cannot follow both orders.
-    let path = fixture("keras_import_mixed_orders.keras");
-    let message = Model::from_keras(&path, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        message.contains("`shared`") && message.contains("different orders"),
-        "{message}"
-    );
+    // one kernel cannot follow both orders (this was refused), so the Flatten takes the
+    // exact translation and the kernel stays as Keras has it.
+    let model = assert_matches_keras("mixed_orders", 2, 1);
+    assert!(model.get_layer("flat_to_hwc").is_ok());
 }
 
 /// The fixtures `assert_matches_keras` compares with Keras's outputs.
-const CHECKED_FIXTURES: &[&str] = &["cnn", "blocks", "nested", "more"];
+const CHECKED_FIXTURES: &[&str] = &[
+    "cnn",
+    "blocks",
+    "nested",
+    "more",
+    "mixed_orders",
+    "flatten_concat",
+    "nested_sequential",
+];
 
 /// Every layer class in a `.keras` file's architecture, nested models included.
 fn keras_classes_in(path: &Path) -> std::collections::BTreeSet<String> {

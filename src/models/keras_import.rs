@@ -26,7 +26,7 @@
 //! layer's file (`KINDS`, in the vocabulary of `layers/keras.rs`), found through
 //! `layers::builtin_kinds`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
@@ -444,6 +444,7 @@ impl Importer<'_> {
             .and_then(Value::as_array)
             .ok_or_else(|| self.error("config.json has no layer list".into()))?;
         let mut entries = Vec::new();
+        let exact_flattens = flattens_no_dense_absorbs(model_config, keras_layers);
         // Keras names weight groups `<snake_case class>[_n]`, counted per class in layer
         // order: the fallback key for files without the groups' `name` attributes.
         let mut class_counts: HashMap<String, usize> = HashMap::new();
@@ -515,7 +516,7 @@ impl Importer<'_> {
             }
             // Each call's inputs, with the feature order of a channels-last Flatten they
             // carry, if any.
-            let mut calls = Vec::new();
+            let mut calls: Vec<Vec<TensorRef>> = Vec::new();
             let mut node_inputs: Vec<Vec<KerasInput>> = Vec::new();
             for (k, node) in nodes.iter().enumerate() {
                 let mut inputs = Vec::new();
@@ -625,9 +626,31 @@ impl Importer<'_> {
             let translated = keras_class
                 .translate(&KerasLayer::new(class, layer_config, &node_inputs[0]))
                 .map_err(|message| self.layer_error(&name, class, message))?;
+            // A channels-last Flatten that no Dense absorbs: translated exactly, by a Permute
+            // to (h, w, c) before it, so its features come out in Keras's order.
+            let exact = matches!(keras_class.order(), FeatureOrder::Flattens)
+                && exact_flattens.contains(&name)
+                && node_inputs
+                    .iter()
+                    .all(|i| i.first().is_some_and(|t| t.shape.len() == 4));
+            if exact {
+                let permute = unique_name(&format!("{name}_to_hwc"), keras_layers);
+                entries.push(LayerEntry {
+                    name: permute.clone(),
+                    class_name: "Permute".into(),
+                    config: serde_json::json!({"dims": [2, 3, 1]}),
+                    regularizers: Vec::new(),
+                    trainable: true,
+                    calls: std::mem::take(&mut calls),
+                });
+                calls = (0..node_inputs.len())
+                    .map(|k| vec![(permute.clone(), k, 0)])
+                    .collect();
+            }
             // Feature order after a channels-last Flatten, passed along element-wise layers.
             for (k, inputs) in node_inputs.iter().enumerate() {
                 let from = match (keras_class.order(), inputs.first()) {
+                    _ if exact => None,
                     (FeatureOrder::Flattens, Some(t)) if t.shape.len() == 4 => {
                         Some((t.shape[1], t.shape[2], t.shape[3]))
                     }
@@ -842,4 +865,106 @@ fn channels_last(shape: &[usize]) -> Vec<usize> {
         [c, h, w] => vec![*h, *w, *c],
         other => other.to_vec(),
     }
+}
+
+/// The channels-last Flattens whose features some reader takes in their order: a model
+/// output, or a layer other than a `Dense` called once (reached through layers that pass
+/// the order on). Only such a Dense can take the (h, w, c) order for free, in its kernel's
+/// rows (a shared one may read other orders in its other calls); the others get an exact
+/// translation.
+fn flattens_no_dense_absorbs(model_config: &Value, layers: &[Value]) -> HashSet<String> {
+    let name_of = |layer: &Value| {
+        layer
+            .get("name")
+            .or_else(|| layer["config"].get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut class_of: HashMap<String, String> = HashMap::new();
+    let mut calls: HashMap<String, usize> = HashMap::new();
+    let mut readers: HashMap<String, Vec<String>> = HashMap::new();
+    for layer in layers {
+        let name = name_of(layer);
+        let class = layer
+            .get("class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        class_of.insert(name.clone(), class.to_string());
+        for node in layer
+            .get("inbound_nodes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            *calls.entry(name.clone()).or_default() += 1;
+            let mut inputs = Vec::new();
+            keras_tensors(node.get("args").unwrap_or(&Value::Null), &mut inputs);
+            for t in inputs {
+                readers.entry(t.history.0).or_default().push(name.clone());
+            }
+        }
+    }
+    let outputs: HashSet<String> =
+        tensor_refs(model_config.get("output_layers").unwrap_or(&Value::Null))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(layer, _, _)| layer)
+            .collect();
+    let order_of = |name: &str| {
+        class_of
+            .get(name)
+            .and_then(|class| keras_class(class))
+            .map(KerasClass::order)
+    };
+    let mut exact = HashSet::new();
+    for (name, class) in &class_of {
+        if !matches!(
+            keras_class(class).map(KerasClass::order),
+            Some(FeatureOrder::Flattens)
+        ) {
+            continue;
+        }
+        // Depth-first through the layers that pass the order on.
+        let mut stack = vec![name.clone()];
+        let mut seen = HashSet::new();
+        while let Some(at) = stack.pop() {
+            if !seen.insert(at.clone()) {
+                continue;
+            }
+            if outputs.contains(&at) {
+                exact.insert(name.clone());
+                break;
+            }
+            for reader in readers.get(&at).into_iter().flatten() {
+                match order_of(reader) {
+                    Some(FeatureOrder::Absorbs) if calls.get(reader) == Some(&1) => {}
+                    Some(FeatureOrder::PassesOn) => stack.push(reader.clone()),
+                    _ => {
+                        exact.insert(name.clone());
+                    }
+                }
+            }
+        }
+    }
+    exact
+}
+
+/// `base`, or `base_2`, `base_3`, … where a Keras layer already has that name.
+fn unique_name(base: &str, layers: &[Value]) -> String {
+    let taken = |candidate: &str| {
+        layers.iter().any(|l| {
+            l.get("name")
+                .or_else(|| l["config"].get("name"))
+                .and_then(Value::as_str)
+                == Some(candidate)
+        })
+    };
+    let mut name = base.to_string();
+    let mut n = 1;
+    while taken(&name) {
+        n += 1;
+        name = format!("{base}_{n}");
+    }
+    name
 }
