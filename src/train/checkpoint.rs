@@ -169,7 +169,7 @@ impl Trainer {
                 .filter(|lr| lr.is_finite() && *lr >= 0.0)
                 .ok_or_else(|| bad(format!("metadata `learning_rate` is not a rate: {v}")))?,
             // Written before rates were kept: the optimizer's.
-            None => self.optimizer.learning_rate(),
+            None => self.optimizer_config.learning_rate(),
         };
         let history = History::from_json(meta.get("history").map(String::as_str).unwrap_or("{}"))
             .map_err(|e| bad(e.to_string()))?;

@@ -29,7 +29,9 @@ pub use lambda_callback::LambdaCallback;
 pub use loss::{Loss, correct_predictions};
 pub use loss_function::{LossFunction, OutputLoss};
 pub use metrics::{Accuracy, AccuracyKind, ErrorKind, MeanError, MeanIoU, Metric, TopKAccuracy};
-pub use optimizer::{Adam, AdamConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
+pub use optimizer::{
+    Adam, AdamConfig, CustomOptimizer, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig,
+};
 pub use rate_callbacks::{LearningRateScheduler, ReduceLrOnPlateau};
 pub use schedule::LrSchedule;
 pub use trainer::Trainer;

@@ -6,6 +6,7 @@
 //! `step`), so a Keras recipe means the same thing here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -207,6 +208,77 @@ pub enum OptimizerConfig {
     Adam(AdamConfig),
     /// SGD with optional momentum.
     Sgd(SgdConfig),
+    /// An optimizer of your own ([`OptimizerConfig::custom`]).
+    Custom(CustomOptimizer),
+}
+
+/// How to make an optimizer of your own, with the name and settings that identify it: a
+/// checkpoint records them (as it records Adam's or SGD's settings) and resumes only into a
+/// trainer whose optimizer has the same ones, so its slots go back where they came from.
+/// Made by [`OptimizerConfig::custom`].
+///
+/// # Examples
+/// ```
+/// use candle_functional::train::{OptimizerConfig, Sgd, SgdConfig};
+/// let config = OptimizerConfig::custom("plain_sgd", "lr=0.1", 0.1, || {
+///     Ok(Box::new(Sgd::new(SgdConfig { learning_rate: 0.1, ..Default::default() })?))
+/// });
+/// let OptimizerConfig::Custom(custom) = &config else { unreachable!() };
+/// assert_eq!(custom.name(), "plain_sgd");
+/// ```
+#[derive(Clone)]
+pub struct CustomOptimizer {
+    name: String,
+    settings: String,
+    learning_rate: f64,
+    make: Arc<dyn Fn() -> Result<Box<dyn Optimizer>> + Send + Sync>,
+}
+
+impl CustomOptimizer {
+    /// The name it is saved under.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::train::{OptimizerConfig, Sgd, SgdConfig};
+    /// let c = OptimizerConfig::custom("mine", "", 0.1, || Ok(Box::new(Sgd::new(SgdConfig::default())?)));
+    /// let OptimizerConfig::Custom(custom) = c else { unreachable!() };
+    /// assert_eq!(custom.name(), "mine");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The settings it is saved with.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_functional::train::{OptimizerConfig, Sgd, SgdConfig};
+    /// let c = OptimizerConfig::custom("mine", "beta=0.9", 0.1, || Ok(Box::new(Sgd::new(SgdConfig::default())?)));
+    /// let OptimizerConfig::Custom(custom) = c else { unreachable!() };
+    /// assert_eq!(custom.settings(), "beta=0.9");
+    /// ```
+    pub fn settings(&self) -> &str {
+        &self.settings
+    }
+}
+
+impl std::fmt::Debug for CustomOptimizer {
+    // What a checkpoint records: the name, the settings and the rate (not the closure).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomOptimizer")
+            .field("name", &self.name)
+            .field("settings", &self.settings)
+            .field("learning_rate", &self.learning_rate)
+            .finish()
+    }
+}
+
+impl PartialEq for CustomOptimizer {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.settings == other.settings
+            && self.learning_rate == other.learning_rate
+    }
 }
 
 impl OptimizerConfig {
@@ -221,7 +293,74 @@ impl OptimizerConfig {
         match self {
             OptimizerConfig::Adam(c) => c.learning_rate,
             OptimizerConfig::Sgd(c) => c.learning_rate,
+            OptimizerConfig::Custom(c) => c.learning_rate,
         }
+    }
+
+    /// An optimizer of your own: an implementation of [`Optimizer`] made by `make` (once per
+    /// trainer), saved in checkpoints as `name` with `settings` (a checkpoint resumes only
+    /// into the same name and settings), `learning_rate` its base rate (schedules and
+    /// callbacks scale and change it; each step passes the rate to [`Optimizer::step`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::backprop::GradStore;
+    /// use candle_core::Var;
+    /// use candle_functional::train::{Optimizer, OptimizerConfig, OptimizerState};
+    /// use candle_functional::Result;
+    ///
+    /// /// signSGD: w -= lr · sign(g). No slots, only a step count.
+    /// struct SignSgd { lr: f64, iterations: u64 }
+    /// impl Optimizer for SignSgd {
+    ///     fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<()> {
+    ///         // Every new value computed before any is written: a failed step changes nothing.
+    ///         let mut updates = Vec::new();
+    ///         for (_, v) in vars {
+    ///             if let Some(g) = grads.get(v.as_tensor()) {
+    ///                 let sign = (g.gt(0.0)?.to_dtype(g.dtype())? - g.lt(0.0)?.to_dtype(g.dtype())?)?;
+    ///                 updates.push((v, (v.as_tensor() - (sign * lr)?)?));
+    ///             }
+    ///         }
+    ///         for (v, new) in updates {
+    ///             v.set(&new)?;
+    ///         }
+    ///         self.iterations += 1;
+    ///         Ok(())
+    ///     }
+    ///     fn learning_rate(&self) -> f64 { self.lr }
+    ///     fn state(&self) -> Result<OptimizerState> {
+    ///         Ok(OptimizerState { iterations: self.iterations, slots: Vec::new() })
+    ///     }
+    ///     fn check_state(&self, state: &OptimizerState, _: &[(String, Var)]) -> Result<()> {
+    ///         match state.slots.first() {
+    ///             None => Ok(()),
+    ///             Some((name, _)) => Err(candle_functional::Error::InvalidArgument(
+    ///                 format!("signSGD keeps no slot, the checkpoint has `{name}`"))),
+    ///         }
+    ///     }
+    ///     fn load_state(&mut self, state: &OptimizerState, _: &[(String, Var)]) -> Result<()> {
+    ///         self.iterations = state.iterations;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let config = OptimizerConfig::custom("sign_sgd", "", 1e-3, || {
+    ///     Ok(Box::new(SignSgd { lr: 1e-3, iterations: 0 }))
+    /// });
+    /// assert_eq!(config.learning_rate(), 1e-3);
+    /// ```
+    pub fn custom(
+        name: impl Into<String>,
+        settings: impl Into<String>,
+        learning_rate: f64,
+        make: impl Fn() -> Result<Box<dyn Optimizer>> + Send + Sync + 'static,
+    ) -> Self {
+        OptimizerConfig::Custom(CustomOptimizer {
+            name: name.into(),
+            settings: settings.into(),
+            learning_rate,
+            make: Arc::new(make),
+        })
     }
 
     /// Builds the optimizer (its settings checked).
@@ -237,6 +376,15 @@ impl OptimizerConfig {
         Ok(match self {
             OptimizerConfig::Adam(c) => Box::new(Adam::new(c.clone())?),
             OptimizerConfig::Sgd(c) => Box::new(Sgd::new(c.clone())?),
+            OptimizerConfig::Custom(c) => {
+                if !(c.learning_rate.is_finite() && c.learning_rate >= 0.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "optimizer `{}`: learning rate {} must be finite and not negative",
+                        c.name, c.learning_rate
+                    )));
+                }
+                (c.make)()?
+            }
         })
     }
 }

@@ -152,7 +152,7 @@ impl Trainer {
         let optimizer = optimizer_config.build()?;
         let model_device = model.device().unwrap_or(candle_core::Device::Cpu);
         Ok(Self {
-            learning_rate: optimizer.learning_rate(),
+            learning_rate: optimizer_config.learning_rate(),
             clipping: None,
             callback_states: BTreeMap::new(),
             optimizer,
