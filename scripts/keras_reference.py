@@ -42,7 +42,7 @@ Run from the repository root:
     <venv>/bin/python scripts/keras_reference.py keras-import
         Saves small functional models with random weights as Keras 3 .keras
         files (tests/fixtures/keras_import_{cnn,blocks,nested,unsupported,more,
-        mixed_orders,sequential,nested_sequential,flatten_concat}.keras)
+        mixed_orders,sequential,nested_sequential,flatten_concat,augment}.keras)
         and writes an input batch and Keras's outputs, NCHW, to
         tests/fixtures/keras_import.safetensors, for Model::from_keras. Given fixture
         names (`keras-import more`), writes only those and keeps the others.
@@ -849,6 +849,19 @@ def import_flatten_concat():
     return keras.Model([img, meta], [out, features, direct], name="flatten_concat")
 
 
+def import_augment():
+    """Augmentation layers inside the model (the identity at inference), then a CNN."""
+    return keras.Sequential([
+        keras.Input((6, 6, 3), name="image"),
+        layers.RandomFlip("horizontal", name="flip_h"),
+        layers.RandomFlip(name="flip_hv"),
+        layers.Rescaling(1 / 255.0, name="scale"),
+        layers.Conv2D(2, 3, name="conv"),
+        layers.GlobalAveragePooling2D(name="gap"),
+        layers.Dense(2, name="out"),
+    ], name="augment")
+
+
 def import_sequential():
     """A top-level Sequential CNN (Keras's most common model), Flatten into Dense."""
     return keras.Sequential([
@@ -936,6 +949,7 @@ def cmd_keras_import(args):
         ("sequential", import_sequential, [(2, 8, 8, 3)]),
         ("nested_sequential", import_nested_sequential, [(2, 6), (2, 6)]),
         ("flatten_concat", import_flatten_concat, [(2, 4, 4, 3), (2, 5)]),
+        ("augment", import_augment, [(2, 6, 6, 3)]),
     ]:
         if args.names and name not in args.names:
             for s in shapes:  # the same inputs for the others, whichever are written
@@ -1221,7 +1235,7 @@ def main():
     keras_import = sub.add_parser(
         "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
     keras_import.add_argument("names", nargs="*",
-                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential, flatten_concat)")
+                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential, flatten_concat, augment)")
     sub.add_parser("weighted-losses",
                    help="write tests/fixtures/keras_weighted_losses.json")
     sub.add_parser("clipping",

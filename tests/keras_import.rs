@@ -59,6 +59,14 @@ fn a_flatten_no_dense_absorbs_is_translated_exactly() {
 }
 
 #[test]
+fn augmentation_layers_import_and_pass_through_at_inference() {
+    // RandomFlip (horizontal, and both axes) before Rescaling and a CNN: the identity at
+    // inference, as in Keras.
+    let model = assert_matches_keras("augment", 1, 1);
+    assert!(model.get_layer("flip_hv").is_ok());
+}
+
+#[test]
 fn sequential_models_match_keras_top_level_and_nested() {
     // Keras's most common model: a Sequential CNN, Flatten into Dense.
     let model = assert_matches_keras("sequential", 1, 1);
@@ -238,6 +246,8 @@ const CHECKED_FIXTURES: &[&str] = &[
     "mixed_orders",
     "flatten_concat",
     "nested_sequential",
+    "sequential",
+    "augment",
 ];
 
 /// Every layer class in a `.keras` file's architecture, nested models included.
@@ -245,10 +255,13 @@ fn keras_classes_in(path: &Path) -> std::collections::BTreeSet<String> {
     fn walk(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
         match value {
             serde_json::Value::Object(map) => {
-                if let (Some(class), Some(_)) = (
-                    map.get("class_name").and_then(|c| c.as_str()),
-                    map.get("inbound_nodes"),
-                ) {
+                // A layer: called in a functional graph (`inbound_nodes`), or stacked in a
+                // Sequential (its `module` is Keras's layers).
+                let is_layer = map.contains_key("inbound_nodes")
+                    || map.get("module").and_then(|m| m.as_str()) == Some("keras.layers");
+                if let (Some(class), true) =
+                    (map.get("class_name").and_then(|c| c.as_str()), is_layer)
+                {
                     out.insert(class.to_string());
                 }
                 map.values().for_each(|v| walk(v, out));

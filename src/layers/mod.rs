@@ -22,6 +22,7 @@ pub(crate) mod layer_norm;
 pub(crate) mod merge;
 pub(crate) mod padding;
 pub(crate) mod pooling;
+pub(crate) mod random_flip;
 pub(crate) mod rescaling;
 pub(crate) mod reshape;
 pub(crate) mod upsampling;
@@ -56,6 +57,7 @@ pub use pooling::{
     AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
+pub use random_flip::{FlipMode, RandomFlip, RandomFlipConfig};
 pub use rescaling::{Rescaling, RescalingConfig};
 pub use reshape::{
     Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, Permute, PermuteConfig, Reshape,
@@ -81,6 +83,7 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
     layer_norm::KINDS,
     merge::KINDS,
     pooling::KINDS,
+    random_flip::KINDS,
     rescaling::KINDS,
     reshape::KINDS,
     upsampling::KINDS,
