@@ -66,6 +66,10 @@ Run from the repository root:
         tests/fixtures/keras_regularized.keras, and one SGD step of fit with it (loss
         with the penalties, new weights) in tests/fixtures/keras_regularizers.json.
 
+    <venv>/bin/python scripts/keras_reference.py normalization
+        Normalization adapted to a data set (mean, variance) and its outputs, and the
+        inverted layer's, to tests/fixtures/keras_normalization.json.
+
     <venv>/bin/python scripts/keras_reference.py keras-resnet OUT_DIR
         Saves the article's ResNet (random weights) as OUT_DIR/resnet.keras
         (about 60 MB: not committed) with an input batch and Keras's output in
@@ -856,6 +860,7 @@ def import_augment():
         layers.RandomFlip("horizontal", name="flip_h"),
         layers.RandomFlip(name="flip_hv"),
         layers.Rescaling(1 / 255.0, name="scale"),
+        layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.04, 0.09, 0.01], name="norm"),
         layers.Conv2D(2, 3, name="conv"),
         layers.GlobalAveragePooling2D(name="gap"),
         layers.Dense(2, name="out"),
@@ -1169,6 +1174,28 @@ def cmd_regularizers(_args):
     print(f"wrote {path} and {out}")
 
 
+def cmd_normalization(_args):
+    """Keras's Normalization adapted to a data set: its mean and variance, and its outputs
+    (and the inverted layer's) on other inputs, channels first, as JSON."""
+    rng = np.random.default_rng(31)
+    x = (rng.standard_normal((20, 5, 5, 3)) * [1.0, 4.0, 0.5] + [0.0, 10.0, -3.0]).astype("float32")
+    other = (rng.standard_normal((4, 5, 5, 3)) * 3.0).astype("float32")
+    norm = layers.Normalization()
+    norm.adapt(x)
+    mean = np.asarray(norm.mean).reshape(-1)
+    variance = np.asarray(norm.variance).reshape(-1)
+    out = np.asarray(norm(other))
+    inverted = np.asarray(layers.Normalization(mean=mean, variance=variance, invert=True)(other))
+    path = os.path.join(FIXTURES, "keras_normalization.json")
+    with open(path, "w") as f:
+        json.dump({"keras": keras.__version__, "x": nhwc_to_nchw(x).tolist(),
+                   "other": nhwc_to_nchw(other).tolist(), "mean": mean.tolist(),
+                   "variance": variance.tolist(), "output": nhwc_to_nchw(out).tolist(),
+                   "inverted": nhwc_to_nchw(inverted).tolist()}, f)
+        f.write("\n")
+    print(f"wrote {path}")
+
+
 def cmd_keras_resnet(args):
     """The article's ResNet saved by Keras (too big to commit), with an input batch and its
     outputs, for the ignored test `keras_import_article_resnet`."""
@@ -1242,6 +1269,8 @@ def main():
                    help="write tests/fixtures/keras_clipping.json")
     sub.add_parser("regularizers",
                    help="write tests/fixtures/keras_regularized.keras and keras_regularizers.json")
+    sub.add_parser("normalization",
+                   help="write tests/fixtures/keras_normalization.json")
     sub.add_parser("callbacks",
                    help="write tests/fixtures/keras_callbacks.json")
     resnet = sub.add_parser("keras-resnet",
@@ -1257,6 +1286,7 @@ def main():
      "callbacks": cmd_callbacks,
      "clipping": cmd_clipping,
      "regularizers": cmd_regularizers,
+     "normalization": cmd_normalization,
      "keras-resnet": cmd_keras_resnet,
      "keras-applications": cmd_keras_applications}[args.command](args)
 

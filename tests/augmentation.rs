@@ -133,3 +133,87 @@ fn gradients_flow_back_through_the_mirror() {
     };
     assert_eq!(per_sample(g), per_sample(&weights));
 }
+
+fn normalization_fixture() -> serde_json::Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/keras_normalization.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().flat_map(floats).collect(),
+        v => vec![v.as_f64().unwrap() as f32],
+    }
+}
+
+/// Keras 3.15's `Normalization().adapt(x)` and its outputs
+/// (`scripts/keras_reference.py normalization`).
+#[test]
+fn normalization_adapts_and_normalizes_as_keras_does() {
+    use candle_functional::data::TensorDataset;
+    use candle_functional::layers::Normalization;
+    let fixture = normalization_fixture();
+    let x = Tensor::from_vec(floats(&fixture["x"]), (20, 3, 5, 5), &CPU).unwrap();
+    // Batches of 6: the statistics are summed over batches of unequal sizes.
+    let data = TensorDataset::new(vec![x], vec![], 6).unwrap();
+    let norm = Normalization::default().adapt(&data, 0).unwrap();
+    let close = |got: &[f64], want: &[f32], what: &str| {
+        for (g, w) in got.iter().zip(want) {
+            let w = *w as f64;
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{what}: {g} vs Keras's {w}"
+            );
+        }
+    };
+    close(
+        norm.config().mean.as_ref().unwrap(),
+        &floats(&fixture["mean"]),
+        "mean",
+    );
+    close(
+        norm.config().variance.as_ref().unwrap(),
+        &floats(&fixture["variance"]),
+        "variance",
+    );
+    let other = Tensor::from_vec(floats(&fixture["other"]), (4, 3, 5, 5), &CPU).unwrap();
+    for (layer, key) in [(norm.clone(), "output"), (norm.invert(true), "inverted")] {
+        let input = Input::new([3, 5, 5]);
+        let y = layer.call(&input).unwrap();
+        let model = Model::new(&[input], &[y])
+            .unwrap()
+            .build(&CPU, DType::F32, 0)
+            .unwrap();
+        let out = model
+            .forward(std::slice::from_ref(&other), Mode::Train)
+            .unwrap();
+        let want = Tensor::from_vec(floats(&fixture[key]), (4, 3, 5, 5), &CPU).unwrap();
+        assert!(common::max_abs_diff(&out[0], &want) < 1e-4, "{key}");
+    }
+}
+
+#[test]
+fn normalization_without_statistics_or_data_is_refused() {
+    use candle_functional::data::TensorDataset;
+    use candle_functional::layers::Normalization;
+    let err = Normalization::default()
+        .call(&Input::new([3, 2, 2]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("adapt"), "{err}");
+    let err = Normalization::new(vec![0.0, 1.0], vec![1.0, 1.0])
+        .call(&Input::new([3, 2, 2]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 mean values for an axis of 3"), "{err}");
+    let empty = TensorDataset::new(
+        vec![Tensor::zeros((0, 3), DType::F32, &CPU).unwrap()],
+        vec![],
+        2,
+    )
+    .unwrap();
+    assert!(Normalization::default().adapt(&empty, 0).is_err());
+}

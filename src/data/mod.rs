@@ -3,6 +3,7 @@
 //! datasets and their batch loader ([`DataLoader`]), and the official archive's checksum and
 //! extraction.
 
+pub(crate) mod adapt;
 pub(crate) mod archive;
 pub mod cifar10;
 pub(crate) mod dataset;

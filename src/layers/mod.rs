@@ -20,6 +20,7 @@ pub(crate) mod kind;
 pub(crate) mod lambda;
 pub(crate) mod layer_norm;
 pub(crate) mod merge;
+pub(crate) mod normalization;
 pub(crate) mod padding;
 pub(crate) mod pooling;
 pub(crate) mod random_flip;
@@ -49,6 +50,7 @@ pub use merge::{
     Add, AddConfig, Average, AverageConfig, Maximum, MaximumConfig, Minimum, MinimumConfig,
     Multiply, MultiplyConfig, Subtract, SubtractConfig,
 };
+pub use normalization::{Normalization, NormalizationConfig};
 pub use padding::{
     Padding, channel_axis, expect_chw, expect_positive, non_batch_axis, one_input, same_padding,
     window_output_len,
@@ -83,6 +85,7 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
     layer_norm::KINDS,
     merge::KINDS,
     pooling::KINDS,
+    normalization::KINDS,
     random_flip::KINDS,
     rescaling::KINDS,
     reshape::KINDS,
