@@ -339,21 +339,19 @@ impl Model {
         };
         self.plan
             .run(self.name(), inputs, pass)
-            .map_err(|e| self.explain_missing_kernel(e, inputs))
+            .map_err(|e| self.explain_missing_kernel(e))
     }
 
     /// Adds what to do to candle's bare "unsupported dtype BF16 for op …", which a model
     /// computing in BF16 on the CPU meets at its first convolution (candle's CPU backend lacks
     /// some BF16 kernels; its CUDA backend has them).
-    fn explain_missing_kernel(&self, e: Error, inputs: &[Tensor]) -> Error {
+    fn explain_missing_kernel(&self, e: Error) -> Error {
         let message = e.to_string();
-        let on_cpu = inputs.iter().any(|t| t.device().is_cpu());
-        if !(on_cpu && matches!(e, Error::Candle(_)) && message.contains("unsupported dtype BF16"))
-        {
+        if !(matches!(e, Error::Candle(_)) && message.contains("unsupported dtype BF16")) {
             return e;
         }
         Error::InvalidArgument(format!(
-            "model `{}` computes in BF16 on the CPU, where candle lacks this kernel ({message}): on the CPU compute in F32 (build in F32, no mixed precision) or F16; BF16 runs on CUDA",
+            "model `{}` computes in BF16, and candle lacks this kernel in BF16 on this device ({message}): on the CPU compute in F32 (build in F32, no mixed precision) or F16; BF16 runs on CUDA",
             self.name()
         ))
     }
