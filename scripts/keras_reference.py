@@ -859,6 +859,11 @@ def import_augment():
         keras.Input((6, 6, 3), name="image"),
         layers.RandomFlip("horizontal", name="flip_h"),
         layers.RandomFlip(name="flip_hv"),
+        layers.RandomTranslation(0.125, (-0.1, 0.2), fill_mode="constant",
+                                 interpolation="nearest", name="shift"),
+        layers.RandomRotation(0.1, fill_mode="wrap", name="turn"),
+        layers.RandomZoom((-0.2, 0.1), width_factor=0.3, fill_value=0.5, name="zoom"),
+        layers.RandomContrast(0.2, name="contrast"),
         layers.Rescaling(1 / 255.0, name="scale"),
         layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.04, 0.09, 0.01], name="norm"),
         layers.Conv2D(2, 3, name="conv"),
@@ -1196,6 +1201,57 @@ def cmd_normalization(_args):
     print(f"wrote {path}")
 
 
+def cmd_image_transforms(_args):
+    """keras.ops.image.affine_transform (TensorFlow's ImageProjectiveTransformV3) on a small
+    batch for translation, rotation, zoom and projective matrices, every fill mode and both
+    interpolations; the matrices Keras's RandomTranslation, RandomRotation and RandomZoom build
+    from their draws; RandomContrast's output for given factors. Channels first, as JSON."""
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((2, 5, 7, 3)).astype("float32")
+    h, w = x.shape[1], x.shape[2]
+    translate = layers.RandomTranslation(0.5, 0.5)
+    shifts = np.array([[1.6, -0.7], [-2.0, 3.0]], "float32")  # (dx, dy) per image
+    rotate = layers.RandomRotation(0.2)
+    angles = np.array([30.0, -75.0], "float32")
+    rotation = np.asarray(rotate._compute_affine_matrix(
+        center_x=0.5, center_y=0.5, angle=keras.ops.convert_to_tensor(angles),
+        translate_x=np.zeros(2, "float32"), translate_y=np.zeros(2, "float32"),
+        scale=np.ones(2, "float32"), shear_x=np.zeros(2, "float32"),
+        shear_y=np.zeros(2, "float32"), height=h, width=w))
+    zoom = layers.RandomZoom(0.5)
+    zooms = np.array([[0.7, 1.3], [1.4, 0.8]], "float32")  # (zx, zy) per image
+    matrices = {
+        "translation": np.asarray(translate._get_translation_matrix(shifts)),
+        "rotation": rotation,
+        "zoom": np.asarray(zoom._get_zoom_matrix(zooms, h, w)),
+        "projective": np.array([[1.1, 0.2, -0.5, -0.1, 0.9, 0.8, 0.01, -0.02],
+                                [0.8, -0.3, 1.5, 0.25, 1.2, -1.0, -0.03, 0.02]], "float32"),
+    }
+    cases = []
+    for name, m in matrices.items():
+        for fill_mode in ["reflect", "wrap", "constant", "nearest"]:
+            for interpolation in ["nearest", "bilinear"]:
+                out = keras.ops.image.affine_transform(
+                    x, m, interpolation=interpolation, fill_mode=fill_mode, fill_value=0.5)
+                cases.append({"matrix": name, "fill_mode": fill_mode,
+                              "interpolation": interpolation,
+                              "output": nhwc_to_nchw(np.asarray(out)).tolist()})
+    contrast = layers.RandomContrast(0.4, value_range=(-1.5, 1.5))
+    factors = np.array([0.6, 1.35], "float32").reshape(2, 1, 1, 1)
+    contrasted = np.asarray(contrast.transform_images(
+        x, {"contrast_factor": factors}, training=True))
+    path = os.path.join(FIXTURES, "keras_image_transforms.json")
+    with open(path, "w") as f:
+        json.dump({"keras": keras.__version__, "x": nhwc_to_nchw(x).tolist(),
+                   "shifts": shifts.tolist(), "angles": angles.tolist(),
+                   "zooms": zooms.tolist(),
+                   "matrices": {k: v.tolist() for k, v in matrices.items()},
+                   "cases": cases, "contrast_factors": factors.reshape(-1).tolist(),
+                   "contrasted": nhwc_to_nchw(contrasted).tolist()}, f)
+        f.write("\n")
+    print(f"wrote {path}")
+
+
 def cmd_keras_resnet(args):
     """The article's ResNet saved by Keras (too big to commit), with an input batch and its
     outputs, for the ignored test `keras_import_article_resnet`."""
@@ -1271,6 +1327,8 @@ def main():
                    help="write tests/fixtures/keras_regularized.keras and keras_regularizers.json")
     sub.add_parser("normalization",
                    help="write tests/fixtures/keras_normalization.json")
+    sub.add_parser("image-transforms",
+                   help="write tests/fixtures/keras_image_transforms.json")
     sub.add_parser("callbacks",
                    help="write tests/fixtures/keras_callbacks.json")
     resnet = sub.add_parser("keras-resnet",
@@ -1287,6 +1345,7 @@ def main():
      "clipping": cmd_clipping,
      "regularizers": cmd_regularizers,
      "normalization": cmd_normalization,
+     "image-transforms": cmd_image_transforms,
      "keras-resnet": cmd_keras_resnet,
      "keras-applications": cmd_keras_applications}[args.command](args)
 

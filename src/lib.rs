@@ -69,9 +69,10 @@ pub mod prelude {
     pub use crate::graph::{Input, IntoLayer, Layer, Mode, SymbolicTensor};
     pub use crate::layers::{
         Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
-        Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, Flatten, FlipMode,
-        GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Lambda, LayerNormalization,
-        MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute, RandomFlip, ReLU, Rescaling,
+        Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, FillMode, Flatten, FlipMode,
+        GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Interpolation, Lambda,
+        LayerNormalization, MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute,
+        RandomContrast, RandomFlip, RandomRotation, RandomTranslation, RandomZoom, ReLU, Rescaling,
         Reshape, SeparableConv2D, Softmax, Subtract, UpSampling2D, ZeroPadding2D,
     };
     pub use crate::models::{Model, ResNetConfig, Sequential};

@@ -60,10 +60,43 @@ fn a_flatten_no_dense_absorbs_is_translated_exactly() {
 
 #[test]
 fn augmentation_layers_import_and_pass_through_at_inference() {
-    // RandomFlip (horizontal, and both axes) before Rescaling and a CNN: the identity at
-    // inference, as in Keras.
+    // RandomFlip, RandomTranslation, RandomRotation, RandomZoom and RandomContrast before
+    // Rescaling, Normalization and a CNN: the identity at inference, as in Keras; their
+    // settings carried over as Keras normalizes them.
     let model = assert_matches_keras("augment", 1, 1);
     assert!(model.get_layer("flip_hv").is_ok());
+    let config = |name: &str| {
+        model
+            .get_layer(name)
+            .unwrap()
+            .layer()
+            .op()
+            .to_config()
+            .unwrap()
+    };
+    let shift = config("shift");
+    assert_eq!(shift["height_factor"], serde_json::json!([-0.125, 0.125]));
+    assert_eq!(shift["width_factor"], serde_json::json!([-0.1, 0.2]));
+    assert_eq!(
+        (shift["fill_mode"].as_str(), shift["interpolation"].as_str()),
+        (Some("constant"), Some("nearest"))
+    );
+    let turn = config("turn");
+    assert_eq!(
+        (turn["factor"].clone(), turn["fill_mode"].as_str()),
+        (serde_json::json!([-0.1, 0.1]), Some("wrap"))
+    );
+    let zoom = config("zoom");
+    assert_eq!(zoom["height_factor"], serde_json::json!([-0.2, 0.1]));
+    assert_eq!(zoom["width_factor"], serde_json::json!([-0.3, 0.3]));
+    assert_eq!(
+        (zoom["fill_value"].as_f64(), zoom["interpolation"].as_str()),
+        (Some(0.5), Some("bilinear"))
+    );
+    // Keras 3 keeps RandomContrast(0.2) as (0, 0.2): contrast only ever raised.
+    let contrast = config("contrast");
+    assert_eq!(contrast["factor"], serde_json::json!([0.0, 0.2]));
+    assert_eq!(contrast["value_range"], serde_json::json!([0.0, 255.0]));
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub(crate) mod conv_transpose;
 pub(crate) mod dense;
 pub(crate) mod depthwise;
 pub(crate) mod dropout;
+pub(crate) mod image_transform;
 pub(crate) mod keras;
 pub(crate) mod kind;
 pub(crate) mod lambda;
@@ -23,7 +24,11 @@ pub(crate) mod merge;
 pub(crate) mod normalization;
 pub(crate) mod padding;
 pub(crate) mod pooling;
+pub(crate) mod random_contrast;
 pub(crate) mod random_flip;
+pub(crate) mod random_rotation;
+pub(crate) mod random_translation;
+pub(crate) mod random_zoom;
 pub(crate) mod rescaling;
 pub(crate) mod reshape;
 pub(crate) mod upsampling;
@@ -44,6 +49,7 @@ pub use depthwise::{
     DepthwiseConv2D, DepthwiseConv2DConfig, SeparableConv2D, SeparableConv2DConfig,
 };
 pub use dropout::{Dropout, DropoutConfig};
+pub use image_transform::{AffineTransform, FillMode, Resampled, Resampling, affine_transform};
 pub use lambda::{Lambda, LambdaConfig};
 pub use layer_norm::{LayerNormalization, LayerNormalizationConfig};
 pub use merge::{
@@ -59,7 +65,11 @@ pub use pooling::{
     AveragePooling2D, AveragePooling2DConfig, GlobalAveragePooling2D, GlobalAveragePooling2DConfig,
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
+pub use random_contrast::{RandomContrast, RandomContrastConfig};
 pub use random_flip::{FlipMode, RandomFlip, RandomFlipConfig};
+pub use random_rotation::{RandomRotation, RandomRotationConfig};
+pub use random_translation::{RandomTranslation, RandomTranslationConfig};
+pub use random_zoom::{RandomZoom, RandomZoomConfig};
 pub use rescaling::{Rescaling, RescalingConfig};
 pub use reshape::{
     Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, Permute, PermuteConfig, Reshape,
@@ -86,7 +96,11 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
     merge::KINDS,
     pooling::KINDS,
     normalization::KINDS,
+    random_contrast::KINDS,
     random_flip::KINDS,
+    random_rotation::KINDS,
+    random_translation::KINDS,
+    random_zoom::KINDS,
     rescaling::KINDS,
     reshape::KINDS,
     upsampling::KINDS,
