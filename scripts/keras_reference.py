@@ -927,6 +927,18 @@ def import_unsupported():
     return keras.Model(x_in, out, name="unsupported")
 
 
+def import_embedding():
+    """Ids through an Embedding, a Dense on each id's vector (rank 3), Flatten, joined with
+    numeric features: a recommender's shape."""
+    ids = keras.Input((6,), dtype="int32", name="ids")
+    numeric = keras.Input((3,), name="numeric")
+    vectors = layers.Embedding(20, 4, name="embed")(ids)
+    per_id = layers.Dense(5, activation="relu", name="per_id")(vectors)
+    joined = layers.Concatenate(name="join")([layers.Flatten(name="flat")(per_id), numeric])
+    return keras.Model([ids, numeric], [layers.Dense(2, name="score")(joined), vectors],
+                       name="embedding")
+
+
 def keras_outputs(model, inputs):
     outs = model(inputs, training=False)
     if not isinstance(outs, (list, tuple)):
@@ -960,16 +972,22 @@ def cmd_keras_import(args):
         ("nested_sequential", import_nested_sequential, [(2, 6), (2, 6)]),
         ("flatten_concat", import_flatten_concat, [(2, 4, 4, 3), (2, 5)]),
         ("augment", import_augment, [(2, 6, 6, 3)]),
+        # ("ids", n): integer ids below n.
+        ("embedding", import_embedding, [("ids", (2, 6), 20), (2, 3)]),
     ]:
+        def draw(s):
+            if s[0] == "ids":
+                return rng.integers(0, s[2], s[1]).astype("int64")
+            return rng.standard_normal(s).astype("float32")
         if args.names and name not in args.names:
             for s in shapes:  # the same inputs for the others, whichever are written
-                rng.standard_normal(s)
+                draw(s)
             continue
         model = make()
         randomize(model, seed=len(name))
         path = os.path.join(FIXTURES, f"keras_import_{name}.keras")
         model.save(path)
-        inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
+        inputs = [draw(s) for s in shapes]
         if name != "unsupported":
             for i, x in enumerate(inputs):
                 tensors[f"{name}.input_{i}"] = to_nchw(x)
@@ -1318,7 +1336,7 @@ def main():
     keras_import = sub.add_parser(
         "keras-import", help="write tests/fixtures/keras_import_*.keras and their outputs")
     keras_import.add_argument("names", nargs="*",
-                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential, flatten_concat, augment)")
+                              help="only these fixtures (cnn, blocks, nested, unsupported, more, mixed_orders, sequential, nested_sequential, flatten_concat, augment, embedding)")
     sub.add_parser("weighted-losses",
                    help="write tests/fixtures/keras_weighted_losses.json")
     sub.add_parser("clipping",

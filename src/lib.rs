@@ -69,8 +69,8 @@ pub mod prelude {
     pub use crate::graph::{Input, IntoLayer, Layer, Mode, SymbolicTensor};
     pub use crate::layers::{
         Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
-        Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, FillMode, Flatten, FlipMode,
-        GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Interpolation, Lambda,
+        Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, Embedding, FillMode, Flatten,
+        FlipMode, GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Interpolation, Lambda,
         LayerNormalization, MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute,
         RandomContrast, RandomFlip, RandomRotation, RandomTranslation, RandomZoom, ReLU, Rescaling,
         Reshape, SeparableConv2D, Softmax, Subtract, UpSampling2D, ZeroPadding2D,

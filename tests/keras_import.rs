@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_functional::prelude::*;
 use common::max_abs_diff;
 
@@ -97,6 +97,26 @@ fn augmentation_layers_import_and_pass_through_at_inference() {
     let contrast = config("contrast");
     assert_eq!(contrast["factor"], serde_json::json!([0.0, 0.2]));
     assert_eq!(contrast["value_range"], serde_json::json!([0.0, 255.0]));
+}
+
+#[test]
+fn embedding_ids_import_and_match_keras_in_integer_or_float_dtype() {
+    // Ids through an Embedding, a Dense on each id's vector, Flatten, joined with numeric
+    // features; two outputs (the score and the vectors). Ids given as floats (as stored):
+    let model = assert_matches_keras("embedding", 2, 2);
+    // ... and as u32 and i64, which the model keeps (an index input is not converted).
+    let io = io();
+    let ids = &io["embedding.input_0"];
+    let numeric = io["embedding.input_1"].clone();
+    for dtype in [DType::U32, DType::I64] {
+        let ys = model
+            .forward(&[ids.to_dtype(dtype).unwrap(), numeric.clone()], Mode::Eval)
+            .unwrap();
+        let diff = max_abs_diff(&ys[0], &io["embedding.output_0"]);
+        assert!(diff <= TOLERANCE, "{dtype:?}: {diff}");
+    }
+    let embed = model.get_layer("embed").unwrap();
+    assert_eq!(embed.layer().op().type_name(), "Embedding");
 }
 
 #[test]

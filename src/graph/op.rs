@@ -105,6 +105,14 @@ pub trait LayerOp: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// `true` when the layer reads its inputs as integer indices (`Embedding`). A model input
+    /// read only by such layers keeps its dtype: `u8`/`u32`/`i64` ids are not converted to the
+    /// model's float dtype, nor cast by mixed precision (bf16 holds whole numbers only up to
+    /// 256). `false` (the default): inputs are values.
+    fn reads_indices(&self) -> bool {
+        false
+    }
+
     /// `true` when [`forward_fused`](Self::forward_fused) can apply `function` to its inputs
     /// in place of this layer's one input (a [`Fusion`]'s prologue). `false` (the default) for
     /// every function.

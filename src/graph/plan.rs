@@ -55,6 +55,9 @@ pub(crate) struct Plan {
     pub(crate) input_slots: Vec<usize>,
     pub(crate) output_slots: Vec<usize>,
     pub(crate) slot_count: usize,
+    /// Per input: read only by layers that take indices (`LayerOp::reads_indices`), so kept
+    /// in its own dtype.
+    pub(crate) index_inputs: Vec<bool>,
 }
 
 impl Plan {
@@ -151,6 +154,19 @@ impl Plan {
             step.free_after.dedup();
         }
 
+        // Inputs take slots 0..n; an index input has readers, all of them index layers.
+        let index_inputs = (0..inputs.len())
+            .map(|slot| {
+                let mut readers = steps.iter().filter(|s| s.input_slots.contains(&slot));
+                let mut any = false;
+                let all = readers.all(|s| {
+                    any = true;
+                    s.node.layer().op().reads_indices()
+                });
+                any && all && !kept.contains(&slot)
+            })
+            .collect();
+
         Ok(Self {
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
@@ -160,6 +176,7 @@ impl Plan {
             input_slots: (0..inputs.len()).collect(),
             output_slots,
             slot_count: slot_of.len(),
+            index_inputs,
         })
     }
 }
@@ -183,9 +200,11 @@ impl Plan {
             ))
         };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
-        for (&slot, t) in self.input_slots.iter().zip(inputs) {
+        for ((&slot, t), &indices) in self.input_slots.iter().zip(inputs).zip(&self.index_inputs) {
             let t = match pass.compute_dtype {
-                Some(dtype) if t.dtype().is_float() && t.dtype() != dtype => t.cast(dtype)?,
+                Some(dtype) if !indices && t.dtype().is_float() && t.dtype() != dtype => {
+                    t.cast(dtype)?
+                }
                 _ => t.clone(),
             };
             slots[slot] = Some(t);
@@ -240,7 +259,7 @@ impl Plan {
                 got: inputs.len(),
             });
         }
-        for (t, sym) in inputs.iter().zip(&self.inputs) {
+        for ((t, sym), &indices) in inputs.iter().zip(&self.inputs).zip(&self.index_inputs) {
             if t.rank() != sym.shape().len() + 1 || &t.dims()[1..] != sym.shape() {
                 return Err(Error::InputShape {
                     model: model.to_string(),
@@ -249,9 +268,9 @@ impl Plan {
                     got: t.dims().to_vec(),
                 });
             }
-            // Every layer computes in floats; candle's integer kernels would wrap (or panic in
-            // a debug build) on what a float model does to its input.
-            if !t.dtype().is_float() {
+            // Every layer but an index reader computes in floats; candle's integer kernels
+            // would wrap (or panic in a debug build) on what a float model does to its input.
+            if !t.dtype().is_float() && !indices {
                 return Err(Error::InvalidArgument(format!(
                     "model `{model}`: input `{}` is {:?}, but the model computes in floats: convert it first (`to_dtype(DType::F32)`)",
                     sym.layer().display_name(),

@@ -215,7 +215,9 @@ fn dense_from_keras(layer: &KerasLayer) -> Translation {
     let units = layer.int("units")?;
     let activation = layer.named::<ActivationFn>("activation")?;
     match layer.rank() {
-        2 => {
+        // A rank-3 input (a sequence of vectors, as an Embedding gives) is the same in both
+        // layouts: the Dense acts on its last axis.
+        2 | 3 => {
             let convert = match layer.order() {
                 Some((h, w, c)) => Convert::DenseRowsFromHwc(h, w, c),
                 None => Convert::Same,

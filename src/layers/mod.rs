@@ -15,6 +15,7 @@ pub(crate) mod conv_transpose;
 pub(crate) mod dense;
 pub(crate) mod depthwise;
 pub(crate) mod dropout;
+pub(crate) mod embedding;
 pub(crate) mod image_transform;
 pub(crate) mod keras;
 pub(crate) mod kind;
@@ -49,6 +50,7 @@ pub use depthwise::{
     DepthwiseConv2D, DepthwiseConv2DConfig, SeparableConv2D, SeparableConv2DConfig,
 };
 pub use dropout::{Dropout, DropoutConfig};
+pub use embedding::{Embedding, EmbeddingConfig};
 pub use image_transform::{AffineTransform, FillMode, Resampled, Resampling, affine_transform};
 pub use lambda::{Lambda, LambdaConfig};
 pub use layer_norm::{LayerNormalization, LayerNormalizationConfig};
@@ -92,6 +94,7 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
     dense::KINDS,
     depthwise::KINDS,
     dropout::KINDS,
+    embedding::KINDS,
     layer_norm::KINDS,
     merge::KINDS,
     pooling::KINDS,

@@ -366,22 +366,35 @@ impl Model {
         })
     }
 
+    /// Per input: `true` when only index layers (`Embedding`) read it, so it keeps its dtype.
+    pub(crate) fn index_inputs(&self) -> &[bool] {
+        &self.plan.index_inputs
+    }
+
     /// Keras's input conversion: every input takes the dtype the model computes in (an f64
     /// batch, or u8 pixels, into an f32 model), and integer inputs of a model without weights
-    /// become f32. `None` when every input already fits.
+    /// become f32; inputs read only by index layers (`Embedding`) keep theirs. `None` when
+    /// every input already fits.
     fn converted_inputs(&self, inputs: &[Tensor]) -> Result<Option<Vec<Tensor>>> {
         let dtype = self.working_dtype();
-        let target = |t: &Tensor| match dtype {
+        let index_inputs = &self.plan.index_inputs;
+        let target = |i: usize, t: &Tensor| match dtype {
+            _ if index_inputs.get(i).copied().unwrap_or(false) => t.dtype(),
             Some(d) => d,
             None if t.dtype().is_float() => t.dtype(),
             None => DType::F32,
         };
-        if inputs.iter().all(|t| t.dtype() == target(t)) {
+        if inputs
+            .iter()
+            .enumerate()
+            .all(|(i, t)| t.dtype() == target(i, t))
+        {
             return Ok(None);
         }
         inputs
             .iter()
-            .map(|t| Ok(t.to_dtype(target(t))?))
+            .enumerate()
+            .map(|(i, t)| Ok(t.to_dtype(target(i, t))?))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }

@@ -899,12 +899,16 @@ impl Trainer {
 
     pub(super) fn cast_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let dtype = self.model.compute_dtype().unwrap_or(self.dtype);
+        let index_inputs = self.model.index_inputs();
         inputs
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 // Float inputs take the model's dtype here; the model converts integer inputs
-                // itself (Keras's input conversion, `Model::forward`).
-                Ok(if t.dtype().is_float() {
+                // itself (Keras's input conversion, `Model::forward`). Ids for an Embedding
+                // stay as they are (bf16 would round them).
+                let indices = index_inputs.get(i).copied().unwrap_or(false);
+                Ok(if t.dtype().is_float() && !indices {
                     t.cast(dtype)?
                 } else {
                     t.clone()
