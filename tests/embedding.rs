@@ -25,7 +25,12 @@ fn table_model(input_dim: usize, output_dim: usize) -> Model {
 }
 
 fn table(model: &Model) -> Tensor {
-    model.get_layer("embed").unwrap().layer().get_weights().unwrap()[0]
+    model
+        .get_layer("embed")
+        .unwrap()
+        .layer()
+        .get_weights()
+        .unwrap()[0]
         .1
         .clone()
 }

@@ -301,6 +301,7 @@ const CHECKED_FIXTURES: &[&str] = &[
     "nested_sequential",
     "sequential",
     "augment",
+    "embedding",
 ];
 
 /// Every layer class in a `.keras` file's architecture, nested models included.

@@ -116,6 +116,9 @@ struct Args {
     /// Continue from OUT/<model>/last.ckpt when it exists.
     #[arg(long)]
     resume: bool,
+    /// Threads preparing batches ahead of training (0: on the training thread).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
     /// One line per epoch instead of live progress bars.
     #[arg(long)]
     quiet: bool,
@@ -253,7 +256,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Augmentation::standard()
         } else {
             Augmentation::default()
-        });
+        })
+        .workers(args.workers);
     let test =
         DataLoader::new(test_set, args.batch_size.max(256), &device)?.normalization(normalization);
 
@@ -349,7 +353,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// The article's comparison: final and best validation accuracy, and the gap in points.
 fn comparison_table(results: &[(String, candle_functional::train::History)]) -> String {
     let mut out = String::from(
-        "| model | epochs | final train acc | final val acc | best val acc | mean epoch s |\n|---|---|---|---|---|---|\n",
+        "| model | epochs | final train acc | final val acc | best val acc | mean epoch s | data wait |\n|---|---|---|---|---|---|---|\n",
     );
     let mut finals = Vec::new();
     for (name, h) in results {
@@ -362,12 +366,15 @@ fn comparison_table(results: &[(String, candle_functional::train::History)]) -> 
             .iter()
             .filter_map(|e| e.metric("val_accuracy"))
             .fold(f64::NAN, f64::max);
-        let secs =
-            h.epochs().iter().map(|e| e.seconds).sum::<f64>() / h.epochs().len().max(1) as f64;
+        let total: f64 = h.epochs().iter().map(|e| e.seconds).sum();
+        let secs = total / h.epochs().len().max(1) as f64;
+        // The share of training time spent waiting for the next batch.
+        let wait = h.epochs().iter().map(|e| e.data_wait_seconds).sum::<f64>() / total;
         out.push_str(&format!(
-            "| {name} | {} | {:.4} | {val:.4} | {best:.4} | {secs:.1} |\n",
+            "| {name} | {} | {:.4} | {val:.4} | {best:.4} | {secs:.1} | {:.2}% |\n",
             h.epochs().len(),
             last.and_then(|e| e.metric("accuracy")).unwrap_or(f64::NAN),
+            100.0 * wait,
         ));
         finals.push(val);
     }

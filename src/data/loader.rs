@@ -3,7 +3,9 @@
 //! A dataset keeps each sample as one record of bytes: its label, then its `u8` pixels (the
 //! CIFAR-10 layout). A batch is assembled on the host (shuffled, cropped and flipped there,
 //! which is only copying bytes) and sent to the device in **one** copy of `u8` records; the
-//! device splits labels from pixels and converts and normalizes the pixels.
+//! device splits labels from pixels and converts and normalizes the pixels. With
+//! `workers(n)` the host part runs on `n` threads ahead of training (`prefetch.rs`), in the
+//! same order and with the same draws as without.
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::data::prefetch::Prefetcher;
 use crate::data::{Batch, Dataset};
 use crate::support::dtype::Cast;
 use crate::support::seed::mix;
@@ -320,6 +323,8 @@ pub struct DataLoader {
     augmentation: Augmentation,
     normalization: Normalization,
     seed: u64,
+    workers: usize,
+    prefetch: usize,
 }
 
 impl DataLoader {
@@ -349,6 +354,8 @@ impl DataLoader {
             augmentation: Augmentation::default(),
             normalization: Normalization::default(),
             seed: 0,
+            workers: 0,
+            prefetch: 2,
         })
     }
 
@@ -410,6 +417,61 @@ impl DataLoader {
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
+    }
+
+    /// Prepares batches on `workers` background threads (PyTorch's `num_workers`, Keras's
+    /// `prefetch`) while the training thread computes; 0 (the default) prepares each batch
+    /// when it is asked for. Order and augmentation are the same either way: each batch
+    /// draws from its own seed. Worker errors reach the reader at the batch that failed;
+    /// stopping early stops the workers.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// let ds = ImageDataset::from_parts(&[7u8; 5 * 4], &[0, 1, 2, 3, 4], [1, 2, 2])?;
+    /// let inline = DataLoader::new(ds.clone(), 2, &Device::Cpu)?.shuffle(true);
+    /// let background = inline.clone().workers(2);
+    /// let labels = |l: &DataLoader| -> Vec<Vec<u32>> {
+    ///     l.batches(0).map(|b| b.unwrap().targets[0].to_vec1().unwrap()).collect()
+    /// };
+    /// assert_eq!(labels(&inline), labels(&background));
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// How many finished batches each worker may hold ahead (default 2, at least 1): the
+    /// memory bound of [`workers`](Self::workers).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// let loader = DataLoader::new(ds, 32, &Device::Cpu)?.workers(2).prefetch(4);
+    /// assert_eq!(loader.worker_count(), 2);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn prefetch(mut self, depth: usize) -> Self {
+        self.prefetch = depth.max(1);
+        self
+    }
+
+    /// Background workers (0: batches are prepared on the reading thread).
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::Device;
+    /// # use candle_functional::data::{DataLoader, ImageDataset};
+    /// # let ds = ImageDataset::from_records(vec![0u8; 5], [1, 2, 2])?;
+    /// assert_eq!(DataLoader::new(ds, 32, &Device::Cpu)?.worker_count(), 0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn worker_count(&self) -> usize {
+        self.workers
     }
 
     /// Batches per epoch (the last one may be smaller).
@@ -480,21 +542,52 @@ impl DataLoader {
     /// assert_eq!(batch.inputs[0].flatten_all()?.to_vec1::<f32>()?, [1.0, 2.0, 3.0, 4.0]);
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
-    pub fn batches(&self, epoch: u64) -> impl Iterator<Item = Result<Batch>> + '_ {
+    pub fn batches(&self, epoch: u64) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
             order.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, epoch)));
         }
-        let mut rng = StdRng::seed_from_u64(mix(self.seed ^ 0xA5A5_A5A5, epoch));
         let (scale, shift) = self.normalization.affine(self.dataset.image_shape[0]);
         let affine = self.affine_tensors(&scale, &shift);
         let chunks: Vec<Vec<usize>> = order
             .chunks(self.batch_size)
             .map(<[usize]>::to_vec)
             .collect();
-        chunks.into_iter().map(move |indices| {
-            self.make_batch(&indices, &mut rng, affine.as_ref().map_err(clone_err)?)
-        })
+        let host = HostBatches {
+            dataset: self.dataset.clone(),
+            augmentation: self.augmentation,
+            seed: mix(self.seed ^ 0xA5A5_A5A5, epoch),
+            chunks: Arc::new(chunks),
+        };
+        let upload = match affine {
+            Ok(affine) => Upload {
+                device: self.device.clone(),
+                image_shape: self.dataset.image_shape,
+                normalization: self.normalization,
+                affine,
+            },
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        let jobs = host.chunks.len();
+        if self.workers == 0 {
+            return Box::new((0..jobs).map(move |b| upload.batch(host.records(b)?)));
+        }
+        // CPU tensors can be made on any thread: the workers do everything. A GPU's copy
+        // stays on the training thread, which owns the device's stream.
+        let started = if self.device.is_cpu() {
+            Prefetcher::start(jobs, self.workers, self.prefetch, move |b| {
+                upload.batch(host.records(b)?)
+            })
+            .map(|p| Box::new(p) as Box<dyn Iterator<Item = Result<Batch>>>)
+        } else {
+            Prefetcher::start(jobs, self.workers, self.prefetch, move |b| host.records(b)).map(
+                |p| {
+                    Box::new(p.map(move |r| upload.batch(r?)))
+                        as Box<dyn Iterator<Item = Result<Batch>>>
+                },
+            )
+        };
+        started.unwrap_or_else(|e| Box::new(std::iter::once(Err(e))))
     }
 
     fn affine_tensors(&self, scale: &[f32], shift: &[f32]) -> Result<(Tensor, Tensor)> {
@@ -504,37 +597,65 @@ impl DataLoader {
             Tensor::from_slice(shift, (1, c, 1, 1), &self.device)?,
         ))
     }
+}
 
-    fn make_batch(
-        &self,
-        indices: &[usize],
-        rng: &mut StdRng,
-        affine: &(Tensor, Tensor),
-    ) -> Result<Batch> {
+/// Turns a batch's records into tensors on the device, normalized.
+struct Upload {
+    device: Device,
+    image_shape: [usize; 3],
+    normalization: Normalization,
+    affine: (Tensor, Tensor),
+}
+
+impl Upload {
+    /// The one host-to-device copy of a batch of `n` records (labels and pixels together);
+    /// the device splits and converts them.
+    fn batch(&self, (n, bytes): (usize, Vec<u8>)) -> Result<Batch> {
+        let [c, h, w] = self.image_shape;
+        let record = 1 + c * h * w;
+        let records = Tensor::from_vec(bytes, (n, record), &self.device)?;
+        let labels = records.narrow(1, 0, 1)?.squeeze(1)?.cast(DType::U32)?;
+        let pixels = records
+            .narrow(1, 1, record - 1)?
+            .cast(DType::F32)?
+            .reshape((n, c, h, w))?;
+        let inputs = match self.normalization {
+            Normalization::Raw => pixels,
+            _ => pixels
+                .broadcast_mul(&self.affine.0)?
+                .broadcast_add(&self.affine.1)?,
+        };
+        Ok(Batch::new(vec![inputs], vec![labels]))
+    }
+}
+
+/// What a worker needs to assemble an epoch's batches on the host: shared, cheap to move.
+struct HostBatches {
+    dataset: ImageDataset,
+    augmentation: Augmentation,
+    /// The epoch's augmentation seed; batch `b` draws from `mix(seed, b)`.
+    seed: u64,
+    chunks: Arc<Vec<Vec<usize>>>,
+}
+
+impl HostBatches {
+    /// Batch `b`'s records (shuffled, augmented) and their count.
+    fn records(&self, b: usize) -> Result<(usize, Vec<u8>)> {
+        let indices = &self.chunks[b];
         let [c, h, w] = self.dataset.image_shape;
         let record = self.dataset.record_bytes();
+        let mut rng = StdRng::seed_from_u64(mix(self.seed, b as u64));
         let mut bytes = vec![0u8; indices.len() * record];
         for (dst, &i) in bytes.chunks_exact_mut(record).zip(indices) {
             dst[0] = self.dataset.label(i)?;
             let src = self.dataset.image(i)?;
             if self.augmentation.is_active() {
-                augment_into(&mut dst[1..], src, [c, h, w], &self.augmentation, rng);
+                augment_into(&mut dst[1..], src, [c, h, w], &self.augmentation, &mut rng);
             } else {
                 dst[1..].copy_from_slice(src);
             }
         }
-        // The one host-to-device copy of the batch: labels and pixels together.
-        let records = Tensor::from_vec(bytes, (indices.len(), record), &self.device)?;
-        let labels = records.narrow(1, 0, 1)?.squeeze(1)?.cast(DType::U32)?;
-        let pixels = records
-            .narrow(1, 1, record - 1)?
-            .cast(DType::F32)?
-            .reshape((indices.len(), c, h, w))?;
-        let inputs = match self.normalization {
-            Normalization::Raw => pixels,
-            _ => pixels.broadcast_mul(&affine.0)?.broadcast_add(&affine.1)?,
-        };
-        Ok(Batch::new(vec![inputs], vec![labels]))
+        Ok((indices.len(), bytes))
     }
 }
 
@@ -548,12 +669,8 @@ impl Dataset for DataLoader {
     }
 
     fn batches(&self, epoch: u64) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
-        Box::new(DataLoader::batches(self, epoch))
+        DataLoader::batches(self, epoch)
     }
-}
-
-fn clone_err(e: &Error) -> Error {
-    Error::InvalidArgument(e.to_string())
 }
 
 /// Copies `src` into `dst` through a random padded crop and an optional mirror.

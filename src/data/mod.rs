@@ -9,6 +9,7 @@ pub mod cifar10;
 pub(crate) mod dataset;
 pub(crate) mod image_folder;
 pub(crate) mod loader;
+pub(crate) mod prefetch;
 
 #[cfg(feature = "download")]
 pub use archive::download_cifar10;

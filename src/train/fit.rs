@@ -158,7 +158,13 @@ impl Trainer {
                 &mut FitContext::new(self, epoch + 1, &mut stop),
             )?;
             let mut lr = self.learning_rate;
-            for (i, batch) in train.batches(epoch as u64).enumerate() {
+            let mut batches = train.batches(epoch as u64);
+            let mut data_wait = std::time::Duration::ZERO;
+            for i in 0.. {
+                // Time spent waiting for the data pipeline, apart from the step.
+                let asked = Instant::now();
+                let Some(batch) = batches.next() else { break };
+                data_wait += asked.elapsed();
                 let batch = batch?;
                 let n = batch.samples()?;
                 run_hook(
@@ -196,6 +202,8 @@ impl Trainer {
                     break;
                 }
             }
+            // Stops any workers still preparing batches before validation runs.
+            drop(batches);
             self.check_divergence()?;
             let seconds = start.elapsed().as_secs_f64();
             let mut log = EpochLog {
@@ -205,6 +213,7 @@ impl Trainer {
                 learning_rate: lr,
                 seconds,
                 images_per_sec: totals.samples as f64 / seconds,
+                data_wait_seconds: data_wait.as_secs_f64(),
                 ..Default::default()
             };
             if let Some(v) = validation {
@@ -375,8 +384,11 @@ fn format_epoch(log: &EpochLog, epochs: usize) -> String {
         line.push_str(&format!(" {name} {value:.4}"));
     }
     line.push_str(&format!(
-        " lr {:.2e} ({:.1} s, {:.0} samples/s)",
-        log.learning_rate, log.seconds, log.images_per_sec
+        " lr {:.2e} ({:.1} s, {:.0} samples/s, {:.1}% waiting for data)",
+        log.learning_rate,
+        log.seconds,
+        log.images_per_sec,
+        100.0 * log.data_wait_seconds / log.seconds
     ));
     line
 }

@@ -42,6 +42,10 @@ pub struct EpochLog {
     /// Seconds of validation.
     #[serde(deserialize_with = "nan_if_null")]
     pub val_seconds: f64,
+    /// Seconds of training spent waiting for the next batch (inside `seconds`): how much a
+    /// faster data pipeline (`DataLoader::workers`) could save. 0 in files from before it.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
     /// Every other value by its Keras name (see above). Values that are not finite are
     /// written as JSON `null` and skipped when read back.
     #[serde(flatten, deserialize_with = "finite_values")]
@@ -172,7 +176,7 @@ impl History {
     /// use candle_functional::train::{EpochLog, History};
     /// let mut h = History::default();
     /// h.push(EpochLog { epoch: 1, ..Default::default() }.with_metric("accuracy", 0.5));
-    /// assert!(h.to_csv().starts_with("epoch,loss,val_loss,learning_rate,seconds,images_per_sec,val_seconds,accuracy\n"));
+    /// assert!(h.to_csv().starts_with("epoch,loss,val_loss,learning_rate,seconds,images_per_sec,val_seconds,data_wait_seconds,accuracy\n"));
     /// assert_eq!(h.to_csv().lines().count(), 2);
     /// ```
     pub fn to_csv(&self) -> String {
@@ -181,8 +185,9 @@ impl History {
             .iter()
             .flat_map(|e| e.metrics.keys().map(String::as_str))
             .collect();
-        let mut out =
-            String::from("epoch,loss,val_loss,learning_rate,seconds,images_per_sec,val_seconds");
+        let mut out = String::from(
+            "epoch,loss,val_loss,learning_rate,seconds,images_per_sec,val_seconds,data_wait_seconds",
+        );
         for name in &names {
             out.push(',');
             out.push_str(name);
@@ -191,14 +196,15 @@ impl History {
         let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
         for e in &self.epochs {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{}",
                 e.epoch,
                 e.loss,
                 opt(e.val_loss),
                 e.learning_rate,
                 e.seconds,
                 e.images_per_sec,
-                e.val_seconds
+                e.val_seconds,
+                e.data_wait_seconds
             ));
             for name in &names {
                 out.push(',');
