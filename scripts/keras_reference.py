@@ -864,6 +864,8 @@ def import_augment():
         layers.RandomRotation(0.1, fill_mode="wrap", name="turn"),
         layers.RandomZoom((-0.2, 0.1), width_factor=0.3, fill_value=0.5, name="zoom"),
         layers.RandomContrast(0.2, name="contrast"),
+        layers.Resizing(8, 10, name="resize"),
+        layers.CenterCrop(6, 7, name="crop"),
         layers.Rescaling(1 / 255.0, name="scale"),
         layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.04, 0.09, 0.01], name="norm"),
         layers.Conv2D(2, 3, name="conv"),
@@ -1223,7 +1225,8 @@ def cmd_image_transforms(_args):
     """keras.ops.image.affine_transform (TensorFlow's ImageProjectiveTransformV3) on a small
     batch for translation, rotation, zoom and projective matrices, every fill mode and both
     interpolations; the matrices Keras's RandomTranslation, RandomRotation and RandomZoom build
-    from their draws; RandomContrast's output for given factors. Channels first, as JSON."""
+    from their draws; RandomContrast's output for given factors; Resizing and CenterCrop.
+    Channels first, as JSON."""
     rng = np.random.default_rng(41)
     x = rng.standard_normal((2, 5, 7, 3)).astype("float32")
     h, w = x.shape[1], x.shape[2]
@@ -1258,9 +1261,23 @@ def cmd_image_transforms(_args):
     factors = np.array([0.6, 1.35], "float32").reshape(2, 1, 1, 1)
     contrasted = np.asarray(contrast.transform_images(
         x, {"contrast_factor": factors}, training=True))
+    resized = []
+    for (th, tw), interpolation, crop in [((3, 4), "bilinear", False), ((8, 11), "bilinear", False),
+                                          ((3, 4), "nearest", False), ((8, 11), "nearest", False),
+                                          ((4, 4), "bilinear", True), ((6, 3), "nearest", True)]:
+        out = layers.Resizing(th, tw, interpolation=interpolation, crop_to_aspect_ratio=crop)(x)
+        resized.append({"height": th, "width": tw, "interpolation": interpolation,
+                        "crop_to_aspect_ratio": crop,
+                        "output": nhwc_to_nchw(np.asarray(out)).tolist()})
+    center_cropped = []
+    for th, tw in [(3, 4), (5, 7), (6, 4), (2, 9)]:
+        out = layers.CenterCrop(th, tw)(x)
+        center_cropped.append({"height": th, "width": tw,
+                               "output": nhwc_to_nchw(np.asarray(out)).tolist()})
     path = os.path.join(FIXTURES, "keras_image_transforms.json")
     with open(path, "w") as f:
         json.dump({"keras": keras.__version__, "x": nhwc_to_nchw(x).tolist(),
+                   "resized": resized, "center_cropped": center_cropped,
                    "shifts": shifts.tolist(), "angles": angles.tolist(),
                    "zooms": zooms.tolist(),
                    "matrices": {k: v.tolist() for k, v in matrices.items()},

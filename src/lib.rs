@@ -68,12 +68,13 @@ pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts, Sequential};
 pub mod prelude {
     pub use crate::graph::{Input, IntoLayer, Layer, Mode, SymbolicTensor};
     pub use crate::layers::{
-        Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, Concatenate, Conv2D,
-        Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout, Embedding, FillMode, Flatten,
-        FlipMode, GlobalAveragePooling2D, GlobalMaxPooling2D, Initializer, Interpolation, Lambda,
-        LayerNormalization, MaxPooling2D, Maximum, Minimum, Multiply, Padding, Permute,
-        RandomContrast, RandomFlip, RandomRotation, RandomTranslation, RandomZoom, ReLU, Rescaling,
-        Reshape, SeparableConv2D, Softmax, Subtract, UpSampling2D, ZeroPadding2D,
+        Activation, ActivationFn, Add, Average, AveragePooling2D, BatchNorm, CenterCrop,
+        Concatenate, Conv2D, Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout,
+        Embedding, FillMode, Flatten, FlipMode, GlobalAveragePooling2D, GlobalMaxPooling2D,
+        Initializer, Interpolation, Lambda, LayerNormalization, MaxPooling2D, Maximum, Minimum,
+        Multiply, Padding, Permute, RandomContrast, RandomFlip, RandomRotation, RandomTranslation,
+        RandomZoom, ReLU, Rescaling, Reshape, Resizing, SeparableConv2D, Softmax, Subtract,
+        UpSampling2D, ZeroPadding2D,
     };
     pub use crate::models::{Model, ResNetConfig, Sequential};
     pub use crate::{Error, Result};

@@ -362,3 +362,44 @@ fn factors_outside_keras_bounds_fail_when_the_model_is_built() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+#[test]
+fn resizing_and_center_crop_match_keras() {
+    let f = fixture();
+    let x = fixture_images(&f);
+    for case in f["resized"].as_array().unwrap() {
+        let (h, w) = (
+            case["height"].as_u64().unwrap() as usize,
+            case["width"].as_u64().unwrap() as usize,
+        );
+        let interpolation = match case["interpolation"].as_str().unwrap() {
+            "nearest" => Interpolation::Nearest,
+            _ => Interpolation::Bilinear,
+        };
+        let crop = case["crop_to_aspect_ratio"].as_bool().unwrap();
+        let layer = Resizing::new(h, w)
+            .interpolation(interpolation)
+            .crop_to_aspect_ratio(crop);
+        let got = run(&one_layer(layer, [3, 5, 7], 0), &x, Mode::Eval);
+        let want = Tensor::from_vec(floats(&case["output"]), (2, 3, h, w), &CPU).unwrap();
+        let diff = common::max_abs_diff(&got, &want);
+        assert!(
+            diff < 1e-5,
+            "Resizing({h}, {w}) {interpolation:?} crop {crop}: {diff}"
+        );
+    }
+    for case in f["center_cropped"].as_array().unwrap() {
+        let (h, w) = (
+            case["height"].as_u64().unwrap() as usize,
+            case["width"].as_u64().unwrap() as usize,
+        );
+        let got = run(
+            &one_layer(CenterCrop::new(h, w), [3, 5, 7], 0),
+            &x,
+            Mode::Train,
+        );
+        let want = Tensor::from_vec(floats(&case["output"]), (2, 3, h, w), &CPU).unwrap();
+        let diff = common::max_abs_diff(&got, &want);
+        assert!(diff < 1e-5, "CenterCrop({h}, {w}): {diff}");
+    }
+}

@@ -32,6 +32,7 @@ pub(crate) mod random_translation;
 pub(crate) mod random_zoom;
 pub(crate) mod rescaling;
 pub(crate) mod reshape;
+pub(crate) mod resizing;
 pub(crate) mod upsampling;
 pub(crate) mod window_builders;
 
@@ -51,7 +52,9 @@ pub use depthwise::{
 };
 pub use dropout::{Dropout, DropoutConfig};
 pub use embedding::{Embedding, EmbeddingConfig};
-pub use image_transform::{AffineTransform, FillMode, Resampled, Resampling, affine_transform};
+pub use image_transform::{
+    AffineTransform, FillMode, Interpolation, Resampled, Resampling, affine_transform,
+};
 pub use lambda::{Lambda, LambdaConfig};
 pub use layer_norm::{LayerNormalization, LayerNormalizationConfig};
 pub use merge::{
@@ -77,7 +80,8 @@ pub use reshape::{
     Cropping2D, Cropping2DConfig, Flatten, FlattenConfig, Permute, PermuteConfig, Reshape,
     ReshapeConfig, ZeroPadding2D, ZeroPadding2DConfig,
 };
-pub use upsampling::{Interpolation, UpSampling2D, UpSampling2DConfig};
+pub use resizing::{CenterCrop, CenterCropConfig, Resizing, ResizingConfig};
+pub use upsampling::{UpSampling2D, UpSampling2DConfig};
 
 use kind::LayerKind;
 
@@ -106,6 +110,7 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
     random_zoom::KINDS,
     rescaling::KINDS,
     reshape::KINDS,
+    resizing::KINDS,
     upsampling::KINDS,
 ];
 

@@ -10,27 +10,10 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
+use crate::layers::image_transform::{Interpolation, resize_axis};
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
-use crate::support::dtype::Cast;
-
-/// How new pixels are computed.
-///
-/// # Examples
-/// ```
-/// use candle_functional::layers::Interpolation;
-/// assert_eq!(Interpolation::default(), Interpolation::Nearest);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Interpolation {
-    /// Each pixel repeated (Keras's default).
-    #[default]
-    Nearest,
-    /// Linear in each axis between the two nearest input pixels, with half-pixel centres.
-    Bilinear,
-}
 
 /// Configuration of an [`UpSampling2D`] layer; defaults are Keras's.
 ///
@@ -143,37 +126,13 @@ impl LayerOp for UpSampling2DConfig {
                     .broadcast_as((n, c, h, rows, w, columns))?
                     .reshape((n, c, h * rows, w * columns))?
             }
-            Interpolation::Bilinear => linear_along(&linear_along(x, 2, rows)?, 3, columns)?,
+            Interpolation::Bilinear => {
+                let (_, _, h, w) = x.dims4()?;
+                let x = resize_axis(x, 2, h * rows, Interpolation::Bilinear)?;
+                resize_axis(&x, 3, w * columns, Interpolation::Bilinear)?
+            }
         }])
     }
-}
-
-/// Linear interpolation of `x` along `axis` to `factor` times its length, TensorFlow's way:
-/// output pixel `i` samples the input at `(i + 0.5) / factor - 0.5`, clamped to the edges.
-fn linear_along(x: &Tensor, axis: usize, factor: usize) -> Result<Tensor> {
-    if factor == 1 {
-        return Ok(x.clone());
-    }
-    let len = x.dim(axis)?;
-    let (mut lower, mut upper, mut weight) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..len * factor {
-        let at = (i as f64 + 0.5) / factor as f64 - 0.5;
-        let floor = at.floor();
-        lower.push(floor.clamp(0.0, (len - 1) as f64) as u32);
-        upper.push((floor + 1.0).clamp(0.0, (len - 1) as f64) as u32);
-        weight.push(at - floor);
-    }
-    let device = x.device();
-    let out_len = len * factor;
-    let mut shape = vec![1; x.rank()];
-    shape[axis] = out_len;
-    let weight = Tensor::from_vec(weight, shape, device)?.cast(x.dtype())?;
-    let pick = |index: Vec<u32>| -> Result<Tensor> {
-        Ok(x.index_select(&Tensor::from_vec(index, out_len, device)?, axis)?)
-    };
-    let (low, high) = (pick(lower)?, pick(upper)?);
-    // low + w · (high - low)
-    Ok((&low + (high - &low)?.broadcast_mul(&weight)?)?)
 }
 
 /// `UpSampling2D`, saved and imported from Keras's class of that name (nearest or bilinear).
