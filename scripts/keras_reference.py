@@ -751,6 +751,10 @@ def randomize(model, seed):
             values.append(v)
         if values:
             layer.set_weights(values)
+            if isinstance(layer, layers.Normalization):
+                # An adapted Normalization computes from copies made when adapting ends
+                # (as a loaded one does from its variables): refresh them.
+                layer.finalize_state()
 
 
 def import_cnn():
@@ -854,7 +858,11 @@ def import_flatten_concat():
 
 
 def import_augment():
-    """Augmentation layers inside the model (the identity at inference), then a CNN."""
+    """Augmentation layers inside the model (the identity at inference), then a CNN; one
+    Normalization given its statistics, one adapted (Keras keeps those as variables)."""
+    adapted = layers.Normalization(name="adapted")
+    adapted.adapt(np.random.default_rng(5).standard_normal((16, 6, 7, 3)).astype("float32")
+                  * [0.01, 0.02, 0.03] + [0.5, 0.4, 0.3])
     return keras.Sequential([
         keras.Input((6, 6, 3), name="image"),
         layers.RandomFlip("horizontal", name="flip_h"),
@@ -866,8 +874,10 @@ def import_augment():
         layers.RandomContrast(0.2, name="contrast"),
         layers.Resizing(8, 10, name="resize"),
         layers.CenterCrop(6, 7, name="crop"),
+        layers.RandomCrop(6, 7, name="random_crop"),
         layers.Rescaling(1 / 255.0, name="scale"),
         layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.04, 0.09, 0.01], name="norm"),
+        adapted,
         layers.Conv2D(2, 3, name="conv"),
         layers.GlobalAveragePooling2D(name="gap"),
         layers.Dense(2, name="out"),
@@ -1274,10 +1284,14 @@ def cmd_image_transforms(_args):
         out = layers.CenterCrop(th, tw)(x)
         center_cropped.append({"height": th, "width": tw,
                                "output": nhwc_to_nchw(np.asarray(out)).tolist()})
+    # RandomCrop on an input not larger than its window, in training: Keras crops the centred
+    # window of the output's aspect ratio and resizes (no random draw).
+    random_crop_small = np.asarray(layers.RandomCrop(6, 4)(x, training=True))
     path = os.path.join(FIXTURES, "keras_image_transforms.json")
     with open(path, "w") as f:
         json.dump({"keras": keras.__version__, "x": nhwc_to_nchw(x).tolist(),
                    "resized": resized, "center_cropped": center_cropped,
+                   "random_crop_small": nhwc_to_nchw(random_crop_small).tolist(),
                    "shifts": shifts.tolist(), "angles": angles.tolist(),
                    "zooms": zooms.tolist(),
                    "matrices": {k: v.tolist() for k, v in matrices.items()},

@@ -72,9 +72,9 @@ pub mod prelude {
         Concatenate, Conv2D, Conv2DTranspose, Cropping2D, Dense, DepthwiseConv2D, Dropout,
         Embedding, FillMode, Flatten, FlipMode, GlobalAveragePooling2D, GlobalMaxPooling2D,
         Initializer, Interpolation, Lambda, LayerNormalization, MaxPooling2D, Maximum, Minimum,
-        Multiply, Padding, Permute, RandomContrast, RandomFlip, RandomRotation, RandomTranslation,
-        RandomZoom, ReLU, Rescaling, Reshape, Resizing, SeparableConv2D, Softmax, Subtract,
-        UpSampling2D, ZeroPadding2D,
+        Multiply, Padding, Permute, RandomContrast, RandomCrop, RandomFlip, RandomRotation,
+        RandomTranslation, RandomZoom, ReLU, Rescaling, Reshape, Resizing, SeparableConv2D,
+        Softmax, Subtract, UpSampling2D, ZeroPadding2D,
     };
     pub use crate::models::{Model, ResNetConfig, Sequential};
     pub use crate::{Error, Result};

@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_functional::layers::{AffineTransform, affine_transform};
+use candle_functional::layers::{AffineTransform, RandomCrop, affine_transform};
 use candle_functional::prelude::*;
 
 const CPU: Device = Device::Cpu;
@@ -402,4 +402,57 @@ fn resizing_and_center_crop_match_keras() {
         let diff = common::max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "CenterCrop({h}, {w}): {diff}");
     }
+}
+
+#[test]
+fn random_crop_follows_keras_one_window_per_batch() {
+    // Training, input larger than the window: one window for the whole batch, every
+    // position drawn over the calls.
+    let model = one_layer(RandomCrop::new(4, 5), [1, 6, 8], 9);
+    let n = 3;
+    let x = Tensor::arange(0f32, 48.0, &CPU)
+        .unwrap()
+        .reshape((1, 1, 6, 8))
+        .unwrap()
+        .repeat((n, 1, 1, 1))
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let out = run(&model, &x, Mode::Train);
+        let values = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let first = &values[..20];
+        assert!(
+            values.chunks(20).all(|image| image == first),
+            "one window per batch"
+        );
+        let (top, left) = ((first[0] / 8.0) as usize, (first[0] as usize) % 8);
+        // The window is the input's rows top..top+4 and columns left..left+5.
+        let want: Vec<f32> = (0..4)
+            .flat_map(|r| (0..5).map(move |c| ((top + r) * 8 + left + c) as f32))
+            .collect();
+        assert_eq!(first, want.as_slice());
+        seen.insert((top, left));
+    }
+    assert_eq!(seen.len(), 3 * 4, "positions seen: {seen:?}");
+
+    // Inference: the centred window of the output's aspect ratio, resized (Keras's
+    // documented rule), i.e. Resizing with crop_to_aspect_ratio.
+    let inference = run(&model, &x, Mode::Eval);
+    let resized = run(
+        &one_layer(Resizing::new(4, 5).crop_to_aspect_ratio(true), [1, 6, 8], 0),
+        &x,
+        Mode::Eval,
+    );
+    assert_eq!(common::max_abs_diff(&inference, &resized), 0.0);
+
+    // Training on an input not larger than the window: Keras's crop-and-resize, checked
+    // against Keras.
+    let f = fixture();
+    let small = run(
+        &one_layer(RandomCrop::new(6, 4), [3, 5, 7], 0),
+        &fixture_images(&f),
+        Mode::Train,
+    );
+    let want = Tensor::from_vec(floats(&f["random_crop_small"]), (2, 3, 6, 4), &CPU).unwrap();
+    assert!(common::max_abs_diff(&small, &want) < 1e-5);
 }

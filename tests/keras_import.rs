@@ -93,6 +93,10 @@ fn augmentation_layers_import_and_pass_through_at_inference() {
         (zoom["fill_value"].as_f64(), zoom["interpolation"].as_str()),
         (Some(0.5), Some("bilinear"))
     );
+    // An adapted Normalization: Keras keeps its statistics as variables, read into the config.
+    let adapted = config("adapted");
+    assert_eq!(adapted["mean"].as_array().map(Vec::len), Some(3));
+    assert_eq!(adapted["variance"].as_array().map(Vec::len), Some(3));
     // Keras 3 keeps RandomContrast(0.2) as (0, 0.2): contrast only ever raised.
     let contrast = config("contrast");
     assert_eq!(contrast["factor"], serde_json::json!([0.0, 0.2]));

@@ -309,6 +309,9 @@ pub(crate) struct Translated {
     pub(crate) config: Value,
     /// (this crate's weight name, Keras variable index, conversion).
     pub(crate) weights: Vec<(&'static str, usize, Convert)>,
+    /// (config field, Keras variable index): values Keras keeps as variables and this crate
+    /// in the config (an adapted `Normalization`'s statistics), filled in by the importer.
+    pub(crate) config_from_vars: Vec<(&'static str, usize)>,
 }
 
 impl Translated {
@@ -318,10 +321,17 @@ impl Translated {
             class_name: class_name.into(),
             config: serde_json::to_value(config).map_err(|e| e.to_string())?,
             weights: Vec::new(),
+            config_from_vars: Vec::new(),
         })
     }
 
     /// Adds weight `name`, Keras's variable `index` converted by `convert`.
+    /// Config field `key` set to Keras variable `index`, flattened to a list of numbers.
+    pub(crate) fn config_from_var(mut self, key: &'static str, index: usize) -> Self {
+        self.config_from_vars.push((key, index));
+        self
+    }
+
     pub(crate) fn weight(mut self, name: &'static str, index: usize, convert: Convert) -> Self {
         self.weights.push((name, index, convert));
         self

@@ -26,6 +26,7 @@ pub(crate) mod normalization;
 pub(crate) mod padding;
 pub(crate) mod pooling;
 pub(crate) mod random_contrast;
+pub(crate) mod random_crop;
 pub(crate) mod random_flip;
 pub(crate) mod random_rotation;
 pub(crate) mod random_translation;
@@ -71,6 +72,7 @@ pub use pooling::{
     GlobalMaxPooling2D, GlobalMaxPooling2DConfig, MaxPooling2D, MaxPooling2DConfig, Pool2DConfig,
 };
 pub use random_contrast::{RandomContrast, RandomContrastConfig};
+pub use random_crop::{RandomCrop, RandomCropConfig};
 pub use random_flip::{FlipMode, RandomFlip, RandomFlipConfig};
 pub use random_rotation::{RandomRotation, RandomRotationConfig};
 pub use random_translation::{RandomTranslation, RandomTranslationConfig};
@@ -104,6 +106,7 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
     pooling::KINDS,
     normalization::KINDS,
     random_contrast::KINDS,
+    random_crop::KINDS,
     random_flip::KINDS,
     random_rotation::KINDS,
     random_translation::KINDS,

@@ -215,13 +215,9 @@ fn normalization_from_keras(layer: &KerasLayer) -> Translation {
         }
     };
     let (mean, variance) = (values("mean")?, values("variance")?);
-    if mean.is_none() || variance.is_none() {
-        return Err(
-            "an adapted Normalization keeps its statistics as weights: not supported yet (give the Keras layer mean and variance)"
-                .into(),
-        );
-    }
-    Translated::new(
+    // An adapted layer keeps its statistics as variables (mean, variance, count).
+    let adapted = mean.is_none() || variance.is_none();
+    let translated = Translated::new(
         "Normalization",
         NormalizationConfig {
             axis: layer.one_axis()?,
@@ -229,5 +225,12 @@ fn normalization_from_keras(layer: &KerasLayer) -> Translation {
             variance,
             invert: layer.flag("invert", false),
         },
-    )
+    )?;
+    Ok(if adapted {
+        translated
+            .config_from_var("mean", 0)
+            .config_from_var("variance", 1)
+    } else {
+        translated
+    })
 }

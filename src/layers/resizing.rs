@@ -102,7 +102,7 @@ impl Resizing {
 
 /// `x` `(batch, c, h, w)` resized to `size`, after a centred crop to its aspect ratio when
 /// `crop` (Keras's `ops.image.resize` with the TensorFlow backend).
-fn resize(
+pub(crate) fn resize(
     x: &Tensor,
     size: (usize, usize),
     interpolation: Interpolation,

@@ -665,6 +665,17 @@ impl Importer<'_> {
             let vars = weights
                 .get(&format!("{}{name}", self.scope))
                 .or_else(|| weights.get(&format!("{}{group}", self.scope)));
+            let mut translated = translated;
+            for &(key, index) in &translated.config_from_vars {
+                let (_, data) = vars.and_then(|v| v.get(index)).ok_or_else(|| {
+                    self.layer_error(
+                        &name,
+                        class,
+                        format!("model.weights.h5 has no variable {index} ({key})"),
+                    )
+                })?;
+                translated.config[key] = serde_json::json!(data);
+            }
             for (param, index, convert) in &translated.weights {
                 let (shape, data) = vars.and_then(|v| v.get(*index)).ok_or_else(|| {
                     self.layer_error(
