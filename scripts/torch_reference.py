@@ -44,6 +44,10 @@ data_batch_1.bin ... data_batch_5.bin and test_batch.bin):
     <venv>/bin/python scripts/torch_reference.py bench --model resnet \\
         --mode train --device cuda --batch-size 128 --steps 20 --warmup 5
 
+    # He et al.'s ResNet-20 recipe, the twin of examples/resnet20.rs (docs/RESULTS.md).
+    <venv>/bin/python scripts/torch_reference.py resnet20 --data-dir DATA \\
+        --epochs 30 --threads 2 --out runs/torch-resnet20
+
     # Per-layer forward/backward times at the article's shapes, the cases of
     # examples/layer_profile.rs (one JSON line per case; scripts/compare-layers.sh).
     <venv>/bin/python scripts/torch_reference.py layers --batch-size 128 --reps 3
@@ -452,6 +456,113 @@ def cmd_train(args):
 
 
 # ---------------------------------------------------------------------------
+# `resnet20`: the twin of examples/resnet20.rs
+# ---------------------------------------------------------------------------
+
+# CIFAR-10's per-channel pixel means and standard deviations (0-255 scale), the constants
+# of examples/resnet20.rs.
+CIFAR_MEAN = torch.tensor([125.307, 122.950, 113.865])[None, :, None, None]
+CIFAR_STD = torch.tensor([62.993, 62.089, 66.705])[None, :, None, None]
+
+
+class ResNetCifar(nn.Module):
+    """He et al.'s ResNet-(6n+2) for CIFAR-10 from the article's blocks, as
+    examples/resnet20.rs builds it: standardize, Conv(16) -> relu_bn, three
+    stages of n residual blocks (16, 32, 64 filters; the first block of
+    stages 2 and 3 halves the size, 1x1 stride-2 projection), global average
+    pooling, Dense(10) logits with Keras's glorot_uniform init."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.stem = SameConv2d(3, 16, 3)
+        self.stem_bn = ReluBn(16)
+        layers, ch = [], 16
+        for stage, filters in enumerate([16, 32, 64]):
+            for block in range(blocks):
+                layers.append(ResidualBlock(ch, filters, block == 0 and stage > 0, 3))
+                ch = filters
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(64, NUM_CLASSES)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        x = (x - CIFAR_MEAN.to(x.device)) / CIFAR_STD.to(x.device)
+        x = self.blocks(self.stem_bn(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def cmd_resnet20(args):
+    """The recipe of examples/resnet20.rs: SGD + momentum with *decoupled* weight decay
+    (w -= lr * wd * w before each step, Keras's rule and the crate's), one-cycle (PyTorch's
+    OneCycleLR, momentum not cycled, as the crate) or cosine with a one-epoch warm-up,
+    stepped per batch; flips and pad-4 random crops per image (uniform over the 9 x 9
+    offsets, which the crate's RandomTranslation(4.5/32, nearest, constant) draws too)."""
+    setup_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    d = args.data_dir
+    train_x, train_y = read_cifar_bin([os.path.join(d, f) for f in TRAIN_FILES], args.subset)
+    test_x, test_y = read_cifar_bin([os.path.join(d, TEST_FILE)])
+    model = ResNetCifar(args.blocks).to(device)
+    n_params = report_params(f"resnet{6 * args.blocks + 2}", model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    n = train_x.shape[0]
+    steps = -(-n // args.batch_size)
+    if args.schedule == "one-cycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr, total_steps=args.epochs * steps, cycle_momentum=False)
+    else:
+        warm = steps
+        total = args.epochs * steps
+
+        def factor(step):
+            if step < warm:
+                return step / warm
+            return 0.5 * (1 + np.cos(np.pi * (step - warm) / max(total - warm, 1)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    history = {"framework": "pytorch", "torch": torch.__version__, "parameters": n_params,
+               "config": {k: v for k, v in vars(args).items() if k != "func"}, "epochs": []}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "history.json")
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, correct = 0.0, 0
+        start = time.perf_counter()
+        for i in range(0, n, args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            x = augment(train_x[idx], gen).float().to(device)
+            y = train_y[idx].to(device)
+            lr = opt.param_groups[0]["lr"]
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0 - lr * args.weight_decay)
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum().item()
+        seconds = time.perf_counter() - start
+        val_loss, val_acc = evaluate(model, test_x, test_y, 500, lambda t: t.float(), device)
+        row = {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n,
+               "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
+               "images_per_sec": n / seconds, "learning_rate": lr}
+        history["epochs"].append(row)
+        print(f"epoch {epoch}/{args.epochs}: loss {row['loss']:.4f} accuracy "
+              f"{row['accuracy']:.4f} val_loss {val_loss:.4f} val_accuracy {val_acc:.4f} "
+              f"({seconds:.1f} s, {row['images_per_sec']:.0f} img/s)", flush=True)
+        with open(path, "w") as f:
+            json.dump(history, f, indent=1)
+            f.write("\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
 # `bench`
 # ---------------------------------------------------------------------------
 
@@ -759,6 +870,24 @@ def main():
     t.add_argument("--out", required=True, help="folder for the histories")
     add_model_args(t)
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("resnet20", help="the ResNet-20 recipe of examples/resnet20.rs, "
+                       "write <out>/history.json")
+    r.add_argument("--data-dir", required=True)
+    r.add_argument("--epochs", type=int, default=30)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--lr", type=float, default=0.1)
+    r.add_argument("--momentum", type=float, default=0.9)
+    r.add_argument("--weight-decay", type=float, default=5e-3,
+                   help="decoupled: w -= lr * wd * w each step")
+    r.add_argument("--schedule", choices=["one-cycle", "cosine"], default="one-cycle")
+    r.add_argument("--blocks", type=int, default=3, help="n of ResNet-(6n+2)")
+    r.add_argument("--subset", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_resnet20)
 
     lp = sub.add_parser("layers", help="per-layer forward/backward times (examples/layer_profile.rs's cases)")
     lp.add_argument("--batch-size", type=int, default=128)

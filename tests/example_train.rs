@@ -11,11 +11,15 @@ use candle_functional::train::History;
 
 /// `cargo test` builds the examples next to the test binaries.
 fn example_binary() -> PathBuf {
+    example("train_cifar10")
+}
+
+fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir
         .join("examples")
-        .join(format!("train_cifar10{}", std::env::consts::EXE_SUFFIX));
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
         "{} is missing: run through `cargo test`",
@@ -326,4 +330,54 @@ fn a_partial_data_folder_and_an_unwritable_output_are_named_before_training() {
         "{stderr}"
     );
     assert!(!stderr.contains("epoch 1/"), "{stderr}");
+}
+
+#[test]
+fn the_resnet20_recipe_runs_end_to_end_and_resumes() {
+    let tmp = std::env::temp_dir().join(format!("cf_resnet20_{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let (data, out) = (tmp.join("data"), tmp.join("out"));
+    write_tiny_cifar(&data);
+    let run = |epochs: &str, extra: &[&str]| {
+        let output = Command::new(example("resnet20"))
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--epochs",
+                epochs,
+                "--batch-size",
+                "16",
+                "--blocks",
+                "1",
+                "--quiet",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    };
+    let first = run("1", &[]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    // ResNet-8 here (one block a stage); the parameter count is printed.
+    assert!(stderr.contains("resnet8: "), "{stderr}");
+    let result: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["epochs"], 1);
+    assert!(result["final_test_accuracy"].as_f64().is_some());
+    // A second epoch continues from the checkpoint.
+    let second = run("2", &["--resume"]);
+    assert!(String::from_utf8_lossy(&second.stderr).contains("resumed after epoch 1"));
+    let history =
+        History::from_json(&fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    assert_eq!(history.epochs().len(), 2);
+    let _ = fs::remove_dir_all(&tmp);
 }

@@ -187,38 +187,45 @@ fn bright_spots(out: &Tensor, size: usize) -> Vec<Option<(usize, usize)>> {
 #[test]
 fn pad_and_crop_translation_shifts_whole_pixels_up_to_four_each_way() {
     // CIFAR-10's pad-and-crop as a layer: an impulse at the centre moves by -4..=4 pixels on
-    // each axis, every shift seen, each image on its own.
-    let layer = RandomTranslation::new(0.125, 0.125)
-        .fill_mode(FillMode::Constant)
-        .interpolation(Interpolation::Nearest);
-    let model = one_layer(layer, [1, 32, 32], 3);
+    // each axis, every shift seen, each image on its own. A factor of 4.5/32 draws shifts in
+    // (-4.5, 4.5) pixels, uniform once rounded (PyTorch's RandomCrop(32, padding=4)); 0.125
+    // draws in [-4, 4), so the two extremes come half as often.
     let n = 2000;
-    let mut impulse = vec![0f32; 32 * 32];
-    impulse[16 * 32 + 16] = 1.0;
-    let x = Tensor::from_vec(impulse.repeat(n), (n, 1, 32, 32), &CPU).unwrap();
-    let out = run(&model, &x, Mode::Train);
-    let mut seen = [[0usize; 9]; 2];
-    for spot in bright_spots(&out, 32) {
-        let (row, col) = spot.expect("the impulse stays inside the image");
-        let (dy, dx) = (row as i64 - 16, col as i64 - 16);
-        assert!(dy.abs() <= 4 && dx.abs() <= 4, "shift ({dy}, {dx})");
-        seen[0][(dy + 4) as usize] += 1;
-        seen[1][(dx + 4) as usize] += 1;
-    }
-    for axis in seen {
-        // Inner shifts have probability 1/8 (250 expected), the two ends 1/16 (125).
-        for (i, &count) in axis.iter().enumerate() {
-            let expected = if i == 0 || i == 8 { 125.0 } else { 250.0 };
-            assert!(
-                (count as f64 - expected).abs() < 0.3 * expected,
-                "shift {} seen {count} times in {n}: {axis:?}",
-                i as i64 - 4
-            );
+    for (factor, ends, inner) in [
+        (4.5 / 32.0, 1.0 / 9.0, 1.0 / 9.0),
+        (0.125, 1.0 / 16.0, 1.0 / 8.0),
+    ] {
+        let layer = RandomTranslation::new(factor, factor)
+            .fill_mode(FillMode::Constant)
+            .interpolation(Interpolation::Nearest);
+        let model = one_layer(layer, [1, 32, 32], 3);
+        let mut impulse = vec![0f32; 32 * 32];
+        impulse[16 * 32 + 16] = 1.0;
+        let x = Tensor::from_vec(impulse.repeat(n), (n, 1, 32, 32), &CPU).unwrap();
+        let out = run(&model, &x, Mode::Train);
+        let mut seen = [[0usize; 9]; 2];
+        for spot in bright_spots(&out, 32) {
+            let (row, col) = spot.expect("the impulse stays inside the image");
+            let (dy, dx) = (row as i64 - 16, col as i64 - 16);
+            assert!(dy.abs() <= 4 && dx.abs() <= 4, "shift ({dy}, {dx})");
+            seen[0][(dy + 4) as usize] += 1;
+            seen[1][(dx + 4) as usize] += 1;
         }
+        for axis in seen {
+            for (i, &count) in axis.iter().enumerate() {
+                let p = if i == 0 || i == 8 { ends } else { inner };
+                let expected = p * n as f64;
+                assert!(
+                    (count as f64 - expected).abs() < 0.3 * expected,
+                    "factor {factor}: shift {} seen {count} times in {n}: {axis:?}",
+                    i as i64 - 4
+                );
+            }
+        }
+        // The pixel values themselves are untouched: zeros and the one impulse.
+        let total = out.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(total, n as f32);
     }
-    // The pixel values themselves are untouched: zeros and the one impulse.
-    let total = out.sum_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(total, n as f32);
 }
 
 #[test]
