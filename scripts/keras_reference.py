@@ -1050,14 +1050,21 @@ def cmd_weighted_losses(_args):
         model = keras.Model(inp, layers.Dense(2, name="dense")(inp))
         model.get_layer("dense").set_weights([kernel, bias])
         model.compile(optimizer=keras.optimizers.SGD(0.1),
-                      loss=losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0, **extra)
+                      loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], weighted_metrics=["accuracy"])
+        fitted = model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0, **extra)
         new_kernel, new_bias = model.get_layer("dense").get_weights()
+        # Metrics of the step (on the outputs before the update), and an evaluation of the
+        # updated model with the same sample weights (class weights apply in fit only).
+        evaluated = model.evaluate(x, y, batch_size=6, verbose=0, return_dict=True,
+                                   sample_weight=extra.get("sample_weight"))
         steps.append({"name": name, "x": x.tolist(), "y": y.tolist(), "kernel": kernel.tolist(),
                       "bias": bias.tolist(), "new_kernel": new_kernel.tolist(),
                       "new_bias": new_bias.tolist(),
                       "class_weight": [[k, v] for k, v in extra.get("class_weight", {}).items()],
-                      "sample_weight": extra.get("sample_weight", np.ones(6)).tolist()})
+                      "sample_weight": extra.get("sample_weight", np.ones(6)).tolist(),
+                      "history": {k: float(v[0]) for k, v in fitted.history.items()},
+                      "evaluation": {k: float(v) for k, v in evaluated.items()}})
     out = os.path.join(FIXTURES, "keras_weighted_losses.json")
     with open(out, "w") as f:
         json.dump({"keras": keras.__version__, "cases": cases, "steps": steps}, f, indent=1)

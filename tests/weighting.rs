@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_functional::data::{Batch, TensorDataset};
 use candle_functional::prelude::*;
 use candle_functional::train::{
-    Loss, LossFunction, Losses, NanCheck, OutputLoss, SgdConfig, Trainer,
+    Accuracy, Loss, LossFunction, Losses, NanCheck, OutputLoss, SgdConfig, Trainer,
 };
 use serde_json::Value;
 
@@ -335,4 +335,50 @@ fn bad_weights_are_refused_with_the_output_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("value") && err.contains("[3]"), "{err}");
+}
+
+/// Keras's `weighted_metrics=["accuracy"]` next to `metrics=["accuracy"]`: the step's
+/// metrics (class weights or sample weights applied) and an evaluation of the updated model
+/// (sample weights only), named as Keras names them.
+#[test]
+fn weighted_metrics_match_keras_in_fit_and_evaluate() {
+    let fixture = fixture();
+    for step in fixture["steps"].as_array().unwrap() {
+        let name = step["name"].as_str().unwrap();
+        let (model, x, y) = dense_step(step);
+        let w = tensor(&step["sample_weight"], &Value::from(vec![6]));
+        let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+        let mut trainer = Trainer::new(model, sgd(), loss)
+            .unwrap()
+            .weighted_metrics(0, vec![Box::new(Accuracy::sparse())])
+            .unwrap();
+        let mut data = TensorDataset::new(vec![x], vec![y], 6).unwrap();
+        if name == "class_weight" {
+            trainer = trainer.class_weight([(0, 1.0), (1, 9.0)]).unwrap();
+        } else {
+            data = data.sample_weights(vec![w]).unwrap();
+        }
+        let log = trainer
+            .fit(&data, None, 1, &mut [])
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        let evaluation = trainer.evaluate(&data).unwrap();
+        for key in ["accuracy", "weighted_accuracy"] {
+            let want = step["history"][key].as_f64().unwrap();
+            let got = log.metric(key).unwrap();
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{name} fit {key}: {got} against Keras's {want}"
+            );
+            let want = step["evaluation"][key].as_f64().unwrap();
+            let got = evaluation.metric(key).unwrap();
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{name} evaluate {key}: {got} against {want}"
+            );
+        }
+        assert!((evaluation.loss - step["evaluation"]["loss"].as_f64().unwrap()).abs() < 1e-5);
+    }
 }

@@ -201,6 +201,41 @@ impl<C: LayerOp + Clone + Resampled> Configured<C> {
     }
 }
 
+/// Implements [`Resampled`] for configs whose field `resampling` holds the settings.
+macro_rules! impl_resampled {
+    ($($config:ty),* $(,)?) => {$(
+        impl $crate::layers::image_transform::Resampled for $config {
+            fn resampling(&self) -> &$crate::layers::image_transform::Resampling {
+                &self.resampling
+            }
+
+            fn resampling_mut(&mut self) -> &mut $crate::layers::image_transform::Resampling {
+                &mut self.resampling
+            }
+        }
+    )*};
+}
+pub(crate) use impl_resampled;
+
+/// The forward pass the geometric augmentation layers share: `x` unchanged outside
+/// training; in training each image resampled through `draw(rng, height, width)`, drawn in
+/// order from the node's seed.
+pub(crate) fn resample_in_training(
+    x: &Tensor,
+    params: &crate::graph::Params,
+    resampling: &Resampling,
+    mut draw: impl FnMut(&mut StdRng, usize, usize) -> AffineTransform,
+) -> Result<Vec<Tensor>> {
+    if !params.mode().is_train() {
+        return Ok(vec![x.clone()]);
+    }
+    let (batch, _, height, width) = x.dims4()?;
+    let mut rng = <StdRng as rand::SeedableRng>::seed_from_u64(params.seed());
+    let transforms: Vec<AffineTransform> =
+        (0..batch).map(|_| draw(&mut rng, height, width)).collect();
+    Ok(vec![resampling.apply(x, &transforms)?])
+}
+
 /// A draw from `lower..upper` (the lower end when they are equal).
 pub(crate) fn uniform(rng: &mut StdRng, (lower, upper): (f64, f64)) -> f64 {
     let (lower, upper) = (lower.min(upper), lower.max(upper));

@@ -19,8 +19,7 @@ use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::image_transform::{Interpolation, aspect_window};
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
-use crate::layers::padding::{expect_chw, expect_positive, one_input};
-use crate::layers::resizing::resize;
+use crate::layers::resizing::{resize, sized_output};
 
 /// Config of a [`RandomCrop`] layer.
 ///
@@ -83,9 +82,7 @@ impl LayerOp for RandomCropConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let (c, _, _) = expect_chw(layer, one_input(layer, inputs)?)?;
-        expect_positive(layer, "height and width", &[self.height, self.width])?;
-        Ok(vec![vec![c, self.height, self.width]])
+        sized_output(layer, inputs, (self.height, self.width))
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {

@@ -4,13 +4,12 @@
 //! the model gives each node and forward call; the matrix and the resampling are Keras's.
 
 use candle_core::Tensor;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::image_transform::{
-    AffineTransform, Resampled, Resampling, check_factor, keras_factor, uniform,
+    AffineTransform, Resampling, check_factor, impl_resampled, keras_factor, resample_in_training,
+    uniform,
 };
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
@@ -35,15 +34,7 @@ pub struct RandomRotationConfig {
     pub resampling: Resampling,
 }
 
-impl Resampled for RandomRotationConfig {
-    fn resampling(&self) -> &Resampling {
-        &self.resampling
-    }
-
-    fn resampling_mut(&mut self) -> &mut Resampling {
-        &mut self.resampling
-    }
-}
+impl_resampled!(RandomRotationConfig);
 
 /// Turns each image of a batch by a random angle in training (Keras's `RandomRotation`); the
 /// identity in inference.
@@ -114,19 +105,15 @@ impl LayerOp for RandomRotationConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        let x = &inputs[0];
-        if !params.mode().is_train() {
-            return Ok(vec![x.clone()]);
-        }
-        let (batch, _, height, width) = x.dims4()?;
-        let mut rng = StdRng::seed_from_u64(params.seed());
-        let transforms: Vec<AffineTransform> = (0..batch)
-            .map(|_| {
-                let degrees = uniform(&mut rng, self.factor) * 360.0;
+        resample_in_training(
+            &inputs[0],
+            params,
+            &self.resampling,
+            |rng, height, width| {
+                let degrees = uniform(rng, self.factor) * 360.0;
                 AffineTransform::rotation(degrees as f32, height, width)
-            })
-            .collect();
-        Ok(vec![self.resampling.apply(x, &transforms)?])
+            },
+        )
     }
 }
 

@@ -8,13 +8,12 @@
 //! the resampling (`image_transform.rs`) is Keras's, pixel for pixel.
 
 use candle_core::Tensor;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::image_transform::{
-    AffineTransform, FillMode, Resampled, Resampling, check_factor, keras_factor, uniform,
+    AffineTransform, FillMode, Resampling, check_factor, impl_resampled, keras_factor,
+    resample_in_training, uniform,
 };
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
@@ -42,15 +41,7 @@ pub struct RandomTranslationConfig {
     pub resampling: Resampling,
 }
 
-impl Resampled for RandomTranslationConfig {
-    fn resampling(&self) -> &Resampling {
-        &self.resampling
-    }
-
-    fn resampling_mut(&mut self) -> &mut Resampling {
-        &mut self.resampling
-    }
-}
+impl_resampled!(RandomTranslationConfig);
 
 /// Shifts each image of a batch at random in training (Keras's `RandomTranslation`); the
 /// identity in inference.
@@ -141,20 +132,16 @@ impl LayerOp for RandomTranslationConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        let x = &inputs[0];
-        if !params.mode().is_train() {
-            return Ok(vec![x.clone()]);
-        }
-        let (batch, _, height, width) = x.dims4()?;
-        let mut rng = StdRng::seed_from_u64(params.seed());
-        let transforms: Vec<AffineTransform> = (0..batch)
-            .map(|_| {
-                let dy = uniform(&mut rng, self.height_factor) * height as f64;
-                let dx = uniform(&mut rng, self.width_factor) * width as f64;
+        resample_in_training(
+            &inputs[0],
+            params,
+            &self.resampling,
+            |rng, height, width| {
+                let dy = uniform(rng, self.height_factor) * height as f64;
+                let dx = uniform(rng, self.width_factor) * width as f64;
                 AffineTransform::translation(dx as f32, dy as f32)
-            })
-            .collect();
-        Ok(vec![self.resampling.apply(x, &transforms)?])
+            },
+        )
     }
 }
 

@@ -4,12 +4,11 @@
 //! factor zooms *out* (the image shrinks), a negative one zooms in.
 
 use candle_core::Tensor;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::image_transform::{
-    AffineTransform, Resampled, Resampling, check_factor, keras_factor, uniform,
+    AffineTransform, Resampling, check_factor, impl_resampled, keras_factor, resample_in_training,
+    uniform,
 };
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
@@ -38,15 +37,7 @@ pub struct RandomZoomConfig {
     pub resampling: Resampling,
 }
 
-impl Resampled for RandomZoomConfig {
-    fn resampling(&self) -> &Resampling {
-        &self.resampling
-    }
-
-    fn resampling_mut(&mut self) -> &mut Resampling {
-        &mut self.resampling
-    }
-}
+impl_resampled!(RandomZoomConfig);
 
 /// Zooms each image of a batch in or out at random in training (Keras's `RandomZoom`); the
 /// identity in inference.
@@ -142,23 +133,19 @@ impl LayerOp for RandomZoomConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
-        let x = &inputs[0];
-        if !params.mode().is_train() {
-            return Ok(vec![x.clone()]);
-        }
-        let (batch, _, height, width) = x.dims4()?;
-        let mut rng = StdRng::seed_from_u64(params.seed());
-        let transforms: Vec<AffineTransform> = (0..batch)
-            .map(|_| {
-                let zy = 1.0 + uniform(&mut rng, self.height_factor);
+        resample_in_training(
+            &inputs[0],
+            params,
+            &self.resampling,
+            |rng, height, width| {
+                let zy = 1.0 + uniform(rng, self.height_factor);
                 let zx = match self.width_factor {
-                    Some(range) => 1.0 + uniform(&mut rng, range),
+                    Some(range) => 1.0 + uniform(rng, range),
                     None => zy,
                 };
                 AffineTransform::zoom(zx as f32, zy as f32, height, width)
-            })
-            .collect();
-        Ok(vec![self.resampling.apply(x, &transforms)?])
+            },
+        )
     }
 }
 

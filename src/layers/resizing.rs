@@ -119,6 +119,17 @@ pub(crate) fn resize(
     resize_axis(&x, 3, size.1, interpolation)
 }
 
+/// The shape rule of the layers that turn one image into a `(height, width)` one.
+pub(crate) fn sized_output(
+    layer: &str,
+    inputs: &[Vec<usize>],
+    (height, width): (usize, usize),
+) -> Result<Vec<Vec<usize>>> {
+    let (c, _, _) = expect_chw(layer, one_input(layer, inputs)?)?;
+    expect_positive(layer, "height and width", &[height, width])?;
+    Ok(vec![vec![c, height, width]])
+}
+
 impl LayerOp for ResizingConfig {
     fn type_name(&self) -> &'static str {
         "Resizing"
@@ -129,9 +140,7 @@ impl LayerOp for ResizingConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let (c, _, _) = expect_chw(layer, one_input(layer, inputs)?)?;
-        expect_positive(layer, "height and width", &[self.height, self.width])?;
-        Ok(vec![vec![c, self.height, self.width]])
+        sized_output(layer, inputs, (self.height, self.width))
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
@@ -205,9 +214,7 @@ impl LayerOp for CenterCropConfig {
     }
 
     fn output_shapes(&self, layer: &str, inputs: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let (c, _, _) = expect_chw(layer, one_input(layer, inputs)?)?;
-        expect_positive(layer, "height and width", &[self.height, self.width])?;
-        Ok(vec![vec![c, self.height, self.width]])
+        sized_output(layer, inputs, (self.height, self.width))
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {

@@ -16,7 +16,7 @@ use crate::train::callback::{
 };
 use crate::train::compile::{Evaluation, Progress};
 use crate::train::metrics::Metric;
-use crate::train::trainer::{Trainer, update_metrics};
+use crate::train::trainer::{Trainer, update_metrics, update_weighted_metrics};
 use crate::train::{EpochLog, History};
 use crate::{Error, Result};
 
@@ -68,16 +68,27 @@ impl Trainer {
     fn named_values(
         &self,
         metrics: &[Vec<Box<dyn Metric>>],
+        weighted: &[Vec<Box<dyn Metric>>],
         totals: &Totals,
     ) -> Result<BTreeMap<String, f64>> {
         let mut values = BTreeMap::new();
-        for (i, list) in metrics.iter().enumerate() {
+        for (i, (list, weighted)) in metrics.iter().zip(weighted).enumerate() {
             let prefix = self.prefix(i);
             if self.output_names.len() > 1 {
                 values.insert(format!("{prefix}loss"), totals.mean(&totals.per_output[i])?);
             }
             for metric in list {
                 values.insert(format!("{prefix}{}", metric.name()), metric.result()?);
+            }
+            // Keras's names: a weighted metric keeps its name unless an unweighted one has it.
+            for metric in weighted {
+                let plain = format!("{prefix}{}", metric.name());
+                let name = if values.contains_key(&plain) {
+                    format!("{prefix}weighted_{}", metric.name())
+                } else {
+                    plain
+                };
+                values.insert(name, metric.result()?);
             }
         }
         Ok(values)
@@ -152,6 +163,10 @@ impl Trainer {
             let start = Instant::now();
             let mut totals = Totals::new(self.losses.len(), train.device())?;
             self.metrics.iter_mut().flatten().for_each(|m| m.reset());
+            self.weighted_metrics
+                .iter_mut()
+                .flatten()
+                .for_each(|m| m.reset());
             run_hook(
                 callbacks,
                 Hook::EpochBegin,
@@ -209,7 +224,7 @@ impl Trainer {
             let mut log = EpochLog {
                 epoch: epoch + 1,
                 loss: totals.mean(&totals.loss)?,
-                metrics: self.named_values(&self.metrics, &totals)?,
+                metrics: self.named_values(&self.metrics, &self.weighted_metrics, &totals)?,
                 learning_rate: lr,
                 seconds,
                 images_per_sec: totals.samples as f64 / seconds,
@@ -280,11 +295,14 @@ impl Trainer {
     /// ```
     pub fn evaluate(&self, data: &dyn Dataset) -> Result<Evaluation> {
         let mut totals = Totals::new(self.losses.len(), data.device())?;
-        let mut fresh: Vec<Vec<Box<dyn Metric>>> = self
-            .metrics
-            .iter()
-            .map(|list| list.iter().map(|m| m.boxed_clone()).collect())
-            .collect();
+        let copies = |lists: &[Vec<Box<dyn Metric>>]| -> Vec<Vec<Box<dyn Metric>>> {
+            lists
+                .iter()
+                .map(|list| list.iter().map(|m| m.boxed_clone()).collect())
+                .collect()
+        };
+        let mut fresh = copies(&self.metrics);
+        let mut fresh_weighted = copies(&self.weighted_metrics);
         for batch in data.batches(0) {
             let batch = batch?;
             self.check_targets(&batch)?;
@@ -296,13 +314,14 @@ impl Trainer {
             let loss = self.with_penalties(loss)?;
             totals.add(&loss, &per_output, batch.samples()?)?;
             update_metrics(&mut fresh, &outputs, &batch.targets)?;
+            update_weighted_metrics(&mut fresh_weighted, &outputs, &batch.targets, &weights)?;
         }
         if totals.samples == 0 {
             return Err(Error::InvalidArgument("no evaluation data".into()));
         }
         Ok(Evaluation {
             loss: totals.mean(&totals.loss)?,
-            metrics: self.named_values(&fresh, &totals)?,
+            metrics: self.named_values(&fresh, &fresh_weighted, &totals)?,
         })
     }
 

@@ -32,6 +32,28 @@ pub trait Metric: Send {
     /// Adds a batch: the model's output and its target.
     fn update(&mut self, outputs: &Tensor, targets: &Tensor) -> Result<()>;
 
+    /// `true` when [`update_weighted`](Self::update_weighted) works: the metric can be one
+    /// of `Trainer::weighted_metrics`. `false` by default.
+    fn supports_weights(&self) -> bool {
+        false
+    }
+
+    /// Adds a batch whose samples (or positions) carry weights, Keras's `weighted_metrics`:
+    /// the metric becomes `sum(value · weight) / sum(weight)` over its per-sample values, the
+    /// weights broadcast over any trailing axes. The default refuses: a metric that is not
+    /// a mean of per-sample values (`MeanIoU`) has no weighted form.
+    fn update_weighted(
+        &mut self,
+        _outputs: &Tensor,
+        _targets: &Tensor,
+        _weights: &Tensor,
+    ) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "metric `{}` cannot be weighted: it is not a mean of per-sample values",
+            self.name()
+        )))
+    }
+
     /// The value over every batch since the last reset (NaN before any batch).
     fn result(&self) -> Result<f64>;
 
@@ -42,11 +64,13 @@ pub trait Metric: Send {
     fn boxed_clone(&self) -> Box<dyn Metric>;
 }
 
-/// A sum kept on the device and a count kept on the host.
+/// A sum kept on the device and a count kept on the host; weighted batches add their
+/// weights' sum on the device.
 #[derive(Clone, Debug, Default)]
 struct Mean {
     sum: Option<Tensor>,
     count: f64,
+    weight: Option<Tensor>,
 }
 
 impl Mean {
@@ -61,12 +85,52 @@ impl Mean {
         Ok(())
     }
 
+    /// Adds per-sample `values` weighted by `weights` (`(batch,)` or the values' shape),
+    /// Keras's `Mean.update_state(values, sample_weight)`.
+    fn add_weighted(&mut self, values: &Tensor, weights: &Tensor) -> Result<()> {
+        let values = values.cast(DType::F32)?;
+        let mut weights = weights.cast(DType::F32)?;
+        if weights.dim(0)? != values.dim(0)? || weights.rank() > values.rank() {
+            return Err(Error::InvalidArgument(format!(
+                "weights of shape {:?} for metric values of shape {:?}",
+                weights.dims(),
+                values.dims()
+            )));
+        }
+        while weights.rank() < values.rank() {
+            weights = weights.unsqueeze(weights.rank())?;
+        }
+        let weights = weights.broadcast_as(values.shape())?;
+        self.add(values.mul(&weights)?.sum_all()?, 0)?;
+        let total = weights.sum_all()?.detach().cast(DType::F64)?;
+        self.weight = Some(match self.weight.take() {
+            Some(w) => (w + total)?,
+            None => total,
+        });
+        Ok(())
+    }
+
     fn value(&self) -> Result<f64> {
+        let weight = match &self.weight {
+            Some(w) => crate::profile::read_scalar::<f64>(w)?,
+            None => 0.0,
+        };
+        let total = self.count + weight;
         match &self.sum {
-            Some(s) if self.count > 0.0 => Ok(crate::profile::read_scalar::<f64>(s)? / self.count),
+            Some(s) if total > 0.0 => Ok(crate::profile::read_scalar::<f64>(s)? / total),
             _ => Ok(f64::NAN),
         }
     }
+}
+
+/// Each value's mean over the last axis when it has more than the batch axis (Keras's
+/// `mean(…, axis=-1)` in `mae` and `binary_accuracy`).
+fn per_sample(values: Tensor) -> Result<Tensor> {
+    Ok(if values.rank() > 1 {
+        values.mean(values.rank() - 1)?
+    } else {
+        values
+    })
 }
 
 /// How an [`Accuracy`] compares outputs and targets.
@@ -165,6 +229,21 @@ impl Accuracy {
     }
 }
 
+impl Accuracy {
+    /// 1 where the prediction is right, 0 where not, per sample (or position).
+    fn hits(&self, outputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let hits = match self.kind {
+            AccuracyKind::Sparse => outputs.argmax(1)?.eq(&targets.cast(DType::U32)?)?,
+            AccuracyKind::Categorical => outputs.argmax(1)?.eq(&targets.argmax(1)?)?,
+            AccuracyKind::Binary { threshold } => {
+                let predicted = outputs.cast(DType::F32)?.gt(threshold)?;
+                predicted.eq(&targets.cast(DType::F32)?.gt(0.5)?)?
+            }
+        };
+        Ok(hits.cast(DType::F32)?)
+    }
+}
+
 impl Metric for Accuracy {
     fn name(&self) -> &str {
         &self.name
@@ -173,18 +252,30 @@ impl Metric for Accuracy {
     fn update(&mut self, outputs: &Tensor, targets: &Tensor) -> Result<()> {
         let (correct, count) = match self.kind {
             AccuracyKind::Sparse => (correct_predictions(outputs, targets)?, targets.elem_count()),
-            AccuracyKind::Categorical => {
-                let hits = outputs.argmax(1)?.eq(&targets.argmax(1)?)?;
-                (hits.cast(DType::F32)?.sum_all()?, hits.elem_count())
-            }
-            AccuracyKind::Binary { threshold } => {
-                let predicted = outputs.cast(DType::F32)?.gt(threshold)?;
-                let truth = targets.cast(DType::F32)?.gt(0.5)?;
-                let hits = predicted.eq(&truth)?;
-                (hits.cast(DType::F32)?.sum_all()?, hits.elem_count())
+            _ => {
+                let hits = self.hits(outputs, targets)?;
+                (hits.sum_all()?, hits.elem_count())
             }
         };
         self.mean.add(correct, count)
+    }
+
+    fn supports_weights(&self) -> bool {
+        true
+    }
+
+    fn update_weighted(
+        &mut self,
+        outputs: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<()> {
+        let hits = self.hits(outputs, targets)?;
+        let hits = match self.kind {
+            AccuracyKind::Binary { .. } => per_sample(hits)?,
+            _ => hits,
+        };
+        self.mean.add_weighted(&hits, weights)
     }
 
     fn result(&self) -> Result<f64> {
@@ -240,20 +331,40 @@ impl TopKAccuracy {
     }
 }
 
+impl TopKAccuracy {
+    /// 1 where the label is among the `k` highest outputs, per sample.
+    fn hits(&self, outputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let outputs = outputs.cast(DType::F32)?;
+        let labels = targets.cast(DType::U32)?.unsqueeze(1)?.contiguous()?;
+        let own = outputs.gather(&labels, 1)?;
+        // Outputs strictly above the label's own: fewer than k means it is in the top k.
+        let above = outputs.broadcast_gt(&own)?.cast(DType::F32)?.sum(1)?;
+        Ok(above.lt(self.k as f64)?.cast(DType::F32)?)
+    }
+}
+
 impl Metric for TopKAccuracy {
     fn name(&self) -> &str {
         &self.name
     }
 
     fn update(&mut self, outputs: &Tensor, targets: &Tensor) -> Result<()> {
-        let outputs = outputs.cast(DType::F32)?;
-        let labels = targets.cast(DType::U32)?.unsqueeze(1)?.contiguous()?;
-        let own = outputs.gather(&labels, 1)?;
-        // Outputs strictly above the label's own: fewer than k means it is in the top k.
-        let above = outputs.broadcast_gt(&own)?.cast(DType::F32)?.sum(1)?;
-        let hits = above.lt(self.k as f64)?;
-        self.mean
-            .add(hits.cast(DType::F32)?.sum_all()?, hits.elem_count())
+        let hits = self.hits(outputs, targets)?;
+        self.mean.add(hits.sum_all()?, hits.elem_count())
+    }
+
+    fn supports_weights(&self) -> bool {
+        true
+    }
+
+    fn update_weighted(
+        &mut self,
+        outputs: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<()> {
+        let hits = self.hits(outputs, targets)?;
+        self.mean.add_weighted(&hits, weights)
     }
 
     fn result(&self) -> Result<f64> {
@@ -326,6 +437,17 @@ impl MeanError {
     }
 }
 
+impl MeanError {
+    /// Each element's absolute or squared error.
+    fn errors(&self, outputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let diff = (outputs.cast(DType::F32)? - targets.cast(DType::F32)?)?;
+        Ok(match self.kind {
+            ErrorKind::Absolute => diff.abs()?,
+            ErrorKind::Squared => diff.sqr()?,
+        })
+    }
+}
+
 impl Metric for MeanError {
     fn name(&self) -> &str {
         match self.kind {
@@ -335,12 +457,22 @@ impl Metric for MeanError {
     }
 
     fn update(&mut self, outputs: &Tensor, targets: &Tensor) -> Result<()> {
-        let diff = (outputs.cast(DType::F32)? - targets.cast(DType::F32)?)?;
-        let errors = match self.kind {
-            ErrorKind::Absolute => diff.abs()?,
-            ErrorKind::Squared => diff.sqr()?,
-        };
+        let errors = self.errors(outputs, targets)?;
         self.mean.add(errors.sum_all()?, errors.elem_count())
+    }
+
+    fn supports_weights(&self) -> bool {
+        true
+    }
+
+    fn update_weighted(
+        &mut self,
+        outputs: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<()> {
+        let errors = per_sample(self.errors(outputs, targets)?)?;
+        self.mean.add_weighted(&errors, weights)
     }
 
     fn result(&self) -> Result<f64> {

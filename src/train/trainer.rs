@@ -81,6 +81,8 @@ pub struct Trainer {
     /// Per output, Keras's `class_weight` as a `(classes,)` tensor on the model's device.
     pub(super) class_weights: Vec<Option<Tensor>>,
     pub(super) metrics: Vec<Vec<Box<dyn Metric>>>,
+    /// Per output, Keras's `weighted_metrics`: fed the sample and class weights.
+    pub(super) weighted_metrics: Vec<Vec<Box<dyn Metric>>>,
     pub(super) output_names: Vec<String>,
     pub(super) schedule: LrSchedule,
     /// Keras's `clipnorm` / `global_clipnorm` / `clipvalue`, applied before the optimizer.
@@ -167,6 +169,7 @@ impl Trainer {
                 })
                 .collect(),
             class_weights: vec![None; losses.len()],
+            weighted_metrics: losses.iter().map(|_| Vec::new()).collect(),
             losses,
             loss_weights,
             output_names,
@@ -208,6 +211,48 @@ impl Trainer {
         let slot = self.metrics.get_mut(output).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "metrics for output {output} of a model with {count} outputs"
+            ))
+        })?;
+        *slot = metrics;
+        Ok(self)
+    }
+
+    /// Keras's `weighted_metrics` for output `output`: metrics fed each sample's weight
+    /// (its `sample_weight` times its `class_weight` in training; the sample weights only
+    /// in `evaluate`), `sum(value · weight) / sum(weight)`. Reported under the metric's name,
+    /// or `weighted_<name>` when an unweighted metric of the output has that name, as Keras
+    /// names them. A metric that is not a mean of per-sample values (`MeanIoU`) is refused.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::train::{Accuracy, Loss, MeanIoU, SgdConfig, Trainer};
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    /// // "accuracy" (unweighted, the default) and "weighted_accuracy".
+    /// let trainer = Trainer::new(model, SgdConfig::default(), loss)?
+    ///     .weighted_metrics(0, vec![Box::new(Accuracy::sparse())])?;
+    /// assert!(trainer.weighted_metrics(0, vec![Box::new(MeanIoU::new(2))]).is_err());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn weighted_metrics(
+        mut self,
+        output: usize,
+        metrics: Vec<Box<dyn Metric>>,
+    ) -> Result<Self> {
+        let count = self.weighted_metrics.len();
+        if let Some(m) = metrics.iter().find(|m| !m.supports_weights()) {
+            return Err(Error::InvalidArgument(format!(
+                "metric `{}` cannot be weighted: it is not a mean of per-sample values",
+                m.name()
+            )));
+        }
+        let slot = self.weighted_metrics.get_mut(output).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "weighted metrics for output {output} of a model with {count} outputs"
             ))
         })?;
         *slot = metrics;
@@ -651,6 +696,7 @@ impl Trainer {
             state.iter().map(|(var, value)| (var, value)).collect();
         ops::check_assignments(&assignments, keep)?;
         update_metrics(&mut self.metrics, &outputs, &targets)?;
+        update_weighted_metrics(&mut self.weighted_metrics, &outputs, &targets, &weights)?;
         match keep {
             Some(keep) => self.optimizer.step_if(&vars, &grads, lr, keep)?,
             None => self.optimizer.step(&vars, &grads, lr)?,
@@ -916,6 +962,27 @@ impl Trainer {
             })
             .collect()
     }
+}
+
+/// Adds a batch to each output's weighted metrics, with its weights (none: each weighs 1).
+pub(super) fn update_weighted_metrics(
+    metrics: &mut [Vec<Box<dyn Metric>>],
+    outputs: &[Tensor],
+    targets: &[Tensor],
+    weights: &[Option<Tensor>],
+) -> Result<()> {
+    for (((list, out), target), weights) in
+        metrics.iter_mut().zip(outputs).zip(targets).zip(weights)
+    {
+        let out = out.detach();
+        for metric in list.iter_mut() {
+            match weights {
+                Some(w) => metric.update_weighted(&out, target, w)?,
+                None => metric.update(&out, target)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Adds a batch to each output's metrics.
