@@ -1,6 +1,6 @@
 //! The crate at its best on real data: He et al.'s ResNet-20 for CIFAR-10 (3 stages of 3
-//! residual blocks, 16-32-64 filters, about 0.27 M parameters), built from the article's
-//! helpers (`relu_bn`, `residual_block`), with the augmentation inside the model (horizontal
+//! residual blocks, 16-32-64 filters, about 0.27 M parameters), built from the crate's
+//! helpers (`he_residual_block`, or with `--block article` the article's `residual_block`), with the augmentation inside the model (horizontal
 //! flips and pad-4-and-crop as layers, the identity at inference) and the pixel
 //! standardization too, trained with SGD + momentum, decoupled weight decay and a one-cycle
 //! (or cosine) schedule. `scripts/torch_reference.py resnet20` is the same recipe in
@@ -23,13 +23,21 @@ use std::path::PathBuf;
 use candle_core::DType;
 use candle_functional::data::{Cifar10, DataLoader};
 use candle_functional::layers::Normalization;
-use candle_functional::models::{relu_bn, residual_block};
+use candle_functional::models::{he_residual_block, relu_bn, residual_block};
 use candle_functional::prelude::*;
 use candle_functional::select_device;
 use candle_functional::train::{
     Callback, HistoryLogger, Loss, LrSchedule, ModelCheckpoint, Progress, SgdConfig, Trainer,
 };
 use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Block {
+    /// He et al.'s: BatchNorm before the addition, ReLU after it (`he_residual_block`).
+    He,
+    /// The article's: ReLU then BatchNorm after the addition (`residual_block`).
+    Article,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Schedule {
@@ -68,6 +76,9 @@ struct Args {
     /// Learning-rate schedule.
     #[arg(long, value_enum, default_value_t = Schedule::OneCycle)]
     schedule: Schedule,
+    /// Which residual block.
+    #[arg(long, value_enum, default_value_t = Block::He)]
+    block: Block,
     /// Residual blocks per stage: n gives ResNet-(6n+2); 3 is ResNet-20.
     #[arg(long, default_value_t = 3)]
     blocks: usize,
@@ -98,10 +109,10 @@ struct Args {
 const MEAN: [f64; 3] = [125.307, 122.950, 113.865];
 const STD: [f64; 3] = [62.993, 62.089, 66.705];
 
-/// ResNet-(6n+2) as He et al. lay it out for CIFAR-10, from the article's helpers: raw
-/// pixels in, logits out. The shortcut of a downsampling block is the helpers' 1x1 stride-2
+/// ResNet-(6n+2) as He et al. lay it out for CIFAR-10, from the crate's helpers: raw
+/// pixels in, logits out. The shortcut of a downsampling block is a 1x1 stride-2
 /// convolution (He et al.'s option B).
-fn resnet(blocks: usize) -> candle_functional::Result<Model> {
+fn resnet(blocks: usize, kind: Block) -> candle_functional::Result<Model> {
     let image = Input::named("image", [3, 32, 32]);
     // Augmentation, in training only: mirror, then shift by -4..=4 whole pixels with black
     // brought in (pad-4-and-crop, per image): shifts drawn in (-4.5, 4.5) and rounded are
@@ -112,11 +123,23 @@ fn resnet(blocks: usize) -> candle_functional::Result<Model> {
         .interpolation(Interpolation::Nearest)
         .call(&x)?;
     let x = Normalization::new(MEAN.to_vec(), STD.iter().map(|s| s * s).collect()).call(&x)?;
-    let x = Conv2D::new(16, 3).padding(Padding::Same).call(&x)?;
-    let mut x = relu_bn(&x)?;
+    let mut x = match kind {
+        Block::He => {
+            let x = Conv2D::new(16, 3)
+                .padding(Padding::Same)
+                .use_bias(false)
+                .call(&x)?;
+            ReLU::new().call(&BatchNorm::new().call(&x)?)?
+        }
+        Block::Article => relu_bn(&Conv2D::new(16, 3).padding(Padding::Same).call(&x)?)?,
+    };
     for (stage, filters) in [16, 32, 64].into_iter().enumerate() {
         for block in 0..blocks {
-            x = residual_block(&x, block == 0 && stage > 0, filters, 3)?;
+            let downsample = block == 0 && stage > 0;
+            x = match kind {
+                Block::He => he_residual_block(&x, downsample, filters)?,
+                Block::Article => residual_block(&x, downsample, filters, 3)?,
+            };
         }
     }
     let x = GlobalAveragePooling2D::new().call(&x)?;
@@ -144,7 +167,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .workers(args.workers);
     let test = DataLoader::new(data.test().clone(), 500, &device)?;
 
-    let model = resnet(args.blocks)?.build(&device, DType::F32, args.seed)?;
+    let model = resnet(args.blocks, args.block)?.build(&device, DType::F32, args.seed)?;
     let params = model.count_params();
     eprintln!(
         "{}: {} parameters, {} training images, {} epochs",
@@ -218,6 +241,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         "momentum": args.momentum,
         "weight_decay_decoupled": args.weight_decay,
         "schedule": format!("{:?}", args.schedule),
+        "block": format!("{:?}", args.block),
         "device": args.device,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });

@@ -465,6 +465,34 @@ CIFAR_MEAN = torch.tensor([125.307, 122.950, 113.865])[None, :, None, None]
 CIFAR_STD = torch.tensor([62.993, 62.089, 66.705])[None, :, None, None]
 
 
+class HeBlock(nn.Module):
+    """He et al.'s block, as models::he_residual_block builds it: Conv(3, s, no bias) ->
+    BN -> ReLU -> Conv(3, no bias) -> BN, plus the input or a 1x1 stride-2 conv (no bias)
+    and BN, then ReLU."""
+
+    def __init__(self, in_ch, filters, downsample):
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.conv1 = bias_free(SameConv2d(in_ch, filters, 3, stride))
+        self.bn1 = keras_batch_norm(filters)
+        self.conv2 = bias_free(SameConv2d(filters, filters, 3, 1))
+        self.bn2 = keras_batch_norm(filters)
+        self.shortcut = (nn.Sequential(bias_free(SameConv2d(in_ch, filters, 1, 2)),
+                                       keras_batch_norm(filters)) if downsample else None)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return F.relu(x + y)
+
+
+def bias_free(conv):
+    """Keras's Conv2D(use_bias=False): no bias parameter at all."""
+    conv.bias = None
+    return conv
+
+
 class ResNetCifar(nn.Module):
     """He et al.'s ResNet-(6n+2) for CIFAR-10 from the article's blocks, as
     examples/resnet20.rs builds it: standardize, Conv(16) -> relu_bn, three
@@ -472,14 +500,21 @@ class ResNetCifar(nn.Module):
     stages 2 and 3 halves the size, 1x1 stride-2 projection), global average
     pooling, Dense(10) logits with Keras's glorot_uniform init."""
 
-    def __init__(self, blocks):
+    def __init__(self, blocks, kind="he"):
         super().__init__()
-        self.stem = SameConv2d(3, 16, 3)
-        self.stem_bn = ReluBn(16)
+        if kind == "he":
+            self.stem = bias_free(SameConv2d(3, 16, 3))
+            bn = keras_batch_norm(16)
+            self.stem_bn = nn.Sequential(bn, nn.ReLU())
+        else:
+            self.stem = SameConv2d(3, 16, 3)
+            self.stem_bn = ReluBn(16)
         layers, ch = [], 16
         for stage, filters in enumerate([16, 32, 64]):
             for block in range(blocks):
-                layers.append(ResidualBlock(ch, filters, block == 0 and stage > 0, 3))
+                down = block == 0 and stage > 0
+                layers.append(HeBlock(ch, filters, down) if kind == "he"
+                              else ResidualBlock(ch, filters, down, 3))
                 ch = filters
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(64, NUM_CLASSES)
@@ -504,7 +539,7 @@ def cmd_resnet20(args):
     d = args.data_dir
     train_x, train_y = read_cifar_bin([os.path.join(d, f) for f in TRAIN_FILES], args.subset)
     test_x, test_y = read_cifar_bin([os.path.join(d, TEST_FILE)])
-    model = ResNetCifar(args.blocks).to(device)
+    model = ResNetCifar(args.blocks, args.block).to(device)
     n_params = report_params(f"resnet{6 * args.blocks + 2}", model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     n = train_x.shape[0]
@@ -882,6 +917,8 @@ def main():
                    help="decoupled: w -= lr * wd * w each step")
     r.add_argument("--schedule", choices=["one-cycle", "cosine"], default="one-cycle")
     r.add_argument("--blocks", type=int, default=3, help="n of ResNet-(6n+2)")
+    r.add_argument("--block", choices=["he", "article"], default="he",
+                   help="He et al.'s block (BN before the addition) or the article's")
     r.add_argument("--subset", type=int, default=0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=2)

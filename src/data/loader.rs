@@ -572,9 +572,9 @@ impl DataLoader {
         if self.workers == 0 {
             return Box::new((0..jobs).map(move |b| upload.batch(host.records(b)?)));
         }
-        // CPU tensors can be made on any thread: the workers do everything. A GPU's copy
-        // stays on the training thread, which owns the device's stream.
-        let started = if self.device.is_cpu() {
+        // Where tensors are made synchronously (the CPU), the workers do everything; a device
+        // with a queue (a GPU) gets its copy from the training thread, which owns the stream.
+        let started = if !crate::device::reads_wait_for_a_queue(&self.device) {
             Prefetcher::start(jobs, self.workers, self.prefetch, move |b| {
                 upload.batch(host.records(b)?)
             })

@@ -20,6 +20,7 @@ pub use model::{Model, NamedWeight, ParamCounts};
 pub use model_layer::ModelLayer;
 pub use plot::PlotOptions;
 pub use resnet::{
-    ResNetConfig, create_plain_net, create_res_net, plain_block, relu_bn, residual_block,
+    ResNetConfig, create_plain_net, create_res_net, he_residual_block, plain_block, relu_bn,
+    residual_block,
 };
 pub use sequential::Sequential;

@@ -61,6 +61,44 @@ pub fn residual_block(
     relu_bn(&out)
 }
 
+/// He et al.'s residual block ("Deep Residual Learning", 2015, for CIFAR-10): Conv(3,
+/// stride 2 when downsampling) → BatchNorm → ReLU → Conv(3) → BatchNorm, added to the
+/// shortcut (the input, or a 1×1 stride-2 convolution and BatchNorm when downsampling: their
+/// option B), then ReLU. Unlike the article's block, the BatchNorms come before the
+/// addition, so the identity path carries the input unchanged. The convolutions have no
+/// bias (each BatchNorm's offset plays that part).
+///
+/// # Examples
+/// ```
+/// use candle_functional::prelude::*;
+/// use candle_functional::models::he_residual_block;
+/// let y = he_residual_block(&Input::new([16, 32, 32]), true, 32)?;
+/// assert_eq!(y.shape(), &[32, 16, 16]);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn he_residual_block(
+    x: &SymbolicTensor,
+    downsample: bool,
+    filters: usize,
+) -> Result<SymbolicTensor> {
+    let stride = if downsample { 2 } else { 1 };
+    let conv = |filters: usize, kernel: usize, stride: usize| {
+        Conv2D::new(filters, kernel)
+            .strides(stride)
+            .padding(Padding::Same)
+            .use_bias(false)
+    };
+    let y = BatchNorm::new().call(&conv(filters, 3, stride).call(x)?)?;
+    let y = ReLU::new().call(&y)?;
+    let y = BatchNorm::new().call(&conv(filters, 3, 1).call(&y)?)?;
+    let shortcut = if downsample {
+        BatchNorm::new().call(&conv(filters, 1, 2).call(x)?)?
+    } else {
+        x.clone()
+    };
+    ReLU::new().call(&Add::new().call_many(&[shortcut, y])?)
+}
+
 /// What both block kinds share: Conv(k, stride 2 when downsampling, same) → relu_bn →
 /// Conv(k, same).
 fn block_convolutions(
