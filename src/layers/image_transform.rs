@@ -6,7 +6,8 @@
 //! Where each output pixel reads from depends only on the transforms and the image size, so
 //! it is worked out on the host (a few values per pixel) and the pixels themselves are
 //! gathered on the tensor's device: up to four gathers weighted and summed, which candle can
-//! differentiate. Also the factor rules the layers share (`factor_range`), Keras's.
+//! differentiate. Also the factor rules the layers share (`check_factor`, `keras_factor`),
+//! Keras's.
 
 use std::str::FromStr;
 
@@ -16,7 +17,6 @@ use rand::rngs::StdRng;
 
 use crate::graph::{Configured, LayerOp};
 use crate::layers::keras::KerasLayer;
-use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
 /// How pixels between input pixels are read (`UpSampling2D`, `Resizing` and the geometric
@@ -495,71 +495,6 @@ impl Taps {
         }
         taps
     }
-}
-
-/// `x` resized along `axis` to `out_len`, as TensorFlow's `tf.image.resize` does (half-pixel
-/// centres: output `i` samples the input at `(i + 0.5) · len / out_len - 0.5`); bilinear reads
-/// blend the two nearest input pixels (clamped at the edges), nearest reads take
-/// `floor((i + 0.5) · len / out_len)`. No antialiasing. Used by `Resizing`, `CenterCrop` and
-/// `UpSampling2D`.
-pub(crate) fn resize_axis(
-    x: &Tensor,
-    axis: usize,
-    out_len: usize,
-    interpolation: Interpolation,
-) -> Result<Tensor> {
-    let len = x.dim(axis)?;
-    if out_len == len {
-        return Ok(x.clone());
-    }
-    // candle's index_select reads contiguous tensors only (a cropped window is not).
-    let x = &x.contiguous()?;
-    let device = x.device();
-    let scale = len as f32 / out_len as f32;
-    let last = len as i64 - 1;
-    let pick = |index: Vec<u32>| -> Result<Tensor> {
-        Ok(x.index_select(&Tensor::from_vec(index, out_len, device)?, axis)?)
-    };
-    match interpolation {
-        Interpolation::Nearest => {
-            let index = (0..out_len)
-                .map(|i| (((i as f32 + 0.5) * scale).floor() as i64).min(last) as u32)
-                .collect();
-            pick(index)
-        }
-        Interpolation::Bilinear => {
-            let (mut lower, mut upper, mut weight) = (Vec::new(), Vec::new(), Vec::new());
-            for i in 0..out_len {
-                let at = (i as f32 + 0.5) * scale - 0.5;
-                let floor = at.floor();
-                lower.push((floor as i64).clamp(0, last) as u32);
-                upper.push((at.ceil() as i64).clamp(0, last) as u32);
-                weight.push(at - floor);
-            }
-            let mut shape = vec![1; x.rank()];
-            shape[axis] = out_len;
-            let weight = Tensor::from_vec(weight, shape, device)?.cast(x.dtype())?;
-            let (low, high) = (pick(lower)?, pick(upper)?);
-            // low + w · (high - low)
-            Ok((&low + (high - &low)?.broadcast_mul(&weight)?)?)
-        }
-    }
-}
-
-/// The centred window of `(height, width)` with the aspect ratio of `target` (Keras's
-/// `crop_to_aspect_ratio` and `smart_resize`, its truncations included):
-/// `(top, left, crop_height, crop_width)`.
-pub(crate) fn aspect_window(
-    (height, width): (usize, usize),
-    (target_height, target_width): (usize, usize),
-) -> (usize, usize, usize, usize) {
-    let crop_height = ((width * target_height) as f64 / target_width as f64) as usize;
-    let crop_height = crop_height.min(height).max(1);
-    let crop_width = ((height * target_width) as f64 / target_height as f64) as usize;
-    let crop_width = crop_width.min(width).max(1);
-    let top = ((height - crop_height) as f64 / 2.0) as usize;
-    let left = ((width - crop_width) as f64 / 2.0) as usize;
-    (top, left, crop_height, crop_width)
 }
 
 /// An input coordinate outside `0..len` brought back inside as `fill_mode` says

@@ -16,10 +16,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::image_transform::{Interpolation, aspect_window};
+use crate::layers::image_transform::Interpolation;
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
-use crate::layers::resizing::{resize, sized_output};
+use crate::layers::resizing::{aspect_window, resize, sized_output};
 
 /// Config of a [`RandomCrop`] layer.
 ///

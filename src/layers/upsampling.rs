@@ -10,10 +10,11 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::graph::{Configured, LayerOp, Params};
-use crate::layers::image_transform::{Interpolation, resize_axis};
+use crate::layers::image_transform::Interpolation;
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
 use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
+use crate::layers::resizing::resize_axis;
 
 /// Configuration of an [`UpSampling2D`] layer; defaults are Keras's.
 ///
