@@ -242,6 +242,19 @@ pub enum Error {
         message: String,
     },
 
+    /// Data-parallel training across processes cannot go on: the ranks disagree (on the
+    /// architecture, on a resumed checkpoint), or the communicator failed. Every rank
+    /// returns it, so that none is left waiting in a collective call.
+    #[error("distributed training, rank {rank} of {world_size}: {message}")]
+    Distributed {
+        /// The rank that reports it.
+        rank: usize,
+        /// The number of ranks.
+        world_size: usize,
+        /// What is wrong, naming the rank and the variable at fault where one is.
+        message: String,
+    },
+
     /// A training or data argument is out of range (learning rate, batch size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -45,6 +45,7 @@
 
 pub mod data;
 mod device;
+pub mod distributed;
 mod error;
 pub mod fusion;
 pub mod graph;

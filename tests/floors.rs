@@ -23,9 +23,19 @@ fn allowed(floor: &str) -> &'static [&'static str] {
         "data" => &[
             "error", "device", "support", "profile", "fusion", "graph", "ops", "layers", "models",
         ],
+        "distributed" => &BOTTOM,
         "train" => &[
-            "error", "device", "support", "profile", "fusion", "graph", "ops", "layers", "models",
+            "error",
+            "device",
+            "support",
+            "profile",
+            "fusion",
+            "graph",
+            "ops",
+            "layers",
+            "models",
             "data",
+            "distributed",
         ],
         other => panic!("a floor that docs/architecture.md does not name: {other}"),
     }

@@ -7,6 +7,9 @@
 //! # a quick CPU run: narrower, shallower networks on part of the data
 //! cargo run --release --example train_cifar10 -- --data-dir DIR --width-divisor 4 \
 //!     --stages 1,1,1,1 --epochs 3 --subset 10000
+//! # data-parallel over 2 processes (build with --features distributed; MPI's ranks are
+//! # found automatically, each trains on half of every batch of 128):
+//! mpirun -np 2 -x RAYON_NUM_THREADS=1 target/release/examples/train_cifar10 --data-dir DIR
 //! ```
 //!
 //! For each model it writes `OUT/<model>/`: `history.json`, `history.csv`,
@@ -24,6 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use candle_functional::data::cifar10::{TEST_FILE, TRAIN_FILES};
 use candle_functional::data::{Augmentation, Cifar10, DataLoader, Normalization};
+use candle_functional::distributed::from_environment;
 use candle_functional::models::ResNetConfig;
 use candle_functional::train::{
     AdamConfig, Callback, HistoryLogger, Loss, LrSchedule, ModelCheckpoint, OptimizerConfig,
@@ -232,17 +236,26 @@ fn check_writable(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    check_writable(&args.out)?;
+    // Under mpirun: one rank of a data-parallel run; rank 0 alone prints and writes.
+    let comm = from_environment()?;
+    let chief = comm.is_chief();
+    if chief {
+        check_writable(&args.out)?;
+    }
     let device = select_device(&args.device)?;
     let data = load_data(&args.data_dir)?;
     let train_set = data.train().subset(args.subset);
     let test_set = data.test().subset(args.test_subset);
-    eprintln!(
-        "device {:?}; {} training and {} test images",
-        device.location(),
-        train_set.len(),
-        test_set.len()
-    );
+    if chief {
+        eprintln!(
+            "device {:?}; {} training and {} test images; {} rank(s) ({})",
+            device.location(),
+            train_set.len(),
+            test_set.len(),
+            comm.world_size(),
+            comm.backend()
+        );
+    }
     let normalization = match args.normalize {
         Normalize::Raw => Normalization::Raw,
         Normalize::Unit => Normalization::UnitRange,
@@ -274,14 +287,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for model in models {
         let name = model.name().to_string();
         let dir = args.out.join(&name);
-        check_writable(&dir)?;
         let model = model.build(&device, DType::F32, args.seed)?;
-        std::fs::write(dir.join("summary.txt"), model.summary())?;
-        let counts = model.count_params();
-        eprintln!(
-            "{name}: {} parameters ({} trainable)",
-            counts.total, counts.trainable
-        );
+        if chief {
+            check_writable(&dir)?;
+            std::fs::write(dir.join("summary.txt"), model.summary())?;
+            let counts = model.count_params();
+            eprintln!(
+                "{name}: {} parameters ({} trainable)",
+                counts.total, counts.trainable
+            );
+        }
 
         let loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
         let progress = if args.quiet {
@@ -291,7 +306,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut trainer = Trainer::new(model, optimizer(&args), loss)?
             .schedule(schedule)
-            .progress(progress);
+            .progress(progress)
+            .distributed(comm.clone());
         let checkpoint = ModelCheckpoint::new(&dir);
         if args.resume && checkpoint.last_path().is_file() {
             trainer.load_checkpoint(checkpoint.last_path())?;
@@ -306,7 +322,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 )
                 .into());
             }
-            eprintln!("{name}: resumed after epoch {}", trainer.epochs_done());
+            if chief {
+                eprintln!("{name}: resumed after epoch {}", trainer.epochs_done());
+            }
         }
         let mut callbacks: Vec<Box<dyn Callback>> = vec![
             Box::new(checkpoint),
@@ -317,17 +335,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ),
         ];
         trainer.fit(&train, Some(&test), args.epochs, &mut callbacks)?;
-        trainer
-            .model()
-            .save_weights(dir.join("weights.safetensors"))?;
         let history = trainer.history().clone();
-        plot::draw_curves(
-            &dir.join("curves.png"),
-            &name,
-            &[(name.clone(), history.clone())],
-        )?;
-        eprintln!("{name}: wrote {}", dir.display());
+        if chief {
+            trainer
+                .model()
+                .save_weights(dir.join("weights.safetensors"))?;
+            plot::draw_curves(
+                &dir.join("curves.png"),
+                &name,
+                &[(name.clone(), history.clone())],
+            )?;
+            eprintln!("{name}: wrote {}", dir.display());
+        }
         results.push((name, history));
+    }
+    if !chief {
+        return Ok(());
     }
 
     if results.len() > 1 {

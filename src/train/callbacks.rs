@@ -182,8 +182,12 @@ impl Callback for ModelCheckpoint {
     }
 
     fn on_epoch_end(&mut self, end: &mut FitContext<'_>) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        end.trainer().save_checkpoint(self.last_path())?;
+        // Data-parallel: every rank keeps the same best value; rank 0 alone writes.
+        let writes = end.trainer().is_chief();
+        if writes {
+            std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+            end.trainer().save_checkpoint(self.last_path())?;
+        }
         let value = read_metric(end, &self.monitor)?;
         let epoch = end.epoch();
         let goal = Goal::for_metric(&self.monitor);
@@ -204,13 +208,15 @@ impl Callback for ModelCheckpoint {
                     best_epoch = Some(e.epoch);
                 }
             }
-            if let (Some(best), Some(last)) = (best_epoch, earlier.last()) {
+            if let (Some(best), Some(last), true) = (best_epoch, earlier.last(), writes) {
                 self.repair_best(best, last.epoch)?;
             }
         }
         if goal.improves(value, self.best, 0.0) {
             self.best = Some(value);
-            end.trainer().save_checkpoint(self.best_path())?;
+            if writes {
+                end.trainer().save_checkpoint(self.best_path())?;
+            }
         }
         Ok(())
     }
@@ -475,6 +481,10 @@ impl HistoryLogger {
 
 impl Callback for HistoryLogger {
     fn on_epoch_end(&mut self, end: &mut FitContext<'_>) -> Result<()> {
+        // Data-parallel: every rank has the same history; rank 0 alone writes it.
+        if !end.trainer().is_chief() {
+            return Ok(());
+        }
         if let Some(path) = &self.json {
             end.history().write_json(path)?;
         }

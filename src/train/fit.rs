@@ -15,6 +15,7 @@ use crate::train::callback::{
     Callback, FitContext, Hook, restore_callback_states, run_epoch_end, run_hook,
 };
 use crate::train::compile::{Evaluation, Progress};
+use crate::train::data_parallel::Resumed;
 use crate::train::metrics::Metric;
 use crate::train::trainer::{Trainer, update_metrics, update_weighted_metrics};
 use crate::train::{EpochLog, History};
@@ -140,6 +141,15 @@ impl Trainer {
         self.batches_per_epoch = Some(train.len());
         let resumed = std::mem::replace(&mut self.resumed, false);
         self.divergence = None;
+        if let Some(dp) = &self.data_parallel {
+            let optimizer = self.optimizer.state()?;
+            let at = resumed.then_some(Resumed {
+                epochs_done: self.epochs_done,
+                steps_done: self.steps_done,
+                optimizer: &optimizer,
+            });
+            dp.start(&self.model, at)?;
+        }
         let total_steps = epochs * train.len();
         // Where reading a value waits for a queue (a GPU), refresh the display less often.
         let refresh = if crate::device::reads_wait_for_a_queue(train.device()) {
@@ -245,7 +255,7 @@ impl Trainer {
             let line = format_epoch(&log, epochs);
             match (&bar, self.progress) {
                 (Some(bar), _) => bar.finish_with_message(line),
-                (None, Progress::Lines) => eprintln!("{line}"),
+                (None, Progress::Lines) if self.is_chief() => eprintln!("{line}"),
                 _ => {}
             }
             self.history.push(log.clone());
@@ -262,7 +272,7 @@ impl Trainer {
     }
 
     fn progress_bar(&self, epoch: usize, epochs: usize, steps: usize) -> Option<ProgressBar> {
-        if self.progress != Progress::Bar {
+        if self.progress != Progress::Bar || !self.is_chief() {
             return None;
         }
         let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
@@ -306,13 +316,31 @@ impl Trainer {
         for batch in data.batches(0) {
             let batch = batch?;
             self.check_targets(&batch)?;
+            let samples = batch.samples()?;
+            // Data-parallel: this rank's slice of the batch, then the whole batch's loss and
+            // outputs put together on every rank.
+            let shard = self.data_parallel.as_ref().map(|dp| dp.shard(samples));
+            let local = match &shard {
+                Some(shard) => shard.local(&batch)?,
+                None => batch.clone(),
+            };
             let outputs = self
                 .model
-                .forward(&self.cast_inputs(&batch.inputs)?, Mode::Eval)?;
-            let weights = self.weights_of(&batch, &batch.targets, false)?;
-            let (loss, per_output) = self.losses_of(&outputs, &batch.targets, &weights)?;
+                .forward(&self.cast_inputs(&local.inputs)?, Mode::Eval)?;
+            let weights = self.weights_of(&local, &local.targets, false)?;
+            let (loss, per_output) = self.losses_of(&outputs, &local.targets, &weights)?;
             let loss = self.with_penalties(loss)?;
-            totals.add(&loss, &per_output, batch.samples()?)?;
+            let (loss, per_output, outputs, weights) = match (&self.data_parallel, &shard) {
+                (Some(dp), Some(shard)) => {
+                    let (_, loss, per_output) =
+                        dp.reduce_losses(Vec::new(), shard, &loss, &per_output)?;
+                    let outputs = dp.gather_outputs(&outputs, shard)?;
+                    let weights = self.weights_of(&batch, &batch.targets, false)?;
+                    (loss, per_output, outputs, weights)
+                }
+                _ => (loss, per_output, outputs, weights),
+            };
+            totals.add(&loss, &per_output, samples)?;
             update_metrics(&mut fresh, &outputs, &batch.targets)?;
             update_weighted_metrics(&mut fresh_weighted, &outputs, &batch.targets, &weights)?;
         }

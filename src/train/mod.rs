@@ -8,6 +8,7 @@ pub(crate) mod callbacks;
 pub(crate) mod checkpoint;
 pub(crate) mod clipping;
 pub(crate) mod compile;
+pub(crate) mod data_parallel;
 pub(crate) mod fit;
 pub(crate) mod history;
 pub(crate) mod lambda_callback;

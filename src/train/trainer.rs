@@ -2,10 +2,12 @@
 //! checkpoints that resume a run exactly.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 
 use crate::data::Batch;
+use crate::distributed::Communicator;
 use crate::graph::{Mode, StateUpdates};
 use crate::models::Model;
 use crate::ops;
@@ -14,6 +16,7 @@ use crate::support::dtype::Cast;
 use crate::train::callback_state::CallbackState;
 use crate::train::clipping::GradientClipping;
 use crate::train::compile::{Losses, NanCheck, Progress};
+use crate::train::data_parallel::DataParallel;
 use crate::train::loss_function::{OutputLoss, class_weights_of, weighted_mean};
 use crate::train::metrics::{Metric, default_metrics};
 use crate::train::{History, Loss, LrSchedule, Optimizer, OptimizerConfig};
@@ -110,6 +113,8 @@ pub struct Trainer {
     /// Whether the next `fit` continues a run restored by `load_checkpoint` (and so must see
     /// the same number of batches an epoch); a second `fit` in one process may take new data.
     pub(super) resumed: bool,
+    /// The run's ranks when it is data-parallel ([`Trainer::distributed`]).
+    pub(super) data_parallel: Option<DataParallel>,
 }
 
 impl Trainer {
@@ -161,6 +166,7 @@ impl Trainer {
             optimizer_config,
             batches_per_epoch: None,
             resumed: false,
+            data_parallel: None,
             metrics: losses
                 .iter()
                 .map(|loss| {
@@ -504,6 +510,72 @@ impl Trainer {
         self
     }
 
+    /// Trains data-parallel across the ranks of `comm` (Keras's `MultiWorkerMirroredStrategy`,
+    /// PyTorch's `DistributedDataParallel`): every rank runs the same program with the same
+    /// data set and seed, `fit` gives each rank its slice of every global batch
+    /// ([`shard`](crate::distributed::shard)) and sums the gradients across ranks, so that a
+    /// step equals one process's step over the whole batch. At the start of `fit` the ranks
+    /// check that they hold the same model, and a fresh run takes rank 0's weights. Losses and
+    /// metrics are those of the whole batch on every rank, so callbacks steer alike; only
+    /// rank 0 shows progress and writes checkpoints and logs. `evaluate` is split the same way.
+    /// With [`SingleProcess`](crate::distributed::SingleProcess) training is unchanged.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::distributed::from_environment;
+    /// use candle_functional::prelude::*;
+    /// use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// let x = Input::new([2]);
+    /// let y = Dense::new(2).call(&x)?;
+    /// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    /// // `mpirun -np 2 ...`: MPI's ranks; otherwise one process.
+    /// let trainer = Trainer::new(model, SgdConfig::default(), loss)?.distributed(from_environment()?);
+    /// assert!(trainer.communicator().is_some());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn distributed(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.data_parallel = Some(DataParallel::new(comm));
+        self
+    }
+
+    /// The communicator of a data-parallel run ([`Trainer::distributed`]), if any.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// # let x = Input::new([2]);
+    /// # let model = Model::new(&[x.clone()], &[Dense::new(1).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let trainer = Trainer::new(model, SgdConfig::default(), Loss::MeanSquaredError)?;
+    /// assert!(trainer.communicator().is_none());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn communicator(&self) -> Option<&dyn Communicator> {
+        self.data_parallel.as_ref().map(|dp| dp.comm())
+    }
+
+    /// `true` unless this is a data-parallel run's rank other than 0: the rank that shows
+    /// progress and writes files.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// # let x = Input::new([2]);
+    /// # let model = Model::new(&[x.clone()], &[Dense::new(1).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let trainer = Trainer::new(model, SgdConfig::default(), Loss::MeanSquaredError)?;
+    /// assert!(trainer.is_chief());
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn is_chief(&self) -> bool {
+        self.communicator().is_none_or(|comm| comm.is_chief())
+    }
+
     /// The model being trained.
     ///
     /// # Examples
@@ -612,25 +684,58 @@ impl Trainer {
                 position.0, position.1
             )));
         }
-        let on_device = self.nan_check == NanCheck::OnDevice;
+        // Data-parallel: this rank trains on its slice of the global batch.
+        let data_parallel = self.data_parallel.clone();
+        let shard = match &data_parallel {
+            Some(dp) => Some(dp.shard(batch.samples()?)),
+            None => None,
+        };
+        let global = batch;
+        let local = match &shard {
+            Some(shard) => Some(shard.local(global)?),
+            None => None,
+        };
+        let batch = local.as_ref().unwrap_or(global);
+        // Across ranks, labels are checked on the host over the whole batch: every rank
+        // then reaches the same verdict.
+        let on_device = self.nan_check == NanCheck::OnDevice && shard.is_none();
         // Off the device check, labels are range-checked before the step (a host read);
         // on it, the verdict joins the divergence flag.
         let (targets, labels_ok) = if on_device {
             self.targets_checked_on_device(batch)?
         } else {
-            self.check_targets(batch)?;
+            self.check_targets(global)?;
             (batch.targets.clone(), None)
         };
         let inputs = self.cast_inputs(&batch.inputs)?;
         let updates = StateUpdates::default();
-        let outputs = self
-            .model
-            .forward_deferred(&inputs, Mode::Train, &updates)?;
+        let call = self.model.forward_calls();
+        if let Some(dp) = &data_parallel {
+            self.model.set_forward_calls(dp.forward_call(call));
+        }
+        let outputs = self.model.forward_deferred(&inputs, Mode::Train, &updates);
+        if data_parallel.is_some() {
+            self.model.set_forward_calls(call + 1);
+        }
+        let outputs = outputs?;
         let weights = self.weights_of(batch, &targets, true)?;
         let (total, per_output) = self.losses_of(&outputs, &targets, &weights)?;
         let total = self.with_penalties(total)?;
-        let mut grads = total.backward()?;
         let vars = self.model.trainable_weights()?;
+        let (total, per_output, mut grads) = match (&data_parallel, &shard) {
+            (Some(dp), Some(shard)) => {
+                // The loss scaled by this rank's share: summed over ranks, the gradients are
+                // those of the whole batch's mean loss.
+                let mut grads = total.affine(shard.weight(), 0.0)?.backward()?;
+                let (total, per_output) =
+                    dp.reduce_step(&mut grads, &vars, shard, &total, &per_output)?;
+                (total, per_output, grads)
+            }
+            _ => {
+                let grads = total.backward()?;
+                (total, per_output, grads)
+            }
+        };
         if let Some(clipping) = &self.clipping {
             clipping.clip(&mut grads, &vars)?;
         }
@@ -641,7 +746,10 @@ impl Trainer {
         // The held-back state (BatchNorm's moving statistics) and what the optimizer would
         // write are checked with the loss and the gradients, before anything is written: the
         // step is applied whole or not at all, and nothing non-finite is ever applied.
-        let state = updates.into_latest();
+        let mut state = updates.into_latest();
+        if let Some(dp) = &data_parallel {
+            dp.broadcast_state(&mut state)?;
+        }
         let new_state: Vec<&Tensor> = state.iter().map(|(_, value)| value).collect();
         let next_flag = match self.nan_check {
             NanCheck::EveryStep => {
@@ -695,8 +803,24 @@ impl Trainer {
         let assignments: Vec<(&Var, &Tensor)> =
             state.iter().map(|(var, value)| (var, value)).collect();
         ops::check_assignments(&assignments, keep)?;
-        update_metrics(&mut self.metrics, &outputs, &targets)?;
-        update_weighted_metrics(&mut self.weighted_metrics, &outputs, &targets, &weights)?;
+        match (&data_parallel, &shard) {
+            (Some(dp), Some(shard)) => {
+                // The whole batch's outputs, so every rank's metrics are the global ones.
+                let outputs = dp.gather_outputs(&outputs, shard)?;
+                let weights = self.weights_of(global, &global.targets, true)?;
+                update_metrics(&mut self.metrics, &outputs, &global.targets)?;
+                update_weighted_metrics(
+                    &mut self.weighted_metrics,
+                    &outputs,
+                    &global.targets,
+                    &weights,
+                )?;
+            }
+            _ => {
+                update_metrics(&mut self.metrics, &outputs, &targets)?;
+                update_weighted_metrics(&mut self.weighted_metrics, &outputs, &targets, &weights)?;
+            }
+        }
         match keep {
             Some(keep) => self.optimizer.step_if(&vars, &grads, lr, keep)?,
             None => self.optimizer.step(&vars, &grads, lr)?,

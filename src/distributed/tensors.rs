@@ -1,0 +1,178 @@
+//! Tensors through a [`Communicator`]: gradients summed in flat buckets, tensors broadcast
+//! byte for byte, the rows of a split batch gathered back, and digests to compare ranks.
+//! Each function is collective: every rank calls it with tensors of the same shapes.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+
+use crate::Result;
+use crate::distributed::Communicator;
+
+/// Gradients are summed in buckets of at most this many f32 values (25 MB, PyTorch DDP's
+/// default bucket): large enough that each all-reduce is bandwidth-bound, small enough that
+/// the flat copies stay a fraction of the model.
+pub(crate) const BUCKET_VALUES: usize = 25 * 1024 * 1024 / 4;
+
+/// The gradients of `vars` summed over every rank, in place in `grads`, in buckets of at most
+/// [`BUCKET_VALUES`] values. `present[i]` says whether var `i` has a gradient on at least one
+/// rank (a rank without one adds zeros; a var with none anywhere keeps none, as in one
+/// process). Each gradient keeps its dtype and device.
+pub(crate) fn all_reduce_gradients(
+    comm: &dyn Communicator,
+    grads: &mut GradStore,
+    vars: &[Tensor],
+    present: &[bool],
+) -> Result<()> {
+    let reduced: Vec<&Tensor> = vars
+        .iter()
+        .zip(present)
+        .filter_map(|(v, &p)| p.then_some(v))
+        .collect();
+    let mut start = 0;
+    while start < reduced.len() {
+        // One bucket: vars start..end, at least one even if it alone is larger.
+        let mut end = start;
+        let mut values = 0;
+        while end < reduced.len()
+            && (end == start || values + reduced[end].elem_count() <= BUCKET_VALUES)
+        {
+            values += reduced[end].elem_count();
+            end += 1;
+        }
+        let mut flat = Vec::with_capacity(values);
+        for var in &reduced[start..end] {
+            match grads.get(var) {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.resize(flat.len() + var.elem_count(), 0.0),
+            }
+        }
+        comm.all_reduce_sum_f32(&mut flat)?;
+        let mut offset = 0;
+        for var in &reduced[start..end] {
+            let n = var.elem_count();
+            let dtype = grads.get(var).map_or(var.dtype(), |g| g.dtype());
+            let sum = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
+                .to_dtype(dtype)?;
+            grads.insert(var, sum);
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// `tensors` replaced on every rank by `root`'s, bit for bit, whatever their dtype.
+pub(crate) fn broadcast_tensors(
+    comm: &dyn Communicator,
+    tensors: &[Tensor],
+    root: usize,
+) -> Result<Vec<Tensor>> {
+    let contiguous = tensors
+        .iter()
+        .map(|t| Ok(t.contiguous()?))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bytes = Vec::new();
+    for t in &contiguous {
+        bytes.extend_from_slice(&safetensors::View::data(t));
+    }
+    comm.broadcast_bytes(&mut bytes, root)?;
+    let mut offset = 0;
+    contiguous
+        .iter()
+        .map(|t| {
+            let n = t.elem_count() * t.dtype().size_in_bytes();
+            let out = Tensor::from_raw_buffer(
+                &bytes[offset..offset + n],
+                t.dtype(),
+                t.dims(),
+                t.device(),
+            )?;
+            offset += n;
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Every rank's rows of a batch split by [`shard`](crate::distributed::shard), put back
+/// together in order on every rank (as f32): `local` holds this rank's rows, `rows` (start,
+/// end) where they go among `total` rows. A zero-filled buffer summed across ranks, so one
+/// all-reduce of plain f32 values does it.
+pub(crate) fn reduce_sum_tensors(
+    comm: &dyn Communicator,
+    local: &Tensor,
+    rows: std::ops::Range<usize>,
+    total: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut dims = local.dims().to_vec();
+    let row: usize = dims.iter().skip(1).product();
+    let mut flat = vec![0f32; total * row];
+    if !rows.is_empty() {
+        let values = local
+            .narrow(0, 0, rows.len())?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        flat[rows.start * row..rows.end * row].copy_from_slice(&values);
+    }
+    comm.all_reduce_sum_f32(&mut flat)?;
+    dims[0] = total;
+    Ok(Tensor::from_vec(flat, dims, device)?)
+}
+
+/// A 64-bit FNV-1a digest of the tensors' dtypes, shapes and bytes: the same on every rank
+/// for the same values, to compare ranks without sending whole tensors.
+pub(crate) fn digest<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<u64> {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for t in tensors {
+        eat(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
+        eat(&safetensors::View::data(&t.contiguous()?));
+    }
+    Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::distributed::SingleProcess;
+
+    #[test]
+    fn one_rank_keeps_its_gradients_and_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::new(&[1f32, 2.0, 3.0], &dev)?;
+        let loss = (w.as_tensor() * 2.0)?.sum_all()?;
+        let mut grads = loss.backward()?;
+        all_reduce_gradients(
+            &SingleProcess,
+            &mut grads,
+            &[w.as_tensor().clone()],
+            &[true],
+        )?;
+        assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [2.0, 2.0, 2.0]);
+
+        let rows = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?;
+        let all = reduce_sum_tensors(&SingleProcess, &rows, 0..2, 2, &dev)?;
+        assert_eq!(all.to_vec2::<f32>()?, [[1.0, 2.0], [3.0, 4.0]]);
+
+        let b = broadcast_tensors(&SingleProcess, &[Tensor::new(&[7u32, 8], &dev)?], 0)?;
+        assert_eq!(b[0].to_vec1::<u32>()?, [7, 8]);
+        Ok(())
+    }
+
+    #[test]
+    fn digests_tell_values_apart() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[1f32, 2.0], &dev)?;
+        let b = Tensor::new(&[1f32, 2.5], &dev)?;
+        assert_eq!(digest([&a])?, digest([&a.clone()])?);
+        assert_ne!(digest([&a])?, digest([&b])?);
+        assert_ne!(digest([&a])?, digest([&a.reshape((2, 1))?])?);
+        Ok(())
+    }
+}
