@@ -12,6 +12,12 @@
 //! cargo run --release --example bench -- --counts --batch-size 8 --steps 1 --warmup 0
 //! ```
 //! `scripts/compare-cpu.sh` runs it alternately with the PyTorch and Keras references.
+//!
+//! Under `mpirun -np N` (built with `--features distributed`) training is data-parallel:
+//! `--batch-size` is the global batch, each rank trains on its share, rank 0 prints the line
+//! with `ranks` and `comm_ms_median` (the step's time in collective calls, see
+//! `Trainer::communication_seconds`). `scripts/compare-distributed.sh` runs it beside
+//! PyTorch's DistributedDataParallel.
 
 #[path = "common/allocator.rs"]
 mod allocator;
@@ -83,12 +89,22 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
     let labels = Tensor::from_vec(labels, args.batch_size, &device)?;
     const LOSS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
+    let comm = candle_functional::distributed::from_environment()?;
+    let ranks = comm.world_size();
+    if ranks > 1 && (args.mode == Phase::Infer || args.counts) {
+        return Err("under mpirun only --mode train is measured (inference is per process)".into());
+    }
     let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), LOSS)?;
+    if ranks > 1 {
+        trainer = trainer.distributed(comm.clone());
+    }
 
     let batch = Batch::new(vec![x.clone()], vec![labels.clone()]);
     let mut times = Vec::new();
+    let mut comm_times = Vec::new();
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
+        let comm_before = trainer.communication_seconds();
         match args.mode {
             Phase::Train => {
                 let loss = trainer.train_step(&batch, 1e-3)?;
@@ -103,10 +119,16 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         }
         if i >= args.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
+            comm_times.push((trainer.communication_seconds() - comm_before) * 1e3);
         }
     }
+    if !comm.is_chief() {
+        return Ok(());
+    }
     times.sort_by(|a, b| a.total_cmp(b));
+    comm_times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
+    let comm_median = comm_times[comm_times.len() / 2];
     let counts = if args.counts {
         // A fresh trainer with the GPU's check, so that the counts are a GPU step's.
         let mut counted =
@@ -119,7 +141,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         String::new()
     };
     println!(
-        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}{counts}}}",
+        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}, \"ranks\": {ranks}, \"comm_ms_median\": {comm_median:.1}{counts}}}",
         device.location(),
         match args.model {
             Net::Resnet => "resnet",

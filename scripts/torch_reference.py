@@ -671,8 +671,40 @@ def count_step(phases, sync, cuda):
     }
 
 
+def ddp_setup(args):
+    """Under torchrun with WORLD_SIZE > 1: a gloo process group (CPU) and this rank's
+    share of the global batch, as the crate's data-parallel bench does.  Returns
+    (rank, world, local_batch)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, args.batch_size
+    import torch.distributed as dist
+    if args.mode != "train" or args.device != "cpu":
+        sys.exit("under torchrun only --mode train on --device cpu is measured")
+    if args.batch_size % world:
+        sys.exit(f"--batch-size {args.batch_size} (global) must divide by {world} ranks")
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, args.batch_size // world
+
+
+def ddp_allreduce_ms(model, reps=5):
+    """The median time of one all-reduce of every gradient at once (a flat f32 buffer
+    of the parameter count), outside any step: what a step's communication costs before
+    DDP hides part of it behind the backward pass."""
+    import torch.distributed as dist
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+    times = []
+    for _ in range(reps + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(flat)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
 def cmd_bench(args):
     setup_threads(args.threads)
+    rank, world, local_batch = ddp_setup(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -687,9 +719,15 @@ def cmd_bench(args):
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, args).to(device)
-    report_params(args.model, model)
+    if rank == 0:
+        report_params(args.model, model)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    plain_model = model
+    if world > 1:
+        # DistributedDataParallel: rank 0's weights broadcast, gradients averaged by
+        # all-reduce in 25 MB buckets overlapped with the backward pass.
+        model = torch.nn.parallel.DistributedDataParallel(model)
     if args.compile:
         model = torch.compile(model)
 
@@ -700,6 +738,9 @@ def cmd_bench(args):
     x = (torch.randint(0, 256, (args.batch_size, *IMAGE_SHAPE), generator=g)
          .float().to(device).contiguous(memory_format=fmt))
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
+    # Data-parallel: this rank's share of the global batch.
+    x = x[rank * local_batch:(rank + 1) * local_batch]
+    y = y[rank * local_batch:(rank + 1) * local_batch]
 
     amp = args.amp == "bf16"
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
@@ -749,9 +790,13 @@ def cmd_bench(args):
                   ("optimizer", opt.step)]
         counts = count_step(phases, sync, cuda)
 
+    allreduce_ms = ddp_allreduce_ms(plain_model) if world > 1 else 0.0
+    if rank != 0:
+        return
     median = statistics.median(times)
     result = {
         "framework": "pytorch", "torch": torch.__version__,
+        "ranks": world, "allreduce_ms_standalone": allreduce_ms,
         "device": (torch.cuda.get_device_name(device) if cuda else "cpu"),
         "model": args.model, "mode": args.mode,
         "batch_size": args.batch_size, "steps": args.steps,

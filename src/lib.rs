@@ -61,7 +61,7 @@ pub use error::{Error, Result};
 pub use fusion::{ElementWise, Fusion};
 pub use graph::{
     Configured, Initializer, Input, IntoLayer, Layer, LayerOp, LayerRef, Mode, ParamSpec, Params,
-    Regularizer, StateUpdates, SymbolicTensor,
+    Regularizer, ReplicaSum, StateUpdates, SymbolicTensor,
 };
 pub use models::{LayerRegistry, Model, NamedWeight, ParamCounts, Sequential};
 

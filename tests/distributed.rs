@@ -16,14 +16,26 @@ use candle_functional::train::{Loss, SgdConfig, Trainer};
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-/// A two-input, two-output model without BatchNorm (its data-parallel step is the
-/// one-process step exactly), or with one BatchNorm (statistics per replica).
-fn model(batch_norm: bool, width: usize) -> Result<Model> {
+/// The normalization in [`model`].
+#[derive(Clone, Copy, PartialEq)]
+enum Norm {
+    /// None: the data-parallel step is the one-process step exactly.
+    Off,
+    /// BatchNorm with statistics per replica.
+    PerReplica,
+    /// BatchNorm synchronized across replicas: the one-process step again.
+    Synchronized,
+}
+
+/// A two-input, two-output model, with a BatchNorm or not.
+fn model(norm: Norm, width: usize) -> Result<Model> {
     let image = Input::new([2, 4, 4]);
     let extra = Input::new([3]);
     let mut x = Conv2D::new(4, 3).padding(Padding::Same).call(&image)?;
-    if batch_norm {
-        x = BatchNorm::new().call(&x)?;
+    if norm != Norm::Off {
+        x = BatchNorm::new()
+            .synchronized(norm == Norm::Synchronized)
+            .call(&x)?;
     }
     let x = ReLU::new().call(&x)?;
     let x = GlobalAveragePooling2D::new().call(&x)?;
@@ -93,9 +105,9 @@ fn max_difference(a: &Model, b: &Model) -> Result<f32> {
 fn one_rank_trains_exactly_as_no_communicator() -> TestResult {
     // 129 samples: batches of 64, 64 and 1.
     let (train, val) = (data(129, 1)?, data(35, 2)?);
-    let mut plain = trainer(model(true, 8)?)?;
+    let mut plain = trainer(model(Norm::PerReplica, 8)?)?;
     plain.fit(&train, Some(&val), 2, &mut [])?;
-    let mut ranked = trainer(model(true, 8)?)?.distributed(Arc::new(SingleProcess));
+    let mut ranked = trainer(model(Norm::PerReplica, 8)?)?.distributed(Arc::new(SingleProcess));
     ranked.fit(&train, Some(&val), 2, &mut [])?;
     assert_eq!(max_difference(plain.model(), ranked.model())?, 0.0);
     assert_eq!(
@@ -130,14 +142,18 @@ mod mpi_runs {
         let comm: Arc<dyn Communicator> = Arc::new(Mpi::init()?);
         let rank = comm.rank();
         let (train, val) = (data(129, 1)?, data(35, 2)?);
-        let batch_norm = mode == "batch_norm";
+        let norm = match mode.as_str() {
+            "batch_norm" => Norm::PerReplica,
+            "sync_batch_norm" => Norm::Synchronized,
+            _ => Norm::Off,
+        };
         // "mismatch": rank 1 builds a wider hidden layer.
         let width = if mode == "mismatch" && rank == 1 {
             9
         } else {
             8
         };
-        let mut trainer = trainer(model(batch_norm, width)?)?.distributed(comm.clone());
+        let mut trainer = trainer(model(norm, width)?)?.distributed(comm.clone());
         let mut callbacks: Vec<Box<dyn Callback>> = vec![Box::new(
             ModelCheckpoint::new(out.join("ckpt")).monitor("val_loss"),
         )];
@@ -209,15 +225,15 @@ mod mpi_runs {
         )
     }
 
-    fn load(path: &Path, batch_norm: bool) -> Result<Model> {
-        let m = model(batch_norm, 8)?;
+    fn load(path: &Path, norm: Norm) -> Result<Model> {
+        let m = model(norm, 8)?;
         m.load_weights(path)?;
         Ok(m)
     }
 
     /// One process over the same global batches, `epochs` epochs.
-    fn one_process(batch_norm: bool, epochs: usize) -> Result<Trainer> {
-        let mut t = trainer(model(batch_norm, 8)?)?;
+    fn one_process(norm: Norm, epochs: usize) -> Result<Trainer> {
+        let mut t = trainer(model(norm, 8)?)?;
         t.fit(&data(129, 1)?, Some(&data(35, 2)?), epochs, &mut [])?;
         Ok(t)
     }
@@ -227,9 +243,9 @@ mod mpi_runs {
         let dir = tempfile::tempdir()?;
         let (output, _) = mpirun("plain", dir.path(), Duration::from_secs(300));
         assert!(output.status.success(), "mpirun failed:\n{}", text(&output));
-        let single = one_process(false, 3)?;
-        let rank0 = load(&dir.path().join("weights0.safetensors"), false)?;
-        let rank1 = load(&dir.path().join("weights1.safetensors"), false)?;
+        let single = one_process(Norm::Off, 3)?;
+        let rank0 = load(&dir.path().join("weights0.safetensors"), Norm::Off)?;
+        let rank1 = load(&dir.path().join("weights1.safetensors"), Norm::Off)?;
         // The ranks hold the same model, bit for bit.
         assert_eq!(max_difference(&rank0, &rank1)?, 0.0);
         // 2 ranks x 32 (uneven tails 18/17 and 1/0 included) = 1 process x 64.
@@ -264,13 +280,13 @@ mod mpi_runs {
         let dir = tempfile::tempdir()?;
         let (output, _) = mpirun("batch_norm", dir.path(), Duration::from_secs(300));
         assert!(output.status.success(), "mpirun failed:\n{}", text(&output));
-        let rank0 = load(&dir.path().join("weights0.safetensors"), true)?;
-        let rank1 = load(&dir.path().join("weights1.safetensors"), true)?;
+        let rank0 = load(&dir.path().join("weights0.safetensors"), Norm::PerReplica)?;
+        let rank1 = load(&dir.path().join("weights1.safetensors"), Norm::PerReplica)?;
         // Moving statistics included: rank 0's are sent to the others every step.
         assert_eq!(max_difference(&rank0, &rank1)?, 0.0);
         // Statistics per replica (32 samples each) are not one process's (64): the weights
         // are close to one process's, not equal.
-        let single = one_process(true, 3)?;
+        let single = one_process(Norm::PerReplica, 3)?;
         let worst = max_difference(&rank0, single.model())?;
         eprintln!(
             "per-replica BatchNorm vs 1 process, 3 epochs: largest weight difference {worst:e}"
@@ -278,6 +294,28 @@ mod mpi_runs {
         assert!(
             worst > 0.0 && worst < 0.5,
             "per-replica BatchNorm vs 1 process: {worst}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn synchronized_batch_norm_over_two_ranks_trains_as_one_process() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (output, _) = mpirun("sync_batch_norm", dir.path(), Duration::from_secs(300));
+        assert!(output.status.success(), "mpirun failed:\n{}", text(&output));
+        let rank0 = load(&dir.path().join("weights0.safetensors"), Norm::Synchronized)?;
+        let rank1 = load(&dir.path().join("weights1.safetensors"), Norm::Synchronized)?;
+        assert_eq!(max_difference(&rank0, &rank1)?, 0.0);
+        // Statistics over the whole global batch, gradients through them summed across
+        // ranks: one process's BatchNorm over 64 samples, moving statistics included.
+        let single = one_process(Norm::Synchronized, 3)?;
+        let worst = max_difference(&rank0, single.model())?;
+        eprintln!(
+            "synchronized BatchNorm, 2 ranks vs 1 process, 3 epochs: largest weight difference {worst:e}"
+        );
+        assert!(
+            worst <= 1e-5,
+            "synchronized BatchNorm, 2 ranks vs 1 process: {worst}"
         );
         Ok(())
     }
@@ -313,11 +351,11 @@ mod mpi_runs {
         assert!(took < limit, "took {took:?}");
         // Epoch 1's checkpoint, written by rank 0, is intact: one process resumes it and ends
         // where an uninterrupted run does.
-        let mut resumed = trainer(model(false, 8)?)?;
+        let mut resumed = trainer(model(Norm::Off, 8)?)?;
         resumed.load_checkpoint(dir.path().join("ckpt").join("last.ckpt"))?;
         assert_eq!(resumed.epochs_done(), 1);
         resumed.fit(&data(129, 1)?, Some(&data(35, 2)?), 3, &mut [])?;
-        let worst = max_difference(resumed.model(), one_process(false, 3)?.model())?;
+        let worst = max_difference(resumed.model(), one_process(Norm::Off, 3)?.model())?;
         assert!(worst <= 1e-5, "resumed vs uninterrupted: {worst}");
         Ok(())
     }
@@ -327,11 +365,11 @@ mod mpi_runs {
         let dir = tempfile::tempdir()?;
         let (output, _) = mpirun("stop_after_2", dir.path(), Duration::from_secs(300));
         assert!(output.status.success(), "mpirun failed:\n{}", text(&output));
-        let mut resumed = trainer(model(false, 8)?)?.distributed(Arc::new(SingleProcess));
+        let mut resumed = trainer(model(Norm::Off, 8)?)?.distributed(Arc::new(SingleProcess));
         resumed.load_checkpoint(dir.path().join("ckpt").join("last.ckpt"))?;
         assert_eq!(resumed.epochs_done(), 2);
         resumed.fit(&data(129, 1)?, Some(&data(35, 2)?), 3, &mut [])?;
-        let single = one_process(false, 3)?;
+        let single = one_process(Norm::Off, 3)?;
         let worst = max_difference(resumed.model(), single.model())?;
         assert!(worst <= 1e-5, "resumed on 1 rank vs uninterrupted: {worst}");
         let (a, b) = (

@@ -342,3 +342,27 @@ fn on_device_steering_callbacks_keep_memory_flat() {
     );
     assert!(t.learning_rate() < 1e-3, "the plateau lowered the rate");
 }
+
+#[test]
+fn on_device_data_parallel_steps_keep_memory_flat() {
+    let _serial = serial();
+    // The data-parallel step (one rank: shards, scaled loss, gradient buckets, gathered
+    // outputs, rank 0's BatchNorm statistics, the communication clock) keeps nothing of a
+    // step either.
+    let comm = std::sync::Arc::new(candle_functional::distributed::SingleProcess);
+    let mut t = trainer(AdamConfig::default()).distributed(comm);
+    let (early, late) = held_after(&mut t, 20, 300);
+    let change = late.since(&early);
+    assert!(
+        change.live_tensor_buffers() <= 0,
+        "{} tensor buffers more held after 300 data-parallel steps than after 20",
+        change.live_tensor_buffers()
+    );
+    assert!(
+        change.live_bytes_change() < 16 * 1024,
+        "{} bytes more held after 300 data-parallel steps than after 20",
+        change.live_bytes_change()
+    );
+    // The clock of collective calls ran (on one rank they are no-ops, but timed).
+    assert!(t.communication_seconds() > 0.0);
+}

@@ -22,13 +22,18 @@ use crate::distributed::{Communicator, SingleProcess};
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
 pub fn from_environment() -> Result<std::sync::Arc<dyn Communicator>> {
-    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok()?.parse::<usize>().ok());
-    match launched {
+    match launched_ranks(|name| std::env::var(name).ok()) {
         Some(n) if n > 1 => launched_with(n),
         _ => Ok(std::sync::Arc::new(SingleProcess)),
     }
+}
+
+/// The world size an MPI launcher gave this process, from its environment (`var` looks a
+/// variable up): Open MPI's `OMPI_COMM_WORLD_SIZE`, or MPICH's and Intel MPI's `PMI_SIZE`.
+fn launched_ranks(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|name| var(name)?.trim().parse::<usize>().ok())
 }
 
 #[cfg(feature = "distributed")]
@@ -42,4 +47,38 @@ fn launched_with(ranks: usize) -> Result<std::sync::Arc<dyn Communicator>> {
         "launched as one of {ranks} MPI ranks, but built without the `distributed` feature: \
          rebuild with `--features distributed`"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_launchers_world_size_is_read_from_its_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(launched_ranks(env(&[])), None);
+        assert_eq!(
+            launched_ranks(env(&[("OMPI_COMM_WORLD_SIZE", "4")])),
+            Some(4)
+        );
+        assert_eq!(launched_ranks(env(&[("PMI_SIZE", "2")])), Some(2));
+        assert_eq!(launched_ranks(env(&[("PMI_SIZE", "two")])), None);
+    }
+
+    #[cfg(not(feature = "distributed"))]
+    #[test]
+    fn several_ranks_without_the_feature_are_refused() {
+        let err = launched_with(2)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--features distributed"), "{err}");
+    }
 }

@@ -22,4 +22,6 @@ pub use launch::from_environment;
 #[cfg(feature = "distributed")]
 pub use mpi::Mpi;
 pub use shard::shard;
-pub(crate) use tensors::{all_reduce_gradients, broadcast_tensors, digest, reduce_sum_tensors};
+pub(crate) use tensors::{
+    all_reduce_gradients, broadcast_tensors, digest, reduce_sum_tensors, replica_sum,
+};

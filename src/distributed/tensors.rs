@@ -2,8 +2,10 @@
 //! byte for byte, the rows of a split batch gathered back, and digests to compare ranks.
 //! Each function is collective: every rank calls it with tensors of the same shapes.
 
+use std::sync::Arc;
+
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::Result;
 use crate::distributed::Communicator;
@@ -120,6 +122,76 @@ pub(crate) fn reduce_sum_tensors(
     Ok(Tensor::from_vec(flat, dims, device)?)
 }
 
+/// `local`'s element-wise sum over every rank, differentiably: the backward pass sums the
+/// gradients flowing back the same way (every rank's loss depends on every rank's share of
+/// the sum). `factor` (0 or 1) scales this rank's share: 0 for a rank with no samples in the
+/// step. In f32, through the host (MPI carries host buffers).
+pub(crate) fn replica_sum(
+    comm: &Arc<dyn Communicator>,
+    local: &Tensor,
+    factor: f32,
+) -> Result<Tensor> {
+    let op = ReplicaSumOp {
+        comm: comm.clone(),
+        before: factor,
+        after: 1.0,
+    };
+    let host = local
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .contiguous()?;
+    Ok(host.apply_op1(op)?.to_device(local.device())?)
+}
+
+/// The autograd node of [`replica_sum`]: `after · Σ_ranks (before · x)`. Forward, `before`
+/// is the rank's factor; backward, the gradients of every rank are summed as they are and
+/// the rank's factor applies `after` (`y = Σ_r f_r x_r`, so `∂L/∂x_r = f_r Σ_r' ∂L_r'/∂y`).
+struct ReplicaSumOp {
+    comm: Arc<dyn Communicator>,
+    before: f32,
+    after: f32,
+}
+
+impl CustomOp1 for ReplicaSumOp {
+    fn name(&self) -> &'static str {
+        "replica-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("replica sum: a contiguous f32 tensor expected")
+        };
+        let mut sum: Vec<f32> = values[start..end].iter().map(|v| v * self.before).collect();
+        self.comm
+            .all_reduce_sum_f32(&mut sum)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if self.after != 1.0 {
+            sum.iter_mut().for_each(|v| *v *= self.after);
+        }
+        Ok((CpuStorage::F32(sum), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        let backward = ReplicaSumOp {
+            comm: self.comm.clone(),
+            before: 1.0,
+            after: self.before,
+        };
+        Ok(Some(grad.apply_op1_no_bwd(&backward)?))
+    }
+}
+
 /// A 64-bit FNV-1a digest of the tensors' dtypes, shapes and bytes: the same on every rank
 /// for the same values, to compare ranks without sending whole tensors.
 pub(crate) fn digest<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<u64> {
@@ -162,6 +234,22 @@ mod tests {
 
         let b = broadcast_tensors(&SingleProcess, &[Tensor::new(&[7u32, 8], &dev)?], 0)?;
         assert_eq!(b[0].to_vec1::<u32>()?, [7, 8]);
+        Ok(())
+    }
+
+    #[test]
+    fn one_ranks_replica_sum_is_the_identity_both_ways() -> Result<()> {
+        let comm: Arc<dyn Communicator> = Arc::new(SingleProcess);
+        let x = candle_core::Var::new(&[1f32, -2.0], &Device::Cpu)?;
+        let y = replica_sum(&comm, x.as_tensor(), 1.0)?;
+        assert_eq!(y.to_vec1::<f32>()?, [1.0, -2.0]);
+        let grads = (y * 3.0)?.sum_all()?.backward()?;
+        assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>()?, [3.0, 3.0]);
+        // A rank without samples adds nothing, and gets no gradient.
+        let none = replica_sum(&comm, x.as_tensor(), 0.0)?;
+        assert_eq!(none.to_vec1::<f32>()?, [0.0, 0.0]);
+        let grads = (none * 3.0)?.sum_all()?.backward()?;
+        assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>()?, [0.0, 0.0]);
         Ok(())
     }
 

@@ -27,6 +27,6 @@ pub(crate) mod weight_check;
 pub use init::{Initializer, ParamSpec};
 pub use layer::{Configured, IntoLayer, Layer};
 pub use op::{LayerOp, LayerRef};
-pub use params::{Mode, Params, StateUpdates};
+pub use params::{Mode, Params, ReplicaSum, StateUpdates};
 pub use regularizer::Regularizer;
 pub use symbolic::{Input, SymbolicTensor};

@@ -97,12 +97,73 @@ impl<'a> Pass<'a> {
 /// assert!(model.weight_map()?["batch_normalization.moving_mean"].to_vec1::<f32>()?[0] > 0.0);
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
-#[derive(Debug, Default)]
-pub struct StateUpdates(std::sync::Mutex<Vec<(Var, Tensor)>>);
+#[derive(Default)]
+pub struct StateUpdates {
+    updates: std::sync::Mutex<Vec<(Var, Tensor)>>,
+    /// In a data-parallel step: the sum across replicas that synchronized layers use.
+    replicas: Option<std::sync::Arc<dyn ReplicaSum>>,
+}
+
+impl std::fmt::Debug for StateUpdates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateUpdates")
+            .field("updates", &self.len())
+            .field("replicas", &self.replicas.as_ref().map(|r| r.replicas()))
+            .finish()
+    }
+}
+
+/// A differentiable sum across the replicas of a data-parallel training step: what a
+/// synchronized layer (`BatchNorm::synchronized`) uses to compute its batch statistics over
+/// the whole global batch. The forward pass sums every replica's tensor; the backward pass
+/// sums the gradients flowing back, so each replica's inputs get the gradient of the whole
+/// batch's loss. Every replica must call it in the same order with tensors of the same shape.
+/// The trainer provides it (`Trainer::distributed`); a custom layer can use it through
+/// [`Params::replica_sum`].
+pub trait ReplicaSum: Send + Sync {
+    /// `local`'s element-wise sum over every replica (f32; a replica with no samples in this
+    /// step adds zeros).
+    fn sum(&self, local: &Tensor) -> Result<Tensor>;
+
+    /// The number of replicas.
+    fn replicas(&self) -> usize;
+}
 
 impl StateUpdates {
+    /// Held-back updates for a data-parallel step whose synchronized layers sum their
+    /// statistics with `replicas`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::Tensor;
+    /// use candle_functional::{ReplicaSum, Result, StateUpdates};
+    /// struct One;
+    /// impl ReplicaSum for One {
+    ///     fn sum(&self, local: &Tensor) -> Result<Tensor> { Ok(local.clone()) }
+    ///     fn replicas(&self) -> usize { 1 }
+    /// }
+    /// assert!(StateUpdates::across_replicas(Arc::new(One)).replica_sum().is_some());
+    /// ```
+    pub fn across_replicas(replicas: std::sync::Arc<dyn ReplicaSum>) -> Self {
+        Self {
+            updates: Default::default(),
+            replicas: Some(replicas),
+        }
+    }
+
+    /// The sum across replicas of a data-parallel step, if this is one.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(candle_functional::StateUpdates::default().replica_sum().is_none());
+    /// ```
+    pub fn replica_sum(&self) -> Option<&dyn ReplicaSum> {
+        self.replicas.as_deref()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Var, Tensor)>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.updates.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn push(&self, var: &Var, value: Tensor) {
@@ -149,7 +210,7 @@ impl StateUpdates {
     /// assert!(StateUpdates::default().into_latest().is_empty());
     /// ```
     pub fn into_latest(self) -> Vec<(Var, Tensor)> {
-        let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let updates = self.updates.into_inner().unwrap_or_else(|e| e.into_inner());
         let mut latest: Vec<(Var, Tensor)> = Vec::with_capacity(updates.len());
         for (var, value) in updates {
             match latest
@@ -171,7 +232,7 @@ impl StateUpdates {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn apply(self) -> Result<()> {
-        let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let updates = self.updates.into_inner().unwrap_or_else(|e| e.into_inner());
         for (var, value) in updates {
             var.set(&value)?;
         }
@@ -190,7 +251,7 @@ impl StateUpdates {
     /// # Ok::<(), candle_functional::Error>(())
     /// ```
     pub fn apply_if(self, keep: &Tensor) -> Result<()> {
-        let updates = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let updates = self.updates.into_inner().unwrap_or_else(|e| e.into_inner());
         for (var, value) in updates {
             let keep = keep.cast(DType::U8)?.broadcast_as(value.shape())?;
             var.set(&keep.where_cond(&value, &var.as_tensor().detach())?)?;
@@ -271,6 +332,18 @@ impl<'a> Params<'a> {
     /// ```
     pub fn updates_state(&self) -> bool {
         self.mode.is_train() && self.trainable
+    }
+
+    /// In a data-parallel training step, the differentiable sum across replicas that
+    /// synchronized layers compute their statistics with; `None` elsewhere.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::{Mode, Params};
+    /// assert!(Params::new(&[], &[], Mode::Train, 0).replica_sum().is_none());
+    /// ```
+    pub fn replica_sum(&self) -> Option<&dyn ReplicaSum> {
+        self.state_updates.and_then(StateUpdates::replica_sum)
     }
 
     /// The current value of the state weight `name` (detached), counting an update already

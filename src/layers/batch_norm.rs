@@ -7,10 +7,10 @@
 //! statistics. The running statistics are non-trainable state: saved with the weights,
 //! never handed to an optimizer.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::fusion::{ElementWise, Fusion};
-use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
+use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, ReplicaSum};
 use crate::layers::keras::{
     Convert, FeatureOrder, KerasClass, KerasLayer, Translated, Translation,
 };
@@ -51,6 +51,10 @@ pub struct BatchNormConfig {
     pub moving_mean_initializer: Initializer,
     /// Default ones.
     pub moving_variance_initializer: Initializer,
+    /// Keras's `synchronized`: in a data-parallel training step, the batch statistics are
+    /// those of the whole global batch, summed across replicas (PyTorch's `SyncBatchNorm`),
+    /// instead of each replica's own rows. Default `false`; no effect in one process.
+    pub synchronized: bool,
 }
 
 impl Default for BatchNormConfig {
@@ -65,6 +69,7 @@ impl Default for BatchNormConfig {
             beta_initializer: Initializer::Zeros,
             moving_mean_initializer: Initializer::Zeros,
             moving_variance_initializer: Initializer::Ones,
+            synchronized: false,
         }
     }
 }
@@ -130,6 +135,21 @@ impl BatchNorm {
     /// ```
     pub fn axis(self, axis: isize) -> Self {
         self.with_config(|c| c.axis = axis)
+    }
+
+    /// Batch statistics over the whole global batch in data-parallel training (Keras's
+    /// `synchronized=True`, PyTorch's `SyncBatchNorm`): the replicas sum their per-channel
+    /// sums in the forward pass and the gradients in the backward pass, so a step over
+    /// several ranks equals one process's step over the whole batch. Costs two small
+    /// all-reduces per layer and step, and the fused kernels (it runs on plain tensor ops).
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_functional::prelude::*;
+    /// assert!(BatchNorm::new().synchronized(true).config().synchronized);
+    /// ```
+    pub fn synchronized(self, synchronized: bool) -> Self {
+        self.with_config(|c| c.synchronized = synchronized)
     }
 }
 
@@ -213,16 +233,18 @@ impl LayerOp for BatchNormConfig {
     /// A ReLU, an Add or both, read only by this layer, run inside its kernels (the article's
     /// `relu_bn`, and the residual block's `Add → relu_bn`).
     fn accepts_prologue(&self, function: ElementWise) -> bool {
-        matches!(
-            function,
-            ElementWise::Relu | ElementWise::Add | ElementWise::AddRelu
-        )
+        // A synchronized layer runs on plain tensor ops, around its cross-replica sums.
+        !self.synchronized
+            && matches!(
+                function,
+                ElementWise::Relu | ElementWise::Add | ElementWise::AddRelu
+            )
     }
 
     /// A ReLU that reads only this layer's output runs inside its kernel too (Conv →
     /// BatchNorm → ReLU).
     fn accepts_epilogue(&self, function: ElementWise) -> bool {
-        function == ElementWise::Relu
+        !self.synchronized && function == ElementWise::Relu
     }
 
     /// The kernels check the rest of the fusion (`ops::fused_batch_norm_train`).
@@ -265,7 +287,11 @@ impl BatchNormConfig {
         let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
         let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
         // A frozen BatchNorm runs in inference mode even in a training step (Keras 3).
-        let y = if params.updates_state() {
+        let replicas = params.replica_sum().filter(|_| self.synchronized);
+        let y = if let (true, Some(replicas), [x]) = (params.updates_state(), replicas, &inputs[..])
+        {
+            self.normalize_across_replicas(x, gamma.as_ref(), beta.as_ref(), params, replicas)?
+        } else if params.updates_state() {
             let (y, batch_mean, batch_var) = ops::fused_batch_norm_train(
                 &inputs,
                 fusion,
@@ -294,6 +320,58 @@ impl BatchNormConfig {
         };
         Ok(vec![if axis == 1 { y } else { y.transpose(1, axis)? }])
     }
+
+    /// Training mode with the statistics of the whole global batch: per-channel sums (with
+    /// the sample count) summed across replicas give the mean, then the centred squares
+    /// summed the same way give the biased variance (two passes, as exact as one process's
+    /// kernel). In f32 whatever the compute dtype; channels on axis 1.
+    fn normalize_across_replicas(
+        &self,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        params: &Params,
+        replicas: &dyn ReplicaSum,
+    ) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let channels = xf.dim(1)?;
+        let reduced: Vec<usize> = (0..xf.rank()).filter(|&d| d != 1).collect();
+        let mut per_channel = vec![1; xf.rank()];
+        per_channel[1] = channels;
+        let count = (xf.elem_count() / channels.max(1)) as f32;
+        let sums = Tensor::cat(
+            &[
+                xf.sum_keepdim(reduced.clone())?.flatten_all()?,
+                Tensor::new(&[count], xf.device())?,
+            ],
+            0,
+        )?;
+        let sums = replicas.sum(&sums)?;
+        let total = sums.narrow(0, channels, 1)?;
+        let mean = sums.narrow(0, 0, channels)?.broadcast_div(&total)?;
+        let centered = xf.broadcast_sub(&mean.reshape(per_channel.as_slice())?)?;
+        let squares = centered.sqr()?.sum_keepdim(reduced)?.flatten_all()?;
+        let variance = replicas.sum(&squares)?.broadcast_div(&total)?;
+        let inverse = (&variance + self.epsilon)?.sqrt()?.recip()?;
+        let mut y = centered.broadcast_mul(&inverse.reshape(per_channel.as_slice())?)?;
+        if let Some(gamma) = gamma {
+            y = y.broadcast_mul(
+                &gamma
+                    .to_dtype(DType::F32)?
+                    .reshape(per_channel.as_slice())?,
+            )?;
+        }
+        if let Some(beta) = beta {
+            y = y.broadcast_add(&beta.to_dtype(DType::F32)?.reshape(per_channel.as_slice())?)?;
+        }
+        for (name, batch) in [("moving_mean", mean), ("moving_variance", variance)] {
+            let moving = params.state(name)?;
+            let batch = batch.detach().cast(moving.dtype())?;
+            let kept = (moving * self.momentum)?;
+            params.set_state(name, (kept + (batch * (1.0 - self.momentum))?)?)?;
+        }
+        Ok(y.to_dtype(x.dtype())?)
+    }
 }
 
 /// `BatchNormalization`, saved and imported from Keras's class of that name over the channel
@@ -313,8 +391,8 @@ fn batch_norm_from_keras(layer: &KerasLayer) -> Translation {
             "normalizing over axis {axis} (this crate's layout) is not supported: only the channel axis"
         ));
     }
-    if layer.flag("renorm", false) || layer.flag("synchronized", false) {
-        return Err("renorm / synchronized are not supported".into());
+    if layer.flag("renorm", false) {
+        return Err("renorm is not supported".into());
     }
     let (scale, center) = (layer.flag("scale", true), layer.flag("center", true));
     let convert = match layer.order() {
@@ -327,6 +405,7 @@ fn batch_norm_from_keras(layer: &KerasLayer) -> Translation {
         epsilon: layer.float("epsilon")?,
         center,
         scale,
+        synchronized: layer.flag("synchronized", false),
         ..Default::default()
     };
     Ok(

@@ -13,6 +13,8 @@
 //! whole batch and reports the global figures.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -20,8 +22,10 @@ use candle_core::{Tensor, Var};
 use crate::Result;
 use crate::data::Batch;
 use crate::distributed::{
-    Communicator, all_reduce_gradients, broadcast_tensors, digest, reduce_sum_tensors, shard,
+    Communicator, all_reduce_gradients, broadcast_tensors, digest, reduce_sum_tensors, replica_sum,
+    shard,
 };
+use crate::graph::{ReplicaSum, StateUpdates};
 use crate::models::Model;
 use crate::train::OptimizerState;
 
@@ -29,6 +33,9 @@ use crate::train::OptimizerState;
 #[derive(Clone)]
 pub(super) struct DataParallel {
     comm: Arc<dyn Communicator>,
+    /// Nanoseconds spent in the steps' collective calls so far, host copies around them
+    /// included (shared by clones of the trainer's handle).
+    communication_nanos: Arc<AtomicU64>,
 }
 
 /// Where a run resumed from a checkpoint stands, for [`DataParallel::start`].
@@ -73,7 +80,24 @@ impl Shard {
 
 impl DataParallel {
     pub(super) fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self {
+            comm,
+            communication_nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Seconds spent in the training steps' collective calls so far.
+    pub(super) fn communication_seconds(&self) -> f64 {
+        self.communication_nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Runs `f`, adding its duration to the communication time.
+    fn timed<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let out = f();
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.communication_nanos.fetch_add(nanos, Ordering::Relaxed);
+        out
     }
 
     pub(super) fn comm(&self) -> &dyn Communicator {
@@ -86,6 +110,16 @@ impl DataParallel {
             rows: shard(samples, self.comm.rank(), self.comm.world_size()),
             total: samples,
         }
+    }
+
+    /// Where this step's state updates are held back, with the sum across replicas that
+    /// synchronized BatchNorm layers use (a rank without rows adds zeros).
+    pub(super) fn state_updates(&self, shard: &Shard) -> StateUpdates {
+        StateUpdates::across_replicas(Arc::new(StepReplicas {
+            comm: self.comm.clone(),
+            factor: if shard.rows.is_empty() { 0.0 } else { 1.0 },
+            communication_nanos: self.communication_nanos.clone(),
+        }))
     }
 
     /// The forward-call number this rank's step uses for call `call` of the run: distinct on
@@ -112,10 +146,10 @@ impl DataParallel {
             .map(|(_, v)| f64::from(u8::from(grads.get(v.as_tensor()).is_some())))
             .collect();
         let (counts, total, per_output) =
-            self.reduce_losses(has_gradient, shard, total, per_output)?;
+            self.timed(|| self.reduce_losses(has_gradient, shard, total, per_output))?;
         let present: Vec<bool> = counts.iter().map(|&n| n > 0.0).collect();
         let tensors: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-        all_reduce_gradients(self.comm(), grads, &tensors, &present)?;
+        self.timed(|| all_reduce_gradients(self.comm(), grads, &tensors, &present))?;
         Ok((total, per_output))
     }
 
@@ -156,7 +190,7 @@ impl DataParallel {
             return Ok(());
         }
         let values: Vec<Tensor> = state.iter().map(|(_, t)| t.clone()).collect();
-        let root = broadcast_tensors(self.comm(), &values, 0)?;
+        let root = self.timed(|| broadcast_tensors(self.comm(), &values, 0))?;
         for ((_, value), from_root) in state.iter_mut().zip(root) {
             *value = from_root;
         }
@@ -165,6 +199,10 @@ impl DataParallel {
 
     /// Each output over the whole global batch, put together from every rank's rows.
     pub(super) fn gather_outputs(&self, outputs: &[Tensor], shard: &Shard) -> Result<Vec<Tensor>> {
+        self.timed(|| self.gather(outputs, shard))
+    }
+
+    fn gather(&self, outputs: &[Tensor], shard: &Shard) -> Result<Vec<Tensor>> {
         outputs
             .iter()
             .map(|o| {
@@ -270,5 +308,27 @@ impl DataParallel {
             ),
         };
         Err(crate::distributed::error(comm, message))
+    }
+}
+
+/// One step's [`ReplicaSum`]: MPI's sum, differentiable (`distributed::replica_sum`).
+struct StepReplicas {
+    comm: Arc<dyn Communicator>,
+    /// 0 on a rank without rows in this step, 1 otherwise.
+    factor: f32,
+    communication_nanos: Arc<AtomicU64>,
+}
+
+impl ReplicaSum for StepReplicas {
+    fn sum(&self, local: &Tensor) -> Result<Tensor> {
+        let start = Instant::now();
+        let sum = replica_sum(&self.comm, local, self.factor);
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.communication_nanos.fetch_add(nanos, Ordering::Relaxed);
+        sum
+    }
+
+    fn replicas(&self) -> usize {
+        self.comm.world_size()
     }
 }

@@ -558,6 +558,28 @@ impl Trainer {
         self.data_parallel.as_ref().map(|dp| dp.comm())
     }
 
+    /// Seconds this rank's training steps have spent in collective calls (summing gradients,
+    /// losses and outputs across ranks, taking rank 0's BatchNorm statistics), host copies
+    /// around them and waits for slower ranks included; 0 without a communicator. What data
+    /// parallelism costs a step, next to the step's own time.
+    ///
+    /// # Examples
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_functional::prelude::*;
+    /// # use candle_functional::train::{Loss, SgdConfig, Trainer};
+    /// # let x = Input::new([2]);
+    /// # let model = Model::new(&[x.clone()], &[Dense::new(1).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// let trainer = Trainer::new(model, SgdConfig::default(), Loss::MeanSquaredError)?;
+    /// assert_eq!(trainer.communication_seconds(), 0.0);
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn communication_seconds(&self) -> f64 {
+        self.data_parallel
+            .as_ref()
+            .map_or(0.0, DataParallel::communication_seconds)
+    }
+
     /// `true` unless this is a data-parallel run's rank other than 0: the rank that shows
     /// progress and writes files.
     ///
@@ -708,7 +730,10 @@ impl Trainer {
             (batch.targets.clone(), None)
         };
         let inputs = self.cast_inputs(&batch.inputs)?;
-        let updates = StateUpdates::default();
+        let updates = match (&data_parallel, &shard) {
+            (Some(dp), Some(shard)) => dp.state_updates(shard),
+            _ => StateUpdates::default(),
+        };
         let call = self.model.forward_calls();
         if let Some(dp) = &data_parallel {
             self.model.set_forward_calls(dp.forward_call(call));
@@ -726,7 +751,13 @@ impl Trainer {
             (Some(dp), Some(shard)) => {
                 // The loss scaled by this rank's share: summed over ranks, the gradients are
                 // those of the whole batch's mean loss.
-                let mut grads = total.affine(shard.weight(), 0.0)?.backward()?;
+                let scaled = match shard.rows.is_empty() {
+                    false => total.affine(shard.weight(), 0.0)?,
+                    // Not `affine(0.0, _)`: candle's backward prunes the graph behind it, and
+                    // a synchronized layer's backward sums must still run on every rank.
+                    true => (&total * total.zeros_like()?)?,
+                };
+                let mut grads = scaled.backward()?;
                 let (total, per_output) =
                     dp.reduce_step(&mut grads, &vars, shard, &total, &per_output)?;
                 (total, per_output, grads)
