@@ -154,6 +154,16 @@ mod mpi_runs {
             8
         };
         let mut trainer = trainer(model(norm, width)?)?.distributed(comm.clone());
+        if mode == "weights_file" {
+            // Each rank loads its own file; rank 1's has one weight changed.
+            let file = out.join(format!("init{rank}.safetensors"));
+            if rank == 1 {
+                let first = trainer.model().weights()?.remove(0);
+                first.var().set(&(first.var().as_tensor() + 1.0)?)?;
+            }
+            trainer.model().save_weights(&file)?;
+            trainer.model().load_weights(&file)?;
+        }
         let mut callbacks: Vec<Box<dyn Callback>> = vec![Box::new(
             ModelCheckpoint::new(out.join("ckpt")).monitor("val_loss"),
         )];
@@ -335,6 +345,26 @@ mod mpi_runs {
         assert!(e1.contains("[7, 9]") && e1.contains("[7, 8]"), "{e1}");
         assert!(e0.contains("1 rank(s) disagree with rank 0"), "{e0}");
         // Nothing was trained or written.
+        assert!(!dir.path().join("ckpt").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn ranks_that_loaded_different_weights_files_refuse_to_start() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (output, _) = mpirun("weights_file", dir.path(), Duration::from_secs(120));
+        assert!(output.status.success(), "mpirun failed:\n{}", text(&output));
+        let error =
+            |rank: usize| std::fs::read_to_string(dir.path().join(format!("error{rank}.txt")));
+        let (e0, e1) = (error(0)?, error(1)?);
+        assert!(
+            e1.contains("init1.safetensors") && e1.contains("sha256"),
+            "{e1}"
+        );
+        assert!(
+            e0.contains("disagree with rank 0 on the weights file"),
+            "{e0}"
+        );
         assert!(!dir.path().join("ckpt").exists());
         Ok(())
     }

@@ -45,6 +45,16 @@ pub struct Model {
     /// The identity the model has as a layer of another graph (`models/nesting.rs`).
     pub(crate) identity: Arc<OnceLock<LayerRef>>,
     rng: Arc<ForwardRng>,
+    /// The file the weights were last loaded from, with its SHA-256 (`Model::load_weights`);
+    /// data-parallel ranks compare it before they train.
+    pub(crate) weights_file: Arc<std::sync::Mutex<Option<WeightsFile>>>,
+}
+
+/// Where a model's weights were loaded from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WeightsFile {
+    pub(crate) path: String,
+    pub(crate) sha256: String,
 }
 
 /// Seeds for random layers: a base seed (set by `build`) and a count of forward calls, so
@@ -180,6 +190,7 @@ impl Model {
             name: None,
             identity: Arc::default(),
             rng: Arc::default(),
+            weights_file: Arc::default(),
         })
     }
 
@@ -713,6 +724,35 @@ impl Model {
     /// Sets the seed random layers draw from (a resumed checkpoint's).
     pub(crate) fn set_seed(&self, seed: u64) {
         self.rng.seed.store(seed, Ordering::Relaxed);
+    }
+
+    /// The file the weights were last loaded from by [`Model::load_weights`] and its SHA-256
+    /// (`"path (sha256 …)"`), or `None` for weights as built or set another way.
+    ///
+    /// # Examples
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_functional::prelude::*;
+    /// let x = Input::new([4]);
+    /// let model = Model::new(&[x.clone()], &[Dense::new(2).call(&x)?])?.build(&Device::Cpu, DType::F32, 0)?;
+    /// assert_eq!(model.weights_file(), None);
+    /// let path = std::env::temp_dir().join("candle_functional_doc_weights_file.safetensors");
+    /// model.save_weights(&path)?;
+    /// model.load_weights(&path)?;
+    /// assert!(model.weights_file().unwrap().contains("sha256"));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), candle_functional::Error>(())
+    /// ```
+    pub fn weights_file(&self) -> Option<String> {
+        self.loaded_weights_file()
+            .map(|f| format!("{} (sha256 {})", f.path, f.sha256))
+    }
+
+    pub(crate) fn loaded_weights_file(&self) -> Option<WeightsFile> {
+        self.weights_file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sets the forward-call counter (see [`Model::forward_calls`]).

@@ -8,13 +8,16 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use sha2::Digest;
+
 use candle_core::{Device, Tensor};
 
 use crate::graph::op::weight_holders;
 use crate::graph::weight_check::check_named_weights;
 use crate::models::Model;
+use crate::models::model::WeightsFile;
 use crate::support::dtype::Cast;
-use crate::support::files::{read_safetensors, to_safetensors_bytes, write_atomically};
+use crate::support::files::{parse_safetensors, to_safetensors_bytes, write_atomically};
 use crate::{Error, Result};
 
 impl Model {
@@ -124,8 +127,18 @@ impl Model {
     pub fn load_weights(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let device = self.device().unwrap_or(Device::Cpu);
-        let tensors = read_safetensors(path, &device)?;
-        self.set_weights_from(&tensors, &path.display().to_string())
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (tensors, _) = parse_safetensors(&bytes, path, &device)?;
+        self.set_weights_from(&tensors, &path.display().to_string())?;
+        let sha256: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        *self.weights_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(WeightsFile {
+            path: path.display().to_string(),
+            sha256,
+        });
+        Ok(())
     }
 
     /// Sets every weight from a map of named tensors. Strict: if any weight is missing, any

@@ -197,12 +197,6 @@ pub(crate) fn parse_safetensors(
     Ok((tensors, metadata))
 }
 
-/// Reads every tensor of a safetensors file onto `device`, checksum verified.
-pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(parse_safetensors(&bytes, path, device)?.0)
-}
-
 /// The metadata of safetensors `bytes`, or `None` when they are not a safetensors file (no
 /// checksum check: for deciding which file to keep, not for loading one).
 pub(crate) fn metadata_of(bytes: &[u8]) -> Option<HashMap<String, String>> {

@@ -219,10 +219,11 @@ impl DataParallel {
     }
 
     /// Before the first step of `fit`: every rank must hold the same model (same weights by
-    /// name, shape and dtype), or all of them refuse, naming the first difference. A fresh run
-    /// then takes rank 0's weights everywhere (as DistributedDataParallel does); a run resumed
-    /// from a checkpoint must have loaded the same checkpoint on every rank (weights,
-    /// optimizer state, epoch and step), or all refuse.
+    /// name, shape and dtype), or all of them refuse, naming the first difference. In a fresh
+    /// run, weights loaded from a file must come from the same file (by content) on every
+    /// rank; rank 0's weights are then taken everywhere (as DistributedDataParallel does). A
+    /// run resumed from a checkpoint must have loaded the same checkpoint on every rank
+    /// (weights, optimizer state, epoch and step), or all refuse.
     pub(super) fn start(&self, model: &Model, resumed: Option<Resumed<'_>>) -> Result<()> {
         let comm = self.comm();
         let weights = model.weights()?;
@@ -259,6 +260,22 @@ impl DataParallel {
                 "the resumed checkpoint (weights, optimizer state, epoch)",
             );
         }
+        // Weights loaded from a file must come from the same file everywhere (compared by
+        // content: paths may differ between machines); built ones are replaced by rank 0's.
+        let (source, loaded) = match model.loaded_weights_file() {
+            Some(file) => (
+                format!("weights from a file with sha256 {}", file.sha256),
+                file.path,
+            ),
+            None => (
+                "weights as built, not loaded from a file".to_string(),
+                "none".to_string(),
+            ),
+        };
+        self.agree(
+            &source,
+            &format!("the weights file (this rank loaded: {loaded})"),
+        )?;
         let vars: Vec<Tensor> = weights
             .iter()
             .map(|w| w.var().as_tensor().clone())
