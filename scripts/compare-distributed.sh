@@ -2,7 +2,9 @@
 # Data-parallel training speed on one machine, side by side: the crate (examples/bench.rs,
 # `--features distributed`, under `mpirun -np 2`) and PyTorch's DistributedDataParallel
 # (gloo, `torchrun --nproc_per_node 2`), each as 2 ranks x 1 thread and as 1 process x 2
-# threads, on the article's ResNet (full and shrunken), training at one global batch.
+# threads, on the article's ResNet (full and shrunken), training at one global batch; and
+# 1 process x 1 thread at one rank's share of the batch (a rank's compute alone, to see how
+# much of the communication a 2-rank step leaves exposed).
 # Rounds alternate the frameworks so that drifts in machine load hit both alike. Prints every
 # measurement as a JSON line, then a table of medians with the 2-rank / 1-process ratios and
 # the communication time per step (the crate's, measured inside its steps; PyTorch's, one
@@ -50,11 +52,14 @@ for round in $(seq "$ROUNDS"); do
   for net in $NETS; do
     if [ "$net" = small ]; then model=(--stages 1,1,1,1 --width-divisor 4); else model=(); fi
     common=(--model resnet --mode train --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" "${model[@]}")
+    half=(--model resnet --mode train --batch-size $((BATCH / 2)) --steps "$STEPS" --warmup "$WARMUP" "${model[@]}")
     measure "1x2" "$net" env RAYON_NUM_THREADS=2 ./target/release/examples/bench "${common[@]}"
+    measure "1x1-half" "$net" env RAYON_NUM_THREADS=1 ./target/release/examples/bench "${half[@]}"
     measure "2x1" "$net" mpirun -np 2 --oversubscribe --bind-to none -x RAYON_NUM_THREADS=1 \
       ./target/release/examples/bench "${common[@]}"
     if [ $have_torch = 1 ]; then
       measure "1x2" "$net" "$TORCH_PY" scripts/torch_reference.py bench "${common[@]}" --threads 2
+      measure "1x1-half" "$net" "$TORCH_PY" scripts/torch_reference.py bench "${half[@]}" --threads 1
       measure "2x1" "$net" "$TORCH_PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
         scripts/torch_reference.py bench "${common[@]}" --threads 1
     fi
@@ -70,14 +75,20 @@ for line in open(sys.argv[1]):
     runs[(d["framework"], d["net"], d["setup"])].append(d)
 def med(rows, key):
     return statistics.median(r.get(key, 0.0) for r in rows)
-print("| framework | net | 1 process x 2 threads img/s | 2 ranks x 1 thread img/s | 2x1 / 1x2 | comm ms/step (2x1) | step ms (2x1) |")
-print("|---|---|---|---|---|---|---|")
+# comm: the crate's time in collective calls per step (measured inside its steps); PyTorch's
+# one all-reduce of every gradient timed on its own. exposed: a 2-rank step's time beyond one
+# rank's compute alone (1 process x 1 thread at half the batch). hidden: 1 - exposed / comm.
+print("| framework | net | 1x2 img/s | 2x1 img/s | 2x1 / 1x2 | step ms 2x1 | step ms 1x1 half | comm ms | exposed ms | hidden |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for fw in ["candle-functional", "pytorch"]:
     for net in ["full", "small"]:
-        one, two = runs.get((fw, net, "1x2")), runs.get((fw, net, "2x1"))
-        if not one or not two:
+        one, two, half = (runs.get((fw, net, k)) for k in ("1x2", "2x1", "1x1-half"))
+        if not one or not two or not half:
             continue
         comm = med(two, "comm_ms_median") if fw == "candle-functional" else med(two, "allreduce_ms_standalone")
+        exposed = med(two, "median_ms") - med(half, "median_ms")
+        hidden = min(1.0, max(0.0, 1 - exposed / comm)) if comm > 0 else float("nan")
         print(f"| {fw} | {net} | {med(one, 'images_per_sec'):.1f} | {med(two, 'images_per_sec'):.1f} | "
-              f"{med(two, 'images_per_sec') / med(one, 'images_per_sec'):.2f} | {comm:.1f} | {med(two, 'median_ms'):.0f} |")
+              f"{med(two, 'images_per_sec') / med(one, 'images_per_sec'):.2f} | {med(two, 'median_ms'):.0f} | "
+              f"{med(half, 'median_ms'):.0f} | {comm:.1f} | {exposed:.0f} | {hidden:.0%} |")
 PY
