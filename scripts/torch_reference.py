@@ -791,6 +791,11 @@ def cmd_bench(args):
         counts = count_step(phases, sync, cuda)
 
     allreduce_ms = ddp_allreduce_ms(plain_model) if world > 1 else 0.0
+    if world > 1:
+        # Without an orderly teardown gloo's threads can abort the process at exit.
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         return
     median = statistics.median(times)

@@ -4,8 +4,10 @@ use candle_core::Device;
 
 use crate::{Error, Result};
 
-/// Parses a device request. `auto` takes the first CUDA device when this build has CUDA and
-/// one is present, else the CPU; `cuda[:N]` fails with a clear error when CUDA was not
+/// Parses a device request. `auto` takes a CUDA device when this build has CUDA and one is
+/// present, else the CPU; `cuda` and `auto` take the GPU of this rank under `mpirun`
+/// ([`local_rank`](crate::distributed::local_rank); device 0 in one process), `cuda:N` device
+/// `N`. `cuda[:N]` fails with a clear error when CUDA was not
 /// compiled in (`--features cuda`) or the device cannot be opened.
 ///
 /// # Examples
@@ -20,14 +22,14 @@ pub fn select_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available()
-                && let Ok(device) = Device::new_cuda(0)
+                && let Ok(device) = Device::new_cuda(crate::distributed::local_rank())
             {
                 keep_freed_gpu_memory(&device)?;
                 return Ok(device);
             }
             Ok(Device::Cpu)
         }
-        "cuda" | "gpu" => cuda(0),
+        "cuda" | "gpu" => cuda(crate::distributed::local_rank()),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(ordinal)) => cuda(ordinal),
             _ => Err(Error::InvalidArgument(format!(

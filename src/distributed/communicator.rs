@@ -1,6 +1,8 @@
 //! [`Communicator`]: the collective operations of a data-parallel run, and [`SingleProcess`],
 //! the world of one rank.
 
+use candle_core::{Device, Tensor};
+
 use crate::{Error, Result};
 
 /// The collective operations data-parallel training needs: rank, world size, sums across
@@ -42,6 +44,22 @@ pub trait Communicator: Send + Sync {
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+
+    /// Whether [`Communicator::all_reduce_sum_tensor`] sums tensors on `device` without a
+    /// copy through the host (a GPU communicator such as NCCL); gradients on such a device
+    /// are then summed as flat device buffers.
+    fn sums_on_device(&self, device: &Device) -> bool {
+        let _ = device;
+        false
+    }
+
+    /// `flat`, a 1-D f32 tensor, summed over every rank, on `flat`'s device. By default
+    /// through a host copy and [`Communicator::all_reduce_sum_f32`].
+    fn all_reduce_sum_tensor(&self, flat: &Tensor) -> Result<Tensor> {
+        let mut values = flat.to_vec1::<f32>()?;
+        self.all_reduce_sum_f32(&mut values)?;
+        Ok(Tensor::from_vec(values, flat.dims(), flat.device())?)
+    }
 
     /// `true` on rank 0, the one that prints and writes files.
     fn is_chief(&self) -> bool {

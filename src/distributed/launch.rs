@@ -1,4 +1,7 @@
-//! [`from_environment`]: the communicator of a process, found from how it was launched.
+//! [`from_environment`]: the communicator of a process, found from how it was launched;
+//! [`local_rank`]: which GPU is a rank's.
+
+use std::sync::Arc;
 
 #[cfg(not(feature = "distributed"))]
 use crate::Error;
@@ -21,11 +24,37 @@ use crate::distributed::{Communicator, SingleProcess};
 /// # }
 /// # Ok::<(), candle_functional::Error>(())
 /// ```
-pub fn from_environment() -> Result<std::sync::Arc<dyn Communicator>> {
+pub fn from_environment() -> Result<Arc<dyn Communicator>> {
     match launched_ranks(|name| std::env::var(name).ok()) {
         Some(n) if n > 1 => launched_with(n),
-        _ => Ok(std::sync::Arc::new(SingleProcess)),
+        _ => Ok(Arc::new(SingleProcess)),
     }
+}
+
+/// This process's index among the ranks on its machine, which GPU it should take:
+/// Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, torchrun's
+/// `LOCAL_RANK`; 0 when none is set.
+///
+/// # Examples
+/// ```
+/// # if std::env::var_os("OMPI_COMM_WORLD_LOCAL_RANK").is_none()
+/// #     && std::env::var_os("MPI_LOCALRANKID").is_none() && std::env::var_os("LOCAL_RANK").is_none() {
+/// assert_eq!(candle_functional::distributed::local_rank(), 0);
+/// # }
+/// ```
+pub fn local_rank() -> usize {
+    local_rank_from(|name| std::env::var(name).ok())
+}
+
+fn local_rank_from(var: impl Fn(&str) -> Option<String>) -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|name| var(name)?.trim().parse::<usize>().ok())
+    .unwrap_or(0)
 }
 
 /// The world size an MPI launcher gave this process, from its environment (`var` looks a
@@ -37,12 +66,12 @@ fn launched_ranks(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
 }
 
 #[cfg(feature = "distributed")]
-fn launched_with(_ranks: usize) -> Result<std::sync::Arc<dyn Communicator>> {
-    Ok(std::sync::Arc::new(Mpi::init()?))
+fn launched_with(_ranks: usize) -> Result<Arc<dyn Communicator>> {
+    Ok(Arc::new(Mpi::init()?))
 }
 
 #[cfg(not(feature = "distributed"))]
-fn launched_with(ranks: usize) -> Result<std::sync::Arc<dyn Communicator>> {
+fn launched_with(ranks: usize) -> Result<Arc<dyn Communicator>> {
     Err(Error::InvalidArgument(format!(
         "launched as one of {ranks} MPI ranks, but built without the `distributed` feature: \
          rebuild with `--features distributed`"
@@ -70,6 +99,12 @@ mod tests {
         );
         assert_eq!(launched_ranks(env(&[("PMI_SIZE", "2")])), Some(2));
         assert_eq!(launched_ranks(env(&[("PMI_SIZE", "two")])), None);
+        assert_eq!(local_rank_from(env(&[])), 0);
+        assert_eq!(
+            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
+            3
+        );
+        assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "1")])), 1);
     }
 
     #[cfg(not(feature = "distributed"))]

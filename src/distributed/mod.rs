@@ -18,7 +18,7 @@ mod tensors;
 
 pub(crate) use communicator::error;
 pub use communicator::{Communicator, SingleProcess};
-pub use launch::from_environment;
+pub use launch::{from_environment, local_rank};
 #[cfg(feature = "distributed")]
 pub use mpi::Mpi;
 pub use shard::shard;

@@ -41,24 +41,70 @@ pub(crate) fn all_reduce_gradients(
             values += reduced[end].elem_count();
             end += 1;
         }
-        let mut flat = Vec::with_capacity(values);
-        for var in &reduced[start..end] {
-            match grads.get(var) {
-                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.resize(flat.len() + var.elem_count(), 0.0),
-            }
-        }
-        comm.all_reduce_sum_f32(&mut flat)?;
-        let mut offset = 0;
-        for var in &reduced[start..end] {
-            let n = var.elem_count();
-            let dtype = grads.get(var).map_or(var.dtype(), |g| g.dtype());
-            let sum = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
-                .to_dtype(dtype)?;
-            grads.insert(var, sum);
-            offset += n;
+        let bucket = &reduced[start..end];
+        if comm.sums_on_device(bucket[0].device()) {
+            sum_bucket_on_device(comm, grads, bucket)?;
+        } else {
+            sum_bucket_on_host(comm, grads, bucket, values)?;
         }
         start = end;
+    }
+    Ok(())
+}
+
+/// One bucket of gradients summed through a host buffer (MPI): copied out in f32, summed,
+/// copied back in each gradient's dtype.
+fn sum_bucket_on_host(
+    comm: &dyn Communicator,
+    grads: &mut GradStore,
+    bucket: &[&Tensor],
+    values: usize,
+) -> Result<()> {
+    let mut flat = Vec::with_capacity(values);
+    for var in bucket {
+        match grads.get(var) {
+            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.resize(flat.len() + var.elem_count(), 0.0),
+        }
+    }
+    comm.all_reduce_sum_f32(&mut flat)?;
+    let mut offset = 0;
+    for var in bucket {
+        let n = var.elem_count();
+        let dtype = grads.get(var).map_or(var.dtype(), |g| g.dtype());
+        let sum = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
+            .to_dtype(dtype)?;
+        grads.insert(var, sum);
+        offset += n;
+    }
+    Ok(())
+}
+
+/// One bucket of gradients summed where they are (NCCL): concatenated into one flat f32
+/// tensor on their device, summed there, and cut back into views.
+fn sum_bucket_on_device(
+    comm: &dyn Communicator,
+    grads: &mut GradStore,
+    bucket: &[&Tensor],
+) -> Result<()> {
+    let parts = bucket
+        .iter()
+        .map(|var| match grads.get(var) {
+            Some(g) => Ok(g.to_dtype(DType::F32)?.flatten_all()?),
+            None => Ok(Tensor::zeros(var.elem_count(), DType::F32, var.device())?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let flat = comm.all_reduce_sum_tensor(&Tensor::cat(&parts, 0)?)?;
+    let mut offset = 0;
+    for var in bucket {
+        let n = var.elem_count();
+        let dtype = grads.get(var).map_or(var.dtype(), |g| g.dtype());
+        let sum = flat
+            .narrow(0, offset, n)?
+            .reshape(var.shape())?
+            .to_dtype(dtype)?;
+        grads.insert(var, sum);
+        offset += n;
     }
     Ok(())
 }
@@ -234,6 +280,67 @@ mod tests {
 
         let b = broadcast_tensors(&SingleProcess, &[Tensor::new(&[7u32, 8], &dev)?], 0)?;
         assert_eq!(b[0].to_vec1::<u32>()?, [7, 8]);
+        Ok(())
+    }
+
+    /// Two identical ranks, simulated: every sum doubles; device sums claimed for the CPU so
+    /// that the flat-tensor path (NCCL's) runs here.
+    struct TwinsOnDevice;
+
+    impl Communicator for TwinsOnDevice {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn backend(&self) -> &str {
+            "twins"
+        }
+        fn all_reduce_sum_f32(&self, values: &mut [f32]) -> Result<()> {
+            values.iter_mut().for_each(|v| *v *= 2.0);
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()> {
+            values.iter_mut().for_each(|v| *v *= 2.0);
+            Ok(())
+        }
+        fn broadcast_f32(&self, _values: &mut [f32], _root: usize) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_bytes(&self, _bytes: &mut [u8], _root: usize) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn sums_on_device(&self, _device: &Device) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn device_buckets_sum_every_gradient_and_keep_shapes_and_dtypes() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = candle_core::Var::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?;
+        let b = candle_core::Var::new(&[1f64, 1.0, 1.0], &dev)?;
+        let unused = candle_core::Var::new(&[5f32], &dev)?;
+        let loss = ((a.as_tensor() * 3.0)?.sum_all()?.to_dtype(DType::F64)?
+            + (b.as_tensor() * 2.0)?.sum_all()?)?;
+        let mut grads = loss.backward()?;
+        let vars = [
+            a.as_tensor().clone(),
+            b.as_tensor().clone(),
+            unused.as_tensor().clone(),
+        ];
+        all_reduce_gradients(&TwinsOnDevice, &mut grads, &vars, &[true, true, true])?;
+        assert_eq!(
+            grads.get(&a).unwrap().to_vec2::<f32>()?,
+            [[6.0, 6.0], [6.0, 6.0]]
+        );
+        assert_eq!(grads.get(&b).unwrap().to_vec1::<f64>()?, [4.0, 4.0, 4.0]);
+        // A var without a gradient on this rank gets the other ranks' sum (zeros added).
+        assert_eq!(grads.get(&unused).unwrap().to_vec1::<f32>()?, [0.0]);
         Ok(())
     }
 
