@@ -89,7 +89,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
     let labels = Tensor::from_vec(labels, args.batch_size, &device)?;
     const LOSS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
-    let comm = candle_functional::distributed::from_environment()?;
+    // Under mpirun: MPI between CPU ranks; NCCL between GPUs in a `nccl` build.
+    let comm = candle_functional::distributed::for_device(
+        candle_functional::distributed::from_environment()?,
+        &device,
+    )?;
     let ranks = comm.world_size();
     if ranks > 1 && (args.mode == Phase::Infer || args.counts) {
         return Err("under mpirun only --mode train is measured (inference is per process)".into());

@@ -70,6 +70,11 @@ struct Args {
     /// phases of a training step, to see where the time goes.
     #[arg(long)]
     profile: bool,
+    /// Only the NCCL check at world size 1 (a `--features nccl` build): one all-reduce of the
+    /// article's ResNet's 15.6 M gradient values on the device, and three training steps
+    /// through `Trainer::distributed(Nccl)` against none.
+    #[arg(long)]
+    nccl: bool,
 }
 
 const PROBS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
@@ -448,6 +453,53 @@ fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize, f64, f64
 }
 
 /// Median milliseconds of `f` (which must wait for the device itself).
+/// NCCL at world size 1: the sum of one rank is the identity, so the device all-reduce must
+/// return its input and training through it must equal training without a communicator.
+#[cfg(feature = "nccl")]
+fn nccl_check(device: &Device) -> Result<String> {
+    use std::sync::Arc;
+
+    use candle_functional::distributed::{Communicator, Nccl, SingleProcess};
+    let nccl: Arc<dyn Communicator> = Arc::new(Nccl::init(Arc::new(SingleProcess), device)?);
+    // The article's ResNet's trainable parameters: one step's gradient all-reduce.
+    let flat = Tensor::rand(-1f32, 1.0, 15_607_568, device)?;
+    let identity = rel_diff(&nccl.all_reduce_sum_tensor(&flat)?, &flat)?;
+    let all_reduce_ms = time_ms(10, || {
+        nccl.all_reduce_sum_tensor(&flat)?;
+        Ok(device.synchronize()?)
+    })?;
+    let (config, x, y) = small_res_net()?;
+    let batch = Batch::new(vec![x.to_device(device)?], vec![y.to_device(device)?]);
+    let mut weights = Vec::new();
+    for comm in [None, Some(nccl.clone())] {
+        let model = config.res_net()?.build(device, DType::F32, 7)?;
+        let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
+        if let Some(comm) = comm {
+            trainer = trainer.distributed(comm);
+        }
+        for _ in 0..3 {
+            trainer.train_step(&batch, 1e-3)?;
+        }
+        weights.push(trainer.model().weight_map()?);
+    }
+    let mut steps = 0f64;
+    for (name, w) in &weights[0] {
+        steps = worse(steps, rel_diff(&weights[1][name], w)?);
+    }
+    Ok(format!(
+        "{{\"backend\": \"{}\", \"world_size\": {}, \"identity_max_rel_diff\": {identity:.3e}, \"all_reduce_15_6m_f32_median_ms\": {all_reduce_ms:.3}, \"train_steps_vs_no_communicator_max_rel_diff\": {steps:.3e}}}",
+        nccl.backend(),
+        nccl.world_size()
+    ))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_check(_device: &Device) -> Result<String> {
+    Err(candle_functional::Error::InvalidArgument(
+        "--nccl needs a build with `--features nccl`".into(),
+    ))
+}
+
 fn time_ms(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut times = Vec::new();
     for i in 0..steps + 3 {
@@ -576,6 +628,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     if args.profile {
         println!("{}", profile(&args, &device)?);
+        return Ok(());
+    }
+    if args.nccl {
+        println!("{}", nccl_check(&device)?);
         return Ok(());
     }
     let (out_diff, grad_diff, n_grads) = correctness(&device)?;

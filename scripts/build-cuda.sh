@@ -8,6 +8,7 @@
 #   FEATURES=cuda EXAMPLES=bench scripts/build-cuda.sh
 #   PACK=1 scripts/build-cuda.sh               # also writes gpu/<example>.xz (debug info stripped) to carry to the GPU machine
 #   CLIPPY=1 scripts/build-cuda.sh             # then lints every target with the same features (CI)
+#   FEATURES=cudnn,nccl,distributed CLIPPY=1 scripts/build-cuda.sh   # also NCCL (libnccl from PyPI) and MPI (CI)
 #
 # Environment: CUDA_SDK_DIR (wheel cache, default ~/.cache/candle-functional-cuda),
 # CUDA_COMPUTE_CAP (default 90 = H100/H200; candle builds sm_90a), FEATURES, EXAMPLES, PACK,
@@ -29,6 +30,12 @@ if [ ! -f "$SDK/.installed-13.0" ]; then
     "nvidia-cublas==13.1.0.3" "nvidia-curand==10.4.0.35" "nvidia-cudnn-cu13==9.19.0.56"
   touch "$SDK/.installed-13.0"
 fi
+# NCCL only when asked for: 2.30.7 is the version PyTorch 2.15 (CUDA 13) pins and the one
+# candle's cudarc binds (`nccl-02030`); cudarc links -lnccl.
+if [[ ",$FEATURES," == *",nccl,"* ]] && [ ! -f "$SDK/.installed-nccl-2.30" ]; then
+  "$SDK/venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-nccl-cu13==2.30.7"
+  touch "$SDK/.installed-nccl-2.30"
+fi
 NV=$("$SDK/venv/bin/python" -c 'import nvidia; print(list(nvidia.__path__)[0])')
 
 # 2. A link directory: unversioned names for -lcublas etc., and the libcuda stub.
@@ -40,6 +47,10 @@ for f in "$NV/cu13/lib/libcublas.so.13" "$NV/cu13/lib/libcublasLt.so.13" "$NV/cu
   ln -sfn "$f" "$LIB/$name"
   ln -sfn "$name" "$LIB/${name%.so.*}.so"
 done
+if [ -f "$SDK/.installed-nccl-2.30" ]; then
+  ln -sfn "$NV/nccl/lib/libnccl.so.2" "$LIB/libnccl.so.2"
+  ln -sfn libnccl.so.2 "$LIB/libnccl.so"
+fi
 if [ ! -f "$LIB/libcuda.so" ]; then
   # Every cu* entry point that cuda.h declares, as a function that fails if ever called.
   grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\b' "$NV/cu13/include/cuda.h" | sort -u \

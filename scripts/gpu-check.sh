@@ -10,6 +10,8 @@
 #   bash scripts/gpu-check.sh [extra gpu_check args]
 #   COMPILE=1 bash scripts/gpu-check.sh    # also torch.compile'd PyTorch (about a minute each)
 #   DRY_RUN=1 TORCH_PY=... bash scripts/gpu-check.sh   # on a CPU machine: the plumbing, tiny sizes
+#   NCCL=1 bash scripts/gpu-check.sh       # also NCCL at world size 1 (gpu_check built with
+#                                          # FEATURES=cudnn,nccl PACK=1 scripts/build-cuda.sh)
 #
 # The memory sampler runs in the background and is stopped by its PID before the script
 # reads its samples; nothing waits on it.
@@ -29,7 +31,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   sample_memory() { echo "0"; }
 else
   # CUDA libraries: the ones PyTorch's wheels installed (cu13 and cuDNN).
-  NVLIBS=$("$PY" -c 'import os, nvidia; print(":".join(os.path.join(r, s) for r in nvidia.__path__ for s in ("cu13/lib", "cudnn/lib") if os.path.isdir(os.path.join(r, s))))')
+  NVLIBS=$("$PY" -c 'import os, nvidia; print(":".join(os.path.join(r, s) for r in nvidia.__path__ for s in ("cu13/lib", "cudnn/lib", "nccl/lib") if os.path.isdir(os.path.join(r, s))))')
   export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   "$PY" -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("gpu/gpu_check.xz"), open("'"$OUT"'/gpu_check", "wb"))'
   chmod +x "$OUT/gpu_check"
@@ -45,6 +47,13 @@ fi
 NVIDIA_TF32_OVERRIDE=0 "${CHECK[@]}" --correctness-only > "$OUT/correctness.json" 2> "$OUT/correctness.log"
 CORRECTNESS_RC=$?
 echo "correctness exit $CORRECTNESS_RC" >&2
+: > "$OUT/nccl.json"
+NCCL_RC=0
+if [ "${NCCL:-0}" = 1 ]; then
+  "${CHECK[@]}" --nccl > "$OUT/nccl.json" 2> "$OUT/nccl.log"
+  NCCL_RC=$?
+  echo "nccl exit $NCCL_RC" >&2
+fi
 # Every 250 ms plus nvidia-smi's own time (about 280 ms in all on the H200).
 (while :; do echo "$(date +%s.%N) $(sample_memory)"; sleep 0.25; done) > "$OUT/memory.txt" 2>/dev/null &
 SAMPLER=$!
@@ -61,7 +70,7 @@ for extra in "${variants[@]}"; do
   "$PY" scripts/torch_reference.py bench --model resnet --mode train "${TORCH[@]}" $extra 2>> "$OUT/torch.log" | tail -n 1 >> "$OUT/torch.jsonl"
 done
 
-"${PYTHON:-python3}" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" "$OUT/memory.txt" "$GROWTH_LIMIT_MIB" "$CORRECTNESS_RC" "$CRATE_RC" "${DRY_RUN:-0}" <<'PY'
+"${PYTHON:-python3}" - "$OUT/crate.json" "$OUT/torch.jsonl" "$OUT/correctness.json" "$OUT/memory.txt" "$GROWTH_LIMIT_MIB" "$CORRECTNESS_RC" "$CRATE_RC" "${DRY_RUN:-0}" "$OUT/nccl.json" "$NCCL_RC" <<'PY'
 import json, sys
 def last_json(path):
     try:
@@ -70,6 +79,8 @@ def last_json(path):
         return {"error": f"{path}: {e}"}
 crate = last_json(sys.argv[1])
 crate["correctness_tf32_off"] = last_json(sys.argv[3])
+if open(sys.argv[9]).read().strip():
+    crate["nccl_world_size_1"] = last_json(sys.argv[9])
 torch = [json.loads(l) for l in open(sys.argv[2]) if l.strip().startswith("{")]
 def pick(amp, cl=False, compiled=False, bench=False):
     for t in torch:
@@ -111,10 +122,10 @@ out = {
     },
     "conv3x3_speedup_over_candle_own": ratio((crate.get("conv3x3_fwd_bwd_ms") or {}).get("candle_reference"), (crate.get("conv3x3_fwd_bwd_ms") or {}).get("ops")),
 }
-out["exit_codes"] = {"correctness": int(sys.argv[6]), "crate": int(sys.argv[7])}
+out["exit_codes"] = {"correctness": int(sys.argv[6]), "crate": int(sys.argv[7]), "nccl": int(sys.argv[10])}
 print(json.dumps(out, indent=1))
 # Fails when a run failed, or when the memory check found growth or had nothing to check
 # (a dry run on the CPU has no device memory to sample).
 memory_ok = memory.get("flat", False) or sys.argv[8] == "1"
-sys.exit(0 if memory_ok and sys.argv[6] == "0" and sys.argv[7] == "0" else 1)
+sys.exit(0 if memory_ok and sys.argv[6] == "0" and sys.argv[7] == "0" and sys.argv[10] == "0" else 1)
 PY

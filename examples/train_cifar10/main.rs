@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use candle_functional::data::cifar10::{TEST_FILE, TRAIN_FILES};
 use candle_functional::data::{Augmentation, Cifar10, DataLoader, Normalization};
-use candle_functional::distributed::from_environment;
+use candle_functional::distributed::{for_device, from_environment};
 use candle_functional::models::ResNetConfig;
 use candle_functional::train::{
     AdamConfig, Callback, HistoryLogger, Loss, LrSchedule, ModelCheckpoint, OptimizerConfig,
@@ -237,12 +237,15 @@ fn check_writable(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Under mpirun: one rank of a data-parallel run; rank 0 alone prints and writes.
-    let comm = from_environment()?;
-    let chief = comm.is_chief();
+    let host = from_environment()?;
+    let chief = host.is_chief();
     if chief {
         check_writable(&args.out)?;
     }
+    // Each rank takes its own GPU (`local_rank`); with the `nccl` feature GPUs sum their
+    // gradients with NCCL, otherwise through the host (MPI).
     let device = select_device(&args.device)?;
+    let comm = for_device(host, &device)?;
     let data = load_data(&args.data_dir)?;
     let train_set = data.train().subset(args.subset);
     let test_set = data.test().subset(args.test_subset);

@@ -1,7 +1,9 @@
 //! [`from_environment`]: the communicator of a process, found from how it was launched;
-//! [`local_rank`]: which GPU is a rank's.
+//! [`local_rank`]: which GPU is a rank's; [`for_device`]: NCCL for a rank's GPU.
 
 use std::sync::Arc;
+
+use candle_core::Device;
 
 #[cfg(not(feature = "distributed"))]
 use crate::Error;
@@ -29,6 +31,29 @@ pub fn from_environment() -> Result<Arc<dyn Communicator>> {
         Some(n) if n > 1 => launched_with(n),
         _ => Ok(Arc::new(SingleProcess)),
     }
+}
+
+/// The communicator to train on `device` with: `host` itself on the CPU, or for one rank;
+/// for a CUDA device in a world of several ranks, built with the `nccl` feature, an
+/// `Nccl` communicator (`distributed::Nccl`) bootstrapped over `host`, so that
+/// gradients are summed GPU to GPU. Without `nccl`, CUDA gradients travel through `host`
+/// (copied to the host and back). Every rank must call it at the same point.
+///
+/// # Examples
+/// ```
+/// use candle_functional::distributed::{for_device, from_environment};
+/// let device = candle_core::Device::Cpu;
+/// let comm = for_device(from_environment()?, &device)?;
+/// assert_ne!(comm.backend(), "nccl"); // CPU tensors never use NCCL
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn for_device(host: Arc<dyn Communicator>, device: &Device) -> Result<Arc<dyn Communicator>> {
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() && host.world_size() > 1 {
+        return Ok(Arc::new(crate::distributed::Nccl::init(host, device)?));
+    }
+    let _ = device;
+    Ok(host)
 }
 
 /// This process's index among the ranks on its machine, which GPU it should take:
