@@ -9,12 +9,16 @@
 #
 #   scripts/compare-cpu.sh [ROUNDS]            # default 1 round
 #   TORCH_PY=/path/to/venv/bin/python KERAS_PY=/path/to/tf-venv/bin/python scripts/compare-cpu.sh 3
+#   BUILDS="default avx2-gemm:--no-default-features,--features=keras" scripts/compare-cpu.sh 2
+#                                              # a column per build of the crate
 #
 # Environment: TORCH_PY / KERAS_PY (interpreters with torch / tensorflow-cpu; a missing one is
 # skipped and said so), STEPS (timed steps, default 10), WARMUP (default 2; Keras traces its
 # function in the first), THREADS (default 2), MODELS (default "resnet plain"), NETS (default
 # "full small"), CASES (default "train 32,train 128,infer 128,infer 1"), OUT (default
-# runs/compare-cpu).
+# runs/compare-cpu), BUILDS (builds of the crate, each timed as its own framework column:
+# `default`; a cargo feature added to the defaults, such as `onednn`; or NAME:FLAGS, cargo
+# flags separated by commas; default "default").
 # Measure on an idle machine: PyTorch's threads busy-wait and collapse under any other load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +36,20 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
 
-cargo build --release --example bench >&2
+BUILDS=${BUILDS:-default}
+# One binary per build, copied aside (they share the target folder).
+names=()
+for build in $BUILDS; do
+  case $build in
+    default) name=default; flags=() ;;
+    *:*) name=${build%%:*}; IFS=, read -ra flags <<< "${build#*:}" ;;
+    *) name=$build; flags=(--features "$build") ;;
+  esac
+  cargo build --release --example bench "${flags[@]}" >&2
+  cp target/release/examples/bench "$OUT/bench-$name"
+  names+=("$name")
+done
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(nproc) cores; flags: $(grep -o -w -E 'avx2|fma|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee "$OUT/cpu.txt" >&2
 have_torch=1; "$TORCH_PY" -c 'import torch' 2>/dev/null || { have_torch=0; echo "PyTorch not found in $TORCH_PY: skipped" >&2; }
 have_keras=1; "$KERAS_PY" -c 'import keras, tensorflow' 2>/dev/null || { have_keras=0; echo "Keras not found in $KERAS_PY: skipped" >&2; }
 
@@ -43,6 +60,8 @@ measure() {
   line=$( { /usr/bin/time -f 'MAXRSS %M' "$@" 2> "$OUT/stderr.txt"; } | tail -n 1)
   mem=$(awk '/^MAXRSS/ {printf "%.0f", $2 / 1024}' "$OUT/stderr.txt")
   line="${line%\}}, \"peak_rss_mib\": ${mem:-null}, \"load_before\": $load}"
+  # A build other than the default is its own framework column.
+  if [ -n "${LABEL:-}" ]; then line=${line/\"framework\": \"candle-functional\"/\"framework\": \"$LABEL\"}; fi
   echo "$line" | tee -a "$RESULTS"
 }
 
@@ -59,7 +78,10 @@ for round in $(seq "$ROUNDS"); do
       for cfg in "${cases[@]}"; do
         set -- $cfg
         common=(--model "$model" --mode "$1" --batch-size "$2" --steps "$STEPS" --warmup "$WARMUP" "${shape[@]}")
-        measure ./target/release/examples/bench "${common[@]}" --device cpu
+        for name in "${names[@]}"; do
+          if [ "$name" = default ]; then measure "$OUT/bench-$name" "${common[@]}" --device cpu
+          else LABEL="candle-functional[$name]" measure "$OUT/bench-$name" "${common[@]}" --device cpu; fi
+        done
         if [ $have_torch = 1 ]; then measure "$TORCH_PY" scripts/torch_reference.py bench "${common[@]}" --threads "$THREADS"; fi
         if [ $have_keras = 1 ]; then measure "$KERAS_PY" scripts/keras_bench.py bench "${common[@]}" --threads "$THREADS"; fi
       done

@@ -1,4 +1,5 @@
-//! Choosing a device from a string: `auto`, `cpu`, `cuda` or `cuda:N`.
+//! Choosing a device from a string: `auto`, `cpu`, `cuda` or `cuda:N`; [`local_rank`], the
+//! GPU of a rank under `mpirun` or `torchrun`.
 
 use candle_core::Device;
 
@@ -6,7 +7,7 @@ use crate::{Error, Result};
 
 /// Parses a device request. `auto` takes a CUDA device when this build has CUDA and one is
 /// present, else the CPU; `cuda` and `auto` take the GPU of this rank under `mpirun`
-/// ([`local_rank`](crate::distributed::local_rank); device 0 in one process), `cuda:N` device
+/// ([`local_rank`]; device 0 in one process), `cuda:N` device
 /// `N`. `cuda[:N]` fails with a clear error when CUDA was not
 /// compiled in (`--features cuda`) or the device cannot be opened.
 ///
@@ -22,14 +23,14 @@ pub fn select_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available()
-                && let Ok(device) = Device::new_cuda(crate::distributed::local_rank())
+                && let Ok(device) = Device::new_cuda(local_rank())
             {
                 keep_freed_gpu_memory(&device)?;
                 return Ok(device);
             }
             Ok(Device::Cpu)
         }
-        "cuda" | "gpu" => cuda(crate::distributed::local_rank()),
+        "cuda" | "gpu" => cuda(local_rank()),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(ordinal)) => cuda(ordinal),
             _ => Err(Error::InvalidArgument(format!(
@@ -37,6 +38,33 @@ pub fn select_device(spec: &str) -> Result<Device> {
             ))),
         },
     }
+}
+
+/// This process's index among the ranks on its machine, which GPU it should take (also
+/// `distributed::local_rank`):
+/// Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, torchrun's
+/// `LOCAL_RANK`; 0 when none is set.
+///
+/// # Examples
+/// ```
+/// # if std::env::var_os("OMPI_COMM_WORLD_LOCAL_RANK").is_none()
+/// #     && std::env::var_os("MPI_LOCALRANKID").is_none() && std::env::var_os("LOCAL_RANK").is_none() {
+/// assert_eq!(candle_functional::distributed::local_rank(), 0);
+/// # }
+/// ```
+pub fn local_rank() -> usize {
+    local_rank_from(|name| std::env::var(name).ok())
+}
+
+fn local_rank_from(var: impl Fn(&str) -> Option<String>) -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|name| var(name)?.trim().parse::<usize>().ok())
+    .unwrap_or(0)
 }
 
 /// Keeps memory freed on a CUDA device in the driver's pool instead of returning it to the
@@ -105,6 +133,25 @@ fn cuda(ordinal: usize) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_rank_is_read_from_the_launchers_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(local_rank_from(env(&[])), 0);
+        assert_eq!(
+            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
+            3
+        );
+        assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "1")])), 1);
+        assert_eq!(local_rank_from(env(&[("LOCAL_RANK", "x")])), 0);
+    }
 
     #[test]
     fn cpu_builds_refuse_cuda_clearly() {

@@ -1,5 +1,5 @@
 //! [`from_environment`]: the communicator of a process, found from how it was launched;
-//! [`local_rank`]: which GPU is a rank's; [`for_device`]: NCCL for a rank's GPU.
+//! [`for_device`]: NCCL for a rank's GPU.
 
 use std::sync::Arc;
 
@@ -56,32 +56,6 @@ pub fn for_device(host: Arc<dyn Communicator>, device: &Device) -> Result<Arc<dy
     Ok(host)
 }
 
-/// This process's index among the ranks on its machine, which GPU it should take:
-/// Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, torchrun's
-/// `LOCAL_RANK`; 0 when none is set.
-///
-/// # Examples
-/// ```
-/// # if std::env::var_os("OMPI_COMM_WORLD_LOCAL_RANK").is_none()
-/// #     && std::env::var_os("MPI_LOCALRANKID").is_none() && std::env::var_os("LOCAL_RANK").is_none() {
-/// assert_eq!(candle_functional::distributed::local_rank(), 0);
-/// # }
-/// ```
-pub fn local_rank() -> usize {
-    local_rank_from(|name| std::env::var(name).ok())
-}
-
-fn local_rank_from(var: impl Fn(&str) -> Option<String>) -> usize {
-    [
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "MPI_LOCALRANKID",
-        "LOCAL_RANK",
-    ]
-    .iter()
-    .find_map(|name| var(name)?.trim().parse::<usize>().ok())
-    .unwrap_or(0)
-}
-
 /// The world size an MPI launcher gave this process, from its environment (`var` looks a
 /// variable up): Open MPI's `OMPI_COMM_WORLD_SIZE`, or MPICH's and Intel MPI's `PMI_SIZE`.
 fn launched_ranks(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
@@ -124,12 +98,6 @@ mod tests {
         );
         assert_eq!(launched_ranks(env(&[("PMI_SIZE", "2")])), Some(2));
         assert_eq!(launched_ranks(env(&[("PMI_SIZE", "two")])), None);
-        assert_eq!(local_rank_from(env(&[])), 0);
-        assert_eq!(
-            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
-            3
-        );
-        assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "1")])), 1);
     }
 
     #[cfg(not(feature = "distributed"))]

@@ -20,9 +20,10 @@ mod nccl;
 mod shard;
 mod tensors;
 
+pub use crate::device::local_rank;
 pub(crate) use communicator::error;
 pub use communicator::{Communicator, SingleProcess};
-pub use launch::{for_device, from_environment, local_rank};
+pub use launch::{for_device, from_environment};
 #[cfg(feature = "distributed")]
 pub use mpi::Mpi;
 #[cfg(feature = "nccl")]
