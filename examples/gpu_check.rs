@@ -452,7 +452,6 @@ fn epoch_time(args: &Args, device: &Device) -> Result<(f64, f64, usize, f64, f64
     ))
 }
 
-/// Median milliseconds of `f` (which must wait for the device itself).
 /// NCCL at world size 1: the sum of one rank is the identity, so the device all-reduce must
 /// return its input and training through it must equal training without a communicator.
 #[cfg(feature = "nccl")]
@@ -500,6 +499,7 @@ fn nccl_check(_device: &Device) -> Result<String> {
     ))
 }
 
+/// Median milliseconds of `f` (which must wait for the device itself).
 fn time_ms(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut times = Vec::new();
     for i in 0..steps + 3 {

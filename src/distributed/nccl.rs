@@ -5,8 +5,9 @@
 //! NCCL moves device buffers only; loss and metric sums, broadcasts of weights and bytes and
 //! barriers are small or rare and go through the host communicator, as PyTorch's NCCL process
 //! group does with its store. The one NCCL call of a training step is the gradient
-//! all-reduce, one per 25 MB bucket ([`Communicator::all_reduce_sum_tensor`]). Synchronized BatchNorm's
-//! per-channel sums still travel through the host (a few hundred values per layer).
+//! all-reduce, one per 25 MB bucket ([`Communicator::all_reduce_sum_tensor`]).
+//! Synchronized BatchNorm's per-channel sums still travel through the host (a few hundred
+//! values per layer).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
