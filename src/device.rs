@@ -41,9 +41,8 @@ pub fn select_device(spec: &str) -> Result<Device> {
 }
 
 /// This process's index among the ranks on its machine, which GPU it should take (also
-/// `distributed::local_rank`):
-/// Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, torchrun's
-/// `LOCAL_RANK`; 0 when none is set.
+/// `distributed::local_rank`): Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's
+/// `MPI_LOCALRANKID`, torchrun's `LOCAL_RANK`; 0 when none is set.
 ///
 /// # Examples
 /// ```
@@ -130,20 +129,25 @@ fn cuda(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// A fake process environment for tests: looks `name` up in `pairs`.
+#[cfg(test)]
+pub(crate) fn env(
+    pairs: &'static [(&'static str, &'static str)],
+) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        pairs
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_local_rank_is_read_from_the_launchers_variables() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
         assert_eq!(local_rank_from(env(&[])), 0);
         assert_eq!(
             local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),

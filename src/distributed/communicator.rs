@@ -1,7 +1,7 @@
 //! [`Communicator`]: the collective operations of a data-parallel run, and [`SingleProcess`],
 //! the world of one rank.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
@@ -45,26 +45,28 @@ pub trait Communicator: Send + Sync {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
 
-    /// Whether [`Communicator::all_reduce_sum_tensor`] sums tensors on `device` without a
-    /// copy through the host (a GPU communicator such as NCCL); gradients on such a device
-    /// are then summed as flat device buffers.
-    fn sums_on_device(&self, device: &Device) -> bool {
-        let _ = device;
-        false
-    }
-
     /// `flat`, a 1-D f32 tensor, summed over every rank, on `flat`'s device. By default
-    /// through a host copy and [`Communicator::all_reduce_sum_f32`].
+    /// through a host copy and [`Communicator::all_reduce_sum_f32`]; a GPU communicator
+    /// (NCCL) sums its device's tensors where they are.
     fn all_reduce_sum_tensor(&self, flat: &Tensor) -> Result<Tensor> {
-        let mut values = flat.to_vec1::<f32>()?;
-        self.all_reduce_sum_f32(&mut values)?;
-        Ok(Tensor::from_vec(values, flat.dims(), flat.device())?)
+        sum_through_host(flat, |values| self.all_reduce_sum_f32(values))
     }
 
     /// `true` on rank 0, the one that prints and writes files.
     fn is_chief(&self) -> bool {
         self.rank() == 0
     }
+}
+
+/// `flat` copied to the host as f32, summed there by `all_reduce`, and copied back to its
+/// device.
+pub(crate) fn sum_through_host(
+    flat: &Tensor,
+    all_reduce: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<Tensor> {
+    let mut values = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    all_reduce(&mut values)?;
+    Ok(Tensor::from_vec(values, flat.dims(), flat.device())?)
 }
 
 /// The communicator of a run in one process: rank 0 of 1, every collective a no-op.

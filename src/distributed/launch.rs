@@ -80,17 +80,10 @@ fn launched_with(ranks: usize) -> Result<Arc<dyn Communicator>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::env;
 
     #[test]
     fn the_launchers_world_size_is_read_from_its_variables() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
         assert_eq!(launched_ranks(env(&[])), None);
         assert_eq!(
             launched_ranks(env(&[("OMPI_COMM_WORLD_SIZE", "4")])),

@@ -16,7 +16,7 @@ use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::Result;
 use crate::distributed::Communicator;
-use crate::distributed::communicator::error;
+use crate::distributed::communicator::{error, sum_through_host};
 
 /// NCCL's unique id is 128 bytes (`ncclUniqueId`), sent from rank 0 to the others.
 const ID_BYTES: usize = 128;
@@ -149,16 +149,10 @@ impl Communicator for Nccl {
         self.host.barrier()
     }
 
-    fn sums_on_device(&self, device: &Device) -> bool {
-        device.same_device(&self.device)
-    }
-
     fn all_reduce_sum_tensor(&self, flat: &Tensor) -> Result<Tensor> {
-        if !self.sums_on_device(flat.device()) {
+        if !flat.device().same_device(&self.device) {
             // Not this GPU's tensor: the host path, as any communicator.
-            let mut values = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            self.host.all_reduce_sum_f32(&mut values)?;
-            return Ok(Tensor::from_vec(values, flat.dims(), flat.device())?);
+            return sum_through_host(flat, |values| self.host.all_reduce_sum_f32(values));
         }
         let op = DeviceSum { nccl: self };
         Ok(flat

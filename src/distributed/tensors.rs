@@ -41,52 +41,16 @@ pub(crate) fn all_reduce_gradients(
             values += reduced[end].elem_count();
             end += 1;
         }
-        let bucket = &reduced[start..end];
-        if comm.sums_on_device(bucket[0].device()) {
-            sum_bucket_on_device(comm, grads, bucket)?;
-        } else {
-            sum_bucket_on_host(comm, grads, bucket, values)?;
-        }
+        sum_bucket(comm, grads, &reduced[start..end])?;
         start = end;
     }
     Ok(())
 }
 
-/// One bucket of gradients summed through a host buffer (MPI): copied out in f32, summed,
-/// copied back in each gradient's dtype.
-fn sum_bucket_on_host(
-    comm: &dyn Communicator,
-    grads: &mut GradStore,
-    bucket: &[&Tensor],
-    values: usize,
-) -> Result<()> {
-    let mut flat = Vec::with_capacity(values);
-    for var in bucket {
-        match grads.get(var) {
-            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.resize(flat.len() + var.elem_count(), 0.0),
-        }
-    }
-    comm.all_reduce_sum_f32(&mut flat)?;
-    let mut offset = 0;
-    for var in bucket {
-        let n = var.elem_count();
-        let dtype = grads.get(var).map_or(var.dtype(), |g| g.dtype());
-        let sum = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
-            .to_dtype(dtype)?;
-        grads.insert(var, sum);
-        offset += n;
-    }
-    Ok(())
-}
-
-/// One bucket of gradients summed where they are (NCCL): concatenated into one flat f32
-/// tensor on their device, summed there, and cut back into views.
-fn sum_bucket_on_device(
-    comm: &dyn Communicator,
-    grads: &mut GradStore,
-    bucket: &[&Tensor],
-) -> Result<()> {
+/// One bucket of gradients, concatenated into one flat f32 tensor on their device, summed
+/// by [`Communicator::all_reduce_sum_tensor`] (through the host for MPI, on the GPU for
+/// NCCL), and cut back into views of the sum in each gradient's shape and dtype.
+fn sum_bucket(comm: &dyn Communicator, grads: &mut GradStore, bucket: &[&Tensor]) -> Result<()> {
     let parts = bucket
         .iter()
         .map(|var| match grads.get(var) {
@@ -283,11 +247,10 @@ mod tests {
         Ok(())
     }
 
-    /// Two identical ranks, simulated: every sum doubles; device sums claimed for the CPU so
-    /// that the flat-tensor path (NCCL's) runs here.
-    struct TwinsOnDevice;
+    /// Two identical ranks, simulated: every sum doubles.
+    struct Twins;
 
-    impl Communicator for TwinsOnDevice {
+    impl Communicator for Twins {
         fn rank(&self) -> usize {
             0
         }
@@ -314,13 +277,10 @@ mod tests {
         fn barrier(&self) -> Result<()> {
             Ok(())
         }
-        fn sums_on_device(&self, _device: &Device) -> bool {
-            true
-        }
     }
 
     #[test]
-    fn device_buckets_sum_every_gradient_and_keep_shapes_and_dtypes() -> Result<()> {
+    fn buckets_sum_every_gradient_and_keep_shapes_and_dtypes() -> Result<()> {
         let dev = Device::Cpu;
         let a = candle_core::Var::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?;
         let b = candle_core::Var::new(&[1f64, 1.0, 1.0], &dev)?;
@@ -333,7 +293,7 @@ mod tests {
             b.as_tensor().clone(),
             unused.as_tensor().clone(),
         ];
-        all_reduce_gradients(&TwinsOnDevice, &mut grads, &vars, &[true, true, true])?;
+        all_reduce_gradients(&Twins, &mut grads, &vars, &[true, true, true])?;
         assert_eq!(
             grads.get(&a).unwrap().to_vec2::<f32>()?,
             [[6.0, 6.0], [6.0, 6.0]]
