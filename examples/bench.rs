@@ -21,6 +21,8 @@
 
 #[path = "common/allocator.rs"]
 mod allocator;
+#[path = "common/openmp.rs"]
+mod openmp;
 #[path = "common/step_counts.rs"]
 mod step_counts;
 
@@ -74,6 +76,7 @@ struct Args {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    openmp::wait_passively();
     allocator::keep_freed_memory();
     let args = Args::parse();
     let device = select_device(&args.device)?;

@@ -15,6 +15,8 @@
 
 #[path = "common/allocator.rs"]
 mod allocator;
+#[path = "common/openmp.rs"]
+mod openmp;
 
 use std::time::Instant;
 
@@ -209,6 +211,7 @@ fn time_adam(args: &Args, device: &Device) -> Result<(f64, usize)> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    openmp::wait_passively();
     allocator::keep_freed_memory();
     let args = Args::parse();
     let device = Device::Cpu;

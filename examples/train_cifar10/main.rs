@@ -21,6 +21,8 @@ mod plot;
 
 #[path = "../common/allocator.rs"]
 mod allocator;
+#[path = "../common/openmp.rs"]
+mod openmp;
 
 use std::path::{Path, PathBuf};
 
@@ -158,6 +160,7 @@ fn schedule(s: &str) -> Result<LrSchedule, String> {
 }
 
 fn main() {
+    openmp::wait_passively();
     allocator::keep_freed_memory();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");

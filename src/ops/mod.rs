@@ -6,7 +6,7 @@
 //!
 //! | function | CPU, f32/f64 | CUDA, feature `cudnn` | anything else |
 //! |---|---|---|---|
-//! | [`conv2d`] | im2col + GEMM, own backward (`cpu/conv2d.rs`) | cuDNN forward, backward data and filter (`cudnn/conv2d.rs`) | [`reference::conv2d`] |
+//! | [`conv2d`] | im2col + GEMM, own backward (`cpu/conv2d.rs`); f32 on oneDNN with feature `onednn` (`onednn/`) | cuDNN forward, backward data and filter (`cudnn/conv2d.rs`) | [`reference::conv2d`] |
 //! | [`conv2d_bias`], [`fused_conv2d`] | the same op, the bias and a ReLU applied as the output is written | [`conv2d`], then [`bias_add`], [`relu`] | the same |
 //! | [`batch_norm_train`] | fused moments, normalize, analytic backward (`cpu/batch_norm.rs`) | cuDNN training kernels (`cudnn/batch_norm.rs`), f32 | [`reference::batch_norm_train`] |
 //! | [`batch_norm_eval`] | fused normalize (`cpu/batch_norm.rs`) | [`reference::batch_norm_eval`] | [`reference::batch_norm_eval`] |
@@ -30,7 +30,8 @@
 //! One file per family, each checked by the shared `arguments.rs` and dispatched by
 //! `backend.rs`: `conv.rs`, `batch_norm.rs`, `pointwise.rs`, `optimizer.rs` (one weight, or
 //! many computed without writing), `multi_tensor.rs` (the in-place end of a training step);
-//! the kernels in `cpu/`, `cudnn/`, `cuda/`, and the composed oracle in `reference.rs`.
+//! the kernels in `cpu/`, `onednn/`, `cudnn/`, `cuda/`, and the composed oracle in
+//! `reference.rs`.
 
 mod arguments;
 mod backend;
@@ -42,6 +43,8 @@ pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn;
 mod multi_tensor;
+#[cfg(feature = "onednn")]
+pub mod onednn;
 mod optimizer;
 mod pointwise;
 pub mod reference;

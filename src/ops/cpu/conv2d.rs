@@ -16,6 +16,10 @@
 //! copy of the input). A per-filter bias is added while the product's rows are copied into
 //! the output, in the same op: a separate bias op would cost a pass each way, and candle
 //! would keep the unbiased output alive for the backward pass as well as the biased one.
+//!
+//! With the `onednn` feature, f32 products run on oneDNN's kernels instead (`ops/onednn/`),
+//! through the same ops and backward pass; f64, and any shape oneDNN has no kernel for, stay
+//! here.
 
 use std::cell::RefCell;
 use std::ops::AddAssign;
@@ -23,6 +27,8 @@ use std::ops::AddAssign;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(feature = "onednn")]
+use super::contiguous_slice;
 use super::{Float, dispatch_pair, relu_if};
 use crate::Result;
 use crate::ops::Conv2dGeometry;
@@ -92,6 +98,32 @@ impl Sizes {
     }
     fn ohw(&self) -> usize {
         self.oh * self.ow
+    }
+    /// The sizes in the order of oneDNN's shim; `None` when one is past `i32::MAX`, beyond
+    /// what oneDNN's kernels index (the GEMM path takes those).
+    #[cfg(feature = "onednn")]
+    fn onednn(&self, g: &Conv2dGeometry) -> Option<crate::ops::onednn::ConvSizes> {
+        let (t, b, l, r) = g.pad;
+        let sizes = [
+            self.n,
+            self.c,
+            self.h,
+            self.w,
+            self.o,
+            self.kh,
+            self.kw,
+            self.oh,
+            self.ow,
+            self.groups,
+            g.stride,
+            g.dilation,
+            t,
+            b,
+            l,
+            r,
+        ];
+        let fits = sizes.iter().all(|&v| v <= i32::MAX as usize);
+        fits.then(|| sizes.map(|v| v as i64))
     }
     /// Images per chunk: keeps the im2col buffer near 8M elements.
     fn chunk(&self) -> usize {
@@ -555,6 +587,23 @@ impl Conv2dGemm {
         bias: &[f64],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
+        let shape = Shape::from((s.n, s.o, s.oh, s.ow));
+        #[cfg(feature = "onednn")]
+        if let (CpuStorage::F32(x), CpuStorage::F32(k)) = (s1, s2) {
+            let (x, k) = (
+                contiguous_slice(x, l1, "conv2d")?,
+                contiguous_slice(k, l2, "conv2d")?,
+            );
+            // The bias reached here as f64 from f32: converting back is exact.
+            let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
+            let mut y = vec![0f32; shape.elem_count()];
+            let bias = (!bias.is_empty()).then_some(bias.as_slice());
+            if let Some(sizes) = s.onednn(&self.geometry)
+                && crate::ops::onednn::forward(x, k, bias, self.relu, &sizes, &mut y)?
+            {
+                return Ok((CpuStorage::F32(y), shape));
+            }
+        }
         let out = dispatch_pair!(s1, l1, s2, l2, "conv2d", |x, k| forward(
             x,
             k,
@@ -562,7 +611,7 @@ impl Conv2dGemm {
             &s,
             &self.geometry
         ));
-        Ok((out, Shape::from((s.n, s.o, s.oh, s.ow))))
+        Ok((out, shape))
     }
 
     /// The gradient reaching the product: `dY`, masked where a fused ReLU's output `y` is 0.
@@ -580,6 +629,10 @@ impl Conv2dGemm {
         kernel: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        #[cfg(feature = "onednn")]
+        if let Some(grads) = self.onednn_gradients(x, kernel, dy)? {
+            return Ok(grads);
+        }
         let dx = dy.apply_op2_no_bwd(
             kernel,
             &Conv2dInputGrad {
@@ -595,6 +648,57 @@ impl Conv2dGemm {
             },
         )?;
         Ok((dx, dk))
+    }
+}
+
+#[cfg(feature = "onednn")]
+impl Conv2dGemm {
+    /// `(dX, dW)` on oneDNN for f32 tensors, in one call that reorders `dY` once for both;
+    /// `None` for f64, or a shape oneDNN has no kernel for.
+    fn onednn_gradients(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        use candle_core::{DType, Storage};
+        if [x.dtype(), kernel.dtype(), dy.dtype()] != [DType::F32; 3] {
+            return Ok(None);
+        }
+        let (x, kernel, dy) = (x.contiguous()?, kernel.contiguous()?, dy.contiguous()?);
+        let s = Sizes::new(x.dims(), kernel.dims(), &self.geometry)?;
+        let Some(sizes) = s.onednn(&self.geometry) else {
+            return Ok(None);
+        };
+        let mut dx = vec![0f32; x.elem_count()];
+        let mut dk = vec![0f32; kernel.elem_count()];
+        let done = {
+            let (xs, xl) = x.storage_and_layout();
+            let (ks, kl) = kernel.storage_and_layout();
+            let (ds, dl) = dy.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(kv))) =
+                (&*xs, &*ks)
+            else {
+                return Ok(None);
+            };
+            let Storage::Cpu(CpuStorage::F32(dv)) = &*ds else {
+                return Ok(None);
+            };
+            let name = "conv2d backward";
+            let inputs = (
+                contiguous_slice(xv, xl, name)?,
+                contiguous_slice(dv, dl, name)?,
+                contiguous_slice(kv, kl, name)?,
+            );
+            crate::ops::onednn::backward(inputs, &sizes, &mut dx, &mut dk)?
+        };
+        if !done {
+            return Ok(None);
+        }
+        Ok(Some((
+            Tensor::from_vec(dx, x.shape(), x.device())?,
+            Tensor::from_vec(dk, kernel.shape(), kernel.device())?,
+        )))
     }
 }
 

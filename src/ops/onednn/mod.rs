@@ -1,0 +1,340 @@
+//! oneDNN's convolution kernels for f32 CPU tensors (feature `onednn`): forward (with the
+//! bias and a ReLU fused), backward-data and backward-weights.
+//!
+//! These are the kernels PyTorch and TensorFlow run on x86 CPUs: direct JIT convolutions in a
+//! blocked channel layout (nChw16c on AVX-512, nChw8c on AVX2), the instruction set chosen by
+//! oneDNN at run time. The crate's tensors stay NCHW; each call reorders its inputs into the
+//! blocked layouts the primitive picked, runs it and reorders the outputs back, as PyTorch's
+//! CPU convolution does. The GEMM path of `cpu/conv2d.rs` calls in here for f32 and keeps f64,
+//! and any shape oneDNN reports it does not implement.
+//!
+//! A primitive is created once per shape (creating one JIT-compiles its kernel, a
+//! millisecond or more) and kept in a process-wide cache; the C shim (`shim.c`) hides the
+//! difference between oneDNN 2.x's and 3.x's C API. [`version`] and [`cached_primitives`] say
+//! which library this process runs and how many shapes it has compiled.
+//!
+//! # Examples
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use candle_functional::ops::{self, Conv2dGeometry};
+//! let (major, _minor, _patch) = ops::onednn::version();
+//! assert!(major >= 2);
+//! let x = Tensor::ones((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
+//! let k = Tensor::ones((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+//! let g = Conv2dGeometry { pad: (1, 1, 1, 1), stride: 1, dilation: 1, groups: 1 };
+//! let y = ops::conv2d(&x, &k, g)?; // runs on oneDNN
+//! assert_eq!(y.dims(), &[1, 4, 8, 8]);
+//! assert!(ops::onednn::cached_primitives() >= 1);
+//! # Ok::<(), candle_functional::Error>(())
+//! ```
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The shim's `cf_op`: one primitive with its reorders.
+#[repr(C)]
+struct RawOp {
+    _private: [u8; 0],
+}
+
+/// oneDNN's `dnnl_engine_t`.
+#[repr(C)]
+struct RawEngine {
+    _private: [u8; 0],
+}
+
+unsafe extern "C" {
+    fn cf_engine_create(engine: *mut *mut RawEngine) -> c_int;
+    fn cf_version(major: *mut c_int, minor: *mut c_int, patch: *mut c_int) -> c_int;
+    fn cf_conv_create(
+        out: *mut *mut RawOp,
+        engine: *mut RawEngine,
+        kind: c_int,
+        sizes: *const i64,
+        bias: c_int,
+        relu: c_int,
+        failed_step: *mut *const c_char,
+    ) -> c_int;
+    fn cf_op_workspace_bytes(op: *const RawOp) -> usize;
+    fn cf_op_execute(
+        op: *mut RawOp,
+        buffers: *const *mut c_void,
+        count: c_int,
+        workspace: *mut c_void,
+        failed_step: *mut *const c_char,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn cf_conv_backward(
+        data: *mut RawOp,
+        weights: *mut RawOp,
+        x: *const c_void,
+        dy: *const c_void,
+        w: *const c_void,
+        dx: *mut c_void,
+        dw: *mut c_void,
+        workspace: *mut c_void,
+        failed_step: *mut *const c_char,
+    ) -> c_int;
+    fn cf_op_destroy(op: *mut RawOp);
+}
+
+/// oneDNN's `dnnl_invalid_arguments` and `dnnl_unimplemented` when creating a primitive: a
+/// shape outside what oneDNN takes (a stride of 2^62, say) or has a kernel for. The GEMM path
+/// runs those, as it runs everything without the feature.
+const REFUSED: [c_int; 2] = [2, 3];
+
+/// Which primitive: the shim's `CF_FORWARD`, `CF_BACKWARD_DATA`, `CF_BACKWARD_WEIGHTS`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Pass {
+    Forward = 0,
+    BackwardData = 1,
+    BackwardWeights = 2,
+}
+
+/// The sizes of one convolution in the shim's order: `n, c, h, w, o, kh, kw, oh, ow, groups,
+/// stride, dilation, pad top, bottom, left, right`.
+pub(crate) type ConvSizes = [i64; 16];
+
+/// A cached primitive; the shim's op is not safe to run on two threads at once.
+struct Op(*mut RawOp);
+
+// SAFETY: the op is only ever used behind a `Mutex`, one thread at a time, and oneDNN
+// primitives may be executed from any thread.
+unsafe impl Send for Op {}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        // SAFETY: created by `cf_conv_create`, destroyed once.
+        unsafe { cf_op_destroy(self.0) }
+    }
+}
+
+struct Engine(*mut RawEngine);
+// SAFETY: a oneDNN CPU engine is immutable after creation and shared by all primitives.
+unsafe impl Send for Engine {}
+unsafe impl Sync for Engine {}
+
+/// A cache entry: the primitive, or `None` where oneDNN has no kernel for the shape.
+type Entry = Option<Arc<Mutex<Op>>>;
+
+/// What a primitive is created for: the pass, the sizes, with a bias, with a ReLU.
+type Key = (Pass, ConvSizes, bool, bool);
+
+/// The primitives created so far.
+fn cache() -> &'static Mutex<HashMap<Key, Entry>> {
+    static CACHE: OnceLock<Mutex<HashMap<Key, Entry>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn failure(what: &str, status: c_int, step: *const c_char) -> candle_core::Error {
+    let step = match step.is_null() {
+        true => "?".into(),
+        // SAFETY: the shim only ever points `failed_step` at its static string literals.
+        false => unsafe { CStr::from_ptr(step) }.to_string_lossy(),
+    };
+    candle_core::Error::Msg(format!(
+        "oneDNN {what}: {step} failed (dnnl_status_t {status})"
+    ))
+}
+
+fn engine() -> candle_core::Result<&'static Engine> {
+    static ENGINE: OnceLock<Result<Engine, c_int>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let mut e = std::ptr::null_mut();
+        // SAFETY: writes one engine handle into `e`.
+        match unsafe { cf_engine_create(&mut e) } {
+            0 => Ok(Engine(e)),
+            status => Err(status),
+        }
+    });
+    engine
+        .as_ref()
+        .map_err(|&status| failure("engine", status, c"creating the CPU engine".as_ptr()))
+}
+
+/// The primitive for `(pass, sizes, bias, relu)`, created on first use; `None` when oneDNN
+/// has no kernel for it.
+fn primitive(pass: Pass, sizes: &ConvSizes, bias: bool, relu: bool) -> candle_core::Result<Entry> {
+    let key = (pass, *sizes, bias, relu);
+    // Poisoning only means another thread panicked while holding the map; its entries are
+    // still whole (insertions are single calls).
+    let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(entry) = cache.get(&key) {
+        return Ok(entry.clone());
+    }
+    let engine = engine()?;
+    let (mut op, mut step) = (std::ptr::null_mut(), std::ptr::null());
+    // SAFETY: `sizes` holds the 16 values the shim reads; on success `op` is a new op, on
+    // failure nothing is allocated.
+    let status = unsafe {
+        cf_conv_create(
+            &mut op,
+            engine.0,
+            pass as c_int,
+            sizes.as_ptr(),
+            bias as c_int,
+            relu as c_int,
+            &mut step,
+        )
+    };
+    let entry = match status {
+        0 => Some(Arc::new(Mutex::new(Op(op)))),
+        s if REFUSED.contains(&s) => None,
+        _ => return Err(failure("convolution", status, step)),
+    };
+    cache.insert(key, entry.clone());
+    Ok(entry)
+}
+
+/// One cache line: the unit of the workspace, so that its start is 64-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+thread_local! {
+    /// This thread's workspace for the blocked copies, grown to the largest call so far and
+    /// reused: the same reason as the GEMM path's im2col buffer.
+    static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a 64-byte aligned workspace of at least `bytes` bytes.
+fn with_workspace<R>(bytes: usize, f: impl FnOnce(*mut c_void) -> R) -> R {
+    let lines = bytes.div_ceil(64);
+    WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut ws) => {
+            if ws.len() < lines {
+                ws.resize(lines, Line([0; 64]));
+            }
+            f(ws.as_mut_ptr().cast())
+        }
+        // Re-entered on this thread (the kernels never do; stay correct anyway).
+        Err(_) => f(vec![Line([0; 64]); lines].as_mut_ptr().cast()),
+    })
+}
+
+fn locked(op: &Mutex<Op>) -> std::sync::MutexGuard<'_, Op> {
+    op.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `pass` on the caller's buffers (the inputs, then `outputs`, in the shim's order);
+/// `Ok(false)` when oneDNN has no kernel for the shape and nothing was written.
+fn run(
+    pass: Pass,
+    sizes: &ConvSizes,
+    (bias, relu): (bool, bool),
+    inputs: &[&[f32]],
+    outputs: &mut [&mut [f32]],
+) -> candle_core::Result<bool> {
+    let Some(op) = primitive(pass, sizes, bias, relu)? else {
+        return Ok(false);
+    };
+    let mut buffers: Vec<*mut c_void> = inputs.iter().map(|b| b.as_ptr() as *mut c_void).collect();
+    buffers.extend(outputs.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void));
+    let op = locked(&op);
+    let mut step = std::ptr::null();
+    // SAFETY: the buffers have the sizes the op was created for (checked by the callers
+    // against the same `ConvSizes`), inputs are only read, each output is a distinct `&mut`
+    // slice, and the workspace has the bytes the op asks for.
+    let status = unsafe {
+        with_workspace(cf_op_workspace_bytes(op.0), |ws| {
+            cf_op_execute(
+                op.0,
+                buffers.as_ptr(),
+                buffers.len() as c_int,
+                ws,
+                &mut step,
+            )
+        })
+    };
+    match status {
+        0 => Ok(true),
+        _ => Err(failure("convolution", status, step)),
+    }
+}
+
+/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given) into `y`;
+/// `Ok(false)` when oneDNN has no kernel for the shape.
+pub(crate) fn forward(
+    x: &[f32],
+    k: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    sizes: &ConvSizes,
+    y: &mut [f32],
+) -> candle_core::Result<bool> {
+    match bias {
+        Some(b) => run(Pass::Forward, sizes, (true, relu), &[x, k, b], &mut [y]),
+        None => run(Pass::Forward, sizes, (false, relu), &[x, k], &mut [y]),
+    }
+}
+
+/// Both gradients from `(X, dY, W)`: the input gradient into `dx`, the kernel gradient into
+/// `dk`, with `dY` reordered once for the two; `Ok(false)` when oneDNN has no kernel for one
+/// of them and nothing was written.
+pub(crate) fn backward(
+    (x, dy, k): (&[f32], &[f32], &[f32]),
+    sizes: &ConvSizes,
+    dx: &mut [f32],
+    dk: &mut [f32],
+) -> candle_core::Result<bool> {
+    let data = primitive(Pass::BackwardData, sizes, false, false)?;
+    let weights = primitive(Pass::BackwardWeights, sizes, false, false)?;
+    let (Some(data), Some(weights)) = (data, weights) else {
+        return Ok(false);
+    };
+    // Two locks, always taken data first: no other call holds a weights op while waiting
+    // for a data op.
+    let (data, weights) = (locked(&data), locked(&weights));
+    let mut step = std::ptr::null();
+    // SAFETY: as in `run`; the workspace holds both ops' blocked buffers.
+    let status = unsafe {
+        let bytes = cf_op_workspace_bytes(data.0) + cf_op_workspace_bytes(weights.0);
+        with_workspace(bytes, |ws| {
+            cf_conv_backward(
+                data.0,
+                weights.0,
+                x.as_ptr().cast(),
+                dy.as_ptr().cast(),
+                k.as_ptr().cast(),
+                dx.as_mut_ptr().cast(),
+                dk.as_mut_ptr().cast(),
+                ws,
+                &mut step,
+            )
+        })
+    };
+    match status {
+        0 => Ok(true),
+        _ => Err(failure("convolution backward", status, step)),
+    }
+}
+
+/// The version of the oneDNN library this process runs (`(major, minor, patch)`), which may
+/// be newer than the headers it was built against.
+///
+/// # Examples
+/// ```
+/// let (major, minor, _) = candle_functional::ops::onednn::version();
+/// assert!((major, minor) >= (2, 0));
+/// ```
+pub fn version() -> (u32, u32, u32) {
+    let (mut major, mut minor, mut patch) = (0, 0, 0);
+    // SAFETY: writes three integers.
+    unsafe { cf_version(&mut major, &mut minor, &mut patch) };
+    (major as u32, minor as u32, patch as u32)
+}
+
+/// How many convolution primitives (forward, backward-data and backward-weights, each for
+/// one shape) this process has created so far: each is JIT-compiled once and reused.
+///
+/// # Examples
+/// ```
+/// // Nothing has run a convolution yet in this doctest's process.
+/// assert_eq!(candle_functional::ops::onednn::cached_primitives(), 0);
+/// ```
+pub fn cached_primitives() -> usize {
+    let cache = cache().lock().unwrap_or_else(|e| e.into_inner());
+    cache.values().filter(|e| e.is_some()).count()
+}
