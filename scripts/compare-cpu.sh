@@ -36,19 +36,8 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
 
-BUILDS=${BUILDS:-default}
-# One binary per build, copied aside (they share the target folder).
-names=()
-for build in $BUILDS; do
-  case $build in
-    default) name=default; flags=() ;;
-    *:*) name=${build%%:*}; IFS=, read -ra flags <<< "${build#*:}" ;;
-    *) name=$build; flags=(--features "$build") ;;
-  esac
-  cargo build --release --example bench "${flags[@]}" >&2
-  cp target/release/examples/bench "$OUT/bench-$name"
-  names+=("$name")
-done
+source scripts/builds.sh
+build_each bench "$OUT"
 echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(nproc) cores; flags: $(grep -o -w -E 'avx2|fma|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee "$OUT/cpu.txt" >&2
 have_torch=1; "$TORCH_PY" -c 'import torch' 2>/dev/null || { have_torch=0; echo "PyTorch not found in $TORCH_PY: skipped" >&2; }
 have_keras=1; "$KERAS_PY" -c 'import keras, tensorflow' 2>/dev/null || { have_keras=0; echo "Keras not found in $KERAS_PY: skipped" >&2; }

@@ -8,8 +8,12 @@
 #
 #   TORCH_PY=/path/to/venv/bin/python scripts/compare-layers.sh [ROUNDS]
 #
+#   BUILDS="default onednn" TORCH_PY=... scripts/compare-layers.sh 2   # a column per build
+#
 # Environment: TORCH_PY (an interpreter with torch), BATCH (default 128), REPS (default 3),
-# THREADS (default 2), OUT (default runs/compare-layers). Measure on an idle machine.
+# THREADS (default 2), OUT (default runs/compare-layers), BUILDS (builds of the crate, as in
+# compare-cpu.sh: `default`, a cargo feature added to the defaults such as `onednn`, or
+# NAME:FLAGS; default "default"). Measure on an idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
@@ -21,13 +25,21 @@ TORCH_PY=${TORCH_PY:-python3}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-cargo build --release --example layer_profile --example fma_peak >&2
+cargo build --release --example fma_peak >&2
+cp target/release/examples/fma_peak "$OUT/fma_peak"
+source scripts/builds.sh
+build_each layer_profile "$OUT"
 "$TORCH_PY" -c 'import torch' || { echo "no torch in $TORCH_PY (set TORCH_PY)" >&2; exit 1; }
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
-./target/release/examples/fma_peak --threads "$THREADS" | tee -a "$RESULTS"
+"$OUT/fma_peak" --threads "$THREADS" | tee -a "$RESULTS"
 for round in $(seq "$ROUNDS"); do
   echo "round $round" >&2
-  ./target/release/examples/layer_profile --batch-size "$BATCH" --reps "$REPS" | tee -a "$RESULTS"
+  for name in "${names[@]}"; do
+    # A build other than the default is its own column, "candle-functional[NAME]".
+    label=candle-functional; [ "$name" = default ] || label="candle-functional[$name]"
+    "$OUT/layer_profile-$name" --batch-size "$BATCH" --reps "$REPS" \
+      | sed "s/\"framework\": \"candle-functional\"/\"framework\": \"$label\"/" | tee -a "$RESULTS"
+  done
   "$TORCH_PY" scripts/torch_reference.py layers --batch-size "$BATCH" --reps "$REPS" --threads "$THREADS" | tee -a "$RESULTS"
 done
 python3 - "$RESULTS" <<'PY'
@@ -47,17 +59,25 @@ cpu = next((r.get("cpu") for r in rows if r.get("cpu")), "unknown")
 print(f"\nCPU: {cpu}; threads {rows[-1].get('threads')}; rounds {len(by.get((layers[0], 'pytorch'), []))}")
 if peak:
     print(f"FMA peak (f32): {peak['gflops']:.1f} GFLOP/s on {peak['threads']} threads ({peak['isa']})")
-print("| layer | crate fwd ms | torch fwd ms | fwd ratio | crate bwd ms | torch bwd ms | bwd ratio | crate GFLOP/s fwd/bwd | torch GFLOP/s fwd/bwd |")
-print("|---|---|---|---|---|---|---|---|---|")
-total = {"crate": [0, 0], "pytorch": [0, 0]}
+crates = [f for f in dict.fromkeys(r["framework"] for r in rows if "layer" in r) if f != "pytorch"]
+short = lambda f: "crate" if f == "candle-functional" else f.replace("candle-functional", "crate")
+head = " | ".join(f"{short(f)} fwd ms | /torch" for f in crates)
+headb = " | ".join(f"{short(f)} bwd ms | /torch" for f in crates)
+gf = " | ".join(f"{short(f)} GFLOP/s fwd/bwd" for f in crates)
+print(f"| layer | torch fwd ms | {head} | torch bwd ms | {headb} | torch GFLOP/s fwd/bwd | {gf} |")
+print("|---" * (4 + 4 * len(crates) + len(crates)) + "|")
+ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+g = lambda rs: "/".join("-" if med(rs, k) is None else f"{med(rs, k):.0f}" for k in ("forward_gflops", "backward_gflops"))
 for layer in layers:
-    c, t = by.get((layer, "candle-functional"), []), by.get((layer, "pytorch"), [])
+    t = by.get((layer, "pytorch"), [])
+    cs = [by.get((layer, f), []) for f in crates]
     if layer == "adam_all_params":
-        cs, ts = med(c, "step_ms"), med(t, "step_ms")
-        print(f"| adam, all {c[0]['parameters'] if c else '?'} parameters | {cs:.1f} | {ts:.1f} | {cs/ts:.2f} | | | | | |")
+        ts = med(t, "step_ms")
+        cells = " | ".join(f"{med(c, 'step_ms'):.1f} | {ratio(med(c, 'step_ms'), ts)}" for c in cs)
+        print(f"| adam, all {cs[0][0]['parameters'] if cs[0] else '?'} parameters (step) | {ts:.1f} | {cells} | | {' | '.join(' | ' for _ in cs)} | | {' | '.join('' for _ in cs)} |")
         continue
-    cf, cb, tf, tb = med(c, "forward_ms"), med(c, "backward_ms"), med(t, "forward_ms"), med(t, "backward_ms")
-    g = lambda rs: "/".join("-" if med(rs, k) is None else f"{med(rs, k):.0f}" for k in ("forward_gflops", "backward_gflops"))
-    ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-    print(f"| {layer} | {cf:.2f} | {tf:.2f} | {ratio(cf, tf)} | {cb:.2f} | {tb:.2f} | {ratio(cb, tb)} | {g(c)} | {g(t)} |")
+    tf, tb = med(t, "forward_ms"), med(t, "backward_ms")
+    fwd = " | ".join(f"{med(c, 'forward_ms'):.2f} | {ratio(med(c, 'forward_ms'), tf)}" for c in cs)
+    bwd = " | ".join(f"{med(c, 'backward_ms'):.2f} | {ratio(med(c, 'backward_ms'), tb)}" for c in cs)
+    print(f"| {layer} | {tf:.2f} | {fwd} | {tb:.2f} | {bwd} | {g(t)} | {' | '.join(g(c) for c in cs)} |")
 PY

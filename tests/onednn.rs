@@ -10,21 +10,7 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use candle_functional::fusion::{ElementWise, Fusion};
 use candle_functional::ops::{self, Conv2dGeometry, onednn, reference};
-use common::{max_abs, max_abs_diff};
-
-fn geometry(
-    pad: (usize, usize, usize, usize),
-    stride: usize,
-    dilation: usize,
-    groups: usize,
-) -> Conv2dGeometry {
-    Conv2dGeometry {
-        pad,
-        stride,
-        dilation,
-        groups,
-    }
-}
+use common::{assert_same_values_and_gradients, geometry};
 
 /// `fused_conv2d` (oneDNN) against the reference convolution, bias add and ReLU: the output
 /// and the gradients of the input, kernel and bias, for the same upstream gradient.
@@ -49,36 +35,9 @@ fn compare(
     if relu {
         theirs = theirs.relu().unwrap();
     }
-    assert_eq!(ours.dims(), theirs.dims(), "{g:?}");
-    let d = max_abs_diff(&ours, &theirs);
-    assert!(
-        d <= 1e-5 * max_abs(&theirs).max(1.0),
-        "{g:?}: forward differs by {d}"
-    );
-    let upstream = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-    let go = (ours * &upstream)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gt = (theirs * &upstream)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, v) in [("input", &x), ("kernel", &k), ("bias", &b)] {
-        let (a, e) = (
-            go.get(v.as_tensor()).unwrap(),
-            gt.get(v.as_tensor()).unwrap(),
-        );
-        let d = max_abs_diff(a, e);
-        assert!(
-            d <= 1e-5 * max_abs(e).max(1.0),
-            "{g:?} relu={relu}: {name} gradient differs by {d}"
-        );
-    }
+    let vars = [("input", &x), ("kernel", &k), ("bias", &b)];
+    let what = format!("{g:?} relu={relu}");
+    assert_same_values_and_gradients(&ours, &theirs, &vars, 1e-5, &what);
 }
 
 #[test]
@@ -107,66 +66,65 @@ fn onednn_runs_the_f32_convolutions_and_caches_one_primitive_a_pass() {
     assert_eq!(onednn::cached_primitives(), cached);
 }
 
+/// `(input, kernel, geometry)` of one case.
+type Case = (
+    (usize, usize, usize, usize),
+    (usize, usize, usize, usize),
+    Conv2dGeometry,
+);
+
 #[test]
 fn stride_one_and_two_with_keras_same_padding_bias_and_relu() {
-    for relu in [false, true] {
-        compare(
-            (2, 3, 8, 8),
-            (4, 3, 3, 3),
-            geometry((1, 1, 1, 1), 1, 1, 1),
-            relu,
-        );
-        compare(
+    let cases: [Case; 4] = [
+        ((2, 3, 8, 8), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 1)),
+        (
             (2, 16, 8, 8),
             (32, 16, 3, 3),
             geometry((0, 1, 0, 1), 2, 1, 1),
-            relu,
-        );
-        compare(
-            (2, 3, 9, 8),
-            (5, 3, 3, 3),
-            geometry((1, 1, 0, 1), 2, 1, 1),
-            relu,
-        );
-        compare(
+        ),
+        ((2, 3, 9, 8), (5, 3, 3, 3), geometry((1, 1, 0, 1), 2, 1, 1)),
+        (
             (3, 32, 8, 8),
             (64, 32, 1, 1),
             geometry((0, 0, 0, 0), 2, 1, 1),
-            relu,
-        );
+        ),
+    ];
+    for relu in [false, true] {
+        for (x, k, g) in cases {
+            compare(x, k, g, relu);
+        }
     }
 }
 
 #[test]
 fn valid_dilated_grouped_rectangular_and_seven_by_seven() {
-    compare(
-        (3, 4, 9, 7),
-        (4, 4, 3, 2),
-        geometry((0, 0, 0, 0), 1, 1, 1),
-        false,
-    );
-    compare(
-        (2, 2, 9, 9),
-        (3, 2, 3, 3),
-        geometry((2, 2, 2, 2), 1, 2, 1),
-        true,
-    );
-    compare(
-        (2, 6, 7, 7),
-        (4, 3, 3, 3),
-        geometry((1, 1, 1, 1), 1, 1, 2),
-        false,
-    );
-    compare(
-        (2, 4, 7, 7),
-        (4, 1, 3, 3),
-        geometry((1, 1, 1, 1), 2, 1, 4),
-        true,
-    );
-    compare(
-        (2, 3, 20, 20),
-        (16, 3, 7, 7),
-        geometry((2, 3, 2, 3), 2, 1, 1),
-        true,
-    );
+    let cases: [(Case, bool); 5] = [
+        (
+            ((3, 4, 9, 7), (4, 4, 3, 2), geometry((0, 0, 0, 0), 1, 1, 1)),
+            false,
+        ),
+        (
+            ((2, 2, 9, 9), (3, 2, 3, 3), geometry((2, 2, 2, 2), 1, 2, 1)),
+            true,
+        ),
+        (
+            ((2, 6, 7, 7), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 2)),
+            false,
+        ),
+        (
+            ((2, 4, 7, 7), (4, 1, 3, 3), geometry((1, 1, 1, 1), 2, 1, 4)),
+            true,
+        ),
+        (
+            (
+                (2, 3, 20, 20),
+                (16, 3, 7, 7),
+                geometry((2, 3, 2, 3), 2, 1, 1),
+            ),
+            true,
+        ),
+    ];
+    for ((x, k, g), relu) in cases {
+        compare(x, k, g, relu);
+    }
 }

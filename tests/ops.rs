@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_functional::ops::{Conv2dGeometry, conv2d, reference};
-use common::{max_abs, max_abs_diff};
+use common::{assert_same_values_and_gradients, geometry, max_abs_diff};
 
 fn compare(
     x_shape: (usize, usize, usize, usize),
@@ -18,52 +18,8 @@ fn compare(
     let k = Var::from_tensor(&Tensor::randn(0f32, 0.2, k_shape, &dev).unwrap()).unwrap();
     let ours = conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
     let theirs = reference::conv2d(x.as_tensor(), k.as_tensor(), g).unwrap();
-    assert_eq!(ours.dims(), theirs.dims(), "{g:?}");
-    let d = max_abs_diff(&ours, &theirs);
-    assert!(
-        d <= 1e-4 * max_abs(&theirs),
-        "{g:?}: forward differs by {d}"
-    );
-
-    // Same upstream gradient through both.
-    let upstream = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-    let go = (ours * &upstream)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gt = (theirs * &upstream)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, v) in [("input", &x), ("kernel", &k)] {
-        let (a, b) = (
-            go.get(v.as_tensor()).unwrap(),
-            gt.get(v.as_tensor()).unwrap(),
-        );
-        let d = max_abs_diff(a, b);
-        assert!(
-            d <= 1e-4 * max_abs(b),
-            "{g:?}: {name} gradient differs by {d}"
-        );
-    }
-}
-
-fn geometry(
-    pad: (usize, usize, usize, usize),
-    stride: usize,
-    dilation: usize,
-    groups: usize,
-) -> Conv2dGeometry {
-    Conv2dGeometry {
-        pad,
-        stride,
-        dilation,
-        groups,
-    }
+    let vars = [("input", &x), ("kernel", &k)];
+    assert_same_values_and_gradients(&ours, &theirs, &vars, 1e-4, &format!("{g:?}"));
 }
 
 #[test]

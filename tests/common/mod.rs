@@ -69,6 +69,57 @@ pub fn max_abs(t: &Tensor) -> f64 {
     max_abs_diff(t, &t.zeros_like().unwrap()).max(1.0)
 }
 
+/// A convolution's geometry: `(top, bottom, left, right)` padding, stride, dilation, groups.
+pub fn geometry(
+    pad: (usize, usize, usize, usize),
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> candle_functional::ops::Conv2dGeometry {
+    candle_functional::ops::Conv2dGeometry {
+        pad,
+        stride,
+        dilation,
+        groups,
+    }
+}
+
+/// Asserts that `ours` and `theirs` (the same function of `vars`, by two kernels) agree to
+/// `rel` of their scale ([`max_abs`]), and so do the gradients of every var when the same
+/// random upstream gradient is sent back through both; `what` names the case.
+pub fn assert_same_values_and_gradients(
+    ours: &Tensor,
+    theirs: &Tensor,
+    vars: &[(&str, &candle_core::Var)],
+    rel: f64,
+    what: &str,
+) {
+    assert_eq!(ours.dims(), theirs.dims(), "{what}");
+    let d = max_abs_diff(ours, theirs);
+    assert!(d <= rel * max_abs(theirs), "{what}: forward differs by {d}");
+    let upstream = Tensor::randn(0f32, 1.0, ours.dims(), ours.device()).unwrap();
+    let grads = |y: &Tensor| {
+        (y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (go, gt) = (grads(ours), grads(theirs));
+    for (name, v) in vars {
+        let (a, b) = (
+            go.get(v.as_tensor()).unwrap(),
+            gt.get(v.as_tensor()).unwrap(),
+        );
+        let d = max_abs_diff(a, b);
+        assert!(
+            d <= rel * max_abs(b),
+            "{what}: {name} gradient differs by {d}"
+        );
+    }
+}
+
 /// Values of every kind an optimizer meets: signs, tiny and large magnitudes, zeros.
 pub fn varied(n: usize, seed: u64, dtype: DType) -> Tensor {
     let mut s = seed | 1;
