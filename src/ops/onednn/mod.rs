@@ -13,6 +13,12 @@
 //! difference between oneDNN 2.x's and 3.x's C API. [`version`] and [`cached_primitives`] say
 //! which library this process runs and how many shapes it has compiled.
 //!
+//! Start a binary that uses the feature with `OMP_WAIT_POLICY=passive`: Debian's oneDNN runs
+//! on OpenMP (libgomp), whose idle threads otherwise spin for milliseconds after every
+//! convolution on the cores the crate's other kernels (rayon) need next, which made training
+//! 25-40% slower on 2 cores (docs/PERFORMANCE.md). libgomp reads the variable only when the
+//! process starts; the examples restart themselves with it (`examples/common/openmp.rs`).
+//!
 //! # Examples
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -199,18 +205,33 @@ thread_local! {
     static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with a 64-byte aligned workspace of at least `bytes` bytes.
-fn with_workspace<R>(bytes: usize, f: impl FnOnce(*mut c_void) -> R) -> R {
+/// Runs `f` with a 64-byte aligned workspace of at least `bytes` bytes; an error, not an
+/// abort, when the memory cannot be had (the blocked layouts pad channels to 16, so a
+/// one-channel map needs 16 times its own size).
+fn with_workspace<R>(bytes: usize, f: impl FnOnce(*mut c_void) -> R) -> candle_core::Result<R> {
     let lines = bytes.div_ceil(64);
+    let grow = |ws: &mut Vec<Line>| -> candle_core::Result<()> {
+        if ws.len() < lines {
+            ws.try_reserve_exact(lines - ws.len()).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "oneDNN convolution: no memory for a {bytes}-byte workspace of blocked copies ({e})"
+                ))
+            })?;
+            ws.resize(lines, Line([0; 64]));
+        }
+        Ok(())
+    };
     WORKSPACE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut ws) => {
-            if ws.len() < lines {
-                ws.resize(lines, Line([0; 64]));
-            }
-            f(ws.as_mut_ptr().cast())
+            grow(&mut ws)?;
+            Ok(f(ws.as_mut_ptr().cast()))
         }
         // Re-entered on this thread (the kernels never do; stay correct anyway).
-        Err(_) => f(vec![Line([0; 64]); lines].as_mut_ptr().cast()),
+        Err(_) => {
+            let mut ws = Vec::new();
+            grow(&mut ws)?;
+            Ok(f(ws.as_mut_ptr().cast()))
+        }
     })
 }
 
@@ -246,7 +267,7 @@ fn run(
                 ws,
                 &mut step,
             )
-        })
+        })?
     };
     match status {
         0 => Ok(true),
@@ -303,7 +324,7 @@ pub(crate) fn backward(
                 ws,
                 &mut step,
             )
-        })
+        })?
     };
     match status {
         0 => Ok(true),
