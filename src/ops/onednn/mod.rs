@@ -15,9 +15,11 @@
 //!
 //! Start a binary that uses the feature with `OMP_WAIT_POLICY=passive`: Debian's oneDNN runs
 //! on OpenMP (libgomp), whose idle threads otherwise spin for milliseconds after every
-//! convolution on the cores the crate's other kernels (rayon) need next, which made training
-//! 25-40% slower on 2 cores (docs/PERFORMANCE.md). libgomp reads the variable only when the
-//! process starts; the examples restart themselves with it (`examples/common/openmp.rs`).
+//! convolution on the cores the crate's other kernels (rayon) need next: on 2 cores, spinning
+//! (`active`), a training step of the full ResNet took 33% longer than with `passive`, the
+//! shrunken one's 63% (docs/PERFORMANCE.md).
+//! libgomp reads the variable only when the process starts; the examples restart themselves
+//! with it (`examples/common/openmp.rs`).
 //!
 //! # Examples
 //! ```

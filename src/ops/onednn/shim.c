@@ -1,6 +1,6 @@
 /*
- * The oneDNN convolution primitives behind the `onednn` feature, as a five-function C API
- * that Rust binds (src/ops/onednn/ffi.rs).
+ * The oneDNN convolution primitives behind the `onednn` feature, as a small C API that Rust
+ * binds (src/ops/onednn/mod.rs).
  *
  * Why a C file at all: oneDNN's C API changed shape between major versions (2.x builds an
  * operation descriptor, a public struct, and then a primitive descriptor from it; 3.x takes
@@ -17,9 +17,8 @@
  * call: allocated per call they were fresh pages every time (tens of MB at batch 128, above
  * glibc's mmap threshold), and the page faults cost more than the reorders themselves.
  * `cf_conv_backward` runs both gradients of a convolution and reorders dY once for the two.
- * An op is not safe to execute
- * from two threads at once (its stream and library scratchpad are its own): the Rust side
- * holds each behind a mutex.
+ * An op is not safe to execute from two threads at once (its stream and library scratchpad
+ * are its own): the Rust side holds each behind a mutex.
  */
 #include <stdint.h>
 #include <stdlib.h>
