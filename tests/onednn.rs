@@ -7,10 +7,19 @@
 
 mod common;
 
+use std::sync::{Mutex, MutexGuard};
+
 use candle_core::{Device, Tensor, Var};
 use candle_functional::fusion::{ElementWise, Fusion};
 use candle_functional::ops::{self, Conv2dGeometry, onednn, reference};
 use common::{assert_same_values_and_gradients, geometry};
+
+/// The tests here run one at a time: the primitive count that one of them checks is the
+/// process's, and the others would add to it while it counts.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// `fused_conv2d` (oneDNN) against the reference convolution, bias add and ReLU: the output
 /// and the gradients of the input, kernel and bias, for the same upstream gradient.
@@ -42,6 +51,7 @@ fn compare(
 
 #[test]
 fn onednn_runs_the_f32_convolutions_and_caches_one_primitive_a_pass() {
+    let _serial = one_at_a_time();
     let (major, _, _) = onednn::version();
     assert!(major >= 2, "oneDNN {major}.x");
     let dev = Device::Cpu;
@@ -75,6 +85,7 @@ type Case = (
 
 #[test]
 fn stride_one_and_two_with_keras_same_padding_bias_and_relu() {
+    let _serial = one_at_a_time();
     let cases: [Case; 4] = [
         ((2, 3, 8, 8), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 1)),
         (
@@ -98,6 +109,7 @@ fn stride_one_and_two_with_keras_same_padding_bias_and_relu() {
 
 #[test]
 fn valid_dilated_grouped_rectangular_and_seven_by_seven() {
+    let _serial = one_at_a_time();
     let cases: [(Case, bool); 5] = [
         (
             ((3, 4, 9, 7), (4, 4, 3, 2), geometry((0, 0, 0, 0), 1, 1, 1)),

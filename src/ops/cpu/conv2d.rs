@@ -589,18 +589,18 @@ impl Conv2dGemm {
         let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
         let shape = Shape::from((s.n, s.o, s.oh, s.ow));
         #[cfg(feature = "onednn")]
-        if let (CpuStorage::F32(x), CpuStorage::F32(k)) = (s1, s2) {
+        if let (CpuStorage::F32(x), CpuStorage::F32(k), Some(sizes)) =
+            (s1, s2, s.onednn(&self.geometry))
+        {
             let (x, k) = (
                 contiguous_slice(x, l1, "conv2d")?,
                 contiguous_slice(k, l2, "conv2d")?,
             );
             // The bias reached here as f64 from f32: converting back is exact.
             let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
-            let mut y = vec![0f32; shape.elem_count()];
             let bias = (!bias.is_empty()).then_some(bias.as_slice());
-            if let Some(sizes) = s.onednn(&self.geometry)
-                && crate::ops::onednn::forward(x, k, bias, self.relu, &sizes, &mut y)?
-            {
+            let mut y = vec![0f32; shape.elem_count()];
+            if crate::ops::onednn::forward(x, k, bias, self.relu, &sizes, &mut y)? {
                 return Ok((CpuStorage::F32(y), shape));
             }
         }
