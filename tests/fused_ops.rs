@@ -223,6 +223,68 @@ fn batch_norm_kernels_match_the_reference() {
     }
 }
 
+/// The per-channel sums run in f32 lanes folded into f64 per block, in parallel over blocks of
+/// images and channels: rows longer than a block with a ragged end, more images than one task
+/// takes, more channels than one task takes (19), and a mean 3,500 times the spread (1000 ±
+/// 0.5), where `E[x²] - E[x]²` would cancel. Statistics, values and gradients must match the
+/// reference on the same f32 values computed in f64, and not change with the thread count.
+#[test]
+fn batch_norm_sums_hold_over_long_rows_many_tasks_and_a_large_mean() {
+    use candle_functional::ops::{self, reference};
+    let dev = Device::Cpu;
+    let shape = (11, 19, 41, 37);
+    let mut state = 7u64;
+    let uniform: Vec<f32> = (0..11 * 19 * 41 * 37)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let x32 = Tensor::from_vec(uniform, shape, &dev)
+        .unwrap()
+        .affine(1.0, 1000.0)
+        .unwrap();
+    let upstream = varied(11 * 19 * 41 * 37, 9, DType::F32)
+        .reshape(shape)
+        .unwrap();
+    let run = |dtype: DType| {
+        let x = var(x32.to_dtype(dtype).unwrap());
+        let (y, mean, variance) = match dtype {
+            DType::F32 => ops::batch_norm_train(x.as_tensor(), None, None, 1e-3).unwrap(),
+            _ => reference::batch_norm_train(x.as_tensor(), None, None, 1e-3).unwrap(),
+        };
+        let dx = with_grads(&y, &upstream.to_dtype(dtype).unwrap(), &[&x]).remove(0);
+        [y, mean, variance, dx].map(|t| t.to_dtype(DType::F64).unwrap())
+    };
+    let ours = run(DType::F32);
+    let theirs = run(DType::F64);
+    for (what, a, r, tol) in [
+        ("y", &ours[0], &theirs[0], 1e-3),
+        ("mean", &ours[1], &theirs[1], 1e-6),
+        ("var", &ours[2], &theirs[2], 1e-4),
+        ("dx", &ours[3], &theirs[3], 1e-3),
+    ] {
+        let err = max_abs_diff(a, r) / common::max_abs(r);
+        assert!(err < tol, "{what}: relative error {err:e}");
+    }
+    let threads = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+            .install(|| run(DType::F32))
+    };
+    for (one, three) in threads(1).iter().zip(&threads(3)) {
+        assert_eq!(
+            max_abs_diff(one, three),
+            0.0,
+            "results depend on the thread count"
+        );
+    }
+}
+
 #[test]
 fn half_precision_batch_norm_keeps_its_statistics_in_f32() {
     use candle_functional::ops;

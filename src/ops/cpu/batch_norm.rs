@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Float, contiguous_slice, relu_if, split};
+use super::{Float, LaneSums, contiguous_slice, split};
 use crate::Result;
 use crate::fusion::Fusion;
 use crate::support::dtype::Cast;
@@ -118,7 +118,7 @@ impl<'a, T: Float> Operand<'a, T> {
     }
 
     /// Elements `start..start + len`: a slice of `a`, or `a + b` written into `scratch`. The
-    /// ReLU is left to the caller's loop ([`load`]).
+    /// ReLU is left to the caller's loop ([`Float::relu_if`]).
     fn row<'s>(&'s self, start: usize, len: usize, scratch: &'s mut Vec<T>) -> &'s [T] {
         let a = &self.a[start..start + len];
         match self.b {
@@ -130,12 +130,6 @@ impl<'a, T: Float> Operand<'a, T> {
             }
         }
     }
-}
-
-/// An operand element in f64, through [`relu_if`].
-#[inline(always)]
-fn load<T: Float>(v: T, relu: bool) -> f64 {
-    relu_if(v.to_f64(), relu)
 }
 
 /// The f32 or f64 elements of contiguous CPU storages of one float type.
@@ -229,30 +223,81 @@ impl CustomOp2 for Moments {
     }
 }
 
-/// `[mean; var]` per channel (biased variance, in the operand's type).
-fn moments<T: Float>(x: Operand<T>, (n, c, inner): (usize, usize, usize)) -> Vec<T> {
-    let count = (n * inner) as f64;
-    let sums: Vec<(f64, f64)> = (0..c)
+/// Images per task of the per-channel sums. Fixed, so that the order of the adds, and with it
+/// every bit of the result, does not depend on the number of threads.
+const IMAGES_PER_TASK: usize = 8;
+
+/// Channels per task of the per-channel sums: more tasks than images alone would give at
+/// small batches, without changing any channel's order of adds.
+const CHANNELS_PER_TASK: usize = 16;
+
+/// Per channel, the two sums that `row(image, channel, sums, scratch)` adds to over all images
+/// of an `(n, c, …)` layout: in parallel over blocks of images and of channels, in memory
+/// order within a task, the blocks' sums added in image order.
+fn per_channel_sums<T: Float>(
+    (n, c, _): (usize, usize, usize),
+    row: impl Fn(usize, usize, &mut LaneSums<T>, &mut Vec<T>) + Sync,
+) -> Vec<(f64, f64)> {
+    let image_blocks = n.div_ceil(IMAGES_PER_TASK);
+    let channel_blocks = c.div_ceil(CHANNELS_PER_TASK);
+    let blocks: Vec<Vec<(f64, f64)>> = (0..image_blocks * channel_blocks)
         .into_par_iter()
-        .map(|ch| {
-            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+        .map(|task| {
+            let (images, channels) = (task / channel_blocks, task % channel_blocks);
+            let channels =
+                channels * CHANNELS_PER_TASK..((channels + 1) * CHANNELS_PER_TASK).min(c);
             let mut scratch = Vec::new();
-            for i in 0..n {
-                for &v in x.row((i * c + ch) * inner, inner, &mut scratch) {
-                    let v = load(v, x.relu);
-                    s1 += v;
-                    s2 += v * v;
+            let mut sums: Vec<LaneSums<T>> = channels.clone().map(|_| LaneSums::new()).collect();
+            for i in images * IMAGES_PER_TASK..((images + 1) * IMAGES_PER_TASK).min(n) {
+                for (s, ch) in sums.iter_mut().zip(channels.clone()) {
+                    row(i, ch, s, &mut scratch);
                 }
             }
-            (s1, s2)
+            sums.into_iter().map(LaneSums::totals).collect()
         })
         .collect();
-    let mean: Vec<f64> = sums.iter().map(|s| s.0 / count).collect();
-    let var = sums
+    let mut total = vec![(0.0, 0.0); c];
+    for (task, sums) in blocks.into_iter().enumerate() {
+        let first = (task % channel_blocks) * CHANNELS_PER_TASK;
+        for (t, s) in total[first..].iter_mut().zip(sums) {
+            t.0 += s.0;
+            t.1 += s.1;
+        }
+    }
+    total
+}
+
+/// `[mean; var]` per channel (biased variance, in the operand's type). The squares are of
+/// the distance to a per-channel shift (the channel's first value), so that `E[u²] - E[u]²`
+/// does not cancel away a variance that is small beside the mean.
+fn moments<T: Float>(x: Operand<T>, dims: (usize, usize, usize)) -> Vec<T> {
+    let (n, c, inner) = dims;
+    let count = (n * inner) as f64;
+    let relu = x.relu;
+    let mut scratch: Vec<T> = Vec::new();
+    let shift: Vec<T> = (0..c)
+        .map(|ch| match n * inner {
+            0 => T::ZERO,
+            _ => x.row(ch * inner, 1, &mut scratch)[0].relu_if(relu),
+        })
+        .collect();
+    let sums = per_channel_sums(dims, |i, ch, sums, scratch| {
+        let row = x.row((i * c + ch) * inner, inner, scratch);
+        let s = shift[ch];
+        sums.add(row, row, |v, _| {
+            let u = v.relu_if(relu) - s;
+            (u, u * u)
+        })
+    });
+    let mean = sums
         .iter()
-        .zip(&mean)
-        .map(|(s, m)| (s.1 / count - m * m).max(0.0));
-    to_float(mean.iter().copied().chain(var).collect())
+        .zip(&shift)
+        .map(|(s, shift)| shift.to_f64() + s.0 / count);
+    let var = sums.iter().map(|s| {
+        let m = s.0 / count;
+        (s.1 / count - m * m).max(0.0)
+    });
+    to_float(mean.chain(var).collect())
 }
 
 /// `y = (x - mean) · rstd · gamma + beta` of the operand `x`, with `packed = [mean; var;
@@ -283,17 +328,15 @@ impl Normalize {
         let (relu, relu_out) = (self.relu, self.relu_out);
         let out = on_slices!(parts, |s| {
             let x = Operand::new(&s, relu);
-            let mut out = vec![Float::from_f64(0.0); x.a.len()];
+            let mut out = vec![Float::ZERO; x.a.len()];
             out.par_chunks_mut(c * dims.2)
                 .enumerate()
                 .for_each(|(i, img)| {
                     let mut scratch = Vec::new();
                     for (ch, dst) in img.chunks_mut(dims.2).enumerate() {
-                        let (a, b) = (scale[ch], shift[ch]);
                         let src = x.row((i * c + ch) * dims.2, dims.2, &mut scratch);
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = Float::from_f64(relu_if(load(v, relu) * a + b, relu_out));
-                        }
+                        let (a, b) = (scale[ch], shift[ch]);
+                        normalize_row(dst, src, a, b, relu, relu_out);
                     }
                 });
             out
@@ -331,6 +374,15 @@ impl Normalize {
         let no_stats = Tensor::zeros((2, c), sums.dtype(), sums.device())?;
         let dpacked = Tensor::cat(&[&no_stats, &sums], 0)?.cast(packed.dtype())?;
         Ok((dx, dpacked))
+    }
+}
+
+/// `dst = max?(max?(src) · a + b)`, the ReLUs where `relu` (before) and `relu_out` (after),
+/// in the elements' own type.
+fn normalize_row<T: Float>(dst: &mut [T], src: &[T], a: f64, b: f64, relu: bool, relu_out: bool) {
+    let (a, b) = (T::from_f64(a), T::from_f64(b));
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = (v.relu_if(relu) * a + b).relu_if(relu_out);
     }
 }
 
@@ -495,29 +547,20 @@ fn grad_sums<T: Float>(
     x: Operand<T>,
     mean: &[f64],
     rstd: &[f64],
-    (n, c, inner): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> Vec<f64> {
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut s1, mut s2) = (0.0f64, 0.0f64);
-            let mut scratch = Vec::new();
-            for i in 0..n {
-                let off = (i * c + ch) * inner;
-                let xs = x.row(off, inner, &mut scratch);
-                for (&g, &xv) in dy[off..off + inner].iter().zip(xs) {
-                    let g = g.to_f64();
-                    s1 += g;
-                    s2 += g * (load(xv, x.relu) - mean[ch]) * rstd[ch];
-                }
-            }
-            (s1, s2)
+    let (_, c, inner) = dims;
+    let relu = x.relu;
+    let mean_t: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
+    let sums = per_channel_sums(dims, |i, ch, sums, scratch| {
+        let off = (i * c + ch) * inner;
+        let m = mean_t[ch];
+        sums.add(&dy[off..off + inner], x.row(off, inner, scratch), |g, v| {
+            (g, g * (v.relu_if(relu) - m))
         })
-        .collect();
-    sums.iter()
-        .map(|s| s.1)
-        .chain(sums.iter().map(|s| s.0))
-        .collect()
+    });
+    let dy_xhat = sums.iter().zip(rstd).map(|(s, r)| s.1 * r);
+    dy_xhat.chain(sums.iter().map(|s| s.0)).collect()
 }
 
 /// What the input gradient needs per channel.
@@ -541,38 +584,37 @@ fn input_grad<T: Float>(
 ) -> Vec<T> {
     let count = (n * inner) as f64;
     let relu = x.relu;
-    let mut out = vec![T::from_f64(0.0); dy.len()];
+    // Per channel, `dx = k·dy + slope·(x - mean) + offset`: the batch-statistics terms folded
+    // into two constants, so that each element costs two multiply-adds in its own type.
+    let constants: Vec<[T; 4]> = (0..c)
+        .map(|ch| {
+            let k = g.gamma[ch] * g.rstd[ch];
+            let slope = -k * g.rstd[ch] * g.sum_dy_xhat[ch] / count;
+            let offset = -k * g.sum_dy[ch] / count;
+            [k, slope, offset, g.mean[ch]].map(T::from_f64)
+        })
+        .collect();
+    let mut out = vec![T::ZERO; dy.len()];
     out.par_chunks_mut(c * inner)
         .enumerate()
         .for_each(|(i, img)| {
             let mut scratch = Vec::new();
             for (ch, dst) in img.chunks_mut(inner).enumerate() {
                 let off = (i * c + ch) * inner;
-                let k = g.gamma[ch] * g.rstd[ch];
+                let [k, slope, offset, mean] = constants[ch];
                 let dys = &dy[off..off + inner];
                 let xs = x.row(off, inner, &mut scratch);
-                // Not `x <= 0`: NaN passes no gradient either.
-                let blocked = |xv: T| {
-                    let passes = xv.to_f64() > 0.0;
-                    relu && !passes
-                };
-                if g.batch_stats {
-                    let (a, b) = (g.sum_dy[ch] / count, g.sum_dy_xhat[ch] / count);
-                    let (mean, rstd) = (g.mean[ch], g.rstd[ch]);
-                    for ((d, &gv), &xv) in dst.iter_mut().zip(dys).zip(xs) {
-                        let xhat = (load(xv, relu) - mean) * rstd;
-                        let dz = k * (gv.to_f64() - a - xhat * b);
-                        *d = T::from_f64(if blocked(xv) { 0.0 } else { dz });
-                    }
-                } else if relu {
-                    for ((d, &gv), &xv) in dst.iter_mut().zip(dys).zip(xs) {
-                        let dz = k * gv.to_f64();
-                        *d = T::from_f64(if blocked(xv) { 0.0 } else { dz });
-                    }
-                } else {
-                    for (d, &gv) in dst.iter_mut().zip(dys) {
-                        *d = T::from_f64(k * gv.to_f64());
-                    }
+                // Where the ReLU blocks (`x > 0` fails, NaN included), no gradient; where it
+                // passes, its output is `x` itself. With constant statistics `x` takes no
+                // part: an infinite input still passes a finite gradient, as the composed
+                // layers would.
+                for ((d, &gv), &xv) in dst.iter_mut().zip(dys).zip(xs) {
+                    let dz = match g.batch_stats {
+                        true => k * gv + slope * (xv - mean) + offset,
+                        false => k * gv,
+                    };
+                    let passes = xv > T::ZERO;
+                    *d = if relu && !passes { T::ZERO } else { dz };
                 }
             }
         });
