@@ -76,7 +76,39 @@ fn onednn_runs_the_f32_convolutions_and_caches_one_primitive_a_pass() {
     assert_eq!(onednn::cached_primitives(), cached);
 }
 
-/// `(input, kernel, geometry)` of one case.
+/// A forward convolution with fewer than 256 output pixels (`n · oh · ow`) stays on the GEMM
+/// path, where one image's small layers are faster; its backward still runs on oneDNN.
+#[test]
+fn small_forward_outputs_stay_on_the_gemm_path() {
+    let _serial = one_at_a_time();
+    let dev = Device::Cpu;
+    // Shapes no other test here uses: one image, 9 -> 10 channels, 6x5 and 16x16 pixels.
+    let k = Tensor::randn(0f32, 1.0, (10, 9, 3, 3), &dev).unwrap();
+    let g = geometry((1, 1, 1, 1), 1, 1, 1);
+    let small = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 9, 6, 5), &dev).unwrap()).unwrap();
+    let before = onednn::cached_primitives();
+    let y = ops::conv2d(small.as_tensor(), &k, g).unwrap();
+    assert_eq!(
+        onednn::cached_primitives(),
+        before,
+        "30 pixels went to oneDNN"
+    );
+    y.sum_all().unwrap().backward().unwrap();
+    assert!(
+        onednn::cached_primitives() >= before + 2,
+        "the backward pass left oneDNN"
+    );
+    let large = Tensor::randn(0f32, 1.0, (1, 9, 16, 16), &dev).unwrap();
+    let before = onednn::cached_primitives();
+    ops::conv2d(&large, &k, g).unwrap();
+    assert!(
+        onednn::cached_primitives() > before,
+        "256 pixels stayed on the GEMM path"
+    );
+}
+
+/// `(input, kernel, geometry)` of one case; batches large enough (`n · oh · ow >= 256`) that
+/// the forward pass runs on oneDNN too.
 type Case = (
     (usize, usize, usize, usize),
     (usize, usize, usize, usize),
@@ -87,15 +119,15 @@ type Case = (
 fn stride_one_and_two_with_keras_same_padding_bias_and_relu() {
     let _serial = one_at_a_time();
     let cases: [Case; 4] = [
-        ((2, 3, 8, 8), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 1)),
+        ((4, 3, 8, 8), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 1)),
         (
-            (2, 16, 8, 8),
+            (16, 16, 8, 8),
             (32, 16, 3, 3),
             geometry((0, 1, 0, 1), 2, 1, 1),
         ),
-        ((2, 3, 9, 8), (5, 3, 3, 3), geometry((1, 1, 0, 1), 2, 1, 1)),
+        ((13, 3, 9, 8), (5, 3, 3, 3), geometry((1, 1, 0, 1), 2, 1, 1)),
         (
-            (3, 32, 8, 8),
+            (16, 32, 8, 8),
             (64, 32, 1, 1),
             geometry((0, 0, 0, 0), 2, 1, 1),
         ),
@@ -112,24 +144,24 @@ fn valid_dilated_grouped_rectangular_and_seven_by_seven() {
     let _serial = one_at_a_time();
     let cases: [(Case, bool); 5] = [
         (
-            ((3, 4, 9, 7), (4, 4, 3, 2), geometry((0, 0, 0, 0), 1, 1, 1)),
+            ((7, 4, 9, 7), (4, 4, 3, 2), geometry((0, 0, 0, 0), 1, 1, 1)),
             false,
         ),
         (
-            ((2, 2, 9, 9), (3, 2, 3, 3), geometry((2, 2, 2, 2), 1, 2, 1)),
+            ((4, 2, 9, 9), (3, 2, 3, 3), geometry((2, 2, 2, 2), 1, 2, 1)),
             true,
         ),
         (
-            ((2, 6, 7, 7), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 2)),
+            ((6, 6, 7, 7), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 2)),
             false,
         ),
         (
-            ((2, 4, 7, 7), (4, 1, 3, 3), geometry((1, 1, 1, 1), 2, 1, 4)),
+            ((16, 4, 7, 7), (4, 1, 3, 3), geometry((1, 1, 1, 1), 2, 1, 4)),
             true,
         ),
         (
             (
-                (2, 3, 20, 20),
+                (3, 3, 20, 20),
                 (16, 3, 7, 7),
                 geometry((2, 3, 2, 3), 2, 1, 1),
             ),

@@ -131,6 +131,14 @@ impl Sizes {
     }
 }
 
+/// The fewest output pixels (`n · oh · ow`) a forward convolution sends to oneDNN. Below it,
+/// the reorders to and from the blocked layout and the primitive lookup, paid per call, cost
+/// more than oneDNN's faster kernel saves: at batch 1 the 8×8 and 4×4 layers of the article's
+/// ResNet took 1.3-5x the GEMM path's time on oneDNN, the 32×32 and 16×16 ones 0.6-0.9x
+/// (`layer_profile --batch-size 1 --reps 20 --only conv`, both builds, docs/PERFORMANCE.md).
+#[cfg(feature = "onednn")]
+const ONEDNN_MIN_OUTPUT_PIXELS: usize = 256;
+
 /// Float types the GEMM path handles.
 trait Element: Float + Default + AddAssign {
     const ONE: Self;
@@ -589,9 +597,12 @@ impl Conv2dGemm {
         let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
         let shape = Shape::from((s.n, s.o, s.oh, s.ow));
         #[cfg(feature = "onednn")]
-        if let (CpuStorage::F32(x), CpuStorage::F32(k), Some(sizes)) =
-            (s1, s2, s.onednn(&self.geometry))
-        {
+        if let (CpuStorage::F32(x), CpuStorage::F32(k), Some(sizes), true) = (
+            s1,
+            s2,
+            s.onednn(&self.geometry),
+            s.n * s.ohw() >= ONEDNN_MIN_OUTPUT_PIXELS,
+        ) {
             let (x, k) = (
                 contiguous_slice(x, l1, "conv2d")?,
                 contiguous_slice(k, l2, "conv2d")?,
@@ -599,8 +610,7 @@ impl Conv2dGemm {
             // The bias reached here as f64 from f32: converting back is exact.
             let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
             let bias = (!bias.is_empty()).then_some(bias.as_slice());
-            let mut y = vec![0f32; shape.elem_count()];
-            if crate::ops::onednn::forward(x, k, bias, self.relu, &sizes, &mut y)? {
+            if let Some(y) = crate::ops::onednn::forward(x, k, bias, self.relu, &sizes)? {
                 return Ok((CpuStorage::F32(y), shape));
             }
         }
@@ -670,9 +680,7 @@ impl Conv2dGemm {
         let Some(sizes) = s.onednn(&self.geometry) else {
             return Ok(None);
         };
-        let mut dx = vec![0f32; x.elem_count()];
-        let mut dk = vec![0f32; kernel.elem_count()];
-        let done = {
+        let grads = {
             let (xs, xl) = x.storage_and_layout();
             let (ks, kl) = kernel.storage_and_layout();
             let (ds, dl) = dy.storage_and_layout();
@@ -690,11 +698,11 @@ impl Conv2dGemm {
                 contiguous_slice(dv, dl, name)?,
                 contiguous_slice(kv, kl, name)?,
             );
-            crate::ops::onednn::backward(inputs, &sizes, &mut dx, &mut dk)?
+            crate::ops::onednn::backward(inputs, &sizes)?
         };
-        if !done {
+        let Some((dx, dk)) = grads else {
             return Ok(None);
-        }
+        };
         Ok(Some((
             Tensor::from_vec(dx, x.shape(), x.device())?,
             Tensor::from_vec(dk, kernel.shape(), kernel.device())?,

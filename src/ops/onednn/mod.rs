@@ -6,7 +6,9 @@
 //! oneDNN at run time. The crate's tensors stay NCHW; each call reorders its inputs into the
 //! blocked layouts the primitive picked, runs it and reorders the outputs back, as PyTorch's
 //! CPU convolution does. The GEMM path of `cpu/conv2d.rs` calls in here for f32 and keeps f64,
-//! and any shape oneDNN reports it does not implement.
+//! any shape oneDNN reports it does not implement, and forward convolutions with fewer than
+//! 256 output pixels (`n·oh·ow`: one image's 8x8 and 4x4 layers), where the per-call reorders
+//! cost more than oneDNN's kernel saves.
 //!
 //! A primitive is created once per shape (creating one JIT-compiles its kernel, a
 //! millisecond or more) and kept in a process-wide cache; the C shim (`shim.c`) hides the
@@ -27,11 +29,12 @@
 //! use candle_functional::ops::{self, Conv2dGeometry};
 //! let (major, _minor, _patch) = ops::onednn::version();
 //! assert!(major >= 2);
-//! let x = Tensor::ones((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
+//! // 4 images of 8x8: 256 output pixels, enough to go to oneDNN.
+//! let x = Tensor::ones((4, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
 //! let k = Tensor::ones((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
 //! let g = Conv2dGeometry { pad: (1, 1, 1, 1), stride: 1, dilation: 1, groups: 1 };
 //! let y = ops::conv2d(&x, &k, g)?; // runs on oneDNN
-//! assert_eq!(y.dims(), &[1, 4, 8, 8]);
+//! assert_eq!(y.dims(), &[4, 4, 8, 8]);
 //! assert!(ops::onednn::cached_primitives() >= 1);
 //! # Ok::<(), candle_functional::Error>(())
 //! ```
@@ -39,6 +42,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int, c_void};
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The shim's `cf_op`: one primitive with its reorders.
@@ -248,7 +252,7 @@ fn run(
     sizes: &ConvSizes,
     (bias, relu): (bool, bool),
     inputs: &[&[f32]],
-    outputs: &mut [&mut [f32]],
+    outputs: &mut [&mut [MaybeUninit<f32>]],
 ) -> candle_core::Result<bool> {
     let Some(op) = primitive(pass, sizes, bias, relu)? else {
         return Ok(false);
@@ -259,7 +263,7 @@ fn run(
     let mut step = std::ptr::null();
     // SAFETY: the buffers have the sizes the op was created for (checked by the callers
     // against the same `ConvSizes`), inputs are only read, each output is a distinct `&mut`
-    // slice, and the workspace has the bytes the op asks for.
+    // slice (written, never read), and the workspace has the bytes the op asks for.
     let status = unsafe {
         with_workspace(cf_op_workspace_bytes(op.0), |ws| {
             cf_op_execute(
@@ -277,36 +281,51 @@ fn run(
     }
 }
 
-/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given) into `y`;
-/// `Ok(false)` when oneDNN has no kernel for the shape.
+/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given); `None` when
+/// oneDNN has no kernel for the shape.
 pub(crate) fn forward(
     x: &[f32],
     k: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
     sizes: &ConvSizes,
-    y: &mut [f32],
-) -> candle_core::Result<bool> {
-    match bias {
-        Some(b) => run(Pass::Forward, sizes, (true, relu), &[x, k, b], &mut [y]),
-        None => run(Pass::Forward, sizes, (false, relu), &[x, k], &mut [y]),
-    }
+) -> candle_core::Result<Option<Vec<f32>>> {
+    let [n, _, _, _, o, _, _, oh, ow, ..] = *sizes;
+    let mut y = OutputBuffer::new([n, o, oh, ow])?;
+    let done = match bias {
+        Some(b) => run(
+            Pass::Forward,
+            sizes,
+            (true, relu),
+            &[x, k, b],
+            &mut [y.uninit()],
+        ),
+        None => run(
+            Pass::Forward,
+            sizes,
+            (false, relu),
+            &[x, k],
+            &mut [y.uninit()],
+        ),
+    }?;
+    // SAFETY: the primitive ran, and a convolution writes every element of its output.
+    Ok(done.then(|| unsafe { y.written() }))
 }
 
-/// Both gradients from `(X, dY, W)`: the input gradient into `dx`, the kernel gradient into
-/// `dk`, with `dY` reordered once for the two; `Ok(false)` when oneDNN has no kernel for one
-/// of them and nothing was written.
+/// Both gradients from `(X, dY, W)`, `(dX, dW)`, with `dY` reordered once for the two; `None`
+/// when oneDNN has no kernel for one of them.
 pub(crate) fn backward(
     (x, dy, k): (&[f32], &[f32], &[f32]),
     sizes: &ConvSizes,
-    dx: &mut [f32],
-    dk: &mut [f32],
-) -> candle_core::Result<bool> {
+) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
     let data = primitive(Pass::BackwardData, sizes, false, false)?;
     let weights = primitive(Pass::BackwardWeights, sizes, false, false)?;
     let (Some(data), Some(weights)) = (data, weights) else {
-        return Ok(false);
+        return Ok(None);
     };
+    let [n, c, h, w, o, kh, kw, _, _, groups, ..] = *sizes;
+    let mut dx = OutputBuffer::new([n, c, h, w])?;
+    let mut dk = OutputBuffer::new([o, c / groups.max(1), kh, kw])?;
     // Two locks, always taken data first: no other call holds a weights op while waiting
     // for a data op.
     let (data, weights) = (locked(&data), locked(&weights));
@@ -321,16 +340,55 @@ pub(crate) fn backward(
                 x.as_ptr().cast(),
                 dy.as_ptr().cast(),
                 k.as_ptr().cast(),
-                dx.as_mut_ptr().cast(),
-                dk.as_mut_ptr().cast(),
+                dx.uninit().as_mut_ptr().cast(),
+                dk.uninit().as_mut_ptr().cast(),
                 ws,
                 &mut step,
             )
         })?
     };
     match status {
-        0 => Ok(true),
+        // SAFETY: both primitives ran; each writes every element of its gradient.
+        0 => Ok(Some(unsafe { (dx.written(), dk.written()) })),
         _ => Err(failure("convolution backward", status, step)),
+    }
+}
+
+/// An output for a primitive to write, not zero-filled first: with an allocator that reuses
+/// freed blocks (the examples' mimalloc), `vec![0.0; n]` is a pass over memory that the
+/// primitive's write then repeats; the zeroing of the convolutions' outputs and gradients
+/// was 2.3% of the shrunken ResNet's training step (`perf record` of `bench --width-divisor
+/// 4`, onednn build).
+struct OutputBuffer {
+    elements: Vec<f32>,
+    len: usize,
+}
+
+impl OutputBuffer {
+    /// Room for the elements of a tensor of these dims (oneDNN's sizes, all `>= 0`); an
+    /// error, not an abort, when the memory cannot be had.
+    fn new(dims: [i64; 4]) -> candle_core::Result<Self> {
+        let len = dims.iter().product::<i64>().max(0) as usize;
+        let mut elements = Vec::new();
+        elements.try_reserve_exact(len).map_err(|e| {
+            candle_core::Error::Msg(format!("oneDNN convolution: {len} f32 outputs: {e}"))
+        })?;
+        Ok(Self { elements, len })
+    }
+
+    /// The `len` elements, not yet written.
+    fn uninit(&mut self) -> &mut [MaybeUninit<f32>] {
+        &mut self.elements.spare_capacity_mut()[..self.len]
+    }
+
+    /// The elements.
+    ///
+    /// # Safety
+    /// Every element of [`uninit`](Self::uninit) has been written.
+    unsafe fn written(mut self) -> Vec<f32> {
+        // SAFETY: the caller's promise, for the `len` elements `new` reserved.
+        unsafe { self.elements.set_len(self.len) };
+        self.elements
     }
 }
 
