@@ -15,7 +15,7 @@ build_each() {
       *) name=$build; flags=(--features "$build") ;;
     esac
     cargo build --release --example "$example" "${flags[@]}" >&2
-    cp "target/release/examples/$example" "$out/$example-$name"
+    cp "${CARGO_TARGET_DIR:-target}/release/examples/$example" "$out/$example-$name"
     names+=("$name")
   done
 }
