@@ -52,6 +52,9 @@ pub struct Params<'a> {
     compute_dtype: Option<DType>,
     trainable: bool,
     state_updates: Option<&'a StateUpdates>,
+    /// The plan's own backward pass computes this layer's gradients (`graph/tape.rs`):
+    /// weights are handed out detached, so that the forward pass builds no autograd graph.
+    detached: bool,
 }
 
 /// What a forward pass runs with besides its inputs: the mode, the seed of this call, the
@@ -278,7 +281,15 @@ impl<'a> Params<'a> {
             compute_dtype: None,
             trainable: true,
             state_updates: None,
+            detached: false,
         }
+    }
+
+    /// Hands out every weight detached (the plan's own backward pass computes the layer's
+    /// gradients itself).
+    pub(crate) fn with_detached(mut self, detached: bool) -> Self {
+        self.detached = detached;
+        self
     }
 
     /// Marks the layer frozen (`false`): [`Params::get`] hands out detached weights and
@@ -468,7 +479,7 @@ impl<'a> Params<'a> {
     /// ```
     pub fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let var = self.var(name)?;
-        let t = if self.mode.is_train() && self.trainable {
+        let t = if self.mode.is_train() && self.trainable && !self.detached {
             var.as_tensor().clone()
         } else {
             var.as_tensor().detach()

@@ -251,7 +251,7 @@ impl Plan {
             .collect()
     }
 
-    fn check_inputs(&self, model: &str, inputs: &[Tensor]) -> Result<()> {
+    pub(crate) fn check_inputs(&self, model: &str, inputs: &[Tensor]) -> Result<()> {
         if inputs.len() != self.inputs.len() {
             return Err(Error::InputCount {
                 model: model.to_string(),

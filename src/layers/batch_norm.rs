@@ -7,7 +7,7 @@
 //! statistics. The running statistics are non-trainable state: saved with the weights,
 //! never handed to an optimizer.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params, ReplicaSum};
@@ -15,6 +15,7 @@ use crate::layers::keras::{
     Convert, FeatureOrder, KerasClass, KerasLayer, Translated, Translation,
 };
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::Native;
 use crate::layers::padding::{channel_axis, one_input};
 use crate::ops;
 use crate::support::dtype::Cast;
@@ -230,6 +231,11 @@ impl LayerOp for BatchNormConfig {
         self.normalize(&inputs[..1], params, Fusion::new())
     }
 
+    /// Lets the plan's own backward pass find the layer (`graph/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     /// A ReLU, an Add or both, read only by this layer, run inside its kernels (the article's
     /// `relu_bn`, and the residual block's `Add → relu_bn`).
     fn accepts_prologue(&self, function: ElementWise) -> bool {
@@ -266,6 +272,82 @@ impl LayerOp for BatchNormConfig {
 }
 
 impl BatchNormConfig {
+    /// The training-mode forward pass for the plan's own backward pass (`graph/tape.rs`),
+    /// `params` handing out detached weights: the output and what its gradients need, the
+    /// moving statistics updated as [`normalize`](Self::normalize) does. `None` where the
+    /// gradients go through candle's autograd: inference mode or a frozen layer, channels
+    /// on another axis than 1, statistics summed across replicas, or inputs the CPU's
+    /// f32/f64 kernels do not take.
+    pub(crate) fn forward_native(
+        &self,
+        inputs: &[Tensor],
+        params: &Params,
+        fusion: Fusion,
+    ) -> Result<Option<(Tensor, Native)>> {
+        let Some(x) = inputs.first() else {
+            return Ok(None);
+        };
+        let supported = params.updates_state()
+            && !(self.synchronized && params.replica_sum().is_some())
+            && inputs.len() == fusion.arity()
+            && x.rank() >= 2
+            && self.full_axis("", x.rank() - 1)? == 1
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && inputs.iter().all(|t| t.dtype() == x.dtype());
+        if !supported {
+            return Ok(None);
+        }
+        let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
+        let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let (y, mean, var) = ops::fused_batch_norm_train(
+            &refs,
+            fusion,
+            gamma.as_ref(),
+            beta.as_ref(),
+            self.epsilon,
+        )?;
+        self.update_moving_statistics(params, &mean, &var)?;
+        let channels = x.dim(1)?;
+        let trainable = |name: &str, used: bool| -> Result<Option<Var>> {
+            Ok(match used && params.trainable() {
+                true => Some(params.var(name)?.clone()),
+                false => None,
+            })
+        };
+        let native = Native::BatchNorm {
+            inputs: inputs.to_vec(),
+            gamma: match gamma {
+                Some(g) => g.cast(x.dtype())?,
+                None => Tensor::ones(channels, x.dtype(), x.device())?,
+            },
+            beta: match beta {
+                Some(b) => b.cast(x.dtype())?,
+                None => Tensor::zeros(channels, x.dtype(), x.device())?,
+            },
+            mean,
+            var,
+            epsilon: self.epsilon,
+            fusion,
+            y: fusion.relu_after().then(|| y.clone()),
+            gamma_var: trainable("gamma", self.scale)?,
+            beta_var: trainable("beta", self.center)?,
+        };
+        Ok(Some((y, native)))
+    }
+
+    /// Keras's rule: the old value keeps `momentum`; the variance is the biased one.
+    fn update_moving_statistics(&self, params: &Params, mean: &Tensor, var: &Tensor) -> Result<()> {
+        for (name, batch) in [("moving_mean", mean), ("moving_variance", var)] {
+            let moving = params.state(name)?;
+            let batch = batch.cast(moving.dtype())?;
+            let kept = (moving * self.momentum)?;
+            params.set_state(name, (kept + (batch * (1.0 - self.momentum))?)?)?;
+        }
+        Ok(())
+    }
+
     /// The layer's output for `inputs` (one, or two of one shape summed by the prologue), with
     /// the element-wise functions of `fusion` before and after.
     fn normalize(&self, inputs: &[Tensor], params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
@@ -299,13 +381,7 @@ impl BatchNormConfig {
                 beta.as_ref(),
                 self.epsilon,
             )?;
-            // Keras's rule: the old value keeps `momentum`; the variance is the biased one.
-            for (name, batch) in [("moving_mean", batch_mean), ("moving_variance", batch_var)] {
-                let moving = params.state(name)?;
-                let batch = batch.cast(moving.dtype())?;
-                let kept = (moving * self.momentum)?;
-                params.set_state(name, (kept + (batch * (1.0 - self.momentum))?)?)?;
-            }
+            self.update_moving_statistics(params, &batch_mean, &batch_var)?;
             y
         } else {
             ops::fused_batch_norm_eval(

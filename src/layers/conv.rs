@@ -4,12 +4,13 @@
 //! used without a transpose; Keras's `(kh, kw, in, filters)` kernels convert with
 //! `permute((3, 2, 0, 1))`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, Var};
 
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
 use crate::layers::keras::{Convert, KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::Native;
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
@@ -220,6 +221,11 @@ impl LayerOp for Conv2DConfig {
         self.convolve(&inputs[0], params, Fusion::new())
     }
 
+    /// Lets the plan's own backward pass find the layer (`graph/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     /// A ReLU that is the only reader of this layer's output runs inside the convolution's op
     /// (when the layer has no activation of its own).
     fn accepts_epilogue(&self, function: ElementWise) -> bool {
@@ -244,16 +250,70 @@ impl LayerOp for Conv2DConfig {
 }
 
 impl Conv2DConfig {
-    /// The layer's output for `x`, passed through the epilogue of `fusion` (a folded ReLU).
-    fn convolve(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
-        let kernel = params.get("kernel")?;
-        let (_, _, h, w) = x.dims4()?;
-        let geometry = Conv2dGeometry {
+    /// The geometry of the convolution of an `h` by `w` map.
+    fn geometry(&self, h: usize, w: usize) -> Conv2dGeometry {
+        Conv2dGeometry {
             pad: self.pads(h, w),
             stride: self.strides,
             dilation: self.dilation,
             groups: self.groups,
+        }
+    }
+
+    /// The forward pass for the plan's own backward pass (`graph/tape.rs`), `params` handing
+    /// out detached weights: the output and what its gradients need. `None` where the
+    /// gradients go through candle's autograd: an activation other than ReLU, or an input
+    /// the CPU's f32/f64 kernels do not take.
+    pub(crate) fn forward_native(
+        &self,
+        x: &Tensor,
+        params: &Params,
+        fusion: Fusion,
+    ) -> Result<Option<(Tensor, Native)>> {
+        let supported = matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
+            && fusion.prologue().is_none()
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && x.rank() == 4;
+        if !supported {
+            return Ok(None);
+        }
+        let kernel = params.get("kernel")?;
+        let (_, _, h, w) = x.dims4()?;
+        let geometry = self.geometry(h, w);
+        let fusion = match self.activation {
+            ActivationFn::Relu => fusion.with_epilogue(ElementWise::Relu),
+            _ => fusion,
         };
+        let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
+        let y = ops::fused_conv2d(x, &kernel, bias.as_ref(), fusion, geometry)?;
+        let trainable = |name: &str| -> Result<Option<Var>> {
+            Ok(match params.trainable() {
+                true => Some(params.var(name)?.clone()),
+                false => None,
+            })
+        };
+        let native = Native::Conv2d {
+            x: x.clone(),
+            kernel,
+            y: fusion.relu_after().then(|| y.clone()),
+            relu: fusion.relu_after(),
+            geometry,
+            kernel_var: trainable("kernel")?,
+            bias_var: match self.use_bias {
+                true => trainable("bias")?,
+                false => None,
+            },
+            bias: self.use_bias,
+        };
+        Ok(Some((y, native)))
+    }
+
+    /// The layer's output for `x`, passed through the epilogue of `fusion` (a folded ReLU).
+    fn convolve(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
+        let kernel = params.get("kernel")?;
+        let (_, _, h, w) = x.dims4()?;
+        let geometry = self.geometry(h, w);
         // Keras's `activation="relu"` runs inside the convolution's op too.
         let fusion = if self.activation == ActivationFn::Relu {
             fusion.with_epilogue(ElementWise::Relu)

@@ -22,6 +22,7 @@ pub(crate) mod kind;
 pub(crate) mod lambda;
 pub(crate) mod layer_norm;
 pub(crate) mod merge;
+pub(crate) mod native_backward;
 pub(crate) mod normalization;
 pub(crate) mod padding;
 pub(crate) mod pooling;

@@ -353,6 +353,33 @@ impl Model {
             .map_err(|e| self.explain_missing_kernel(e))
     }
 
+    /// What the trainer's own backward pass (`train/tape.rs`) runs a training step's forward
+    /// pass with: the inputs converted as [`Model::forward_deferred`] converts them, and the
+    /// pass, its seed drawn as there; no compute dtype (the trainer uses the tape only
+    /// without one).
+    pub(crate) fn training_pass<'a>(
+        &self,
+        inputs: &[Tensor],
+        updates: &'a StateUpdates,
+    ) -> Result<(Vec<Tensor>, Pass<'a>)> {
+        if !self.is_built() {
+            return Err(Error::NotBuilt {
+                model: self.name().to_string(),
+            });
+        }
+        let converted = self.converted_inputs(inputs)?;
+        let inputs = converted.unwrap_or_else(|| inputs.to_vec());
+        let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
+        let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
+        let pass = Pass {
+            mode: Mode::Train,
+            seed,
+            compute_dtype: None,
+            state_updates: Some(updates),
+        };
+        Ok((inputs, pass))
+    }
+
     /// Adds what to do to candle's bare "unsupported dtype BF16 for op …", which a model
     /// computing in BF16 on the CPU meets at its first convolution (candle's CPU backend lacks
     /// some BF16 kernels; its CUDA backend has them).

@@ -1,6 +1,7 @@
 //! What Keras's `compile` and `fit` take besides the model and the optimizer: the losses of
 //! the outputs and their weights ([`Losses`]), how progress is shown ([`Progress`]), how
-//! divergence is watched ([`NanCheck`]); and what `evaluate` returns ([`Evaluation`]).
+//! divergence is watched ([`NanCheck`]), how gradients are computed ([`BackwardPass`]); and
+//! what `evaluate` returns ([`Evaluation`]).
 
 use std::collections::BTreeMap;
 
@@ -190,4 +191,24 @@ pub enum NanCheck {
     OnDevice,
     /// No check (Keras without `TerminateOnNaN`).
     Off,
+}
+
+/// How a [`Trainer`](crate::train::Trainer) computes the gradients of a training step.
+///
+/// # Examples
+/// ```
+/// use candle_functional::train::BackwardPass;
+/// assert_eq!(BackwardPass::default(), BackwardPass::Plan);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackwardPass {
+    /// The model's own backward pass over its plan where it applies (the default): on the
+    /// CPU, without a mixed-precision compute dtype, on one process. Convolutions and batch
+    /// norms compute their gradients with their own kernels, every other layer through
+    /// candle's autograd on its own step; a tensor's first gradient is moved in rather than
+    /// added to zeros. Elsewhere, [`BackwardPass::Autograd`].
+    #[default]
+    Plan,
+    /// candle's autograd over the whole step.
+    Autograd,
 }

@@ -18,13 +18,14 @@ pub(crate) mod metrics;
 pub(crate) mod optimizer;
 pub(crate) mod rate_callbacks;
 pub(crate) mod schedule;
+pub(crate) mod tape;
 pub(crate) mod trainer;
 
 pub use callback::{Callback, FitContext};
 pub use callback_state::CallbackState;
 pub use callbacks::{EarlyStopping, Goal, HistoryLogger, ModelCheckpoint};
 pub use clipping::GradientClipping;
-pub use compile::{Evaluation, Losses, NanCheck, Progress};
+pub use compile::{BackwardPass, Evaluation, Losses, NanCheck, Progress};
 pub use history::{EpochLog, History};
 pub use lambda_callback::LambdaCallback;
 pub use loss::{Loss, correct_predictions};

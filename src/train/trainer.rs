@@ -15,7 +15,7 @@ use crate::profile::read_vec;
 use crate::support::dtype::Cast;
 use crate::train::callback_state::CallbackState;
 use crate::train::clipping::GradientClipping;
-use crate::train::compile::{Losses, NanCheck, Progress};
+use crate::train::compile::{BackwardPass, Losses, NanCheck, Progress};
 use crate::train::data_parallel::DataParallel;
 use crate::train::loss_function::{OutputLoss, class_weights_of, weighted_mean};
 use crate::train::metrics::{Metric, default_metrics};
@@ -102,6 +102,7 @@ pub struct Trainer {
     pub(super) steps_done: usize,
     pub(super) dtype: DType,
     pub(super) nan_check: NanCheck,
+    pub(super) backward_pass: BackwardPass,
     pub(super) divergence: Option<DivergenceFlag>,
     /// Per output, the bounds of its sparse labels on the device (`Loss::label_bounds`),
     /// made at the first step that checks labels on the device.
@@ -190,6 +191,7 @@ impl Trainer {
             } else {
                 NanCheck::EveryStep
             },
+            backward_pass: BackwardPass::default(),
             divergence: None,
             label_bounds: Vec::new(),
             dtype,
@@ -371,6 +373,21 @@ impl Trainer {
     /// ```
     pub fn nan_check(mut self, check: NanCheck) -> Self {
         self.nan_check = check;
+        self
+    }
+
+    /// How the gradients of a step are computed (default [`BackwardPass::Plan`] where it
+    /// applies); see [`BackwardPass`]. Both give the same gradients to rounding.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # use candle_functional::train::{BackwardPass, Trainer};
+    /// # fn f(t: Trainer) -> Trainer {
+    /// t.backward_pass(BackwardPass::Autograd)
+    /// # }
+    /// ```
+    pub fn backward_pass(mut self, pass: BackwardPass) -> Self {
+        self.backward_pass = pass;
         self
     }
 
@@ -738,11 +755,39 @@ impl Trainer {
         if let Some(dp) = &data_parallel {
             self.model.set_forward_calls(dp.forward_call(call));
         }
-        let outputs = self.model.forward_deferred(&inputs, Mode::Train, &updates);
+        // The plan's own backward pass where it applies (`BackwardPass::Plan`): one process,
+        // no compute dtype, a non-empty batch on the CPU.
+        let taped = self.backward_pass == BackwardPass::Plan
+            && data_parallel.is_none()
+            && self.model.compute_dtype().is_none()
+            && inputs
+                .first()
+                .is_some_and(|t| t.device().is_cpu() && t.dim(0).is_ok_and(|n| n > 0));
+        let forward = match taped {
+            true => super::tape::forward(&self.model, &inputs, &updates)
+                .map(|(outputs, tape)| (outputs, Some(tape))),
+            false => self
+                .model
+                .forward_deferred(&inputs, Mode::Train, &updates)
+                .map(|outputs| (outputs, None)),
+        };
         if data_parallel.is_some() {
             self.model.set_forward_calls(call + 1);
         }
-        let outputs = outputs?;
+        let (outputs, tape) = forward?;
+        // With a tape, the loss's backward pass stops at the outputs, made leaf variables; the
+        // tape takes their gradients on through the model.
+        let (outputs, tape) = match tape {
+            Some(tape) => {
+                let leaves = outputs
+                    .iter()
+                    .map(Var::from_tensor)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let outputs = leaves.iter().map(|v| v.as_tensor().clone()).collect();
+                (outputs, Some((tape, leaves)))
+            }
+            None => (outputs, None),
+        };
         let weights = self.weights_of(batch, &targets, true)?;
         let (total, per_output) = self.losses_of(&outputs, &targets, &weights)?;
         let total = self.with_penalties(total)?;
@@ -763,7 +808,12 @@ impl Trainer {
                 (total, per_output, grads)
             }
             _ => {
-                let grads = total.backward()?;
+                let mut grads = total.backward()?;
+                if let Some((tape, leaves)) = tape {
+                    let output_grads = leaves.iter().map(|v| grads.remove(v.as_tensor())).collect();
+                    let weights: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+                    tape.backward(self.model.plan(), output_grads, &mut grads, &weights)?;
+                }
                 (total, per_output, grads)
             }
         };

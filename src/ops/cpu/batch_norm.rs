@@ -43,6 +43,33 @@ pub(crate) fn train(
     Ok((y, stats.get(0)?, stats.get(1)?))
 }
 
+/// The gradients of [`train`] without candle's autograd, for the plan's own backward pass
+/// (`graph/tape.rs`): `(dX, dgamma, dbeta)` from the inputs (one, or the two the prologue
+/// adds; both get `dX`), the affine weights and batch statistics of the forward pass, its
+/// output `y` (needed with a ReLU after only) and the output's gradient `dy`.
+pub(crate) fn train_backward(
+    inputs: &[Tensor],
+    (gamma, beta): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    epsilon: f64,
+    fusion: Fusion,
+    y: Option<&Tensor>,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let inputs = contiguous(inputs)?;
+    let inputs: Vec<&Tensor> = inputs.iter().collect();
+    let stats = Tensor::stack(&[mean, var], 0)?;
+    let packed = Tensor::cat(&[&stats, &Tensor::stack(&[gamma, beta], 0)?], 0)?;
+    let op = Normalize {
+        epsilon,
+        batch_stats: true,
+        relu: fusion.relu_before(),
+        relu_out: fusion.relu_after(),
+    };
+    let (dx, dpacked) = op.backward(&inputs, &packed, y, dy)?;
+    Ok((dx, dpacked.get(2)?, dpacked.get(3)?))
+}
+
 /// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]),
 /// of the sum of `inputs`, with the ReLUs of `fusion`.
 pub(crate) fn eval(
@@ -344,17 +371,21 @@ impl Normalize {
         Ok((out, Shape::from(parts[0].1.dims())))
     }
 
-    /// The gradients of the inputs (one tensor, for each input) and of `packed`.
+    /// The gradients of the inputs (one tensor, for each input) and of `packed`; `y`, the
+    /// output, is needed with `relu_out` only.
     fn backward(
         &self,
         inputs: &[&Tensor],
         packed: &Tensor,
-        y: &Tensor,
+        y: Option<&Tensor>,
         dy: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let dy = match self.relu_out {
-            true => super::relu::grad(dy, y)?,
-            false => dy.contiguous()?,
+        let dy = match (self.relu_out, y) {
+            (true, Some(y)) => super::relu::grad(dy, y)?,
+            (true, None) => {
+                candle_core::bail!("batch norm backward: a ReLU after needs the output")
+            }
+            (false, _) => dy.contiguous()?,
         };
         let c = packed.dim(1)?;
         let ops = GradOps {
@@ -408,7 +439,7 @@ impl CustomOp2 for Normalize {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dpacked) = self.backward(&[x], packed, y, dy)?;
+        let (dx, dpacked) = self.backward(&[x], packed, Some(y), dy)?;
         Ok((Some(dx), Some(dpacked)))
     }
 }
@@ -438,7 +469,7 @@ impl CustomOp3 for Normalize {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dpacked) = self.backward(&[a, b], packed, y, dy)?;
+        let (dx, dpacked) = self.backward(&[a, b], packed, Some(y), dy)?;
         Ok((Some(dx.clone()), Some(dx), Some(dpacked)))
     }
 }

@@ -51,6 +51,32 @@ pub(crate) fn conv2d(
     })
 }
 
+/// The gradients of [`conv2d`] without candle's autograd, for the plan's own backward pass
+/// (`graph/tape.rs`): `(dX, dW, dB)` from the input, kernel, the output `y` (needed with
+/// `relu` only) and the output's gradient `dy`; `dB` where there is a bias.
+pub(crate) fn conv2d_backward(
+    (x, kernel, y): (&Tensor, &Tensor, Option<&Tensor>),
+    bias: bool,
+    relu: bool,
+    geometry: Conv2dGeometry,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let op = Conv2dGemm { geometry, relu };
+    let dy = match (relu, y) {
+        (true, Some(y)) => op.product_grad(y, dy)?,
+        (true, None) => {
+            return Err(candle_core::Error::Msg(
+                "conv2d backward: a fused ReLU needs the output".into(),
+            )
+            .into());
+        }
+        (false, _) => dy.contiguous()?,
+    };
+    let (dx, dk) = op.gradients(&x.contiguous()?, &kernel.contiguous()?, &dy)?;
+    let db = bias.then(|| super::bias::channel_sum(&dy)).transpose()?;
+    Ok((dx, dk, db))
+}
+
 /// Sizes of one convolution.
 #[derive(Clone, Copy, Debug)]
 struct Sizes {

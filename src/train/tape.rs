@@ -1,0 +1,341 @@
+//! The plan's own backward pass (issue 22, item 2): a training forward pass that records
+//! what each step's gradients need, and a backward pass over the plan in reverse.
+//!
+//! Through candle's autograd, every gradient edge costs a zero-filled tensor and then a fresh
+//! sum (`GradStore::or_insert`, then `add`): a measured 11% of the full ResNet's training
+//! step on the CPU, 25% of the shrunken one's and half of the shrunken PlainNet's at batch 32
+//! (`scripts/measure-bookkeeping.sh`, docs/PERFORMANCE.md). The plan knows every slot's
+//! readers, so here a slot's first gradient is moved in, and only a slot read twice (a
+//! residual branch) pays an add.
+//!
+//! Convolutions and batch norms (the layers that hold nearly all of a convolutional
+//! network's activations) run their forward pass on detached tensors and keep what their
+//! backward kernels need ([`Native`]). Every other step (custom layers, nested models,
+//! Dense, pooling, …) runs as before on fresh leaf variables of its inputs, and its gradients
+//! come from candle's autograd on that step alone (`Σ y·dy`, differentiated), so any
+//! [`LayerOp`](crate::LayerOp) works without a backward of its own.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
+
+use crate::fusion::Fusion;
+use crate::graph::params::Pass;
+use crate::graph::plan::Plan;
+use crate::graph::{LayerRef, Params, StateUpdates};
+use crate::layers::native_backward::Native;
+use crate::layers::{BatchNormConfig, Conv2DConfig};
+use crate::models::Model;
+use crate::support::seed::mix;
+use crate::{Error, Result};
+
+/// How one step's gradients will be computed.
+#[derive(Debug)]
+enum Backward {
+    Native(Native),
+    /// The step ran on fresh leaf variables of its inputs (`None`: a model input, which needs
+    /// no gradient); its outputs carry candle's graph back to them and to the weights.
+    Autograd {
+        inputs: Vec<Option<Var>>,
+        outputs: Vec<Tensor>,
+    },
+    /// Nothing to pass back: the step read only model inputs and has no trainable weight
+    /// (an augmentation or rescaling layer at the input).
+    Nothing,
+}
+
+/// A training forward pass's record: per step, where its gradients go and how they are
+/// computed. [`Tape::backward`] consumes it.
+#[derive(Debug)]
+pub(crate) struct Tape {
+    steps: Vec<(usize, Backward)>,
+    slot_count: usize,
+    input_slots: Vec<usize>,
+    output_slots: Vec<usize>,
+}
+
+/// The model's training forward pass for a step whose gradients [`Tape::backward`]
+/// computes: the outputs carry no autograd graph, the tape holds what the backward pass
+/// needs. Inputs are converted and checked, and the seeds drawn, as
+/// [`Model::forward_deferred`] does; for a model without a compute dtype (mixed precision
+/// goes through candle's autograd), on a non-empty batch.
+pub(crate) fn forward(
+    model: &Model,
+    inputs: &[Tensor],
+    updates: &StateUpdates,
+) -> Result<(Vec<Tensor>, Tape)> {
+    let (inputs, pass) = model.training_pass(inputs, updates)?;
+    run(model.plan(), model.name(), &inputs, pass)
+}
+
+/// [`forward`] on the plan.
+fn run(plan: &Plan, model: &str, inputs: &[Tensor], pass: Pass) -> Result<(Vec<Tensor>, Tape)> {
+    plan.check_inputs(model, inputs)?;
+    let internal = |slot: usize| {
+        Error::InvalidArgument(format!(
+            "model `{model}`: slot {slot} read before it was computed (a bug in the plan)"
+        ))
+    };
+    let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
+    for (&slot, t) in plan.input_slots.iter().zip(inputs) {
+        slots[slot] = Some(t.detach());
+    }
+    let mut steps = Vec::with_capacity(plan.steps.len());
+    for (index, step) in plan.steps.iter().enumerate() {
+        let args = step
+            .input_slots
+            .iter()
+            .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
+            .collect::<Result<Vec<_>>>()?;
+        let step_pass = Pass {
+            seed: mix(pass.seed, step.order as u64),
+            ..pass
+        };
+        let layer = step.node.layer();
+        let (outputs, backward) = match native_step(layer, &args, step_pass, step.fusion)? {
+            Some((output, native)) => (vec![output], Backward::Native(native)),
+            None => {
+                // Leaf variables stop candle's graph at this step (a copy of each input that
+                // needs a gradient; a model input needs none).
+                let vars = step
+                    .input_slots
+                    .iter()
+                    .zip(&args)
+                    .map(|(slot, t)| match plan.input_slots.contains(slot) {
+                        true => Ok(None),
+                        false => Ok(Some(Var::from_tensor(&t.detach())?)),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let leaves: Vec<Tensor> = vars
+                    .iter()
+                    .zip(&args)
+                    .map(|(v, t)| {
+                        v.as_ref()
+                            .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+                    })
+                    .collect();
+                let outputs = layer.forward(&leaves, step_pass, step.fusion)?;
+                let detached = outputs.iter().map(Tensor::detach).collect();
+                let backward = match outputs.iter().any(Tensor::track_op) {
+                    true => Backward::Autograd {
+                        inputs: vars,
+                        outputs,
+                    },
+                    false => Backward::Nothing,
+                };
+                (detached, backward)
+            }
+        };
+        for (&slot, t) in step.output_slots.iter().zip(outputs) {
+            slots[slot] = Some(t);
+        }
+        for &slot in &step.free_after {
+            slots[slot] = None;
+        }
+        steps.push((index, backward));
+    }
+    let outputs = plan
+        .output_slots
+        .iter()
+        .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
+        .collect::<Result<Vec<_>>>()?;
+    let tape = Tape {
+        steps,
+        slot_count: plan.slot_count,
+        input_slots: plan.input_slots.clone(),
+        output_slots: plan.output_slots.clone(),
+    };
+    Ok((outputs, tape))
+}
+
+/// The layer's forward pass with its weights detached, when it computes its own gradients (a
+/// convolution or a batch norm: their `forward_native`, `layers/native_backward.rs`); `None`
+/// otherwise, and for a layer not built (its forward pass then reports that).
+fn native_step(
+    layer: &LayerRef,
+    inputs: &[Tensor],
+    pass: Pass,
+    fusion: Fusion,
+) -> Result<Option<(Tensor, Native)>> {
+    let Some(weights) = layer.weights() else {
+        return Ok(None);
+    };
+    let params = Params::new(&weights.specs, &weights.vars, pass.mode, pass.seed)
+        .with_compute_dtype(pass.compute_dtype)
+        .with_trainable(layer.trainable())
+        .with_state_updates(pass.state_updates)
+        .with_detached(true);
+    let Some(any) = layer.op().as_any() else {
+        return Ok(None);
+    };
+    if let Some(conv) = any.downcast_ref::<Conv2DConfig>() {
+        return match inputs {
+            [x] => conv.forward_native(x, &params, fusion),
+            _ => Ok(None),
+        };
+    }
+    match any.downcast_ref::<BatchNormConfig>() {
+        Some(bn) => bn.forward_native(inputs, &params, fusion),
+        None => Ok(None),
+    }
+}
+
+impl Tape {
+    /// The gradients of the weights, given those of the model's outputs (`None`: the output
+    /// takes no part in the loss), added into `grads` (which may already hold the weights'
+    /// penalty gradients). `weights` are the model's trainable variables: a step that ran
+    /// through candle's autograd hands on the gradients it found for any of them (a nested
+    /// model's included). Each step's record is dropped once its gradients are out, so
+    /// activations are freed as the pass goes back.
+    pub(crate) fn backward(
+        self,
+        plan: &Plan,
+        output_grads: Vec<Option<Tensor>>,
+        grads: &mut GradStore,
+        weights: &[Var],
+    ) -> Result<()> {
+        let mut slot_grads: Vec<Option<Tensor>> = vec![None; self.slot_count];
+        for (&slot, g) in self.output_slots.iter().zip(output_grads) {
+            if let Some(g) = g {
+                accumulate(&mut slot_grads[slot], g)?;
+            }
+        }
+        let by_id: HashMap<TensorId, &Var> = weights.iter().map(|v| (v.id(), v)).collect();
+        let model_inputs = self.input_slots;
+        // A model input needs no gradient.
+        let add_to_slot =
+            |slot_grads: &mut [Option<Tensor>], slot: usize, g: Tensor| -> Result<()> {
+                match model_inputs.contains(&slot) {
+                    true => Ok(()),
+                    false => accumulate(&mut slot_grads[slot], g),
+                }
+            };
+        for (index, backward) in self.steps.into_iter().rev() {
+            let step = &plan.steps[index];
+            let dys: Vec<Option<Tensor>> = step
+                .output_slots
+                .iter()
+                .map(|&s| slot_grads[s].take())
+                .collect();
+            if dys.iter().all(Option::is_none) {
+                continue;
+            }
+            match backward {
+                Backward::Native(native) => {
+                    let [Some(dy)] = &dys[..] else {
+                        return Err(Error::InvalidArgument(
+                            "own backward pass: a convolution or batch norm has one output".into(),
+                        ));
+                    };
+                    let (dx, weight_grads) = native.gradients(dy)?;
+                    for &slot in &step.input_slots {
+                        add_to_slot(&mut slot_grads, slot, dx.clone())?;
+                    }
+                    for (var, g) in weight_grads {
+                        add_to_store(grads, &var, g)?;
+                    }
+                }
+                Backward::Nothing => {}
+                Backward::Autograd { inputs, outputs } => {
+                    let mut terms = Vec::new();
+                    for (y, dy) in outputs.iter().zip(&dys) {
+                        if let Some(dy) = dy {
+                            terms.push((y * dy.to_dtype(y.dtype())?)?.sum_all()?);
+                        }
+                    }
+                    let total = match terms.len() {
+                        1 => terms.remove(0),
+                        _ => Tensor::stack(&terms, 0)?.sum_all()?,
+                    };
+                    let local = total.backward()?;
+                    for (slot, var) in step.input_slots.iter().zip(&inputs) {
+                        if let Some(g) = var.as_ref().and_then(|v| local.get(v.as_tensor())) {
+                            add_to_slot(&mut slot_grads, *slot, g.clone())?;
+                        }
+                    }
+                    for (id, var) in &by_id {
+                        if let Some(g) = local.get_id(*id) {
+                            add_to_store(grads, var, g.clone())?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A slot's first gradient is moved in; a later one is added. Detached: a gradient that
+/// candle's autograd computed from a weight (`dy · Wᵀ`) still carries the weight in its
+/// graph, and the next step's `Σ y·dy` would differentiate it again.
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    let g = g.detach();
+    *slot = Some(match slot.take() {
+        None => g,
+        Some(sum) => (sum + g)?,
+    });
+    Ok(())
+}
+
+/// Adds `g` to the gradient `grads` holds for `var` (a weight shared by several calls, or
+/// one with a penalty).
+fn add_to_store(grads: &mut GradStore, var: &Var, g: Tensor) -> Result<()> {
+    let g = g.detach();
+    let sum = match grads.remove(var.as_tensor()) {
+        None => g,
+        Some(sum) => (sum + g)?,
+    };
+    grads.insert(var.as_tensor(), sum);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::Backward;
+    use crate::graph::StateUpdates;
+    use crate::models::ResNetConfig;
+
+    /// In the article's ResNet every convolution and batch norm computes its own gradients;
+    /// pooling, flattening and the Dense head go through candle's autograd.
+    #[test]
+    fn convolutions_and_batch_norms_take_the_native_path() {
+        let config = ResNetConfig {
+            input_shape: [3, 8, 8],
+            stages: vec![1, 1],
+            filters: vec![4, 8],
+            pool_size: 2,
+            num_classes: 3,
+            ..Default::default()
+        };
+        let model = config
+            .res_net()
+            .unwrap()
+            .build(&Device::Cpu, DType::F32, 1)
+            .unwrap();
+        let updates = StateUpdates::default();
+        let input = Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let (outputs, tape) = super::forward(&model, &[input], &updates).unwrap();
+        assert_eq!(outputs[0].dims(), &[2, 3]);
+        let (mut native, mut autograd) = (0, 0);
+        for (index, backward) in &tape.steps {
+            let kind = model.plan().steps[*index].node.layer().op().type_name();
+            let expected = matches!(kind, "Conv2D" | "BatchNormalization");
+            match backward {
+                Backward::Native(_) => native += 1,
+                _ => autograd += 1,
+            }
+            assert_eq!(
+                matches!(backward, Backward::Native(_)),
+                expected,
+                "{kind} took the wrong path"
+            );
+        }
+        assert!(
+            native >= 10 && autograd >= 2,
+            "{native} native, {autograd} autograd"
+        );
+    }
+}
