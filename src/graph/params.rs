@@ -52,7 +52,7 @@ pub struct Params<'a> {
     compute_dtype: Option<DType>,
     trainable: bool,
     state_updates: Option<&'a StateUpdates>,
-    /// The plan's own backward pass computes this layer's gradients (`graph/tape.rs`):
+    /// The plan's own backward pass computes this layer's gradients (`train/tape.rs`):
     /// weights are handed out detached, so that the forward pass builds no autograd graph.
     detached: bool,
 }

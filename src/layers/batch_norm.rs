@@ -231,7 +231,7 @@ impl LayerOp for BatchNormConfig {
         self.normalize(&inputs[..1], params, Fusion::new())
     }
 
-    /// Lets the plan's own backward pass find the layer (`graph/tape.rs`).
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
@@ -272,7 +272,7 @@ impl LayerOp for BatchNormConfig {
 }
 
 impl BatchNormConfig {
-    /// The training-mode forward pass for the plan's own backward pass (`graph/tape.rs`),
+    /// The training-mode forward pass for the plan's own backward pass (`train/tape.rs`),
     /// `params` handing out detached weights: the output and what its gradients need, the
     /// moving statistics updated as [`normalize`](Self::normalize) does. `None` where the
     /// gradients go through candle's autograd: inference mode or a frozen layer, channels

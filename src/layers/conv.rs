@@ -221,7 +221,7 @@ impl LayerOp for Conv2DConfig {
         self.convolve(&inputs[0], params, Fusion::new())
     }
 
-    /// Lets the plan's own backward pass find the layer (`graph/tape.rs`).
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
@@ -260,7 +260,7 @@ impl Conv2DConfig {
         }
     }
 
-    /// The forward pass for the plan's own backward pass (`graph/tape.rs`), `params` handing
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`), `params` handing
     /// out detached weights: the output and what its gradients need. `None` where the
     /// gradients go through candle's autograd: an activation other than ReLU, or an input
     /// the CPU's f32/f64 kernels do not take.

@@ -44,7 +44,7 @@ pub(crate) fn train(
 }
 
 /// The gradients of [`train`] without candle's autograd, for the plan's own backward pass
-/// (`graph/tape.rs`): `(dX, dgamma, dbeta)` from the inputs (one, or the two the prologue
+/// (`train/tape.rs`): `(dX, dgamma, dbeta)` from the inputs (one, or the two the prologue
 /// adds; both get `dX`), the affine weights and batch statistics of the forward pass, its
 /// output `y` (needed with a ReLU after only) and the output's gradient `dy`.
 pub(crate) fn train_backward(

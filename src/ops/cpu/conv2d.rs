@@ -52,7 +52,7 @@ pub(crate) fn conv2d(
 }
 
 /// The gradients of [`conv2d`] without candle's autograd, for the plan's own backward pass
-/// (`graph/tape.rs`): `(dX, dW, dB)` from the input, kernel, the output `y` (needed with
+/// (`train/tape.rs`): `(dX, dW, dB)` from the input, kernel, the output `y` (needed with
 /// `relu` only) and the output's gradient `dy`; `dB` where there is a bias.
 pub(crate) fn conv2d_backward(
     (x, kernel, y): (&Tensor, &Tensor, Option<&Tensor>),
