@@ -194,22 +194,45 @@ impl Plan {
         {
             return self.empty_outputs(first, pass);
         }
+        let inputs = inputs
+            .iter()
+            .zip(&self.index_inputs)
+            .map(|(t, &indices)| {
+                Ok(match pass.compute_dtype {
+                    Some(dtype) if !indices && t.dtype().is_float() && t.dtype() != dtype => {
+                        t.cast(dtype)?
+                    }
+                    _ => t.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.execute(model, inputs, pass, |_, step, args, step_pass| {
+            step.node.layer().forward(args, step_pass, step.fusion)
+        })
+    }
+
+    /// The executor: runs the steps in order on `inputs` (one per model input, as the steps
+    /// take them), `run_step(index, step, arguments, pass)` computing each step's outputs with
+    /// the step's pass (seed `mix(pass.seed, order)`). Each activation is dropped right after
+    /// its last reader; returns the model's outputs. The one loop behind [`Plan::run`] and
+    /// the trainer's recorded forward pass (`train/tape.rs`).
+    pub(crate) fn execute(
+        &self,
+        model: &str,
+        inputs: Vec<Tensor>,
+        pass: Pass,
+        mut run_step: impl FnMut(usize, &Step, &[Tensor], Pass) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
         let internal = |slot: usize| {
             Error::InvalidArgument(format!(
                 "model `{model}`: slot {slot} read before it was computed (a bug in the plan)"
             ))
         };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
-        for ((&slot, t), &indices) in self.input_slots.iter().zip(inputs).zip(&self.index_inputs) {
-            let t = match pass.compute_dtype {
-                Some(dtype) if !indices && t.dtype().is_float() && t.dtype() != dtype => {
-                    t.cast(dtype)?
-                }
-                _ => t.clone(),
-            };
+        for (&slot, t) in self.input_slots.iter().zip(inputs) {
             slots[slot] = Some(t);
         }
-        for step in &self.steps {
+        for (index, step) in self.steps.iter().enumerate() {
             let args = step
                 .input_slots
                 .iter()
@@ -219,7 +242,7 @@ impl Plan {
                 seed: mix(pass.seed, step.order as u64),
                 ..pass
             };
-            let outputs = step.node.layer().forward(&args, step_pass, step.fusion)?;
+            let outputs = run_step(index, step, &args, step_pass)?;
             for (&slot, t) in step.output_slots.iter().zip(outputs) {
                 slots[slot] = Some(t);
             }

@@ -292,9 +292,9 @@ impl BatchNormConfig {
             && inputs.len() == fusion.arity()
             && x.rank() >= 2
             && self.full_axis("", x.rank() - 1)? == 1
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && inputs.iter().all(|t| t.dtype() == x.dtype());
+            && inputs
+                .iter()
+                .all(|t| ops::takes_cpu_kernels(t) && t.dtype() == x.dtype());
         if !supported {
             return Ok(None);
         }

@@ -4,7 +4,7 @@
 //! used without a transpose; Keras's `(kh, kw, in, filters)` kernels convert with
 //! `permute((3, 2, 0, 1))`.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
@@ -272,8 +272,7 @@ impl Conv2DConfig {
     ) -> Result<Option<(Tensor, Native)>> {
         let supported = matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
             && fusion.prologue().is_none()
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && ops::takes_cpu_kernels(x)
             && x.rank() == 4;
         if !supported {
             return Ok(None);

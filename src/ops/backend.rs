@@ -33,3 +33,17 @@ pub(crate) fn backend(x: &Tensor, cpu: &[DType], cudnn: &[DType]) -> Backend {
 }
 
 pub(crate) const CPU_FLOATS: &[DType] = &[DType::F32, DType::F64];
+
+/// `true` when `x` takes the crate's own CPU kernels (a non-empty f32/f64 tensor on the CPU):
+/// then the trainer's own backward pass may call their gradient kernels directly
+/// (`train/tape.rs`, the layers' `forward_native`).
+pub(crate) fn takes_cpu_kernels(x: &Tensor) -> bool {
+    matches!(backend(x, CPU_FLOATS, &[]), Backend::Cpu)
+}
+
+/// `true` when `x` is a non-empty tensor on the CPU, of any dtype: where a training step may
+/// run the trainer's own backward pass (`train/tape.rs`), whose layers that cannot compute
+/// their gradients natively fall back to candle's autograd step by step.
+pub(crate) fn on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.elem_count() > 0
+}

@@ -51,6 +51,7 @@ pub mod reference;
 
 pub(crate) use arguments::check_padded;
 pub use arguments::{AdamStep, Conv2dGeometry, SgdStep};
+pub(crate) use backend::{on_cpu, takes_cpu_kernels};
 pub use batch_norm::{
     batch_norm_eval, batch_norm_train, fused_batch_norm_eval, fused_batch_norm_train,
 };

@@ -22,12 +22,11 @@ use candle_core::{Tensor, TensorId, Var};
 
 use crate::fusion::Fusion;
 use crate::graph::params::Pass;
-use crate::graph::plan::Plan;
+use crate::graph::plan::{Plan, Step};
 use crate::graph::{LayerRef, Params, StateUpdates};
 use crate::layers::native_backward::Native;
 use crate::layers::{BatchNormConfig, Conv2DConfig};
 use crate::models::Model;
-use crate::support::seed::mix;
 use crate::{Error, Result};
 
 /// How one step's gradients will be computed.
@@ -69,77 +68,16 @@ pub(crate) fn forward(
     run(model.plan(), model.name(), &inputs, pass)
 }
 
-/// [`forward`] on the plan.
+/// [`forward`] on the plan: each step's outputs, detached, and its record.
 fn run(plan: &Plan, model: &str, inputs: &[Tensor], pass: Pass) -> Result<(Vec<Tensor>, Tape)> {
     plan.check_inputs(model, inputs)?;
-    let internal = |slot: usize| {
-        Error::InvalidArgument(format!(
-            "model `{model}`: slot {slot} read before it was computed (a bug in the plan)"
-        ))
-    };
-    let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
-    for (&slot, t) in plan.input_slots.iter().zip(inputs) {
-        slots[slot] = Some(t.detach());
-    }
     let mut steps = Vec::with_capacity(plan.steps.len());
-    for (index, step) in plan.steps.iter().enumerate() {
-        let args = step
-            .input_slots
-            .iter()
-            .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
-            .collect::<Result<Vec<_>>>()?;
-        let step_pass = Pass {
-            seed: mix(pass.seed, step.order as u64),
-            ..pass
-        };
-        let layer = step.node.layer();
-        let (outputs, backward) = match native_step(layer, &args, step_pass, step.fusion)? {
-            Some((output, native)) => (vec![output], Backward::Native(native)),
-            None => {
-                // Leaf variables stop candle's graph at this step (a copy of each input that
-                // needs a gradient; a model input needs none).
-                let vars = step
-                    .input_slots
-                    .iter()
-                    .zip(&args)
-                    .map(|(slot, t)| match plan.input_slots.contains(slot) {
-                        true => Ok(None),
-                        false => Ok(Some(Var::from_tensor(&t.detach())?)),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let leaves: Vec<Tensor> = vars
-                    .iter()
-                    .zip(&args)
-                    .map(|(v, t)| {
-                        v.as_ref()
-                            .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
-                    })
-                    .collect();
-                let outputs = layer.forward(&leaves, step_pass, step.fusion)?;
-                let detached = outputs.iter().map(Tensor::detach).collect();
-                let backward = match outputs.iter().any(Tensor::track_op) {
-                    true => Backward::Autograd {
-                        inputs: vars,
-                        outputs,
-                    },
-                    false => Backward::Nothing,
-                };
-                (detached, backward)
-            }
-        };
-        for (&slot, t) in step.output_slots.iter().zip(outputs) {
-            slots[slot] = Some(t);
-        }
-        for &slot in &step.free_after {
-            slots[slot] = None;
-        }
+    let detached = inputs.iter().map(Tensor::detach).collect();
+    let outputs = plan.execute(model, detached, pass, |index, step, args, step_pass| {
+        let (outputs, backward) = record(plan, step, args, step_pass)?;
         steps.push((index, backward));
-    }
-    let outputs = plan
-        .output_slots
-        .iter()
-        .map(|&s| slots[s].clone().ok_or_else(|| internal(s)))
-        .collect::<Result<Vec<_>>>()?;
+        Ok(outputs)
+    })?;
     let tape = Tape {
         steps,
         slot_count: plan.slot_count,
@@ -147,6 +85,49 @@ fn run(plan: &Plan, model: &str, inputs: &[Tensor], pass: Pass) -> Result<(Vec<T
         output_slots: plan.output_slots.clone(),
     };
     Ok((outputs, tape))
+}
+
+/// One step's forward pass and how its gradients will be computed: natively where the layer
+/// can ([`native_step`]), else through candle's autograd on leaf variables of its inputs (a
+/// copy of each input that needs a gradient; a model input needs none), which stop candle's
+/// graph at this step.
+fn record(
+    plan: &Plan,
+    step: &Step,
+    args: &[Tensor],
+    pass: Pass,
+) -> Result<(Vec<Tensor>, Backward)> {
+    let layer = step.node.layer();
+    if let Some((output, native)) = native_step(layer, args, pass, step.fusion)? {
+        return Ok((vec![output], Backward::Native(native)));
+    }
+    let vars = step
+        .input_slots
+        .iter()
+        .zip(args)
+        .map(|(slot, t)| match plan.input_slots.contains(slot) {
+            true => Ok(None),
+            false => Ok(Some(Var::from_tensor(&t.detach())?)),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let leaves: Vec<Tensor> = vars
+        .iter()
+        .zip(args)
+        .map(|(v, t)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let outputs = layer.forward(&leaves, pass, step.fusion)?;
+    let detached = outputs.iter().map(Tensor::detach).collect();
+    let backward = match outputs.iter().any(Tensor::track_op) {
+        true => Backward::Autograd {
+            inputs: vars,
+            outputs,
+        },
+        false => Backward::Nothing,
+    };
+    Ok((detached, backward))
 }
 
 /// The layer's forward pass with its weights detached, when it computes its own gradients (a

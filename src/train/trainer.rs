@@ -760,9 +760,7 @@ impl Trainer {
         let taped = self.backward_pass == BackwardPass::Plan
             && data_parallel.is_none()
             && self.model.compute_dtype().is_none()
-            && inputs
-                .first()
-                .is_some_and(|t| t.device().is_cpu() && t.dim(0).is_ok_and(|n| n > 0));
+            && inputs.first().is_some_and(ops::on_cpu);
         let forward = match taped {
             true => super::tape::forward(&self.model, &inputs, &updates)
                 .map(|(outputs, tape)| (outputs, Some(tape))),

@@ -365,10 +365,16 @@ struct OutputBuffer {
 }
 
 impl OutputBuffer {
-    /// Room for the elements of a tensor of these dims (oneDNN's sizes, all `>= 0`); an
-    /// error, not an abort, when the memory cannot be had.
+    /// Room for the elements of a tensor of these dims (oneDNN's sizes, each at most
+    /// `i32::MAX`); an error, not an abort or a wrapped size, when their product overflows or
+    /// the memory cannot be had.
     fn new(dims: [i64; 4]) -> candle_core::Result<Self> {
-        let len = dims.iter().product::<i64>().max(0) as usize;
+        let len = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("oneDNN convolution: {dims:?} outputs overflow"))
+            })?;
         let mut elements = Vec::new();
         elements.try_reserve_exact(len).map_err(|e| {
             candle_core::Error::Msg(format!("oneDNN convolution: {len} f32 outputs: {e}"))
