@@ -597,6 +597,23 @@ impl LayerRef {
         pass: Pass,
         fusion: Fusion,
     ) -> Result<Vec<Tensor>> {
+        self.with_params(pass, |op, params| {
+            if fusion.is_none() {
+                op.forward(inputs, params)
+            } else {
+                op.forward_fused(fusion, inputs, params)
+            }
+        })
+    }
+
+    /// Runs `f` with the layer's op and its weights as `pass` hands them out (what
+    /// [`forward`](Self::forward) runs the op with): for the executors that call a layer's
+    /// own methods rather than `forward`.
+    pub(crate) fn with_params<R>(
+        &self,
+        pass: Pass,
+        f: impl FnOnce(&dyn LayerOp, &Params) -> Result<R>,
+    ) -> Result<R> {
         let guard = self.0.weights.read().unwrap_or_else(|e| e.into_inner());
         let (specs, vars): (&[ParamSpec], &[Var]) = match guard.as_ref() {
             Some(w) => (&w.specs, &w.vars),
@@ -611,11 +628,7 @@ impl LayerRef {
             .with_compute_dtype(pass.compute_dtype)
             .with_trainable(self.trainable())
             .with_state_updates(pass.state_updates);
-        if fusion.is_none() {
-            self.0.op.forward(inputs, &params)
-        } else {
-            self.0.op.forward_fused(fusion, inputs, &params)
-        }
+        f(self.0.op.as_ref(), &params)
     }
 }
 

@@ -188,6 +188,21 @@ impl Plan {
     /// the seed `mix(pass.seed, i)`; the pass's compute dtype casts float inputs for mixed
     /// precision. `model` names the model in errors.
     pub(crate) fn run(&self, model: &str, inputs: &[Tensor], pass: Pass) -> Result<Vec<Tensor>> {
+        self.run_with(model, inputs, pass, |_, step, args, step_pass| {
+            step.node.layer().forward(args, step_pass, step.fusion)
+        })
+    }
+
+    /// [`run`](Self::run) with `run_step` computing each step's outputs, as in
+    /// [`execute`](Self::execute): for an executor that runs some steps its own way (a model
+    /// in inference folding a batch norm into the convolution before it).
+    pub(crate) fn run_with(
+        &self,
+        model: &str,
+        inputs: &[Tensor],
+        pass: Pass,
+        run_step: impl FnMut(usize, &Step, &[Tensor], Pass) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
         self.check_inputs(model, inputs)?;
         if let Some(first) = inputs.first()
             && first.dim(0)? == 0
@@ -206,9 +221,7 @@ impl Plan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.execute(model, inputs, pass, |_, step, args, step_pass| {
-            step.node.layer().forward(args, step_pass, step.fusion)
-        })
+        self.execute(model, inputs, pass, run_step)
     }
 
     /// The executor: runs the steps in order on `inputs` (one per model input, as the steps

@@ -272,6 +272,41 @@ impl LayerOp for BatchNormConfig {
 }
 
 impl BatchNormConfig {
+    /// In inference on an NCHW input of `dtype` and `channels` channels, the layer with
+    /// `fusion` (a ReLU before it, folded into the convolution that feeds it, and/or one
+    /// after it) as a per-channel map that a convolution can apply as it writes its output
+    /// (`ops::conv2d_affine`). `None` where this layer would not run its eval kernel: in
+    /// training mode (or frozen in a training step), with a channel axis other than 1, an
+    /// Add folded in, or a dtype other than f32/f64.
+    pub(crate) fn eval_affine(
+        &self,
+        (dtype, channels): (DType, usize),
+        params: &Params,
+        fusion: Fusion,
+    ) -> Result<Option<ops::ChannelAffine>> {
+        let supported = !params.updates_state()
+            && !params.mode().is_train()
+            && self.full_axis("", 3)? == 1
+            && fusion.arity() == 1
+            && matches!(dtype, DType::F32 | DType::F64);
+        if !supported {
+            return Ok(None);
+        }
+        let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
+        let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
+        let affine = ops::batch_norm_eval_affine(
+            (dtype, channels),
+            (gamma.as_ref(), beta.as_ref()),
+            (
+                &params.get_stored("moving_mean")?,
+                &params.get_stored("moving_variance")?,
+            ),
+            self.epsilon,
+            fusion.relu_after(),
+        )?;
+        Ok(Some(affine))
+    }
+
     /// The training-mode forward pass for the plan's own backward pass (`train/tape.rs`),
     /// `params` handing out detached weights: the output and what its gradients need, the
     /// moving statistics updated as [`normalize`](Self::normalize) does. `None` where the

@@ -308,6 +308,47 @@ impl Conv2DConfig {
         Ok(Some((y, native)))
     }
 
+    /// `true` when [`forward_then_affine`](Self::forward_then_affine) can run on `x` with
+    /// `fusion`: an NCHW input the CPU kernels take (elsewhere the batch norm's per-channel
+    /// values would be read back from the device on every call), no activation other than
+    /// ReLU (which would run between the two layers).
+    pub(crate) fn takes_affine(&self, x: &Tensor, fusion: Fusion) -> bool {
+        matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
+            && fusion.prologue().is_none()
+            && x.rank() == 4
+            && ops::takes_cpu_kernels(x)
+    }
+
+    /// In inference: the layer's output for `x` (with `fusion`'s epilogue), then a ReLU where
+    /// `relu_before`, then `affine` per filter (a BatchNorm that reads only this layer's
+    /// output, folded in: `BatchNormConfig::eval_affine`), as the convolution writes it.
+    /// Called where [`takes_affine`](Self::takes_affine) says so.
+    pub(crate) fn forward_then_affine(
+        &self,
+        x: &Tensor,
+        params: &Params,
+        (fusion, relu_before): (Fusion, bool),
+        affine: &ops::ChannelAffine,
+    ) -> Result<Tensor> {
+        if !self.takes_affine(x, fusion) {
+            return Err(Error::InvalidArgument(format!(
+                "Conv2D with {fusion:?} and activation {:?} cannot apply a folded batch norm",
+                self.activation
+            )));
+        }
+        let kernel = params.get("kernel")?;
+        let (_, _, h, w) = x.dims4()?;
+        let relu = relu_before || fusion.relu_after() || self.activation == ActivationFn::Relu;
+        let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
+        ops::conv2d_affine(
+            x,
+            &kernel,
+            (bias.as_ref(), relu),
+            affine,
+            self.geometry(h, w),
+        )
+    }
+
     /// The layer's output for `x`, passed through the epilogue of `fusion` (a folded ReLU).
     fn convolve(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
         let kernel = params.get("kernel")?;

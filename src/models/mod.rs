@@ -4,6 +4,7 @@
 pub(crate) mod architecture;
 #[cfg(test)]
 mod every_layer;
+pub(crate) mod inference;
 #[cfg(feature = "keras")]
 pub(crate) mod keras_import;
 pub(crate) mod model;

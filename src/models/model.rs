@@ -11,6 +11,7 @@ use crate::graph::op::weight_holders;
 use crate::graph::params::Pass;
 use crate::graph::plan::Plan;
 use crate::graph::{Mode, StateUpdates, SymbolicTensor};
+use crate::models::inference;
 use crate::models::model_layer::ModelLayer;
 use crate::support::seed::mix;
 use crate::{Error, Result};
@@ -348,9 +349,17 @@ impl Model {
             compute_dtype: self.compute_dtype(),
             state_updates: Some(updates),
         };
-        self.plan
-            .run(self.name(), inputs, pass)
+        self.run_plan(inputs, pass)
             .map_err(|e| self.explain_missing_kernel(e))
+    }
+
+    /// Runs the plan: in inference with each batch norm that can be folded into the
+    /// convolution before it (`models/inference.rs`).
+    pub(crate) fn run_plan(&self, inputs: &[Tensor], pass: Pass) -> Result<Vec<Tensor>> {
+        match pass.mode {
+            Mode::Eval => inference::run(&self.plan, self.name(), inputs, pass),
+            Mode::Train => self.plan.run(self.name(), inputs, pass),
+        }
     }
 
     /// What the trainer's own backward pass (`train/tape.rs`) runs a training step's forward

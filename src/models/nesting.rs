@@ -56,7 +56,7 @@ impl LayerOp for Model {
 
     fn forward(&self, inputs: &[Tensor], params: &Params) -> Result<Vec<Tensor>> {
         // A nested model runs with its caller's seed and compute dtype.
-        self.plan.run(self.name(), inputs, Pass::of(params))
+        self.run_plan(inputs, Pass::of(params))
     }
 
     fn sublayers(&self) -> &[LayerRef] {

@@ -31,6 +31,17 @@ pub struct Conv2dGeometry {
     pub groups: usize,
 }
 
+/// A per-filter affine map applied to a convolution's output as it is written,
+/// `y = max?(scale_c · v + shift_c)` (the ReLU with `relu_after`): a BatchNorm in inference
+/// (its moving statistics, gamma and beta folded into `scale` and `shift`) run inside the
+/// convolution before it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ChannelAffine {
+    pub(crate) scale: Vec<f64>,
+    pub(crate) shift: Vec<f64>,
+    pub(crate) relu_after: bool,
+}
+
 impl Conv2dGeometry {
     /// Output height and width for an `h × w` input and a `kh × kw` kernel; an error when the
     /// stride, dilation or a kernel size is 0, or the (dilated) kernel is larger than the

@@ -220,6 +220,79 @@ fn composed_operand(xs: Tensor, more: &[&Tensor], relu: bool) -> Result<Tensor> 
     if relu { self::relu(&sum) } else { Ok(sum) }
 }
 
+/// What [`fused_batch_norm_eval`] does to each channel of an f32/f64 input of `dtype` (no
+/// prologue), as the per-channel `scale` and `shift` of `y = max?(scale · x + shift)` (the
+/// ReLU with `relu_after`), computed as its CPU kernel computes them, so that a convolution
+/// applying them writes the same values. The statistics and weights are `(C,)`.
+pub(crate) fn batch_norm_eval_affine(
+    (dtype, channels): (DType, usize),
+    (gamma, beta): (Option<&Tensor>, Option<&Tensor>),
+    (mean, var): (&Tensor, &Tensor),
+    epsilon: f64,
+    relu_after: bool,
+) -> Result<ChannelAffine> {
+    const OP: &str = "batch_norm_eval_affine";
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        return Err(invalid(
+            OP,
+            "dtype",
+            format!("the folded map is for f32 or f64 inputs, not {dtype:?}"),
+        ));
+    }
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(invalid(
+            OP,
+            "epsilon",
+            format!("must be positive and finite, got {epsilon}"),
+        ));
+    }
+    let per_channel = [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("mean", Some(mean)),
+        ("var", Some(var)),
+    ];
+    for (argument, t) in per_channel {
+        let Some(t) = t else { continue };
+        if t.dims() != [channels] || !t.dtype().is_float() {
+            return Err(invalid(
+                OP,
+                argument,
+                format!(
+                    "expected a float tensor of shape [{channels}] (the channels), got {:?} of shape {:?}",
+                    t.dtype(),
+                    t.dims()
+                ),
+            ));
+        }
+    }
+    // The values the eval kernel reads: each in `dtype` (where stored otherwise, cast as
+    // that path casts it), as f64; read without making tensors.
+    let values = |t: &Tensor| -> Result<Vec<f64>> {
+        let t = match t.dtype() == dtype {
+            true => t.clone(),
+            false => t.cast(dtype)?,
+        };
+        Ok(match dtype {
+            DType::F64 => t.to_vec1::<f64>()?,
+            _ => t.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+        })
+    };
+    let or_constant = |t: Option<&Tensor>, value: f64| -> Result<Vec<f64>> {
+        t.map_or(Ok(vec![value; channels]), values)
+    };
+    let (scale, shift) = cpu::batch_norm::scale_shift(
+        (&values(mean)?, &values(var)?),
+        (&or_constant(gamma, 1.0)?, &or_constant(beta, 0.0)?),
+        epsilon,
+    );
+    Ok(ChannelAffine {
+        scale,
+        shift,
+        relu_after,
+    })
+}
+
 /// Half-precision activations are normalized in f32 (their statistics would lose too much in
 /// bf16): `x` as the statistics' dtype, and the dtype to return `y` in.
 fn statistics_dtype(x: &Tensor) -> Result<(Tensor, DType)> {

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::Result;
 use crate::fusion::{ElementWise, Fusion};
+use crate::support::dtype::Cast;
 
 use crate::ops::arguments::*;
 use crate::ops::backend::{Backend, CPU_FLOATS, backend};
@@ -126,7 +127,72 @@ fn conv2d_then(
     relu: bool,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
-    check_conv2d(x, kernel, &geometry)?;
+    check_conv2d_bias(op, x, kernel, bias, &geometry)?;
+    if let Backend::Cpu = backend(x, CPU_FLOATS, &[]) {
+        return cpu::conv2d::conv2d(x, kernel, bias, relu, geometry);
+    }
+    let mut y = conv2d(x, kernel, geometry)?;
+    if let Some(bias) = bias {
+        y = bias_add(&y, bias)?;
+    }
+    if relu { self::relu(&y) } else { Ok(y) }
+}
+
+/// [`fused_conv2d`]'s output (the bias where given, then `max(·, 0)` with `relu`) passed
+/// through `affine` per filter: a BatchNorm in inference, folded into the convolution before
+/// it. On the CPU, when nothing asks for a gradient, one op (the map applied as the output is
+/// written, by oneDNN's post-ops or the GEMM path's copy-out) with no backward pass; else
+/// composed from differentiable ops, the same values.
+pub(crate) fn conv2d_affine(
+    x: &Tensor,
+    kernel: &Tensor,
+    (bias, relu): (Option<&Tensor>, bool),
+    affine: &ChannelAffine,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    const OP: &str = "conv2d_affine";
+    check_conv2d_bias(OP, x, kernel, bias, &geometry)?;
+    let filters = kernel.dim(0)?;
+    if affine.scale.len() != filters || affine.shift.len() != filters {
+        return Err(invalid(
+            OP,
+            "affine",
+            format!(
+                "expected {filters} scales and shifts (the kernel's filters), got {} and {}",
+                affine.scale.len(),
+                affine.shift.len()
+            ),
+        ));
+    }
+    let tracked = x.track_op() || kernel.track_op() || bias.is_some_and(Tensor::track_op);
+    if let (Backend::Cpu, false) = (backend(x, CPU_FLOATS, &[]), tracked) {
+        return cpu::conv2d::conv2d_affine(x, kernel, (bias, relu), affine, geometry);
+    }
+    let y = conv2d_then(OP, x, kernel, bias, relu, geometry)?;
+    let per_filter = |values: &[f64]| -> Result<Tensor> {
+        Ok(Tensor::new(values, x.device())?
+            .cast(y.dtype())?
+            .reshape((1, filters, 1, 1))?)
+    };
+    let y = y
+        .broadcast_mul(&per_filter(&affine.scale)?)?
+        .broadcast_add(&per_filter(&affine.shift)?)?;
+    if affine.relu_after {
+        self::relu(&y)
+    } else {
+        Ok(y)
+    }
+}
+
+/// The checks of a convolution with an optional per-filter `bias`; `op` names the function.
+fn check_conv2d_bias(
+    op: &'static str,
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    geometry: &Conv2dGeometry,
+) -> Result<()> {
+    check_conv2d(x, kernel, geometry)?;
     if let Some(bias) = bias {
         let filters = kernel.dim(0)?;
         if bias.dims() != [filters] {
@@ -141,14 +207,7 @@ fn conv2d_then(
         }
         same_device_and_dtype(op, "bias", bias, x)?;
     }
-    if let Backend::Cpu = backend(x, CPU_FLOATS, &[]) {
-        return cpu::conv2d::conv2d(x, kernel, bias, relu, geometry);
-    }
-    let mut y = conv2d(x, kernel, geometry)?;
-    if let Some(bias) = bias {
-        y = bias_add(&y, bias)?;
-    }
-    if relu { self::relu(&y) } else { Ok(y) }
+    Ok(())
 }
 
 /// Transposed convolution (the gradient of a convolution with respect to its input) of NCHW

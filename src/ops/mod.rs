@@ -49,12 +49,14 @@ mod optimizer;
 mod pointwise;
 pub mod reference;
 
-pub(crate) use arguments::check_padded;
 pub use arguments::{AdamStep, Conv2dGeometry, SgdStep};
+pub(crate) use arguments::{ChannelAffine, check_padded};
 pub(crate) use backend::{on_cpu, takes_cpu_kernels};
+pub(crate) use batch_norm::batch_norm_eval_affine;
 pub use batch_norm::{
     batch_norm_eval, batch_norm_train, fused_batch_norm_eval, fused_batch_norm_train,
 };
+pub(crate) use conv::conv2d_affine;
 pub use conv::{conv_transpose2d, conv2d, conv2d_bias, fused_conv2d};
 pub use multi_tensor::{
     adam_update_in_place, adam_update_is_finite, all_finite, assign_if, sgd_update_in_place,

@@ -1,7 +1,9 @@
 //! Counts that predict a training step's speed on a GPU, measured on any device: how many
 //! tensor buffers a step allocates (on CUDA each is a device allocation written by a kernel
 //! launch), how many bytes it allocates and holds, and how many times the crate reads a
-//! device value back to the host (on a GPU each read waits for the device's queue to drain).
+//! device value back to the host (on a GPU each read waits for the device's queue to drain);
+//! and, on any device, how many batch norms ran folded into a convolution
+//! ([`folded_batch_norms`]).
 //!
 //! The allocation counts come from [`CountingAllocator`], a global allocator that a binary
 //! installs itself (a library cannot); the host reads are counted by the crate wherever it
@@ -45,6 +47,37 @@ static HOST_READS: AtomicU64 = AtomicU64::new(0);
 /// ```
 pub fn host_reads() -> u64 {
     HOST_READS.load(Ordering::Relaxed)
+}
+
+static FOLDED_BATCH_NORMS: AtomicU64 = AtomicU64::new(0);
+
+/// How many batch norms the crate has run folded into the convolution before them since the
+/// process started: in inference, a BatchNorm that alone reads a convolution's output on the
+/// CPU is applied by the convolution as it writes that output, and the pass over memory its
+/// own step would take is saved (counted once per folded layer call). A count that stays
+/// put where you expect folds says why a network runs slower than it could.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::prelude::*;
+/// use candle_functional::profile::folded_batch_norms;
+/// let x = Input::new([3, 8, 8]);
+/// let y = Conv2D::new(4, 3).padding(Padding::Same).call(&x)?;
+/// let y = BatchNorm::new().call(&y)?;
+/// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+/// let before = folded_batch_norms();
+/// model.forward(&[Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu)?], Mode::Eval)?;
+/// assert!(folded_batch_norms() > before);
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn folded_batch_norms() -> u64 {
+    FOLDED_BATCH_NORMS.load(Ordering::Relaxed)
+}
+
+/// Counts one batch norm run folded into a convolution, in [`folded_batch_norms`].
+pub(crate) fn count_folded_batch_norm() {
+    FOLDED_BATCH_NORMS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The value of a one-element tensor on the host, counted in [`host_reads`].

@@ -12,10 +12,12 @@
 //! same passes: the ReLU's and the Add's own passes are gone either way, and their outputs
 //! are never kept alive until the backward pass.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Float, LaneSums, contiguous_slice, split};
+use super::{Float, LaneSums, contiguous_slice, par_fill, split};
 use crate::Result;
 use crate::fusion::Fusion;
 use crate::support::dtype::Cast;
@@ -199,6 +201,23 @@ fn per_channel(t: &Tensor) -> candle_core::Result<Vec<f64>> {
 }
 
 /// `1 / sqrt(var + epsilon)` per channel.
+/// Per channel, the `(a, b)` of batch normalization as `y = a · x + b`: `a = gamma / √(var +
+/// ε)`, `b = beta - mean · a`. The one formula of the normalize kernel and of a batch norm
+/// folded into the convolution before it ([`crate::ops::ChannelAffine`]), so that both write
+/// the same values.
+pub(crate) fn scale_shift(
+    (mean, var): (&[f64], &[f64]),
+    (gamma, beta): (&[f64], &[f64]),
+    epsilon: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let rstd = inverse_std(var, epsilon);
+    let scale: Vec<f64> = rstd.iter().zip(gamma).map(|(r, g)| r * g).collect();
+    let shift = (beta.iter().zip(mean).zip(&scale))
+        .map(|((b, m), a)| b - m * a)
+        .collect();
+    (scale, shift)
+}
+
 fn inverse_std(var: &[f64], epsilon: f64) -> Vec<f64> {
     var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect()
 }
@@ -349,24 +368,25 @@ impl Normalize {
         let dims = split(parts[0].1.dims());
         let c = dims.1;
         let p = super::to_vec_f64(packed.0, packed.1)?;
-        let rstd = inverse_std(&p[c..2 * c], self.epsilon);
-        let scale: Vec<f64> = (0..c).map(|ch| rstd[ch] * p[2 * c + ch]).collect();
-        let shift: Vec<f64> = (0..c).map(|ch| p[3 * c + ch] - p[ch] * scale[ch]).collect();
+        let (scale, shift) = scale_shift(
+            (&p[..c], &p[c..2 * c]),
+            (&p[2 * c..3 * c], &p[3 * c..4 * c]),
+            self.epsilon,
+        );
         let (relu, relu_out) = (self.relu, self.relu_out);
         let out = on_slices!(parts, |s| {
             let x = Operand::new(&s, relu);
-            let mut out = vec![Float::ZERO; x.a.len()];
-            out.par_chunks_mut(c * dims.2)
-                .enumerate()
-                .for_each(|(i, img)| {
+            // SAFETY: the rows tile each image; `normalize_row` writes each in full.
+            unsafe {
+                par_fill(x.a.len(), c * dims.2, "batch norm", |i, img| {
                     let mut scratch = Vec::new();
-                    for (ch, dst) in img.chunks_mut(dims.2).enumerate() {
+                    for (ch, dst) in img.chunks_mut(dims.2.max(1)).enumerate() {
                         let src = x.row((i * c + ch) * dims.2, dims.2, &mut scratch);
                         let (a, b) = (scale[ch], shift[ch]);
                         normalize_row(dst, src, a, b, relu, relu_out);
                     }
-                });
-            out
+                })?
+            }
         });
         Ok((out, Shape::from(parts[0].1.dims())))
     }
@@ -410,10 +430,19 @@ impl Normalize {
 
 /// `dst = max?(max?(src) · a + b)`, the ReLUs where `relu` (before) and `relu_out` (after),
 /// in the elements' own type.
-fn normalize_row<T: Float>(dst: &mut [T], src: &[T], a: f64, b: f64, relu: bool, relu_out: bool) {
+/// Writes all of `dst`, which is as long as `src`.
+fn normalize_row<T: Float>(
+    dst: &mut [MaybeUninit<T>],
+    src: &[T],
+    a: f64,
+    b: f64,
+    relu: bool,
+    relu_out: bool,
+) {
+    debug_assert_eq!(dst.len(), src.len());
     let (a, b) = (T::from_f64(a), T::from_f64(b));
     for (d, &v) in dst.iter_mut().zip(src) {
-        *d = (v.relu_if(relu) * a + b).relu_if(relu_out);
+        d.write((v.relu_if(relu) * a + b).relu_if(relu_out));
     }
 }
 
@@ -533,7 +562,7 @@ impl GradOps {
             Operand::new(&s[1..], relu),
             dims,
             &grads
-        ));
+        )?);
         Ok((out, Shape::from(parts[0].1.dims())))
     }
 }
@@ -612,7 +641,7 @@ fn input_grad<T: Float>(
     x: Operand<T>,
     (n, c, inner): (usize, usize, usize),
     g: &InputGradArgs,
-) -> Vec<T> {
+) -> candle_core::Result<Vec<T>> {
     let count = (n * inner) as f64;
     let relu = x.relu;
     // Per channel, `dx = k·dy + slope·(x - mean) + offset`: the batch-statistics terms folded
@@ -625,12 +654,11 @@ fn input_grad<T: Float>(
             [k, slope, offset, g.mean[ch]].map(T::from_f64)
         })
         .collect();
-    let mut out = vec![T::ZERO; dy.len()];
-    out.par_chunks_mut(c * inner)
-        .enumerate()
-        .for_each(|(i, img)| {
+    // SAFETY: the rows tile each image, and the loop below writes every element of each.
+    unsafe {
+        par_fill(dy.len(), c * inner, "batch norm backward", |i, img| {
             let mut scratch = Vec::new();
-            for (ch, dst) in img.chunks_mut(inner).enumerate() {
+            for (ch, dst) in img.chunks_mut(inner.max(1)).enumerate() {
                 let off = (i * c + ch) * inner;
                 let [k, slope, offset, mean] = constants[ch];
                 let dys = &dy[off..off + inner];
@@ -645,9 +673,9 @@ fn input_grad<T: Float>(
                         false => k * gv,
                     };
                     let passes = xv > T::ZERO;
-                    *d = if relu && !passes { T::ZERO } else { dz };
+                    d.write(if relu && !passes { T::ZERO } else { dz });
                 }
             }
-        });
-    out
+        })
+    }
 }

@@ -30,12 +30,9 @@ impl CustomOp2 for ChannelBias {
         let dims = split(lx.dims());
         let bias = to_vec_f64(sb, lb)?;
         let out = float_dispatch!(sx, "bias add", |v| {
-            map_rows(slice(v, lx)?, dims, |ch, src, dst| {
-                let b = bias[ch];
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = Float::from_f64(s.to_f64() + b);
-                }
-            })
+            map_rows(slice(v, lx)?, dims, |ch, s| {
+                Float::from_f64(s.to_f64() + bias[ch])
+            })?
         });
         Ok((out, Shape::from(lx.dims())))
     }

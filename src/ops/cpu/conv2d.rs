@@ -22,6 +22,7 @@
 //! here.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::AddAssign;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -29,9 +30,9 @@ use rayon::prelude::*;
 
 #[cfg(feature = "onednn")]
 use super::contiguous_slice;
-use super::{Float, dispatch_pair, relu_if};
+use super::{Float, OutputBuffer, dispatch_pair, relu_if};
 use crate::Result;
-use crate::ops::Conv2dGeometry;
+use crate::ops::{ChannelAffine, Conv2dGeometry};
 
 /// The GEMM convolution of contiguous f32 or f64 CPU tensors, plus a `(filters,)` bias where
 /// given, then `max(·, 0)` with `relu`, as one op (arguments checked by
@@ -44,10 +45,36 @@ pub(crate) fn conv2d(
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
     let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
-    let op = Conv2dGemm { geometry, relu };
+    let op = Conv2dGemm {
+        geometry,
+        relu,
+        affine: None,
+    };
     Ok(match bias {
         None => x.apply_op2(&kernel, op)?,
         Some(bias) => x.apply_op3(&kernel, &bias.contiguous()?, op)?,
+    })
+}
+
+/// [`conv2d`] followed by `affine` per filter (a BatchNorm in inference folded in), as one
+/// op with no backward pass: the caller ([`crate::ops::conv2d_affine`]) uses it only where
+/// nothing asks for a gradient.
+pub(crate) fn conv2d_affine(
+    x: &Tensor,
+    kernel: &Tensor,
+    (bias, relu): (Option<&Tensor>, bool),
+    affine: &ChannelAffine,
+    geometry: Conv2dGeometry,
+) -> Result<Tensor> {
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    let op = Conv2dGemm {
+        geometry,
+        relu,
+        affine: Some(affine.clone()),
+    };
+    Ok(match bias {
+        None => x.apply_op2_no_bwd(&kernel, &op)?,
+        Some(bias) => x.apply_op3_no_bwd(&kernel, &bias.contiguous()?, &op)?,
     })
 }
 
@@ -61,7 +88,11 @@ pub(crate) fn conv2d_backward(
     geometry: Conv2dGeometry,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let op = Conv2dGemm { geometry, relu };
+    let op = Conv2dGemm {
+        geometry,
+        relu,
+        affine: None,
+    };
     let dy = match (relu, y) {
         (true, Some(y)) => op.product_grad(y, dy)?,
         (true, None) => {
@@ -464,29 +495,56 @@ fn gather_rows<T: Element>(dy: &[T], s: &Sizes, g: usize, n0: usize, nc: usize, 
     }
 }
 
+/// What the forward pass applies to the product as it is written out: each filter's bias
+/// (where `bias` is not empty), then `max(·, 0)` with `relu`, then the per-filter `affine`.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: &'a [f64],
+    relu: bool,
+    affine: Option<&'a ChannelAffine>,
+}
+
 /// The inverse of [`gather_rows`]: copies a chunk's product rows (filters of group `g` ×
-/// positions of images `n0..n0 + nc`) back into NCHW `y`, adding each filter's bias where
-/// `bias` is not empty, then `max(·, 0)` with `relu`.
+/// positions of images `n0..n0 + nc`) back into NCHW `y`, through the `epilogue`.
 fn scatter_rows<T: Element>(
     rows: &[T],
     s: &Sizes,
     (g, n0, nc): (usize, usize, usize),
-    (bias, relu): (&[f64], bool),
-    y: &mut [T],
+    epilogue: Epilogue,
+    y: &mut [MaybeUninit<T>],
 ) {
+    let Epilogue { bias, relu, affine } = epilogue;
     let ohw = s.ohw();
     for nl in 0..nc {
         for o in 0..s.og() {
             let filter = g * s.og() + o;
             let dst = &mut y[((n0 + nl) * s.o + filter) * ohw..][..ohw];
             let src = &rows[o * nc * ohw + nl * ohw..][..ohw];
-            match (bias.get(filter), relu) {
-                (None, false) => dst.copy_from_slice(src),
+            match (bias.get(filter), relu, affine) {
+                (None, false, None) => {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        d.write(v);
+                    }
+                }
                 // Rounded once, as the separate bias kernel does.
-                (b, _) => {
+                (b, _, None) => {
                     let b = b.copied().unwrap_or(0.0);
                     for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = T::from_f64(relu_if(v.to_f64() + b, relu));
+                        d.write(T::from_f64(relu_if(v.to_f64() + b, relu)));
+                    }
+                }
+                // The convolution's value rounded as above, then the batch norm's map in the
+                // elements' own type, as its normalize kernel computes it: the same values
+                // as the two layers one after the other.
+                (b, _, Some(affine)) => {
+                    let b = b.copied().unwrap_or(0.0);
+                    let (a, c) = (
+                        T::from_f64(affine.scale[filter]),
+                        T::from_f64(affine.shift[filter]),
+                    );
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        let v = T::from_f64(relu_if(v.to_f64() + b, relu));
+                        d.write((v * a + c).relu_if(affine.relu_after));
                     }
                 }
             }
@@ -498,12 +556,13 @@ fn scatter_rows<T: Element>(
 fn forward<T: Element>(
     x: &[T],
     k: &[T],
-    epilogue: (&[f64], bool),
+    epilogue: Epilogue,
     s: &Sizes,
     geo: &Conv2dGeometry,
-) -> Vec<T> {
+) -> candle_core::Result<Vec<T>> {
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
-    let mut y = vec![T::default(); s.n * s.o * ohw];
+    let mut y = OutputBuffer::new(s.n * s.o * ohw, "conv2d")?;
+    let y_slots = y.uninit();
     let chunk = s.chunk().clamp(1, s.n.max(1));
     with_buffers(
         ckk * chunk * ohw,
@@ -527,12 +586,14 @@ fn forward<T: Element>(
                         col,
                         (cols, 1),
                     );
-                    scatter_rows(&out[..og * cols], s, (g, n0, nc), epilogue, &mut y);
+                    scatter_rows(&out[..og * cols], s, (g, n0, nc), epilogue, y_slots);
                 }
             }
         },
     );
-    y
+    // SAFETY: every group's filters of every image were scattered (`scatter_rows` writes
+    // each row it is given in full), which covers all `n · o · oh · ow` outputs.
+    Ok(unsafe { y.written() })
 }
 
 fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
@@ -611,6 +672,9 @@ fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometr
 struct Conv2dGemm {
     geometry: Conv2dGeometry,
     relu: bool,
+    /// A batch norm in inference applied after the ReLU (no backward pass then: the op is
+    /// applied with `apply_op*_no_bwd`).
+    affine: Option<ChannelAffine>,
 }
 
 impl Conv2dGemm {
@@ -636,18 +700,33 @@ impl Conv2dGemm {
             // The bias reached here as f64 from f32: converting back is exact.
             let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
             let bias = (!bias.is_empty()).then_some(bias.as_slice());
-            if let Some(y) = crate::ops::onednn::forward(x, k, bias, self.relu, &sizes)? {
+            let affine = self.affine.as_ref();
+            if let Some(y) = crate::ops::onednn::forward(x, k, bias, self.relu, affine, &sizes)? {
                 return Ok((CpuStorage::F32(y), shape));
             }
         }
+        let epilogue = Epilogue {
+            bias,
+            relu: self.relu,
+            affine: self.affine.as_ref(),
+        };
         let out = dispatch_pair!(s1, l1, s2, l2, "conv2d", |x, k| forward(
             x,
             k,
-            (bias, self.relu),
+            epilogue,
             &s,
             &self.geometry
-        ));
+        )?);
         Ok((out, shape))
+    }
+
+    /// An error where the op has no backward pass (a folded batch norm): never reached, as
+    /// such an op is applied without one; kept so that a gradient is never silently wrong.
+    fn differentiable(&self) -> candle_core::Result<()> {
+        match self.affine {
+            None => Ok(()),
+            Some(_) => candle_core::bail!("conv2d with a folded batch norm has no backward pass"),
+        }
     }
 
     /// The gradient reaching the product: `dY`, masked where a fused ReLU's output `y` is 0.
@@ -758,6 +837,7 @@ impl CustomOp2 for Conv2dGemm {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.differentiable()?;
         let (dx, dk) = self.gradients(x, kernel, &self.product_grad(y, dy)?)?;
         Ok((Some(dx), Some(dk)))
     }
@@ -788,6 +868,7 @@ impl CustomOp3 for Conv2dGemm {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.differentiable()?;
         let dy = self.product_grad(y, dy)?;
         let (dx, dk) = self.gradients(x, kernel, &dy)?;
         Ok((Some(dx), Some(dk), Some(super::bias::channel_sum(&dy)?)))

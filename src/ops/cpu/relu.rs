@@ -3,11 +3,9 @@
 //! allocations); at the article's shapes it took 24 times PyTorch's time
 //! (docs/PERFORMANCE.md, per-layer table).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
-use super::{dispatch_pair, float_dispatch, slice};
+use super::{dispatch_pair, float_dispatch, par_fill, slice};
 use crate::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 15;
@@ -28,20 +26,21 @@ impl CustomOp1 for Relu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = float_dispatch!(s, "relu", |v| {
             let src = slice(v, l)?;
-            let mut out = vec![Default::default(); src.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, x)| {
+            // SAFETY: chunk `i` of the output pairs with chunk `i` of `src`, of its length,
+            // and the loop writes each of its elements.
+            unsafe {
+                par_fill(src.len(), CHUNK, "relu", |i, o| {
+                    let x = &src[i * CHUNK..][..o.len()];
                     for (o, &x) in o.iter_mut().zip(x) {
                         // NaN stays NaN, as in candle's and PyTorch's ReLU.
-                        *o = if x < Default::default() {
+                        o.write(if x < Default::default() {
                             Default::default()
                         } else {
                             x
-                        };
+                        });
                     }
-                });
-            out
+                })?
+            }
         });
         Ok((out, Shape::from(l.dims())))
     }
@@ -74,19 +73,24 @@ impl CustomOp2 for ReluGrad {
         ly: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = dispatch_pair!(sd, ld, sy, ly, "relu grad", |dy, y| {
-            let mut out = vec![Default::default(); dy.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(o, (d, y))| {
+            if dy.len() != y.len() {
+                candle_core::bail!("relu grad: {} gradients for {} outputs", dy.len(), y.len());
+            }
+            // SAFETY: chunk `i` of the output pairs with chunk `i` of `dy` and `y`, of its
+            // length (the lengths are equal), and the loop writes each of its elements.
+            unsafe {
+                par_fill(dy.len(), CHUNK, "relu grad", |i, o| {
+                    let d = &dy[i * CHUNK..][..o.len()];
+                    let y = &y[i * CHUNK..][..o.len()];
                     for ((o, &d), &y) in o.iter_mut().zip(d).zip(y) {
-                        *o = if y > Default::default() {
+                        o.write(if y > Default::default() {
                             d
                         } else {
                             Default::default()
-                        };
+                        });
                     }
-                });
-            out
+                })?
+            }
         });
         Ok((out, Shape::from(ld.dims())))
     }

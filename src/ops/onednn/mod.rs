@@ -45,6 +45,9 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::ops::ChannelAffine;
+use crate::ops::cpu::OutputBuffer;
+
 /// The shim's `cf_op`: one primitive with its reorders.
 #[repr(C)]
 struct RawOp {
@@ -66,7 +69,7 @@ unsafe extern "C" {
         kind: c_int,
         sizes: *const i64,
         bias: c_int,
-        relu: c_int,
+        post: c_int,
         failed_step: *mut *const c_char,
     ) -> c_int;
     fn cf_op_workspace_bytes(op: *const RawOp) -> usize;
@@ -128,11 +131,31 @@ struct Engine(*mut RawEngine);
 unsafe impl Send for Engine {}
 unsafe impl Sync for Engine {}
 
+/// What a forward primitive applies after the convolution (and its bias), in this order: a
+/// ReLU, a per-channel multiply, a per-channel add, a ReLU; the shim's `CF_POST_*` bits.
+/// Backward primitives have none.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+struct PostOps {
+    relu: bool,
+    scale: bool,
+    shift: bool,
+    relu_after: bool,
+}
+
+impl PostOps {
+    fn bits(self) -> c_int {
+        c_int::from(self.relu)
+            | (c_int::from(self.scale) << 1)
+            | (c_int::from(self.relu_after) << 2)
+            | (c_int::from(self.shift) << 3)
+    }
+}
+
 /// A cache entry: the primitive, or `None` where oneDNN has no kernel for the shape.
 type Entry = Option<Arc<Mutex<Op>>>;
 
-/// What a primitive is created for: the pass, the sizes, with a bias, with a ReLU.
-type Key = (Pass, ConvSizes, bool, bool);
+/// What a primitive is created for: the pass, the sizes, with a bias, its post-ops.
+type Key = (Pass, ConvSizes, bool, PostOps);
 
 /// The primitives created so far.
 fn cache() -> &'static Mutex<HashMap<Key, Entry>> {
@@ -166,10 +189,15 @@ fn engine() -> candle_core::Result<&'static Engine> {
         .map_err(|&status| failure("engine", status, c"creating the CPU engine".as_ptr()))
 }
 
-/// The primitive for `(pass, sizes, bias, relu)`, created on first use; `None` when oneDNN
+/// The primitive for `(pass, sizes, bias, post)`, created on first use; `None` when oneDNN
 /// has no kernel for it.
-fn primitive(pass: Pass, sizes: &ConvSizes, bias: bool, relu: bool) -> candle_core::Result<Entry> {
-    let key = (pass, *sizes, bias, relu);
+fn primitive(
+    pass: Pass,
+    sizes: &ConvSizes,
+    bias: bool,
+    post: PostOps,
+) -> candle_core::Result<Entry> {
+    let key = (pass, *sizes, bias, post);
     // Poisoning only means another thread panicked while holding the map; its entries are
     // still whole (insertions are single calls).
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -187,7 +215,7 @@ fn primitive(pass: Pass, sizes: &ConvSizes, bias: bool, relu: bool) -> candle_co
             pass as c_int,
             sizes.as_ptr(),
             bias as c_int,
-            relu as c_int,
+            post.bits(),
             &mut step,
         )
     };
@@ -250,11 +278,11 @@ fn locked(op: &Mutex<Op>) -> std::sync::MutexGuard<'_, Op> {
 fn run(
     pass: Pass,
     sizes: &ConvSizes,
-    (bias, relu): (bool, bool),
+    (bias, post): (bool, PostOps),
     inputs: &[&[f32]],
     outputs: &mut [&mut [MaybeUninit<f32>]],
 ) -> candle_core::Result<bool> {
-    let Some(op) = primitive(pass, sizes, bias, relu)? else {
+    let Some(op) = primitive(pass, sizes, bias, post)? else {
         return Ok(false);
     };
     let mut buffers: Vec<*mut c_void> = inputs.iter().map(|b| b.as_ptr() as *mut c_void).collect();
@@ -281,33 +309,121 @@ fn run(
     }
 }
 
-/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given); `None` when
-/// oneDNN has no kernel for the shape.
+/// `conv(x, k) + bias` (the bias where given), then `max(·, 0)` with `relu`, then with
+/// `affine` per filter `scale · y + shift` and `max(·, 0)` with its `relu_after` (a batch
+/// norm in inference), all inside the convolution; `None` when oneDNN has no kernel for the
+/// shape.
+///
+/// oneDNN's per-channel multiply and add post-ops cost the convolution more than the map
+/// they apply (on an AVX-512 Xeon, oneDNN 2.6: the shrunken PlainNet's 3x3 layers took 15-30%
+/// longer, about what the batch norm's own pass had cost), so the map goes into the
+/// convolution's weights where it can: `scale · (W·x + b) + shift = (scale·W)·x + (scale·b +
+/// shift)` when no ReLU comes between (Conv → BatchNorm → ReLU), and `scale · max(z, 0) =
+/// max(scale · z, 0)` for a positive `scale` (the article's ReLU → BatchNorm: only the add
+/// stays a post-op). The folded weights are rounded once from f64; the values differ from the
+/// two layers' by rounding only.
 pub(crate) fn forward(
     x: &[f32],
     k: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
+    affine: Option<&ChannelAffine>,
+    sizes: &ConvSizes,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    let filters = sizes[4] as usize;
+    let Some(&ChannelAffine {
+        ref scale,
+        ref shift,
+        relu_after,
+    }) = affine
+    else {
+        let post = PostOps {
+            relu,
+            ..PostOps::default()
+        };
+        return forward_with(x, k, bias, post, &[], sizes);
+    };
+    if [scale.len(), shift.len()] != [filters; 2] || !k.len().is_multiple_of(filters.max(1)) {
+        candle_core::bail!(
+            "oneDNN convolution: {} scales, {} shifts and {} kernel values for {filters} filters",
+            scale.len(),
+            shift.len(),
+            k.len()
+        );
+    }
+    let to_f32 = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
+    let finite = scale.iter().all(|s| s.is_finite());
+    let scaled_kernel = || -> Vec<f32> {
+        let per_filter = k.len() / filters.max(1);
+        k.chunks(per_filter.max(1))
+            .zip(scale)
+            .flat_map(|(w, &s)| w.iter().map(move |&w| (f64::from(w) * s) as f32))
+            .collect()
+    };
+    let bias_at = |f: usize| bias.map_or(0.0, |b| f64::from(b[f]));
+    if !relu && finite {
+        // scale · (W·x + b) + shift: one convolution with the map in its weights and bias.
+        let k = scaled_kernel();
+        let b: Vec<f32> = (0..filters)
+            .map(|f| (bias_at(f) * scale[f] + shift[f]) as f32)
+            .collect();
+        let post = PostOps {
+            relu_after,
+            ..PostOps::default()
+        };
+        return forward_with(x, &k, Some(&b), post, &[], sizes);
+    }
+    if finite && scale.iter().all(|&s| s > 0.0) {
+        // scale · max(W·x + b, 0) = max(scale·W·x + scale·b, 0): only the shift is added.
+        let k = scaled_kernel();
+        let b: Vec<f32> = (0..filters)
+            .map(|f| (bias_at(f) * scale[f]) as f32)
+            .collect();
+        let post = PostOps {
+            relu,
+            shift: true,
+            relu_after,
+            ..PostOps::default()
+        };
+        return forward_with(x, &k, Some(&b), post, &[&to_f32(shift)], sizes);
+    }
+    let post = PostOps {
+        relu,
+        scale: true,
+        shift: true,
+        relu_after,
+    };
+    let (scale, shift) = (to_f32(scale), to_f32(shift));
+    forward_with(x, k, bias, post, &[&scale, &shift], sizes)
+}
+
+/// The forward primitive with `post` on `(x, k, bias)` and the post-ops' per-channel
+/// operands `per_channel` (as many as `post` takes, in its order).
+fn forward_with(
+    x: &[f32],
+    k: &[f32],
+    bias: Option<&[f32]>,
+    post: PostOps,
+    per_channel: &[&[f32]],
     sizes: &ConvSizes,
 ) -> candle_core::Result<Option<Vec<f32>>> {
     let [n, _, _, _, o, _, _, oh, ow, ..] = *sizes;
-    let mut y = OutputBuffer::new([n, o, oh, ow])?;
-    let done = match bias {
-        Some(b) => run(
-            Pass::Forward,
-            sizes,
-            (true, relu),
-            &[x, k, b],
-            &mut [y.uninit()],
-        ),
-        None => run(
-            Pass::Forward,
-            sizes,
-            (false, relu),
-            &[x, k],
-            &mut [y.uninit()],
-        ),
-    }?;
+    if per_channel.len() != usize::from(post.scale) + usize::from(post.shift)
+        || per_channel.iter().any(|v| v.len() != o as usize)
+    {
+        candle_core::bail!("oneDNN convolution: per-channel operands do not match the post-ops");
+    }
+    let mut inputs = vec![x, k];
+    inputs.extend(bias);
+    inputs.extend(per_channel);
+    let mut y = output([n, o, oh, ow])?;
+    let done = run(
+        Pass::Forward,
+        sizes,
+        (bias.is_some(), post),
+        &inputs,
+        &mut [y.uninit()],
+    )?;
     // SAFETY: the primitive ran, and a convolution writes every element of its output.
     Ok(done.then(|| unsafe { y.written() }))
 }
@@ -318,14 +434,14 @@ pub(crate) fn backward(
     (x, dy, k): (&[f32], &[f32], &[f32]),
     sizes: &ConvSizes,
 ) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
-    let data = primitive(Pass::BackwardData, sizes, false, false)?;
-    let weights = primitive(Pass::BackwardWeights, sizes, false, false)?;
+    let data = primitive(Pass::BackwardData, sizes, false, PostOps::default())?;
+    let weights = primitive(Pass::BackwardWeights, sizes, false, PostOps::default())?;
     let (Some(data), Some(weights)) = (data, weights) else {
         return Ok(None);
     };
     let [n, c, h, w, o, kh, kw, _, _, groups, ..] = *sizes;
-    let mut dx = OutputBuffer::new([n, c, h, w])?;
-    let mut dk = OutputBuffer::new([o, c / groups.max(1), kh, kw])?;
+    let mut dx = output([n, c, h, w])?;
+    let mut dk = output([o, c / groups.max(1), kh, kw])?;
     // Two locks, always taken data first: no other call holds a weights op while waiting
     // for a data op.
     let (data, weights) = (locked(&data), locked(&weights));
@@ -354,48 +470,17 @@ pub(crate) fn backward(
     }
 }
 
-/// An output for a primitive to write, not zero-filled first: with an allocator that reuses
-/// freed blocks (the examples' mimalloc), `vec![0.0; n]` is a pass over memory that the
-/// primitive's write then repeats; the zeroing of the convolutions' outputs and gradients
-/// was 2.3% of the shrunken ResNet's training step (`perf record` of `bench --width-divisor
-/// 4`, onednn build).
-struct OutputBuffer {
-    elements: Vec<f32>,
-    len: usize,
-}
-
-impl OutputBuffer {
-    /// Room for the elements of a tensor of these dims (oneDNN's sizes, each at most
-    /// `i32::MAX`); an error, not an abort or a wrapped size, when their product overflows or
-    /// the memory cannot be had.
-    fn new(dims: [i64; 4]) -> candle_core::Result<Self> {
-        let len = dims
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!("oneDNN convolution: {dims:?} outputs overflow"))
-            })?;
-        let mut elements = Vec::new();
-        elements.try_reserve_exact(len).map_err(|e| {
-            candle_core::Error::Msg(format!("oneDNN convolution: {len} f32 outputs: {e}"))
+/// Room for a primitive to write the elements of a tensor of these dims (oneDNN's sizes,
+/// each at most `i32::MAX`), not zero-filled first; an error, not an abort or a wrapped
+/// size, when their product overflows or the memory cannot be had.
+fn output(dims: [i64; 4]) -> candle_core::Result<OutputBuffer<f32>> {
+    let len = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("oneDNN convolution: {dims:?} outputs overflow"))
         })?;
-        Ok(Self { elements, len })
-    }
-
-    /// The `len` elements, not yet written.
-    fn uninit(&mut self) -> &mut [MaybeUninit<f32>] {
-        &mut self.elements.spare_capacity_mut()[..self.len]
-    }
-
-    /// The elements.
-    ///
-    /// # Safety
-    /// Every element of [`uninit`](Self::uninit) has been written.
-    unsafe fn written(mut self) -> Vec<f32> {
-        // SAFETY: the caller's promise, for the `len` elements `new` reserved.
-        unsafe { self.elements.set_len(self.len) };
-        self.elements
-    }
+    OutputBuffer::new(len, "oneDNN convolution")
 }
 
 /// The version of the oneDNN library this process runs (`(major, minor, patch)`), which may
