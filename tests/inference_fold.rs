@@ -105,7 +105,7 @@ fn input(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
 }
 
 /// f64 runs the GEMM path (the same arithmetic as the two kernels: bit for bit); f32 may run
-/// oneDNN's post-ops (feature `onednn`), whose rounding may differ in the last place.
+/// oneDNN with the map folded into its weights (feature `onednn`), rounded differently.
 fn assert_outputs_agree(folded: &Tensor, unfolded: &Tensor, what: &str) {
     match folded.dtype() {
         DType::F64 => assert_same(

@@ -5,13 +5,16 @@
 //! statistics, gamma and beta (a ReLU before it, as in the article's `relu_bn`, and one after
 //! it, as in Conv → BatchNorm → ReLU, included). Run as its own step it reads the
 //! convolution's whole output and writes a tensor as large; folded in, the convolution
-//! applies it as it writes its output (oneDNN's post-ops, or the GEMM path's copy-out), the
-//! same values as the two steps one after the other. The fold is decided step by step at run
-//! time, since it depends on the pass: inference mode, no mixed precision, an f32/f64 input
-//! on the CPU (elsewhere the map's per-channel values would be read back from the device on
-//! every call) that asks for no gradient (an input that is a variable, as for a saliency map,
-//! runs the two steps, whose gradients are candle's). The plan itself is not changed: the
-//! folded batch norm's step passes the convolution's output on. Each fold is counted in
+//! applies it as it writes its output (in the GEMM path's copy-out; on oneDNN in the weights
+//! and bias, or in one pass over the fresh output), the same values as the two steps one after
+//! the other (up to rounding where oneDNN's weights take the map).
+//!
+//! The fold is decided step by step at run time, since it depends on the pass: inference
+//! mode, no mixed precision, an f32/f64 input on the CPU (elsewhere the map's per-channel
+//! values would be read back from the device on every call) that asks for no gradient (an
+//! input that is a variable, as for a saliency map, runs the two steps, whose gradients are
+//! candle's). The plan itself is not changed: the folded batch norm's step passes the
+//! convolution's output on. Each fold is counted in
 //! [`profile::folded_batch_norms`](crate::profile::folded_batch_norms).
 
 use candle_core::Tensor;

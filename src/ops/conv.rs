@@ -140,9 +140,9 @@ fn conv2d_then(
 
 /// [`fused_conv2d`]'s output (the bias where given, then `max(·, 0)` with `relu`) passed
 /// through `affine` per filter: a BatchNorm in inference, folded into the convolution before
-/// it. On the CPU, when nothing asks for a gradient, one op (the map applied as the output is
-/// written, by oneDNN's post-ops or the GEMM path's copy-out) with no backward pass; else
-/// composed from differentiable ops, the same values.
+/// it. On the CPU, when nothing asks for a gradient, one op with no backward pass (the map
+/// applied in the GEMM path's copy-out; on oneDNN in the weights and bias, or in one pass over
+/// the fresh output); else composed from differentiable ops.
 pub(crate) fn conv2d_affine(
     x: &Tensor,
     kernel: &Tensor,

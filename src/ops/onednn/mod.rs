@@ -45,6 +45,8 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use rayon::prelude::*;
+
 use crate::ops::ChannelAffine;
 use crate::ops::cpu::OutputBuffer;
 
@@ -69,7 +71,7 @@ unsafe extern "C" {
         kind: c_int,
         sizes: *const i64,
         bias: c_int,
-        post: c_int,
+        relu: c_int,
         failed_step: *mut *const c_char,
     ) -> c_int;
     fn cf_op_workspace_bytes(op: *const RawOp) -> usize;
@@ -131,31 +133,11 @@ struct Engine(*mut RawEngine);
 unsafe impl Send for Engine {}
 unsafe impl Sync for Engine {}
 
-/// What a forward primitive applies after the convolution (and its bias), in this order: a
-/// ReLU, a per-channel multiply, a per-channel add, a ReLU; the shim's `CF_POST_*` bits.
-/// Backward primitives have none.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-struct PostOps {
-    relu: bool,
-    scale: bool,
-    shift: bool,
-    relu_after: bool,
-}
-
-impl PostOps {
-    fn bits(self) -> c_int {
-        c_int::from(self.relu)
-            | (c_int::from(self.scale) << 1)
-            | (c_int::from(self.relu_after) << 2)
-            | (c_int::from(self.shift) << 3)
-    }
-}
-
 /// A cache entry: the primitive, or `None` where oneDNN has no kernel for the shape.
 type Entry = Option<Arc<Mutex<Op>>>;
 
-/// What a primitive is created for: the pass, the sizes, with a bias, its post-ops.
-type Key = (Pass, ConvSizes, bool, PostOps);
+/// What a primitive is created for: the pass, the sizes, with a bias, with a ReLU.
+type Key = (Pass, ConvSizes, bool, bool);
 
 /// The primitives created so far.
 fn cache() -> &'static Mutex<HashMap<Key, Entry>> {
@@ -189,15 +171,10 @@ fn engine() -> candle_core::Result<&'static Engine> {
         .map_err(|&status| failure("engine", status, c"creating the CPU engine".as_ptr()))
 }
 
-/// The primitive for `(pass, sizes, bias, post)`, created on first use; `None` when oneDNN
+/// The primitive for `(pass, sizes, bias, relu)`, created on first use; `None` when oneDNN
 /// has no kernel for it.
-fn primitive(
-    pass: Pass,
-    sizes: &ConvSizes,
-    bias: bool,
-    post: PostOps,
-) -> candle_core::Result<Entry> {
-    let key = (pass, *sizes, bias, post);
+fn primitive(pass: Pass, sizes: &ConvSizes, bias: bool, relu: bool) -> candle_core::Result<Entry> {
+    let key = (pass, *sizes, bias, relu);
     // Poisoning only means another thread panicked while holding the map; its entries are
     // still whole (insertions are single calls).
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -215,7 +192,7 @@ fn primitive(
             pass as c_int,
             sizes.as_ptr(),
             bias as c_int,
-            post.bits(),
+            relu as c_int,
             &mut step,
         )
     };
@@ -278,11 +255,11 @@ fn locked(op: &Mutex<Op>) -> std::sync::MutexGuard<'_, Op> {
 fn run(
     pass: Pass,
     sizes: &ConvSizes,
-    (bias, post): (bool, PostOps),
+    (bias, relu): (bool, bool),
     inputs: &[&[f32]],
     outputs: &mut [&mut [MaybeUninit<f32>]],
 ) -> candle_core::Result<bool> {
-    let Some(op) = primitive(pass, sizes, bias, post)? else {
+    let Some(op) = primitive(pass, sizes, bias, relu)? else {
         return Ok(false);
     };
     let mut buffers: Vec<*mut c_void> = inputs.iter().map(|b| b.as_ptr() as *mut c_void).collect();
@@ -309,19 +286,18 @@ fn run(
     }
 }
 
-/// `conv(x, k) + bias` (the bias where given), then `max(·, 0)` with `relu`, then with
-/// `affine` per filter `scale · y + shift` and `max(·, 0)` with its `relu_after` (a batch
-/// norm in inference), all inside the convolution; `None` when oneDNN has no kernel for the
-/// shape.
+/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given), then with
+/// `affine` per filter `scale · y + shift` and its ReLU (a batch norm in inference, folded
+/// into this convolution); `None` when oneDNN has no kernel for the shape.
 ///
-/// oneDNN's per-channel multiply and add post-ops cost the convolution more than the map
-/// they apply (on an AVX-512 Xeon, oneDNN 2.6: the shrunken PlainNet's 3x3 layers took 15-30%
-/// longer, about what the batch norm's own pass had cost), so the map goes into the
-/// convolution's weights where it can: `scale · (W·x + b) + shift = (scale·W)·x + (scale·b +
-/// shift)` when no ReLU comes between (Conv → BatchNorm → ReLU), and `scale · max(z, 0) =
-/// max(scale · z, 0)` for a positive `scale` (the article's ReLU → BatchNorm: only the add
-/// stays a post-op). The folded weights are rounded once from f64; the values differ from the
-/// two layers' by rounding only.
+/// The map is not one of oneDNN's post-ops: its per-channel multiply and add (binary
+/// post-ops) made the 3x3 convolutions 15-30% slower on an AVX-512 Xeon with oneDNN 2.6 (the
+/// shrunken PlainNet's inference, `ONEDNN_VERBOSE`), more than the batch norm's own pass had
+/// cost. Where no ReLU comes between and the output outweighs the kernel (`n·oh·ow ≥ 8·c·kh·kw`
+/// per filter), it goes into the weights, `scale · (W·x + b) + shift = (scale·W)·x + (scale·b +
+/// shift)`, rounded once from f64 (the values differ from the two layers' by rounding); else
+/// it is one pass over the fresh output, in place, in f32 as the batch norm's kernel computes
+/// it (the same values).
 pub(crate) fn forward(
     x: &[f32],
     k: &[f32],
@@ -330,100 +306,78 @@ pub(crate) fn forward(
     affine: Option<&ChannelAffine>,
     sizes: &ConvSizes,
 ) -> candle_core::Result<Option<Vec<f32>>> {
-    let filters = sizes[4] as usize;
-    let Some(&ChannelAffine {
-        ref scale,
-        ref shift,
-        relu_after,
-    }) = affine
-    else {
-        let post = PostOps {
-            relu,
-            ..PostOps::default()
-        };
-        return forward_with(x, k, bias, post, &[], sizes);
+    let Some(affine) = affine else {
+        return forward_plain(x, k, bias, relu, sizes);
     };
-    if [scale.len(), shift.len()] != [filters; 2] || !k.len().is_multiple_of(filters.max(1)) {
+    let [n, _, _, _, o, _, _, oh, ow, ..] = sizes.map(|v| v.max(0) as usize);
+    if [affine.scale.len(), affine.shift.len()] != [o; 2] || k.len() != o * (k.len() / o.max(1)) {
         candle_core::bail!(
-            "oneDNN convolution: {} scales, {} shifts and {} kernel values for {filters} filters",
-            scale.len(),
-            shift.len(),
+            "oneDNN convolution: {} scales, {} shifts and {} kernel values for {o} filters",
+            affine.scale.len(),
+            affine.shift.len(),
             k.len()
         );
     }
-    let to_f32 = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
-    let finite = scale.iter().all(|s| s.is_finite());
-    let scaled_kernel = || -> Vec<f32> {
-        let per_filter = k.len() / filters.max(1);
-        k.chunks(per_filter.max(1))
-            .zip(scale)
+    let per_filter = k.len() / o.max(1);
+    let finite = affine.scale.iter().all(|s| s.is_finite());
+    if !relu && finite && n * oh * ow >= 8 * per_filter {
+        let k: Vec<f32> = k
+            .chunks(per_filter.max(1))
+            .zip(&affine.scale)
             .flat_map(|(w, &s)| w.iter().map(move |&w| (f64::from(w) * s) as f32))
-            .collect()
-    };
-    let bias_at = |f: usize| bias.map_or(0.0, |b| f64::from(b[f]));
-    if !relu && finite {
-        // scale · (W·x + b) + shift: one convolution with the map in its weights and bias.
-        let k = scaled_kernel();
-        let b: Vec<f32> = (0..filters)
-            .map(|f| (bias_at(f) * scale[f] + shift[f]) as f32)
             .collect();
-        let post = PostOps {
-            relu_after,
-            ..PostOps::default()
-        };
-        return forward_with(x, &k, Some(&b), post, &[], sizes);
-    }
-    if finite && scale.iter().all(|&s| s > 0.0) {
-        // scale · max(W·x + b, 0) = max(scale·W·x + scale·b, 0): only the shift is added.
-        let k = scaled_kernel();
-        let b: Vec<f32> = (0..filters)
-            .map(|f| (bias_at(f) * scale[f]) as f32)
+        let b: Vec<f32> = (0..o)
+            .map(|f| {
+                let b = bias.map_or(0.0, |b| f64::from(b[f]));
+                (b * affine.scale[f] + affine.shift[f]) as f32
+            })
             .collect();
-        let post = PostOps {
-            relu,
-            shift: true,
-            relu_after,
-            ..PostOps::default()
-        };
-        return forward_with(x, &k, Some(&b), post, &[&to_f32(shift)], sizes);
+        return forward_plain(x, &k, Some(&b), affine.relu_after, sizes);
     }
-    let post = PostOps {
-        relu,
-        scale: true,
-        shift: true,
-        relu_after,
+    let Some(mut y) = forward_plain(x, k, bias, relu, sizes)? else {
+        return Ok(None);
     };
-    let (scale, shift) = (to_f32(scale), to_f32(shift));
-    forward_with(x, k, bias, post, &[&scale, &shift], sizes)
+    let hw = oh * ow;
+    y.par_chunks_mut((o * hw).max(1)).for_each(|image| {
+        for (f, row) in image.chunks_mut(hw.max(1)).enumerate() {
+            let (a, c) = (affine.scale[f] as f32, affine.shift[f] as f32);
+            for v in row {
+                let z = *v * a + c;
+                // NaN stays NaN, as in the batch norm's kernel.
+                *v = if affine.relu_after && z < 0.0 { 0.0 } else { z };
+            }
+        }
+    });
+    Ok(Some(y))
 }
 
-/// The forward primitive with `post` on `(x, k, bias)` and the post-ops' per-channel
-/// operands `per_channel` (as many as `post` takes, in its order).
-fn forward_with(
+/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given): the primitive
+/// alone; `None` when oneDNN has no kernel for the shape.
+fn forward_plain(
     x: &[f32],
     k: &[f32],
     bias: Option<&[f32]>,
-    post: PostOps,
-    per_channel: &[&[f32]],
+    relu: bool,
     sizes: &ConvSizes,
 ) -> candle_core::Result<Option<Vec<f32>>> {
     let [n, _, _, _, o, _, _, oh, ow, ..] = *sizes;
-    if per_channel.len() != usize::from(post.scale) + usize::from(post.shift)
-        || per_channel.iter().any(|v| v.len() != o as usize)
-    {
-        candle_core::bail!("oneDNN convolution: per-channel operands do not match the post-ops");
-    }
-    let mut inputs = vec![x, k];
-    inputs.extend(bias);
-    inputs.extend(per_channel);
     let mut y = output([n, o, oh, ow])?;
-    let done = run(
-        Pass::Forward,
-        sizes,
-        (bias.is_some(), post),
-        &inputs,
-        &mut [y.uninit()],
-    )?;
+    let done = match bias {
+        Some(b) => run(
+            Pass::Forward,
+            sizes,
+            (true, relu),
+            &[x, k, b],
+            &mut [y.uninit()],
+        ),
+        None => run(
+            Pass::Forward,
+            sizes,
+            (false, relu),
+            &[x, k],
+            &mut [y.uninit()],
+        ),
+    }?;
     // SAFETY: the primitive ran, and a convolution writes every element of its output.
     Ok(done.then(|| unsafe { y.written() }))
 }
@@ -434,8 +388,8 @@ pub(crate) fn backward(
     (x, dy, k): (&[f32], &[f32], &[f32]),
     sizes: &ConvSizes,
 ) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
-    let data = primitive(Pass::BackwardData, sizes, false, PostOps::default())?;
-    let weights = primitive(Pass::BackwardWeights, sizes, false, PostOps::default())?;
+    let data = primitive(Pass::BackwardData, sizes, false, false)?;
+    let weights = primitive(Pass::BackwardWeights, sizes, false, false)?;
     let (Some(data), Some(weights)) = (data, weights) else {
         return Ok(None);
     };

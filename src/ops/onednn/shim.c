@@ -48,14 +48,6 @@ typedef const dnnl_memory_desc_t *cf_cmd;
 /* Which primitive a `cf_op` runs. */
 enum { CF_FORWARD = 0, CF_BACKWARD_DATA = 1, CF_BACKWARD_WEIGHTS = 2 };
 
-/* What a forward op applies to the convolution's output (bits of `post`), in this order: a
- * ReLU, a per-channel multiply, a per-channel add (a batch norm in inference; each a
- * (1, O, 1, 1) argument after the bias), another ReLU. */
-enum { CF_POST_RELU = 1, CF_POST_SCALE = 2, CF_POST_RELU_AFTER = 4, CF_POST_SHIFT = 8 };
-
-/* The most arguments an op takes: x, w, bias, scale, shift, y. */
-#define CF_MAX_ARGS 6
-
 /* The sizes of one convolution, in the order Rust passes them. */
 enum {
     S_N, S_C, S_H, S_W, S_O, S_KH, S_KW, S_OH, S_OW,
@@ -80,7 +72,7 @@ typedef struct cf_op {
     dnnl_primitive_desc_t pd;
     dnnl_primitive_t prim;
     int nargs;
-    cf_arg args[CF_MAX_ARGS];
+    cf_arg args[4];
 } cf_op;
 
 /* Names the step that failed, for the Rust error message. */
@@ -164,28 +156,16 @@ static int add_arg(cf_op *op, int arg, int is_output, cf_md plain, dnnl_query_t 
     return 0;
 }
 
-/* Adds argument `arg`, read in the caller's layout `plain` (taken over by the op) with no
- * reorder: the per-channel operands of the binary post-ops. */
-static void add_plain_arg(cf_op *op, int arg, cf_md plain) {
-    cf_arg *a = &op->args[op->nargs++];
-    a->arg = arg;
-    a->is_output = 0;
-    a->plain = plain;
-    a->inner = CF_MD(a->plain);
-}
-
-/* The plain descriptors of a convolution (src NCHW, weights OIHW or GOIHW, bias O, dst NCHW,
- * and the (1, O, 1, 1) scale and shift of the affine post-ops) and the "any" twins of the
- * first ones, which let the primitive pick its layouts. */
+/* The four plain descriptors of a convolution (src NCHW, weights OIHW or GOIHW, bias O,
+ * dst NCHW) and their "any" twins, which let the primitive pick its layouts. */
 typedef struct {
-    cf_md src, wei, bias, dst, scale, shift;
+    cf_md src, wei, bias, dst;
     cf_md any_src, any_wei, any_dst;
     dnnl_dims_t strides, dilates, pad_l, pad_r;
 } cf_descs;
 
 static void descs_free(cf_descs *d) {
     md_free(&d->src); md_free(&d->wei); md_free(&d->bias); md_free(&d->dst);
-    md_free(&d->scale); md_free(&d->shift);
     md_free(&d->any_src); md_free(&d->any_wei); md_free(&d->any_dst);
 }
 
@@ -193,7 +173,6 @@ static int descs_init(cf_descs *d, const int64_t *s, const char **where) {
     dnnl_dims_t src = {s[S_N], s[S_C], s[S_H], s[S_W]};
     dnnl_dims_t dst = {s[S_N], s[S_O], s[S_OH], s[S_OW]};
     dnnl_dims_t bias = {s[S_O]};
-    dnnl_dims_t channel = {1, s[S_O], 1, 1};
     int64_t g = s[S_GROUPS];
     dnnl_dims_t wei = {s[S_O], s[S_C], s[S_KH], s[S_KW]};
     dnnl_dims_t gwei = {g, s[S_O] / g, s[S_C] / g, s[S_KH], s[S_KW]};
@@ -203,8 +182,6 @@ static int descs_init(cf_descs *d, const int64_t *s, const char **where) {
     CHECK(md_init(&d->src, 4, src, dnnl_nchw), "describing the input");
     CHECK(md_init(&d->dst, 4, dst, dnnl_nchw), "describing the output");
     CHECK(md_init(&d->bias, 1, bias, dnnl_a), "describing the bias");
-    CHECK(md_init(&d->scale, 4, channel, dnnl_nchw), "describing the scale");
-    CHECK(md_init(&d->shift, 4, channel, dnnl_nchw), "describing the shift");
     CHECK(md_init(&d->wei, wnd, wdims, wtag), "describing the kernel");
     CHECK(md_init(&d->any_src, 4, src, dnnl_format_tag_any), "describing the input");
     CHECK(md_init(&d->any_dst, 4, dst, dnnl_format_tag_any), "describing the output");
@@ -219,40 +196,26 @@ static int descs_init(cf_descs *d, const int64_t *s, const char **where) {
     return 0;
 }
 
-static dnnl_status_t append_relu(dnnl_post_ops_t post) {
-#if DNNL_VERSION_MAJOR >= 3
-    return dnnl_post_ops_append_eltwise(post, dnnl_eltwise_relu, 0.f, 0.f);
-#else
-    return dnnl_post_ops_append_eltwise(post, 1.f, dnnl_eltwise_relu, 0.f, 0.f);
-#endif
-}
-
-/* The post-ops of `post` (CF_POST_* bits) on `attr`. */
-static dnnl_status_t set_post_ops(dnnl_primitive_attr_t attr, cf_descs *d, int post) {
-    dnnl_post_ops_t ops = NULL;
-    dnnl_status_t s = dnnl_post_ops_create(&ops);
-    if (s == dnnl_success && (post & CF_POST_RELU)) s = append_relu(ops);
-    if (s == dnnl_success && (post & CF_POST_SCALE))
-        s = dnnl_post_ops_append_binary(ops, dnnl_binary_mul, CF_MD(d->scale));
-    if (s == dnnl_success && (post & CF_POST_SHIFT))
-        s = dnnl_post_ops_append_binary(ops, dnnl_binary_add, CF_MD(d->shift));
-    if (s == dnnl_success && (post & CF_POST_RELU_AFTER)) s = append_relu(ops);
-    if (s == dnnl_success) s = dnnl_primitive_attr_set_post_ops(attr, ops);
-    if (ops) dnnl_post_ops_destroy(ops);
-    return s;
-}
-
-/* The forward primitive descriptor: with the bias when `bias`, then the post-ops of `post`
- * (CF_POST_* bits). */
+/* The forward primitive descriptor: with the bias when `bias`, then a ReLU post-op when
+ * `relu`. */
 static int forward_pd(dnnl_primitive_desc_t *pd, dnnl_engine_t engine, cf_descs *d,
-        int bias, int post, const char **where) {
+        int bias, int relu, const char **where) {
     dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t post = NULL;
     CHECK(dnnl_primitive_attr_create(&attr), "creating the attributes");
-    if (post) {
-        dnnl_status_t s = set_post_ops(attr, d, post);
+    if (relu) {
+        dnnl_status_t s = dnnl_post_ops_create(&post);
+#if DNNL_VERSION_MAJOR >= 3
+        if (s == dnnl_success) s = dnnl_post_ops_append_eltwise(post, dnnl_eltwise_relu, 0.f, 0.f);
+#else
+        if (s == dnnl_success)
+            s = dnnl_post_ops_append_eltwise(post, 1.f, dnnl_eltwise_relu, 0.f, 0.f);
+#endif
+        if (s == dnnl_success) s = dnnl_primitive_attr_set_post_ops(attr, post);
+        if (post) dnnl_post_ops_destroy(post);
         if (s != dnnl_success) {
             dnnl_primitive_attr_destroy(attr);
-            *where = "adding the post-ops";
+            *where = "adding the ReLU post-op";
             return (int)s;
         }
     }
@@ -274,11 +237,11 @@ static int forward_pd(dnnl_primitive_desc_t *pd, dnnl_engine_t engine, cf_descs 
 }
 
 /* Creates the op of `kind` for the sizes `s` (S_COUNT values). `bias` adds the bias to the
- * forward op's arguments (or the bias gradient to the backward-weights op's), `post` (CF_POST_*
- * bits) what the forward op applies after the convolution. On failure returns a nonzero
- * oneDNN status and sets `where` to the step that failed; nothing is left allocated. */
+ * forward op's arguments (or the bias gradient to the backward-weights op's), `relu` a ReLU
+ * after the forward convolution. On failure returns a nonzero oneDNN status and sets `where`
+ * to the step that failed; nothing is left allocated. */
 int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s, int bias,
-        int post, const char **where) {
+        int relu, const char **where) {
     *out = NULL;
     cf_op *op = calloc(1, sizeof(cf_op));
     if (!op) {
@@ -292,7 +255,7 @@ int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s
      * neither bias nor ReLU: those gradients are the caller's. */
     int fwd = kind == CF_FORWARD;
     if (rc == 0)
-        rc = forward_pd(fwd ? &op->pd : &op->hint, engine, &d, bias && fwd, fwd ? post : 0, where);
+        rc = forward_pd(fwd ? &op->pd : &op->hint, engine, &d, bias && fwd, relu && fwd, where);
     if (rc == 0 && kind == CF_BACKWARD_DATA) {
 #if DNNL_VERSION_MAJOR >= 3
         rc = (int)dnnl_convolution_backward_data_primitive_desc_create(&op->pd, engine,
@@ -338,24 +301,10 @@ int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s
         d.field = (cf_md){0};                                     \
     }
     switch (kind) {
-    case CF_FORWARD: /* x, w, [b], [scale], [shift], y */
+    case CF_FORWARD: /* x, w, [b], y */
         ARG(DNNL_ARG_SRC, 0, src, dnnl_query_src_md, 0);
         ARG(DNNL_ARG_WEIGHTS, 0, wei, dnnl_query_weights_md, 0);
         if (bias) ARG(DNNL_ARG_BIAS, 0, bias, dnnl_query_weights_md, 1);
-        if (rc == 0) {
-            /* The post-ops' indices, in the order `set_post_ops` appends them. */
-            int next = (post & CF_POST_RELU) ? 1 : 0;
-            if (post & CF_POST_SCALE) {
-                add_plain_arg(op, DNNL_ARG_ATTR_MULTIPLE_POST_OP(next++) | DNNL_ARG_SRC_1,
-                        d.scale);
-                d.scale = (cf_md){0};
-            }
-            if (post & CF_POST_SHIFT) {
-                add_plain_arg(op, DNNL_ARG_ATTR_MULTIPLE_POST_OP(next) | DNNL_ARG_SRC_1,
-                        d.shift);
-                d.shift = (cf_md){0};
-            }
-        }
         ARG(DNNL_ARG_DST, 1, dst, dnnl_query_dst_md, 0);
         break;
     case CF_BACKWARD_DATA: /* dy, w, dx */
@@ -400,8 +349,8 @@ size_t cf_op_workspace_bytes(const cf_op *op) {
  * is skipped. Sets `blocked[i]` to where argument i's blocked copy is (NULL if none). */
 static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
         void *preset_data, void **blocked, const char **where) {
-    dnnl_memory_t plain[CF_MAX_ARGS] = {0}, inner[CF_MAX_ARGS] = {0};
-    dnnl_exec_arg_t exec[CF_MAX_ARGS] = {{0, NULL}};
+    dnnl_memory_t plain[4] = {0}, inner[4] = {0};
+    dnnl_exec_arg_t exec[4] = {{0, NULL}};
     int rc = 0;
     for (int i = 0; i < op->nargs && rc == 0; i++) {
         cf_arg *a = &op->args[i];
@@ -452,7 +401,7 @@ static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
  * results are written. */
 int cf_op_execute(cf_op *op, void *const *buffers, int nargs, void *workspace,
         const char **where) {
-    void *blocked[CF_MAX_ARGS];
+    void *blocked[4];
     if (nargs != op->nargs) {
         *where = "counting the arguments";
         return (int)dnnl_invalid_arguments;
@@ -470,7 +419,7 @@ int cf_conv_backward(cf_op *data, cf_op *weights, void *x, void *dy, void *w, vo
         *where = "counting the arguments";
         return (int)dnnl_invalid_arguments;
     }
-    void *blocked[CF_MAX_ARGS];
+    void *blocked[4];
     void *data_buffers[3] = {dy, w, dx};
     int rc = execute(data, data_buffers, workspace, -1, NULL, blocked, where);
     if (rc) return rc;
