@@ -25,6 +25,8 @@ mod allocator;
 mod openmp;
 #[path = "common/step_counts.rs"]
 mod step_counts;
+#[path = "common/unet.rs"]
+mod unet;
 
 use std::time::Instant;
 
@@ -33,13 +35,25 @@ use candle_functional::data::Batch;
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::select_device;
-use candle_functional::train::{AdamConfig, Loss, NanCheck, Trainer};
+use candle_functional::train::{AdamConfig, BackwardPass, Loss, NanCheck, Trainer};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Net {
     Resnet,
     Plain,
+    /// The segmentation example's U-Net (16-32-64 filters, concatenated skips, 3 classes per
+    /// pixel of a 32x32 image); `--stages` and `--width-divisor` do not apply.
+    Unet,
+}
+
+/// How the trainer computes gradients (`Trainer::backward_pass`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Gradients {
+    /// The trainer's own backward pass over the model's plan (the default).
+    Plan,
+    /// candle's autograd over the whole step.
+    Autograd,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -73,6 +87,9 @@ struct Args {
     /// Also count what one training step launches (see the module docs).
     #[arg(long)]
     counts: bool,
+    /// How the training step computes its gradients.
+    #[arg(long, value_enum, default_value_t = Gradients::Plan)]
+    backward_pass: Gradients,
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -86,12 +103,29 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let model = match args.model {
         Net::Resnet => config.res_net()?,
         Net::Plain => config.plain_net()?,
+        Net::Unet => unet::u_net(32, 3, 16)?,
     }
     .build(&device, DType::F32, 0)?;
     let x = (Tensor::rand(0f32, 1.0, (args.batch_size, 3, 32, 32), &device)? * 255.0)?;
-    let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
-    let labels = Tensor::from_vec(labels, args.batch_size, &device)?;
-    const LOSS: Loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
+    // A class per image (softmax outputs), or per pixel (the U-Net's logits).
+    let (labels, loss) = match args.model {
+        Net::Unet => {
+            let labels: Vec<u32> = (0..args.batch_size as u32 * 32 * 32)
+                .map(|i| i % 3)
+                .collect();
+            (
+                Tensor::from_vec(labels, (args.batch_size, 32, 32), &device)?,
+                Loss::SparseCategoricalCrossentropy { from_logits: true },
+            )
+        }
+        _ => {
+            let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % 10).collect();
+            (
+                Tensor::from_vec(labels, args.batch_size, &device)?,
+                Loss::SparseCategoricalCrossentropy { from_logits: false },
+            )
+        }
+    };
     // Under mpirun: MPI between CPU ranks; NCCL between GPUs in a `nccl` build.
     let comm = candle_functional::distributed::for_device(
         candle_functional::distributed::from_environment()?,
@@ -101,7 +135,12 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     if ranks > 1 && (args.mode == Phase::Infer || args.counts) {
         return Err("under mpirun only --mode train is measured (inference is per process)".into());
     }
-    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), LOSS)?;
+    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), loss)?.backward_pass(
+        match args.backward_pass {
+            Gradients::Plan => BackwardPass::Plan,
+            Gradients::Autograd => BackwardPass::Autograd,
+        },
+    );
     if ranks > 1 {
         trainer = trainer.distributed(comm.clone());
     }
@@ -139,20 +178,21 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let counts = if args.counts {
         // A fresh trainer with the GPU's check, so that the counts are a GPU step's.
         let mut counted =
-            Trainer::new(model.clone(), AdamConfig::default(), LOSS)?.nan_check(NanCheck::OnDevice);
+            Trainer::new(model.clone(), AdamConfig::default(), loss)?.nan_check(NanCheck::OnDevice);
         format!(
             ", \"counts_per_step\": {}",
-            step_counts::step_counts(&model, &mut counted, &batch, LOSS)?
+            step_counts::step_counts(&model, &mut counted, &batch, loss)?
         )
     } else {
         String::new()
     };
     println!(
-        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}, \"ranks\": {ranks}, \"comm_ms_median\": {comm_median:.1}{counts}}}",
+        "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"model\": \"{}\", \"mode\": \"{}\", \"batch_size\": {}, \"steps\": {}, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \"max_ms\": {:.1}, \"images_per_sec\": {:.2}, \"threads\": {}, \"allocator\": \"{}\", \"stages\": {:?}, \"width_divisor\": {}, \"ranks\": {ranks}, \"comm_ms_median\": {comm_median:.1}, \"backward_pass\": \"{:?}\"{counts}}}",
         device.location(),
         match args.model {
             Net::Resnet => "resnet",
             Net::Plain => "plain",
+            Net::Unet => "unet",
         },
         match args.mode {
             Phase::Train => "train",
@@ -171,6 +211,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         },
         args.stages,
         args.width_divisor,
+        args.backward_pass,
     );
     Ok(())
 }

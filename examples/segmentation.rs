@@ -12,6 +12,8 @@
 
 #[path = "common/allocator.rs"]
 mod allocator;
+#[path = "common/unet.rs"]
+mod unet;
 
 use std::path::PathBuf;
 
@@ -45,30 +47,6 @@ struct Args {
 
 const SIZE: usize = 32;
 const CLASSES: usize = 3;
-
-/// Conv 3×3 → BatchNorm → ReLU. The BatchNorm momentum is 0.9, not Keras's 0.99: a run of a
-/// few hundred steps must bring the moving statistics (which held-out images are scored
-/// with) close to the data's.
-fn conv_bn_relu(x: &SymbolicTensor, filters: usize) -> Result<SymbolicTensor> {
-    let y = Conv2D::new(filters, 3).padding(Padding::Same).call(x)?;
-    let y = BatchNorm::new().momentum(0.9).call(&y)?;
-    ReLU::new().call(&y)
-}
-
-fn u_net() -> Result<Model> {
-    let image = Input::named("image", [3, SIZE, SIZE]);
-    let s1 = conv_bn_relu(&conv_bn_relu(&image, 16)?, 16)?; // 16 × 32 × 32
-    let down = MaxPooling2D::new(2).call(&s1)?;
-    let s2 = conv_bn_relu(&conv_bn_relu(&down, 32)?, 32)?; // 32 × 16 × 16
-    let down = MaxPooling2D::new(2).call(&s2)?;
-    let bottom = conv_bn_relu(&down, 64)?; // 64 × 8 × 8
-    let up = UpSampling2D::new(2).call(&bottom)?;
-    let up = conv_bn_relu(&Concatenate::new(1).call_many(&[up, s2])?, 32)?;
-    let up = UpSampling2D::new(2).call(&up)?;
-    let up = conv_bn_relu(&Concatenate::new(1).call_many(&[up, s1])?, 16)?;
-    let mask = Conv2D::new(CLASSES, 1).name("mask").call(&up)?; // per-pixel logits
-    Ok(Model::new(&[image], &[mask])?.named("u_net"))
-}
 
 /// `n` images (N, 3, 32, 32) in [0, 1] and their masks (N, 32, 32): a disc and a square each,
 /// in random colours, positions and sizes, on a noisy background.
@@ -168,7 +146,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .seed(args.seed);
     let validation = TensorDataset::new(vec![val_x.clone()], vec![val_y.clone()], 64)?;
 
-    let model = u_net()?.build(&device, DType::F32, args.seed)?;
+    let model = unet::u_net(SIZE, CLASSES, 16)?.build(&device, DType::F32, args.seed)?;
     println!("{}", model.summary());
     let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
     let mut trainer = Trainer::new(

@@ -122,6 +122,35 @@ fn conv_bn_relu(x: &SymbolicTensor, filters: usize) -> SymbolicTensor {
     ReLU::new().call(&y).unwrap()
 }
 
+/// Max pooling over a map its windows do not tile (7x7 by 2: the last row and column take
+/// no part), ties among the ReLU's zeros, nearest upsampling by (2, 3), and a concatenation
+/// with a model input (which needs no gradient): the layers the own backward pass computes
+/// natively between convolutions, at their edges.
+#[test]
+fn pooling_upsampling_and_concatenation_at_their_edges_get_the_same_gradients() {
+    let image = Input::new([3, 7, 7]);
+    let extra = Input::new([2, 6, 9]);
+    let s = conv_bn_relu(&image, 4);
+    let down = MaxPooling2D::new(2).call(&s).unwrap();
+    let up = UpSampling2D::new(2).size(2, 3).call(&down).unwrap();
+    let joined = Concatenate::new(1).call_many(&[up, extra.clone()]).unwrap();
+    let out = Conv2D::new(3, 1).call(&conv_bn_relu(&joined, 4)).unwrap();
+    let model = Model::new(&[image, extra], &[out])
+        .unwrap()
+        .build(&CPU, DType::F32, 5)
+        .unwrap();
+    let masks = Tensor::from_vec(
+        (0..4 * 6 * 9).map(|i| (i % 3) as u32).collect(),
+        (4, 6, 9),
+        &CPU,
+    )
+    .unwrap();
+    let inputs = vec![data(4, &[3, 7, 7], 4), data(4, &[2, 6, 9], 6)];
+    let batch = Batch::new(inputs, vec![masks]);
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    assert_same_step(&model, &batch, loss.into(), 1e-5);
+}
+
 #[test]
 fn a_u_net_with_concatenated_skips_gets_the_same_gradients() {
     let image = Input::new([3, 16, 16]);

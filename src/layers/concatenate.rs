@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::Native;
 use crate::layers::padding::{channel_axis, checked_size};
 use crate::{Error, Result};
 
@@ -115,6 +116,29 @@ impl LayerOp for ConcatenateConfig {
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
         let axis = self.sample_axis("", inputs[0].rank() - 1)? + 1;
         Ok(vec![Tensor::cat(inputs, axis)?])
+    }
+
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl ConcatenateConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output and
+    /// what the gradients need (the axis and each input's extent along it: each input's
+    /// gradient is its slice of the output's).
+    pub(crate) fn forward_native(&self, inputs: &[Tensor]) -> Result<Option<(Tensor, Native)>> {
+        let Some(first) = inputs.first() else {
+            return Ok(None);
+        };
+        let axis = self.sample_axis("", first.rank().saturating_sub(1))? + 1;
+        let sizes = inputs
+            .iter()
+            .map(|t| t.dim(axis))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let y = Tensor::cat(inputs, axis)?;
+        Ok(Some((y, Native::Concatenate { axis, sizes })))
     }
 }
 

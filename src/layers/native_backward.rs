@@ -1,8 +1,11 @@
 //! The layers whose gradients the trainer's own backward pass (`train/tape.rs`) computes with
 //! their own kernels instead of candle's autograd: convolutions and batch norms, which hold
-//! nearly all of a convolutional network's activations. Their forward pass runs on detached
-//! weights and records a [`Native`]: what the backward kernels need (`forward_native` in
-//! `conv.rs` and `batch_norm.rs`).
+//! nearly all of a convolutional network's activations, and the layers that connect them in
+//! encoder/decoder networks (max pooling, nearest upsampling, concatenation), which through
+//! candle's autograd would each copy their inputs into fresh variables. Their forward pass
+//! runs on detached weights and records a [`Native`]: what the backward kernels need
+//! (`forward_native` in `conv.rs`, `batch_norm.rs`, `pooling.rs`, `upsampling.rs`,
+//! `concatenate.rs`).
 
 use candle_core::{Tensor, Var};
 
@@ -39,14 +42,27 @@ pub(crate) enum Native {
         gamma_var: Option<Var>,
         beta_var: Option<Var>,
     },
+    /// Max pooling with strides equal to the `window`, no padding.
+    MaxPool {
+        x: Tensor,
+        y: Tensor,
+        window: (usize, usize),
+    },
+    /// Nearest upsampling by `factors` (rows, columns).
+    UpsampleNearest { factors: (usize, usize) },
+    /// Concatenation along `axis` of inputs of `sizes` along it.
+    Concatenate { axis: usize, sizes: Vec<usize> },
 }
 
+/// A step's gradients: one per input, then the weights' (each with the variable it is for).
+pub(crate) type Gradients = (Vec<Tensor>, Vec<(Var, Tensor)>);
+
 impl Native {
-    /// The input gradient (every input gets it: a batch norm's two summands share theirs)
-    /// and the weights' gradients, from the output's gradient `dy`.
-    pub(crate) fn gradients(self, dy: &Tensor) -> Result<(Tensor, Vec<(Var, Tensor)>)> {
+    /// The inputs' gradients, one per input (a batch norm's two summands share theirs), and
+    /// the weights' gradients, from the output's gradient `dy`.
+    pub(crate) fn gradients(self, dy: &Tensor) -> Result<Gradients> {
         let mut weights = Vec::new();
-        let dx = match self {
+        let dxs = match self {
             Native::Conv2d {
                 x,
                 kernel,
@@ -68,7 +84,7 @@ impl Native {
                 if let (Some(v), Some(db)) = (bias_var, db) {
                     weights.push((v, db));
                 }
-                dx
+                vec![dx]
             }
             Native::BatchNorm {
                 inputs,
@@ -93,9 +109,26 @@ impl Native {
                 )?;
                 weights.extend(gamma_var.map(|v| (v, dgamma)));
                 weights.extend(beta_var.map(|v| (v, dbeta)));
-                dx
+                vec![dx; inputs.len()]
+            }
+            Native::MaxPool { x, y, window } => {
+                vec![crate::ops::cpu::pooling::max_pool_grad(&x, &y, dy, window)?]
+            }
+            Native::UpsampleNearest { factors } => {
+                vec![crate::ops::cpu::pooling::upsample_nearest_grad(
+                    dy, factors,
+                )?]
+            }
+            Native::Concatenate { axis, sizes } => {
+                let mut start = 0;
+                let mut parts = Vec::with_capacity(sizes.len());
+                for size in sizes {
+                    parts.push(dy.narrow(axis, start, size)?);
+                    start += size;
+                }
+                parts
             }
         };
-        Ok((dx, weights))
+        Ok((dxs, weights))
     }
 }

@@ -13,9 +13,11 @@ use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::Padding;
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::Native;
 use crate::layers::padding::{
     expect_chw, expect_positive, one_input, same_padding, window_output_len,
 };
+use crate::ops;
 use crate::{Error, Result};
 
 /// Window, stride and padding of a 2-D pooling layer.
@@ -54,6 +56,20 @@ enum Reduce {
 }
 
 impl Pool2DConfig {
+    /// The window when it equals the strides and there is no padding (the windows tile the
+    /// map; rows and columns past the last whole one are left out), on an `h` by `w` map.
+    fn tiling_window(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let pads = match self.padding {
+            Padding::Same => {
+                let (top, bottom) = same_padding(h, self.pool_size.0, self.strides().0, 1);
+                let (left, right) = same_padding(w, self.pool_size.1, self.strides().1, 1);
+                (top, bottom, left, right)
+            }
+            Padding::Valid => (0, 0, 0, 0),
+        };
+        (self.pool_size == self.strides() && pads == (0, 0, 0, 0)).then_some(self.pool_size)
+    }
+
     fn strides(&self) -> (usize, usize) {
         self.strides.unwrap_or(self.pool_size)
     }
@@ -83,7 +99,7 @@ impl Pool2DConfig {
             Padding::Same => same_padding(w, pw, sw, 1),
             Padding::Valid => (0, 0),
         };
-        if (ph, pw) == (sh, sw) && (top, bottom, left, right) == (0, 0, 0, 0) {
+        if self.tiling_window(h, w).is_some() {
             let covered = x.narrow(2, 0, oh * sh)?.narrow(3, 0, ow * sw)?;
             return Ok(match reduce {
                 // candle 0.11's max_pool2d backward scales the gradient by the share of the
@@ -245,6 +261,11 @@ macro_rules! pool_layer {
             fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
                 Ok(vec![self.0.pool(&inputs[0], $reduce)?])
             }
+
+            /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
+            fn as_any(&self) -> Option<&dyn std::any::Any> {
+                Some(self)
+            }
         }
     };
 }
@@ -264,6 +285,28 @@ pool_layer!(
     /// ```
     MaxPooling2D, MaxPooling2DConfig, "MaxPooling2D", Reduce::Max
 );
+
+impl MaxPooling2DConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output and
+    /// what its gradient needs, where the windows tile the map (strides equal to the window,
+    /// no padding) on an input the CPU kernels take; `None` elsewhere (candle's autograd).
+    pub(crate) fn forward_native(&self, x: &Tensor) -> Result<Option<(Tensor, Native)>> {
+        if x.rank() != 4 || !ops::takes_cpu_kernels(x) {
+            return Ok(None);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let Some(window) = self.0.tiling_window(h, w) else {
+            return Ok(None);
+        };
+        let y = self.0.pool(x, Reduce::Max)?;
+        let native = Native::MaxPool {
+            x: x.clone(),
+            y: y.clone(),
+            window,
+        };
+        Ok(Some((y, native)))
+    }
+}
 
 pool_layer!(
     /// Average pooling over 2-D windows (the article's `AveragePooling2D(4)` head).

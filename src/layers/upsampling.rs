@@ -13,8 +13,10 @@ use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::image_transform::Interpolation;
 use crate::layers::keras::{KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::Native;
 use crate::layers::padding::{checked_size, expect_chw, expect_positive, one_input};
 use crate::layers::resizing::resize_axis;
+use crate::ops;
 
 /// Configuration of an [`UpSampling2D`] layer; defaults are Keras's.
 ///
@@ -133,6 +135,32 @@ impl LayerOp for UpSampling2DConfig {
                 resize_axis(&x, 3, w * columns, Interpolation::Bilinear)?
             }
         }])
+    }
+
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl UpSampling2DConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output and
+    /// what its gradient needs (nothing but the factors), for nearest upsampling on an input
+    /// the CPU kernels take; `None` elsewhere (bilinear: candle's autograd).
+    pub(crate) fn forward_native(
+        &self,
+        x: &Tensor,
+        params: &Params,
+    ) -> Result<Option<(Tensor, Native)>> {
+        if self.interpolation != Interpolation::Nearest
+            || x.rank() != 4
+            || !ops::takes_cpu_kernels(x)
+        {
+            return Ok(None);
+        }
+        let y = self.forward(std::slice::from_ref(x), params)?.remove(0);
+        let factors = self.size;
+        Ok(Some((y, Native::UpsampleNearest { factors })))
     }
 }
 

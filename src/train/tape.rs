@@ -9,11 +9,12 @@
 //! residual branch) pays an add.
 //!
 //! Convolutions and batch norms (the layers that hold nearly all of a convolutional
-//! network's activations) run their forward pass on detached tensors and keep what their
-//! backward kernels need ([`Native`]). Every other step (custom layers, nested models,
-//! Dense, pooling, …) runs as before on fresh leaf variables of its inputs, and its gradients
-//! come from candle's autograd on that step alone (`Σ y·dy`, differentiated), so any
-//! [`LayerOp`](crate::LayerOp) works without a backward of its own.
+//! network's activations), and the max pooling, nearest upsampling and concatenation that
+//! connect an encoder to its decoder, run their forward pass on detached tensors and keep what
+//! their backward kernels need ([`Native`]). Every other step (custom layers, nested models,
+//! Dense, average pooling, …) runs as before on fresh leaf variables of its inputs (a copy of
+//! each), and its gradients come from candle's autograd on that step alone (`Σ y·dy`,
+//! differentiated), so any [`LayerOp`](crate::LayerOp) works without a backward of its own.
 
 use std::collections::HashMap;
 
@@ -25,7 +26,9 @@ use crate::graph::params::Pass;
 use crate::graph::plan::{Plan, Step};
 use crate::graph::{LayerRef, Params, StateUpdates};
 use crate::layers::native_backward::Native;
-use crate::layers::{BatchNormConfig, Conv2DConfig};
+use crate::layers::{
+    BatchNormConfig, ConcatenateConfig, Conv2DConfig, MaxPooling2DConfig, UpSampling2DConfig,
+};
 use crate::models::Model;
 use crate::{Error, Result};
 
@@ -131,14 +134,36 @@ fn record(
 }
 
 /// The layer's forward pass with its weights detached, when it computes its own gradients (a
-/// convolution or a batch norm: their `forward_native`, `layers/native_backward.rs`); `None`
-/// otherwise, and for a layer not built (its forward pass then reports that).
+/// convolution, a batch norm, max pooling, nearest upsampling, a concatenation: their
+/// `forward_native`, `layers/native_backward.rs`); `None` otherwise, and for a layer not
+/// built (its forward pass then reports that).
 fn native_step(
     layer: &LayerRef,
     inputs: &[Tensor],
     pass: Pass,
     fusion: Fusion,
 ) -> Result<Option<(Tensor, Native)>> {
+    let Some(any) = layer.op().as_any() else {
+        return Ok(None);
+    };
+    // The layers without weights that connect an encoder to its decoder.
+    match (inputs, fusion.is_none()) {
+        (_, false) => {}
+        ([x], true) => {
+            if let Some(pool) = any.downcast_ref::<MaxPooling2DConfig>() {
+                return pool.forward_native(x);
+            }
+            if let Some(up) = any.downcast_ref::<UpSampling2DConfig>() {
+                let params = Params::new(&[], &[], pass.mode, pass.seed);
+                return up.forward_native(x, &params);
+            }
+        }
+        (_, true) => {
+            if let Some(cat) = any.downcast_ref::<ConcatenateConfig>() {
+                return cat.forward_native(inputs);
+            }
+        }
+    }
     let Some(weights) = layer.weights() else {
         return Ok(None);
     };
@@ -147,9 +172,6 @@ fn native_step(
         .with_trainable(layer.trainable())
         .with_state_updates(pass.state_updates)
         .with_detached(true);
-    let Some(any) = layer.op().as_any() else {
-        return Ok(None);
-    };
     if let Some(conv) = any.downcast_ref::<Conv2DConfig>() {
         return match inputs {
             [x] => conv.forward_native(x, &params, fusion),
@@ -206,12 +228,20 @@ impl Tape {
                 Backward::Native(native) => {
                     let [Some(dy)] = &dys[..] else {
                         return Err(Error::InvalidArgument(
-                            "own backward pass: a convolution or batch norm has one output".into(),
+                            "own backward pass: a layer with its own gradients has one output"
+                                .into(),
                         ));
                     };
-                    let (dx, weight_grads) = native.gradients(dy)?;
-                    for &slot in &step.input_slots {
-                        add_to_slot(&mut slot_grads, slot, dx.clone())?;
+                    let (dxs, weight_grads) = native.gradients(dy)?;
+                    if dxs.len() != step.input_slots.len() {
+                        return Err(Error::InvalidArgument(format!(
+                            "own backward pass: {} input gradients for {} inputs",
+                            dxs.len(),
+                            step.input_slots.len()
+                        )));
+                    }
+                    for (&slot, dx) in step.input_slots.iter().zip(dxs) {
+                        add_to_slot(&mut slot_grads, slot, dx)?;
                     }
                     for (var, g) in weight_grads {
                         add_to_store(grads, &var, g)?;
@@ -276,8 +306,53 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::Backward;
-    use crate::graph::StateUpdates;
-    use crate::models::ResNetConfig;
+    use crate::graph::{Input, Layer, StateUpdates};
+    use crate::layers::{
+        BatchNorm, Concatenate, Conv2D, MaxPooling2D, Padding, ReLU, UpSampling2D,
+    };
+    use crate::models::{Model, ResNetConfig};
+
+    /// The layer types of the steps that went native, and of those that did not.
+    fn paths(model: &Model, input: Tensor) -> (Vec<&'static str>, Vec<&'static str>) {
+        let updates = StateUpdates::default();
+        let (_, tape) = super::forward(model, &[input], &updates).unwrap();
+        let (mut native, mut autograd) = (Vec::new(), Vec::new());
+        for (index, backward) in &tape.steps {
+            let kind = model.plan().steps[*index].node.layer().op().type_name();
+            match backward {
+                Backward::Native(_) => native.push(kind),
+                _ => autograd.push(kind),
+            }
+        }
+        (native, autograd)
+    }
+
+    /// In a U-Net, the pooling, upsampling and concatenation between the convolutions
+    /// compute their own gradients too: nothing goes through candle's autograd.
+    #[test]
+    fn a_u_nets_connecting_layers_take_the_native_path() {
+        let image = Input::new([3, 8, 8]);
+        let conv = |x, f| {
+            let y = Conv2D::new(f, 3).padding(Padding::Same).call(x).unwrap();
+            let y = BatchNorm::new().call(&y).unwrap();
+            ReLU::new().call(&y).unwrap()
+        };
+        let s1 = conv(&image, 4);
+        let down = MaxPooling2D::new(2).call(&s1).unwrap();
+        let up = UpSampling2D::new(2).call(&conv(&down, 8)).unwrap();
+        let joined = Concatenate::new(1).call_many(&[up, s1]).unwrap();
+        let mask = Conv2D::new(3, 1).call(&conv(&joined, 4)).unwrap();
+        let model = Model::new(&[image], &[mask])
+            .unwrap()
+            .build(&Device::Cpu, DType::F32, 1)
+            .unwrap();
+        let input = Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let (native, autograd) = paths(&model, input);
+        assert!(autograd.is_empty(), "through autograd: {autograd:?}");
+        for kind in ["MaxPooling2D", "UpSampling2D", "Concatenate"] {
+            assert!(native.contains(&kind), "{kind} not native: {native:?}");
+        }
+    }
 
     /// In the article's ResNet every convolution and batch norm computes its own gradients;
     /// pooling, flattening and the Dense head go through candle's autograd.

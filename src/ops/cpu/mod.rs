@@ -16,6 +16,7 @@ pub(crate) mod bias;
 pub(crate) mod conv2d;
 pub(crate) mod finite;
 pub(crate) mod optimizer;
+pub(crate) mod pooling;
 pub(crate) mod relu;
 
 /// The elements of a contiguous CPU tensor, or an error naming the kernel.
