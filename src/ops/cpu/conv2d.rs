@@ -44,16 +44,12 @@ pub(crate) fn conv2d(
     relu: bool,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
-    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
     let op = Conv2dGemm {
         geometry,
         relu,
         affine: None,
     };
-    Ok(match bias {
-        None => x.apply_op2(&kernel, op)?,
-        Some(bias) => x.apply_op3(&kernel, &bias.contiguous()?, op)?,
-    })
+    apply(x, kernel, bias, op)
 }
 
 /// [`conv2d`] followed by `affine` per filter (a BatchNorm in inference folded in), as one
@@ -66,15 +62,24 @@ pub(crate) fn conv2d_affine(
     affine: &ChannelAffine,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
-    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
     let op = Conv2dGemm {
         geometry,
         relu,
         affine: Some(affine.clone()),
     };
-    Ok(match bias {
-        None => x.apply_op2_no_bwd(&kernel, &op)?,
-        Some(bias) => x.apply_op3_no_bwd(&kernel, &bias.contiguous()?, &op)?,
+    apply(x, kernel, bias, op)
+}
+
+/// Runs `op` on contiguous `(x, kernel)` or `(x, kernel, bias)`: with its backward pass, or
+/// without one when it applies a folded batch norm.
+fn apply(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, op: Conv2dGemm) -> Result<Tensor> {
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    Ok(match (bias, op.affine.is_some()) {
+        (None, false) => x.apply_op2(&kernel, op)?,
+        (Some(bias), false) => x.apply_op3(&kernel, &bias, op)?,
+        (None, true) => x.apply_op2_no_bwd(&kernel, &op)?,
+        (Some(bias), true) => x.apply_op3_no_bwd(&kernel, &bias, &op)?,
     })
 }
 

@@ -91,6 +91,24 @@ fn write_pool_row<T: Float>(
     }
 }
 
+impl MaxPoolGrad {
+    /// [`compute`](Self::compute) on the elements of three contiguous storages.
+    fn on_slices<T: Float>(
+        &self,
+        (x, y, d): (&[T], &[T], &[T]),
+        (lx, ly, ld): (&Layout, &Layout, &Layout),
+    ) -> candle_core::Result<Vec<T>> {
+        const KERNEL: &str = "max pool grad";
+        self.compute(
+            contiguous_slice(x, lx, KERNEL)?,
+            contiguous_slice(y, ly, KERNEL)?,
+            contiguous_slice(d, ld, KERNEL)?,
+            lx.dims(),
+            ly.dims(),
+        )
+    }
+}
+
 impl CustomOp3 for MaxPoolGrad {
     fn name(&self) -> &'static str {
         "max-pool-grad"
@@ -105,25 +123,12 @@ impl CustomOp3 for MaxPoolGrad {
         sd: &CpuStorage,
         ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        const KERNEL: &str = "max pool grad";
         let out = match (sx, sy, sd) {
             (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(d)) => {
-                CpuStorage::F32(self.compute(
-                    contiguous_slice(x, lx, KERNEL)?,
-                    contiguous_slice(y, ly, KERNEL)?,
-                    contiguous_slice(d, ld, KERNEL)?,
-                    lx.dims(),
-                    ly.dims(),
-                )?)
+                CpuStorage::F32(self.on_slices((x, y, d), (lx, ly, ld))?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(d)) => {
-                CpuStorage::F64(self.compute(
-                    contiguous_slice(x, lx, KERNEL)?,
-                    contiguous_slice(y, ly, KERNEL)?,
-                    contiguous_slice(d, ld, KERNEL)?,
-                    lx.dims(),
-                    ly.dims(),
-                )?)
+                CpuStorage::F64(self.on_slices((x, y, d), (lx, ly, ld))?)
             }
             _ => candle_core::bail!("max pool grad: f32 or f64 tensors of one dtype expected"),
         };
