@@ -3,9 +3,10 @@
 //! allocations); at the article's shapes it took 24 times PyTorch's time
 //! (docs/PERFORMANCE.md, per-layer table).
 
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
 use super::{dispatch_pair, float_dispatch, par_fill, slice};
 use crate::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 15;

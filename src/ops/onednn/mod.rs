@@ -310,7 +310,7 @@ pub(crate) fn forward(
         return forward_plain(x, k, bias, relu, sizes);
     };
     let [n, _, _, _, o, _, _, oh, ow, ..] = sizes.map(|v| v.max(0) as usize);
-    if [affine.scale.len(), affine.shift.len()] != [o; 2] || k.len() != o * (k.len() / o.max(1)) {
+    if [affine.scale.len(), affine.shift.len()] != [o; 2] || !k.len().is_multiple_of(o.max(1)) {
         candle_core::bail!(
             "oneDNN convolution: {} scales, {} shifts and {} kernel values for {o} filters",
             affine.scale.len(),
