@@ -275,17 +275,15 @@ impl BatchNormConfig {
     /// In inference on an NCHW input of `dtype` and `channels` channels, the layer with
     /// `fusion` (a ReLU before it, folded into the convolution that feeds it, and/or one
     /// after it) as a per-channel map that a convolution can apply as it writes its output
-    /// (`ops::conv2d_affine`). `None` where this layer would not run its eval kernel: in
-    /// training mode (or frozen in a training step), with a channel axis other than 1, an
-    /// Add folded in, or a dtype other than f32/f64.
+    /// (`ops::conv2d_affine`). `None` in training mode (a frozen layer there included), with
+    /// a channel axis other than 1, an Add folded in, or a dtype other than f32/f64.
     pub(crate) fn eval_affine(
         &self,
         (dtype, channels): (DType, usize),
         params: &Params,
         fusion: Fusion,
     ) -> Result<Option<ops::ChannelAffine>> {
-        let supported = !params.updates_state()
-            && !params.mode().is_train()
+        let supported = !params.mode().is_train()
             && self.full_axis("", 3)? == 1
             && fusion.arity() == 1
             && matches!(dtype, DType::F32 | DType::F64);

@@ -250,6 +250,15 @@ impl LayerOp for Conv2DConfig {
 }
 
 impl Conv2DConfig {
+    /// `fusion` with Keras's `activation="relu"` as its epilogue: it runs inside the
+    /// convolution's op too.
+    fn with_activation(&self, fusion: Fusion) -> Fusion {
+        match self.activation {
+            ActivationFn::Relu => fusion.with_epilogue(ElementWise::Relu),
+            _ => fusion,
+        }
+    }
+
     /// The geometry of the convolution of an `h` by `w` map.
     fn geometry(&self, h: usize, w: usize) -> Conv2dGeometry {
         Conv2dGeometry {
@@ -270,22 +279,15 @@ impl Conv2DConfig {
         params: &Params,
         fusion: Fusion,
     ) -> Result<Option<(Tensor, Native)>> {
-        let supported = matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
-            && fusion.prologue().is_none()
-            && ops::takes_cpu_kernels(x)
-            && x.rank() == 4;
-        if !supported {
+        if !self.runs_cpu_kernel(x, fusion) {
             return Ok(None);
         }
-        let kernel = params.get("kernel")?;
-        let (_, _, h, w) = x.dims4()?;
-        let geometry = self.geometry(h, w);
-        let fusion = match self.activation {
-            ActivationFn::Relu => fusion.with_epilogue(ElementWise::Relu),
-            _ => fusion,
-        };
-        let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
-        let y = ops::fused_conv2d(x, &kernel, bias.as_ref(), fusion, geometry)?;
+        let Convolved {
+            y,
+            kernel,
+            geometry,
+            fusion,
+        } = self.convolved(x, params, fusion)?;
         let trainable = |name: &str| -> Result<Option<Var>> {
             Ok(match params.trainable() {
                 true => Some(params.var(name)?.clone()),
@@ -308,11 +310,13 @@ impl Conv2DConfig {
         Ok(Some((y, native)))
     }
 
-    /// `true` when [`forward_then_affine`](Self::forward_then_affine) can run on `x` with
-    /// `fusion`: an NCHW input the CPU kernels take (elsewhere the batch norm's per-channel
-    /// values would be read back from the device on every call), no activation other than
-    /// ReLU (which would run between the two layers).
-    pub(crate) fn takes_affine(&self, x: &Tensor, fusion: Fusion) -> bool {
+    /// `true` when the layer with `fusion` is one op of the crate's CPU kernels on `x`: an
+    /// NCHW input they take, no prologue, no activation other than ReLU (which the op
+    /// applies as its epilogue). Where the plan's own backward pass calls its gradient kernels
+    /// (`forward_native`), and where a batch norm after it can be folded in
+    /// ([`forward_then_affine`](Self::forward_then_affine); elsewhere the batch norm's
+    /// per-channel values would be read back from the device on every call).
+    pub(crate) fn runs_cpu_kernel(&self, x: &Tensor, fusion: Fusion) -> bool {
         matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
             && fusion.prologue().is_none()
             && x.rank() == 4
@@ -322,7 +326,7 @@ impl Conv2DConfig {
     /// In inference: the layer's output for `x` (with `fusion`'s epilogue), then a ReLU where
     /// `relu_before`, then `affine` per filter (a BatchNorm that reads only this layer's
     /// output, folded in: `BatchNormConfig::eval_affine`), as the convolution writes it.
-    /// Called where [`takes_affine`](Self::takes_affine) says so.
+    /// Called where [`runs_cpu_kernel`](Self::runs_cpu_kernel) says so.
     pub(crate) fn forward_then_affine(
         &self,
         x: &Tensor,
@@ -330,7 +334,7 @@ impl Conv2DConfig {
         (fusion, relu_before): (Fusion, bool),
         affine: &ops::ChannelAffine,
     ) -> Result<Tensor> {
-        if !self.takes_affine(x, fusion) {
+        if !self.runs_cpu_kernel(x, fusion) {
             return Err(Error::InvalidArgument(format!(
                 "Conv2D with {fusion:?} and activation {:?} cannot apply a folded batch norm",
                 self.activation
@@ -338,7 +342,7 @@ impl Conv2DConfig {
         }
         let kernel = params.get("kernel")?;
         let (_, _, h, w) = x.dims4()?;
-        let relu = relu_before || fusion.relu_after() || self.activation == ActivationFn::Relu;
+        let relu = relu_before || self.with_activation(fusion).relu_after();
         let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
         ops::conv2d_affine(
             x,
@@ -349,25 +353,41 @@ impl Conv2DConfig {
         )
     }
 
-    /// The layer's output for `x`, passed through the epilogue of `fusion` (a folded ReLU).
-    fn convolve(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
+    /// The convolution's op on `x` with the bias and `fusion` (its activation's ReLU
+    /// included), and what went into it.
+    fn convolved(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Convolved> {
         let kernel = params.get("kernel")?;
         let (_, _, h, w) = x.dims4()?;
         let geometry = self.geometry(h, w);
-        // Keras's `activation="relu"` runs inside the convolution's op too.
-        let fusion = if self.activation == ActivationFn::Relu {
-            fusion.with_epilogue(ElementWise::Relu)
-        } else {
-            fusion
-        };
+        let fusion = self.with_activation(fusion);
         let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
         let y = ops::fused_conv2d(x, &kernel, bias.as_ref(), fusion, geometry)?;
+        Ok(Convolved {
+            y,
+            kernel,
+            geometry,
+            fusion,
+        })
+    }
+
+    /// The layer's output for `x`, passed through the epilogue of `fusion` (a folded ReLU).
+    fn convolve(&self, x: &Tensor, params: &Params, fusion: Fusion) -> Result<Vec<Tensor>> {
+        let Convolved { y, fusion, .. } = self.convolved(x, params, fusion)?;
         Ok(vec![if fusion.relu_after() {
             y
         } else {
             self.activation.apply(&y)?
         }])
     }
+}
+
+/// What [`Conv2DConfig::convolved`] ran: the op's output, the kernel and geometry it used,
+/// and the fusion with the activation's ReLU.
+struct Convolved {
+    y: Tensor,
+    kernel: Tensor,
+    geometry: Conv2dGeometry,
+    fusion: Fusion,
 }
 
 /// `Conv2D`, saved and imported from Keras's `Conv2D` (`groups` included).

@@ -95,7 +95,7 @@ fn fold(conv: &Step, norm: &Step, args: &[Tensor], pass: Pass) -> Result<Option<
     if pass.mode.is_train()
         || pass.compute_dtype.is_some()
         || x.track_op()
-        || !conv_config.takes_affine(x, conv.fusion)
+        || !conv_config.runs_cpu_kernel(x, conv.fusion)
     {
         return Ok(None);
     }

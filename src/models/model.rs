@@ -334,23 +334,38 @@ impl Model {
         mode: Mode,
         updates: &StateUpdates,
     ) -> Result<Vec<Tensor>> {
+        let (inputs, pass) = self.prepare_pass(inputs, mode, self.compute_dtype(), updates)?;
+        self.run_plan(&inputs, pass)
+            .map_err(|e| self.explain_missing_kernel(e))
+    }
+
+    /// A forward pass's inputs, converted to the model's dtype where needed, and its pass:
+    /// `mode`, `compute_dtype`, the next seed of the model's sequence, `updates`. An error
+    /// for a model not built.
+    fn prepare_pass<'a>(
+        &self,
+        inputs: &[Tensor],
+        mode: Mode,
+        compute_dtype: Option<DType>,
+        updates: &'a StateUpdates,
+    ) -> Result<(Vec<Tensor>, Pass<'a>)> {
         if !self.is_built() {
             return Err(Error::NotBuilt {
                 model: self.name().to_string(),
             });
         }
-        let converted = self.converted_inputs(inputs)?;
-        let inputs = converted.as_deref().unwrap_or(inputs);
+        let inputs = self
+            .converted_inputs(inputs)?
+            .unwrap_or_else(|| inputs.to_vec());
         let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
         let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
         let pass = Pass {
             mode,
             seed,
-            compute_dtype: self.compute_dtype(),
+            compute_dtype,
             state_updates: Some(updates),
         };
-        self.run_plan(inputs, pass)
-            .map_err(|e| self.explain_missing_kernel(e))
+        Ok((inputs, pass))
     }
 
     /// Runs the plan: in inference with each batch norm that can be folded into the
@@ -371,22 +386,7 @@ impl Model {
         inputs: &[Tensor],
         updates: &'a StateUpdates,
     ) -> Result<(Vec<Tensor>, Pass<'a>)> {
-        if !self.is_built() {
-            return Err(Error::NotBuilt {
-                model: self.name().to_string(),
-            });
-        }
-        let converted = self.converted_inputs(inputs)?;
-        let inputs = converted.unwrap_or_else(|| inputs.to_vec());
-        let call = self.rng.calls.fetch_add(1, Ordering::Relaxed);
-        let seed = mix(self.rng.seed.load(Ordering::Relaxed), call);
-        let pass = Pass {
-            mode: Mode::Train,
-            seed,
-            compute_dtype: None,
-            state_updates: Some(updates),
-        };
-        Ok((inputs, pass))
+        self.prepare_pass(inputs, Mode::Train, None, updates)
     }
 
     /// Adds what to do to candle's bare "unsupported dtype BF16 for op …", which a model

@@ -453,13 +453,7 @@ pub(crate) fn check_batch_norm(
         ));
     }
     let channels = x.dim(1)?;
-    if !(epsilon.is_finite() && epsilon > 0.0) {
-        return Err(invalid(
-            op,
-            "epsilon",
-            format!("must be positive and finite, got {epsilon}"),
-        ));
-    }
+    check_epsilon(op, epsilon)?;
     let statistics = match mode {
         BatchNormMode::Train if x.elem_count() == 0 => {
             return Err(invalid(
@@ -479,20 +473,44 @@ pub(crate) fn check_batch_norm(
         .chain(["mean", "var"].into_iter().zip(statistics));
     for (argument, t) in per_channel {
         let Some(t) = t else { continue };
-        if t.dims() != [channels] || !t.dtype().is_float() {
-            return Err(invalid(
-                op,
-                argument,
-                format!(
-                    "expected a float tensor of shape [{channels}] (x's channels), got {:?} of shape {:?}",
-                    t.dtype(),
-                    t.dims()
-                ),
-            ));
-        }
+        check_per_channel(op, argument, t, (channels, "x's channels"))?;
         same_device(op, argument, t, x)?;
     }
     Ok(channels)
+}
+
+/// A per-channel argument of a batch norm: a float tensor of shape `[channels]` (`whose`
+/// says whose channels, for the error).
+pub(crate) fn check_per_channel(
+    op: &'static str,
+    argument: &'static str,
+    t: &Tensor,
+    (channels, whose): (usize, &str),
+) -> Result<()> {
+    if t.dims() != [channels] || !t.dtype().is_float() {
+        return Err(invalid(
+            op,
+            argument,
+            format!(
+                "expected a float tensor of shape [{channels}] ({whose}), got {:?} of shape {:?}",
+                t.dtype(),
+                t.dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A batch norm's `epsilon`: positive and finite.
+pub(crate) fn check_epsilon(op: &'static str, epsilon: f64) -> Result<()> {
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(invalid(
+            op,
+            "epsilon",
+            format!("must be positive and finite, got {epsilon}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The checks of [`bias_add`] and [`reference::bias_add`].

@@ -239,13 +239,7 @@ pub(crate) fn batch_norm_eval_affine(
             format!("the folded map is for f32 or f64 inputs, not {dtype:?}"),
         ));
     }
-    if !(epsilon.is_finite() && epsilon > 0.0) {
-        return Err(invalid(
-            OP,
-            "epsilon",
-            format!("must be positive and finite, got {epsilon}"),
-        ));
-    }
+    check_epsilon(OP, epsilon)?;
     let per_channel = [
         ("gamma", gamma),
         ("beta", beta),
@@ -253,17 +247,8 @@ pub(crate) fn batch_norm_eval_affine(
         ("var", Some(var)),
     ];
     for (argument, t) in per_channel {
-        let Some(t) = t else { continue };
-        if t.dims() != [channels] || !t.dtype().is_float() {
-            return Err(invalid(
-                OP,
-                argument,
-                format!(
-                    "expected a float tensor of shape [{channels}] (the channels), got {:?} of shape {:?}",
-                    t.dtype(),
-                    t.dims()
-                ),
-            ));
+        if let Some(t) = t {
+            check_per_channel(OP, argument, t, (channels, "the channels"))?;
         }
     }
     // The values the eval kernel reads: each in `dtype` (where stored otherwise, cast as
