@@ -1,6 +1,7 @@
-//! The GEMM-based convolution against candle's own (the unfused path): forward outputs and
-//! both gradients, over strides, asymmetric padding, dilation, groups, and batches large
-//! enough to be split into several im2col chunks.
+//! The crate's convolution against candle's own (the unfused path): forward outputs and
+//! both gradients, over strides, asymmetric padding, dilation, groups, batches large enough
+//! to be split into several im2col chunks, and shapes large enough for the AVX-512 panel
+//! kernels (`ops/cpu/conv_panels.rs`, on CPUs that have AVX-512F).
 
 mod common;
 
@@ -36,6 +37,29 @@ fn valid_dilated_grouped_and_rectangular() {
     compare((2, 2, 9, 9), (3, 2, 3, 3), geometry((2, 2, 2, 2), 1, 2, 1));
     compare((2, 6, 7, 7), (4, 3, 3, 3), geometry((1, 1, 1, 1), 1, 1, 2));
     compare((2, 4, 7, 7), (4, 1, 3, 3), geometry((1, 1, 1, 1), 2, 1, 4));
+}
+
+#[test]
+fn shapes_for_the_panel_kernels() {
+    // On a CPU with AVX-512F and two or more threads: the shifted path (stride 1, wide maps,
+    // whole images per thread) for the forward pass and both gradients; the panel path for a
+    // Keras 'same' stride-2 layer (bottom/right padding) and for 4x4 maps with many filters,
+    // whose tiles span images. Elsewhere these run on the GEMM path, and must agree all the same.
+    compare(
+        (4, 16, 16, 16),
+        (32, 16, 3, 3),
+        geometry((1, 1, 1, 1), 1, 1, 1),
+    );
+    compare(
+        (8, 16, 16, 16),
+        (24, 16, 3, 3),
+        geometry((0, 1, 0, 1), 2, 1, 1),
+    );
+    compare(
+        (16, 32, 4, 4),
+        (256, 32, 3, 3),
+        geometry((1, 1, 1, 1), 1, 1, 1),
+    );
 }
 
 #[test]

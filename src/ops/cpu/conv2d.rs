@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "onednn")]
 use super::contiguous_slice;
-use super::{Float, OutputBuffer, dispatch_pair, relu_if};
+use super::{Float, OutputBuffer, conv_panels, dispatch_pair, relu_if};
 use crate::Result;
 use crate::ops::{ChannelAffine, Conv2dGeometry};
 
@@ -187,6 +187,26 @@ impl Sizes {
         let fits = sizes.iter().all(|&v| v <= i32::MAX as usize);
         fits.then(|| sizes.map(|v| v as i64))
     }
+    /// The problem for the panel kernel: `None` where it does not run (grouped
+    /// convolutions, no AVX-512, too few output positions).
+    fn panel_problem(&self, g: &Conv2dGeometry) -> Option<conv_panels::Problem> {
+        let problem = conv_panels::Problem {
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            o: self.o,
+            kh: self.kh,
+            kw: self.kw,
+            oh: self.oh,
+            ow: self.ow,
+            stride: g.stride,
+            dilation: g.dilation,
+            pad_top: g.pad.0,
+            pad_left: g.pad.2,
+        };
+        (self.groups == 1 && problem.worth_it() && conv_panels::available()).then_some(problem)
+    }
     /// Images per chunk: keeps the im2col buffer near 8M elements.
     fn chunk(&self) -> usize {
         (8 << 20) / (self.ckk() * self.ohw()).max(1)
@@ -206,6 +226,37 @@ trait Element: Float + Default + AddAssign {
     const ONE: Self;
     /// This thread's reusable work buffer for this type.
     fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>>;
+    /// The forward convolution on the panel kernel ([`conv_panels`]), writing all of `y`;
+    /// false (nothing written) where that kernel does not run: f64, groups, no AVX-512, or a
+    /// problem too small for it.
+    fn panel_forward(
+        _: (&[Self], &[Self]),
+        _: &Sizes,
+        _: &Conv2dGeometry,
+        _: Epilogue,
+        _: &mut [MaybeUninit<Self>],
+    ) -> bool {
+        false
+    }
+    /// The input gradient on the panel kernel, where it runs (as for
+    /// [`panel_forward`](Self::panel_forward), and stride 1 only).
+    fn panel_input_grad(
+        _: &[Self],
+        _: &[Self],
+        _: &Sizes,
+        _: &Conv2dGeometry,
+    ) -> Option<Vec<Self>> {
+        None
+    }
+    /// The kernel gradient on the panel module's shifted path, where it runs.
+    fn panel_kernel_grad(
+        _: &[Self],
+        _: &[Self],
+        _: &Sizes,
+        _: &Conv2dGeometry,
+    ) -> Option<Vec<Self>> {
+        None
+    }
 }
 
 thread_local! {
@@ -217,6 +268,87 @@ impl Element for f32 {
     const ONE: Self = 1.0;
     fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>> {
         &SCRATCH_F32
+    }
+    fn panel_forward(
+        (x, k): (&[f32], &[f32]),
+        s: &Sizes,
+        geo: &Conv2dGeometry,
+        epilogue: Epilogue,
+        y: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        let Some(problem) = s.panel_problem(geo) else {
+            return false;
+        };
+        let (ohw, o) = (s.ohw(), s.o);
+        let out = SharedSlots(y.as_mut_ptr());
+        conv_panels::convolve(x, k, &problem, &|run| {
+            // SAFETY: `convolve` hands every (filter, image, position) to exactly one run,
+            // so the runs write disjoint ranges of `y`, all inside its `n · o · oh · ow`.
+            let dst = unsafe {
+                out.range(
+                    (run.image * o + run.filter) * ohw + run.start,
+                    run.values.len(),
+                )
+            };
+            epilogue.write(run.filter, run.values, dst);
+        });
+        true
+    }
+    fn panel_input_grad(
+        dy: &[f32],
+        k: &[f32],
+        s: &Sizes,
+        geo: &Conv2dGeometry,
+    ) -> Option<Vec<f32>> {
+        let problem = conv_panels::input_gradient_problem(&s.panel_problem(geo)?)?;
+        if !problem.worth_it() {
+            return None;
+        }
+        let kernel = conv_panels::input_gradient_kernel(k, &s.panel_problem(geo)?);
+        let len = s.n * s.c * s.h * s.w;
+        let mut dx = OutputBuffer::new(len, "conv2d input grad").ok()?;
+        let out = SharedSlots(dx.uninit().as_mut_ptr());
+        let hw = s.h * s.w;
+        conv_panels::convolve(dy, &kernel, &problem, &|run| {
+            // SAFETY: as in `panel_forward`, over `dx`'s `n · c · h · w`.
+            let dst = unsafe {
+                out.range(
+                    (run.image * s.c + run.filter) * hw + run.start,
+                    run.values.len(),
+                )
+            };
+            for (d, &v) in dst.iter_mut().zip(run.values) {
+                d.write(v);
+            }
+        });
+        // SAFETY: `convolve` wrote every position of every channel of every image.
+        Some(unsafe { dx.written() })
+    }
+    fn panel_kernel_grad(
+        x: &[f32],
+        dy: &[f32],
+        s: &Sizes,
+        geo: &Conv2dGeometry,
+    ) -> Option<Vec<f32>> {
+        conv_panels::kernel_gradient(x, dy, &s.panel_problem(geo)?)
+    }
+}
+
+/// Output slots written from several threads, each range by one.
+struct SharedSlots<T>(*mut MaybeUninit<T>);
+// SAFETY: only used to hand out disjoint ranges (the callers' contracts).
+unsafe impl<T: Send> Sync for SharedSlots<T> {}
+unsafe impl<T: Send> Send for SharedSlots<T> {}
+
+impl<T> SharedSlots<T> {
+    /// The `len` slots from `start`.
+    ///
+    /// # Safety
+    /// The range lies inside the buffer, and no other live reference covers it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [MaybeUninit<T>] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 impl Element for f64 {
@@ -518,39 +650,45 @@ fn scatter_rows<T: Element>(
     epilogue: Epilogue,
     y: &mut [MaybeUninit<T>],
 ) {
-    let Epilogue { bias, relu, affine } = epilogue;
     let ohw = s.ohw();
     for nl in 0..nc {
         for o in 0..s.og() {
             let filter = g * s.og() + o;
             let dst = &mut y[((n0 + nl) * s.o + filter) * ohw..][..ohw];
             let src = &rows[o * nc * ohw + nl * ohw..][..ohw];
-            match (bias.get(filter), relu, affine) {
-                (None, false, None) => {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        d.write(v);
-                    }
+            epilogue.write(filter, src, dst);
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    /// Writes one filter's products `src` into `dst` through the epilogue.
+    fn write<T: Element>(&self, filter: usize, src: &[T], dst: &mut [MaybeUninit<T>]) {
+        match (self.bias.get(filter), self.relu, self.affine) {
+            (None, false, None) => {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write(v);
                 }
-                // Rounded once, as the separate bias kernel does.
-                (b, _, None) => {
-                    let b = b.copied().unwrap_or(0.0);
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        d.write(T::from_f64(relu_if(v.to_f64() + b, relu)));
-                    }
+            }
+            // Rounded once, as the separate bias kernel does.
+            (b, relu, None) => {
+                let b = b.copied().unwrap_or(0.0);
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write(T::from_f64(relu_if(v.to_f64() + b, relu)));
                 }
-                // The convolution's value rounded as above, then the batch norm's map in the
-                // elements' own type, as its normalize kernel computes it: the same values
-                // as the two layers one after the other.
-                (b, _, Some(affine)) => {
-                    let b = b.copied().unwrap_or(0.0);
-                    let (a, c) = (
-                        T::from_f64(affine.scale[filter]),
-                        T::from_f64(affine.shift[filter]),
-                    );
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        let v = T::from_f64(relu_if(v.to_f64() + b, relu));
-                        d.write((v * a + c).relu_if(affine.relu_after));
-                    }
+            }
+            // The convolution's value rounded as above, then the batch norm's map in the
+            // elements' own type, as its normalize kernel computes it: the same values as the
+            // two layers one after the other.
+            (b, relu, Some(affine)) => {
+                let b = b.copied().unwrap_or(0.0);
+                let (a, c) = (
+                    T::from_f64(affine.scale[filter]),
+                    T::from_f64(affine.shift[filter]),
+                );
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    let v = T::from_f64(relu_if(v.to_f64() + b, relu));
+                    d.write((v * a + c).relu_if(affine.relu_after));
                 }
             }
         }
@@ -568,6 +706,10 @@ fn forward<T: Element>(
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut y = OutputBuffer::new(s.n * s.o * ohw, "conv2d")?;
     let y_slots = y.uninit();
+    if T::panel_forward((x, k), s, geo, epilogue, y_slots) {
+        // SAFETY: `panel_forward` wrote every output when it returns true.
+        return Ok(unsafe { y.written() });
+    }
     let chunk = s.chunk().clamp(1, s.n.max(1));
     with_buffers(
         ckk * chunk * ohw,
@@ -602,6 +744,9 @@ fn forward<T: Element>(
 }
 
 fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+    if let Some(dx) = T::panel_input_grad(dy, k, s, geo) {
+        return dx;
+    }
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let image = s.c * s.h * s.w;
     let mut dx = vec![T::default(); s.n * image];
@@ -638,6 +783,9 @@ fn backward_input<T: Element>(dy: &[T], k: &[T], s: &Sizes, geo: &Conv2dGeometry
 }
 
 fn backward_kernel<T: Element>(x: &[T], dy: &[T], s: &Sizes, geo: &Conv2dGeometry) -> Vec<T> {
+    if let Some(dk) = T::panel_kernel_grad(x, dy, s, geo) {
+        return dk;
+    }
     let (ohw, ckk, og) = (s.ohw(), s.ckk(), s.og());
     let mut dk = vec![T::default(); s.o * ckk];
     let chunk = s.chunk().clamp(1, s.n.max(1));

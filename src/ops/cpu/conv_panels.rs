@@ -1,0 +1,854 @@
+//! f32 convolutions on AVX-512 as products of cache-sized im2col *panels*, for the pure-Rust
+//! build.
+//!
+//! The GEMM path ([`super::conv2d`]) writes the im2col matrix of up to 8M elements (32 MB:
+//! far past the caches), then the `gemm` crate reads it back and packs it again into its own
+//! layout, and the product is copied into NCHW once more. On the article's ResNet the
+//! micro-kernel itself ran near the FMA peak while packing, im2col and copies took about as
+//! long again (`perf record`, full ResNet training at batch 32: micro-kernel 50%, `gemm`'s
+//! packing 12%, copies 7.5%). Here the im2col rows of [`NR`] output positions are written
+//! straight into the micro-kernel's layout (a panel of `c · kh · kw` rows of `NR`, at most
+//! 884 KB, which stays in L2), each panel is multiplied by every filter block while it is
+//! hot, and the results are written into the NCHW output through the caller's epilogue.
+//!
+//! The same kernel computes a stride-1 convolution's input gradient: that is a convolution
+//! of `dY` with the kernel turned 180° and its channels swapped ([`input_gradient_problem`]).
+//!
+//! Chosen at run time: [`available`] is true on CPUs with AVX-512F; elsewhere, and for f64
+//! and grouped convolutions, the GEMM path runs.
+
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Filters per micro-tile (rows of the product).
+const MR: usize = 8;
+/// Output positions per micro-tile: three 16-lane vectors. With [`MR`] filters that is 24
+/// accumulators of AVX-512's 32 registers, and each step of the reduction loads 3 vectors
+/// and broadcasts 8 filter taps for 24 FMAs.
+const NR: usize = 48;
+/// Rows of the reduction multiplied at once: one panel slice of `KC × NR` floats (36 KB)
+/// stays in L1 while every filter block runs over it.
+const KC: usize = 192;
+
+/// The largest kernel (filters × depth) the panel path takes (4 MB of f32).
+const PANEL_MAX_KERNEL: usize = 1 << 20;
+
+/// One convolution's sizes, groups = 1: `n` images of `c × h × w` into `o × oh × ow`, a
+/// `kh × kw` kernel at `stride` and `dilation`, `pad_top`/`pad_left` zeros before the
+/// first row/column (the bottom and right padding follow from the output size).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Problem {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) stride: usize,
+    pub(super) dilation: usize,
+    pub(super) pad_top: usize,
+    pub(super) pad_left: usize,
+}
+
+impl Problem {
+    /// Rows of the reduction: `c · kh · kw`.
+    fn depth(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Whether the panel kernel is worth running: at least two full tiles per thread (a
+    /// one-image 4×4 map would fill a third of one tile), and either the shifted path or a
+    /// kernel small enough for the panel path: that path reads the whole kernel once per
+    /// tile, and past [`PANEL_MAX_KERNEL`] elements (the last stage of the article's
+    /// ResNet, 512 × 4,608) it ran 5-12% slower than the GEMM path.
+    pub(super) fn worth_it(&self) -> bool {
+        let tiles = (self.n * self.positions()) / NR;
+        let enough = tiles >= 2 * rayon::current_num_threads().max(1) && self.o >= MR;
+        enough && (Shifted::new(self).is_some() || self.o * self.depth() <= PANEL_MAX_KERNEL)
+    }
+}
+
+/// The problem of a stride-1 convolution's input gradient, as a convolution of `dY` with
+/// the kernel given by [`input_gradient_kernel`]: `None` for another stride, or a padding
+/// larger than the dilated kernel (nothing in Keras makes one).
+pub(super) fn input_gradient_problem(p: &Problem) -> Option<Problem> {
+    let (span_h, span_w) = ((p.kh - 1) * p.dilation, (p.kw - 1) * p.dilation);
+    if p.stride != 1 || p.pad_top > span_h || p.pad_left > span_w {
+        return None;
+    }
+    Some(Problem {
+        n: p.n,
+        c: p.o,
+        h: p.oh,
+        w: p.ow,
+        o: p.c,
+        kh: p.kh,
+        kw: p.kw,
+        oh: p.h,
+        ow: p.w,
+        stride: 1,
+        dilation: p.dilation,
+        pad_top: span_h - p.pad_top,
+        pad_left: span_w - p.pad_left,
+    })
+}
+
+/// The kernel of [`input_gradient_problem`]: `W'[c][o][i][j] = W[o][c][kh-1-i][kw-1-j]`.
+pub(super) fn input_gradient_kernel(k: &[f32], p: &Problem) -> Vec<f32> {
+    let (kh, kw) = (p.kh, p.kw);
+    let mut out = vec![0.0; k.len()];
+    for o in 0..p.o {
+        for c in 0..p.c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    out[((c * p.o + o) * kh + i) * kw + j] =
+                        k[((o * p.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether this CPU runs the panel kernel (AVX-512F, detected at run time).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A run of consecutive output positions of one filter of one image, as computed.
+pub(super) struct Run<'a> {
+    pub(super) filter: usize,
+    pub(super) image: usize,
+    /// The first position in the image's `oh · ow` plane.
+    pub(super) start: usize,
+    pub(super) values: &'a [f32],
+}
+
+thread_local! {
+    /// This thread's panel and product tile, reused across calls.
+    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The convolution of `x` (NCHW) with `k` (OIHW), each output run handed to `write` exactly
+/// once (every filter of every position). The caller checks [`available`] first.
+pub(super) fn convolve(x: &[f32], k: &[f32], p: &Problem, write: &(dyn Fn(Run<'_>) + Sync)) {
+    debug_assert!(available());
+    debug_assert_eq!(x.len(), p.n * p.c * p.h * p.w);
+    debug_assert_eq!(k.len(), p.o * p.depth());
+    let filters = pack_filters(k, p.o, p.depth());
+    match Shifted::new(p) {
+        Some(shifted) => shifted.convolve(x, &filters, write),
+        None => convolve_panels(x, &filters, p, write),
+    }
+}
+
+/// The panel path: every tile of [`NR`] output positions (over all images) packed, then
+/// multiplied by every filter block.
+fn convolve_panels(x: &[f32], filters: &[f32], p: &Problem, write: &(dyn Fn(Run<'_>) + Sync)) {
+    let depth = p.depth();
+    let total = p.n * p.positions();
+    let tiles = total.div_ceil(NR);
+    let rows: Vec<usize> = (0..depth).map(|i| i * NR).collect();
+    // Contiguous ranges of tiles per task: neighbouring tiles share input rows.
+    let per_task = tiles
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1);
+    (0..tiles.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            BUFFERS.with(|cell| {
+                let mut guard = cell.borrow_mut();
+                let (panel, product) = &mut *guard;
+                panel.resize(depth * NR, 0.0);
+                product.resize(p.o.next_multiple_of(MR) * NR, 0.0);
+                let first = task * per_task;
+                for tile in first..(first + per_task).min(tiles) {
+                    let start = tile * NR;
+                    let len = NR.min(total - start);
+                    pack_panel(x, p, start, len, panel);
+                    multiply(filters, panel, &rows, product);
+                    write_tile(product, p, start, len, write);
+                }
+            })
+        });
+}
+
+/// The shifted path of a stride-1 convolution on wide maps: no im2col at all. Each image is
+/// copied once with its padding into `c` planes of `hp × wp`; an output position `(y, x)`
+/// becomes `q = y · wp + x`, and the kernel tap `(ci, i, j)` reads that copy at
+/// `q + ci · hp · wp + i · d · wp + j · d` — a contiguous run of [`NR`] positions for every
+/// tap, read in place. The price: the `wp − ow` positions between rows are computed and
+/// dropped (6% at 32×32 with a 3×3 kernel, 11% at 16×16).
+struct Shifted<'a> {
+    p: &'a Problem,
+    /// Padded height and width.
+    hp: usize,
+    wp: usize,
+    /// `q` positions per image: `(oh − 1) · wp + ow`.
+    span: usize,
+    /// Per reduction row, its offset into the padded image.
+    offsets: Vec<usize>,
+}
+
+impl<'a> Shifted<'a> {
+    /// The shifted path for `p`, where it pays: stride 1, at least two images per thread
+    /// (each task pads whole images), and fewer positions dropped than the panel path's
+    /// packing would cost (about one product's time per 8 filter blocks, measured on the
+    /// first stage of the article's ResNet).
+    fn new(p: &'a Problem) -> Option<Self> {
+        let (span_h, span_w) = ((p.kh - 1) * p.dilation, (p.kw - 1) * p.dilation);
+        let (hp, wp) = (p.oh + span_h, p.ow + span_w);
+        let dropped = span_w as f64 / p.ow as f64;
+        let packing = (8 * MR) as f64 / p.o as f64;
+        let images = p.n >= 2 * rayon::current_num_threads().max(1);
+        if p.stride != 1 || !images || dropped >= packing {
+            return None;
+        }
+        let mut offsets = Vec::with_capacity(p.depth());
+        for c in 0..p.c {
+            for i in 0..p.kh {
+                for j in 0..p.kw {
+                    offsets.push(c * hp * wp + i * p.dilation * wp + j * p.dilation);
+                }
+            }
+        }
+        Some(Self {
+            p,
+            hp,
+            wp,
+            span: (p.oh - 1) * wp + p.ow,
+            offsets,
+        })
+    }
+
+    fn convolve(&self, x: &[f32], filters: &[f32], write: &(dyn Fn(Run<'_>) + Sync)) {
+        let p = self.p;
+        let tiles = self.span.div_ceil(NR);
+        // The last tile reads up to NR − 1 positions past the last plane.
+        let padded_len = p.c * self.hp * self.wp + NR;
+        (0..p.n).into_par_iter().for_each(|image| {
+            BUFFERS.with(|cell| {
+                let mut guard = cell.borrow_mut();
+                let (padded, product) = &mut *guard;
+                padded.resize(padded_len, 0.0);
+                product.resize(p.o.next_multiple_of(MR) * NR, 0.0);
+                self.pad(&x[image * p.c * p.h * p.w..][..p.c * p.h * p.w], padded);
+                for tile in 0..tiles {
+                    let q0 = tile * NR;
+                    multiply(filters, &padded[q0..], &self.offsets, product);
+                    self.write_tile(product, image, q0, write);
+                }
+            })
+        });
+    }
+
+    /// Copies one image into `padded` with its zero borders.
+    fn pad(&self, x: &[f32], padded: &mut [f32]) {
+        let p = self.p;
+        let (hp, wp) = (self.hp, self.wp);
+        padded[p.c * hp * wp..].fill(0.0);
+        for c in 0..p.c {
+            let plane = &mut padded[c * hp * wp..][..hp * wp];
+            for y in 0..hp {
+                let row = &mut plane[y * wp..][..wp];
+                let iy = y.wrapping_sub(p.pad_top);
+                if iy >= p.h {
+                    row.fill(0.0);
+                    continue;
+                }
+                let left = p.pad_left.min(wp);
+                let copied = p.w.min(wp - left);
+                row[..left].fill(0.0);
+                row[left..left + copied].copy_from_slice(&x[(c * p.h + iy) * p.w..][..copied]);
+                row[left + copied..].fill(0.0);
+            }
+        }
+    }
+
+    /// Hands the product of positions `q0..q0 + NR` to `write`, one run per output row and
+    /// real filter, dropping the positions between rows.
+    fn write_tile(
+        &self,
+        product: &[f32],
+        image: usize,
+        q0: usize,
+        write: &(dyn Fn(Run<'_>) + Sync),
+    ) {
+        let (p, wp) = (self.p, self.wp);
+        let end = (q0 + NR).min(self.span);
+        let mut q = q0;
+        while q < end {
+            let (y, x) = (q / wp, q % wp);
+            if x >= p.ow {
+                q += wp - x;
+                continue;
+            }
+            let run = (p.ow - x).min(end - q);
+            for filter in 0..p.o {
+                write(Run {
+                    filter,
+                    image,
+                    start: y * p.ow + x,
+                    values: &product[filter * NR + (q - q0)..][..run],
+                });
+            }
+            q += run;
+        }
+    }
+}
+
+/// The kernel as [`MR`]-filter blocks, each `depth` rows of `MR` taps (filter fastest);
+/// filters past `o` in the last block are zero.
+fn pack_filters(k: &[f32], o: usize, depth: usize) -> Vec<f32> {
+    let blocks = o.div_ceil(MR);
+    let mut packed = vec![0.0; blocks * depth * MR];
+    packed
+        .par_chunks_mut(depth * MR)
+        .enumerate()
+        .for_each(|(b, block)| {
+            for r in 0..MR.min(o - b * MR) {
+                let filter = &k[(b * MR + r) * depth..][..depth];
+                for (i, &v) in filter.iter().enumerate() {
+                    block[i * MR + r] = v;
+                }
+            }
+        });
+    packed
+}
+
+/// Writes the im2col rows of output positions `start..start + len` (over all images) into
+/// `panel` (`depth` rows of [`NR`]); positions past `len` are zero.
+fn pack_panel(x: &[f32], p: &Problem, start: usize, len: usize, panel: &mut [f32]) {
+    let plane = p.positions();
+    // The tile as runs along output rows: (image, output row, first column, first slot, length).
+    let mut runs = [(0usize, 0usize, 0usize, 0usize, 0usize); NR];
+    let mut count = 0;
+    let mut slot = 0;
+    while slot < len {
+        let q = start + slot;
+        let (image, pos) = (q / plane, q % plane);
+        let (oy, ox) = (pos / p.ow, pos % p.ow);
+        let run = (p.ow - ox).min(len - slot);
+        runs[count] = (image, oy, ox, slot, run);
+        count += 1;
+        slot += run;
+    }
+    let (hw, taps) = (p.h * p.w, p.kh * p.kw);
+    for c in 0..p.c {
+        for i in 0..p.kh {
+            for j in 0..p.kw {
+                let row = &mut panel[((c * taps) + i * p.kw + j) * NR..][..NR];
+                row[len..].fill(0.0);
+                let (dy, dx) = (i * p.dilation, j * p.dilation);
+                for &(image, oy, ox, slot, run) in &runs[..count] {
+                    let dst = &mut row[slot..slot + run];
+                    let iy = (oy * p.stride + dy).wrapping_sub(p.pad_top);
+                    if iy >= p.h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &x[(image * p.c + c) * hw + iy * p.w..][..p.w];
+                    // Columns ox..ox + run read input columns ox·s + dx − pad_left, the ones
+                    // outside 0..w being zeros.
+                    let (lo, hi) = inside(ox, run, p.stride, dx, p.pad_left, p.w);
+                    if p.stride == 1 {
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            // SAFETY: AVX-512F checked by the caller; slots `lo..hi` read
+                            // `src[ox + slot + dx − pad_left]`, inside `src` by `inside`.
+                            unsafe {
+                                copy_run(
+                                    dst,
+                                    src,
+                                    (ox + dx) as isize - p.pad_left as isize,
+                                    (lo, hi),
+                                )
+                            };
+                            continue;
+                        }
+                    }
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if hi > lo {
+                        let first = (ox + lo) * p.stride + dx - p.pad_left;
+                        if p.stride == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                        } else {
+                            for (d, v) in dst[lo..hi]
+                                .iter_mut()
+                                .zip(src[first..].iter().step_by(p.stride))
+                            {
+                                *d = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[t] = src[shift + t]` for `t` in `lo..hi`, 0 elsewhere, in masked 16-lane moves: the
+/// panel's runs are 4-48 elements, for which `copy_from_slice` and `fill` were calls into
+/// `memmove`/`memset` that cost as much as the products on a 64-filter layer.
+///
+/// # Safety
+/// The CPU supports AVX-512F, and `shift + t` lies inside `src` for every `t` in `lo..hi`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_run(dst: &mut [f32], src: &[f32], shift: isize, (lo, hi): (usize, usize)) {
+    use std::arch::x86_64::*;
+    let base = src.as_ptr().wrapping_offset(shift);
+    for v in (0..dst.len()).step_by(16) {
+        let n = (dst.len() - v).min(16);
+        let (from, to) = (lo.clamp(v, v + n) - v, hi.clamp(v, v + n) - v);
+        let store = ((1u32 << n) - 1) as u16;
+        let load = (((1u32 << to) - 1) & !((1u32 << from) - 1)) as u16;
+        // SAFETY: the load touches only lanes `from..to`, inside `src` by the contract
+        // (masked-off lanes are not read and cannot fault); the store stays in `dst`.
+        unsafe {
+            let values = _mm512_maskz_loadu_ps(load, base.wrapping_add(v));
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(v), store, values);
+        }
+    }
+}
+
+/// The slots `lo..hi` of a run of `run` output columns from `ox` whose input column
+/// `(ox + slot) · stride + offset − pad` falls inside `0..w`.
+fn inside(
+    ox: usize,
+    run: usize,
+    stride: usize,
+    offset: usize,
+    pad: usize,
+    w: usize,
+) -> (usize, usize) {
+    // First column with col · stride + offset >= pad, last with col · stride + offset − pad < w.
+    let first = pad.saturating_sub(offset).div_ceil(stride);
+    let end = if w + pad > offset {
+        (w - 1 + pad - offset) / stride + 1
+    } else {
+        0
+    };
+    let lo = first.saturating_sub(ox).min(run);
+    let hi = end.saturating_sub(ox).min(run).max(lo);
+    (lo, hi)
+}
+
+/// `product[f][·] = Σ_k filters[f][k] · b[rows[k]..][..NR]` for every filter block, [`KC`]
+/// rows of the reduction at a time (`rows[k] = k · NR` for a packed panel).
+fn multiply(filters: &[f32], b: &[f32], rows: &[usize], product: &mut [f32]) {
+    let depth = rows.len();
+    let blocks = product.len() / (MR * NR);
+    debug_assert!(rows.iter().all(|&r| r + NR <= b.len()));
+    for k0 in (0..depth).step_by(KC) {
+        let kc = KC.min(depth - k0);
+        for block in 0..blocks {
+            let a = &filters[(block * depth + k0) * MR..][..kc * MR];
+            let c = &mut product[block * MR * NR..][..MR * NR];
+            // SAFETY: `available()` (AVX-512F) was checked by `convolve`'s caller; `a` holds
+            // `kc` rows of MR, every row of `b` named by `rows` holds NR elements, `c` is an
+            // MR × NR tile.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                micro_kernel(a, b, &rows[k0..k0 + kc], c, k0 > 0)
+            };
+        }
+    }
+}
+
+/// `c (MR × NR) = (accumulate ? c : 0) + Σ_i a[i]ᵀ · b[rows[i]..][..NR]` for `a` as rows of
+/// [`MR`]: 24 accumulators held in registers through the whole reduction.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `a` holds `rows.len() · MR` elements, `b` holds `NR` elements
+/// from each of `rows`, `c` holds `MR · NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_kernel(a: &[f32], b: &[f32], rows: &[usize], c: &mut [f32], accumulate: bool) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= rows.len() * MR && c.len() >= MR * NR);
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    // SAFETY: every pointer offset stays inside the slices, by the caller's sizes.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, lane) in row.iter_mut().enumerate() {
+                    *lane = _mm512_loadu_ps(cp.add(r * NR + v * 16));
+                }
+            }
+        }
+        for (i, &offset) in rows.iter().enumerate() {
+            let brow = bp.add(offset);
+            let b0 = _mm512_loadu_ps(brow);
+            let b1 = _mm512_loadu_ps(brow.add(16));
+            let b2 = _mm512_loadu_ps(brow.add(32));
+            let arow = ap.add(i * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*arow.add(r));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                row[2] = _mm512_fmadd_ps(av, b2, row[2]);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                _mm512_storeu_ps(cp.add(r * NR + v * 16), *lane);
+            }
+        }
+    }
+}
+
+/// Hands the tile's product to `write`: one run per real filter and image.
+fn write_tile(
+    product: &[f32],
+    p: &Problem,
+    start: usize,
+    len: usize,
+    write: &(dyn Fn(Run<'_>) + Sync),
+) {
+    let plane = p.positions();
+    let mut slot = 0;
+    while slot < len {
+        let q = start + slot;
+        let (image, pos) = (q / plane, q % plane);
+        let run = (plane - pos).min(len - slot);
+        for filter in 0..p.o {
+            write(Run {
+                filter,
+                image,
+                start: pos,
+                values: &product[filter * NR + slot..][..run],
+            });
+        }
+        slot += run;
+    }
+}
+
+/// Filters per tile of the kernel gradient's product (four 16-lane vectors).
+const GRAD_NR: usize = 64;
+/// Reduction rows (input channel × tap) per tile of the kernel gradient's product: with
+/// [`GRAD_NR`] filters, 24 accumulators again.
+const GRAD_MR: usize = 6;
+
+/// The kernel gradient `dW` (OIHW) of a convolution from its input `x` and the gradient `dy`
+/// of its output, on the shifted path; `None` where that path does not run (see
+/// [`Shifted::new`]). The caller checks [`available`] first.
+pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Option<Vec<f32>> {
+    debug_assert!(available());
+    Shifted::new(p).map(|shifted| shifted.kernel_gradient(x, dy))
+}
+
+impl Shifted<'_> {
+    /// `dWᵀ[k][f] = Σ_images Σ_q padded[q + offsets[k]] · dYᵀ[q][f]`, with `dYᵀ` the output
+    /// gradient transposed into the padded positions (zero between rows, so the positions
+    /// the forward pass dropped add nothing). Each thread sums its images into its own
+    /// `dWᵀ`; those are added at the end.
+    fn kernel_gradient(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let p = self.p;
+        let depth = p.depth();
+        let (rows, filters) = (
+            depth.next_multiple_of(GRAD_MR),
+            p.o.next_multiple_of(GRAD_NR),
+        );
+        // Rows past `depth` read the padded image's start, and are dropped.
+        let mut offsets = self.offsets.clone();
+        offsets.resize(rows, 0);
+        let padded_len = p.c * self.hp * self.wp;
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = p.n.div_ceil(threads);
+        let partial: Vec<Vec<f32>> = (0..p.n.div_ceil(per_task))
+            .into_par_iter()
+            .map(|task| {
+                let mut sum = vec![0.0f32; rows * filters];
+                let mut padded = vec![0.0f32; padded_len];
+                let mut dyt = vec![0.0f32; self.span * filters];
+                for image in task * per_task..((task + 1) * per_task).min(p.n) {
+                    self.pad(
+                        &x[image * p.c * p.h * p.w..][..p.c * p.h * p.w],
+                        &mut padded,
+                    );
+                    self.transpose_grad(
+                        &dy[image * p.o * p.positions()..][..p.o * p.positions()],
+                        filters,
+                        &mut dyt,
+                    );
+                    for r0 in (0..rows).step_by(GRAD_MR) {
+                        for f0 in (0..filters).step_by(GRAD_NR) {
+                            let c = &mut sum[r0 * filters + f0..];
+                            // SAFETY: AVX-512F checked by the caller; every row base plus
+                            // `span` stays inside `padded` (the last tap's offset plus the
+                            // span is `c · hp · wp`), `dyt` holds `span` rows of `filters`,
+                            // and `c` holds GRAD_MR rows of `filters` from `f0`.
+                            #[cfg(target_arch = "x86_64")]
+                            unsafe {
+                                grad_micro_kernel(
+                                    &padded,
+                                    &offsets[r0..r0 + GRAD_MR],
+                                    &dyt[f0..],
+                                    filters,
+                                    self.span,
+                                    c,
+                                )
+                            };
+                        }
+                    }
+                }
+                sum
+            })
+            .collect();
+        let mut dk = vec![0.0f32; p.o * depth];
+        for (f, filter) in dk.chunks_mut(depth).enumerate() {
+            for (k, v) in filter.iter_mut().enumerate() {
+                *v = partial.iter().map(|s| s[k * filters + f]).sum();
+            }
+        }
+        dk
+    }
+
+    /// `dyt[q][f] = dy[f][y][x]` for `q = y · wp + x`, zero for `x >= ow` and `f >= o`.
+    fn transpose_grad(&self, dy: &[f32], filters: usize, dyt: &mut [f32]) {
+        let p = self.p;
+        dyt.fill(0.0);
+        for f in 0..p.o {
+            let plane = &dy[f * p.positions()..][..p.positions()];
+            for y in 0..p.oh {
+                for x in 0..p.ow {
+                    dyt[(y * self.wp + x) * filters + f] = plane[y * p.ow + x];
+                }
+            }
+        }
+    }
+}
+
+/// `c[r][·] += Σ_q a[offsets[r] + q] · b[q · b_stride..][..GRAD_NR]` for the [`GRAD_MR`]
+/// rows `r` (`c` at row stride `b_stride`): the kernel gradient's tile, 24 accumulators.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `a` holds `offsets[r] + steps` elements for every `r`, `b`
+/// holds `(steps − 1) · b_stride + GRAD_NR`, `c` holds `(GRAD_MR − 1) · b_stride + GRAD_NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_micro_kernel(
+    a: &[f32],
+    offsets: &[usize],
+    b: &[f32],
+    b_stride: usize,
+    steps: usize,
+    c: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(offsets.iter().all(|&o| o + steps <= a.len()));
+    debug_assert!(steps == 0 || (steps - 1) * b_stride + GRAD_NR <= b.len());
+    debug_assert!((GRAD_MR - 1) * b_stride + GRAD_NR <= c.len());
+    let bases: [*const f32; GRAD_MR] = std::array::from_fn(|r| a[offsets[r]..].as_ptr());
+    let (bp, cp) = (b.as_ptr(), c.as_mut_ptr());
+    // SAFETY: every offset stays inside the slices, by the caller's sizes.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; GRAD_MR];
+        for q in 0..steps {
+            let brow = bp.add(q * b_stride);
+            let bv = [
+                _mm512_loadu_ps(brow),
+                _mm512_loadu_ps(brow.add(16)),
+                _mm512_loadu_ps(brow.add(32)),
+                _mm512_loadu_ps(brow.add(48)),
+            ];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*bases[r].add(q));
+                for (lane, &b) in row.iter_mut().zip(&bv) {
+                    *lane = _mm512_fmadd_ps(av, b, *lane);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                let at = cp.add(r * b_stride + v * 16);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *lane));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A direct convolution in f64: `(y, dx, dk)` for the output gradient `dy`.
+    fn reference(x: &[f32], k: &[f32], dy: &[f32], p: &Problem) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let mut y = vec![0.0; p.n * p.o * p.positions()];
+        let mut dx = vec![0.0; x.len()];
+        let mut dk = vec![0.0; k.len()];
+        for n in 0..p.n {
+            for o in 0..p.o {
+                for oy in 0..p.oh {
+                    for ox in 0..p.ow {
+                        let at = ((n * p.o + o) * p.oh + oy) * p.ow + ox;
+                        for c in 0..p.c {
+                            for i in 0..p.kh {
+                                for j in 0..p.kw {
+                                    let iy =
+                                        (oy * p.stride + i * p.dilation).wrapping_sub(p.pad_top);
+                                    let ix =
+                                        (ox * p.stride + j * p.dilation).wrapping_sub(p.pad_left);
+                                    if iy >= p.h || ix >= p.w {
+                                        continue;
+                                    }
+                                    let xi = ((n * p.c + c) * p.h + iy) * p.w + ix;
+                                    let ki = ((o * p.c + c) * p.kh + i) * p.kw + j;
+                                    y[at] += x[xi] as f64 * k[ki] as f64;
+                                    dx[xi] += dy[at] as f64 * k[ki] as f64;
+                                    dk[ki] += dy[at] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dk)
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        // A small deterministic generator: values in [-1, 1).
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn assert_close(name: &str, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{name}: length");
+        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-5 * scale,
+                "{name}[{i}]: {g} against {w} (scale {scale})"
+            );
+        }
+    }
+
+    /// `(n, c, h, w, o, k, stride, dilation, (top, bottom, left, right))`.
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        (usize, usize, usize, usize),
+    );
+
+    fn problem(case: Case) -> Problem {
+        let (n, c, h, w, o, k, stride, dilation, (t, b, l, r)) = case;
+        let span = (k - 1) * dilation;
+        Problem {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh: k,
+            kw: k,
+            oh: (h + t + b - span - 1) / stride + 1,
+            ow: (w + l + r - span - 1) / stride + 1,
+            stride,
+            dilation,
+            pad_top: t,
+            pad_left: l,
+        }
+    }
+
+    /// Runs the forward pass, and (stride 1) both gradients, of `case` through this module and
+    /// compares them with [`reference`]; `shifted` says which path the forward pass must take.
+    fn check(case: Case, shifted: bool) {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512F, the panel kernels do not run here");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let p = problem(case);
+            assert_eq!(Shifted::new(&p).is_some(), shifted, "{case:?}: path");
+            assert!(p.worth_it(), "{case:?}: too small to test the kernel");
+            let x = values(p.n * p.c * p.h * p.w, 1);
+            let k = values(p.o * p.depth(), 2);
+            let dy = values(p.n * p.o * p.positions(), 3);
+            let (y_ref, dx_ref, dk_ref) = reference(&x, &k, &dy, &p);
+            let mut y = vec![f32::NAN; y_ref.len()];
+            let out = std::sync::Mutex::new(&mut y);
+            convolve(&x, &k, &p, &|run| {
+                let mut y = out.lock().unwrap();
+                let at = (run.image * p.o + run.filter) * p.positions() + run.start;
+                for (t, &v) in run.values.iter().enumerate() {
+                    assert!(
+                        y[at + t].is_nan(),
+                        "{case:?}: output {} written twice",
+                        at + t
+                    );
+                    y[at + t] = v;
+                }
+            });
+            assert_close("y", &y, &y_ref);
+            if let Some(dk) = kernel_gradient(&x, &dy, &p) {
+                assert_close("dk", &dk, &dk_ref);
+            } else {
+                assert!(!shifted, "{case:?}: the shifted path has a kernel gradient");
+            }
+            if let Some(q) = input_gradient_problem(&p) {
+                let kernel = input_gradient_kernel(&k, &p);
+                let mut dx = vec![f32::NAN; dx_ref.len()];
+                let out = std::sync::Mutex::new(&mut dx);
+                convolve(&dy, &kernel, &q, &|run| {
+                    let mut dx = out.lock().unwrap();
+                    let at = (run.image * q.o + run.filter) * q.positions() + run.start;
+                    dx[at..at + run.values.len()].copy_from_slice(run.values);
+                });
+                assert_close("dx", &dx, &dx_ref);
+            }
+        });
+    }
+
+    #[test]
+    fn shifted_path_matches_a_direct_convolution() {
+        // Keras 'same' 3×3; 'valid' 3×3; a 5×5 kernel with a dilation of 2; filters and
+        // channels not multiples of the tiles; odd sizes so no tile ends at a row.
+        check((4, 5, 17, 19, 11, 3, 1, 1, (1, 1, 1, 1)), true);
+        check((4, 3, 18, 20, 10, 3, 1, 1, (0, 0, 0, 0)), true);
+        check((5, 4, 21, 23, 9, 5, 1, 2, (4, 4, 4, 4)), true);
+        check((4, 6, 16, 18, 64, 3, 1, 1, (2, 0, 0, 2)), true);
+    }
+
+    #[test]
+    fn panel_path_matches_a_direct_convolution() {
+        // Keras 'same' with stride 2 (bottom/right padding only); a one-image map too narrow
+        // for the shifted path; a 1×1 stride-2 projection; 4×4 maps across image boundaries.
+        check((4, 5, 15, 17, 40, 3, 2, 1, (0, 1, 0, 1)), false);
+        check((1, 7, 20, 10, 300, 3, 1, 1, (1, 1, 1, 1)), false);
+        check((6, 9, 16, 16, 24, 1, 2, 1, (0, 0, 0, 0)), false);
+        check((12, 16, 4, 4, 260, 3, 1, 1, (1, 1, 1, 1)), false);
+    }
+}
