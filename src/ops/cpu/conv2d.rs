@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "onednn")]
 use super::contiguous_slice;
-use super::{Float, OutputBuffer, conv_panels, dispatch_pair, relu_if};
+use super::{Float, OutputBuffer, conv_channels, conv_panels, dispatch_pair, relu_if};
 use crate::Result;
 use crate::ops::{ChannelAffine, Conv2dGeometry};
 
@@ -187,8 +187,13 @@ impl Sizes {
         let fits = sizes.iter().all(|&v| v <= i32::MAX as usize);
         fits.then(|| sizes.map(|v| v as i64))
     }
-    /// The problem for the panel kernel: `None` where it does not run (grouped
-    /// convolutions, no AVX-512, too few output positions).
+    /// The problem and the AVX-512 kernel that runs it, where one does.
+    fn avx512(&self, g: &Conv2dGeometry) -> Option<(conv_panels::Problem, Avx512Path)> {
+        let problem = self.panel_problem(g)?;
+        Avx512Path::choose(&problem).map(|path| (problem, path))
+    }
+    /// The problem for the AVX-512 kernels: `None` where they do not run (grouped
+    /// convolutions, no AVX-512); each kernel family says which problems it takes.
     fn panel_problem(&self, g: &Conv2dGeometry) -> Option<conv_panels::Problem> {
         let problem = conv_panels::Problem {
             n: self.n,
@@ -205,7 +210,7 @@ impl Sizes {
             pad_top: g.pad.0,
             pad_left: g.pad.2,
         };
-        (self.groups == 1 && problem.worth_it() && conv_panels::available()).then_some(problem)
+        (self.groups == 1 && conv_panels::available()).then_some(problem)
     }
     /// Images per chunk: keeps the im2col buffer near 8M elements.
     fn chunk(&self) -> usize {
@@ -276,20 +281,16 @@ impl Element for f32 {
         epilogue: Epilogue,
         y: &mut [MaybeUninit<f32>],
     ) -> bool {
-        let Some(problem) = s.panel_problem(geo) else {
+        let Some((problem, path)) = s.avx512(geo) else {
             return false;
         };
         let (ohw, o) = (s.ohw(), s.o);
         let out = SharedSlots(y.as_mut_ptr());
-        conv_panels::convolve(x, k, &problem, &|run| {
-            // SAFETY: `convolve` hands every (filter, image, position) to exactly one run,
+        path.convolve((x, k), &problem, &|run| {
+            let at = (run.image * o + run.filter) * ohw + run.start;
+            // SAFETY: the kernels hand every (filter, image, position) to exactly one run,
             // so the runs write disjoint ranges of `y`, all inside its `n · o · oh · ow`.
-            let dst = unsafe {
-                out.range(
-                    (run.image * o + run.filter) * ohw + run.start,
-                    run.values.len(),
-                )
-            };
+            let dst = unsafe { out.range(at, run.values.len()) };
             epilogue.write(run.filter, run.values, dst);
         });
         true
@@ -300,28 +301,23 @@ impl Element for f32 {
         s: &Sizes,
         geo: &Conv2dGeometry,
     ) -> Option<Vec<f32>> {
-        let problem = conv_panels::input_gradient_problem(&s.panel_problem(geo)?)?;
-        if !problem.worth_it() {
-            return None;
-        }
-        let kernel = conv_panels::input_gradient_kernel(k, &s.panel_problem(geo)?);
+        let forward = s.panel_problem(geo)?;
+        let problem = conv_panels::input_gradient_problem(&forward)?;
+        let path = Avx512Path::choose(&problem)?;
+        let kernel = conv_panels::input_gradient_kernel(k, &forward);
         let len = s.n * s.c * s.h * s.w;
         let mut dx = OutputBuffer::new(len, "conv2d input grad").ok()?;
         let out = SharedSlots(dx.uninit().as_mut_ptr());
         let hw = s.h * s.w;
-        conv_panels::convolve(dy, &kernel, &problem, &|run| {
+        path.convolve((dy, &kernel), &problem, &|run| {
+            let at = (run.image * s.c + run.filter) * hw + run.start;
             // SAFETY: as in `panel_forward`, over `dx`'s `n · c · h · w`.
-            let dst = unsafe {
-                out.range(
-                    (run.image * s.c + run.filter) * hw + run.start,
-                    run.values.len(),
-                )
-            };
+            let dst = unsafe { out.range(at, run.values.len()) };
             for (d, &v) in dst.iter_mut().zip(run.values) {
                 d.write(v);
             }
         });
-        // SAFETY: `convolve` wrote every position of every channel of every image.
+        // SAFETY: the kernel wrote every position of every channel of every image.
         Some(unsafe { dx.written() })
     }
     fn panel_kernel_grad(
@@ -330,7 +326,49 @@ impl Element for f32 {
         s: &Sizes,
         geo: &Conv2dGeometry,
     ) -> Option<Vec<f32>> {
-        conv_panels::kernel_gradient(x, dy, &s.panel_problem(geo)?)
+        let problem = s.panel_problem(geo)?;
+        if conv_panels::shifted(&problem) {
+            conv_panels::kernel_gradient(x, dy, &problem)
+        } else {
+            conv_channels::applies(&problem)
+                .then(|| conv_channels::kernel_gradient(x, dy, &problem))
+        }
+    }
+}
+
+/// The AVX-512 kernel family that suits a problem.
+#[derive(Clone, Copy)]
+enum Avx512Path {
+    /// [`conv_panels`]: the shifted path for wide maps, panels otherwise.
+    Panels,
+    /// [`conv_channels`]: filters in the vector lanes, for small maps and strides.
+    Channels,
+}
+
+impl Avx512Path {
+    /// The shifted path where it applies (wide maps: it measured faster there than the
+    /// filter-vectorized one), else the filter-vectorized one where it applies, else the
+    /// panel path where it pays; `None` where none does.
+    fn choose(p: &conv_panels::Problem) -> Option<Self> {
+        let channels = conv_channels::applies(p);
+        if conv_panels::shifted(p) || (!channels && p.worth_it()) {
+            Some(Self::Panels)
+        } else {
+            channels.then_some(Self::Channels)
+        }
+    }
+
+    /// Runs `p`, handing each output run to `write`.
+    fn convolve(
+        self,
+        (x, k): (&[f32], &[f32]),
+        p: &conv_panels::Problem,
+        write: &(dyn Fn(conv_panels::Run<'_>) + Sync),
+    ) {
+        match self {
+            Self::Panels => conv_panels::convolve(x, k, p, write),
+            Self::Channels => conv_channels::convolve(x, k, p, write),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 pub(crate) mod batch_norm;
 pub(crate) mod bias;
 pub(crate) mod conv2d;
+mod conv_channels;
 mod conv_panels;
 pub(crate) mod finite;
 pub(crate) mod optimizer;

@@ -1,0 +1,458 @@
+//! f32 convolutions on AVX-512 vectorized over the *filters*, for small maps with many
+//! filters (the third and fourth stages of the article's ResNet, its stride-2 layers).
+//!
+//! The panel kernels ([`super::conv_panels`]) put output positions in the vector lanes; on an
+//! 8×8 map a tile of 48 positions is six rows of eight, and packing it cost as much as a
+//! third of the layer (`perf record`, 256 filters at 8×8). Here the lanes hold 64 filters
+//! (four vectors) and each step of the reduction broadcasts one input value for each of 6
+//! output positions straight from a zero-padded copy of the images: no im2col, no packing,
+//! any stride. The kernel is read transposed (`depth` rows of 64 filters, made once per
+//! call). The kernel gradient is the same product turned around: 6 reduction rows ×
+//! 64 filters, summed over every output position, with `dY` transposed into rows of filters.
+//!
+//! Chosen at run time like the panel kernels (AVX-512F), for filter counts that are a
+//! multiple of 64.
+
+use rayon::prelude::*;
+
+use super::conv_panels::{Problem, Run, available};
+
+/// Output positions per tile.
+const PR: usize = 6;
+/// Filters per tile: four 16-lane vectors; with [`PR`] positions, 24 accumulators. Each
+/// step loads 4 vectors of the kernel and broadcasts 6 input values for 24 FMAs.
+const OR: usize = 64;
+/// Reduction rows per pass of the forward product over an image's tiles (32 KB of the
+/// kernel, which stays in L1 meanwhile).
+const KC: usize = 128;
+/// Output positions per pass of the kernel gradient over its reduction rows (16 KB of
+/// `dYᵀ`).
+const QC: usize = 256;
+/// Output positions summed per pass of the kernel gradient over its partial sums.
+const GRADIENT_POSITIONS: usize = 256;
+
+/// The zero-padded images and where each output position and kernel tap reads them.
+struct Geometry<'a> {
+    p: &'a Problem,
+    hp: usize,
+    wp: usize,
+    /// Per reduction row `(c, i, j)`: `c · hp · wp + i · d · wp + j · d`.
+    offsets: Vec<usize>,
+}
+
+impl<'a> Geometry<'a> {
+    fn new(p: &'a Problem) -> Self {
+        let hp = (p.h + p.pad_top).max((p.oh - 1) * p.stride + (p.kh - 1) * p.dilation + 1);
+        let wp = (p.w + p.pad_left).max((p.ow - 1) * p.stride + (p.kw - 1) * p.dilation + 1);
+        let mut offsets = Vec::with_capacity(p.depth());
+        for c in 0..p.c {
+            for i in 0..p.kh {
+                for j in 0..p.kw {
+                    offsets.push(c * hp * wp + i * p.dilation * wp + j * p.dilation);
+                }
+            }
+        }
+        Self { p, hp, wp, offsets }
+    }
+
+    fn image_len(&self) -> usize {
+        self.p.c * self.hp * self.wp
+    }
+
+    /// Copies images `first..first + count` of `x` into `padded`, one after the other.
+    fn pad(&self, x: &[f32], first: usize, count: usize, padded: &mut [f32]) {
+        let p = self.p;
+        let (hp, wp) = (self.hp, self.wp);
+        for (plane, c) in padded[..count * self.image_len()]
+            .chunks_exact_mut(hp * wp)
+            .zip((0..count).flat_map(|image| (0..p.c).map(move |c| (first + image, c))))
+        {
+            let (image, c) = c;
+            for (y, row) in plane.chunks_exact_mut(wp).enumerate() {
+                let iy = y.wrapping_sub(p.pad_top);
+                if iy >= p.h {
+                    row.fill(0.0);
+                    continue;
+                }
+                let left = p.pad_left.min(wp);
+                let copied = p.w.min(wp - left);
+                row[..left].fill(0.0);
+                row[left..left + copied]
+                    .copy_from_slice(&x[((image * p.c + c) * p.h + iy) * p.w..][..copied]);
+                row[left + copied..].fill(0.0);
+            }
+        }
+    }
+
+    /// Where output position `pos` of the `image`-th padded image reads its first tap.
+    fn base(&self, image: usize, pos: usize) -> usize {
+        let p = self.p;
+        let (oy, ox) = (pos / p.ow, pos % p.ow);
+        image * self.image_len() + oy * p.stride * self.wp + ox * p.stride
+    }
+}
+
+/// Whether this path runs for `p`: filters in whole tiles, at least two images per thread
+/// (the work is split by images), a kernel wider than 1×1 and at most [`MAX_KERNEL`]
+/// elements. Measured against the GEMM path (`layer_profile`, batch 32 and 128): 3×3
+/// layers of 256 filters on 8×8 maps and the stride-2 layers up to 256 filters gain
+/// 15-35%; the last stage's 512 × 4,608 kernels lost 20-30%, the 1×1 projections 10-30%
+/// (their products are too short for the transposes and padding around them).
+pub(super) fn applies(p: &Problem) -> bool {
+    let threads = rayon::current_num_threads().max(1);
+    p.o.is_multiple_of(OR)
+        && p.n >= 2 * threads
+        && p.kh * p.kw > 1
+        && p.o * p.depth() <= MAX_KERNEL
+        && available()
+}
+
+/// The largest kernel (filters × depth) this path takes (4 MB of f32).
+const MAX_KERNEL: usize = 1 << 20;
+
+/// Images per task: enough output positions for the kernel gradient's passes.
+fn images_per_task(p: &Problem) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    GRADIENT_POSITIONS
+        .div_ceil(p.positions().max(1))
+        .clamp(1, p.n.div_ceil(threads).max(1))
+}
+
+/// The convolution of `x` (NCHW) with `k` (OIHW), each output run handed to `write` exactly
+/// once. The caller checks [`applies`] first.
+pub(super) fn convolve(x: &[f32], k: &[f32], p: &Problem, write: &(dyn Fn(Run<'_>) + Sync)) {
+    debug_assert!(applies(p));
+    let geometry = Geometry::new(p);
+    let depth = p.depth();
+    // The kernel transposed, per block of OR filters: `depth` rows of OR.
+    let mut kernel = vec![0.0f32; p.o * depth];
+    kernel
+        .par_chunks_mut(depth * OR)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            for f in 0..OR {
+                for (i, &v) in k[(block * OR + f) * depth..][..depth].iter().enumerate() {
+                    rows[i * OR + f] = v;
+                }
+            }
+        });
+    let positions = p.positions();
+    let tiles = positions.div_ceil(PR);
+    let per_task = images_per_task(p);
+    (0..p.n.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let first = task * per_task;
+            let count = per_task.min(p.n - first);
+            let mut padded = vec![0.0f32; count * geometry.image_len()];
+            geometry.pad(x, first, count, &mut padded);
+            // Per image, its tiles; the last one repeats the image's last position where the
+            // plane runs out.
+            let bases: Vec<usize> = (0..count * tiles * PR)
+                .map(|q| {
+                    let (image, slot) = (q / (tiles * PR), q % (tiles * PR));
+                    geometry.base(image, slot.min(positions - 1))
+                })
+                .collect();
+            let mut tiles_out = vec![0.0f32; count * tiles * PR * OR];
+            let mut plane = vec![0.0f32; OR * positions];
+            for block in 0..p.o / OR {
+                // KC rows of the kernel at a time (32 KB: L1) over every tile of the task's
+                // images; a tile's sums wait in `tiles_out` between the chunks. Per image
+                // instead, the last stage's 9.4 MB kernel was read again for every 16 positions.
+                for k0 in (0..depth).step_by(KC) {
+                    let kc = KC.min(depth - k0);
+                    let rows = &kernel[(block * depth + k0) * OR..][..kc * OR];
+                    for (t, out) in tiles_out.chunks_exact_mut(PR * OR).enumerate() {
+                        // SAFETY: `applies` checked AVX-512F; every base plus every offset is
+                        // inside the padded images (the padded size covers the last tap of the
+                        // last position), `rows` holds `kc` rows of OR.
+                        unsafe {
+                            micro_kernel(
+                                &padded,
+                                &bases[t * PR..][..PR],
+                                &geometry.offsets[k0..k0 + kc],
+                                rows,
+                                (out, k0 > 0),
+                            )
+                        };
+                    }
+                }
+                for image in 0..count {
+                    let outs = &tiles_out[image * tiles * PR * OR..][..tiles * PR * OR];
+                    for (t, out) in outs.chunks_exact(PR * OR).enumerate() {
+                        for r in 0..PR.min(positions - t * PR) {
+                            for f in 0..OR {
+                                plane[f * positions + t * PR + r] = out[r * OR + f];
+                            }
+                        }
+                    }
+                    for f in 0..OR {
+                        write(Run {
+                            filter: block * OR + f,
+                            image: first + image,
+                            start: 0,
+                            values: &plane[f * positions..][..positions],
+                        });
+                    }
+                }
+            }
+        });
+}
+
+/// `tile[r][·] = Σ_k x[bases[r] + offsets[k]] · rows[k][·]` for the [`PR`] positions `r`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `bases[r] + offsets[k]` is inside `x` for every `r` and `k`,
+/// `rows` holds `offsets.len()` rows of [`OR`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_kernel(
+    x: &[f32],
+    bases: &[usize],
+    offsets: &[usize],
+    rows: &[f32],
+    (tile, accumulate): (&mut [f32], bool),
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(bases.len() == PR && rows.len() >= offsets.len() * OR && tile.len() >= PR * OR);
+    debug_assert!(
+        bases
+            .iter()
+            .all(|&b| offsets.iter().all(|&o| b + o < x.len()))
+    );
+    let starts: [*const f32; PR] = std::array::from_fn(|r| x.as_ptr().wrapping_add(bases[r]));
+    let w = rows.as_ptr();
+    // SAFETY: every offset stays inside the slices, by the caller's contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; PR];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, lane) in row.iter_mut().enumerate() {
+                    *lane = _mm512_loadu_ps(tile.as_ptr().add(r * OR + v * 16));
+                }
+            }
+        }
+        for (k, &offset) in offsets.iter().enumerate() {
+            let wk = w.add(k * OR);
+            let wv = [
+                _mm512_loadu_ps(wk),
+                _mm512_loadu_ps(wk.add(16)),
+                _mm512_loadu_ps(wk.add(32)),
+                _mm512_loadu_ps(wk.add(48)),
+            ];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*starts[r].add(offset));
+                for (lane, &wv) in row.iter_mut().zip(&wv) {
+                    *lane = _mm512_fmadd_ps(xv, wv, *lane);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * OR + v * 16), *lane);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro_kernel(_: &[f32], _: &[usize], _: &[usize], _: &[f32], _: (&mut [f32], bool)) {
+    unreachable!("`applies` is false off x86-64")
+}
+
+/// The kernel gradient `dW` (OIHW) from the input `x` and the output's gradient `dy`. The
+/// caller checks [`applies`] first.
+pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Vec<f32> {
+    debug_assert!(applies(p));
+    let geometry = Geometry::new(p);
+    let depth = p.depth();
+    let rows = depth.next_multiple_of(PR);
+    // Rows past `depth` read the first tap again, and are dropped.
+    let mut offsets = geometry.offsets.clone();
+    offsets.resize(rows, 0);
+    let positions = p.positions();
+    let per_group = images_per_task(p);
+    // One partial sum per thread (2.4 MB at 256 filters × 2,304 rows: one per group of
+    // images had cost a quarter of the layer in zeroing and adding), its images taken a
+    // group at a time.
+    let threads = rayon::current_num_threads().max(1);
+    let per_thread = p.n.div_ceil(threads);
+    let partial: Vec<Vec<f32>> = (0..p.n.div_ceil(per_thread))
+        .into_par_iter()
+        .map(|thread| {
+            let mine = thread * per_thread..((thread + 1) * per_thread).min(p.n);
+            let mut sum = vec![0.0f32; rows * p.o];
+            let mut padded = vec![0.0f32; per_group * geometry.image_len()];
+            let mut dyt = vec![0.0f32; per_group * positions * p.o];
+            for first in mine.clone().step_by(per_group) {
+                let count = per_group.min(mine.end - first);
+                geometry.pad(x, first, count, &mut padded);
+                // dYᵀ: a row of `o` filters per output position of the group's images.
+                for image in 0..count {
+                    let grad = &dy[(first + image) * p.o * positions..][..p.o * positions];
+                    for f in 0..p.o {
+                        for (q, &v) in grad[f * positions..][..positions].iter().enumerate() {
+                            dyt[(image * positions + q) * p.o + f] = v;
+                        }
+                    }
+                }
+                let bases: Vec<usize> = (0..count * positions)
+                    .map(|q| geometry.base(q / positions, q % positions))
+                    .collect();
+                // QC positions of dYᵀ at a time (16 KB of a filter block: L1) through every
+                // block of reduction rows.
+                for f0 in (0..p.o).step_by(OR) {
+                    for q0 in (0..bases.len()).step_by(QC) {
+                        let qc = QC.min(bases.len() - q0);
+                        for r0 in (0..rows).step_by(PR) {
+                            // SAFETY: `applies` checked AVX-512F; every base plus every
+                            // offset is inside the padded images, `dyt` holds a row of `o`
+                            // per base from q0, and `sum` PR rows of `o` from row r0.
+                            unsafe {
+                                gradient_kernel(
+                                    &padded,
+                                    &bases[q0..q0 + qc],
+                                    &offsets[r0..r0 + PR],
+                                    (&dyt[q0 * p.o + f0..], p.o),
+                                    &mut sum[r0 * p.o + f0..],
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+            sum
+        })
+        .collect();
+    let mut dk = vec![0.0f32; p.o * depth];
+    dk.par_chunks_mut(depth)
+        .enumerate()
+        .for_each(|(f, filter)| {
+            for (k, v) in filter.iter_mut().enumerate() {
+                *v = partial.iter().map(|s| s[k * p.o + f]).sum();
+            }
+        });
+    dk
+}
+
+/// `sum[r][·] += Σ_q x[bases[q] + offsets[r]] · dyt[q · stride..][..OR]` for the [`PR`]
+/// rows `r` (`sum` at row stride `stride`).
+///
+/// # Safety
+/// The CPU supports AVX-512F; every `bases[q] + offsets[r]` is inside `x`; `dyt` holds
+/// `(bases.len() − 1) · stride + OR` elements, `sum` `(PR − 1) · stride + OR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gradient_kernel(
+    x: &[f32],
+    bases: &[usize],
+    offsets: &[usize],
+    (dyt, stride): (&[f32], usize),
+    sum: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(offsets.len() == PR);
+    debug_assert!(bases.is_empty() || (bases.len() - 1) * stride + OR <= dyt.len());
+    debug_assert!((PR - 1) * stride + OR <= sum.len());
+    let taps: [*const f32; PR] = std::array::from_fn(|r| x.as_ptr().wrapping_add(offsets[r]));
+    let (d, s) = (dyt.as_ptr(), sum.as_mut_ptr());
+    // SAFETY: every offset stays inside the slices, by the caller's contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; PR];
+        for (q, &base) in bases.iter().enumerate() {
+            let dq = d.add(q * stride);
+            let dv = [
+                _mm512_loadu_ps(dq),
+                _mm512_loadu_ps(dq.add(16)),
+                _mm512_loadu_ps(dq.add(32)),
+                _mm512_loadu_ps(dq.add(48)),
+            ];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*taps[r].add(base));
+                for (lane, &dv) in row.iter_mut().zip(&dv) {
+                    *lane = _mm512_fmadd_ps(xv, dv, *lane);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                let at = s.add(r * stride + v * 16);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *lane));
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gradient_kernel(_: &[f32], _: &[usize], _: &[usize], _: (&[f32], usize), _: &mut [f32]) {
+    unreachable!("`applies` is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv_panels::tests::{Case, assert_close, problem, reference, values};
+    use super::super::conv_panels::{input_gradient_kernel, input_gradient_problem};
+    use super::*;
+
+    /// The forward pass, the kernel gradient and (stride 1) the input gradient of `case`
+    /// through this module against the direct convolution.
+    fn check(case: Case) {
+        if !available() {
+            eprintln!(
+                "skipped: this CPU has no AVX-512F, the filter-vectorized kernels do not run here"
+            );
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let p = problem(case);
+            assert!(applies(&p), "{case:?}: the path must take it");
+            let x = values(p.n * p.c * p.h * p.w, 4);
+            let k = values(p.o * p.depth(), 5);
+            let dy = values(p.n * p.o * p.positions(), 6);
+            let (y_ref, dx_ref, dk_ref) = reference(&x, &k, &dy, &p);
+            let mut y = vec![f32::NAN; y_ref.len()];
+            let out = std::sync::Mutex::new(&mut y);
+            convolve(&x, &k, &p, &|run| {
+                let mut y = out.lock().unwrap();
+                let at = (run.image * p.o + run.filter) * p.positions() + run.start;
+                for (t, &v) in run.values.iter().enumerate() {
+                    assert!(
+                        y[at + t].is_nan(),
+                        "{case:?}: output {} written twice",
+                        at + t
+                    );
+                    y[at + t] = v;
+                }
+            });
+            assert_close("y", &y, &y_ref);
+            assert_close("dk", &kernel_gradient(&x, &dy, &p), &dk_ref);
+            if let Some(q) = input_gradient_problem(&p).filter(applies) {
+                let kernel = input_gradient_kernel(&k, &p);
+                let mut dx = vec![f32::NAN; dx_ref.len()];
+                let out = std::sync::Mutex::new(&mut dx);
+                convolve(&dy, &kernel, &q, &|run| {
+                    let mut dx = out.lock().unwrap();
+                    let at = (run.image * q.o + run.filter) * q.positions() + run.start;
+                    dx[at..at + run.values.len()].copy_from_slice(run.values);
+                });
+                assert_close("dx", &dx, &dx_ref);
+            }
+        });
+    }
+
+    #[test]
+    fn filter_vectorized_path_matches_a_direct_convolution() {
+        // Keras 'same' 3×3 on 8×8 maps with 64 channels (the input gradient takes this path
+        // too); Keras 'same' with stride 2 (bottom/right padding); 'valid' on a rectangular
+        // map whose positions are no multiple of the 6-position tile; a dilation of 2.
+        check((4, 64, 8, 8, 64, 3, 1, 1, (1, 1, 1, 1)));
+        check((5, 7, 9, 9, 128, 3, 2, 1, (0, 1, 0, 1)));
+        check((4, 5, 7, 6, 64, 3, 1, 1, (0, 0, 0, 0)));
+        check((4, 3, 9, 11, 64, 3, 1, 2, (2, 2, 2, 2)));
+    }
+}
