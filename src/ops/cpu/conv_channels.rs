@@ -15,13 +15,15 @@
 
 use rayon::prelude::*;
 
-use super::conv_panels::{Problem, Run, available};
+use super::conv_panels::{GRAD_MR, GRAD_NR, Problem, Run, available, broadcast_tile, pad_plane};
 
-/// Output positions per tile.
-const PR: usize = 6;
+/// Output positions per tile, and reduction rows per tile of the kernel gradient (whose
+/// micro-kernel, [`broadcast_tile`], is this path's too, and the shifted path's kernel
+/// gradient's).
+const PR: usize = GRAD_MR;
 /// Filters per tile: four 16-lane vectors; with [`PR`] positions, 24 accumulators. Each
 /// step loads 4 vectors of the kernel and broadcasts 6 input values for 24 FMAs.
-const OR: usize = 64;
+const OR: usize = GRAD_NR;
 /// Reduction rows per pass of the forward product over an image's tiles (32 KB of the
 /// kernel, which stays in L1 meanwhile).
 const KC: usize = 128;
@@ -62,25 +64,10 @@ impl<'a> Geometry<'a> {
     /// Copies images `first..first + count` of `x` into `padded`, one after the other.
     fn pad(&self, x: &[f32], first: usize, count: usize, padded: &mut [f32]) {
         let p = self.p;
-        let (hp, wp) = (self.hp, self.wp);
-        for (plane, c) in padded[..count * self.image_len()]
-            .chunks_exact_mut(hp * wp)
-            .zip((0..count).flat_map(|image| (0..p.c).map(move |c| (first + image, c))))
-        {
-            let (image, c) = c;
-            for (y, row) in plane.chunks_exact_mut(wp).enumerate() {
-                let iy = y.wrapping_sub(p.pad_top);
-                if iy >= p.h {
-                    row.fill(0.0);
-                    continue;
-                }
-                let left = p.pad_left.min(wp);
-                let copied = p.w.min(wp - left);
-                row[..left].fill(0.0);
-                row[left..left + copied]
-                    .copy_from_slice(&x[((image * p.c + c) * p.h + iy) * p.w..][..copied]);
-                row[left + copied..].fill(0.0);
-            }
+        let planes = padded[..count * self.image_len()].chunks_exact_mut(self.hp * self.wp);
+        let sources = x[first * p.c * p.h * p.w..].chunks_exact(p.h * p.w);
+        for (dst, src) in planes.zip(sources) {
+            pad_plane(p, src, self.wp, dst);
         }
     }
 
@@ -168,11 +155,10 @@ pub(super) fn convolve(x: &[f32], k: &[f32], p: &Problem, write: &(dyn Fn(Run<'_
                         // inside the padded images (the padded size covers the last tap of the
                         // last position), `rows` holds `kc` rows of OR.
                         unsafe {
-                            micro_kernel(
-                                &padded,
-                                &bases[t * PR..][..PR],
-                                &geometry.offsets[k0..k0 + kc],
-                                rows,
+                            broadcast_tile(
+                                (&padded, &bases[t * PR..][..PR]),
+                                (|k| geometry.offsets[k0 + k], kc),
+                                (rows, OR),
                                 (out, k0 > 0),
                             )
                         };
@@ -198,67 +184,6 @@ pub(super) fn convolve(x: &[f32], k: &[f32], p: &Problem, write: &(dyn Fn(Run<'_
                 }
             }
         });
-}
-
-/// `tile[r][·] = Σ_k x[bases[r] + offsets[k]] · rows[k][·]` for the [`PR`] positions `r`.
-///
-/// # Safety
-/// The CPU supports AVX-512F; `bases[r] + offsets[k]` is inside `x` for every `r` and `k`,
-/// `rows` holds `offsets.len()` rows of [`OR`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn micro_kernel(
-    x: &[f32],
-    bases: &[usize],
-    offsets: &[usize],
-    rows: &[f32],
-    (tile, accumulate): (&mut [f32], bool),
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(bases.len() == PR && rows.len() >= offsets.len() * OR && tile.len() >= PR * OR);
-    debug_assert!(
-        bases
-            .iter()
-            .all(|&b| offsets.iter().all(|&o| b + o < x.len()))
-    );
-    let starts: [*const f32; PR] = std::array::from_fn(|r| x.as_ptr().wrapping_add(bases[r]));
-    let w = rows.as_ptr();
-    // SAFETY: every offset stays inside the slices, by the caller's contract.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 4]; PR];
-        if accumulate {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, lane) in row.iter_mut().enumerate() {
-                    *lane = _mm512_loadu_ps(tile.as_ptr().add(r * OR + v * 16));
-                }
-            }
-        }
-        for (k, &offset) in offsets.iter().enumerate() {
-            let wk = w.add(k * OR);
-            let wv = [
-                _mm512_loadu_ps(wk),
-                _mm512_loadu_ps(wk.add(16)),
-                _mm512_loadu_ps(wk.add(32)),
-                _mm512_loadu_ps(wk.add(48)),
-            ];
-            for (r, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*starts[r].add(offset));
-                for (lane, &wv) in row.iter_mut().zip(&wv) {
-                    *lane = _mm512_fmadd_ps(xv, wv, *lane);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, lane) in row.iter().enumerate() {
-                _mm512_storeu_ps(tile.as_mut_ptr().add(r * OR + v * 16), *lane);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro_kernel(_: &[f32], _: &[usize], _: &[usize], _: &[f32], _: (&mut [f32], bool)) {
-    unreachable!("`applies` is false off x86-64")
 }
 
 /// The kernel gradient `dW` (OIHW) from the input `x` and the output's gradient `dy`. The
@@ -310,12 +235,11 @@ pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Vec<f32> {
                             // offset is inside the padded images, `dyt` holds a row of `o`
                             // per base from q0, and `sum` PR rows of `o` from row r0.
                             unsafe {
-                                gradient_kernel(
-                                    &padded,
-                                    &bases[q0..q0 + qc],
-                                    &offsets[r0..r0 + PR],
+                                broadcast_tile(
+                                    (&padded, &offsets[r0..r0 + PR]),
+                                    (|q| bases[q0 + q], qc),
                                     (&dyt[q0 * p.o + f0..], p.o),
-                                    &mut sum[r0 * p.o + f0..],
+                                    (&mut sum[r0 * p.o + f0..], true),
                                 )
                             };
                         }
@@ -336,62 +260,11 @@ pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Vec<f32> {
     dk
 }
 
-/// `sum[r][·] += Σ_q x[bases[q] + offsets[r]] · dyt[q · stride..][..OR]` for the [`PR`]
-/// rows `r` (`sum` at row stride `stride`).
-///
-/// # Safety
-/// The CPU supports AVX-512F; every `bases[q] + offsets[r]` is inside `x`; `dyt` holds
-/// `(bases.len() − 1) · stride + OR` elements, `sum` `(PR − 1) · stride + OR`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gradient_kernel(
-    x: &[f32],
-    bases: &[usize],
-    offsets: &[usize],
-    (dyt, stride): (&[f32], usize),
-    sum: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(offsets.len() == PR);
-    debug_assert!(bases.is_empty() || (bases.len() - 1) * stride + OR <= dyt.len());
-    debug_assert!((PR - 1) * stride + OR <= sum.len());
-    let taps: [*const f32; PR] = std::array::from_fn(|r| x.as_ptr().wrapping_add(offsets[r]));
-    let (d, s) = (dyt.as_ptr(), sum.as_mut_ptr());
-    // SAFETY: every offset stays inside the slices, by the caller's contract.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 4]; PR];
-        for (q, &base) in bases.iter().enumerate() {
-            let dq = d.add(q * stride);
-            let dv = [
-                _mm512_loadu_ps(dq),
-                _mm512_loadu_ps(dq.add(16)),
-                _mm512_loadu_ps(dq.add(32)),
-                _mm512_loadu_ps(dq.add(48)),
-            ];
-            for (r, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*taps[r].add(base));
-                for (lane, &dv) in row.iter_mut().zip(&dv) {
-                    *lane = _mm512_fmadd_ps(xv, dv, *lane);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, lane) in row.iter().enumerate() {
-                let at = s.add(r * stride + v * 16);
-                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *lane));
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn gradient_kernel(_: &[f32], _: &[usize], _: &[usize], _: (&[f32], usize), _: &mut [f32]) {
-    unreachable!("`applies` is false off x86-64")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::conv_panels::tests::{Case, assert_close, problem, reference, values};
+    use super::super::conv_panels::tests::{
+        Case, assert_close, problem, reference, values, written,
+    };
     use super::super::conv_panels::{input_gradient_kernel, input_gradient_problem};
     use super::*;
 
@@ -415,31 +288,12 @@ mod tests {
             let k = values(p.o * p.depth(), 5);
             let dy = values(p.n * p.o * p.positions(), 6);
             let (y_ref, dx_ref, dk_ref) = reference(&x, &k, &dy, &p);
-            let mut y = vec![f32::NAN; y_ref.len()];
-            let out = std::sync::Mutex::new(&mut y);
-            convolve(&x, &k, &p, &|run| {
-                let mut y = out.lock().unwrap();
-                let at = (run.image * p.o + run.filter) * p.positions() + run.start;
-                for (t, &v) in run.values.iter().enumerate() {
-                    assert!(
-                        y[at + t].is_nan(),
-                        "{case:?}: output {} written twice",
-                        at + t
-                    );
-                    y[at + t] = v;
-                }
-            });
+            let y = written(&p, |write| convolve(&x, &k, &p, write));
             assert_close("y", &y, &y_ref);
             assert_close("dk", &kernel_gradient(&x, &dy, &p), &dk_ref);
             if let Some(q) = input_gradient_problem(&p).filter(applies) {
                 let kernel = input_gradient_kernel(&k, &p);
-                let mut dx = vec![f32::NAN; dx_ref.len()];
-                let out = std::sync::Mutex::new(&mut dx);
-                convolve(&dy, &kernel, &q, &|run| {
-                    let mut dx = out.lock().unwrap();
-                    let at = (run.image * q.o + run.filter) * q.positions() + run.start;
-                    dx[at..at + run.values.len()].copy_from_slice(run.values);
-                });
+                let dx = written(&q, |write| convolve(&dy, &kernel, &q, write));
                 assert_close("dx", &dx, &dx_ref);
             }
         });

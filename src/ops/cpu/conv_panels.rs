@@ -11,8 +11,10 @@
 //! 884 KB, which stays in L2), each panel is multiplied by every filter block while it is
 //! hot, and the results are written into the NCHW output through the caller's epilogue.
 //!
-//! The same kernel computes a stride-1 convolution's input gradient: that is a convolution
+//! The same kernels compute a stride-1 convolution's input gradient: that is a convolution
 //! of `dY` with the kernel turned 180° and its channels swapped ([`input_gradient_problem`]).
+//! On wide maps at stride 1 the *shifted* path ([`Shifted`]) reads the padded images in place
+//! instead of packing panels, for the forward pass and both gradients.
 //!
 //! Chosen at run time: [`available`] is true on CPUs with AVX-512F; elsewhere, and for f64
 //! and grouped convolutions, the GEMM path runs.
@@ -76,6 +78,23 @@ impl Problem {
 /// Whether `p` runs on the shifted path (forward pass, input and kernel gradients).
 pub(super) fn shifted(p: &Problem) -> bool {
     Shifted::new(p).is_some() && p.worth_it()
+}
+
+/// Copies one `h × w` input plane into `dst`, rows of `wp`, after `pad_top` rows and
+/// `pad_left` columns of zeros and with zeros after it to the end of `dst`.
+pub(super) fn pad_plane(p: &Problem, src: &[f32], wp: usize, dst: &mut [f32]) {
+    for (y, row) in dst.chunks_exact_mut(wp).enumerate() {
+        let iy = y.wrapping_sub(p.pad_top);
+        if iy >= p.h {
+            row.fill(0.0);
+            continue;
+        }
+        let left = p.pad_left.min(wp);
+        let copied = p.w.min(wp - left);
+        row[..left].fill(0.0);
+        row[left..left + copied].copy_from_slice(&src[iy * p.w..][..copied]);
+        row[left + copied..].fill(0.0);
+    }
 }
 
 /// The problem of a stride-1 convolution's input gradient, as a convolution of `dY` with
@@ -263,23 +282,10 @@ impl<'a> Shifted<'a> {
     /// Copies one image into `padded` with its zero borders.
     fn pad(&self, x: &[f32], padded: &mut [f32]) {
         let p = self.p;
-        let (hp, wp) = (self.hp, self.wp);
-        padded[p.c * hp * wp..].fill(0.0);
-        for c in 0..p.c {
-            let plane = &mut padded[c * hp * wp..][..hp * wp];
-            for y in 0..hp {
-                let row = &mut plane[y * wp..][..wp];
-                let iy = y.wrapping_sub(p.pad_top);
-                if iy >= p.h {
-                    row.fill(0.0);
-                    continue;
-                }
-                let left = p.pad_left.min(wp);
-                let copied = p.w.min(wp - left);
-                row[..left].fill(0.0);
-                row[left..left + copied].copy_from_slice(&x[(c * p.h + iy) * p.w..][..copied]);
-                row[left + copied..].fill(0.0);
-            }
+        let plane = self.hp * self.wp;
+        padded[p.c * plane..].fill(0.0);
+        for (c, dst) in padded.chunks_exact_mut(plane).take(p.c).enumerate() {
+            pad_plane(p, &x[c * p.h * p.w..][..p.h * p.w], self.wp, dst);
         }
     }
 
@@ -480,10 +486,7 @@ fn multiply(filters: &[f32], b: &[f32], rows: &[usize], product: &mut [f32]) {
             // SAFETY: `available()` (AVX-512F) was checked by `convolve`'s caller; `a` holds
             // `kc` rows of MR, every row of `b` named by `rows` holds NR elements, `c` is an
             // MR × NR tile.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                micro_kernel(a, b, &rows[k0..k0 + kc], c, k0 > 0)
-            };
+            unsafe { micro_kernel(a, b, &rows[k0..k0 + kc], c, k0 > 0) };
         }
     }
 }
@@ -531,6 +534,11 @@ unsafe fn micro_kernel(a: &[f32], b: &[f32], rows: &[usize], c: &mut [f32], accu
     }
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro_kernel(_: &[f32], _: &[f32], _: &[usize], _: &mut [f32], _: bool) {
+    unreachable!("`available` is false off x86-64")
+}
+
 /// Hands the tile's product to `write`: one run per real filter and image.
 fn write_tile(
     product: &[f32],
@@ -557,11 +565,11 @@ fn write_tile(
     }
 }
 
-/// Filters per tile of the kernel gradient's product (four 16-lane vectors).
-const GRAD_NR: usize = 64;
-/// Reduction rows (input channel × tap) per tile of the kernel gradient's product: with
-/// [`GRAD_NR`] filters, 24 accumulators again.
-const GRAD_MR: usize = 6;
+/// Columns of a [`broadcast_tile`]: four 16-lane vectors (filters, in every use).
+pub(super) const GRAD_NR: usize = 64;
+/// Rows of a [`broadcast_tile`] (kernel taps for a kernel gradient, output positions for
+/// the filter-vectorized forward pass): with [`GRAD_NR`] columns, 24 accumulators.
+pub(super) const GRAD_MR: usize = 6;
 
 /// The kernel gradient `dW` (OIHW) of a convolution from its input `x` and the gradient `dy`
 /// of its output, on the shifted path; `None` where that path does not run (see
@@ -612,15 +620,12 @@ impl Shifted<'_> {
                             // `span` stays inside `padded` (the last tap's offset plus the
                             // span is `c · hp · wp`), `dyt` holds `span` rows of `filters`,
                             // and `c` holds GRAD_MR rows of `filters` from `f0`.
-                            #[cfg(target_arch = "x86_64")]
                             unsafe {
-                                grad_micro_kernel(
-                                    &padded,
-                                    &offsets[r0..r0 + GRAD_MR],
-                                    &dyt[f0..],
-                                    filters,
-                                    self.span,
-                                    c,
+                                broadcast_tile(
+                                    (&padded, &offsets[r0..r0 + GRAD_MR]),
+                                    (|q| q, self.span),
+                                    (&dyt[f0..], filters),
+                                    (c, true),
                                 )
                             };
                         }
@@ -653,33 +658,38 @@ impl Shifted<'_> {
     }
 }
 
-/// `c[r][·] += Σ_q a[offsets[r] + q] · b[q · b_stride..][..GRAD_NR]` for the [`GRAD_MR`]
-/// rows `r` (`c` at row stride `b_stride`): the kernel gradient's tile, 24 accumulators.
+/// `c[r][·] (+)= Σ_q a[rows[r] + step(q)] · b[q · b_stride..][..GRAD_NR]` for `q` in
+/// `0..steps` and the [`GRAD_MR`] rows `r` (`c` at row stride `b_stride`; added to with
+/// `accumulate`, overwritten without): one value of `a` broadcast per row and step against
+/// four vectors of `b`, 24 accumulators. It is the filter-vectorized path's forward product
+/// ([`super::conv_channels`]: `a` the padded images, a row per output position, a step per
+/// kernel tap, `b` the kernel transposed) and the kernel gradient of both that path and the
+/// shifted one (a row per kernel tap, a step per output position, `b` = dYᵀ).
 ///
 /// # Safety
-/// The CPU supports AVX-512F; `a` holds `offsets[r] + steps` elements for every `r`, `b`
-/// holds `(steps − 1) · b_stride + GRAD_NR`, `c` holds `(GRAD_MR − 1) · b_stride + GRAD_NR`.
+/// The CPU supports AVX-512F; `rows[r] + step(q)` is inside `a` for every `r` and `q`; `b`
+/// holds `(steps − 1) · b_stride + GRAD_NR` elements and `c` `(GRAD_MR − 1) · b_stride +
+/// GRAD_NR`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn grad_micro_kernel(
-    a: &[f32],
-    offsets: &[usize],
-    b: &[f32],
-    b_stride: usize,
-    steps: usize,
-    c: &mut [f32],
+pub(super) unsafe fn broadcast_tile(
+    (a, rows): (&[f32], &[usize]),
+    (step, steps): (impl Fn(usize) -> usize, usize),
+    (b, b_stride): (&[f32], usize),
+    (c, accumulate): (&mut [f32], bool),
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(offsets.iter().all(|&o| o + steps <= a.len()));
+    debug_assert!(rows.len() == GRAD_MR);
+    debug_assert!((0..steps).all(|q| rows.iter().all(|&r| r + step(q) < a.len())));
     debug_assert!(steps == 0 || (steps - 1) * b_stride + GRAD_NR <= b.len());
     debug_assert!((GRAD_MR - 1) * b_stride + GRAD_NR <= c.len());
-    let bases: [*const f32; GRAD_MR] = std::array::from_fn(|r| a[offsets[r]..].as_ptr());
+    let starts: [*const f32; GRAD_MR] = std::array::from_fn(|r| a.as_ptr().wrapping_add(rows[r]));
     let (bp, cp) = (b.as_ptr(), c.as_mut_ptr());
-    // SAFETY: every offset stays inside the slices, by the caller's sizes.
+    // SAFETY: every offset stays inside the slices, by the caller's contract.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 4]; GRAD_MR];
         for q in 0..steps {
-            let brow = bp.add(q * b_stride);
+            let (brow, at) = (bp.add(q * b_stride), step(q));
             let bv = [
                 _mm512_loadu_ps(brow),
                 _mm512_loadu_ps(brow.add(16)),
@@ -687,7 +697,7 @@ unsafe fn grad_micro_kernel(
                 _mm512_loadu_ps(brow.add(48)),
             ];
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*bases[r].add(q));
+                let av = _mm512_set1_ps(*starts[r].add(at));
                 for (lane, &b) in row.iter_mut().zip(&bv) {
                     *lane = _mm512_fmadd_ps(av, b, *lane);
                 }
@@ -696,10 +706,24 @@ unsafe fn grad_micro_kernel(
         for (r, row) in acc.iter().enumerate() {
             for (v, lane) in row.iter().enumerate() {
                 let at = cp.add(r * b_stride + v * 16);
-                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *lane));
+                let value = match accumulate {
+                    true => _mm512_add_ps(_mm512_loadu_ps(at), *lane),
+                    false => *lane,
+                };
+                _mm512_storeu_ps(at, value);
             }
         }
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) unsafe fn broadcast_tile(
+    _: (&[f32], &[usize]),
+    _: (impl Fn(usize) -> usize, usize),
+    _: (&[f32], usize),
+    _: (&mut [f32], bool),
+) {
+    unreachable!("`available` is false off x86-64")
 }
 
 #[cfg(test)]
@@ -744,6 +768,33 @@ pub(super) mod tests {
             }
         }
         (y, dx, dk)
+    }
+
+    /// The NCHW output of `p` from the runs that `run` hands its writer, asserting that each
+    /// output is written exactly once.
+    pub(in crate::ops::cpu) fn written(
+        p: &Problem,
+        run: impl FnOnce(&(dyn Fn(Run<'_>) + Sync)),
+    ) -> Vec<f32> {
+        let out = std::sync::Mutex::new(vec![f32::NAN; p.n * p.o * p.positions()]);
+        run(&|run| {
+            let mut out = out.lock().unwrap();
+            let at = (run.image * p.o + run.filter) * p.positions() + run.start;
+            for (t, &v) in run.values.iter().enumerate() {
+                assert!(
+                    out[at + t].is_nan(),
+                    "{p:?}: output {} written twice",
+                    at + t
+                );
+                out[at + t] = v;
+            }
+        });
+        let out = out.into_inner().unwrap();
+        assert!(
+            out.iter().all(|v| !v.is_nan()),
+            "{p:?}: an output never written"
+        );
+        out
     }
 
     pub(in crate::ops::cpu) fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -822,20 +873,7 @@ pub(super) mod tests {
             let k = values(p.o * p.depth(), 2);
             let dy = values(p.n * p.o * p.positions(), 3);
             let (y_ref, dx_ref, dk_ref) = reference(&x, &k, &dy, &p);
-            let mut y = vec![f32::NAN; y_ref.len()];
-            let out = std::sync::Mutex::new(&mut y);
-            convolve(&x, &k, &p, &|run| {
-                let mut y = out.lock().unwrap();
-                let at = (run.image * p.o + run.filter) * p.positions() + run.start;
-                for (t, &v) in run.values.iter().enumerate() {
-                    assert!(
-                        y[at + t].is_nan(),
-                        "{case:?}: output {} written twice",
-                        at + t
-                    );
-                    y[at + t] = v;
-                }
-            });
+            let y = written(&p, |write| convolve(&x, &k, &p, write));
             assert_close("y", &y, &y_ref);
             if let Some(dk) = kernel_gradient(&x, &dy, &p) {
                 assert_close("dk", &dk, &dk_ref);
@@ -844,13 +882,7 @@ pub(super) mod tests {
             }
             if let Some(q) = input_gradient_problem(&p) {
                 let kernel = input_gradient_kernel(&k, &p);
-                let mut dx = vec![f32::NAN; dx_ref.len()];
-                let out = std::sync::Mutex::new(&mut dx);
-                convolve(&dy, &kernel, &q, &|run| {
-                    let mut dx = out.lock().unwrap();
-                    let at = (run.image * q.o + run.filter) * q.positions() + run.start;
-                    dx[at..at + run.values.len()].copy_from_slice(run.values);
-                });
+                let dx = written(&q, |write| convolve(&dy, &kernel, &q, write));
                 assert_close("dx", &dx, &dx_ref);
             }
         });
