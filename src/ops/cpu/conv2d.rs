@@ -231,9 +231,9 @@ trait Element: Float + Default + AddAssign {
     const ONE: Self;
     /// This thread's reusable work buffer for this type.
     fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>>;
-    /// The forward convolution on the panel kernel ([`conv_panels`]), writing all of `y`;
-    /// false (nothing written) where that kernel does not run: f64, groups, no AVX-512, or a
-    /// problem too small for it.
+    /// The forward convolution on the AVX-512 kernels ([`conv_panels`], [`conv_channels`],
+    /// picked by [`Avx512Path::choose`]), writing all of `y`; false (nothing written) where
+    /// none runs: f64, groups, no AVX-512, or a shape where the GEMM path measured faster.
     fn panel_forward(
         _: (&[Self], &[Self]),
         _: &Sizes,
@@ -243,7 +243,7 @@ trait Element: Float + Default + AddAssign {
     ) -> bool {
         false
     }
-    /// The input gradient on the panel kernel, where it runs (as for
+    /// The input gradient on the AVX-512 kernels, where one runs (as for
     /// [`panel_forward`](Self::panel_forward), and stride 1 only).
     fn panel_input_grad(
         _: &[Self],
@@ -253,7 +253,8 @@ trait Element: Float + Default + AddAssign {
     ) -> Option<Vec<Self>> {
         None
     }
-    /// The kernel gradient on the panel module's shifted path, where it runs.
+    /// The kernel gradient on the shifted path's or the filter-vectorized path's own
+    /// micro-kernel, where one of them runs.
     fn panel_kernel_grad(
         _: &[Self],
         _: &[Self],
