@@ -1,7 +1,7 @@
 //! The crate's convolution against candle's own (the unfused path): forward outputs and
 //! both gradients, over strides, asymmetric padding, dilation, groups, batches large enough
-//! to be split into several im2col chunks, and shapes large enough for the AVX-512 panel
-//! kernels (`ops/cpu/conv_panels.rs`, on CPUs that have AVX-512F).
+//! to be split into several im2col chunks, and shapes large enough for the crate's own SIMD
+//! kernels (`ops/cpu/conv_panels.rs`, on CPUs that have AVX-512F or AVX2 + FMA).
 
 mod common;
 
@@ -41,10 +41,12 @@ fn valid_dilated_grouped_and_rectangular() {
 
 #[test]
 fn shapes_for_the_panel_kernels() {
-    // On a CPU with AVX-512F and two or more threads: the shifted path (stride 1, wide maps,
-    // whole images per thread) for the forward pass and both gradients; the panel path for a
-    // Keras 'same' stride-2 layer (bottom/right padding) and for 4x4 maps with many filters,
-    // whose tiles span images. Elsewhere these run on the GEMM path, and must agree all the same.
+    // With two or more threads, on AVX-512F or AVX2 + FMA: the shifted path (stride 1, wide
+    // maps, whole images per thread) for the forward pass and both gradients; on AVX-512F the
+    // panel path for a Keras 'same' stride-2 layer (bottom/right padding) and for 4x4 maps with
+    // many filters, whose tiles span images. Elsewhere these run on the GEMM path, and must
+    // agree all the same. (The kernels' own tests in `ops/cpu` run every instruction set the
+    // CPU has on every path.)
     compare(
         (4, 16, 16, 16),
         (32, 16, 3, 3),

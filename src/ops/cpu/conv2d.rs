@@ -187,13 +187,14 @@ impl Sizes {
         let fits = sizes.iter().all(|&v| v <= i32::MAX as usize);
         fits.then(|| sizes.map(|v| v as i64))
     }
-    /// The problem and the AVX-512 kernel that runs it, where one does.
-    fn avx512(&self, g: &Conv2dGeometry) -> Option<(conv_panels::Problem, Avx512Path)> {
+    /// The problem and the SIMD kernel family that runs it, where one does.
+    fn simd(&self, g: &Conv2dGeometry) -> Option<(conv_panels::Problem, SimdPath)> {
         let problem = self.panel_problem(g)?;
-        Avx512Path::choose(&problem).map(|path| (problem, path))
+        SimdPath::choose(&problem).map(|path| (problem, path))
     }
-    /// The problem for the AVX-512 kernels: `None` where they do not run (grouped
-    /// convolutions, no AVX-512); each kernel family says which problems it takes.
+    /// The problem for the SIMD kernels: `None` where they do not run (grouped
+    /// convolutions, a CPU without AVX2 + FMA); each kernel family says which problems it
+    /// takes.
     fn panel_problem(&self, g: &Conv2dGeometry) -> Option<conv_panels::Problem> {
         let problem = conv_panels::Problem {
             n: self.n,
@@ -209,8 +210,9 @@ impl Sizes {
             dilation: g.dilation,
             pad_top: g.pad.0,
             pad_left: g.pad.2,
+            isa: conv_panels::Isa::detect()?,
         };
-        (self.groups == 1 && conv_panels::available()).then_some(problem)
+        (self.groups == 1).then_some(problem)
     }
     /// Images per chunk: keeps the im2col buffer near 8M elements.
     fn chunk(&self) -> usize {
@@ -231,9 +233,10 @@ trait Element: Float + Default + AddAssign {
     const ONE: Self;
     /// This thread's reusable work buffer for this type.
     fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Self>>>;
-    /// The forward convolution on the AVX-512 kernels ([`conv_panels`], [`conv_channels`],
-    /// picked by [`Avx512Path::choose`]), writing all of `y`; false (nothing written) where
-    /// none runs: f64, groups, no AVX-512, or a shape where the GEMM path measured faster.
+    /// The forward convolution on the SIMD kernels ([`conv_panels`], [`conv_channels`],
+    /// picked by [`SimdPath::choose`]), writing all of `y`; false (nothing written) where
+    /// none runs: f64, groups, no AVX2 + FMA, or a shape where the GEMM path measured
+    /// faster.
     fn panel_forward(
         _: (&[Self], &[Self]),
         _: &Sizes,
@@ -243,7 +246,7 @@ trait Element: Float + Default + AddAssign {
     ) -> bool {
         false
     }
-    /// The input gradient on the AVX-512 kernels, where one runs (as for
+    /// The input gradient on the SIMD kernels, where one runs (as for
     /// [`panel_forward`](Self::panel_forward), and stride 1 only).
     fn panel_input_grad(
         _: &[Self],
@@ -282,7 +285,7 @@ impl Element for f32 {
         epilogue: Epilogue,
         y: &mut [MaybeUninit<f32>],
     ) -> bool {
-        let Some((problem, path)) = s.avx512(geo) else {
+        let Some((problem, path)) = s.simd(geo) else {
             return false;
         };
         let (ohw, o) = (s.ohw(), s.o);
@@ -304,7 +307,7 @@ impl Element for f32 {
     ) -> Option<Vec<f32>> {
         let forward = s.panel_problem(geo)?;
         let problem = conv_panels::input_gradient_problem(&forward)?;
-        let path = Avx512Path::choose(&problem)?;
+        let path = SimdPath::choose(&problem)?;
         let kernel = conv_panels::input_gradient_kernel(k, &forward);
         let len = s.n * s.c * s.h * s.w;
         let mut dx = OutputBuffer::new(len, "conv2d input grad").ok()?;
@@ -328,34 +331,47 @@ impl Element for f32 {
         geo: &Conv2dGeometry,
     ) -> Option<Vec<f32>> {
         let problem = s.panel_problem(geo)?;
-        if conv_panels::shifted(&problem) {
-            conv_panels::kernel_gradient(x, dy, &problem)
-        } else {
-            conv_channels::applies(&problem)
-                .then(|| conv_channels::kernel_gradient(x, dy, &problem))
+        match SimdPath::choose(&problem)? {
+            // The shifted path has a kernel gradient of its own; the panel path has none.
+            SimdPath::Panels => conv_panels::kernel_gradient(x, dy, &problem),
+            SimdPath::Channels => Some(conv_channels::kernel_gradient(x, dy, &problem)),
         }
     }
 }
 
-/// The AVX-512 kernel family that suits a problem.
+/// The SIMD kernel family that suits a problem.
 #[derive(Clone, Copy)]
-enum Avx512Path {
+enum SimdPath {
     /// [`conv_panels`]: the shifted path for wide maps, panels otherwise.
     Panels,
     /// [`conv_channels`]: filters in the vector lanes, for small maps and strides.
     Channels,
 }
 
-impl Avx512Path {
+impl SimdPath {
     /// The shifted path where it applies (wide maps: it measured faster there than the
-    /// filter-vectorized one), else the filter-vectorized one where it applies, else the
-    /// panel path where it pays; `None` where none does.
+    /// filter-vectorized one), else, on AVX-512, the filter-vectorized one where it applies,
+    /// else the panel path where it pays; `None` where none does.
+    ///
+    /// On AVX2 only the shifted path runs. There the others measured slower than the GEMM
+    /// path (`layer_profile`, batch 32, AMD EPYC with AVX2, medians of 3 runs: the
+    /// filter-vectorized path 1.2x / 1.3x its forward / backward time on the 3×3 layer on
+    /// 8×8 maps and 1.05x / 1.1x on the stride-2 layers, the panel path up to 1.25x on the
+    /// 1×1 projections), while the shifted path took 0.64-0.76x on 32×32 and 16×16 maps.
     fn choose(p: &conv_panels::Problem) -> Option<Self> {
-        let channels = conv_channels::applies(p);
-        if conv_panels::shifted(p) || (!channels && p.worth_it()) {
-            Some(Self::Panels)
-        } else {
-            channels.then_some(Self::Channels)
+        if conv_panels::shifted(p) {
+            return Some(Self::Panels);
+        }
+        match p.isa {
+            conv_panels::Isa::Avx2 => None,
+            conv_panels::Isa::Avx512 => {
+                let channels = conv_channels::applies(p);
+                if !channels && p.worth_it() {
+                    Some(Self::Panels)
+                } else {
+                    channels.then_some(Self::Channels)
+                }
+            }
         }
     }
 

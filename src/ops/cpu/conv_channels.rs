@@ -1,4 +1,4 @@
-//! f32 convolutions on AVX-512 vectorized over the *filters*, for small maps with many
+//! f32 convolutions vectorized over the *filters*, for small maps with many
 //! filters (the third and fourth stages of the article's ResNet, its stride-2 layers).
 //!
 //! The panel kernels ([`super::conv_panels`]) put output positions in the vector lanes; on an
@@ -10,12 +10,13 @@
 //! call). The kernel gradient is the same product turned around: 6 reduction rows ×
 //! 64 filters, summed over every output position, with `dY` transposed into rows of filters.
 //!
-//! Chosen at run time like the panel kernels (AVX-512F), for filter counts that are a
-//! multiple of 64.
+//! Runs on the instruction set of its [`Problem`], like the panel kernels, for filter counts
+//! that are a multiple of 64; `conv2d`'s `SimdPath::choose` takes it on AVX-512 only (on
+//! AVX2 it measured slower than the GEMM path).
 
 use rayon::prelude::*;
 
-use super::conv_panels::{GRAD_MR, GRAD_NR, Problem, Run, available, broadcast_tile, pad_plane};
+use super::conv_panels::{GRAD_MR, GRAD_NR, Problem, Run, broadcast_tile, pad_plane};
 
 /// Output positions per tile, and reduction rows per tile of the kernel gradient (whose
 /// micro-kernel, [`broadcast_tile`], is this path's too, and the shifted path's kernel
@@ -87,11 +88,7 @@ impl<'a> Geometry<'a> {
 /// (their products are too short for the transposes and padding around them).
 pub(super) fn applies(p: &Problem) -> bool {
     let threads = rayon::current_num_threads().max(1);
-    p.o.is_multiple_of(OR)
-        && p.n >= 2 * threads
-        && p.kh * p.kw > 1
-        && p.o * p.depth() <= MAX_KERNEL
-        && available()
+    p.o.is_multiple_of(OR) && p.n >= 2 * threads && p.kh * p.kw > 1 && p.o * p.depth() <= MAX_KERNEL
 }
 
 /// The largest kernel (filters × depth) this path takes (4 MB of f32).
@@ -151,11 +148,12 @@ pub(super) fn convolve(x: &[f32], k: &[f32], p: &Problem, write: &(dyn Fn(Run<'_
                     let kc = KC.min(depth - k0);
                     let rows = &kernel[(block * depth + k0) * OR..][..kc * OR];
                     for (t, out) in tiles_out.chunks_exact_mut(PR * OR).enumerate() {
-                        // SAFETY: `applies` checked AVX-512F; every base plus every offset is
+                        // SAFETY: `p.isa` was detected on this CPU; every base plus every offset is
                         // inside the padded images (the padded size covers the last tap of the
                         // last position), `rows` holds `kc` rows of OR.
                         unsafe {
                             broadcast_tile(
+                                p.isa,
                                 (&padded, &bases[t * PR..][..PR]),
                                 (|k| geometry.offsets[k0 + k], kc),
                                 (rows, OR),
@@ -231,11 +229,12 @@ pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Vec<f32> {
                     for q0 in (0..bases.len()).step_by(QC) {
                         let qc = QC.min(bases.len() - q0);
                         for r0 in (0..rows).step_by(PR) {
-                            // SAFETY: `applies` checked AVX-512F; every base plus every
+                            // SAFETY: `p.isa` was detected on this CPU; every base plus every
                             // offset is inside the padded images, `dyt` holds a row of `o`
                             // per base from q0, and `sum` PR rows of `o` from row r0.
                             unsafe {
                                 broadcast_tile(
+                                    p.isa,
                                     (&padded, &offsets[r0..r0 + PR]),
                                     (|q| bases[q0 + q], qc),
                                     (&dyt[q0 * p.o + f0..], p.o),
@@ -263,7 +262,7 @@ pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::super::conv_panels::tests::{
-        Case, assert_close, problem, reference, values, written,
+        Case, assert_close, on_each_isa, problem, reference, values, written,
     };
     use super::super::conv_panels::{input_gradient_kernel, input_gradient_problem};
     use super::*;
@@ -271,18 +270,8 @@ mod tests {
     /// The forward pass, the kernel gradient and (stride 1) the input gradient of `case`
     /// through this module against the direct convolution.
     fn check(case: Case) {
-        if !available() {
-            eprintln!(
-                "skipped: this CPU has no AVX-512F, the filter-vectorized kernels do not run here"
-            );
-            return;
-        }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let p = problem(case);
+        on_each_isa(|isa| {
+            let p = problem(case, isa);
             assert!(applies(&p), "{case:?}: the path must take it");
             let x = values(p.n * p.c * p.h * p.w, 4);
             let k = values(p.o * p.depth(), 5);

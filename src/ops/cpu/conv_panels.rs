@@ -1,5 +1,5 @@
-//! f32 convolutions on AVX-512 as products of cache-sized im2col *panels*, for the pure-Rust
-//! build.
+//! f32 convolutions as products of cache-sized im2col *panels*, for the pure-Rust build on
+//! AVX-512 or AVX2 ([`super::conv_tiles`] has the micro-kernels).
 //!
 //! The GEMM path ([`super::conv2d`]) writes the im2col matrix of up to 8M elements (32 MB:
 //! far past the caches), then the `gemm` crate reads it back and packs it again into its own
@@ -16,18 +16,16 @@
 //! On wide maps at stride 1 the *shifted* path ([`Shifted`]) reads the padded images in place
 //! instead of packing panels, for the forward pass and both gradients.
 //!
-//! Chosen at run time: [`available`] is true on CPUs with AVX-512F; elsewhere, and for f64
-//! and grouped convolutions, the GEMM path runs.
+//! Chosen at run time: a [`Problem`] carries the instruction set its kernels run on
+//! ([`Isa::detect`]); without AVX2 + FMA, and for f64 and grouped convolutions, the GEMM path
+//! runs.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Filters per micro-tile (rows of the product).
-const MR: usize = 8;
-/// Output positions per micro-tile: three 16-lane vectors. With [`MR`] filters that is 24
-/// accumulators of AVX-512's 32 registers, and each step of the reduction loads 3 vectors
-/// and broadcasts 8 filter taps for 24 FMAs.
-const NR: usize = 48;
+pub(super) use super::conv_tiles::{GRAD_MR, GRAD_NR, Isa, broadcast_tile};
+use super::conv_tiles::{MR, NR, micro_kernel};
+
 /// Rows of the reduction multiplied at once: one panel slice of `KC × NR` floats (36 KB)
 /// stays in L1 while every filter block runs over it.
 const KC: usize = 192;
@@ -53,6 +51,9 @@ pub(super) struct Problem {
     pub(super) dilation: usize,
     pub(super) pad_top: usize,
     pub(super) pad_left: usize,
+    /// The instruction set the kernels run on: one this CPU runs ([`Isa::detect`]), which
+    /// the kernels' safety rests on.
+    pub(super) isa: Isa,
 }
 
 impl Problem {
@@ -119,6 +120,7 @@ pub(super) fn input_gradient_problem(p: &Problem) -> Option<Problem> {
         dilation: p.dilation,
         pad_top: span_h - p.pad_top,
         pad_left: span_w - p.pad_left,
+        isa: p.isa,
     })
 }
 
@@ -139,18 +141,6 @@ pub(super) fn input_gradient_kernel(k: &[f32], p: &Problem) -> Vec<f32> {
     out
 }
 
-/// Whether this CPU runs the panel kernel (AVX-512F, detected at run time).
-pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// A run of consecutive output positions of one filter of one image, as computed.
 pub(super) struct Run<'a> {
     pub(super) filter: usize,
@@ -166,9 +156,8 @@ thread_local! {
 }
 
 /// The convolution of `x` (NCHW) with `k` (OIHW), each output run handed to `write` exactly
-/// once (every filter of every position). The caller checks [`available`] first.
+/// once (every filter of every position).
 pub(super) fn convolve(x: &[f32], k: &[f32], p: &Problem, write: &(dyn Fn(Run<'_>) + Sync)) {
-    debug_assert!(available());
     debug_assert_eq!(x.len(), p.n * p.c * p.h * p.w);
     debug_assert_eq!(k.len(), p.o * p.depth());
     let filters = pack_filters(k, p.o, p.depth());
@@ -201,9 +190,8 @@ fn convolve_panels(x: &[f32], filters: &[f32], p: &Problem, write: &(dyn Fn(Run<
                 for tile in first..(first + per_task).min(tiles) {
                     let start = tile * NR;
                     let len = NR.min(total - start);
-                    // SAFETY: AVX-512F checked by `convolve`'s caller.
-                    unsafe { pack_panel(x, p, start, len, panel) };
-                    multiply(filters, panel, &rows, product);
+                    pack_panel(x, p, start, len, panel);
+                    multiply(p.isa, filters, panel, &rows, product);
                     write_tile(product, p, start, len, write);
                 }
             })
@@ -272,7 +260,7 @@ impl<'a> Shifted<'a> {
                 self.pad(&x[image * p.c * p.h * p.w..][..p.c * p.h * p.w], padded);
                 for tile in 0..tiles {
                     let q0 = tile * NR;
-                    multiply(filters, &padded[q0..], &self.offsets, product);
+                    multiply(p.isa, filters, &padded[q0..], &self.offsets, product);
                     self.write_tile(product, image, q0, write);
                 }
             })
@@ -347,11 +335,48 @@ fn pack_filters(k: &[f32], o: usize, depth: usize) -> Vec<f32> {
 /// kernel column reads, which input row each kernel row reads) is worked out once, so that
 /// the loop over the `depth` rows only copies: the divisions of that bookkeeping, done per
 /// row and run, had cost a third of a 256-filter layer's time.
+fn pack_panel(x: &[f32], p: &Problem, start: usize, len: usize, panel: &mut [f32]) {
+    // SAFETY: `p.isa` was detected on this CPU (`Isa::detect`).
+    unsafe {
+        match p.isa {
+            Isa::Avx512 => pack_panel_avx512(x, p, start, len, panel),
+            Isa::Avx2 => pack_panel_avx2(x, p, start, len, panel),
+        }
+    }
+}
+
+/// [`pack_panel`] compiled for AVX-512, so that its masked moves are inlined.
 ///
 /// # Safety
 /// On x86-64 the CPU supports AVX-512F.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
-unsafe fn pack_panel(x: &[f32], p: &Problem, start: usize, len: usize, panel: &mut [f32]) {
+unsafe fn pack_panel_avx512(x: &[f32], p: &Problem, start: usize, len: usize, panel: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { pack_panel_with::<true>(x, p, start, len, panel) }
+}
+
+/// [`pack_panel`] compiled for AVX2.
+///
+/// # Safety
+/// On x86-64 the CPU supports AVX2 and FMA.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn pack_panel_avx2(x: &[f32], p: &Problem, start: usize, len: usize, panel: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { pack_panel_with::<false>(x, p, start, len, panel) }
+}
+
+/// [`pack_panel`]'s body, with AVX-512's moves or AVX2's.
+///
+/// # Safety
+/// On x86-64 the CPU supports AVX-512F (`AVX512`) or AVX2 and FMA (not `AVX512`).
+#[inline(always)]
+unsafe fn pack_panel_with<const AVX512: bool>(
+    x: &[f32],
+    p: &Problem,
+    start: usize,
+    len: usize,
+    panel: &mut [f32],
+) {
     let plane = p.positions();
     // Per run: (image, first slot, length), and per kernel row the input row it reads.
     let mut runs = Vec::with_capacity(NR);
@@ -391,9 +416,13 @@ unsafe fn pack_panel(x: &[f32], p: &Problem, start: usize, len: usize, panel: &m
                     match input_rows[r * p.kh + i] {
                         Some(iy) => {
                             let src = &x[channel(image) + iy * p.w..][..p.w];
-                            copy_columns(dst, src, (first, p.stride), (lo, hi));
+                            // SAFETY: the caller's contract on the instruction set.
+                            unsafe {
+                                copy_columns::<AVX512>(dst, src, (first, p.stride), (lo, hi))
+                            };
                         }
-                        None => copy_columns(dst, &[], (0, 1), (0, 0)),
+                        // SAFETY: as above.
+                        None => unsafe { copy_columns::<AVX512>(dst, &[], (0, 1), (0, 0)) },
                     }
                 }
             }
@@ -403,8 +432,11 @@ unsafe fn pack_panel(x: &[f32], p: &Problem, start: usize, len: usize, panel: &m
 
 /// `dst[t] = src[first + t · stride]` for `t` in `lo..hi`, 0 elsewhere; `lo..hi` is inside
 /// `src` (from [`inside`]).
+///
+/// # Safety
+/// As [`pack_panel_with`]'s.
 #[inline(always)]
-fn copy_columns(
+unsafe fn copy_columns<const AVX512: bool>(
     dst: &mut [f32],
     src: &[f32],
     (first, stride): (isize, usize),
@@ -412,41 +444,20 @@ fn copy_columns(
 ) {
     #[cfg(target_arch = "x86_64")]
     if stride == 1 {
-        // SAFETY: only reached from `pack_panel`, which runs on AVX-512F; slots `lo..hi` read
+        // SAFETY: the instruction set by the caller's contract; slots `lo..hi` read
         // `src[first + t]`, inside `src` by the contract.
-        unsafe { copy_run(dst, src, first, (lo, hi)) };
+        unsafe {
+            match AVX512 {
+                true => super::conv_tiles::copy_run_avx512(dst, src, first, (lo, hi)),
+                false => super::conv_tiles::copy_run_avx2(dst, src, first, (lo, hi)),
+            }
+        }
         return;
     }
     dst[..lo].fill(0.0);
     dst[hi..].fill(0.0);
     for (t, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
         *d = src[(first + (t * stride) as isize) as usize];
-    }
-}
-
-/// `dst[t] = src[shift + t]` for `t` in `lo..hi`, 0 elsewhere, in masked 16-lane moves: the
-/// panel's runs are 4-48 elements, for which `copy_from_slice` and `fill` were calls into
-/// `memmove`/`memset` that cost as much as the products on a 64-filter layer.
-///
-/// # Safety
-/// The CPU supports AVX-512F, and `shift + t` lies inside `src` for every `t` in `lo..hi`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn copy_run(dst: &mut [f32], src: &[f32], shift: isize, (lo, hi): (usize, usize)) {
-    use std::arch::x86_64::*;
-    let base = src.as_ptr().wrapping_offset(shift);
-    for v in (0..dst.len()).step_by(16) {
-        let n = (dst.len() - v).min(16);
-        let (from, to) = (lo.clamp(v, v + n) - v, hi.clamp(v, v + n) - v);
-        let store = ((1u32 << n) - 1) as u16;
-        let load = (((1u32 << to) - 1) & !((1u32 << from) - 1)) as u16;
-        // SAFETY: the load touches only lanes `from..to`, inside `src` by the contract
-        // (masked-off lanes are not read and cannot fault); the store stays in `dst`.
-        unsafe {
-            let values = _mm512_maskz_loadu_ps(load, base.wrapping_add(v));
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(v), store, values);
-        }
     }
 }
 
@@ -474,7 +485,7 @@ fn inside(
 
 /// `product[f][·] = Σ_k filters[f][k] · b[rows[k]..][..NR]` for every filter block, [`KC`]
 /// rows of the reduction at a time (`rows[k] = k · NR` for a packed panel).
-fn multiply(filters: &[f32], b: &[f32], rows: &[usize], product: &mut [f32]) {
+fn multiply(isa: Isa, filters: &[f32], b: &[f32], rows: &[usize], product: &mut [f32]) {
     let depth = rows.len();
     let blocks = product.len() / (MR * NR);
     debug_assert!(rows.iter().all(|&r| r + NR <= b.len()));
@@ -483,60 +494,11 @@ fn multiply(filters: &[f32], b: &[f32], rows: &[usize], product: &mut [f32]) {
         for block in 0..blocks {
             let a = &filters[(block * depth + k0) * MR..][..kc * MR];
             let c = &mut product[block * MR * NR..][..MR * NR];
-            // SAFETY: `available()` (AVX-512F) was checked by `convolve`'s caller; `a` holds
-            // `kc` rows of MR, every row of `b` named by `rows` holds NR elements, `c` is an
-            // MR × NR tile.
-            unsafe { micro_kernel(a, b, &rows[k0..k0 + kc], c, k0 > 0) };
+            // SAFETY: `isa` was detected on this CPU; `a` holds `kc` rows of MR, every row of
+            // `b` named by `rows` holds NR elements, `c` is an MR × NR tile.
+            unsafe { micro_kernel(isa, a, b, &rows[k0..k0 + kc], c, k0 > 0) };
         }
     }
-}
-
-/// `c (MR × NR) = (accumulate ? c : 0) + Σ_i a[i]ᵀ · b[rows[i]..][..NR]` for `a` as rows of
-/// [`MR`]: 24 accumulators held in registers through the whole reduction.
-///
-/// # Safety
-/// The CPU supports AVX-512F; `a` holds `rows.len() · MR` elements, `b` holds `NR` elements
-/// from each of `rows`, `c` holds `MR · NR`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn micro_kernel(a: &[f32], b: &[f32], rows: &[usize], c: &mut [f32], accumulate: bool) {
-    use std::arch::x86_64::*;
-    debug_assert!(a.len() >= rows.len() * MR && c.len() >= MR * NR);
-    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    // SAFETY: every pointer offset stays inside the slices, by the caller's sizes.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
-        if accumulate {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, lane) in row.iter_mut().enumerate() {
-                    *lane = _mm512_loadu_ps(cp.add(r * NR + v * 16));
-                }
-            }
-        }
-        for (i, &offset) in rows.iter().enumerate() {
-            let brow = bp.add(offset);
-            let b0 = _mm512_loadu_ps(brow);
-            let b1 = _mm512_loadu_ps(brow.add(16));
-            let b2 = _mm512_loadu_ps(brow.add(32));
-            let arow = ap.add(i * MR);
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*arow.add(r));
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
-                row[2] = _mm512_fmadd_ps(av, b2, row[2]);
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, lane) in row.iter().enumerate() {
-                _mm512_storeu_ps(cp.add(r * NR + v * 16), *lane);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro_kernel(_: &[f32], _: &[f32], _: &[usize], _: &mut [f32], _: bool) {
-    unreachable!("`available` is false off x86-64")
 }
 
 /// Hands the tile's product to `write`: one run per real filter and image.
@@ -565,17 +527,10 @@ fn write_tile(
     }
 }
 
-/// Columns of a [`broadcast_tile`]: four 16-lane vectors (filters, in every use).
-pub(super) const GRAD_NR: usize = 64;
-/// Rows of a [`broadcast_tile`] (kernel taps for a kernel gradient, output positions for
-/// the filter-vectorized forward pass): with [`GRAD_NR`] columns, 24 accumulators.
-pub(super) const GRAD_MR: usize = 6;
-
 /// The kernel gradient `dW` (OIHW) of a convolution from its input `x` and the gradient `dy`
 /// of its output, on the shifted path; `None` where that path does not run (see
-/// [`Shifted::new`]). The caller checks [`available`] first.
+/// [`Shifted::new`]).
 pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Option<Vec<f32>> {
-    debug_assert!(available());
     Shifted::new(p).map(|shifted| shifted.kernel_gradient(x, dy))
 }
 
@@ -616,12 +571,13 @@ impl Shifted<'_> {
                     for r0 in (0..rows).step_by(GRAD_MR) {
                         for f0 in (0..filters).step_by(GRAD_NR) {
                             let c = &mut sum[r0 * filters + f0..];
-                            // SAFETY: AVX-512F checked by the caller; every row base plus
+                            // SAFETY: `p.isa` was detected on this CPU; every row base plus
                             // `span` stays inside `padded` (the last tap's offset plus the
                             // span is `c · hp · wp`), `dyt` holds `span` rows of `filters`,
                             // and `c` holds GRAD_MR rows of `filters` from `f0`.
                             unsafe {
                                 broadcast_tile(
+                                    p.isa,
                                     (&padded, &offsets[r0..r0 + GRAD_MR]),
                                     (|q| q, self.span),
                                     (&dyt[f0..], filters),
@@ -656,74 +612,6 @@ impl Shifted<'_> {
             }
         }
     }
-}
-
-/// `c[r][·] (+)= Σ_q a[rows[r] + step(q)] · b[q · b_stride..][..GRAD_NR]` for `q` in
-/// `0..steps` and the [`GRAD_MR`] rows `r` (`c` at row stride `b_stride`; added to with
-/// `accumulate`, overwritten without): one value of `a` broadcast per row and step against
-/// four vectors of `b`, 24 accumulators. It is the filter-vectorized path's forward product
-/// ([`super::conv_channels`]: `a` the padded images, a row per output position, a step per
-/// kernel tap, `b` the kernel transposed) and the kernel gradient of both that path and the
-/// shifted one (a row per kernel tap, a step per output position, `b` = dYᵀ).
-///
-/// # Safety
-/// The CPU supports AVX-512F; `rows[r] + step(q)` is inside `a` for every `r` and `q`; `b`
-/// holds `(steps − 1) · b_stride + GRAD_NR` elements and `c` `(GRAD_MR − 1) · b_stride +
-/// GRAD_NR`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn broadcast_tile(
-    (a, rows): (&[f32], &[usize]),
-    (step, steps): (impl Fn(usize) -> usize, usize),
-    (b, b_stride): (&[f32], usize),
-    (c, accumulate): (&mut [f32], bool),
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(rows.len() == GRAD_MR);
-    debug_assert!((0..steps).all(|q| rows.iter().all(|&r| r + step(q) < a.len())));
-    debug_assert!(steps == 0 || (steps - 1) * b_stride + GRAD_NR <= b.len());
-    debug_assert!((GRAD_MR - 1) * b_stride + GRAD_NR <= c.len());
-    let starts: [*const f32; GRAD_MR] = std::array::from_fn(|r| a.as_ptr().wrapping_add(rows[r]));
-    let (bp, cp) = (b.as_ptr(), c.as_mut_ptr());
-    // SAFETY: every offset stays inside the slices, by the caller's contract.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 4]; GRAD_MR];
-        for q in 0..steps {
-            let (brow, at) = (bp.add(q * b_stride), step(q));
-            let bv = [
-                _mm512_loadu_ps(brow),
-                _mm512_loadu_ps(brow.add(16)),
-                _mm512_loadu_ps(brow.add(32)),
-                _mm512_loadu_ps(brow.add(48)),
-            ];
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*starts[r].add(at));
-                for (lane, &b) in row.iter_mut().zip(&bv) {
-                    *lane = _mm512_fmadd_ps(av, b, *lane);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, lane) in row.iter().enumerate() {
-                let at = cp.add(r * b_stride + v * 16);
-                let value = match accumulate {
-                    true => _mm512_add_ps(_mm512_loadu_ps(at), *lane),
-                    false => *lane,
-                };
-                _mm512_storeu_ps(at, value);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn broadcast_tile(
-    _: (&[f32], &[usize]),
-    _: (impl Fn(usize) -> usize, usize),
-    _: (&[f32], usize),
-    _: (&mut [f32], bool),
-) {
-    unreachable!("`available` is false off x86-64")
 }
 
 #[cfg(test)]
@@ -834,7 +722,7 @@ pub(super) mod tests {
         (usize, usize, usize, usize),
     );
 
-    pub(in crate::ops::cpu) fn problem(case: Case) -> Problem {
+    pub(in crate::ops::cpu) fn problem(case: Case, isa: Isa) -> Problem {
         let (n, c, h, w, o, k, stride, dilation, (t, b, l, r)) = case;
         let span = (k - 1) * dilation;
         Problem {
@@ -851,22 +739,33 @@ pub(super) mod tests {
             dilation,
             pad_top: t,
             pad_left: l,
+            isa,
+        }
+    }
+
+    /// Runs `check` on two threads once for each instruction set this CPU runs, or says
+    /// that the kernels were skipped.
+    pub(in crate::ops::cpu) fn on_each_isa(check: impl Fn(Isa) + Sync) {
+        let sets = Isa::all_here();
+        if sets.is_empty() {
+            eprintln!(
+                "skipped: this CPU has neither AVX-512F nor AVX2 + FMA, the kernels do not run here"
+            );
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for isa in sets {
+            pool.install(|| check(isa));
         }
     }
 
     /// Runs the forward pass, and (stride 1) both gradients, of `case` through this module and
     /// compares them with [`reference`]; `shifted` says which path the forward pass must take.
     fn check(case: Case, shifted: bool) {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512F, the panel kernels do not run here");
-            return;
-        }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let p = problem(case);
+        on_each_isa(|isa| {
+            let p = problem(case, isa);
             assert_eq!(Shifted::new(&p).is_some(), shifted, "{case:?}: path");
             assert!(p.worth_it(), "{case:?}: too small to test the kernel");
             let x = values(p.n * p.c * p.h * p.w, 1);

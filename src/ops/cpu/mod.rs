@@ -16,6 +16,7 @@ pub(crate) mod bias;
 pub(crate) mod conv2d;
 mod conv_channels;
 mod conv_panels;
+mod conv_tiles;
 pub(crate) mod finite;
 pub(crate) mod optimizer;
 pub(crate) mod pooling;
