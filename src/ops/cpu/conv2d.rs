@@ -353,11 +353,10 @@ impl SimdPath {
     /// filter-vectorized one), else, on AVX-512, the filter-vectorized one where it applies,
     /// else the panel path where it pays; `None` where none does.
     ///
-    /// On AVX2 only the shifted path runs. There the others measured slower than the GEMM
-    /// path (`layer_profile`, batch 32, AMD EPYC with AVX2, medians of 3 runs: the
-    /// filter-vectorized path 1.2x / 1.3x its forward / backward time on the 3×3 layer on
-    /// 8×8 maps and 1.05x / 1.1x on the stride-2 layers, the panel path up to 1.25x on the
-    /// 1×1 projections), while the shifted path took 0.64-0.76x on 32×32 and 16×16 maps.
+    /// On AVX2 only the shifted path runs: there it took 0.64-0.74x the GEMM path's time on
+    /// 32×32 and 16×16 maps, while the others were never faster than GEMM (`layer_profile`,
+    /// batch 32, AMD EPYC with AVX2, medians of 3 runs: the filter-vectorized path
+    /// 1.05-1.34x on the 3×3 layers it takes; docs/PERFORMANCE.md, "an AVX2-only CPU").
     fn choose(p: &conv_panels::Problem) -> Option<Self> {
         if conv_panels::shifted(p) {
             return Some(Self::Panels);
