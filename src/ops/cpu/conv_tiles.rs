@@ -5,7 +5,7 @@
 //! Both sets compute the same tiles in the same memory layouts, so the packing and the
 //! bookkeeping around them are shared. AVX-512 holds a whole tile in its 32 registers; AVX2
 //! has 16 registers of 8 lanes, so its kernels run the tile as a few register-sized blocks,
-//! each through the whole reduction, in the order that keeps the block's operands in L1.
+//! one after the other, in the order that keeps the blocks' operands in L1.
 
 /// Filters per micro-tile (rows of the product).
 pub(super) const MR: usize = 8;
@@ -493,4 +493,104 @@ mod x86 {
         unreachable!("no instruction set is detected off x86-64")
     }
     pub(super) use broadcast_tile_avx512 as broadcast_tile_avx2;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn assert_close(name: &str, got: &[f32], want: &[f64]) {
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - w).abs() <= 1e-4, "{name}[{i}]: {g} against {w}");
+        }
+    }
+
+    #[test]
+    fn both_kernels_match_a_scalar_product_on_every_instruction_set_here() {
+        let sets = Isa::all_here();
+        if sets.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512F nor AVX2 + FMA");
+        }
+        for isa in sets {
+            for (depth, accumulate) in [(1, false), (7, true), (37, false), (64, true)] {
+                // The product: rows of the panel at scattered offsets, as the shifted path reads.
+                let b = values(4 * NR * depth + NR, 1);
+                let rows: Vec<usize> = (0..depth)
+                    .map(|i| (i * 3 * NR + i) % (3 * NR * depth))
+                    .collect();
+                let a = values(depth * MR, 2);
+                let mut c = values(MR * NR, 3);
+                let mut want: Vec<f64> = c
+                    .iter()
+                    .map(|&v| if accumulate { v as f64 } else { 0.0 })
+                    .collect();
+                for (i, &row) in rows.iter().enumerate() {
+                    for r in 0..MR {
+                        for j in 0..NR {
+                            want[r * NR + j] += a[i * MR + r] as f64 * b[row + j] as f64;
+                        }
+                    }
+                }
+                // SAFETY: `isa` runs here; the sizes are as `micro_kernel` asks.
+                unsafe { micro_kernel(isa, &a, &b, &rows, &mut c, accumulate) };
+                assert_close(&format!("{isa:?} micro_kernel depth {depth}"), &c, &want);
+
+                // The broadcast tile, over `depth` steps, `c` at a row stride past its width.
+                let stride = GRAD_NR + 5;
+                let a = values(GRAD_MR * 11 + depth * 2 + 1, 4);
+                let starts: Vec<usize> = (0..GRAD_MR).map(|r| r * 11).collect();
+                let b = values(depth * stride + GRAD_NR, 5);
+                let mut c = values(GRAD_MR * stride, 6);
+                let mut want: Vec<f64> = c
+                    .iter()
+                    .map(|&v| if accumulate { v as f64 } else { 0.0 })
+                    .collect();
+                for q in 0..depth {
+                    for (r, &start) in starts.iter().enumerate() {
+                        for j in 0..GRAD_NR {
+                            want[r * stride + j] +=
+                                a[start + 2 * q] as f64 * b[q * stride + j] as f64;
+                        }
+                    }
+                }
+                // SAFETY: `isa` runs here; every row start plus `2 q` is inside `a`, `b` and
+                // `c` hold what `broadcast_tile` asks.
+                unsafe {
+                    broadcast_tile(
+                        isa,
+                        (&a, &starts),
+                        (|q| 2 * q, depth),
+                        (&b, stride),
+                        (&mut c, accumulate),
+                    )
+                };
+                for r in 0..GRAD_MR {
+                    let at = r * stride;
+                    assert_close(
+                        &format!("{isa:?} broadcast_tile depth {depth} row {r}"),
+                        &c[at..at + GRAD_NR],
+                        &want[at..at + GRAD_NR],
+                    );
+                }
+                // Past each row's GRAD_NR columns, `c` is not touched.
+                let untouched = values(GRAD_MR * stride, 6);
+                for r in 0..GRAD_MR - 1 {
+                    let gap = r * stride + GRAD_NR..(r + 1) * stride;
+                    assert_eq!(c[gap.clone()], untouched[gap], "{isa:?}: wrote past a row");
+                }
+            }
+        }
+    }
 }
