@@ -617,6 +617,7 @@ impl Shifted<'_> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    pub(in crate::ops::cpu) use crate::ops::cpu::conv_tiles::tests::values;
 
     /// A direct convolution in f64: `(y, dx, dk)` for the output gradient `dy`.
     pub(in crate::ops::cpu) fn reference(
@@ -683,19 +684,6 @@ pub(super) mod tests {
             "{p:?}: an output never written"
         );
         out
-    }
-
-    pub(in crate::ops::cpu) fn values(len: usize, seed: u32) -> Vec<f32> {
-        // A small deterministic generator: values in [-1, 1).
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 2000) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     pub(in crate::ops::cpu) fn assert_close(name: &str, got: &[f32], want: &[f64]) {

@@ -496,11 +496,12 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
+    /// `len` values in [-1, 1) from a small deterministic generator.
+    pub(in crate::ops::cpu) fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
         (0..len)
             .map(|_| {
                 state ^= state << 13;
