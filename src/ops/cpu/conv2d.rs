@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "onednn")]
 use super::contiguous_slice;
+use super::conv_panels::valid_range;
 use super::{Float, OutputBuffer, conv_channels, conv_panels, dispatch_pair, relu_if};
 use crate::Result;
 use crate::ops::{ChannelAffine, Conv2dGeometry};
@@ -431,26 +432,6 @@ fn with_buffers<T: Element, R>(a: usize, b: usize, f: impl FnOnce(&mut [T], &mut
             f(x, y)
         }
     })
-}
-
-/// The range of output positions `o` whose input index `o * stride + offset - pad` falls
-/// inside `0..len`.
-fn valid_range(
-    out_len: usize,
-    stride: usize,
-    offset: usize,
-    pad: usize,
-    len: usize,
-) -> (usize, usize) {
-    // First o with o * stride + offset >= pad.
-    let lo = pad.saturating_sub(offset).div_ceil(stride);
-    // Last o with o * stride + offset - pad <= len - 1, i.e. o * stride <= len - 1 + pad - offset.
-    let hi = if len + pad > offset {
-        ((len - 1 + pad - offset) / stride + 1).min(out_len)
-    } else {
-        0
-    };
-    (lo.min(hi), hi)
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, each given by (pointer, row

@@ -461,6 +461,26 @@ unsafe fn copy_columns<const AVX512: bool>(
     }
 }
 
+/// The range of output positions `o` whose input index `o * stride + offset - pad` falls
+/// inside `0..len`.
+pub(super) fn valid_range(
+    out_len: usize,
+    stride: usize,
+    offset: usize,
+    pad: usize,
+    len: usize,
+) -> (usize, usize) {
+    // First o with o * stride + offset >= pad.
+    let lo = pad.saturating_sub(offset).div_ceil(stride);
+    // Last o with o * stride + offset - pad <= len - 1, i.e. o * stride <= len - 1 + pad - offset.
+    let hi = if len + pad > offset {
+        ((len - 1 + pad - offset) / stride + 1).min(out_len)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
 /// The slots `lo..hi` of a run of `run` output columns from `ox` whose input column
 /// `(ox + slot) · stride + offset − pad` falls inside `0..w`.
 fn inside(
@@ -471,16 +491,9 @@ fn inside(
     pad: usize,
     w: usize,
 ) -> (usize, usize) {
-    // First column with col · stride + offset >= pad, last with col · stride + offset − pad < w.
-    let first = pad.saturating_sub(offset).div_ceil(stride);
-    let end = if w + pad > offset {
-        (w - 1 + pad - offset) / stride + 1
-    } else {
-        0
-    };
-    let lo = first.saturating_sub(ox).min(run);
-    let hi = end.saturating_sub(ox).min(run).max(lo);
-    (lo, hi)
+    let (first, end) = valid_range(ox + run, stride, offset, pad, w);
+    let lo = first.saturating_sub(ox);
+    (lo, end.saturating_sub(ox).max(lo))
 }
 
 /// `product[f][·] = Σ_k filters[f][k] · b[rows[k]..][..NR]` for every filter block, [`KC`]
@@ -535,10 +548,10 @@ pub(super) fn kernel_gradient(x: &[f32], dy: &[f32], p: &Problem) -> Option<Vec<
 }
 
 impl Shifted<'_> {
-    /// `dWᵀ[k][f] = Σ_images Σ_q padded[q + offsets[k]] · dYᵀ[q][f]`, with `dYᵀ` the output
-    /// gradient transposed into the padded positions (zero between rows, so the positions
-    /// the forward pass dropped add nothing). Each thread sums its images into its own
-    /// `dWᵀ`; those are added at the end.
+    /// `dWᵀ[k][f] = Σ_images Σ_q padded[q + offsets[k]] · dYᵀ[q][f]`, with `dYᵀ` the
+    /// output gradient transposed into the padded positions (zero between rows, so the
+    /// positions the forward pass dropped add nothing). Each thread sums its images into its
+    /// own `dWᵀ`; those are added at the end.
     fn kernel_gradient(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let p = self.p;
         let depth = p.depth();
