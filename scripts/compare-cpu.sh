@@ -13,7 +13,9 @@
 #                                              # a column per build of the crate
 #
 # Environment: TORCH_PY / KERAS_PY (interpreters with torch / tensorflow-cpu; a missing one is
-# skipped and said so), STEPS (timed steps, default 10), WARMUP (default 2; Keras traces its
+# skipped and said so), STEPS (timed steps, default 10), LATENCY_STEPS (timed steps of the
+# batch-1 cases, default 50: a step there takes 0.5-25 ms, and with 4 steps their ratios moved
+# by up to 0.56 between two rounds), WARMUP (default 2; Keras traces its
 # function in the first), THREADS (default 2), MODELS (default "resnet plain"), NETS (default
 # "full small"), CASES (default "train 32,train 128,infer 128,infer 1"), OUT (default
 # runs/compare-cpu), BUILDS (builds of the crate, each timed as its own framework column:
@@ -24,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
 STEPS=${STEPS:-10}
+LATENCY_STEPS=${LATENCY_STEPS:-50}
 WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 MODELS=${MODELS:-"resnet plain"}
@@ -66,7 +69,9 @@ for round in $(seq "$ROUNDS"); do
       IFS=, read -ra cases <<< "$CASES"
       for cfg in "${cases[@]}"; do
         set -- $cfg
-        common=(--model "$model" --mode "$1" --batch-size "$2" --steps "$STEPS" --warmup "$WARMUP" "${shape[@]}")
+        steps=$STEPS
+        if [ "$2" = 1 ]; then steps=$LATENCY_STEPS; fi
+        common=(--model "$model" --mode "$1" --batch-size "$2" --steps "$steps" --warmup "$WARMUP" "${shape[@]}")
         for name in "${names[@]}"; do
           if [ "$name" = default ]; then measure "$OUT/bench-$name" "${common[@]}" --device cpu
           else LABEL="candle-functional[$name]" measure "$OUT/bench-$name" "${common[@]}" --device cpu; fi

@@ -3,6 +3,9 @@
 //! bias and the ReLU fused, over the geometries a Keras model uses. tests/ops.rs and
 //! tests/fused_ops.rs run the same comparisons on whatever kernel the build has; this file
 //! pins them to oneDNN. Without the feature it compiles to nothing.
+//!
+//! On AVX2 CPUs these small problems run on the calling thread alone, on AVX-512 ones on all
+//! of OpenMP's threads; the unit tests of `src/ops/cpu/conv2d.rs` compare the two.
 #![cfg(feature = "onednn")]
 
 mod common;
@@ -76,39 +79,9 @@ fn onednn_runs_the_f32_convolutions_and_caches_one_primitive_a_pass() {
     assert_eq!(onednn::cached_primitives(), cached);
 }
 
-/// A forward convolution with fewer than 256 output pixels (`n · oh · ow`) stays on the GEMM
-/// path, where one image's small layers are faster; its backward still runs on oneDNN.
-#[test]
-fn small_forward_outputs_stay_on_the_gemm_path() {
-    let _serial = one_at_a_time();
-    let dev = Device::Cpu;
-    // Shapes no other test here uses: one image, 9 -> 10 channels, 6x5 and 16x16 pixels.
-    let k = Tensor::randn(0f32, 1.0, (10, 9, 3, 3), &dev).unwrap();
-    let g = geometry((1, 1, 1, 1), 1, 1, 1);
-    let small = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 9, 6, 5), &dev).unwrap()).unwrap();
-    let before = onednn::cached_primitives();
-    let y = ops::conv2d(small.as_tensor(), &k, g).unwrap();
-    assert_eq!(
-        onednn::cached_primitives(),
-        before,
-        "30 pixels went to oneDNN"
-    );
-    y.sum_all().unwrap().backward().unwrap();
-    assert!(
-        onednn::cached_primitives() >= before + 2,
-        "the backward pass left oneDNN"
-    );
-    let large = Tensor::randn(0f32, 1.0, (1, 9, 16, 16), &dev).unwrap();
-    let before = onednn::cached_primitives();
-    ops::conv2d(&large, &k, g).unwrap();
-    assert!(
-        onednn::cached_primitives() > before,
-        "256 pixels stayed on the GEMM path"
-    );
-}
-
-/// `(input, kernel, geometry)` of one case; batches large enough (`n · oh · ow >= 256`) that
-/// the forward pass runs on oneDNN too.
+/// `(input, kernel, geometry)` of one case; batches large enough (`n · oh · ow >= 256`) and
+/// problems small enough (under 16 MFLOP) that the forward pass runs on oneDNN too, on every
+/// CPU (which of its routes a convolution takes is tested in `src/ops/cpu/conv2d.rs`).
 type Case = (
     (usize, usize, usize, usize),
     (usize, usize, usize, usize),

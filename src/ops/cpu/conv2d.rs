@@ -18,8 +18,8 @@
 //! would keep the unbiased output alive for the backward pass as well as the biased one.
 //!
 //! With the `onednn` feature, f32 products run on oneDNN's kernels instead (`ops/onednn/`),
-//! through the same ops and backward pass; f64, and any shape oneDNN has no kernel for, stay
-//! here.
+//! through the same ops and backward pass; f64, any shape oneDNN has no kernel for, and the
+//! forward passes that measured faster here (`OneDnnRoute`) stay here.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -162,6 +162,11 @@ impl Sizes {
     fn ohw(&self) -> usize {
         self.oh * self.ow
     }
+    /// Multiply-adds times two, of one pass (the three passes do the same number).
+    #[cfg(feature = "onednn")]
+    fn flops(&self) -> f64 {
+        2.0 * (self.n * self.ohw()) as f64 * (self.o * self.ckk()) as f64
+    }
     /// The sizes in the order of oneDNN's shim; `None` when one is past `i32::MAX`, beyond
     /// what oneDNN's kernels index (the GEMM path takes those).
     #[cfg(feature = "onednn")]
@@ -221,13 +226,71 @@ impl Sizes {
     }
 }
 
-/// The fewest output pixels (`n · oh · ow`) a forward convolution sends to oneDNN. Below it,
-/// the reorders to and from the blocked layout and the primitive lookup, paid per call, cost
-/// more than oneDNN's faster kernel saves: at batch 1 the 8×8 and 4×4 layers of the article's
-/// ResNet took 1.3-5x the GEMM path's time on oneDNN, the 32×32 and 16×16 ones 0.6-0.9x
-/// (`layer_profile --batch-size 1 --reps 20 --only conv`, both builds, docs/PERFORMANCE.md).
+/// Where an f32 convolution of the `onednn` build runs: on oneDNN, with all of OpenMP's
+/// threads or with the calling thread alone, or on the crate's own kernels (a forward pass
+/// only: the gradients always go to oneDNN). Chosen per call from the problem's size and the
+/// instruction set the CPU has, at run time.
 #[cfg(feature = "onednn")]
-const ONEDNN_MIN_OUTPUT_PIXELS: usize = 256;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OneDnnRoute {
+    OneDnn(crate::ops::onednn::Threads),
+    Own,
+}
+
+#[cfg(feature = "onednn")]
+impl OneDnnRoute {
+    /// On AVX2 CPUs, problems of fewer FLOPs run on oneDNN with the calling thread alone,
+    /// whatever their pixel count. Waking OpenMP's sleeping threads (`OMP_WAIT_POLICY=passive`,
+    /// beside rayon's pool) cost more than the second thread saved: the shrunken
+    /// 16-32-64-128 networks' batch-1 inference (convolutions of 0.3-4.7 MFLOP) ran 2.0-2.1x
+    /// faster on one thread, and 1.4-1.5x faster again with their 8x8 and 4x4 layers moved
+    /// from the GEMM path to oneDNN on one thread; the full networks' 38-76 MFLOP layers ran
+    /// 30% slower on one thread (`bench --mode infer --batch-size 1`, AMD EPYC with AVX2,
+    /// medians of 5 alternated runs; docs/PERFORMANCE.md).
+    const ONE_THREAD_BELOW_FLOPS: f64 = 16e6;
+
+    /// On AVX2 CPUs, forward convolutions from
+    /// [`ONE_THREAD_BELOW_FLOPS`](Self::ONE_THREAD_BELOW_FLOPS) up to this run on the crate's
+    /// own kernels: one image's layers of the full networks (38-76 MFLOP), whose batch-1
+    /// inference was 10-11% slower on oneDNN's two threads and per-call reorders. From 128
+    /// MFLOP on (the smallest layer of the full networks at batch 32 has 134) oneDNN's
+    /// kernels measured faster.
+    const AVX2_OWN_BELOW_FLOPS: f64 = 128e6;
+
+    /// The fewest output pixels (`n · oh · ow`) a forward convolution sends to oneDNN on
+    /// other CPUs (AVX-512, where the rules above were not measured). Below it, the
+    /// reorders to and from the blocked layout and the primitive lookup, paid per call,
+    /// cost more than oneDNN's faster kernel saves: at batch 1 the 8×8 and 4×4 layers of
+    /// the article's ResNet took 1.3-5x the GEMM path's time on oneDNN, the 32×32 and 16×16
+    /// ones 0.6-0.9x (`layer_profile --batch-size 1 --reps 20 --only conv`, both builds, an
+    /// AVX-512 Xeon; docs/PERFORMANCE.md).
+    const MIN_OUTPUT_PIXELS: usize = 256;
+
+    /// The route of a forward convolution of sizes `s` on a CPU with `isa`.
+    fn forward(s: &Sizes, isa: Option<conv_panels::Isa>) -> Self {
+        use crate::ops::onednn::Threads;
+        match isa {
+            Some(conv_panels::Isa::Avx2) => match s.flops() {
+                f if f < Self::ONE_THREAD_BELOW_FLOPS => Self::OneDnn(Threads::One),
+                f if f < Self::AVX2_OWN_BELOW_FLOPS => Self::Own,
+                _ => Self::OneDnn(Threads::All),
+            },
+            _ if s.n * s.ohw() >= Self::MIN_OUTPUT_PIXELS => Self::OneDnn(Threads::All),
+            _ => Self::Own,
+        }
+    }
+
+    /// The threads oneDNN computes the gradients of sizes `s` on, on a CPU with `isa`.
+    fn backward(s: &Sizes, isa: Option<conv_panels::Isa>) -> crate::ops::onednn::Threads {
+        use crate::ops::onednn::Threads;
+        match isa {
+            Some(conv_panels::Isa::Avx2) if s.flops() < Self::ONE_THREAD_BELOW_FLOPS => {
+                Threads::One
+            }
+            _ => Threads::All,
+        }
+    }
+}
 
 /// Float types the GEMM path handles.
 trait Element: Float + Default + AddAssign {
@@ -875,11 +938,11 @@ impl Conv2dGemm {
         let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
         let shape = Shape::from((s.n, s.o, s.oh, s.ow));
         #[cfg(feature = "onednn")]
-        if let (CpuStorage::F32(x), CpuStorage::F32(k), Some(sizes), true) = (
+        if let (CpuStorage::F32(x), CpuStorage::F32(k), Some(sizes), OneDnnRoute::OneDnn(threads)) = (
             s1,
             s2,
             s.onednn(&self.geometry),
-            s.n * s.ohw() >= ONEDNN_MIN_OUTPUT_PIXELS,
+            OneDnnRoute::forward(&s, conv_panels::Isa::detect()),
         ) {
             let (x, k) = (
                 contiguous_slice(x, l1, "conv2d")?,
@@ -889,7 +952,8 @@ impl Conv2dGemm {
             let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
             let bias = (!bias.is_empty()).then_some(bias.as_slice());
             let affine = self.affine.as_ref();
-            if let Some(y) = crate::ops::onednn::forward(x, k, bias, self.relu, affine, &sizes)? {
+            let sizes = (&sizes, threads);
+            if let Some(y) = crate::ops::onednn::forward(x, k, bias, self.relu, affine, sizes)? {
                 return Ok((CpuStorage::F32(y), shape));
             }
         }
@@ -991,7 +1055,8 @@ impl Conv2dGemm {
                 contiguous_slice(dv, dl, name)?,
                 contiguous_slice(kv, kl, name)?,
             );
-            crate::ops::onednn::backward(inputs, &sizes)?
+            let threads = OneDnnRoute::backward(&s, conv_panels::Isa::detect());
+            crate::ops::onednn::backward(inputs, (&sizes, threads))?
         };
         let Some((dx, dk)) = grads else {
             return Ok(None);
@@ -1115,5 +1180,152 @@ impl CustomOp2 for Conv2dKernelGrad {
             backward_kernel(x, dy, &s, &self.geometry)
         });
         Ok((out, Shape::from(self.kernel.as_slice())))
+    }
+}
+
+#[cfg(all(test, feature = "onednn"))]
+mod onednn_tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::ops::onednn::{self, Threads};
+    use conv_panels::Isa;
+    use conv_panels::tests::{reference, values};
+
+    /// Sizes of `n` images of `c` channels, `h` x `w`, into `o` filters of `k` x `k` with
+    /// 'same' padding at stride 1, with their geometry.
+    fn same(
+        n: usize,
+        c: usize,
+        (h, w): (usize, usize),
+        o: usize,
+        k: usize,
+    ) -> (Sizes, Conv2dGeometry) {
+        let p = (k - 1) / 2;
+        let g = Conv2dGeometry {
+            pad: (p, k - 1 - p, p, k - 1 - p),
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        };
+        (Sizes::new(&[n, c, h, w], &[o, c, k, k], &g).unwrap(), g)
+    }
+
+    #[test]
+    fn onednn_routes_by_size_on_avx2_and_by_pixels_elsewhere() {
+        use OneDnnRoute::{OneDnn, Own};
+        let avx2 = Some(Isa::Avx2);
+        let (shrunken, _) = same(1, 16, (32, 32), 16, 3); // 4.7 MFLOP
+        let (full, _) = same(1, 64, (32, 32), 64, 3); // 75.5 MFLOP
+        let (batch, _) = same(32, 64, (32, 32), 64, 3); // 2.4 GFLOP
+        let (tiny, _) = same(1, 64, (4, 4), 64, 3); // 16 output pixels, 9.4 MFLOP
+        assert_eq!(OneDnnRoute::forward(&shrunken, avx2), OneDnn(Threads::One));
+        assert_eq!(OneDnnRoute::forward(&full, avx2), Own);
+        assert_eq!(OneDnnRoute::forward(&batch, avx2), OneDnn(Threads::All));
+        assert_eq!(OneDnnRoute::forward(&tiny, avx2), OneDnn(Threads::One));
+        assert_eq!(OneDnnRoute::backward(&shrunken, avx2), Threads::One);
+        assert_eq!(OneDnnRoute::backward(&full, avx2), Threads::All);
+        for isa in [Some(Isa::Avx512), None] {
+            assert_eq!(OneDnnRoute::forward(&shrunken, isa), OneDnn(Threads::All));
+            assert_eq!(OneDnnRoute::forward(&full, isa), OneDnn(Threads::All));
+            assert_eq!(OneDnnRoute::forward(&tiny, isa), Own);
+            assert_eq!(OneDnnRoute::backward(&shrunken, isa), Threads::All);
+        }
+    }
+
+    /// The route chosen for this CPU is the one a convolution takes: its forward primitive
+    /// is created with that thread count, or none at all on the crate's own kernels.
+    #[test]
+    fn a_convolution_takes_the_route_chosen_for_this_cpu() {
+        // Channel counts no other test uses: 61 -> 67, one image of 6x5 (one thread on
+        // AVX2) and of 32x32 (the crate's own kernels on AVX2), four of 32x32 (all threads).
+        for (n, hw) in [(1, (6, 5)), (1, (32, 32)), (4, (32, 32))] {
+            let (s, g) = same(n, 61, hw, 67, 3);
+            let x = Tensor::from_vec(
+                values(n * 61 * hw.0 * hw.1, 5),
+                (n, 61, hw.0, hw.1),
+                &Device::Cpu,
+            );
+            let k = Tensor::from_vec(values(67 * 61 * 9, 6), (67, 61, 3, 3), &Device::Cpu);
+            crate::ops::conv2d(&x.unwrap(), &k.unwrap(), g).unwrap();
+            let sizes = s.onednn(&g).unwrap();
+            let taken = [Threads::One, Threads::All].map(|t| onednn::forward_cached(&sizes, t));
+            let expected = match OneDnnRoute::forward(&s, Isa::detect()) {
+                OneDnnRoute::OneDnn(Threads::One) => [true, false],
+                OneDnnRoute::OneDnn(Threads::All) => [false, true],
+                OneDnnRoute::Own => [false, false],
+            };
+            assert_eq!(
+                taken, expected,
+                "{n} images of {hw:?}: forward primitives on [one, all] threads"
+            );
+        }
+    }
+
+    /// A primitive limited to the calling thread computes what one on all of OpenMP's
+    /// threads does, forward and both gradients, to the direct sums, and leaves the
+    /// caller's OpenMP limit as it found it.
+    #[test]
+    fn one_thread_and_all_threads_agree_and_the_limit_is_restored() {
+        // 3 images of 5 -> 6 channels, 9x7: shapes no other test uses.
+        let (s, g) = same(3, 5, (9, 7), 6, 3);
+        // The reference reads the sizes only, not the instruction set.
+        let p = conv_panels::Problem {
+            n: 3,
+            c: 5,
+            h: 9,
+            w: 7,
+            o: 6,
+            kh: 3,
+            kw: 3,
+            oh: 9,
+            ow: 7,
+            stride: 1,
+            dilation: 1,
+            pad_top: 1,
+            pad_left: 1,
+            isa: Isa::Avx2,
+        };
+        let (x, k, dy) = (
+            values(3 * 5 * 63, 1),
+            values(6 * 5 * 9, 2),
+            values(3 * 6 * 63, 3),
+        );
+        let (y0, dx0, dk0) = reference(&x, &k, &dy, &p);
+        let sizes = s.onednn(&g).unwrap();
+        let before = onednn::openmp_limit();
+        let close = |got: &[f32], want: &[f64], what: &str| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (f64::from(a) - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{what}[{i}]: {a} vs {b}"
+                );
+            }
+        };
+        for threads in [Threads::One, Threads::All] {
+            let y = onednn::forward(&x, &k, None, false, None, (&sizes, threads))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                onednn::openmp_limit(),
+                before,
+                "forward on {threads:?} moved the limit"
+            );
+            let (dx, dk) = onednn::backward((&x, &dy, &k), (&sizes, threads))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                onednn::openmp_limit(),
+                before,
+                "backward on {threads:?} moved the limit"
+            );
+            close(&y, &y0, &format!("output on {threads:?}"));
+            close(&dx, &dx0, &format!("input gradient on {threads:?}"));
+            close(&dk, &dk0, &format!("kernel gradient on {threads:?}"));
+        }
+        if before < 0 {
+            eprintln!("oneDNN does not run on OpenMP here: the one-thread limit is not applied");
+        }
     }
 }

@@ -6,13 +6,13 @@
 //! oneDNN at run time. The crate's tensors stay NCHW; each call reorders its inputs into the
 //! blocked layouts the primitive picked, runs it and reorders the outputs back, as PyTorch's
 //! CPU convolution does. The GEMM path of `cpu/conv2d.rs` calls in here for f32 and keeps f64,
-//! any shape oneDNN reports it does not implement, and forward convolutions with fewer than
-//! 256 output pixels (`n·oh·ow`: one image's 8x8 and 4x4 layers), where the per-call reorders
-//! cost more than oneDNN's kernel saves.
+//! any shape oneDNN reports it does not implement, and the forward convolutions its own
+//! kernels measured faster on; it also decides which small problems run on the calling thread
+//! alone (`Threads`; its `OneDnnRoute` says why).
 //!
-//! A primitive is created once per shape (creating one JIT-compiles its kernel, a
-//! millisecond or more) and kept in a process-wide cache; the C shim (`shim.c`) hides the
-//! difference between oneDNN 2.x's and 3.x's C API. [`version`] and [`cached_primitives`] say
+//! A primitive is created once per shape and thread count (creating one JIT-compiles its
+//! kernel, a millisecond or more) and kept in a process-wide cache; the C shim (`shim.c`)
+//! hides the difference between oneDNN 2.x's and 3.x's C API. [`version`] and [`cached_primitives`] say
 //! which library this process runs and how many shapes it has compiled.
 //!
 //! Start a binary that uses the feature with `OMP_WAIT_POLICY=passive`: Debian's oneDNN runs
@@ -72,6 +72,7 @@ unsafe extern "C" {
         sizes: *const i64,
         bias: c_int,
         relu: c_int,
+        threads: c_int,
         failed_step: *mut *const c_char,
     ) -> c_int;
     fn cf_op_workspace_bytes(op: *const RawOp) -> usize;
@@ -110,6 +111,16 @@ pub(crate) enum Pass {
     BackwardWeights = 2,
 }
 
+/// How many threads a primitive runs on: OpenMP's (the library's default), or only the
+/// calling thread, for problems so small that waking OpenMP's threads costs more than they
+/// save (the caller decides: `cpu/conv2d.rs`). Where oneDNN does not run on OpenMP the limit
+/// is not applied.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Threads {
+    All = 0,
+    One = 1,
+}
+
 /// The sizes of one convolution in the shim's order: `n, c, h, w, o, kh, kw, oh, ow, groups,
 /// stride, dilation, pad top, bottom, left, right`.
 pub(crate) type ConvSizes = [i64; 16];
@@ -136,8 +147,9 @@ unsafe impl Sync for Engine {}
 /// A cache entry: the primitive, or `None` where oneDNN has no kernel for the shape.
 type Entry = Option<Arc<Mutex<Op>>>;
 
-/// What a primitive is created for: the pass, the sizes, with a bias, with a ReLU.
-type Key = (Pass, ConvSizes, bool, bool);
+/// What a primitive is created for: the pass, the sizes, with a bias, with a ReLU, on how
+/// many threads.
+type Key = (Pass, ConvSizes, bool, bool, Threads);
 
 /// The primitives created so far.
 fn cache() -> &'static Mutex<HashMap<Key, Entry>> {
@@ -171,10 +183,15 @@ fn engine() -> candle_core::Result<&'static Engine> {
         .map_err(|&status| failure("engine", status, c"creating the CPU engine".as_ptr()))
 }
 
-/// The primitive for `(pass, sizes, bias, relu)`, created on first use; `None` when oneDNN
-/// has no kernel for it.
-fn primitive(pass: Pass, sizes: &ConvSizes, bias: bool, relu: bool) -> candle_core::Result<Entry> {
-    let key = (pass, *sizes, bias, relu);
+/// The primitive for `(pass, sizes, bias, relu, threads)`, created on first use; `None` when
+/// oneDNN has no kernel for it.
+fn primitive(
+    pass: Pass,
+    sizes: &ConvSizes,
+    (bias, relu): (bool, bool),
+    threads: Threads,
+) -> candle_core::Result<Entry> {
+    let key = (pass, *sizes, bias, relu, threads);
     // Poisoning only means another thread panicked while holding the map; its entries are
     // still whole (insertions are single calls).
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -193,6 +210,7 @@ fn primitive(pass: Pass, sizes: &ConvSizes, bias: bool, relu: bool) -> candle_co
             sizes.as_ptr(),
             bias as c_int,
             relu as c_int,
+            threads as c_int,
             &mut step,
         )
     };
@@ -254,12 +272,12 @@ fn locked(op: &Mutex<Op>) -> std::sync::MutexGuard<'_, Op> {
 /// `Ok(false)` when oneDNN has no kernel for the shape and nothing was written.
 fn run(
     pass: Pass,
-    sizes: &ConvSizes,
-    (bias, relu): (bool, bool),
+    (sizes, threads): (&ConvSizes, Threads),
+    fused: (bool, bool),
     inputs: &[&[f32]],
     outputs: &mut [&mut [MaybeUninit<f32>]],
 ) -> candle_core::Result<bool> {
-    let Some(op) = primitive(pass, sizes, bias, relu)? else {
+    let Some(op) = primitive(pass, sizes, fused, threads)? else {
         return Ok(false);
     };
     let mut buffers: Vec<*mut c_void> = inputs.iter().map(|b| b.as_ptr() as *mut c_void).collect();
@@ -286,8 +304,8 @@ fn run(
     }
 }
 
-/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given), then with
-/// `affine` per filter `scale · y + shift` and its ReLU (a batch norm in inference, folded
+/// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given) on `threads`,
+/// then with `affine` per filter `scale · y + shift` and its ReLU (a batch norm in inference, folded
 /// into this convolution); `None` when oneDNN has no kernel for the shape.
 ///
 /// The map is not one of oneDNN's post-ops: its per-channel multiply and add (binary
@@ -304,12 +322,12 @@ pub(crate) fn forward(
     bias: Option<&[f32]>,
     relu: bool,
     affine: Option<&ChannelAffine>,
-    sizes: &ConvSizes,
+    sizes: (&ConvSizes, Threads),
 ) -> candle_core::Result<Option<Vec<f32>>> {
     let Some(affine) = affine else {
         return forward_plain(x, k, bias, relu, sizes);
     };
-    let [n, _, _, _, o, _, _, oh, ow, ..] = sizes.map(|v| v.max(0) as usize);
+    let [n, _, _, _, o, _, _, oh, ow, ..] = sizes.0.map(|v| v.max(0) as usize);
     if [affine.scale.len(), affine.shift.len()] != [o; 2] || !k.len().is_multiple_of(o.max(1)) {
         candle_core::bail!(
             "oneDNN convolution: {} scales, {} shifts and {} kernel values for {o} filters",
@@ -358,9 +376,9 @@ fn forward_plain(
     k: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
-    sizes: &ConvSizes,
+    sizes: (&ConvSizes, Threads),
 ) -> candle_core::Result<Option<Vec<f32>>> {
-    let [n, _, _, _, o, _, _, oh, ow, ..] = *sizes;
+    let [n, _, _, _, o, _, _, oh, ow, ..] = *sizes.0;
     let mut y = output([n, o, oh, ow])?;
     let done = match bias {
         Some(b) => run(
@@ -382,14 +400,14 @@ fn forward_plain(
     Ok(done.then(|| unsafe { y.written() }))
 }
 
-/// Both gradients from `(X, dY, W)`, `(dX, dW)`, with `dY` reordered once for the two; `None`
-/// when oneDNN has no kernel for one of them.
+/// Both gradients from `(X, dY, W)`, `(dX, dW)` on `threads`, with `dY` reordered once for
+/// the two; `None` when oneDNN has no kernel for one of them.
 pub(crate) fn backward(
     (x, dy, k): (&[f32], &[f32], &[f32]),
-    sizes: &ConvSizes,
+    (sizes, threads): (&ConvSizes, Threads),
 ) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
-    let data = primitive(Pass::BackwardData, sizes, false, false)?;
-    let weights = primitive(Pass::BackwardWeights, sizes, false, false)?;
+    let data = primitive(Pass::BackwardData, sizes, (false, false), threads)?;
+    let weights = primitive(Pass::BackwardWeights, sizes, (false, false), threads)?;
     let (Some(data), Some(weights)) = (data, weights) else {
         return Ok(None);
     };
@@ -450,6 +468,28 @@ pub fn version() -> (u32, u32, u32) {
     // SAFETY: writes three integers.
     unsafe { cf_version(&mut major, &mut minor, &mut patch) };
     (major as u32, minor as u32, patch as u32)
+}
+
+/// OpenMP's thread limit on the calling thread now, or -1 where the shim applies none: an
+/// op limited to one thread must leave it as it found it.
+#[cfg(test)]
+pub(crate) fn openmp_limit() -> i32 {
+    unsafe extern "C" {
+        fn cf_threads_current() -> c_int;
+    }
+    engine().expect("oneDNN's CPU engine");
+    // SAFETY: reads one integer.
+    unsafe { cf_threads_current() }
+}
+
+/// Whether a forward primitive for `(sizes, threads)` (with or without bias and ReLU) has
+/// been created: which route a convolution took.
+#[cfg(test)]
+pub(crate) fn forward_cached(sizes: &ConvSizes, threads: Threads) -> bool {
+    let cache = cache().lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .keys()
+        .any(|&(pass, s, _, _, t)| pass == Pass::Forward && s == *sizes && t == threads)
 }
 
 /// How many convolution primitives (forward, backward-data and backward-weights, each for

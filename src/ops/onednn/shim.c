@@ -19,7 +19,16 @@
  * `cf_conv_backward` runs both gradients of a convolution and reorders dY once for the two.
  * An op is not safe to execute from two threads at once (its stream and library scratchpad
  * are its own): the Rust side holds each behind a mutex.
+ *
+ * An op created with `threads` = 1 is created and run with OpenMP limited to the calling
+ * thread (oneDNN sizes its work split when the primitive is created and reads the limit
+ * again in every reorder). For a convolution of a few million multiply-adds, waking OpenMP's
+ * sleeping threads costs more than the second thread saves (docs/PERFORMANCE.md). OpenMP's
+ * functions are looked up at run time, so that the shim links the same whether oneDNN was
+ * built on OpenMP, TBB or nothing; without OpenMP the limit is not applied.
  */
+#define _GNU_SOURCE /* RTLD_DEFAULT */
+#include <dlfcn.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -66,6 +75,7 @@ typedef struct {
 } cf_arg;
 
 typedef struct cf_op {
+    int threads; /* OpenMP's thread limit for this op, or 0 for the library's default */
     dnnl_engine_t engine;
     dnnl_stream_t stream;
     dnnl_primitive_desc_t hint; /* the forward descriptor a backward one was made from */
@@ -103,8 +113,40 @@ static void md_free(cf_md *md) {
 #endif
 }
 
+/* OpenMP's `omp_get_max_threads` and `omp_set_num_threads`, when oneDNN runs on OpenMP and
+ * the process has them (NULL otherwise). Set once by `cf_engine_create`, before any op
+ * exists (the Rust side creates the engine once, before its first op), and only read after. */
+static int (*omp_get_max_threads_fn)(void);
+static void (*omp_set_num_threads_fn)(int);
+
 int cf_engine_create(dnnl_engine_t *engine) {
+    if (dnnl_version()->cpu_runtime == DNNL_RUNTIME_OMP) {
+        omp_get_max_threads_fn = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_get_max_threads");
+        omp_set_num_threads_fn = (void (*)(int))dlsym(RTLD_DEFAULT, "omp_set_num_threads");
+        if (!omp_get_max_threads_fn || !omp_set_num_threads_fn)
+            omp_get_max_threads_fn = NULL, omp_set_num_threads_fn = NULL;
+    }
     return (int)dnnl_engine_create(engine, dnnl_cpu, 0);
+}
+
+/* Limits OpenMP to `threads` on the calling thread (OpenMP keeps the limit per thread);
+ * returns the limit to restore, or 0 when nothing was changed. */
+static int threads_enter(int threads) {
+    if (threads <= 0 || !omp_set_num_threads_fn) return 0;
+    int before = omp_get_max_threads_fn();
+    if (before == threads) return 0;
+    omp_set_num_threads_fn(threads);
+    return before;
+}
+
+static void threads_leave(int before) {
+    if (before > 0) omp_set_num_threads_fn(before);
+}
+
+/* OpenMP's thread limit on the calling thread, or -1 where the shim applies none (for the
+ * tests: an op's limit is undone when it returns). */
+int cf_threads_current(void) {
+    return omp_get_max_threads_fn ? omp_get_max_threads_fn() : -1;
 }
 
 int cf_version(int *major, int *minor, int *patch) {
@@ -238,10 +280,11 @@ static int forward_pd(dnnl_primitive_desc_t *pd, dnnl_engine_t engine, cf_descs 
 
 /* Creates the op of `kind` for the sizes `s` (S_COUNT values). `bias` adds the bias to the
  * forward op's arguments (or the bias gradient to the backward-weights op's), `relu` a ReLU
- * after the forward convolution. On failure returns a nonzero oneDNN status and sets `where`
- * to the step that failed; nothing is left allocated. */
+ * after the forward convolution; `threads` limits OpenMP while the op is created and run (0:
+ * no limit). On failure returns a nonzero oneDNN status and sets `where` to the step that
+ * failed; nothing is left allocated. */
 int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s, int bias,
-        int relu, const char **where) {
+        int relu, int threads, const char **where) {
     *out = NULL;
     cf_op *op = calloc(1, sizeof(cf_op));
     if (!op) {
@@ -249,6 +292,8 @@ int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s
         return (int)dnnl_out_of_memory;
     }
     op->engine = engine;
+    op->threads = threads;
+    int before = threads_enter(threads);
     cf_descs d = {0};
     int rc = descs_init(&d, s, where);
     /* A backward op is made from the forward one it differentiates (its "hint"), which has
@@ -321,6 +366,7 @@ int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s
     }
 #undef ARG
     descs_free(&d);
+    threads_leave(before);
     if (rc) {
         cf_op_destroy(op);
         return rc;
@@ -352,6 +398,7 @@ static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
     dnnl_memory_t plain[4] = {0}, inner[4] = {0};
     dnnl_exec_arg_t exec[4] = {{0, NULL}};
     int rc = 0;
+    int before = threads_enter(op->threads);
     for (int i = 0; i < op->nargs && rc == 0; i++) {
         cf_arg *a = &op->args[i];
         blocked[i] = NULL;
@@ -393,6 +440,7 @@ static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
         if (plain[i]) dnnl_memory_destroy(plain[i]);
         if (inner[i]) dnnl_memory_destroy(inner[i]);
     }
+    threads_leave(before);
     return rc;
 }
 
