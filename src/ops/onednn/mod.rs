@@ -12,8 +12,9 @@
 //!
 //! A primitive is created once per shape and thread count (creating one JIT-compiles its
 //! kernel, a millisecond or more) and kept in a process-wide cache; the C shim (`shim.c`)
-//! hides the difference between oneDNN 2.x's and 3.x's C API. [`version`] and [`cached_primitives`] say
-//! which library this process runs and how many shapes it has compiled.
+//! hides the difference between oneDNN 2.x's and 3.x's C API. [`version`] and
+//! [`cached_primitives`] say which library this process runs and how many shapes it has
+//! compiled.
 //!
 //! Start a binary that uses the feature with `OMP_WAIT_POLICY=passive`: Debian's oneDNN runs
 //! on OpenMP (libgomp), whose idle threads otherwise spin for milliseconds after every
@@ -29,7 +30,8 @@
 //! use candle_functional::ops::{self, Conv2dGeometry};
 //! let (major, _minor, _patch) = ops::onednn::version();
 //! assert!(major >= 2);
-//! // 4 images of 8x8: 256 output pixels, enough to go to oneDNN.
+//! // 4 images of 8x8 (256 output pixels): oneDNN runs it on every CPU, on AVX2 ones with the
+//! // calling thread alone, as the problem is small.
 //! let x = Tensor::ones((4, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
 //! let k = Tensor::ones((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
 //! let g = Conv2dGeometry { pad: (1, 1, 1, 1), stride: 1, dilation: 1, groups: 1 };
@@ -117,7 +119,9 @@ pub(crate) enum Pass {
 /// is not applied.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) enum Threads {
+    /// As many as OpenMP's limit allows (`OMP_NUM_THREADS`, else the cores).
     All = 0,
+    /// The calling thread alone.
     One = 1,
 }
 
@@ -305,8 +309,8 @@ fn run(
 }
 
 /// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given) on `threads`,
-/// then with `affine` per filter `scale · y + shift` and its ReLU (a batch norm in inference, folded
-/// into this convolution); `None` when oneDNN has no kernel for the shape.
+/// then with `affine` per filter `scale · y + shift` and its ReLU (a batch norm in
+/// inference, folded into this convolution); `None` when oneDNN has no kernel for the shape.
 ///
 /// The map is not one of oneDNN's post-ops: its per-channel multiply and add (binary
 /// post-ops) made the 3x3 convolutions 15-30% slower on an AVX-512 Xeon with oneDNN 2.6 (the
