@@ -162,10 +162,21 @@ impl Sizes {
     fn ohw(&self) -> usize {
         self.oh * self.ow
     }
-    /// Multiply-adds times two, of one pass (the three passes do the same number).
+    /// Multiply-adds times two, of one pass (the three passes do the same number); in f64
+    /// factor by factor, so that no product of sizes can overflow.
     #[cfg(feature = "onednn")]
     fn flops(&self) -> f64 {
-        2.0 * (self.n * self.ohw()) as f64 * (self.o * self.ckk()) as f64
+        [
+            self.n,
+            self.oh,
+            self.ow,
+            self.o,
+            self.cg(),
+            self.kh,
+            self.kw,
+        ]
+        .iter()
+        .fold(2.0, |f, &v| f * v as f64)
     }
     /// The sizes in the order of oneDNN's shim; `None` when one is past `i32::MAX`, beyond
     /// what oneDNN's kernels index (the GEMM path takes those).
@@ -1190,7 +1201,7 @@ mod onednn_tests {
     use super::*;
     use crate::ops::onednn::{self, Threads};
     use conv_panels::Isa;
-    use conv_panels::tests::{reference, values};
+    use conv_panels::tests::{assert_close, reference, values};
 
     /// Sizes of `n` images of `c` channels, `h` x `w`, into `o` filters of `k` x `k` with
     /// 'same' padding at stride 1, with their geometry.
@@ -1294,15 +1305,6 @@ mod onednn_tests {
         let (y0, dx0, dk0) = reference(&x, &k, &dy, &p);
         let sizes = s.onednn(&g).unwrap();
         let before = onednn::openmp_limit();
-        let close = |got: &[f32], want: &[f64], what: &str| {
-            assert_eq!(got.len(), want.len(), "{what}");
-            for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
-                assert!(
-                    (f64::from(a) - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{what}[{i}]: {a} vs {b}"
-                );
-            }
-        };
         for threads in [Threads::One, Threads::All] {
             let y = onednn::forward(&x, &k, None, false, None, (&sizes, threads))
                 .unwrap()
@@ -1320,9 +1322,9 @@ mod onednn_tests {
                 before,
                 "backward on {threads:?} moved the limit"
             );
-            close(&y, &y0, &format!("output on {threads:?}"));
-            close(&dx, &dx0, &format!("input gradient on {threads:?}"));
-            close(&dk, &dk0, &format!("kernel gradient on {threads:?}"));
+            assert_close(&format!("output on {threads:?}"), &y, &y0);
+            assert_close(&format!("input gradient on {threads:?}"), &dx, &dx0);
+            assert_close(&format!("kernel gradient on {threads:?}"), &dk, &dk0);
         }
         if before < 0 {
             eprintln!("oneDNN does not run on OpenMP here: the one-thread limit is not applied");

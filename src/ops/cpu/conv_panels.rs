@@ -630,7 +630,7 @@ impl Shifted<'_> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    pub(in crate::ops::cpu) use crate::ops::cpu::conv_tiles::tests::values;
+    pub(in crate::ops::cpu) use crate::ops::cpu::conv_tiles::tests::{assert_close, values};
 
     /// A direct convolution in f64: `(y, dx, dk)` for the output gradient `dy`.
     pub(in crate::ops::cpu) fn reference(
@@ -697,17 +697,6 @@ pub(super) mod tests {
             "{p:?}: an output never written"
         );
         out
-    }
-
-    pub(in crate::ops::cpu) fn assert_close(name: &str, got: &[f32], want: &[f64]) {
-        assert_eq!(got.len(), want.len(), "{name}: length");
-        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g as f64 - w).abs() <= 1e-5 * scale,
-                "{name}[{i}]: {g} against {w} (scale {scale})"
-            );
-        }
     }
 
     /// `(n, c, h, w, o, k, stride, dilation, (top, bottom, left, right))`.

@@ -513,9 +513,15 @@ pub(super) mod tests {
             .collect()
     }
 
-    fn assert_close(name: &str, got: &[f32], want: &[f64]) {
+    /// `got` against `want` within 1e-5 of the larger of 1 and `want`'s largest magnitude.
+    pub(in crate::ops::cpu) fn assert_close(name: &str, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{name}: length");
+        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!((g as f64 - w).abs() <= 1e-4, "{name}[{i}]: {g} against {w}");
+            assert!(
+                (g as f64 - w).abs() <= 1e-5 * scale,
+                "{name}[{i}]: {g} against {w} (scale {scale})"
+            );
         }
     }
 
