@@ -205,6 +205,71 @@ fn every_kind_of_pair_folds_and_the_others_do_not() {
     }
 }
 
+/// With the feature `onednn`, a convolution whose output convolutions and batch norms alone
+/// read leaves it in oneDNN's blocked layout for them (`profile::blocked_handoffs`),
+/// directly or through a folded batch norm, and a batch norm given such an input computes
+/// in that layout; one with another kind of reader, or whose output is the model's, does
+/// not. The outputs are those of the layers run one after the other, on NCHW.
+#[cfg(feature = "onednn")]
+#[test]
+fn convolutions_hand_over_onednns_blocked_layout_in_inference() {
+    use candle_functional::profile::blocked_handoffs;
+    let _serial = serial();
+    let same = |filters| Conv2D::new(filters, 3).padding(Padding::Same);
+    let x = Input::new([8, 16, 16]);
+    // a: read by b alone, hands over; b: through its folded batch norm, read by c alone,
+    // hands over; c: read by d and by the Add, does not; d: read by the Add, does not.
+    let a = same(16).call(&x).unwrap();
+    let b = same(32).strides(2).call(&a).unwrap();
+    let b = BatchNorm::new().call(&b).unwrap();
+    let b = ReLU::new().call(&b).unwrap();
+    let c = Conv2D::new(16, 1).call(&b).unwrap();
+    let d = same(16).call(&c).unwrap();
+    let y = Add::new().call_many(&[c, d]).unwrap();
+    let model = Model::new(&[x], &[y]).unwrap();
+    let model = model.build(&Device::Cpu, DType::F32, 5).unwrap();
+    vary_batch_norms(&model, 31);
+    // 4 images of 16x16: oneDNN runs every one of these convolutions, on every CPU.
+    let x = input(&[4, 8, 16, 16], DType::F32, 3);
+    let before = blocked_handoffs();
+    let handed = model.forward(std::slice::from_ref(&x), Mode::Eval).unwrap();
+    assert_eq!(blocked_handoffs() - before, 2, "a and b hand over");
+    let x_var = Var::from_tensor(&x).unwrap().as_tensor().clone();
+    let before = blocked_handoffs();
+    let layers = model.forward(&[x_var], Mode::Eval).unwrap();
+    assert_eq!(blocked_handoffs(), before, "a pass asking for gradients");
+    assert_outputs_agree(&handed[0], &layers[0], "hand-made model");
+
+    // The article's networks with 16 and 32 filters, a block a stage: the PlainNet's 5
+    // convolutions hand over all but the last one's output (read by the pooling). In the
+    // ResNet, every convolution hands over (the stem, a block's two and the second block's
+    // shortcut: 6), and so does the first block's Add → ReLU → BatchNorm (read by the
+    // second block's convolutions), but not the last block's (read by the pooling).
+    for (name, plain, handovers) in [("plain_net", true, 4), ("resnet", false, 7)] {
+        let config = ResNetConfig {
+            input_shape: [3, 16, 16],
+            stages: vec![1, 1],
+            filters: vec![16, 32],
+            pool_size: 4,
+            ..ResNetConfig::default()
+        };
+        let model = match plain {
+            true => config.plain_net(),
+            false => config.res_net(),
+        };
+        let model = model.unwrap().build(&Device::Cpu, DType::F32, 3).unwrap();
+        vary_batch_norms(&model, 13);
+        let x = input(&[4, 3, 16, 16], DType::F32, 8);
+        let before = blocked_handoffs();
+        let handed = model.forward(std::slice::from_ref(&x), Mode::Eval).unwrap();
+        let count = blocked_handoffs() - before;
+        let x_var = Var::from_tensor(&x).unwrap().as_tensor().clone();
+        let layers = model.forward(&[x_var], Mode::Eval).unwrap();
+        assert_outputs_agree(&handed[0], &layers[0], name);
+        assert_eq!(count, handovers, "{name}: handovers");
+    }
+}
+
 /// A training-mode pass uses batch statistics: nothing folds, and the outputs are those of
 /// the unfolded layers.
 #[test]

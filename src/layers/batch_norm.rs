@@ -21,6 +21,11 @@ use crate::ops;
 use crate::support::dtype::Cast;
 use crate::{Error, Result};
 
+/// A batch norm in inference as a map per channel, `y = max?(scale · v + shift)`
+/// ([`BatchNormConfig::eval_map`]), that a convolution before it applies as it writes its
+/// output (`models/inference.rs`).
+pub(crate) type BatchNormMap = ops::ChannelAffine;
+
 /// Configuration of a [`BatchNorm`] layer; defaults are Keras's.
 ///
 /// # Examples
@@ -282,10 +287,65 @@ impl BatchNormConfig {
         (dtype, channels): (DType, usize),
         params: &Params,
         fusion: Fusion,
-    ) -> Result<Option<ops::ChannelAffine>> {
+    ) -> Result<Option<BatchNormMap>> {
+        if fusion.arity() != 1 {
+            return Ok(None);
+        }
+        self.eval_map((dtype, channels), params, fusion.relu_after())
+    }
+
+    /// In inference with the feature `onednn`: the layer (with `fusion`'s Add and ReLUs) on
+    /// `inputs` that the layers before all handed over in oneDNN's blocked layout (rank 5,
+    /// `models/inference.rs`), computed in that layout, the output left in it with
+    /// `blocked_output`, else NCHW. `None` where an input is NCHW (where a convolution before
+    /// ran on the crate's own kernels, as at batch 1, NCHW stays the cheaper layout from
+    /// there on) or the layer or the inputs are not for this path (f32 on the CPU, channels
+    /// on axis 1, asking for no gradient): the caller runs the layer as usual, on NCHW.
+    #[cfg(feature = "onednn")]
+    pub(crate) fn forward_blocked(
+        &self,
+        inputs: &[Tensor],
+        params: &Params,
+        fusion: Fusion,
+        blocked_output: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some(&[n, blocks, h, w, b]) = inputs.first().map(Tensor::dims) else {
+            return Ok(None);
+        };
+        let takes = |t: &Tensor| {
+            t.dims() == [n, blocks, h, w, b]
+                && t.dtype() == DType::F32
+                && t.device().is_cpu()
+                && !t.track_op()
+        };
+        if inputs.len() != fusion.arity() || !inputs.iter().all(takes) {
+            return Ok(None);
+        }
+        let Some(map) = self.eval_map((DType::F32, blocks * b), params, fusion.relu_after())?
+        else {
+            return Ok(None);
+        };
+        let map = (&map, fusion.relu_before());
+        Ok(Some(ops::onednn::batch_norm_blocked(
+            inputs,
+            map,
+            blocked_output,
+        )?))
+    }
+
+    /// In inference, the per-channel map `y = max?(scale · v + shift)` (the ReLU with
+    /// `relu_after`) the layer applies to its operand `v` (the input, or the sum of its
+    /// inputs through a ReLU where an Add and a ReLU are folded in), computed as its CPU
+    /// kernel computes it. `None` where [`eval_affine`](Self::eval_affine) says, an Add
+    /// folded in aside.
+    pub(crate) fn eval_map(
+        &self,
+        (dtype, channels): (DType, usize),
+        params: &Params,
+        relu_after: bool,
+    ) -> Result<Option<BatchNormMap>> {
         let supported = !params.mode().is_train()
             && self.full_axis("", 3)? == 1
-            && fusion.arity() == 1
             && matches!(dtype, DType::F32 | DType::F64);
         if !supported {
             return Ok(None);
@@ -300,7 +360,7 @@ impl BatchNormConfig {
                 &params.get_stored("moving_variance")?,
             ),
             self.epsilon,
-            fusion.relu_after(),
+            relu_after,
         )?;
         Ok(Some(affine))
     }

@@ -317,9 +317,16 @@ impl Conv2DConfig {
     /// ([`forward_then_affine`](Self::forward_then_affine); elsewhere the batch norm's
     /// per-channel values would be read back from the device on every call).
     pub(crate) fn runs_cpu_kernel(&self, x: &Tensor, fusion: Fusion) -> bool {
+        // Rank 5: an input handed over in oneDNN's blocked layout, in inference
+        // (`models/inference.rs`), f32 on the CPU.
+        let ranks = if cfg!(feature = "onednn") {
+            4..=5
+        } else {
+            4..=4
+        };
         matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
             && fusion.prologue().is_none()
-            && x.rank() == 4
+            && ranks.contains(&x.rank())
             && ops::takes_cpu_kernels(x)
     }
 
@@ -350,6 +357,41 @@ impl Conv2DConfig {
             (bias.as_ref(), relu),
             affine,
             self.geometry(h, w),
+        )
+    }
+
+    /// In inference with the feature `onednn`: [`forward_then_affine`](Self::forward_then_affine)
+    /// (the layer alone without `affine`) on oneDNN's layouts: `x` in NCHW or handed over by
+    /// the convolution before in oneDNN's blocked layout (rank 5), the output left in that
+    /// layout where `blocked_output` (`ops::conv2d_handoff`). `None` where the activation,
+    /// the fusion or `x` are not for the crate's f32 CPU kernels: the caller runs the layer
+    /// as usual then, on NCHW.
+    #[cfg(feature = "onednn")]
+    pub(crate) fn forward_handoff(
+        &self,
+        x: &Tensor,
+        params: &Params,
+        (fusion, relu_before): (Fusion, bool),
+        affine: Option<&ops::ChannelAffine>,
+        blocked_output: bool,
+    ) -> Result<Option<Tensor>> {
+        let kernels_take = matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu);
+        let (&([_, _, h, w] | [_, _, h, w, _]), true, None) =
+            (x.dims(), kernels_take, fusion.prologue())
+        else {
+            return Ok(None);
+        };
+        let kernel = params.get("kernel")?;
+        let relu = relu_before || self.with_activation(fusion).relu_after();
+        let bias = self.use_bias.then(|| params.get("bias")).transpose()?;
+        let geometry = self.geometry(h, w);
+        ops::conv2d_handoff(
+            x,
+            &kernel,
+            (bias.as_ref(), relu),
+            affine,
+            geometry,
+            blocked_output,
         )
     }
 

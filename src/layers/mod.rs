@@ -122,3 +122,11 @@ const BUILTIN_KINDS: &[&[LayerKind]] = &[
 pub(crate) fn builtin_kinds() -> impl Iterator<Item = &'static LayerKind> {
     BUILTIN_KINDS.iter().flat_map(|kinds| kinds.iter())
 }
+
+/// `t` in NCHW: a tensor a layer handed over in oneDNN's blocked layout (feature `onednn`, in
+/// inference: rank 5, `models/inference.rs`) as the NCHW tensor it holds; any other tensor
+/// as it is. What a layer that reads only NCHW is given.
+#[cfg(feature = "onednn")]
+pub(crate) fn nchw(t: &candle_core::Tensor) -> crate::Result<candle_core::Tensor> {
+    Ok(crate::ops::onednn::to_nchw(t)?)
+}

@@ -384,8 +384,18 @@ pub(crate) fn float_only(op: &'static str, x: &Tensor) -> Result<()> {
 
 /// The checks of [`conv2d`] and [`reference::conv2d`].
 pub(crate) fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> Result<()> {
+    check_conv2d_as(x, rank4("conv2d", "x", x, "NCHW")?, kernel, g)
+}
+
+/// [`check_conv2d`] for an `x` whose NCHW dims are `dims`: a tensor in oneDNN's blocked
+/// layout, of rank 5, is checked as the NCHW tensor it holds.
+pub(crate) fn check_conv2d_as(
+    x: &Tensor,
+    [n, c, h, w]: [usize; 4],
+    kernel: &Tensor,
+    g: &Conv2dGeometry,
+) -> Result<()> {
     const OP: &str = "conv2d";
-    let [_, c, h, w] = rank4(OP, "x", x, "NCHW")?;
     let [o, kc, kh, kw] = rank4(OP, "kernel", kernel, "OIHW")?;
     float_only(OP, x)?;
     same_device_and_dtype(OP, "kernel", kernel, x)?;
@@ -414,7 +424,6 @@ pub(crate) fn check_conv2d(x: &Tensor, kernel: &Tensor, g: &Conv2dGeometry) -> R
         ));
     }
     let (oh, ow) = g.output_size(h, w, kh, kw)?;
-    let n = x.dim(0)?;
     check_size(OP, "geometry", &[n, o, oh, ow], x)?;
     // The CPU kernel's im2col buffer holds one image's patches at least.
     check_size(OP, "geometry", &[kc, kh, kw, oh, ow], x)

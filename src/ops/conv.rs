@@ -153,17 +153,7 @@ pub(crate) fn conv2d_affine(
     const OP: &str = "conv2d_affine";
     check_conv2d_bias(OP, x, kernel, bias, &geometry)?;
     let filters = kernel.dim(0)?;
-    if affine.scale.len() != filters || affine.shift.len() != filters {
-        return Err(invalid(
-            OP,
-            "affine",
-            format!(
-                "expected {filters} scales and shifts (the kernel's filters), got {} and {}",
-                affine.scale.len(),
-                affine.shift.len()
-            ),
-        ));
-    }
+    check_affine(OP, filters, affine)?;
     let tracked = x.track_op() || kernel.track_op() || bias.is_some_and(Tensor::track_op);
     if let (Backend::Cpu, false) = (backend(x, CPU_FLOATS, &[]), tracked) {
         return cpu::conv2d::conv2d_affine(x, kernel, (bias, relu), affine, geometry);
@@ -184,6 +174,42 @@ pub(crate) fn conv2d_affine(
     }
 }
 
+/// [`conv2d_affine`] (without `affine`: [`fused_conv2d`] with its bias and ReLU) in
+/// inference on oneDNN's layouts (feature `onednn`): `x` in NCHW or in oneDNN's blocked
+/// layout nChw{b}c, as a rank-5 `[n, c/b, h, w, b]` tensor, and the output left in the
+/// primitive's blocked layout (rank 5) where `blocked_output` and the primitive writes one,
+/// else NCHW. A convolution whose output only other convolutions read hands it over so, and
+/// the two reorders between the layouts are saved (`models/inference.rs`). `None` where the
+/// crate's f32 CPU kernels do not take `x` (another dtype or device, or a tensor that asks
+/// for a gradient): the caller runs the layer as usual, on NCHW.
+#[cfg(feature = "onednn")]
+pub(crate) fn conv2d_handoff(
+    x: &Tensor,
+    kernel: &Tensor,
+    (bias, relu): (Option<&Tensor>, bool),
+    affine: Option<&ChannelAffine>,
+    geometry: Conv2dGeometry,
+    blocked_output: bool,
+) -> Result<Option<Tensor>> {
+    const OP: &str = "conv2d_handoff";
+    let dims = match *x.dims() {
+        [n, blocks, h, w, b] => [n, blocks * b, h, w],
+        [n, c, h, w] => [n, c, h, w],
+        _ => return Ok(None),
+    };
+    let tracked = x.track_op() || kernel.track_op() || bias.is_some_and(Tensor::track_op);
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || tracked {
+        return Ok(None);
+    }
+    check_conv2d_as(x, dims, kernel, &geometry)?;
+    check_bias(OP, x, kernel, bias)?;
+    if let Some(affine) = affine {
+        check_affine(OP, kernel.dim(0)?, affine)?;
+    }
+    let y = cpu::conv2d::conv2d_handoff(x, kernel, (bias, relu), affine, geometry, blocked_output)?;
+    Ok(Some(y))
+}
+
 /// The checks of a convolution with an optional per-filter `bias`; `op` names the function.
 fn check_conv2d_bias(
     op: &'static str,
@@ -193,6 +219,27 @@ fn check_conv2d_bias(
     geometry: &Conv2dGeometry,
 ) -> Result<()> {
     check_conv2d(x, kernel, geometry)?;
+    check_bias(op, x, kernel, bias)
+}
+
+/// A per-filter map for `filters` filters.
+fn check_affine(op: &'static str, filters: usize, affine: &ChannelAffine) -> Result<()> {
+    if affine.scale.len() != filters || affine.shift.len() != filters {
+        return Err(invalid(
+            op,
+            "affine",
+            format!(
+                "expected {filters} scales and shifts (the kernel's filters), got {} and {}",
+                affine.scale.len(),
+                affine.shift.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of a per-filter `bias` of a convolution of `x` with `kernel`.
+fn check_bias(op: &'static str, x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>) -> Result<()> {
     if let Some(bias) = bias {
         let filters = kernel.dim(0)?;
         if bias.dims() != [filters] {

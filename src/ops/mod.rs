@@ -57,6 +57,8 @@ pub use batch_norm::{
     batch_norm_eval, batch_norm_train, fused_batch_norm_eval, fused_batch_norm_train,
 };
 pub(crate) use conv::conv2d_affine;
+#[cfg(feature = "onednn")]
+pub(crate) use conv::conv2d_handoff;
 pub use conv::{conv_transpose2d, conv2d, conv2d_bias, fused_conv2d};
 pub use multi_tensor::{
     adam_update_in_place, adam_update_is_finite, all_finite, assign_if, sgd_update_in_place,

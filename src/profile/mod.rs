@@ -3,7 +3,8 @@
 //! launch), how many bytes it allocates and holds, and how many times the crate reads a
 //! device value back to the host (on a GPU each read waits for the device's queue to drain);
 //! and, on any device, how many batch norms ran folded into a convolution
-//! ([`folded_batch_norms`]).
+//! ([`folded_batch_norms`]) and how many layer outputs stayed in oneDNN's blocked layout for
+//! the next layers ([`blocked_handoffs`]).
 //!
 //! The allocation counts come from [`CountingAllocator`], a global allocator that a binary
 //! installs itself (a library cannot); the host reads are counted by the crate wherever it
@@ -78,6 +79,46 @@ pub fn folded_batch_norms() -> u64 {
 /// Counts one batch norm run folded into a convolution, in [`folded_batch_norms`].
 pub(crate) fn count_folded_batch_norm() {
     FOLDED_BATCH_NORMS.fetch_add(1, Ordering::Relaxed);
+}
+
+static BLOCKED_HANDOFFS: AtomicU64 = AtomicU64::new(0);
+
+/// How many layer outputs the crate has handed to the next layers in oneDNN's blocked layout
+/// since the process started (feature `onednn`, in inference): a convolution whose output
+/// only convolutions and batch norms read leaves it in the layout its primitive wrote, a
+/// batch norm whose inputs all came so (a residual block's Add → ReLU → BatchNorm) computes
+/// and writes in it, and the reorders between that layout and NCHW are saved (counted once
+/// per layer call). Always 0 without the feature.
+///
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_functional::prelude::*;
+/// use candle_functional::profile::blocked_handoffs;
+/// let x = Input::new([8, 16, 16]);
+/// let y = Conv2D::new(16, 3).padding(Padding::Same).call(&x)?;
+/// let y = Conv2D::new(16, 3).padding(Padding::Same).call(&y)?;
+/// let model = Model::new(&[x], &[y])?.build(&Device::Cpu, DType::F32, 0)?;
+/// let before = blocked_handoffs();
+/// model.forward(&[Tensor::ones((2, 8, 16, 16), DType::F32, &Device::Cpu)?], Mode::Eval)?;
+/// // With `onednn` the first convolution hands its output over (oneDNN picks a blocked
+/// // layout for 16 channels on x86 CPUs); the second one's is the model's output.
+/// let handed_over = blocked_handoffs() - before;
+/// if cfg!(feature = "onednn") {
+///     assert!(handed_over >= 1);
+/// } else {
+///     assert_eq!(handed_over, 0);
+/// }
+/// # Ok::<(), candle_functional::Error>(())
+/// ```
+pub fn blocked_handoffs() -> u64 {
+    BLOCKED_HANDOFFS.load(Ordering::Relaxed)
+}
+
+/// Counts one layer output handed over in oneDNN's blocked layout, in [`blocked_handoffs`].
+#[cfg(feature = "onednn")]
+pub(crate) fn count_blocked_handoff() {
+    BLOCKED_HANDOFFS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The value of a one-element tensor on the host, counted in [`host_reads`].

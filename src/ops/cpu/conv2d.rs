@@ -45,11 +45,7 @@ pub(crate) fn conv2d(
     relu: bool,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
-    let op = Conv2dGemm {
-        geometry,
-        relu,
-        affine: None,
-    };
+    let op = Conv2dGemm::new(geometry, relu, None);
     apply(x, kernel, bias, op)
 }
 
@@ -63,12 +59,33 @@ pub(crate) fn conv2d_affine(
     affine: &ChannelAffine,
     geometry: Conv2dGeometry,
 ) -> Result<Tensor> {
-    let op = Conv2dGemm {
-        geometry,
-        relu,
-        affine: Some(affine.clone()),
-    };
+    let op = Conv2dGemm::new(geometry, relu, Some(affine.clone()));
     apply(x, kernel, bias, op)
+}
+
+/// [`conv2d`], or [`conv2d_affine`] with `affine`, in inference on oneDNN's layouts: `x` in
+/// NCHW or in oneDNN's blocked layout nChw{b}c (rank 5, `[n, c/b, h, w, b]`), the output left
+/// in the primitive's blocked layout (rank 5) where `blocked_output` and its primitive writes
+/// one, else NCHW. One op with no backward pass: the caller (`models/inference.rs`) uses it
+/// only where nothing asks for a gradient.
+#[cfg(feature = "onednn")]
+pub(crate) fn conv2d_handoff(
+    x: &Tensor,
+    kernel: &Tensor,
+    (bias, relu): (Option<&Tensor>, bool),
+    affine: Option<&ChannelAffine>,
+    geometry: Conv2dGeometry,
+    blocked_output: bool,
+) -> Result<Tensor> {
+    let op = Conv2dGemm {
+        blocked_output,
+        ..Conv2dGemm::new(geometry, relu, affine.cloned())
+    };
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    Ok(match bias {
+        None => x.apply_op2_no_bwd(&kernel, &op)?,
+        Some(bias) => x.apply_op3_no_bwd(&kernel, &bias.contiguous()?, &op)?,
+    })
 }
 
 /// Runs `op` on contiguous `(x, kernel)` or `(x, kernel, bias)`: with its backward pass, or
@@ -94,11 +111,7 @@ pub(crate) fn conv2d_backward(
     geometry: Conv2dGeometry,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let op = Conv2dGemm {
-        geometry,
-        relu,
-        affine: None,
-    };
+    let op = Conv2dGemm::new(geometry, relu, None);
     let dy = match (relu, y) {
         (true, Some(y)) => op.product_grad(y, dy)?,
         (true, None) => {
@@ -937,15 +950,34 @@ struct Conv2dGemm {
     /// A batch norm in inference applied after the ReLU (no backward pass then: the op is
     /// applied with `apply_op*_no_bwd`).
     affine: Option<ChannelAffine>,
+    /// Leave the output in oneDNN's blocked layout where its primitive writes one (inference
+    /// only, no backward pass: `conv2d_handoff`).
+    #[cfg(feature = "onednn")]
+    blocked_output: bool,
 }
 
 impl Conv2dGemm {
+    /// The op, its output in NCHW.
+    fn new(geometry: Conv2dGeometry, relu: bool, affine: Option<ChannelAffine>) -> Self {
+        Self {
+            geometry,
+            relu,
+            affine,
+            #[cfg(feature = "onednn")]
+            blocked_output: false,
+        }
+    }
+
     fn compute(
         &self,
         (s1, l1): (&CpuStorage, &Layout),
         (s2, l2): (&CpuStorage, &Layout),
         bias: &[f64],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        #[cfg(feature = "onednn")]
+        if let [n, blocks, h, w, b] = *l1.dims() {
+            return self.compute_blocked((s1, l1), [n, blocks, h, w, b], (s2, l2), bias);
+        }
         let s = Sizes::new(l1.dims(), l2.dims(), &self.geometry)?;
         let shape = Shape::from((s.n, s.o, s.oh, s.ow));
         #[cfg(feature = "onednn")]
@@ -955,6 +987,7 @@ impl Conv2dGemm {
             s.onednn(&self.geometry),
             OneDnnRoute::forward(&s, conv_panels::Isa::detect()),
         ) {
+            use crate::ops::onednn::{self, Handoff};
             let (x, k) = (
                 contiguous_slice(x, l1, "conv2d")?,
                 contiguous_slice(k, l2, "conv2d")?,
@@ -963,8 +996,18 @@ impl Conv2dGemm {
             let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
             let bias = (!bias.is_empty()).then_some(bias.as_slice());
             let affine = self.affine.as_ref();
+            let handoff = Handoff {
+                input: None,
+                blocked_output: self.blocked_output,
+            };
             let sizes = (&sizes, threads);
-            if let Some(y) = crate::ops::onednn::forward(x, k, bias, self.relu, affine, sizes)? {
+            if let Some((y, block)) =
+                onednn::forward(x, k, bias, self.relu, affine, sizes, handoff)?
+            {
+                let shape = match block {
+                    Some(b) => Shape::from((s.n, s.o / b, s.oh, s.ow, b)),
+                    None => shape,
+                };
                 return Ok((CpuStorage::F32(y), shape));
             }
         }
@@ -1076,6 +1119,54 @@ impl Conv2dGemm {
             Tensor::from_vec(dx, x.shape(), x.device())?,
             Tensor::from_vec(dk, kernel.shape(), kernel.device())?,
         )))
+    }
+}
+
+#[cfg(feature = "onednn")]
+impl Conv2dGemm {
+    /// [`compute`](Self::compute) for an input in oneDNN's blocked layout nChw{b}c, as
+    /// `[n, c/b, h, w, b]` (an output handed over by the convolution before, in inference):
+    /// read in place where this convolution's primitive reads that layout, else made NCHW
+    /// first, for another oneDNN layout or the crate's own kernels.
+    fn compute_blocked(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        [n, blocks, h, w, b]: [usize; 5],
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: &[f64],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::ops::onednn::{self, Handoff};
+        let CpuStorage::F32(x) = s1 else {
+            candle_core::bail!("conv2d: an input in oneDNN's blocked layout is f32")
+        };
+        let x = contiguous_slice(x, l1, "conv2d")?;
+        let logical = [n, blocks * b, h, w];
+        let s = Sizes::new(&logical, l2.dims(), &self.geometry)?;
+        if let (CpuStorage::F32(k), Some(sizes), OneDnnRoute::OneDnn(threads)) = (
+            s2,
+            s.onednn(&self.geometry),
+            OneDnnRoute::forward(&s, conv_panels::Isa::detect()),
+        ) {
+            let k = contiguous_slice(k, l2, "conv2d")?;
+            let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
+            let bias = (!bias.is_empty()).then_some(bias.as_slice());
+            let handoff = Handoff {
+                input: Some(b),
+                blocked_output: self.blocked_output,
+            };
+            let (affine, sizes) = (self.affine.as_ref(), (&sizes, threads));
+            if let Some((y, block)) =
+                onednn::forward(x, k, bias, self.relu, affine, sizes, handoff)?
+            {
+                let shape = match block {
+                    Some(b) => Shape::from((s.n, s.o / b, s.oh, s.ow, b)),
+                    None => Shape::from((s.n, s.o, s.oh, s.ow)),
+                };
+                return Ok((CpuStorage::F32(y), shape));
+            }
+        }
+        let plain = CpuStorage::F32(onednn::unblock(x, [n, blocks, h * w, b])?);
+        self.compute((&plain, &Layout::contiguous(&logical[..])), (s2, l2), bias)
     }
 }
 
@@ -1304,9 +1395,10 @@ mod onednn_tests {
         );
         let (y0, dx0, dk0) = reference(&x, &k, &dy, &p);
         let sizes = s.onednn(&g).unwrap();
+        let plain = onednn::Handoff::default();
         let before = onednn::openmp_limit();
         for threads in [Threads::One, Threads::All] {
-            let y = onednn::forward(&x, &k, None, false, None, (&sizes, threads))
+            let (y, _) = onednn::forward(&x, &k, None, false, None, (&sizes, threads), plain)
                 .unwrap()
                 .unwrap();
             assert_eq!(
@@ -1328,6 +1420,164 @@ mod onednn_tests {
         }
         if before < 0 {
             eprintln!("oneDNN does not run on OpenMP here: the one-thread limit is not applied");
+        }
+    }
+
+    /// `x` (`[n, c, hw]` in NCHW) in oneDNN's blocked layout nChw{b}c: what a convolution
+    /// that hands its output over writes.
+    fn block(x: &[f32], [n, c, hw]: [usize; 3], b: usize) -> Vec<f32> {
+        let mut y = vec![0.0; x.len()];
+        for (image, cb, pixel, lane) in (0..n).flat_map(|i| {
+            (0..c / b)
+                .flat_map(move |cb| (0..hw).flat_map(move |p| (0..b).map(move |l| (i, cb, p, l))))
+        }) {
+            y[((image * (c / b) + cb) * hw + pixel) * b + lane] =
+                x[(image * c + cb * b + lane) * hw + pixel];
+        }
+        y
+    }
+
+    /// A convolution's output left in oneDNN's blocked layout, and an input read in it, are
+    /// the NCHW values, bit for bit (the same primitive runs; only the reorders are skipped),
+    /// with a folded batch norm's map applied in that layout too; an input in a block the
+    /// primitive does not read is refused (the caller passes it in NCHW then).
+    #[test]
+    fn a_blocked_handoff_gives_the_nchw_values() {
+        use onednn::Handoff;
+        // 4 images of 16x16 (1,024 output pixels, 9.4 MFLOP): oneDNN on every CPU.
+        let (s, g) = same(4, 16, (16, 16), 24, 3);
+        let OneDnnRoute::OneDnn(threads) = OneDnnRoute::forward(&s, Isa::detect()) else {
+            panic!("the route of {s:?} is the crate's kernels");
+        };
+        let sizes = s.onednn(&g).unwrap();
+        let (x, k, bias) = (
+            values(4 * 16 * 256, 7),
+            values(24 * 16 * 9, 8),
+            values(24, 9),
+        );
+        let affine = ChannelAffine {
+            scale: (0..24).map(|f| f as f64 / 8.0 - 1.5).collect(),
+            shift: (0..24).map(|f| 0.25 - f as f64 / 16.0).collect(),
+            relu_after: true,
+        };
+        let plain = Handoff::default();
+        let out = Handoff {
+            input: None,
+            blocked_output: true,
+        };
+        for affine in [None, Some(&affine)] {
+            let run = |x: &[f32], handoff| {
+                onednn::forward(x, &k, Some(&bias), true, affine, (&sizes, threads), handoff)
+                    .unwrap()
+            };
+            let (y, none) = run(&x, plain).unwrap();
+            assert_eq!(none, None, "an NCHW call gives NCHW");
+            let (blocked, Some(b)) = run(&x, out).unwrap() else {
+                panic!("oneDNN's primitive for {s:?} writes NCHW");
+            };
+            let dims = [4, 24 / b, 256, b];
+            assert_eq!(
+                onednn::unblock(&blocked, dims).unwrap(),
+                y,
+                "output, affine {affine:?}"
+            );
+            assert_eq!(blocked, block(&y, [4, 24, 256], b), "the layout nChw{b}c");
+            let xb = block(&x, [4, 16, 256], b);
+            let input = |b| Handoff {
+                input: Some(b),
+                blocked_output: false,
+            };
+            assert_eq!(
+                run(&xb, input(b)).unwrap(),
+                (y.clone(), None),
+                "blocked input"
+            );
+            let both = Handoff {
+                input: Some(b),
+                blocked_output: true,
+            };
+            assert_eq!(
+                run(&xb, both).unwrap(),
+                (blocked, Some(b)),
+                "blocked in and out"
+            );
+            let other = if b == 8 { 16 } else { 8 };
+            assert_eq!(run(&xb, input(other)), None, "an input in nChw{other}c");
+        }
+    }
+
+    /// An input handed over in the blocked layout to a convolution that runs on the crate's
+    /// own kernels (or another layout) is made NCHW first: the values of the NCHW call.
+    #[test]
+    fn a_blocked_input_for_the_crate_kernels_is_made_nchw_first() {
+        // One image of 16x16 into 64 filters (18.9 MFLOP: the crate's kernels on AVX2), of
+        // 4x4 elsewhere (16 output pixels: the crate's kernels on other CPUs).
+        let hw = match Isa::detect() {
+            Some(Isa::Avx2) => (16, 16),
+            _ => (4, 4),
+        };
+        let (s, g) = same(1, 64, hw, 64, 3);
+        assert_eq!(OneDnnRoute::forward(&s, Isa::detect()), OneDnnRoute::Own);
+        let pixels = hw.0 * hw.1;
+        let x = values(64 * pixels, 10);
+        let k = Tensor::from_vec(values(64 * 64 * 9, 11), (64, 64, 3, 3), &Device::Cpu).unwrap();
+        let nchw = Tensor::from_vec(x.clone(), (1, 64, hw.0, hw.1), &Device::Cpu).unwrap();
+        let want = crate::ops::conv2d(&nchw, &k, g).unwrap();
+        for b in [8, 16] {
+            let blocked = block(&x, [1, 64, pixels], b);
+            let xb = Tensor::from_vec(blocked, (1, 64 / b, hw.0, hw.1, b), &Device::Cpu);
+            let got = conv2d_handoff(&xb.unwrap(), &k, (None, false), None, g, true).unwrap();
+            assert_eq!(got.dims(), want.dims(), "nChw{b}c in: NCHW out");
+            let (got, want) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
+            assert_eq!(
+                got.to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
+    /// A batch norm on operands in the blocked layout (`onednn::affine_blocked`) gives, in
+    /// that layout, what the map gives each channel of the NCHW sum: one operand and two (a
+    /// folded Add), each ReLU, blocks of 8 and 16 (vector lanes) and of 4 (the plain loop).
+    #[test]
+    fn a_batch_norm_in_the_blocked_layout_maps_each_channel() {
+        let (n, c, hw) = (3, 32, 10);
+        let (x, y) = (values(n * c * hw, 12), values(n * c * hw, 13));
+        for (relu_before, relu_after) in [(false, false), (true, false), (false, true)] {
+            let affine = ChannelAffine {
+                scale: (0..c).map(|f| 0.5 - f as f64 / 16.0).collect(),
+                shift: (0..c).map(|f| f as f64 / 32.0 - 0.5).collect(),
+                relu_after,
+            };
+            for two in [false, true] {
+                // The NCHW values, channel by channel.
+                let want: Vec<f32> = (0..n * c * hw)
+                    .map(|i| {
+                        let ch = (i / hw) % c;
+                        let mut v = if two { x[i] + y[i] } else { x[i] };
+                        if relu_before && v < 0.0 {
+                            v = 0.0;
+                        }
+                        let z = v * affine.scale[ch] as f32 + affine.shift[ch] as f32;
+                        if relu_after && z < 0.0 { 0.0 } else { z }
+                    })
+                    .collect();
+                for b in [4, 8, 16] {
+                    let (xb, yb) = (block(&x, [n, c, hw], b), block(&y, [n, c, hw], b));
+                    let operands: Vec<&[f32]> = match two {
+                        true => vec![&xb, &yb],
+                        false => vec![&xb],
+                    };
+                    let got = onednn::affine_blocked(
+                        &operands,
+                        (&affine, relu_before),
+                        [n, c / b, hw, b],
+                    )
+                    .unwrap();
+                    let what = format!("b={b}, two={two}, relus={relu_before},{relu_after}");
+                    assert_eq!(got, block(&want, [n, c, hw], b), "{what}");
+                }
+            }
         }
     }
 }

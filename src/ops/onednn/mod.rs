@@ -49,8 +49,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
 
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
+
 use crate::ops::ChannelAffine;
-use crate::ops::cpu::OutputBuffer;
+use crate::ops::cpu::{OutputBuffer, contiguous_slice};
 
 /// The shim's `cf_op`: one primitive with its reorders.
 #[repr(C)]
@@ -78,10 +80,12 @@ unsafe extern "C" {
         failed_step: *mut *const c_char,
     ) -> c_int;
     fn cf_op_workspace_bytes(op: *const RawOp) -> usize;
-    fn cf_op_execute(
+    fn cf_op_arg_block(op: *const RawOp, index: c_int) -> c_int;
+    fn cf_op_execute_blocked(
         op: *mut RawOp,
         buffers: *const *mut c_void,
         count: c_int,
+        given: c_int,
         workspace: *mut c_void,
         failed_step: *mut *const c_char,
     ) -> c_int;
@@ -272,41 +276,55 @@ fn locked(op: &Mutex<Op>) -> std::sync::MutexGuard<'_, Op> {
     op.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs `pass` on the caller's buffers (the inputs, then `outputs`, in the shim's order);
-/// `Ok(false)` when oneDNN has no kernel for the shape and nothing was written.
+/// Runs `op` on the caller's buffers (the inputs, then `outputs`, in the shim's order), each
+/// argument in the bit mask `given` in the op's own blocked layout (`cf_op_arg_block`).
 fn run(
-    pass: Pass,
-    (sizes, threads): (&ConvSizes, Threads),
-    fused: (bool, bool),
+    op: &Mutex<Op>,
     inputs: &[&[f32]],
     outputs: &mut [&mut [MaybeUninit<f32>]],
-) -> candle_core::Result<bool> {
-    let Some(op) = primitive(pass, sizes, fused, threads)? else {
-        return Ok(false);
-    };
+    given: c_int,
+) -> candle_core::Result<()> {
     let mut buffers: Vec<*mut c_void> = inputs.iter().map(|b| b.as_ptr() as *mut c_void).collect();
     buffers.extend(outputs.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void));
-    let op = locked(&op);
+    let op = locked(op);
     let mut step = std::ptr::null();
     // SAFETY: the buffers have the sizes the op was created for (checked by the callers
-    // against the same `ConvSizes`), inputs are only read, each output is a distinct `&mut`
-    // slice (written, never read), and the workspace has the bytes the op asks for.
+    // against the same `ConvSizes`; a blocked one is as large as its plain twin, since its
+    // channels are a multiple of the block), inputs are only read, each output is a distinct
+    // `&mut` slice (written, never read), and the workspace has the bytes the op asks for.
     let status = unsafe {
         with_workspace(cf_op_workspace_bytes(op.0), |ws| {
-            cf_op_execute(
+            cf_op_execute_blocked(
                 op.0,
                 buffers.as_ptr(),
                 buffers.len() as c_int,
+                given,
                 ws,
                 &mut step,
             )
         })?
     };
     match status {
-        0 => Ok(true),
+        0 => Ok(()),
         _ => Err(failure("convolution", status, step)),
     }
 }
+
+/// Where a forward call's input comes from and its output goes: oneDNN's blocked layout
+/// (nChw8c on AVX2, nChw16c on AVX-512) or the crate's NCHW. In inference a convolution
+/// whose output only convolutions read hands it over in the blocked layout, and the
+/// reorders out of it and back into it are skipped (`models/inference.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Handoff {
+    /// The channel block of the input's layout (`[n, c/b, h, w, b]`), `None` for NCHW.
+    pub(crate) input: Option<usize>,
+    /// Leave the output in the primitive's blocked layout, where it uses one.
+    pub(crate) blocked_output: bool,
+}
+
+/// A forward call's output: its values, and the channel block of their layout (`None` for
+/// NCHW).
+pub(crate) type Forwarded = (Vec<f32>, Option<usize>);
 
 /// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given) on `threads`,
 /// then with `affine` per filter `scale · y + shift` and its ReLU (a batch norm in
@@ -327,9 +345,10 @@ pub(crate) fn forward(
     relu: bool,
     affine: Option<&ChannelAffine>,
     sizes: (&ConvSizes, Threads),
-) -> candle_core::Result<Option<Vec<f32>>> {
+    handoff: Handoff,
+) -> candle_core::Result<Option<Forwarded>> {
     let Some(affine) = affine else {
-        return forward_plain(x, k, bias, relu, sizes);
+        return forward_plain(x, k, bias, relu, sizes, handoff);
     };
     let [n, _, _, _, o, _, _, oh, ow, ..] = sizes.0.map(|v| v.max(0) as usize);
     if [affine.scale.len(), affine.shift.len()] != [o; 2] || !k.len().is_multiple_of(o.max(1)) {
@@ -354,54 +373,269 @@ pub(crate) fn forward(
                 (b * affine.scale[f] + affine.shift[f]) as f32
             })
             .collect();
-        return forward_plain(x, &k, Some(&b), affine.relu_after, sizes);
+        return forward_plain(x, &k, Some(&b), affine.relu_after, sizes, handoff);
     }
-    let Some(mut y) = forward_plain(x, k, bias, relu, sizes)? else {
+    let Some((mut y, block)) = forward_plain(x, k, bias, relu, sizes, handoff)? else {
         return Ok(None);
     };
-    let hw = oh * ow;
-    y.par_chunks_mut((o * hw).max(1)).for_each(|image| {
-        for (f, row) in image.chunks_mut(hw.max(1)).enumerate() {
-            let (a, c) = (affine.scale[f] as f32, affine.shift[f] as f32);
-            for v in row {
-                let z = *v * a + c;
-                // NaN stays NaN, as in the batch norm's kernel.
-                *v = if affine.relu_after && z < 0.0 { 0.0 } else { z };
+    let map = |v: &mut f32, (a, c): (f32, f32)| {
+        let z = *v * a + c;
+        // NaN stays NaN, as in the batch norm's kernel.
+        *v = if affine.relu_after && z < 0.0 { 0.0 } else { z };
+    };
+    let per_filter: Vec<(f32, f32)> = (0..o)
+        .map(|f| (affine.scale[f] as f32, affine.shift[f] as f32))
+        .collect();
+    let hw = (oh * ow).max(1);
+    match block {
+        None => for_each_run(&mut y, o.max(1) * hw, |_, image| {
+            for (row, &ac) in image.chunks_mut(hw).zip(&per_filter) {
+                row.iter_mut().for_each(|v| map(v, ac));
             }
-        }
-    });
-    Ok(Some(y))
+        }),
+        // `[n, o/b, oh·ow, b]`: a run of `oh·ow·b` values holds filters `cb·b..(cb + 1)·b`.
+        Some(b) => for_each_run(&mut y, hw * b, |i, run| {
+            let filters = &per_filter[(i % (o / b).max(1)) * b..][..b];
+            for pixel in run.chunks_mut(b) {
+                pixel
+                    .iter_mut()
+                    .zip(filters)
+                    .for_each(|(v, &ac)| map(v, ac));
+            }
+        }),
+    }
+    Ok(Some((y, block)))
 }
 
 /// `max(conv(x, k) + bias, 0)` (the ReLU with `relu`, the bias where given): the primitive
-/// alone; `None` when oneDNN has no kernel for the shape.
+/// alone, `x` and the output in the layouts `handoff` asks for where the primitive uses them;
+/// `None` when oneDNN has no kernel for the shape, or the input is blocked in a layout the
+/// primitive does not read (the caller passes it in NCHW then).
 fn forward_plain(
     x: &[f32],
     k: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
-    sizes: (&ConvSizes, Threads),
-) -> candle_core::Result<Option<Vec<f32>>> {
-    let [n, _, _, _, o, _, _, oh, ow, ..] = *sizes.0;
-    let mut y = output([n, o, oh, ow])?;
-    let done = match bias {
-        Some(b) => run(
-            Pass::Forward,
-            sizes,
-            (true, relu),
-            &[x, k, b],
-            &mut [y.uninit()],
-        ),
-        None => run(
-            Pass::Forward,
-            sizes,
-            (false, relu),
-            &[x, k],
-            &mut [y.uninit()],
-        ),
+    (sizes, threads): (&ConvSizes, Threads),
+    handoff: Handoff,
+) -> candle_core::Result<Option<Forwarded>> {
+    let Some(op) = primitive(Pass::Forward, sizes, (bias.is_some(), relu), threads)? else {
+        return Ok(None);
+    };
+    let [n, c, _, _, o, _, _, oh, ow, ..] = *sizes;
+    // The output is the last argument: x, w, [b], y.
+    let out_index = 2 + c_int::from(bias.is_some());
+    let (input_block, output_block) = {
+        let op = locked(&op);
+        // SAFETY: reads the op's layouts; the indices are within its arguments.
+        unsafe { (cf_op_arg_block(op.0, 0), cf_op_arg_block(op.0, out_index)) }
+    };
+    let divides = |channels: i64, block: c_int| block > 0 && channels % i64::from(block) == 0;
+    if let Some(b) = handoff.input
+        && (input_block as usize != b || !divides(c, input_block))
+    {
+        return Ok(None);
+    }
+    let output = (handoff.blocked_output && divides(o, output_block)).then_some(output_block);
+    let given = c_int::from(handoff.input.is_some()) | (c_int::from(output.is_some()) << out_index);
+    let mut y = output_buffer([n, o, oh, ow])?;
+    match bias {
+        Some(b) => run(&op, &[x, k, b], &mut [y.uninit()], given),
+        None => run(&op, &[x, k], &mut [y.uninit()], given),
     }?;
     // SAFETY: the primitive ran, and a convolution writes every element of its output.
-    Ok(done.then(|| unsafe { y.written() }))
+    let y = unsafe { y.written() };
+    Ok(Some((y, output.map(|b| b as usize))))
+}
+
+/// Below this many values a pass over a tensor runs on the calling thread: waking rayon's
+/// threads costs more than they save on a batch-1 layer of the shrunken networks (a few
+/// thousand values), where a pass spread over them made the inference 1.8 times slower.
+const PARALLEL_FROM: usize = 1 << 16;
+
+/// `f(i, run)` on each run `i` of `len` values of `out` (the last may be shorter): on rayon's
+/// threads when `out` has [`PARALLEL_FROM`] values or more, else on the calling thread.
+fn for_each_run<T: Send>(out: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    let len = len.max(1);
+    match out.len() >= PARALLEL_FROM {
+        true => out
+            .par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, run)| f(i, run)),
+        false => out
+            .chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, run)| f(i, run)),
+    }
+}
+
+/// `x` in NCHW from oneDNN's blocked layout nChw{b}c, `[n, c/b, h·w, b]` as `dims`:
+/// channels `cb·b..(cb + 1)·b` of an image are one contiguous run in both layouts, a
+/// transpose of `h·w` by `b` values.
+pub(crate) fn unblock(x: &[f32], [n, blocks, hw, b]: [usize; 4]) -> candle_core::Result<Vec<f32>> {
+    let run = hw * b;
+    if x.len() != n * blocks * run {
+        candle_core::bail!(
+            "oneDNN layout: {} values for {n} images of {blocks} blocks of {b} channels of {hw} pixels",
+            x.len()
+        );
+    }
+    let mut y = OutputBuffer::new(x.len(), "oneDNN layout")?;
+    for_each_run(y.uninit(), run.max(1), |i, out| {
+        let blocked = &x[i * run..][..out.len()];
+        for (pixel, values) in blocked.chunks(b.max(1)).enumerate() {
+            for (lane, &v) in values.iter().enumerate() {
+                out[lane * hw + pixel].write(v);
+            }
+        }
+    });
+    // SAFETY: every chunk of the output was written whole, pixel by pixel and lane by lane.
+    Ok(unsafe { y.written() })
+}
+
+/// A batch norm in inference on operands in oneDNN's blocked layout nChw{b}c (`[n, c/b, h·w,
+/// b]` as `dims`): `affine` per channel of their sum, through a ReLU first with
+/// `relu_before` (an Add and a ReLU folded into the batch norm, as after a residual block's
+/// second convolution), in f32 as the batch norm's kernel computes it.
+pub(crate) fn affine_blocked(
+    operands: &[&[f32]],
+    (affine, relu_before): (&ChannelAffine, bool),
+    [n, blocks, hw, b]: [usize; 4],
+) -> candle_core::Result<Vec<f32>> {
+    let len = n * blocks * hw * b;
+    let channels = blocks * b;
+    if operands.is_empty()
+        || operands.iter().any(|o| o.len() != len)
+        || [affine.scale.len(), affine.shift.len()] != [channels; 2]
+    {
+        candle_core::bail!(
+            "oneDNN layout: a batch norm of {} operands for {channels} channels of {len} values",
+            operands.len()
+        );
+    }
+    let scale: Vec<f32> = affine.scale.iter().map(|&v| v as f32).collect();
+    let shift: Vec<f32> = affine.shift.iter().map(|&v| v as f32).collect();
+    let relus = (relu_before, affine.relu_after);
+    let run = (hw * b).max(1);
+    let mut y = OutputBuffer::new(len, "oneDNN layout")?;
+    for_each_run(y.uninit(), run, |i, out| {
+        let at = i * run..(i + 1) * run;
+        let first = (i % blocks.max(1)) * b;
+        let maps = (&scale[first..][..b], &shift[first..][..b]);
+        let x = &operands[0][at.clone()];
+        let y = operands.get(1).map(|y| &y[at.clone()]);
+        match (b, operands.len()) {
+            (8, 1 | 2) => affine_run::<8>(out, (x, y), maps, relus),
+            (16, 1 | 2) => affine_run::<16>(out, (x, y), maps, relus),
+            _ => {
+                for (k, slot) in out.iter_mut().enumerate() {
+                    let lane = k % b;
+                    let v: f32 = operands.iter().map(|o| o[at.start + k]).sum();
+                    slot.write(affine_value(v, (maps.0[lane], maps.1[lane]), relus));
+                }
+            }
+        }
+    });
+    // SAFETY: every chunk of the output was written whole.
+    Ok(unsafe { y.written() })
+}
+
+/// `max?(scale · max?(v, 0) + shift)` (the ReLUs of `relu_before` and `relu_after`); NaN stays
+/// NaN, as in the batch norm's kernel.
+#[inline(always)]
+fn affine_value(
+    mut v: f32,
+    (scale, shift): (f32, f32),
+    (relu_before, relu_after): (bool, bool),
+) -> f32 {
+    if relu_before && v < 0.0 {
+        v = 0.0;
+    }
+    let z = v * scale + shift;
+    if relu_after && z < 0.0 { 0.0 } else { z }
+}
+
+/// [`affine_blocked`] on one run of pixels of one channel block of `B` lanes: the sum of one
+/// or two operands (`x`, `y`), each lane with its channel's map. The lanes are fixed-size
+/// arrays, which the compiler turns into vector instructions.
+#[inline(always)]
+fn affine_run<const B: usize>(
+    out: &mut [MaybeUninit<f32>],
+    (x, y): (&[f32], Option<&[f32]>),
+    (scale, shift): (&[f32], &[f32]),
+    relus: (bool, bool),
+) {
+    let scale: [f32; B] = std::array::from_fn(|l| scale[l]);
+    let shift: [f32; B] = std::array::from_fn(|l| shift[l]);
+    let (out, x) = (out.as_chunks_mut::<B>().0, x.as_chunks::<B>().0);
+    match y {
+        None => {
+            for (out, x) in out.iter_mut().zip(x) {
+                for l in 0..B {
+                    out[l].write(affine_value(x[l], (scale[l], shift[l]), relus));
+                }
+            }
+        }
+        Some(y) => {
+            for ((out, x), y) in out.iter_mut().zip(x).zip(y.as_chunks::<B>().0) {
+                for l in 0..B {
+                    out[l].write(affine_value(x[l] + y[l], (scale[l], shift[l]), relus));
+                }
+            }
+        }
+    }
+}
+
+/// A batch norm in inference (`affine` per channel of the sum of `inputs`, through a ReLU
+/// first with `relu_before`) on f32 CPU tensors in oneDNN's blocked layout, all of one rank-5
+/// shape `[n, c/b, h, w, b]` (checked by the caller, `layers/batch_norm.rs`): the output in
+/// that layout with `blocked_output`, else NCHW.
+pub(crate) fn batch_norm_blocked(
+    inputs: &[Tensor],
+    (affine, relu_before): (&ChannelAffine, bool),
+    blocked_output: bool,
+) -> candle_core::Result<Tensor> {
+    let Some(&[n, blocks, h, w, b]) = inputs.first().map(Tensor::dims) else {
+        candle_core::bail!("oneDNN layout: a batch norm's inputs are rank 5")
+    };
+    let tensors = inputs
+        .iter()
+        .map(Tensor::contiguous)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let storages: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
+    let operands = storages
+        .iter()
+        .map(|(storage, layout)| f32_values(storage, layout))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let dims = [n, blocks, h * w, b];
+    let y = affine_blocked(&operands, (affine, relu_before), dims)?;
+    let device = inputs[0].device();
+    match blocked_output {
+        true => Tensor::from_vec(y, (n, blocks, h, w, b), device),
+        false => Tensor::from_vec(unblock(&y, dims)?, (n, blocks * b, h, w), device),
+    }
+}
+
+/// `t` in NCHW: a tensor in oneDNN's blocked layout (rank 5, `[n, c/b, h, w, b]`, handed
+/// over by a convolution in inference) as the `[n, c, h, w]` tensor it holds; any other
+/// tensor as it is. What a reader that is not a convolution gets (`models/inference.rs`).
+pub(crate) fn to_nchw(t: &Tensor) -> candle_core::Result<Tensor> {
+    let [n, blocks, h, w, b] = *t.dims() else {
+        return Ok(t.clone());
+    };
+    let plain = {
+        let (storage, layout) = t.storage_and_layout();
+        unblock(f32_values(&storage, layout)?, [n, blocks, h * w, b])?
+    };
+    Tensor::from_vec(plain, (n, blocks * b, h, w), t.device())
+}
+
+/// The values of a contiguous f32 CPU tensor's storage; an error for any other.
+fn f32_values<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(values)) = storage else {
+        candle_core::bail!("oneDNN layout: a tensor in a blocked layout's place is f32 on the CPU")
+    };
+    contiguous_slice(values, layout, "oneDNN layout")
 }
 
 /// Both gradients from `(X, dY, W)`, `(dX, dW)` on `threads`, with `dY` reordered once for
@@ -416,8 +650,8 @@ pub(crate) fn backward(
         return Ok(None);
     };
     let [n, c, h, w, o, kh, kw, _, _, groups, ..] = *sizes;
-    let mut dx = output([n, c, h, w])?;
-    let mut dk = output([o, c / groups.max(1), kh, kw])?;
+    let mut dx = output_buffer([n, c, h, w])?;
+    let mut dk = output_buffer([o, c / groups.max(1), kh, kw])?;
     // Two locks, always taken data first: no other call holds a weights op while waiting
     // for a data op.
     let (data, weights) = (locked(&data), locked(&weights));
@@ -449,7 +683,7 @@ pub(crate) fn backward(
 /// Room for a primitive to write the elements of a tensor of these dims (oneDNN's sizes,
 /// each at most `i32::MAX`), not zero-filled first; an error, not an abort or a wrapped
 /// size, when their product overflows or the memory cannot be had.
-fn output(dims: [i64; 4]) -> candle_core::Result<OutputBuffer<f32>> {
+fn output_buffer(dims: [i64; 4]) -> candle_core::Result<OutputBuffer<f32>> {
     let len = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))

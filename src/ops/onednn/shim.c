@@ -17,6 +17,9 @@
  * call: allocated per call they were fresh pages every time (tens of MB at batch 128, above
  * glibc's mmap threshold), and the page faults cost more than the reorders themselves.
  * `cf_conv_backward` runs both gradients of a convolution and reorders dY once for the two.
+ * In inference a convolution's output can stay in the blocked layout for the next
+ * convolution: `cf_op_arg_block` says which layout an argument uses, and
+ * `cf_op_execute_blocked` reads or writes such arguments in the caller's buffers directly.
  * An op is not safe to execute from two threads at once (its stream and library scratchpad
  * are its own): the Rust side holds each behind a mutex.
  *
@@ -68,6 +71,8 @@ enum {
 typedef struct {
     int arg;        /* DNNL_ARG_* */
     int is_output;  /* written by the primitive (reordered back after it) */
+    int ndims;      /* the argument's dims, for `cf_op_arg_block` */
+    dnnl_dims_t dims;
     cf_md plain;    /* the caller's layout (owned) */
     cf_cmd inner;   /* the primitive's layout (owned by the op's primitive descriptor) */
     dnnl_primitive_desc_t reorder_pd;
@@ -173,11 +178,13 @@ void cf_op_destroy(cf_op *op) {
 
 /* Adds argument `arg` with the caller's plain layout `plain` (taken over by the op) and the
  * primitive's layout queried as (`query`, `index`): the bias is weights argument 1. */
-static int add_arg(cf_op *op, int arg, int is_output, cf_md plain, dnnl_query_t query,
-        int index, const char **where) {
+static int add_arg(cf_op *op, int arg, int is_output, cf_md plain, int ndims,
+        const int64_t *dims, dnnl_query_t query, int index, const char **where) {
     cf_arg *a = &op->args[op->nargs++];
     a->arg = arg;
     a->is_output = is_output;
+    a->ndims = ndims;
+    for (int i = 0; i < ndims; i++) a->dims[i] = dims[i];
     a->plain = plain;
     a->inner = dnnl_primitive_desc_query_md(op->pd, query, index);
     if (!a->inner) {
@@ -204,6 +211,8 @@ typedef struct {
     cf_md src, wei, bias, dst;
     cf_md any_src, any_wei, any_dst;
     dnnl_dims_t strides, dilates, pad_l, pad_r;
+    dnnl_dims_t src_dims, wei_dims, bias_dims, dst_dims;
+    int wei_ndims;
 } cf_descs;
 
 static void descs_free(cf_descs *d) {
@@ -220,6 +229,10 @@ static int descs_init(cf_descs *d, const int64_t *s, const char **where) {
     dnnl_dims_t gwei = {g, s[S_O] / g, s[S_C] / g, s[S_KH], s[S_KW]};
     int wnd = g > 1 ? 5 : 4;
     int64_t *wdims = g > 1 ? gwei : wei;
+    for (int i = 0; i < 4; i++) d->src_dims[i] = src[i], d->dst_dims[i] = dst[i];
+    for (int i = 0; i < wnd; i++) d->wei_dims[i] = wdims[i];
+    d->bias_dims[0] = bias[0];
+    d->wei_ndims = wnd;
     dnnl_format_tag_t wtag = g > 1 ? dnnl_goihw : dnnl_oihw;
     CHECK(md_init(&d->src, 4, src, dnnl_nchw), "describing the input");
     CHECK(md_init(&d->dst, 4, dst, dnnl_nchw), "describing the output");
@@ -340,28 +353,28 @@ int cf_conv_create(cf_op **out, dnnl_engine_t engine, int kind, const int64_t *s
     }
     /* The arguments, in the order `cf_op_execute` takes the caller's buffers; each takes
      * its plain descriptor over from `d` (zeroed there so that `descs_free` skips it). */
-#define ARG(a, o, field, q, i)                                    \
-    if (rc == 0) {                                                \
-        rc = add_arg(op, (a), (o), d.field, (q), (i), where);     \
-        d.field = (cf_md){0};                                     \
+#define ARG(a, o, field, nd, q, i)                                                  \
+    if (rc == 0) {                                                                  \
+        rc = add_arg(op, (a), (o), d.field, (nd), d.field##_dims, (q), (i), where); \
+        d.field = (cf_md){0};                                                       \
     }
     switch (kind) {
     case CF_FORWARD: /* x, w, [b], y */
-        ARG(DNNL_ARG_SRC, 0, src, dnnl_query_src_md, 0);
-        ARG(DNNL_ARG_WEIGHTS, 0, wei, dnnl_query_weights_md, 0);
-        if (bias) ARG(DNNL_ARG_BIAS, 0, bias, dnnl_query_weights_md, 1);
-        ARG(DNNL_ARG_DST, 1, dst, dnnl_query_dst_md, 0);
+        ARG(DNNL_ARG_SRC, 0, src, 4, dnnl_query_src_md, 0);
+        ARG(DNNL_ARG_WEIGHTS, 0, wei, d.wei_ndims, dnnl_query_weights_md, 0);
+        if (bias) ARG(DNNL_ARG_BIAS, 0, bias, 1, dnnl_query_weights_md, 1);
+        ARG(DNNL_ARG_DST, 1, dst, 4, dnnl_query_dst_md, 0);
         break;
     case CF_BACKWARD_DATA: /* dy, w, dx */
-        ARG(DNNL_ARG_DIFF_DST, 0, dst, dnnl_query_diff_dst_md, 0);
-        ARG(DNNL_ARG_WEIGHTS, 0, wei, dnnl_query_weights_md, 0);
-        ARG(DNNL_ARG_DIFF_SRC, 1, src, dnnl_query_diff_src_md, 0);
+        ARG(DNNL_ARG_DIFF_DST, 0, dst, 4, dnnl_query_diff_dst_md, 0);
+        ARG(DNNL_ARG_WEIGHTS, 0, wei, d.wei_ndims, dnnl_query_weights_md, 0);
+        ARG(DNNL_ARG_DIFF_SRC, 1, src, 4, dnnl_query_diff_src_md, 0);
         break;
     default: /* x, dy, dw, [db] */
-        ARG(DNNL_ARG_SRC, 0, src, dnnl_query_src_md, 0);
-        ARG(DNNL_ARG_DIFF_DST, 0, dst, dnnl_query_diff_dst_md, 0);
-        ARG(DNNL_ARG_DIFF_WEIGHTS, 1, wei, dnnl_query_diff_weights_md, 0);
-        if (bias) ARG(DNNL_ARG_DIFF_BIAS, 1, bias, dnnl_query_diff_weights_md, 1);
+        ARG(DNNL_ARG_SRC, 0, src, 4, dnnl_query_src_md, 0);
+        ARG(DNNL_ARG_DIFF_DST, 0, dst, 4, dnnl_query_diff_dst_md, 0);
+        ARG(DNNL_ARG_DIFF_WEIGHTS, 1, wei, d.wei_ndims, dnnl_query_diff_weights_md, 0);
+        if (bias) ARG(DNNL_ARG_DIFF_BIAS, 1, bias, 1, dnnl_query_diff_weights_md, 1);
         break;
     }
 #undef ARG
@@ -389,23 +402,46 @@ size_t cf_op_workspace_bytes(const cf_op *op) {
     return total;
 }
 
-/* Runs `op` on the caller's plain `buffers` (in the order `cf_conv_create` lists), with the
+/* The channel block B (8 or 16) when argument `index` of `op` is used in the dense nChw{B}c
+ * layout (channel blocks of B innermost, as oneDNN's AVX2 and AVX-512 kernels pick for
+ * activations), else 0. An argument in that layout can be handed from one op to the next
+ * without the reorders out and in (`cf_op_execute_blocked`). */
+int cf_op_arg_block(const cf_op *op, int index) {
+    if (index < 0 || index >= op->nargs) return 0;
+    const cf_arg *a = &op->args[index];
+    if (a->ndims != 4) return 0;
+    cf_cmd used = a->reorder ? a->inner : CF_MD(a->plain);
+    const int blocks[2] = {8, 16};
+    const dnnl_format_tag_t tags[2] = {dnnl_aBcd8b, dnnl_aBcd16b};
+    for (int i = 0; i < 2; i++) {
+        cf_md md = {0};
+        if (md_init(&md, 4, a->dims, tags[i]) != dnnl_success) continue;
+        int equal = dnnl_memory_desc_equal(CF_MD(md), used);
+        md_free(&md);
+        if (equal) return blocks[i];
+    }
+    return 0;
+}
+
+/* Runs `op` on the caller's `buffers` (in the order `cf_conv_create` lists), with the
  * blocked buffers carved from `workspace` (64-byte aligned, `cf_op_workspace_bytes` long).
- * Argument `preset` (or -1) is already in its blocked layout at `preset_data`, so its reorder
- * is skipped. Sets `blocked[i]` to where argument i's blocked copy is (NULL if none). */
-static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
-        void *preset_data, void **blocked, const char **where) {
+ * Each argument i in the bit mask `given` is already in the op's own layout at `data[i]`: it
+ * is used there, and not reordered (in, or out for an output). Sets `blocked[i]` to where
+ * argument i's blocked copy is (NULL if none). */
+static int execute(cf_op *op, void *const *buffers, char *workspace, int given,
+        void *const *data, void **blocked, const char **where) {
     dnnl_memory_t plain[4] = {0}, inner[4] = {0};
     dnnl_exec_arg_t exec[4] = {{0, NULL}};
     int rc = 0;
     int before = threads_enter(op->threads);
     for (int i = 0; i < op->nargs && rc == 0; i++) {
         cf_arg *a = &op->args[i];
+        int is_given = (given >> i) & 1;
         blocked[i] = NULL;
         rc = (int)dnnl_memory_create(&plain[i], CF_MD(a->plain), op->engine, buffers[i]);
         if (rc == 0 && a->reorder) {
-            blocked[i] = i == preset ? preset_data : workspace;
-            if (i != preset) workspace += blocked_bytes(a);
+            blocked[i] = is_given ? data[i] : workspace;
+            if (!is_given) workspace += blocked_bytes(a);
             rc = (int)dnnl_memory_create(&inner[i], a->inner, op->engine, blocked[i]);
         }
         if (rc) {
@@ -414,7 +450,7 @@ static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
         }
         exec[i].arg = a->arg;
         exec[i].memory = a->reorder ? inner[i] : plain[i];
-        if (a->reorder && !a->is_output && i != preset) {
+        if (a->reorder && !a->is_output && !is_given) {
             dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, plain[i]}, {DNNL_ARG_TO, inner[i]}};
             rc = (int)dnnl_primitive_execute(a->reorder, op->stream, 2, r);
             if (rc) *where = "reordering an input to the blocked layout";
@@ -426,7 +462,7 @@ static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
     }
     for (int i = 0; i < op->nargs && rc == 0; i++) {
         cf_arg *a = &op->args[i];
-        if (a->reorder && a->is_output) {
+        if (a->reorder && a->is_output && !((given >> i) & 1)) {
             dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, inner[i]}, {DNNL_ARG_TO, plain[i]}};
             rc = (int)dnnl_primitive_execute(a->reorder, op->stream, 2, r);
             if (rc) *where = "reordering an output from the blocked layout";
@@ -444,17 +480,25 @@ static int execute(cf_op *op, void *const *buffers, char *workspace, int preset,
     return rc;
 }
 
-/* Runs the op on the caller's plain buffers, `nargs` of them in the order `cf_conv_create`
- * lists (inputs read, outputs overwritten), with `workspace` as above; returns when the
- * results are written. */
-int cf_op_execute(cf_op *op, void *const *buffers, int nargs, void *workspace,
-        const char **where) {
+/* `cf_op_execute`, with each argument i in the bit mask `given` in the op's own layout in
+ * the caller's buffer (`cf_op_arg_block` says which: the caller checks it first), read or
+ * written there without a reorder. */
+int cf_op_execute_blocked(cf_op *op, void *const *buffers, int nargs, int given,
+        void *workspace, const char **where) {
     void *blocked[4];
     if (nargs != op->nargs) {
         *where = "counting the arguments";
         return (int)dnnl_invalid_arguments;
     }
-    return execute(op, buffers, workspace, -1, NULL, blocked, where);
+    return execute(op, buffers, workspace, given, buffers, blocked, where);
+}
+
+/* Runs the op on the caller's plain buffers, `nargs` of them in the order `cf_conv_create`
+ * lists (inputs read, outputs overwritten), with `workspace` as above; returns when the
+ * results are written. */
+int cf_op_execute(cf_op *op, void *const *buffers, int nargs, void *workspace,
+        const char **where) {
+    return cf_op_execute_blocked(op, buffers, nargs, 0, workspace, where);
 }
 
 /* Both gradients of one convolution: `data` (a CF_BACKWARD_DATA op: dy, w -> dx) then
@@ -469,11 +513,12 @@ int cf_conv_backward(cf_op *data, cf_op *weights, void *x, void *dy, void *w, vo
     }
     void *blocked[4];
     void *data_buffers[3] = {dy, w, dx};
-    int rc = execute(data, data_buffers, workspace, -1, NULL, blocked, where);
+    int rc = execute(data, data_buffers, workspace, 0, NULL, blocked, where);
     if (rc) return rc;
     char *rest = (char *)workspace + cf_op_workspace_bytes(data);
     int shared = blocked[0] && weights->args[1].reorder
             && dnnl_memory_desc_equal(data->args[0].inner, weights->args[1].inner);
     void *weights_buffers[3] = {x, dy, dw};
-    return execute(weights, weights_buffers, rest, shared ? 1 : -1, blocked[0], blocked, where);
+    void *given[3] = {NULL, blocked[0], NULL};
+    return execute(weights, weights_buffers, rest, shared ? 1 << 1 : 0, given, blocked, where);
 }
