@@ -178,8 +178,8 @@ pub(crate) fn conv2d_affine(
 /// inference on oneDNN's layouts (feature `onednn`): `x` in NCHW or in oneDNN's blocked
 /// layout nChw{b}c, as a rank-5 `[n, c/b, h, w, b]` tensor, and the output left in the
 /// primitive's blocked layout (rank 5) where `blocked_output` and the primitive writes one,
-/// else NCHW. A convolution whose output only other convolutions read hands it over so, and
-/// the two reorders between the layouts are saved (`models/inference.rs`). `None` where the
+/// else NCHW. A convolution whose output only convolutions and batch norms read hands it
+/// over so, and the two reorders between the layouts are saved (`models/inference.rs`). `None` where the
 /// crate's f32 CPU kernels do not take `x` (another dtype or device, or a tensor that asks
 /// for a gradient): the caller runs the layer as usual, on NCHW.
 #[cfg(feature = "onednn")]

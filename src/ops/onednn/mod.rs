@@ -5,7 +5,9 @@
 //! blocked channel layout (nChw16c on AVX-512, nChw8c on AVX2), the instruction set chosen by
 //! oneDNN at run time. The crate's tensors stay NCHW; each call reorders its inputs into the
 //! blocked layouts the primitive picked, runs it and reorders the outputs back, as PyTorch's
-//! CPU convolution does. The GEMM path of `cpu/conv2d.rs` calls in here for f32 and keeps f64,
+//! CPU convolution does. In inference a layer's output can stay blocked for the next layers
+//! (`Handoff`, a rank-5 tensor; `models/inference.rs`), with a batch norm of its own for
+//! that layout (`affine_blocked`). The GEMM path of `cpu/conv2d.rs` calls in here for f32 and keeps f64,
 //! any shape oneDNN reports it does not implement, and the forward convolutions its own
 //! kernels measured faster on; it also decides which small problems run on the calling thread
 //! alone (`Threads`; its `OneDnnRoute` says why).
@@ -312,8 +314,9 @@ fn run(
 
 /// Where a forward call's input comes from and its output goes: oneDNN's blocked layout
 /// (nChw8c on AVX2, nChw16c on AVX-512) or the crate's NCHW. In inference a convolution
-/// whose output only convolutions read hands it over in the blocked layout, and the
-/// reorders out of it and back into it are skipped (`models/inference.rs`).
+/// whose output only convolutions and batch norms read hands it over in the blocked
+/// layout, and the reorders out of it and back into it are skipped
+/// (`models/inference.rs`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Handoff {
     /// The channel block of the input's layout (`[n, c/b, h, w, b]`), `None` for NCHW.
@@ -617,8 +620,8 @@ pub(crate) fn batch_norm_blocked(
 }
 
 /// `t` in NCHW: a tensor in oneDNN's blocked layout (rank 5, `[n, c/b, h, w, b]`, handed
-/// over by a convolution in inference) as the `[n, c, h, w]` tensor it holds; any other
-/// tensor as it is. What a reader that is not a convolution gets (`models/inference.rs`).
+/// over by a layer in inference) as the `[n, c, h, w]` tensor it holds; any other tensor as
+/// it is. What a reader that takes only NCHW gets (`models/inference.rs`).
 pub(crate) fn to_nchw(t: &Tensor) -> candle_core::Result<Tensor> {
     let [n, blocks, h, w, b] = *t.dims() else {
         return Ok(t.clone());
