@@ -309,20 +309,13 @@ impl BatchNormConfig {
         fusion: Fusion,
         blocked_output: bool,
     ) -> Result<Option<Tensor>> {
-        let Some(&[n, blocks, h, w, b]) = inputs.first().map(Tensor::dims) else {
+        let Some(channels) = ops::onednn::blocked_channels(inputs) else {
             return Ok(None);
         };
-        let takes = |t: &Tensor| {
-            t.dims() == [n, blocks, h, w, b]
-                && t.dtype() == DType::F32
-                && t.device().is_cpu()
-                && !t.track_op()
-        };
-        if inputs.len() != fusion.arity() || !inputs.iter().all(takes) {
+        if inputs.len() != fusion.arity() {
             return Ok(None);
         }
-        let Some(map) = self.eval_map((DType::F32, blocks * b), params, fusion.relu_after())?
-        else {
+        let Some(map) = self.eval_map((DType::F32, channels), params, fusion.relu_after())? else {
             return Ok(None);
         };
         let map = (&map, fusion.relu_before());

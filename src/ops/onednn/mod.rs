@@ -589,9 +589,25 @@ fn affine_run<const B: usize>(
     }
 }
 
+/// The channels of `inputs` when they are all f32 CPU tensors in oneDNN's blocked layout,
+/// of one rank-5 shape `[n, c/b, h, w, b]`, that ask for no gradient: what
+/// [`batch_norm_blocked`] takes. `None` otherwise.
+pub(crate) fn blocked_channels(inputs: &[Tensor]) -> Option<usize> {
+    let &[n, blocks, h, w, b] = inputs.first()?.dims() else {
+        return None;
+    };
+    let takes = |t: &Tensor| {
+        t.dims() == [n, blocks, h, w, b]
+            && t.dtype() == candle_core::DType::F32
+            && t.device().is_cpu()
+            && !t.track_op()
+    };
+    inputs.iter().all(takes).then_some(blocks * b)
+}
+
 /// A batch norm in inference (`affine` per channel of the sum of `inputs`, through a ReLU
 /// first with `relu_before`) on f32 CPU tensors in oneDNN's blocked layout, all of one rank-5
-/// shape `[n, c/b, h, w, b]` (checked by the caller, `layers/batch_norm.rs`): the output in
+/// shape `[n, c/b, h, w, b]` (checked by the caller with [`blocked_channels`]): the output in
 /// that layout with `blocked_output`, else NCHW.
 pub(crate) fn batch_norm_blocked(
     inputs: &[Tensor],
