@@ -4,12 +4,14 @@
 //!
 //! With `--counts`, the line also holds `counts_per_step`: what one training step would
 //! launch on a GPU, counted on any device (tensor buffers, allocations and bytes, host reads;
-//! `common/step_counts.rs`), with the GPU's divergence check (`NanCheck::OnDevice`). The
-//! counts do not depend on the batch size (the bytes do), so a small batch measures them fast.
+//! `common/step_counts.rs`), with the GPU's divergence check (`NanCheck::OnDevice`), through
+//! candle's autograd and through `--backward-pass` (`plan-composed` composes the gradients as
+//! CUDA does, so that the CPU counts what a GPU step runs). The counts do not depend on the
+//! batch size (the bytes do), so a small batch measures them fast.
 //!
 //! ```text
 //! cargo run --release --example bench -- --model resnet --mode train --batch-size 128 --steps 5
-//! cargo run --release --example bench -- --counts --batch-size 8 --steps 1 --warmup 0
+//! cargo run --release --example bench -- --counts --backward-pass plan-composed --batch-size 8 --steps 1 --warmup 0
 //! ```
 //! `scripts/compare-cpu.sh` runs it alternately with the PyTorch and Keras references.
 //!
@@ -35,7 +37,7 @@ use candle_functional::data::Batch;
 use candle_functional::models::ResNetConfig;
 use candle_functional::prelude::*;
 use candle_functional::select_device;
-use candle_functional::train::{AdamConfig, BackwardPass, Loss, NanCheck, Trainer};
+use candle_functional::train::{AdamConfig, BackwardPass, Loss, Trainer};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -50,10 +52,26 @@ enum Net {
 /// How the trainer computes gradients (`Trainer::backward_pass`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Gradients {
-    /// The trainer's own backward pass over the model's plan (the default).
+    /// The trainer's default: its own backward pass on the CPU, candle's autograd elsewhere.
+    Auto,
+    /// The trainer's own backward pass over the model's plan, on any device.
     Plan,
+    /// The plan's pass with the gradients composed as on CUDA (separate gradient kernels and
+    /// element-wise passes), on any device: on the CPU, what `--counts` counts for a GPU.
+    PlanComposed,
     /// candle's autograd over the whole step.
     Autograd,
+}
+
+impl Gradients {
+    fn pass(self) -> BackwardPass {
+        match self {
+            Gradients::Auto => BackwardPass::Auto,
+            Gradients::Plan => BackwardPass::Plan,
+            Gradients::PlanComposed => BackwardPass::PlanComposed,
+            Gradients::Autograd => BackwardPass::Autograd,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,7 +106,7 @@ struct Args {
     #[arg(long)]
     counts: bool,
     /// How the training step computes its gradients.
-    #[arg(long, value_enum, default_value_t = Gradients::Plan)]
+    #[arg(long, value_enum, default_value_t = Gradients::Auto)]
     backward_pass: Gradients,
 }
 
@@ -135,12 +153,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     if ranks > 1 && (args.mode == Phase::Infer || args.counts) {
         return Err("under mpirun only --mode train is measured (inference is per process)".into());
     }
-    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), loss)?.backward_pass(
-        match args.backward_pass {
-            Gradients::Plan => BackwardPass::Plan,
-            Gradients::Autograd => BackwardPass::Autograd,
-        },
-    );
+    let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), loss)?
+        .backward_pass(args.backward_pass.pass());
     if ranks > 1 {
         trainer = trainer.distributed(comm.clone());
     }
@@ -176,12 +190,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let median = times[times.len() / 2];
     let comm_median = comm_times[comm_times.len() / 2];
     let counts = if args.counts {
-        // A fresh trainer with the GPU's check, so that the counts are a GPU step's.
-        let mut counted =
-            Trainer::new(model.clone(), AdamConfig::default(), loss)?.nan_check(NanCheck::OnDevice);
+        // Fresh trainers with the GPU's check, so that the counts are a GPU step's.
         format!(
             ", \"counts_per_step\": {}",
-            step_counts::step_counts(&model, &mut counted, &batch, loss)?
+            step_counts::step_counts(&model, &batch, loss, args.backward_pass.pass())?
         )
     } else {
         String::new()

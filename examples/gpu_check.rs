@@ -5,15 +5,19 @@
 //!    every weight and the updated BatchNorm statistics are compared; the same for a small
 //!    U-Net of the decoder and MobileNet layers (depthwise, separable, transposed
 //!    convolution, layer norm, bilinear upsampling); and the multi-tensor optimizer kernels
-//!    (one launch for all weights) against the CPU's fused updates;
+//!    (one launch for all weights) against the CPU's fused updates; and one SGD step of the
+//!    small network and of a small U-Net through the plan's own backward pass
+//!    (`BackwardPass::Plan`: cuDNN's gradient kernels composed) against candle's autograd on
+//!    the device;
 //! 2. **throughput**: training steps of the article's ResNet at batch 128 in f32 (TF32 matrix
-//!    products) and in bf16 mixed precision (f32 master weights), median of timed steps;
+//!    products) through candle's autograd (the device's default) and through the plan's own
+//!    backward pass, and in bf16 mixed precision (f32 master weights), median of timed steps;
 //! 3. **epoch time**: one epoch over 50,000 synthetic CIFAR-shaped images through
 //!    `Trainer::fit` with the data loader (one host-to-device copy per batch); its start and
 //!    end times (Unix seconds) are printed, so that `scripts/gpu-check.sh` can check the
 //!    device memory it samples meanwhile for growth;
-//! 4. **counts**: what one training step of the ResNet launches on this device
-//!    (`common/step_counts.rs`: tensor buffers, allocations, host reads).
+//! 4. **counts**: what one training step of the ResNet launches on this device, through each
+//!    backward pass (`common/step_counts.rs`: tensor buffers, allocations, host reads).
 //!
 //! ```text
 //! cargo run --release --features cudnn --example gpu_check -- --device cuda
@@ -25,6 +29,8 @@
 mod allocator;
 #[path = "common/step_counts.rs"]
 mod step_counts;
+#[path = "common/unet.rs"]
+mod unet;
 
 use std::time::Instant;
 
@@ -34,7 +40,7 @@ use candle_functional::models::ResNetConfig;
 use candle_functional::ops::{AdamStep, SgdStep};
 use candle_functional::prelude::*;
 use candle_functional::select_device;
-use candle_functional::train::{AdamConfig, Loss, Trainer};
+use candle_functional::train::{AdamConfig, BackwardPass, Loss, SgdConfig, Trainer};
 use clap::Parser;
 
 /// GPU correctness and speed checks.
@@ -385,13 +391,77 @@ fn correctness_in_place(device: &Device) -> Result<(f64, f64, bool)> {
     Ok((kernels, steps, refused))
 }
 
-fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f64, f64, String)> {
+/// One SGD step at rate 1 (the weights move by minus their gradients) on `device` of a small
+/// ResNet and of the segmentation example's U-Net (max pooling, nearest upsampling,
+/// concatenated skips), each from the same weights through candle's autograd and through the
+/// plan's own backward pass (on CUDA `BackwardPass::Plan`, cuDNN's gradient kernels composed;
+/// on the CPU the same composition, `BackwardPass::PlanComposed`): the largest relative
+/// difference of the weights' moves and moving statistics, and of the losses, over both.
+fn correctness_plan(device: &Device) -> Result<(f64, f64)> {
+    let (config, x, y) = small_res_net()?;
+    let resnet = config.res_net()?.build(device, DType::F32, 7)?;
+    let batch = Batch::new(vec![x.to_device(device)?], vec![y.to_device(device)?]);
+    let (mut moves, mut loss) = plan_against_autograd(&resnet, &batch, PROBS)?;
+    let unet = unet::u_net(16, 3, 4)?.build(device, DType::F32, 7)?;
+    let images = Tensor::rand(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?;
+    let masks = Tensor::rand(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?;
+    let batch = Batch::new(
+        vec![images.to_device(device)?],
+        vec![masks.to_device(device)?],
+    );
+    let (unet_moves, unet_loss) = plan_against_autograd(&unet, &batch, Loss::MeanSquaredError)?;
+    moves = worse(moves, unet_moves);
+    loss = worse(loss, unet_loss);
+    Ok((moves, loss))
+}
+
+/// [`correctness_plan`] for one model and batch.
+fn plan_against_autograd(model: &Model, batch: &Batch, loss: Loss) -> Result<(f64, f64)> {
+    // Copies: `weight_map` shares its tensors' storage with the weights.
+    let copy = |m: &Model| -> Result<std::collections::HashMap<String, Tensor>> {
+        m.weight_map()?
+            .into_iter()
+            .map(|(n, w)| Ok((n, w.copy()?)))
+            .collect()
+    };
+    let start = copy(model)?;
+    let plan = match batch.inputs[0].device().is_cpu() {
+        true => BackwardPass::PlanComposed,
+        false => BackwardPass::Plan,
+    };
+    let mut after = Vec::new();
+    let mut losses = Vec::new();
+    for pass in [BackwardPass::Autograd, plan] {
+        model.set_weights(&start)?;
+        let sgd = SgdConfig {
+            learning_rate: 1.0,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(model.clone(), sgd, loss)?.backward_pass(pass);
+        losses.push(trainer.train_step(batch, 1.0)?);
+        after.push(copy(model)?);
+    }
+    let mut moves = 0f64;
+    for (name, w0) in &start {
+        let autograd = (&after[0][name] - w0)?;
+        let own = (&after[1][name] - w0)?;
+        moves = worse(moves, rel_diff(&own, &autograd)?);
+    }
+    Ok((moves, rel_diff(&losses[1], &losses[0])?))
+}
+
+fn throughput(
+    args: &Args,
+    device: &Device,
+    compute: Option<DType>,
+    pass: BackwardPass,
+) -> Result<(f64, f64, String)> {
     let config = ResNetConfig::default()
         .stages(args.stages.clone())
         .width_divisor(args.width_divisor);
     let model = config.res_net()?.build(device, DType::F32, 0)?;
     model.set_compute_dtype(compute);
-    let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?;
+    let mut trainer = Trainer::new(model, AdamConfig::default(), PROBS)?.backward_pass(pass);
     let x =
         (Tensor::rand(0f32, 255.0, (args.batch_size, 3, 32, 32), device)?).to_dtype(DType::F32)?;
     let y = labels(args.batch_size, device)?;
@@ -408,7 +478,7 @@ fn throughput(args: &Args, device: &Device, compute: Option<DType>) -> Result<(f
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     let model = trainer.model().clone();
-    let counts = step_counts::step_counts(&model, &mut trainer, &batch, PROBS)?;
+    let counts = step_counts::step_counts(&model, &batch, PROBS, pass)?;
     Ok((median * 1e3, args.batch_size as f64 / median, counts))
 }
 
@@ -646,18 +716,31 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     eprintln!(
         "correctness, in-place kernels {in_place:.2e}, three training steps {steps:.2e}, NaN step refused on the device: {refused}"
     );
+    let (plan_moves, plan_loss) = correctness_plan(&device)?;
+    eprintln!(
+        "correctness, the plan's own backward pass against autograd: weights' moves {plan_moves:.2e}, loss {plan_loss:.2e}"
+    );
     let decoder_json = format!(
         "{{\"max_rel_diff_outputs\": {dec_out:.3e}, \"max_rel_diff_gradients\": {dec_grad:.3e}, \"gradient_tensors\": {dec_n}}}, \"in_place_kernels_max_rel_diff\": {in_place:.3e}, \"train_steps_max_rel_diff\": {steps:.3e}, \"nan_step_refused\": {refused}"
     );
     if args.correctness_only {
         println!(
-            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}, \"decoder_layers\": {decoder_json}, \"optimizer_kernels_max_rel_diff\": {optimizer_diff:.3e}}}"
+            "{{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}, \"decoder_layers\": {decoder_json}, \"optimizer_kernels_max_rel_diff\": {optimizer_diff:.3e}, \"plan_vs_autograd\": {{\"max_rel_diff_moves\": {plan_moves:.3e}, \"rel_diff_loss\": {plan_loss:.3e}}}}}"
         );
         return Ok(());
     }
-    let (f32_ms, f32_ips, counts) = throughput(&args, &device, None)?;
-    eprintln!("per-step counts (f32): {counts}");
-    eprintln!("f32/tf32: {f32_ms:.1} ms/step, {f32_ips:.0} img/s");
+    let (f32_ms, f32_ips, counts) = throughput(&args, &device, None, BackwardPass::Autograd)?;
+    eprintln!("per-step counts (f32, autograd): {counts}");
+    eprintln!("f32/tf32, autograd: {f32_ms:.1} ms/step, {f32_ips:.0} img/s");
+    // The plan's own backward pass: on CUDA cuDNN's gradient kernels composed (not the
+    // default there until measured here); on the CPU its composition, for a dry run.
+    let plan = match device.is_cpu() {
+        true => BackwardPass::PlanComposed,
+        false => BackwardPass::Plan,
+    };
+    let (plan_ms, plan_ips, plan_counts) = throughput(&args, &device, None, plan)?;
+    eprintln!("per-step counts (f32, {plan:?}): {plan_counts}");
+    eprintln!("f32/tf32, {plan:?}: {plan_ms:.1} ms/step, {plan_ips:.0} img/s");
     let candle_conv = if args.compare_candle_conv {
         let r = conv_comparison(&args, &device)?;
         eprintln!(
@@ -671,7 +754,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let bf16 = if device.is_cpu() {
         None // candle's CPU convolution has no bf16 kernel
     } else {
-        let (ms, ips, _) = throughput(&args, &device, Some(DType::BF16))?;
+        let (ms, ips, _) = throughput(&args, &device, Some(DType::BF16), BackwardPass::Auto)?;
         Some((ms, ips))
     };
     if let Some((ms, ips)) = bf16 {
@@ -692,7 +775,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     println!(
         "{{\"framework\": \"candle-functional\", \"device\": \"{:?}\", \"batch_size\": {}, \"stages\": {:?}, \"width_divisor\": {}, \
          \"correctness\": {{\"max_rel_diff_outputs\": {out_diff:.3e}, \"max_rel_diff_gradients\": {grad_diff:.3e}, \"gradient_tensors\": {n_grads}}}, \"correctness_decoder_layers\": {decoder_json}, \"optimizer_kernels_max_rel_diff\": {optimizer_diff:.3e}, \
+         \"plan_vs_autograd\": {{\"max_rel_diff_moves\": {plan_moves:.3e}, \"rel_diff_loss\": {plan_loss:.3e}}}, \
          \"train_f32_tf32\": {{\"median_ms\": {f32_ms:.2}, \"images_per_sec\": {f32_ips:.1}}}, \
+         \"train_f32_tf32_plan\": {{\"backward_pass\": \"{plan:?}\", \"median_ms\": {plan_ms:.2}, \"images_per_sec\": {plan_ips:.1}, \"counts_per_step\": {plan_counts}}}, \
          \"train_bf16_mixed\": {{\"median_ms\": {}, \"images_per_sec\": {}}}, \
          \"conv3x3_fwd_bwd_ms\": {{\"ops\": {}, \"candle_reference\": {}}}, \
          \"epoch\": {{\"images\": {}, \"seconds\": {}, \"images_per_sec\": {}, \"unix_start\": {}, \"unix_end\": {}}}, \

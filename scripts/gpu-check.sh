@@ -2,7 +2,8 @@
 # On the GPU machine (no Rust there): runs the crate's GPU checks (gpu/gpu_check.xz, built by
 # `PACK=1 scripts/build-cuda.sh`) and the PyTorch reference on the same GPU in one call, and
 # prints one JSON object: correctness (CPU vs CUDA outputs and gradients), training
-# throughput of the article's ResNet at batch 128 in f32/TF32 and bf16 mixed precision, one
+# throughput of the article's ResNet at batch 128 in f32/TF32 (through candle's autograd and
+# through the plan's own backward pass) and bf16 mixed precision, one
 # epoch of 50,000 synthetic images with the device memory sampled through it (the check fails
 # when it grows), what a step launches (the crate's counts and PyTorch's profiler), PyTorch's
 # numbers, and the crate/PyTorch ratios.
@@ -118,6 +119,7 @@ out = {
                 "bf16_compiled": pick("bf16", compiled=True)},
     "ratio_crate_over_pytorch": {
         "f32_tf32": ratio(ips(crate.get("train_f32_tf32")), ips(ref_f32)),
+        "f32_tf32_plan": ratio(ips(crate.get("train_f32_tf32_plan")), ips(ref_f32)),
         "bf16": ratio(ips(crate.get("train_bf16_mixed")), ips(ref_bf16)),
     },
     "conv3x3_speedup_over_candle_own": ratio((crate.get("conv3x3_fwd_bwd_ms") or {}).get("candle_reference"), (crate.get("conv3x3_fwd_bwd_ms") or {}).get("ops")),

@@ -15,7 +15,7 @@ use candle_functional::data::{Batch, Dataset, TensorDataset};
 use candle_functional::prelude::*;
 use candle_functional::profile::{AllocationCounts, CountingAllocator, host_reads};
 use candle_functional::train::{
-    AdamConfig, Loss, Losses, MeanIoU, NanCheck, OutputLoss, SgdConfig, Trainer,
+    AdamConfig, BackwardPass, Loss, Losses, MeanIoU, NanCheck, OutputLoss, SgdConfig, Trainer,
 };
 
 #[global_allocator]
@@ -104,23 +104,30 @@ fn held_after(
 #[test]
 fn on_device_nan_check_keeps_memory_flat_over_train_steps() {
     let _serial = serial();
-    for optimizer in [
-        candle_functional::train::OptimizerConfig::from(AdamConfig::default()),
-        SgdConfig::momentum(0.01, 0.9).into(),
-    ] {
-        let mut t = trainer(optimizer.clone());
+    let cases = [
+        (
+            candle_functional::train::OptimizerConfig::from(AdamConfig::default()),
+            BackwardPass::Auto,
+        ),
+        (SgdConfig::momentum(0.01, 0.9).into(), BackwardPass::Auto),
+        // The GPU's composition of the plan's own backward pass, and candle's autograd.
+        (AdamConfig::default().into(), BackwardPass::PlanComposed),
+        (AdamConfig::default().into(), BackwardPass::Autograd),
+    ];
+    for (optimizer, pass) in cases {
+        let mut t = trainer(optimizer.clone()).backward_pass(pass);
         let (early, late) = held_after(&mut t, 20, 300);
         let change = late.since(&early);
         // A leak of one step's graph holds its activations: dozens of buffers and tens of KB
         // a step, thousands over 280 steps. Flat means flat.
         assert!(
             change.live_tensor_buffers() <= 0,
-            "{optimizer:?}: {} tensor buffers more held after 300 steps than after 20",
+            "{optimizer:?}, {pass:?}: {} tensor buffers more held after 300 steps than after 20",
             change.live_tensor_buffers()
         );
         assert!(
             change.live_bytes_change() < 16 * 1024,
-            "{optimizer:?}: {} bytes more held after 300 steps than after 20",
+            "{optimizer:?}, {pass:?}: {} bytes more held after 300 steps than after 20",
             change.live_bytes_change()
         );
         t.check_divergence().unwrap();
@@ -213,23 +220,98 @@ fn on_device_nan_check_keeps_peak_memory_flat_in_fit() {
 #[test]
 fn on_device_train_step_reads_nothing_back() {
     let _serial = serial();
-    let mut t = trainer(AdamConfig::default());
     let batches: Vec<Batch> = (0..3).map(batch).collect();
-    t.train_step(&batches[0], 1e-3).unwrap();
-    let before = host_reads();
-    for b in &batches {
-        t.train_step(b, 1e-3).unwrap();
+    for pass in [
+        BackwardPass::Auto,
+        BackwardPass::PlanComposed,
+        BackwardPass::Autograd,
+    ] {
+        let mut t = trainer(AdamConfig::default()).backward_pass(pass);
+        t.train_step(&batches[0], 1e-3).unwrap();
+        let before = host_reads();
+        for b in &batches {
+            t.train_step(b, 1e-3).unwrap();
+        }
+        assert_eq!(
+            host_reads() - before,
+            0,
+            "{pass:?}: a step read a value back to the host"
+        );
     }
-    assert_eq!(
-        host_reads() - before,
-        0,
-        "a step read a value back to the host"
-    );
     // The default check reads its verdict at every step.
     let mut every = trainer(AdamConfig::default()).nan_check(NanCheck::EveryStep);
     let before = host_reads();
     every.train_step(&batches[0], 1e-3).unwrap();
     assert!(host_reads() - before >= 1);
+}
+
+/// The tensor buffers one training step of `t` makes (each a device allocation and a kernel
+/// launch on CUDA), after two steps that create the optimizer's slots.
+fn buffers_per_step(mut t: Trainer, batches: &[Batch]) -> u64 {
+    t.train_step(&batches[0], 1e-3).unwrap();
+    t.train_step(&batches[1], 1e-3).unwrap();
+    let before = AllocationCounts::now();
+    t.train_step(&batches[2], 1e-3).unwrap();
+    AllocationCounts::now().since(&before).tensor_buffers()
+}
+
+/// The plan's own backward pass composed as on CUDA (`BackwardPass::PlanComposed`) makes far
+/// fewer tensors a step than candle's autograd over the whole step, on a small ResNet of the
+/// article's blocks (`bench --counts` gives the full network's figures) and on the two-input,
+/// two-output model; on the CPU the fused kernels make fewer still.
+#[test]
+fn on_device_the_plans_own_backward_pass_makes_fewer_tensors_than_autograd() {
+    let _serial = serial();
+    let config = ResNetConfig {
+        input_shape: [3, 16, 16],
+        stages: vec![1, 1],
+        filters: vec![4, 8],
+        pool_size: 4,
+        num_classes: 3,
+        ..Default::default()
+    };
+    let resnet = config
+        .res_net()
+        .unwrap()
+        .build(&CPU, DType::F32, 0)
+        .unwrap();
+    let images: Vec<Batch> = (0..3)
+        .map(|seed| {
+            let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &CPU).unwrap();
+            let labels: Vec<u32> = (0..4).map(|i| (i + seed) % 3).collect();
+            Batch::new(vec![x], vec![Tensor::from_vec(labels, 4, &CPU).unwrap()])
+        })
+        .collect();
+    let resnet_step = |pass| {
+        let loss = Loss::SparseCategoricalCrossentropy { from_logits: false };
+        let t = Trainer::new(resnet.clone(), AdamConfig::default(), loss)
+            .unwrap()
+            .nan_check(NanCheck::OnDevice)
+            .backward_pass(pass);
+        buffers_per_step(t, &images)
+    };
+    let autograd = resnet_step(BackwardPass::Autograd);
+    let composed = resnet_step(BackwardPass::PlanComposed);
+    let fused = resnet_step(BackwardPass::Plan);
+    assert!(
+        composed * 4 <= autograd * 3,
+        "ResNet: composed {composed} against autograd's {autograd} tensor buffers a step"
+    );
+    assert!(
+        fused <= composed,
+        "ResNet: fused {fused}, composed {composed}"
+    );
+    let batches: Vec<Batch> = (0..3).map(batch).collect();
+    let two_inputs = |pass| {
+        let t = trainer(AdamConfig::default()).backward_pass(pass);
+        buffers_per_step(t, &batches)
+    };
+    let autograd = two_inputs(BackwardPass::Autograd);
+    let composed = two_inputs(BackwardPass::PlanComposed);
+    assert!(
+        composed < autograd,
+        "two inputs: composed {composed} against autograd's {autograd} tensor buffers a step"
+    );
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! The plan's own backward pass (`BackwardPass::Plan`, the CPU's default) against candle's
-//! autograd over the whole step (`BackwardPass::Autograd`): from the same weights, one SGD
+//! The plan's own backward pass (`BackwardPass::Plan`, the CPU's default, and
+//! `BackwardPass::PlanComposed`, the composition of separate gradient kernels that CUDA runs)
+//! against candle's autograd over the whole step (`BackwardPass::Autograd`): from the same
+//! weights, one SGD
 //! step at learning rate 1 (the weights move by minus their gradients) must give the same
 //! loss, the same gradient of every trainable weight and the same moving statistics, to 1e-5
 //! of the gradients' scale in f32. On the article's ResNet and PlainNet, a U-Net with
@@ -47,31 +49,33 @@ fn assert_same_step(model: &Model, batch: &Batch, losses: Losses, rel: f64) {
         (loss.to_dtype(DType::F64).unwrap(), snapshot(model))
     };
     let (loss_autograd, after_autograd) = step(BackwardPass::Autograd);
-    let (loss_plan, after_plan) = step(BackwardPass::Plan);
-    let loss_diff = max_abs_diff(&loss_autograd, &loss_plan);
-    assert!(loss_diff <= 1e-6, "loss differs by {loss_diff}");
-    let moves: HashMap<&String, (Tensor, Tensor)> = start
-        .iter()
-        .map(|(name, w0)| {
-            let moved = |after: &HashMap<String, Tensor>| (&after[name] - w0).unwrap();
-            (name, (moved(&after_autograd), moved(&after_plan)))
-        })
-        .collect();
-    let scale = moves
-        .values()
-        .map(|(a, _)| max_abs_diff(a, &a.zeros_like().unwrap()))
-        .fold(0.0, f64::max);
-    assert!(scale > 0.0, "the step moved no weight");
-    let mut moved = 0;
-    for (name, (a, p)) in &moves {
-        let d = max_abs_diff(a, p);
-        assert!(
-            d <= rel * scale,
-            "{name}: the two backward passes differ by {d} (scale {scale})"
-        );
-        moved += usize::from(max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0);
+    for pass in [BackwardPass::Plan, BackwardPass::PlanComposed] {
+        let (loss_plan, after_plan) = step(pass);
+        let loss_diff = max_abs_diff(&loss_autograd, &loss_plan);
+        assert!(loss_diff <= 1e-6, "{pass:?}: loss differs by {loss_diff}");
+        let moves: HashMap<&String, (Tensor, Tensor)> = start
+            .iter()
+            .map(|(name, w0)| {
+                let moved = |after: &HashMap<String, Tensor>| (&after[name] - w0).unwrap();
+                (name, (moved(&after_autograd), moved(&after_plan)))
+            })
+            .collect();
+        let scale = moves
+            .values()
+            .map(|(a, _)| max_abs_diff(a, &a.zeros_like().unwrap()))
+            .fold(0.0, f64::max);
+        assert!(scale > 0.0, "the step moved no weight");
+        let mut moved = 0;
+        for (name, (a, p)) in &moves {
+            let d = max_abs_diff(a, p);
+            assert!(
+                d <= rel * scale,
+                "{name}: autograd and {pass:?} differ by {d} (scale {scale})"
+            );
+            moved += usize::from(max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0);
+        }
+        assert!(moved * 2 > moves.len(), "most weights should move");
     }
-    assert!(moved * 2 > moves.len(), "most weights should move");
 }
 
 /// `n` samples of per-sample `shape`, f32, deterministic.
@@ -193,19 +197,30 @@ fn two_inputs_and_two_outputs_get_the_same_gradients() {
         .unwrap();
     let class = Dense::new(3).call(&both).unwrap();
     let value = Dense::new(1).call(&both).unwrap();
-    let model = Model::new(&[image, extra], &[class, value])
+    // A ReLU and a softmax Dense: under a squared error the softmax's gradient has a part
+    // across the classes (under cross-entropy on probabilities it sums to zero).
+    let hidden = Dense::new(6)
+        .activation(ActivationFn::Relu)
+        .call(&both)
+        .unwrap();
+    let mix = Dense::new(2)
+        .activation(ActivationFn::Softmax)
+        .call(&hidden)
+        .unwrap();
+    let model = Model::new(&[image, extra], &[class, value, mix])
         .unwrap()
         .build(&CPU, DType::F32, 5)
         .unwrap();
     let batch = Batch::new(
         vec![data(5, &[2, 8, 8], 3), data(5, &[4], 4)],
-        vec![labels(5, 3), data(5, &[1], 5)],
+        vec![labels(5, 3), data(5, &[1], 5), data(5, &[2], 6)],
     );
     let losses = Losses::per_output(vec![
         Loss::SparseCategoricalCrossentropy { from_logits: true },
         Loss::MeanSquaredError,
+        Loss::MeanSquaredError,
     ])
-    .weights(vec![1.0, 0.5]);
+    .weights(vec![1.0, 0.5, 2.0]);
     assert_same_step(&model, &batch, losses, 1e-5);
 }
 

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use candle_functional::data::Batch;
 use candle_functional::prelude::*;
 use candle_functional::profile::{AllocationCounts, host_reads};
-use candle_functional::train::{Loss, Trainer};
+use candle_functional::train::{AdamConfig, BackwardPass, Loss, NanCheck, Trainer};
 
 /// The counters of one run of `f`, after `warmup` runs (the optimizer's slots and the
 /// first-use caches exist by then), as a JSON object.
@@ -32,16 +32,14 @@ fn json(counts: &AllocationCounts, reads: u64) -> String {
     )
 }
 
-/// Per-step counts of training `model` with `trainer` (which must train `model`) on `batch`
-/// with `loss`, as a JSON object: `forward`, `forward_backward`, `train_step` and
-/// `outside_forward_backward` (tensor buffers and host reads of the step minus forward and
-/// backward).
-pub fn step_counts(
-    model: &Model,
-    trainer: &mut Trainer,
-    batch: &Batch,
-    loss: Loss,
-) -> Result<String> {
+/// Per-step counts of training `model` on `batch` with `loss`, Adam and the GPU's divergence
+/// check (`NanCheck::OnDevice`), the step's gradients computed by `pass`, as a JSON object:
+/// `forward` (the forward pass and the loss), `forward_backward` (those and candle's autograd
+/// over them), `train_step_autograd` (a whole step through candle's autograd),
+/// `outside_forward_backward` (the two before's difference: the divergence check, optimizer,
+/// state updates and metrics, the same code whatever the pass) and `train_step` (a whole step
+/// with `pass`).
+pub fn step_counts(model: &Model, batch: &Batch, loss: Loss, pass: BackwardPass) -> Result<String> {
     let target = &batch.targets[0];
     let wait = |t: &Tensor| -> Result<()> {
         // The harness's own wait for the device, not counted as the crate's read.
@@ -62,13 +60,21 @@ pub fn step_counts(
         }
         Ok(())
     })?;
-    let step = counted(2, || wait(&trainer.train_step(batch, 1e-3)?))?;
+    let step_with = |pass: BackwardPass| {
+        let mut trainer = Trainer::new(model.clone(), AdamConfig::default(), loss)?
+            .nan_check(NanCheck::OnDevice)
+            .backward_pass(pass);
+        counted(2, || wait(&trainer.train_step(batch, 1e-3)?))
+    };
+    let autograd = step_with(BackwardPass::Autograd)?;
+    let step = step_with(pass)?;
     Ok(format!(
-        "{{\"forward\": {}, \"forward_backward\": {}, \"train_step\": {}, \"outside_forward_backward\": {{\"tensor_buffers\": {}, \"host_reads\": {}}}}}",
+        "{{\"backward_pass\": \"{pass:?}\", \"forward\": {}, \"forward_backward\": {}, \"train_step_autograd\": {}, \"outside_forward_backward\": {{\"tensor_buffers\": {}, \"host_reads\": {}}}, \"train_step\": {}}}",
         json(&forward.0, forward.1),
         json(&forward_backward.0, forward_backward.1),
+        json(&autograd.0, autograd.1),
+        autograd.0.tensor_buffers() as i64 - forward_backward.0.tensor_buffers() as i64,
+        autograd.1 as i64 - forward_backward.1 as i64,
         json(&step.0, step.1),
-        step.0.tensor_buffers() as i64 - forward_backward.0.tensor_buffers() as i64,
-        step.1 as i64 - forward_backward.1 as i64,
     ))
 }

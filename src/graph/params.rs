@@ -503,6 +503,16 @@ impl<'a> Params<'a> {
         self.specs.iter().any(|s| s.name() == name)
     }
 
+    /// The weight named `name` as a variable where the layer trains (`None` for a frozen
+    /// layer): where the plan's own backward pass sends the weight's gradient
+    /// (`layers/native_backward.rs`).
+    pub(crate) fn trainable_var(&self, name: &str) -> Result<Option<Var>> {
+        Ok(match self.trainable() {
+            true => Some(self.var(name)?.clone()),
+            false => None,
+        })
+    }
+
     /// The weight named `name` as a variable, for in-place state updates (moving statistics).
     ///
     /// # Examples

@@ -362,13 +362,16 @@ impl BatchNormConfig {
     /// `params` handing out detached weights: the output and what its gradients need, the
     /// moving statistics updated as [`normalize`](Self::normalize) does. `None` where the
     /// gradients go through candle's autograd: inference mode or a frozen layer, channels
-    /// on another axis than 1, statistics summed across replicas, or inputs the CPU's
-    /// f32/f64 kernels do not take.
+    /// on another axis than 1, statistics summed across replicas, or inputs without gradient
+    /// kernels of their own ([`ops::has_native_gradients`]). Where the gradients are
+    /// `composed` of the device's separate kernels (see [`Native`]), the prologue's sum and
+    /// ReLU run first, as passes of their own, and their result is kept.
     pub(crate) fn forward_native(
         &self,
         inputs: &[Tensor],
         params: &Params,
         fusion: Fusion,
+        composed: bool,
     ) -> Result<Option<(Tensor, Native)>> {
         let Some(x) = inputs.first() else {
             return Ok(None);
@@ -380,16 +383,28 @@ impl BatchNormConfig {
             && self.full_axis("", x.rank() - 1)? == 1
             && inputs
                 .iter()
-                .all(|t| ops::takes_cpu_kernels(t) && t.dtype() == x.dtype());
+                .all(|t| ops::has_native_gradients(t) && t.dtype() == x.dtype());
         if !supported {
             return Ok(None);
         }
         let gamma = self.scale.then(|| params.get_stored("gamma")).transpose()?;
         let beta = self.center.then(|| params.get_stored("beta")).transpose()?;
         let refs: Vec<&Tensor> = inputs.iter().collect();
+        let (saved, normalized) = match composed {
+            false => (inputs.to_vec(), fusion),
+            true => {
+                let operand = ops::batch_norm_operand(&refs, fusion)?;
+                let epilogue = match fusion.epilogue() {
+                    Some(e) => Fusion::new().with_epilogue(e),
+                    None => Fusion::new(),
+                };
+                (vec![operand], epilogue)
+            }
+        };
+        let saved_refs: Vec<&Tensor> = saved.iter().collect();
         let (y, mean, var) = ops::fused_batch_norm_train(
-            &refs,
-            fusion,
+            &saved_refs,
+            normalized,
             gamma.as_ref(),
             beta.as_ref(),
             self.epsilon,
@@ -397,13 +412,14 @@ impl BatchNormConfig {
         self.update_moving_statistics(params, &mean, &var)?;
         let channels = x.dim(1)?;
         let trainable = |name: &str, used: bool| -> Result<Option<Var>> {
-            Ok(match used && params.trainable() {
-                true => Some(params.var(name)?.clone()),
+            Ok(match used {
+                true => params.trainable_var(name)?,
                 false => None,
             })
         };
         let native = Native::BatchNorm {
-            inputs: inputs.to_vec(),
+            saved,
+            arity: inputs.len(),
             gamma: match gamma {
                 Some(g) => g.cast(x.dtype())?,
                 None => Tensor::ones(channels, x.dtype(), x.device())?,
@@ -419,6 +435,7 @@ impl BatchNormConfig {
             y: fusion.relu_after().then(|| y.clone()),
             gamma_var: trainable("gamma", self.scale)?,
             beta_var: trainable("beta", self.center)?,
+            composed,
         };
         Ok(Some((y, native)))
     }

@@ -4,7 +4,7 @@
 //! used without a transpose; Keras's `(kh, kw, in, filters)` kernels convert with
 //! `permute((3, 2, 0, 1))`.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use crate::fusion::{ElementWise, Fusion};
 use crate::graph::{Configured, Initializer, LayerOp, ParamSpec, Params};
@@ -270,16 +270,22 @@ impl Conv2DConfig {
     }
 
     /// The forward pass for the plan's own backward pass (`train/tape.rs`), `params` handing
-    /// out detached weights: the output and what its gradients need. `None` where the
-    /// gradients go through candle's autograd: an activation other than ReLU, or an input
-    /// the CPU's f32/f64 kernels do not take.
+    /// out detached weights: the output and what its gradients need, which are `composed` of
+    /// the device's separate kernels where asked (see [`Native`]). `None` where the gradients
+    /// go through candle's autograd: an activation other than ReLU, a fused prologue, or an
+    /// input without gradient kernels of its own ([`ops::has_native_gradients`]).
     pub(crate) fn forward_native(
         &self,
         x: &Tensor,
         params: &Params,
         fusion: Fusion,
+        composed: bool,
     ) -> Result<Option<(Tensor, Native)>> {
-        if !self.runs_cpu_kernel(x, fusion) {
+        let supported = matches!(self.activation, ActivationFn::Linear | ActivationFn::Relu)
+            && fusion.prologue().is_none()
+            && x.rank() == 4
+            && ops::has_native_gradients(x);
+        if !supported {
             return Ok(None);
         }
         let Convolved {
@@ -288,32 +294,26 @@ impl Conv2DConfig {
             geometry,
             fusion,
         } = self.convolved(x, params, fusion)?;
-        let trainable = |name: &str| -> Result<Option<Var>> {
-            Ok(match params.trainable() {
-                true => Some(params.var(name)?.clone()),
-                false => None,
-            })
-        };
         let native = Native::Conv2d {
             x: x.clone(),
             kernel,
             y: fusion.relu_after().then(|| y.clone()),
             relu: fusion.relu_after(),
             geometry,
-            kernel_var: trainable("kernel")?,
+            kernel_var: params.trainable_var("kernel")?,
             bias_var: match self.use_bias {
-                true => trainable("bias")?,
+                true => params.trainable_var("bias")?,
                 false => None,
             },
             bias: self.use_bias,
+            composed,
         };
         Ok(Some((y, native)))
     }
 
     /// `true` when the layer with `fusion` is one op of the crate's CPU kernels on `x`: an
     /// NCHW input they take, no prologue, no activation other than ReLU (which the op
-    /// applies as its epilogue). Where the plan's own backward pass calls its gradient kernels
-    /// (`forward_native`), and where a batch norm after it can be folded in
+    /// applies as its epilogue). Where a batch norm after it can be folded in
     /// ([`forward_then_affine`](Self::forward_then_affine); elsewhere the batch norm's
     /// per-channel values would be read back from the device on every call).
     pub(crate) fn runs_cpu_kernel(&self, x: &Tensor, fusion: Fusion) -> bool {

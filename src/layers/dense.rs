@@ -13,6 +13,7 @@ use crate::layers::keras::{
     Convert, FeatureOrder, KerasClass, KerasLayer, Translated, Translation,
 };
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::{DenseActivation, Native};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -127,6 +128,11 @@ impl LayerOp for DenseConfig {
         "Dense"
     }
 
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn to_config(&self) -> Option<serde_json::Value> {
         serde_json::to_value(self).ok()
     }
@@ -197,6 +203,41 @@ impl LayerOp for DenseConfig {
             y
         };
         Ok(vec![self.activation.apply(&y)?])
+    }
+}
+
+impl DenseConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`), `params` handing
+    /// out detached weights: the output and what its gradients need, for a batch of vectors
+    /// (rank 2) and a linear, ReLU or softmax activation; `None` elsewhere (candle's
+    /// autograd). Its gradients are three matrix products and the activation's, on any device.
+    pub(crate) fn forward_native(
+        &self,
+        x: &Tensor,
+        params: &Params,
+    ) -> Result<Option<(Tensor, Native)>> {
+        let activation = match self.activation {
+            ActivationFn::Linear => DenseActivation::Linear,
+            ActivationFn::Relu => DenseActivation::Relu,
+            ActivationFn::Softmax => DenseActivation::Softmax,
+            _ => return Ok(None),
+        };
+        if x.rank() != 2 || !x.dtype().is_float() {
+            return Ok(None);
+        }
+        let y = self.forward(std::slice::from_ref(x), params)?.remove(0);
+        let native = Native::Dense {
+            x: x.clone(),
+            kernel: params.get("kernel")?,
+            y: (activation != DenseActivation::Linear).then(|| y.clone()),
+            activation,
+            kernel_var: params.trainable_var("kernel")?,
+            bias_var: match self.use_bias {
+                true => params.trainable_var("bias")?,
+                false => None,
+            },
+        };
+        Ok(Some((y, native)))
     }
 }
 

@@ -286,23 +286,59 @@ pool_layer!(
     MaxPooling2D, MaxPooling2DConfig, "MaxPooling2D", Reduce::Max
 );
 
-impl MaxPooling2DConfig {
+impl AveragePooling2DConfig {
     /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output and
-    /// what its gradient needs, where the windows tile the map (strides equal to the window,
-    /// no padding) on an input the CPU kernels take; `None` elsewhere (candle's autograd).
+    /// what its gradient needs, where the windows tile the map exactly (strides equal to the
+    /// window, no padding, no rows or columns left over); `None` elsewhere (candle's
+    /// autograd). Its gradient is a scaling and a nearest upsampling, on any device.
     pub(crate) fn forward_native(&self, x: &Tensor) -> Result<Option<(Tensor, Native)>> {
-        if x.rank() != 4 || !ops::takes_cpu_kernels(x) {
+        if x.rank() != 4 || !x.dtype().is_float() {
             return Ok(None);
         }
         let (_, _, h, w) = x.dims4()?;
         let Some(window) = self.0.tiling_window(h, w) else {
             return Ok(None);
         };
+        if window.0 == 0 || window.1 == 0 || h % window.0 != 0 || w % window.1 != 0 {
+            return Ok(None);
+        }
+        let y = self.0.pool(x, Reduce::Mean)?;
+        let native = Native::AvgPool {
+            window,
+            size: (h, w),
+        };
+        Ok(Some((y, native)))
+    }
+}
+
+impl MaxPooling2DConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output and
+    /// what its gradient needs, where the windows tile the map (strides equal to the window,
+    /// no padding); `None` elsewhere (candle's autograd). The gradient is the CPU's kernel on
+    /// an input it takes, unless `composed`; elsewhere three element-wise ops over the
+    /// windows, on any device, where no rows or columns are left over.
+    pub(crate) fn forward_native(
+        &self,
+        x: &Tensor,
+        composed: bool,
+    ) -> Result<Option<(Tensor, Native)>> {
+        if x.rank() != 4 || !x.dtype().is_float() {
+            return Ok(None);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let Some(window) = self.0.tiling_window(h, w) else {
+            return Ok(None);
+        };
+        let composed = composed || !ops::takes_cpu_kernels(x);
+        if composed && (window.0 == 0 || window.1 == 0 || h % window.0 != 0 || w % window.1 != 0) {
+            return Ok(None);
+        }
         let y = self.0.pool(x, Reduce::Max)?;
         let native = Native::MaxPool {
             x: x.clone(),
             y: y.clone(),
             window,
+            composed,
         };
         Ok(Some((y, native)))
     }
@@ -391,12 +427,34 @@ impl LayerOp for GlobalAveragePooling2DConfig {
     }
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
-        let x = &inputs[0];
-        Ok(vec![if self.keepdims {
-            x.mean_keepdim((2, 3))?
-        } else {
-            x.mean((2, 3))?
-        }])
+        Ok(vec![self.pooled(&inputs[0])?])
+    }
+
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl GlobalAveragePooling2DConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output, and
+    /// the input's shape, from which its gradient (the output's, spread evenly over each map)
+    /// is made on any device; `None` for an input that is not a float NCHW batch.
+    pub(crate) fn forward_native(&self, x: &Tensor) -> Result<Option<(Tensor, Native)>> {
+        if x.rank() != 4 || !x.dtype().is_float() {
+            return Ok(None);
+        }
+        let (n, c, h, w) = x.dims4()?;
+        let native = Native::GlobalAvgPool { dims: (n, c, h, w) };
+        Ok(Some((self.pooled(x)?, native)))
+    }
+
+    /// The mean of each map of `x`.
+    fn pooled(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.keepdims {
+            true => x.mean_keepdim((2, 3))?,
+            false => x.mean((2, 3))?,
+        })
     }
 }
 

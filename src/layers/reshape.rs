@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use crate::graph::{Configured, LayerOp, Params};
 use crate::layers::keras::{FeatureOrder, KerasClass, KerasLayer, Translated, Translation};
 use crate::layers::kind::{LayerExample, LayerKind};
+use crate::layers::native_backward::Native;
 use crate::layers::padding::{checked_size, element_count, expect_chw, one_input};
 use crate::{Error, Result};
 
@@ -62,6 +63,20 @@ impl LayerOp for FlattenConfig {
 
     fn forward(&self, inputs: &[Tensor], _params: &Params) -> Result<Vec<Tensor>> {
         Ok(vec![inputs[0].flatten_from(1)?])
+    }
+
+    /// Lets the plan's own backward pass find the layer (`train/tape.rs`).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl FlattenConfig {
+    /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output, and
+    /// the input's shape, which is all its gradient (the output's, reshaped) needs.
+    pub(crate) fn forward_native(&self, x: &Tensor) -> Result<Option<(Tensor, Native)>> {
+        let dims = x.dims().to_vec();
+        Ok(Some((x.flatten_from(1)?, Native::Reshape { dims })))
     }
 }
 

@@ -145,22 +145,24 @@ impl LayerOp for UpSampling2DConfig {
 
 impl UpSampling2DConfig {
     /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output and
-    /// what its gradient needs (nothing but the factors), for nearest upsampling on an input
-    /// the CPU kernels take; `None` elsewhere (bilinear: candle's autograd).
+    /// what its gradient needs (nothing but the factors), for nearest upsampling of a float
+    /// NCHW batch; `None` elsewhere (bilinear: candle's autograd). The gradient is the CPU's
+    /// kernel there, unless `composed`; elsewhere one sum over each window, on any device.
     pub(crate) fn forward_native(
         &self,
         x: &Tensor,
         params: &Params,
+        composed: bool,
     ) -> Result<Option<(Tensor, Native)>> {
-        if self.interpolation != Interpolation::Nearest
-            || x.rank() != 4
-            || !ops::takes_cpu_kernels(x)
-        {
+        if self.interpolation != Interpolation::Nearest || x.rank() != 4 || !x.dtype().is_float() {
             return Ok(None);
         }
         let y = self.forward(std::slice::from_ref(x), params)?.remove(0);
-        let factors = self.size;
-        Ok(Some((y, Native::UpsampleNearest { factors })))
+        let native = Native::UpsampleNearest {
+            factors: self.size,
+            composed: composed || !ops::takes_cpu_kernels(x),
+        };
+        Ok(Some((y, native)))
     }
 }
 

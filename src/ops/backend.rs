@@ -34,6 +34,21 @@ pub(crate) fn backend(x: &Tensor, cpu: &[DType], cudnn: &[DType]) -> Backend {
 
 pub(crate) const CPU_FLOATS: &[DType] = &[DType::F32, DType::F64];
 
+/// The dtypes whose convolution and batch-norm gradients the plan's own backward pass takes
+/// from cuDNN (f32: cuDNN's batch norm takes no other).
+#[cfg(feature = "cudnn")]
+pub(crate) const CUDNN_GRADIENTS: &[DType] = &[DType::F32];
+#[cfg(not(feature = "cudnn"))]
+pub(crate) const CUDNN_GRADIENTS: &[DType] = &[];
+
+/// `true` when the plan's own backward pass computes a convolution's or a batch norm's
+/// gradients for `x` with kernels of `x`'s device (`train/tape.rs`): a non-empty f32/f64
+/// tensor on the CPU (the crate's kernels), an f32 one on CUDA with cuDNN. Elsewhere the layer
+/// goes through candle's autograd on its own step.
+pub(crate) fn has_native_gradients(x: &Tensor) -> bool {
+    !matches!(backend(x, CPU_FLOATS, CUDNN_GRADIENTS), Backend::Reference)
+}
+
 /// `true` when `x` takes the crate's own CPU kernels (a non-empty f32/f64 tensor on the CPU):
 /// then the trainer's own backward pass may call their gradient kernels directly
 /// (`train/tape.rs`, the layers' `forward_native`).

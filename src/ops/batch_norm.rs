@@ -8,10 +8,10 @@ use crate::fusion::Fusion;
 use crate::support::dtype::Cast;
 
 use crate::ops::arguments::*;
-use crate::ops::backend::{Backend, CPU_FLOATS, backend};
+use crate::ops::backend::{Backend, CPU_FLOATS, CUDNN_GRADIENTS, backend};
 #[cfg(feature = "cudnn")]
 use crate::ops::cudnn;
-use crate::ops::pointwise::relu;
+use crate::ops::pointwise::{relu, relu_grad};
 use crate::ops::{cpu, reference};
 
 /// Training-mode batch normalization over axis 1 of `x` (`(N, C, …)`): normalizes with the
@@ -114,6 +114,102 @@ fn batch_norm_train_of(
     };
     let y = if fusion.relu_after() { relu(&y)? } else { y };
     Ok((y.cast(out_dtype)?, mean, var))
+}
+
+/// The operand a batch norm with `fusion`'s prologue normalizes, composed from separate
+/// passes: `inputs[0] + inputs[1]` for a sum, through [`relu`] with a ReLU. What the plan's own
+/// backward pass keeps where it composes a fused batch norm ([`batch_norm_train_gradients`]),
+/// so that its gradient needs no second pass over the inputs.
+pub(crate) fn batch_norm_operand(inputs: &[&Tensor], fusion: Fusion) -> Result<Tensor> {
+    let x = check_summands("batch_norm_operand", inputs, fusion)?;
+    composed_operand(x.clone(), &inputs[1..], fusion.relu_before())
+}
+
+/// The gradients of [`fused_batch_norm_train`] without candle's autograd, for the plan's own
+/// backward pass (`train/tape.rs`): `(dX, dgamma, dbeta)` from what the forward pass saw (its
+/// inputs, or with `composed` the one operand [`batch_norm_operand`] made of them), the affine
+/// weights, the batch statistics, the output `y` (needed with a ReLU after only) and the
+/// output's gradient `dy`; `dX` is the gradient of every input (a sum's two get the same).
+/// On the CPU one op of the crate's kernels with the ReLUs inside, unless `composed`; off it,
+/// or `composed`, the device's batch-norm gradient kernel (cuDNN's on CUDA, the crate's
+/// unfused one on the CPU) with the ReLUs' masks as passes of their own: what a CUDA step
+/// runs, counted and tested on the CPU. Called where
+/// [`has_native_gradients`](crate::ops::has_native_gradients) holds.
+pub(crate) fn batch_norm_train_gradients(
+    saved: &[Tensor],
+    (gamma, beta): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    (epsilon, fusion): (f64, Fusion),
+    y: Option<&Tensor>,
+    dy: &Tensor,
+    composed: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "batch_norm_train_gradients";
+    let Some(x) = saved.first() else {
+        return Err(invalid(OP, "saved", "no input".into()));
+    };
+    let backend = backend(x, CPU_FLOATS, CUDNN_GRADIENTS);
+    if let (Backend::Cpu, false) = (&backend, composed) {
+        return cpu::batch_norm::train_backward(
+            saved,
+            (gamma, beta),
+            (mean, var),
+            epsilon,
+            fusion,
+            y,
+            dy,
+        );
+    }
+    if saved.len() != 1 {
+        return Err(invalid(
+            OP,
+            "saved",
+            format!("{} operands, composed takes 1", saved.len()),
+        ));
+    }
+    let dy = match (fusion.relu_after(), y) {
+        (true, Some(y)) => relu_grad(dy, y)?,
+        (true, None) => {
+            return Err(invalid(
+                OP,
+                "y",
+                "a fused ReLU's gradient needs the output".into(),
+            ));
+        }
+        (false, _) => dy.contiguous()?,
+    };
+    let (dx, dgamma, dbeta) = match backend {
+        Backend::Cpu => cpu::batch_norm::train_backward(
+            saved,
+            (gamma, beta),
+            (mean, var),
+            epsilon,
+            Fusion::new(),
+            None,
+            &dy,
+        )?,
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn if cudnn::batch_norm::applies(x) => {
+            cudnn::batch_norm::gradients(x, gamma, (mean, var), epsilon, &dy)?
+        }
+        _ => {
+            return Err(invalid(
+                OP,
+                "saved",
+                format!(
+                    "no gradient kernels of its own for {:?} on {:?}",
+                    x.dtype(),
+                    x.device()
+                ),
+            ));
+        }
+    };
+    // The operand is the ReLU's output: positive exactly where the sum before it was.
+    let dx = match fusion.relu_before() {
+        true => relu_grad(&dx, x)?,
+        false => dx,
+    };
+    Ok((dx, dgamma, dbeta))
 }
 
 /// Inference-mode batch normalization over axis 1 of `x` with given statistics: `y = (x -

@@ -8,10 +8,10 @@ use crate::fusion::{ElementWise, Fusion};
 use crate::support::dtype::Cast;
 
 use crate::ops::arguments::*;
-use crate::ops::backend::{Backend, CPU_FLOATS, backend};
+use crate::ops::backend::{Backend, CPU_FLOATS, CUDNN_GRADIENTS, backend};
 #[cfg(feature = "cudnn")]
 use crate::ops::cudnn;
-use crate::ops::pointwise::{bias_add, relu};
+use crate::ops::pointwise::{bias_add, relu, relu_grad};
 use crate::ops::{cpu, reference};
 
 /// Convolves NCHW `x` with an OIHW `kernel` (`(filters, in_channels / groups, kh, kw)`), no
@@ -136,6 +136,63 @@ fn conv2d_then(
         y = bias_add(&y, bias)?;
     }
     if relu { self::relu(&y) } else { Ok(y) }
+}
+
+/// The gradients of [`fused_conv2d`] without candle's autograd, for the plan's own backward
+/// pass (`train/tape.rs`): `(dX, dW, dB)` from the saved input, kernel and (with `relu`)
+/// output, and the output's gradient `dy`; `dB` where there is a `bias`. On the CPU one op of
+/// the crate's kernels (the ReLU's mask and the bias sum inside it), unless `composed`; off it,
+/// or `composed`, the gradient kernels of the device (cuDNN's backward-data and
+/// backward-filter convolutions on CUDA, the crate's unfused ones on the CPU) with the ReLU's
+/// mask and the bias sum as passes of their own: what a CUDA step runs, counted and tested
+/// on the CPU. Called where [`has_native_gradients`](crate::ops::has_native_gradients) holds.
+pub(crate) fn conv2d_gradients(
+    (x, kernel, y): (&Tensor, &Tensor, Option<&Tensor>),
+    (bias, relu): (bool, bool),
+    geometry: Conv2dGeometry,
+    dy: &Tensor,
+    composed: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let backend = backend(x, CPU_FLOATS, CUDNN_GRADIENTS);
+    if let (Backend::Cpu, false) = (&backend, composed) {
+        return cpu::conv2d::conv2d_backward((x, kernel, y), bias, relu, geometry, dy);
+    }
+    let dy = match (relu, y) {
+        (true, Some(y)) => relu_grad(dy, y)?,
+        (true, None) => {
+            return Err(invalid(
+                "conv2d_gradients",
+                "y",
+                "a fused ReLU's gradient needs the output".into(),
+            ));
+        }
+        (false, _) => dy.contiguous()?,
+    };
+    let db = match bias {
+        true => Some(dy.sum((0, 2, 3))?),
+        false => None,
+    };
+    let (dx, dk) = match backend {
+        Backend::Cpu => {
+            let (dx, dk, _) =
+                cpu::conv2d::conv2d_backward((x, kernel, None), false, false, geometry, &dy)?;
+            (dx, dk)
+        }
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn => cudnn::conv2d::gradients(x, kernel, geometry, &dy)?,
+        _ => {
+            return Err(invalid(
+                "conv2d_gradients",
+                "x",
+                format!(
+                    "no gradient kernels of its own for {:?} on {:?}",
+                    x.dtype(),
+                    x.device()
+                ),
+            ));
+        }
+    };
+    Ok((dx, dk, db))
 }
 
 /// [`fused_conv2d`]'s output (the bias where given, then `max(·, 0)` with `relu`) passed

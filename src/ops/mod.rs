@@ -51,19 +51,22 @@ pub mod reference;
 
 pub use arguments::{AdamStep, Conv2dGeometry, SgdStep};
 pub(crate) use arguments::{ChannelAffine, check_padded};
-pub(crate) use backend::{on_cpu, takes_cpu_kernels};
-pub(crate) use batch_norm::batch_norm_eval_affine;
+pub(crate) use backend::{has_native_gradients, on_cpu, takes_cpu_kernels};
 pub use batch_norm::{
     batch_norm_eval, batch_norm_train, fused_batch_norm_eval, fused_batch_norm_train,
 };
-pub(crate) use conv::conv2d_affine;
+pub(crate) use batch_norm::{
+    batch_norm_eval_affine, batch_norm_operand, batch_norm_train_gradients,
+};
 #[cfg(feature = "onednn")]
 pub(crate) use conv::conv2d_handoff;
 pub use conv::{conv_transpose2d, conv2d, conv2d_bias, fused_conv2d};
+pub(crate) use conv::{conv2d_affine, conv2d_gradients};
 pub use multi_tensor::{
     adam_update_in_place, adam_update_is_finite, all_finite, assign_if, sgd_update_in_place,
     sgd_update_is_finite,
 };
 pub(crate) use multi_tensor::{assign_checked, check_assignments};
 pub use optimizer::{adam_update, adam_update_many, sgd_update, sgd_update_many};
+pub(crate) use pointwise::relu_grad;
 pub use pointwise::{bias_add, relu};

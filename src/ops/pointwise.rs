@@ -1,4 +1,5 @@
-//! Element-wise ops: [`bias_add`] (a per-channel add) and [`relu`].
+//! Element-wise ops: [`bias_add`] (a per-channel add) and [`relu`], and the ReLU's gradient
+//! for the plan's own backward pass (`relu_grad`).
 
 use candle_core::Tensor;
 
@@ -55,4 +56,13 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
         Backend::Cpu => cpu::relu::relu(x),
         _ => Ok(x.relu()?),
     }
+}
+
+/// The gradient through a ReLU, `dy` where the ReLU's output `y` (`≥ 0`) is positive and 0
+/// elsewhere ([`relu`]'s rule), for the plan's own backward pass where it is composed from
+/// separate kernels (`train/tape.rs` off the CPU's fused kernels): two element-wise passes,
+/// `sign(y)` and a product, where candle's autograd runs a comparison, a cast, a product and a
+/// sum into a zero-filled gradient.
+pub(crate) fn relu_grad(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    Ok((dy * y.sign()?)?)
 }

@@ -195,20 +195,35 @@ pub enum NanCheck {
 
 /// How a [`Trainer`](crate::train::Trainer) computes the gradients of a training step.
 ///
+/// The model's own backward pass over its plan ([`BackwardPass::Plan`]) applies on one
+/// process without a mixed-precision compute dtype; elsewhere every choice is candle's
+/// autograd. Every choice gives the same gradients to rounding.
+///
 /// # Examples
 /// ```
 /// use candle_functional::train::BackwardPass;
-/// assert_eq!(BackwardPass::default(), BackwardPass::Plan);
+/// assert_eq!(BackwardPass::default(), BackwardPass::Auto);
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackwardPass {
-    /// The model's own backward pass over its plan where it applies (the default): on the
-    /// CPU, without a mixed-precision compute dtype, on one process. Convolutions and batch
-    /// norms compute their gradients with their own kernels, every other layer through
-    /// candle's autograd on its own step; a tensor's first gradient is moved in rather than
-    /// added to zeros. Elsewhere, [`BackwardPass::Autograd`].
+    /// [`BackwardPass::Plan`] on the CPU, [`BackwardPass::Autograd`] elsewhere (the default).
+    /// On CUDA the plan's pass is compiled and its composition tested on the CPU
+    /// ([`BackwardPass::PlanComposed`]), but it has not yet been run on a GPU: ask for it with
+    /// [`BackwardPass::Plan`].
     #[default]
+    Auto,
+    /// The model's own backward pass over its plan, on any device: convolutions and batch
+    /// norms compute their gradients with their own kernels (on the CPU the crate's fused
+    /// ones; on CUDA cuDNN's, with the ReLUs' masks and bias sums as passes of their own),
+    /// every other layer through candle's autograd on its own step; a tensor's first gradient
+    /// is moved in rather than added to zeros.
     Plan,
+    /// [`BackwardPass::Plan`] with the gradients composed as on CUDA on every device: on the
+    /// CPU, the crate's unfused gradient kernels in cuDNN's place and the ReLUs' masks, bias
+    /// sums and residual sums as passes of their own. Slower than [`BackwardPass::Plan`] on
+    /// the CPU; it is there to count what a GPU step launches (`bench --counts`) and to test
+    /// the GPU's composition where there is no GPU.
+    PlanComposed,
     /// candle's autograd over the whole step.
     Autograd,
 }

@@ -9,12 +9,22 @@
 //! residual branch) pays an add.
 //!
 //! Convolutions and batch norms (the layers that hold nearly all of a convolutional
-//! network's activations), and the max pooling, nearest upsampling and concatenation that
-//! connect an encoder to its decoder, run their forward pass on detached tensors and keep what
-//! their backward kernels need ([`Native`]). Every other step (custom layers, nested models,
-//! Dense, average pooling, …) runs as before on fresh leaf variables of its inputs (a copy of
-//! each), and its gradients come from candle's autograd on that step alone (`Σ y·dy`,
-//! differentiated), so any [`LayerOp`](crate::LayerOp) works without a backward of its own.
+//! network's activations), the max pooling, nearest upsampling and concatenation that
+//! connect an encoder to its decoder, and a classifier's head (tiling and global average
+//! pooling, `Flatten`, a `Dense` layer on vectors with a linear, ReLU or softmax activation) run their
+//! forward pass on detached tensors and keep what their gradients need ([`Native`]). Every
+//! other step (custom layers, nested models, other activations, …) runs as before on fresh
+//! leaf variables of its inputs (a copy of each), and its gradients come from candle's
+//! autograd on that step alone (`Σ y·dy`, differentiated), so any
+//! [`LayerOp`](crate::LayerOp) works without a backward of its own.
+//!
+//! On the CPU the convolutions' and batch norms' gradients come from the crate's fused
+//! kernels. Elsewhere they are *composed*: on CUDA, cuDNN's backward-data, backward-filter and
+//! batch-norm backward kernels, with the ReLU masks, bias sums and the prologue's sum as
+//! element-wise passes of their own, max pooling's and nearest upsampling's gradients a few
+//! ops over the windows. `BackwardPass::PlanComposed` runs that composition on the CPU, with the crate's
+//! unfused kernels in cuDNN's place: what a GPU step launches is counted there (`bench
+//! --counts`) and its gradients tested against the fused kernels' (`tests/own_backward.rs`).
 
 use std::collections::HashMap;
 
@@ -27,7 +37,8 @@ use crate::graph::plan::{Plan, Step};
 use crate::graph::{LayerRef, Params, StateUpdates};
 use crate::layers::native_backward::Native;
 use crate::layers::{
-    BatchNormConfig, ConcatenateConfig, Conv2DConfig, MaxPooling2DConfig, UpSampling2DConfig,
+    AveragePooling2DConfig, BatchNormConfig, ConcatenateConfig, Conv2DConfig, DenseConfig,
+    FlattenConfig, GlobalAveragePooling2DConfig, MaxPooling2DConfig, UpSampling2DConfig,
 };
 use crate::models::Model;
 use crate::{Error, Result};
@@ -61,23 +72,31 @@ pub(crate) struct Tape {
 /// computes: the outputs carry no autograd graph, the tape holds what the backward pass
 /// needs. Inputs are converted and checked, and the seeds drawn, as
 /// [`Model::forward_deferred`] does; for a model without a compute dtype (mixed precision
-/// goes through candle's autograd), on a non-empty batch.
+/// goes through candle's autograd), on a non-empty batch. With `composed_on_cpu` the CPU
+/// composes gradients as the GPU does (see the module's documentation).
 pub(crate) fn forward(
     model: &Model,
     inputs: &[Tensor],
     updates: &StateUpdates,
+    composed_on_cpu: bool,
 ) -> Result<(Vec<Tensor>, Tape)> {
     let (inputs, pass) = model.training_pass(inputs, updates)?;
-    run(model.plan(), model.name(), &inputs, pass)
+    run(model.plan(), model.name(), &inputs, (pass, composed_on_cpu))
 }
 
 /// [`forward`] on the plan: each step's outputs, detached, and its record.
-fn run(plan: &Plan, model: &str, inputs: &[Tensor], pass: Pass) -> Result<(Vec<Tensor>, Tape)> {
+fn run(
+    plan: &Plan,
+    model: &str,
+    inputs: &[Tensor],
+    (pass, composed_on_cpu): (Pass, bool),
+) -> Result<(Vec<Tensor>, Tape)> {
     plan.check_inputs(model, inputs)?;
     let mut steps = Vec::with_capacity(plan.steps.len());
     let detached = inputs.iter().map(Tensor::detach).collect();
     let outputs = plan.execute(model, detached, pass, |index, step, args, step_pass| {
-        let (outputs, backward) = record(plan, step, args, step_pass)?;
+        let composed = composed_on_cpu || args.first().is_some_and(|x| !x.device().is_cpu());
+        let (outputs, backward) = record(plan, step, args, (step_pass, composed))?;
         steps.push((index, backward));
         Ok(outputs)
     })?;
@@ -98,10 +117,10 @@ fn record(
     plan: &Plan,
     step: &Step,
     args: &[Tensor],
-    pass: Pass,
+    (pass, composed): (Pass, bool),
 ) -> Result<(Vec<Tensor>, Backward)> {
     let layer = step.node.layer();
-    if let Some((output, native)) = native_step(layer, args, pass, step.fusion)? {
+    if let Some((output, native)) = native_step(layer, args, (pass, composed), step.fusion)? {
         return Ok((vec![output], Backward::Native(native)));
     }
     let vars = step
@@ -134,13 +153,15 @@ fn record(
 }
 
 /// The layer's forward pass with its weights detached, when it computes its own gradients (a
-/// convolution, a batch norm, max pooling, nearest upsampling, a concatenation: their
-/// `forward_native`, `layers/native_backward.rs`); `None` otherwise, and for a layer not
-/// built (its forward pass then reports that).
+/// convolution, a batch norm, max pooling, nearest upsampling, a concatenation, average
+/// pooling, `Flatten`, `Dense`: their `forward_native`, `layers/native_backward.rs`); `None`
+/// otherwise, and for a layer not built (its forward pass then reports that). With
+/// `composed`, the gradients of convolutions, batch norms, max pooling and upsampling are
+/// composed of the device's separate kernels and candle's ops.
 fn native_step(
     layer: &LayerRef,
     inputs: &[Tensor],
-    pass: Pass,
+    (pass, composed): (Pass, bool),
     fusion: Fusion,
 ) -> Result<Option<(Tensor, Native)>> {
     let Some(any) = layer.op().as_any() else {
@@ -151,11 +172,21 @@ fn native_step(
         (_, false) => {}
         ([x], true) => {
             if let Some(pool) = any.downcast_ref::<MaxPooling2DConfig>() {
-                return pool.forward_native(x);
+                return pool.forward_native(x, composed);
             }
             if let Some(up) = any.downcast_ref::<UpSampling2DConfig>() {
                 let params = Params::new(&[], &[], pass.mode, pass.seed);
-                return up.forward_native(x, &params);
+                return up.forward_native(x, &params, composed);
+            }
+            // The classifier's head, on any device.
+            if let Some(pool) = any.downcast_ref::<AveragePooling2DConfig>() {
+                return pool.forward_native(x);
+            }
+            if let Some(pool) = any.downcast_ref::<GlobalAveragePooling2DConfig>() {
+                return pool.forward_native(x);
+            }
+            if let Some(flatten) = any.downcast_ref::<FlattenConfig>() {
+                return flatten.forward_native(x);
             }
         }
         (_, true) => {
@@ -174,12 +205,18 @@ fn native_step(
         .with_detached(true);
     if let Some(conv) = any.downcast_ref::<Conv2DConfig>() {
         return match inputs {
-            [x] => conv.forward_native(x, &params, fusion),
+            [x] => conv.forward_native(x, &params, fusion, composed),
+            _ => Ok(None),
+        };
+    }
+    if let Some(dense) = any.downcast_ref::<DenseConfig>() {
+        return match (inputs, fusion.is_none()) {
+            ([x], true) => dense.forward_native(x, &params),
             _ => Ok(None),
         };
     }
     match any.downcast_ref::<BatchNormConfig>() {
-        Some(bn) => bn.forward_native(inputs, &params, fusion),
+        Some(bn) => bn.forward_native(inputs, &params, fusion, composed),
         None => Ok(None),
     }
 }
@@ -312,10 +349,15 @@ mod tests {
     };
     use crate::models::{Model, ResNetConfig};
 
-    /// The layer types of the steps that went native, and of those that did not.
-    fn paths(model: &Model, input: Tensor) -> (Vec<&'static str>, Vec<&'static str>) {
+    /// The layer types of the steps that went native, and of those that did not, with the
+    /// gradients `composed` as on CUDA or not.
+    fn paths(
+        model: &Model,
+        input: Tensor,
+        composed: bool,
+    ) -> (Vec<&'static str>, Vec<&'static str>) {
         let updates = StateUpdates::default();
-        let (_, tape) = super::forward(model, &[input], &updates).unwrap();
+        let (_, tape) = super::forward(model, &[input], &updates, composed).unwrap();
         let (mut native, mut autograd) = (Vec::new(), Vec::new());
         for (index, backward) in &tape.steps {
             let kind = model.plan().steps[*index].node.layer().op().type_name();
@@ -328,7 +370,8 @@ mod tests {
     }
 
     /// In a U-Net, the pooling, upsampling and concatenation between the convolutions
-    /// compute their own gradients too: nothing goes through candle's autograd.
+    /// compute their own gradients too, with the CPU's kernels or composed as on CUDA:
+    /// nothing goes through candle's autograd.
     #[test]
     fn a_u_nets_connecting_layers_take_the_native_path() {
         let image = Input::new([3, 8, 8]);
@@ -347,17 +390,33 @@ mod tests {
             .build(&Device::Cpu, DType::F32, 1)
             .unwrap();
         let input = Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
-        let (native, autograd) = paths(&model, input);
+        let (native, autograd) = paths(&model, input.clone(), false);
         assert!(autograd.is_empty(), "through autograd: {autograd:?}");
+        for kind in ["MaxPooling2D", "UpSampling2D", "Concatenate"] {
+            assert!(native.contains(&kind), "{kind} not native: {native:?}");
+        }
+        let (native, autograd) = paths(&model, input, true);
+        assert!(
+            autograd.is_empty(),
+            "composed, through autograd: {autograd:?}"
+        );
         for kind in ["MaxPooling2D", "UpSampling2D", "Concatenate"] {
             assert!(native.contains(&kind), "{kind} not native: {native:?}");
         }
     }
 
-    /// In the article's ResNet every convolution and batch norm computes its own gradients;
-    /// pooling, flattening and the Dense head go through candle's autograd.
+    /// In the article's ResNet every step computes its own gradients: the convolutions and
+    /// batch norms with the CPU's fused kernels or composed as on CUDA, the pooling,
+    /// flattening and Dense head with candle's ops on any device. Nothing goes through
+    /// candle's autograd.
     #[test]
     fn convolutions_and_batch_norms_take_the_native_path() {
+        for composed in [false, true] {
+            resnet_paths(composed);
+        }
+    }
+
+    fn resnet_paths(composed: bool) {
         let config = ResNetConfig {
             input_shape: [3, 8, 8],
             stages: vec![1, 1],
@@ -373,25 +432,22 @@ mod tests {
             .unwrap();
         let updates = StateUpdates::default();
         let input = Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
-        let (outputs, tape) = super::forward(&model, &[input], &updates).unwrap();
+        let (outputs, tape) = super::forward(&model, &[input], &updates, composed).unwrap();
         assert_eq!(outputs[0].dims(), &[2, 3]);
-        let (mut native, mut autograd) = (0, 0);
+        let (mut native, mut autograd) = (0, Vec::new());
         for (index, backward) in &tape.steps {
             let kind = model.plan().steps[*index].node.layer().op().type_name();
-            let expected = matches!(kind, "Conv2D" | "BatchNormalization");
+            let kernels = matches!(kind, "Conv2D" | "BatchNormalization");
             match backward {
-                Backward::Native(_) => native += 1,
-                _ => autograd += 1,
+                Backward::Native(native_step) => {
+                    native += 1;
+                    let expected = kernels.then_some(composed);
+                    assert_eq!(native_step.composed(), expected, "{kind}");
+                }
+                _ => autograd.push(kind),
             }
-            assert_eq!(
-                matches!(backward, Backward::Native(_)),
-                expected,
-                "{kind} took the wrong path"
-            );
         }
-        assert!(
-            native >= 10 && autograd >= 2,
-            "{native} native, {autograd} autograd"
-        );
+        assert!(autograd.is_empty(), "through autograd: {autograd:?}");
+        assert!(native >= 13, "{native} native steps");
     }
 }

@@ -376,8 +376,9 @@ impl Trainer {
         self
     }
 
-    /// How the gradients of a step are computed (default [`BackwardPass::Plan`] where it
-    /// applies); see [`BackwardPass`]. Both give the same gradients to rounding.
+    /// How the gradients of a step are computed (default [`BackwardPass::Auto`]: the plan's own
+    /// pass on the CPU, candle's autograd elsewhere); see [`BackwardPass`]. All give the same
+    /// gradients to rounding.
     ///
     /// # Examples
     /// ```no_run
@@ -755,14 +756,18 @@ impl Trainer {
         if let Some(dp) = &data_parallel {
             self.model.set_forward_calls(dp.forward_call(call));
         }
-        // The plan's own backward pass where it applies (`BackwardPass::Plan`): one process,
-        // no compute dtype, a non-empty batch on the CPU.
-        let taped = self.backward_pass == BackwardPass::Plan
-            && data_parallel.is_none()
+        // The plan's own backward pass where it applies: one process, no compute dtype, a
+        // non-empty batch (on the CPU only, for `Auto`).
+        let taped = data_parallel.is_none()
             && self.model.compute_dtype().is_none()
-            && inputs.first().is_some_and(ops::on_cpu);
+            && inputs.first().is_some_and(|x| match self.backward_pass {
+                BackwardPass::Auto => ops::on_cpu(x),
+                BackwardPass::Plan | BackwardPass::PlanComposed => x.elem_count() > 0,
+                BackwardPass::Autograd => false,
+            });
+        let composed = self.backward_pass == BackwardPass::PlanComposed;
         let forward = match taped {
-            true => super::tape::forward(&self.model, &inputs, &updates)
+            true => super::tape::forward(&self.model, &inputs, &updates, composed)
                 .map(|(outputs, tape)| (outputs, Some(tape))),
             false => self
                 .model

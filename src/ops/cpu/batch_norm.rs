@@ -68,8 +68,9 @@ pub(crate) fn train_backward(
         relu: fusion.relu_before(),
         relu_out: fusion.relu_after(),
     };
-    let (dx, dpacked) = op.backward(&inputs, &packed, y, dy)?;
-    Ok((dx, dpacked.get(2)?, dpacked.get(3)?))
+    let (dx, sums) = op.gradients(&inputs, &packed, y, dy)?;
+    let sums = sums.cast(packed.dtype())?;
+    Ok((dx, sums.get(0)?, sums.get(1)?))
 }
 
 /// Inference mode with given statistics (arguments checked by [`crate::ops::batch_norm_eval`]),
@@ -400,6 +401,20 @@ impl Normalize {
         y: Option<&Tensor>,
         dy: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (dx, sums) = self.gradients(inputs, packed, y, dy)?;
+        let no_stats = Tensor::zeros((2, packed.dim(1)?), sums.dtype(), sums.device())?;
+        let dpacked = Tensor::cat(&[&no_stats, &sums], 0)?.cast(packed.dtype())?;
+        Ok((dx, dpacked))
+    }
+
+    /// The input gradient and `[dgamma ; dbeta]` (`(2, C)`, in the sums' dtype).
+    fn gradients(
+        &self,
+        inputs: &[&Tensor],
+        packed: &Tensor,
+        y: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let dy = match (self.relu_out, y) {
             (true, Some(y)) => super::relu::grad(dy, y)?,
             (true, None) => {
@@ -407,7 +422,6 @@ impl Normalize {
             }
             (false, _) => dy.contiguous()?,
         };
-        let c = packed.dim(1)?;
         let ops = GradOps {
             epsilon: self.epsilon,
             batch_stats: self.batch_stats,
@@ -422,9 +436,7 @@ impl Normalize {
             ..ops
         }
         .apply(&dy, inputs)?;
-        let no_stats = Tensor::zeros((2, c), sums.dtype(), sums.device())?;
-        let dpacked = Tensor::cat(&[&no_stats, &sums], 0)?.cast(packed.dtype())?;
-        Ok((dx, dpacked))
+        Ok((dx, sums))
     }
 }
 

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::cuda::cudarc::cudnn::sys;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage,
+    Tensor,
 };
 
 use super::{Handles, check, handles, view};
@@ -217,6 +218,7 @@ impl CustomOp3 for Forward {
             &Backward {
                 epsilon: self.epsilon,
                 slot: self.slot.clone(),
+                moments: None,
             },
         )?;
         let dgamma = gamma.apply_op1_no_bwd(&Take {
@@ -235,6 +237,9 @@ impl CustomOp3 for Forward {
 struct Backward {
     epsilon: f64,
     slot: Slot,
+    /// The batch mean and inverse standard deviation, `(C,)` f32 CUDA tensors, where given;
+    /// else those the forward kernel left in the slot.
+    moments: Option<(Tensor, Tensor)>,
 }
 
 impl CustomOp3 for Backward {
@@ -274,8 +279,23 @@ impl CustomOp3 for Backward {
         let (one, zero) = (1f32, 0f32);
         let handle = &setup.handles.raw;
         let mut saved = lock(&self.slot);
-        let (Some(mean), Some(inv_std)) = (saved.mean.as_ref(), saved.inv_std.as_ref()) else {
-            candle_core::bail!("cudnn batch norm: backward without a forward");
+        // The given moments' storages, read-locked for the kernel's launch.
+        let given = self
+            .moments
+            .as_ref()
+            .map(|(mean, inv_std)| (mean.storage_and_layout(), inv_std.storage_and_layout()));
+        let (mean, inv_std) = match (&given, saved.mean.as_ref(), saved.inv_std.as_ref()) {
+            (Some(((mean, lm), (inv_std, li))), _, _) => {
+                let (Storage::Cuda(mean), Storage::Cuda(inv_std)) = (&**mean, &**inv_std) else {
+                    candle_core::bail!("cudnn batch norm: moments not on the GPU");
+                };
+                (
+                    ptr(&slice(mean, lm)?, stream),
+                    ptr(&slice(inv_std, li)?, stream),
+                )
+            }
+            (None, Some(mean), Some(inv_std)) => (ptr(mean, stream), ptr(inv_std, stream)),
+            _ => candle_core::bail!("cudnn batch norm: backward without a forward"),
         };
         // SAFETY: as in the forward pass; the saved moments come from it.
         unsafe {
@@ -298,8 +318,8 @@ impl CustomOp3 for Backward {
                     ptr_mut(&mut dgamma, stream),
                     ptr_mut(&mut dbeta, stream),
                     self.epsilon,
-                    ptr(mean, stream),
-                    ptr(inv_std, stream),
+                    mean,
+                    inv_std,
                 ),
                 "cudnnBatchNormalizationBackward",
             )?;
@@ -403,4 +423,35 @@ pub(crate) fn train(
     // cuDNN saves 1 / sqrt(var + epsilon) of the biased batch variance.
     let var = (moments.get(1)?.powf(-2.0)? - epsilon)?;
     Ok((y, moments.get(0)?, var))
+}
+
+/// The gradients `(dx, dgamma, dbeta)` of [`train`] of `x` from the output's gradient `dy`, in
+/// one cuDNN backward kernel without candle's autograd, given the batch `mean` and biased
+/// variance `var` [`train`] returned (the inverse standard deviation cuDNN reads is made of
+/// them again), for the plan's own backward pass.
+pub(crate) fn gradients(
+    x: &Tensor,
+    gamma: &Tensor,
+    (mean, var): (&Tensor, &Tensor),
+    epsilon: f64,
+    dy: &Tensor,
+) -> crate::Result<(Tensor, Tensor, Tensor)> {
+    let slot: Slot = Arc::default();
+    let inv_std = var.affine(1.0, epsilon)?.powf(-0.5)?;
+    let dx = dy.contiguous()?.apply_op3_no_bwd(
+        &x.contiguous()?,
+        &gamma.contiguous()?,
+        &Backward {
+            epsilon,
+            slot: slot.clone(),
+            moments: Some((mean.contiguous()?, inv_std)),
+        },
+    )?;
+    let take = |what| {
+        gamma.apply_op1_no_bwd(&Take {
+            slot: slot.clone(),
+            what,
+        })
+    };
+    Ok((dx, take(Part::GradScale)?, take(Part::GradShift)?))
 }

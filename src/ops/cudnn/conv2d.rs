@@ -311,25 +311,65 @@ impl CustomOp2 for CudnnPass {
         if self.pass != Pass::Forward {
             candle_core::bail!("{}: no second derivative", self.name());
         }
-        let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &CudnnPass {
-                pass: Pass::Data,
-                geometry: self.geometry,
-                dims: x.dims().to_vec(),
-            },
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &dy,
-            &CudnnPass {
-                pass: Pass::Filter,
-                geometry: self.geometry,
-                dims: w.dims().to_vec(),
-            },
-        )?;
+        let (dx, dw) = data_and_filter(x, w, self.geometry, dy)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// cuDNN's backward-data and backward-filter convolutions: the gradients of the input `x`
+/// (already padded to `geometry`'s symmetric padding) and of the kernel `w`, from `dy`.
+fn data_and_filter(
+    x: &Tensor,
+    w: &Tensor,
+    geometry: CudnnGeometry,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let dx = dy.apply_op2_no_bwd(
+        w,
+        &CudnnPass {
+            pass: Pass::Data,
+            geometry,
+            dims: x.dims().to_vec(),
+        },
+    )?;
+    let dw = x.apply_op2_no_bwd(
+        &dy,
+        &CudnnPass {
+            pass: Pass::Filter,
+            geometry,
+            dims: w.dims().to_vec(),
+        },
+    )?;
+    Ok((dx, dw))
+}
+
+/// The gradients of [`conv2d`] of `x` and `kernel` from the output's gradient `dy`, through
+/// cuDNN's backward kernels without candle's autograd, for the plan's own backward pass
+/// (arguments as [`conv2d`] took them). Keras's asymmetric padding is applied to `x` again, as
+/// [`conv2d`] did, and cut from its gradient.
+pub(crate) fn gradients(
+    x: &Tensor,
+    kernel: &Tensor,
+    geometry: Conv2dGeometry,
+    dy: &Tensor,
+) -> crate::Result<(Tensor, Tensor)> {
+    let (x_padded, cudnn_geometry) = padded(x, geometry)?;
+    let (dx, dk) = data_and_filter(
+        &x_padded.contiguous()?,
+        &kernel.contiguous()?,
+        cudnn_geometry,
+        dy,
+    )?;
+    let dx = match x_padded.dims() == x.dims() {
+        true => dx,
+        false => {
+            let (top, _, left, _) = geometry.pad;
+            let (_, _, h, w) = x.dims4()?;
+            dx.narrow(2, top, h)?.narrow(3, left, w)?
+        }
+    };
+    Ok((dx, dk))
 }
 
 /// cuDNN convolution of NCHW `x` with an OIHW kernel, differentiable through cuDNN's
@@ -339,13 +379,7 @@ pub(crate) fn conv2d(
     kernel: &Tensor,
     geometry: Conv2dGeometry,
 ) -> crate::Result<Tensor> {
-    let (x, (pad_h, pad_w)) = geometry.symmetric_padding(x, false)?;
-    let geometry = CudnnGeometry {
-        pad: [pad_h, pad_w],
-        stride: geometry.stride,
-        dilation: geometry.dilation,
-        groups: geometry.groups,
-    };
+    let (x, geometry) = padded(x, geometry)?;
     Ok(x.contiguous()?.apply_op2(
         &kernel.contiguous()?,
         CudnnPass {
@@ -354,4 +388,17 @@ pub(crate) fn conv2d(
             dims: Vec::new(),
         },
     )?)
+}
+
+/// `x` with the part of Keras's padding cuDNN cannot apply (an asymmetric one) added, and the
+/// cuDNN geometry of the rest.
+fn padded(x: &Tensor, geometry: Conv2dGeometry) -> crate::Result<(Tensor, CudnnGeometry)> {
+    let (x, (pad_h, pad_w)) = geometry.symmetric_padding(x, false)?;
+    let geometry = CudnnGeometry {
+        pad: [pad_h, pad_w],
+        stride: geometry.stride,
+        dilation: geometry.dilation,
+        groups: geometry.groups,
+    };
+    Ok((x, geometry))
 }
