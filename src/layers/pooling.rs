@@ -439,9 +439,10 @@ impl LayerOp for GlobalAveragePooling2DConfig {
 impl GlobalAveragePooling2DConfig {
     /// The forward pass for the plan's own backward pass (`train/tape.rs`): the output, and
     /// the input's shape, from which its gradient (the output's, spread evenly over each map)
-    /// is made on any device; `None` for an input that is not a float NCHW batch.
+    /// is made on any device; `None` for an input that is not a float NCHW batch, or whose
+    /// maps are empty (their mean divides by nothing).
     pub(crate) fn forward_native(&self, x: &Tensor) -> Result<Option<(Tensor, Native)>> {
-        if x.rank() != 4 || !x.dtype().is_float() {
+        if x.rank() != 4 || !x.dtype().is_float() || x.elem_count() == 0 {
             return Ok(None);
         }
         let (n, c, h, w) = x.dims4()?;

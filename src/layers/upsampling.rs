@@ -154,7 +154,15 @@ impl UpSampling2DConfig {
         params: &Params,
         composed: bool,
     ) -> Result<Option<(Tensor, Native)>> {
-        if self.interpolation != Interpolation::Nearest || x.rank() != 4 || !x.dtype().is_float() {
+        // Factors of 0 are refused when the graph is built; a config made by hand is not
+        // divided by them here either.
+        let (rows, columns) = self.size;
+        if self.interpolation != Interpolation::Nearest
+            || rows == 0
+            || columns == 0
+            || x.rank() != 4
+            || !x.dtype().is_float()
+        {
             return Ok(None);
         }
         let y = self.forward(std::slice::from_ref(x), params)?.remove(0);

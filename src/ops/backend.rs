@@ -49,6 +49,14 @@ pub(crate) fn has_native_gradients(x: &Tensor) -> bool {
     !matches!(backend(x, CPU_FLOATS, CUDNN_GRADIENTS), Backend::Reference)
 }
 
+/// `true` where the plan's own backward pass composes a layer's gradients from the separate
+/// kernels of `x`'s device (`train/tape.rs`): off the CPU, whose fused kernels compute them in
+/// one op, and everywhere when `forced` (`BackwardPass::PlanComposed`, which counts and tests
+/// on the CPU what a GPU step runs).
+pub(crate) fn composes_gradients(x: &Tensor, forced: bool) -> bool {
+    forced || !x.device().is_cpu()
+}
+
 /// `true` when `x` takes the crate's own CPU kernels (a non-empty f32/f64 tensor on the CPU):
 /// then the trainer's own backward pass may call their gradient kernels directly
 /// (`train/tape.rs`, the layers' `forward_native`).

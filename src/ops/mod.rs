@@ -51,7 +51,7 @@ pub mod reference;
 
 pub use arguments::{AdamStep, Conv2dGeometry, SgdStep};
 pub(crate) use arguments::{ChannelAffine, check_padded};
-pub(crate) use backend::{has_native_gradients, on_cpu, takes_cpu_kernels};
+pub(crate) use backend::{composes_gradients, has_native_gradients, on_cpu, takes_cpu_kernels};
 pub use batch_norm::{
     batch_norm_eval, batch_norm_train, fused_batch_norm_eval, fused_batch_norm_train,
 };

@@ -41,6 +41,7 @@ use crate::layers::{
     FlattenConfig, GlobalAveragePooling2DConfig, MaxPooling2DConfig, UpSampling2DConfig,
 };
 use crate::models::Model;
+use crate::ops;
 use crate::{Error, Result};
 
 /// How one step's gradients will be computed.
@@ -95,7 +96,9 @@ fn run(
     let mut steps = Vec::with_capacity(plan.steps.len());
     let detached = inputs.iter().map(Tensor::detach).collect();
     let outputs = plan.execute(model, detached, pass, |index, step, args, step_pass| {
-        let composed = composed_on_cpu || args.first().is_some_and(|x| !x.device().is_cpu());
+        let composed = args
+            .first()
+            .is_some_and(|x| ops::composes_gradients(x, composed_on_cpu));
         let (outputs, backward) = record(plan, step, args, (step_pass, composed))?;
         steps.push((index, backward));
         Ok(outputs)
